@@ -1,0 +1,73 @@
+"""Command line: one argparse subcommand per module, imported only when that subcommand runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gguf_sandbox import __version__
+from gguf_sandbox.errors import GGUFSandboxError
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A subcommand lives in `module`, which defines add_arguments(parser) and run(args) -> int."""
+
+    name: str
+    module: str
+    help: str
+
+
+# Lazy on purpose: a workload inside a 64 MB cell must not pay for docker, yaml or mcp imports.
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand("inspect", "gguf_sandbox.gguf.inspect", "summarize a GGUF file without reading tensor data"),
+    Subcommand("convert", "gguf_sandbox.embed.convert", "convert a Hugging Face BERT checkpoint to GGUF"),
+    Subcommand("embed", "gguf_sandbox.embed.command", "embed texts and print JSON vectors"),
+    Subcommand("workload", "gguf_sandbox.workloads", "run one named workload and print its JSON report"),
+    Subcommand("run", "gguf_sandbox.runner", "run the resource-limit matrix from matrix.yaml"),
+    Subcommand("repro", "gguf_sandbox.repro", "run one cell (a workload or any command) under a memory limit"),
+    Subcommand("images", "gguf_sandbox.sandbox.images", "build the per-Python Docker images for the matrix"),
+    Subcommand("serve", "gguf_sandbox.mcp_server", "serve the embedding engine over MCP (stdio)"),
+)
+
+
+def _parser_for(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
+    parser = argparse.ArgumentParser(prog="gguf-sandbox", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gguf-sandbox {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    chosen_parser = None
+    for sub in SUBCOMMANDS:
+        sub_parser = subparsers.add_parser(sub.name, help=sub.help, description=sub.help)
+        if sub.name == chosen:
+            importlib.import_module(sub.module).add_arguments(sub_parser)
+            sub_parser.set_defaults(handler_module=sub.module)
+            chosen_parser = sub_parser
+    return parser, chosen_parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser, _ = _parser_for(args_list)
+    args = parser.parse_args(args_list)
+    module_name = getattr(args, "handler_module", None)
+    if module_name is None:
+        parser.print_help()
+        return 2
+    try:
+        result: int = importlib.import_module(module_name).run(args)
+    except GGUFSandboxError as error:
+        print(f"gguf-sandbox {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gguf-sandbox {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `| head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return result

@@ -1,0 +1,653 @@
+"""Bounded GGUF reader: header, metadata and tensor table parsed through a small window; data streamed."""
+
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any, Union
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
+
+from gguf_sandbox.errors import GGUFError, UnsupportedTensorType
+from gguf_sandbox.gguf.dequant import dequantize
+
+MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+CHUNK_BYTES = 1 << 20
+WINDOW_BYTES = 1 << 16
+MAX_KEY_BYTES = 1 << 16
+MAX_TENSOR_NAME_BYTES = 1 << 16
+MAX_STRING_BYTES = (1 << 20) - 4096  # so the decoded str also fits one 1 MiB allocation
+MAX_DIMS = 4
+MAX_ARRAY_DEPTH = 8
+MAX_ALIGNMENT = 1 << 20
+INT64_MAX = (1 << 63) - 1
+# A variable-size array remembers every CHECKPOINT_EVERY-th element offset: O(n/256) memory, O(256) seek.
+CHECKPOINT_EVERY = 256
+
+# Fixed-size value types: (struct code, byte size). Strings and arrays are variable and handled apart.
+SCALAR_FORMATS: Mapping[GGUFValueType, str] = MappingProxyType(
+    {
+        GGUFValueType.UINT8: "B",
+        GGUFValueType.INT8: "b",
+        GGUFValueType.UINT16: "H",
+        GGUFValueType.INT16: "h",
+        GGUFValueType.UINT32: "I",
+        GGUFValueType.INT32: "i",
+        GGUFValueType.FLOAT32: "f",
+        GGUFValueType.BOOL: "?",
+        GGUFValueType.UINT64: "Q",
+        GGUFValueType.INT64: "q",
+        GGUFValueType.FLOAT64: "d",
+    }
+)
+NUMPY_SCALAR: Mapping[str, str] = MappingProxyType(
+    {"B": "u1", "b": "i1", "H": "u2", "h": "i2", "I": "u4", "i": "i4", "f": "f4", "?": "u1", "Q": "u8",
+     "q": "i8", "d": "f8"}
+)
+# Smallest encoding of one element, used to bound counts before anything is allocated.
+MIN_STRING_BYTES = 8
+MIN_ARRAY_BYTES = 12
+# Tensor types whose big-endian data we can decode by a byte swap alone.
+SWAPPABLE_TYPES: Mapping[GGMLQuantizationType, str] = MappingProxyType(
+    {GGMLQuantizationType.F32: "f4", GGMLQuantizationType.F16: "f2"}
+)
+
+Scalar = Union[int, float, bool, str]
+Value = Union[Scalar, "LazyArray"]
+
+
+def _hint_truncated() -> str:
+    return "the file is incomplete or corrupt: re-download or re-convert it"
+
+
+class _Window:
+    """Sequential decoder over a file through one reusable WINDOW_BYTES buffer, bounds-checked at every read."""
+
+    def __init__(self, fd: int, file_size: int, byte_order: str, position: int) -> None:
+        self.fd = fd
+        self.file_size = file_size
+        self.byte_order = byte_order
+        self.buffer = bytearray(WINDOW_BYTES)
+        self.view = memoryview(self.buffer)
+        self.start = position  # file offset of buffer[0]
+        self.filled = 0
+        self.position = position
+        self.u32 = struct.Struct(byte_order + "I")
+        self.u64 = struct.Struct(byte_order + "Q")
+        self.scalars = {code: struct.Struct(byte_order + code) for code in SCALAR_FORMATS.values()}
+
+    def _require(self, nbytes: int, field: str) -> int:
+        """Make [position, position + nbytes) readable in the buffer; return its index there."""
+        end = self.position + nbytes
+        if end > self.file_size:
+            raise GGUFError(
+                f"truncated {field} at offset {self.position}: needs {nbytes} bytes but the file ends at "
+                f"{self.file_size}; {_hint_truncated()}"
+            )
+        index = self.position - self.start
+        if index < 0 or index + nbytes > self.filled:
+            self.start = self.position
+            self.filled = os.preadv(self.fd, [self.view], self.start)
+            index = 0
+        return index
+
+    def read_u32(self, field: str) -> int:
+        index = self._require(4, field)
+        self.position += 4
+        value: int = self.u32.unpack_from(self.buffer, index)[0]
+        return value
+
+    def read_u64(self, field: str) -> int:
+        index = self._require(8, field)
+        self.position += 8
+        value: int = self.u64.unpack_from(self.buffer, index)[0]
+        return value
+
+    def read_bytes(self, nbytes: int, field: str) -> bytes:
+        if nbytes <= WINDOW_BYTES:
+            index = self._require(nbytes, field)
+            self.position += nbytes
+            return bytes(self.buffer[index : index + nbytes])
+        if self.position + nbytes > self.file_size:
+            self._require(nbytes, field)
+        data = os.pread(self.fd, nbytes, self.position)
+        self.position += nbytes
+        return data
+
+    def read_string(self, field: str, max_bytes: int) -> str:
+        length = self.read_u64(f"{field} length")
+        if length > max_bytes:
+            raise GGUFError(
+                f"{field} at offset {self.position - 8} claims {length:,} bytes, over the {max_bytes:,}-byte "
+                f"limit for this field; the file is corrupt or hostile"
+            )
+        self._check_fits(length, field)
+        raw = self.read_bytes(length, field)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise GGUFError(
+                f"{field} at offset {self.position - length} is not valid UTF-8 ({error.reason} at byte "
+                f"{error.start}); the file is corrupt"
+            ) from None
+
+    def read_scalar(self, code: str, field: str) -> Scalar:
+        fmt = self.scalars[code]
+        index = self._require(fmt.size, field)
+        self.position += fmt.size
+        value: Scalar = fmt.unpack_from(self.buffer, index)[0]
+        if code == "f":
+            # The shortest decimal that round-trips the float32: 1e-12, not 9.999999960041972e-13.
+            return float(str(np.float32(value)))
+        return value
+
+    def _check_fits(self, nbytes: int, field: str) -> None:
+        if self.position + nbytes > self.file_size:
+            raise GGUFError(
+                f"{field} at offset {self.position} claims {nbytes:,} bytes but only "
+                f"{self.file_size - self.position:,} remain in the file; {_hint_truncated()}"
+            )
+
+    def check_count(self, count: int, min_element_bytes: int, field: str) -> None:
+        """Refuse a count whose smallest possible encoding cannot fit in the rest of the file."""
+        if count * min_element_bytes > self.file_size - self.position:
+            raise GGUFError(
+                f"{field} at offset {self.position - 8} claims {count:,} elements, but even at "
+                f"{min_element_bytes} bytes each they cannot fit in the {self.file_size - self.position:,} "
+                f"bytes left; the file is corrupt or hostile"
+            )
+
+    def skip_strings(self, count: int, field: str, checkpoints: array[int] | None) -> None:
+        """Walk `count` strings without decoding them; remember every CHECKPOINT_EVERY-th offset."""
+        # The hot loop of opening a 262k-token vocabulary: locals only, bounds checked once per group
+        # (positions only grow, so a group that ends inside the file had every element inside it).
+        unpack_u64 = self.u64.unpack_from
+        buffer = self.buffer
+        for group_start in range(0, count, CHECKPOINT_EVERY):
+            if checkpoints is not None:
+                checkpoints.append(self.position)
+            group_origin = self.position
+            index = self.position - self.start
+            filled = self.filled
+            for _ in range(min(CHECKPOINT_EVERY, count - group_start)):
+                if index < 0 or index + 8 > filled:
+                    self.position = self.start + index
+                    index = self._require(8, f"{field}[{group_start}+] length")
+                    filled = self.filled
+                index += 8 + unpack_u64(buffer, index)[0]
+            self.position = self.start + index
+            if self.position > self.file_size:
+                self._explain_overrun(field, group_start, group_origin)
+
+    def _explain_overrun(self, field: str, group_start: int, position: int) -> None:
+        """Find the string of a group that runs past the end of the file and say which it is."""
+        for element in range(group_start, group_start + CHECKPOINT_EVERY):
+            self.position = position
+            length = self.read_u64(f"{field}[{element}] length")
+            if position + 8 + length > self.file_size:
+                raise GGUFError(
+                    f"{field}[{element}] at offset {position} claims {length:,} bytes but the file ends at "
+                    f"{self.file_size:,}; {_hint_truncated()}"
+                )
+            position += 8 + length
+        raise GGUFError(f"{field}: strings run past the end of the file; {_hint_truncated()}")
+
+
+@dataclass(frozen=True)
+class _ArrayLayout:
+    """Where a metadata array lives: enough to decode any element later without keeping any."""
+
+    element_type: GGUFValueType
+    count: int
+    offset: int
+    end: int
+    checkpoints: tuple[int, ...] | array[int] | None  # only for variable-size elements
+
+
+class LazyArray(Sequence[Any]):
+    """A metadata array whose elements are decoded from the file only when asked for."""
+
+    def __init__(self, owner: GGUFFile, key: str, layout: _ArrayLayout) -> None:
+        self._owner = owner
+        self._key = key
+        self._layout = layout
+
+    @property
+    def element_type(self) -> GGUFValueType:
+        return self._layout.element_type
+
+    def __len__(self) -> int:
+        return self._layout.count
+
+    def __repr__(self) -> str:
+        return f"LazyArray({self._key!r}, {self._layout.element_type.name}, len={self._layout.count})"
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._layout.count)
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            return list(self._iter_range(start, stop))
+        if not isinstance(index, int):
+            raise TypeError(f"{self._key} indices must be int or slice, not {type(index).__name__}")
+        position = index + self._layout.count if index < 0 else index
+        if not 0 <= position < self._layout.count:
+            raise IndexError(f"{self._key}[{index}] out of range (length {self._layout.count})")
+        return next(self._iter_range(position, position + 1))
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iter_range(0, self._layout.count)
+
+    def to_numpy(self, start: int = 0, stop: int | None = None, max_bytes: int = CHUNK_BYTES) -> np.ndarray:
+        """A slice of a fixed-size numeric array as numpy, refused when it would exceed `max_bytes`."""
+        layout = self._layout
+        code = SCALAR_FORMATS.get(layout.element_type)
+        if code is None:
+            raise GGUFError(f"{self._key} holds {layout.element_type.name} elements, not numbers")
+        stop = layout.count if stop is None else min(stop, layout.count)
+        dtype = np.dtype(self._owner.byte_order + NUMPY_SCALAR[code])
+        nbytes = max(0, stop - start) * dtype.itemsize
+        if nbytes > max_bytes:
+            raise GGUFError(
+                f"{self._key}[{start}:{stop}] is {nbytes:,} bytes, over max_bytes={max_bytes:,}; "
+                f"read it in slices"
+            )
+        values = self._owner._pread(layout.offset + start * dtype.itemsize, nbytes, self._key).view(dtype)
+        return values.astype(bool) if code == "?" else values.astype(dtype.newbyteorder("="))
+
+    def _iter_range(self, start: int, stop: int) -> Iterator[Any]:
+        layout = self._layout
+        code = SCALAR_FORMATS.get(layout.element_type)
+        if code is not None:
+            size = struct.calcsize(code)
+            for first in range(start, stop, CHUNK_BYTES // size):
+                last = min(stop, first + CHUNK_BYTES // size)
+                yield from self.to_numpy(first, last).tolist()
+            return
+        if start >= stop:
+            return
+        checkpoints = layout.checkpoints
+        if checkpoints is None:
+            raise GGUFError(f"{self._key}: internal error, variable-size array without checkpoints")
+        base = start // CHECKPOINT_EVERY
+        window = _Window(self._owner._fd, layout.end, self._owner.byte_order, checkpoints[base])
+        for element in range(base * CHECKPOINT_EVERY, stop):
+            value = self._owner._decode_value(window, layout.element_type, f"{self._key}[{element}]", 1)
+            if element >= start:
+                yield value
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One entry of the tensor table, validated against the file."""
+
+    name: str
+    type: GGMLQuantizationType
+    ne: tuple[int, ...]  # ggml order: ne[0] is the row length
+    offset: int  # absolute file offset of the first byte
+    nbytes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """numpy order: rows first."""
+        return tuple(reversed(self.ne))
+
+    @property
+    def n_elements(self) -> int:
+        count = 1
+        for dim in self.ne:
+            count *= dim
+        return count
+
+    @property
+    def row_len(self) -> int:
+        return self.ne[0]
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_elements // self.ne[0] if self.ne[0] else 0
+
+    @property
+    def row_nbytes(self) -> int:
+        block_elements, block_bytes = GGML_QUANT_SIZES[self.type]
+        return self.ne[0] // block_elements * block_bytes
+
+
+class GGUFFile:
+    """An open GGUF file. Parsing reads only the header; tensor data is read on demand, in bounded chunks."""
+
+    def __init__(self, path: Path, fd: int, file_size: int) -> None:
+        self.path = path
+        self._fd = fd
+        self.file_size = file_size
+        self.byte_order = "<"
+        self.version = 0
+        self.alignment = GGUF_DEFAULT_ALIGNMENT
+        self.data_offset = 0
+        self._metadata: dict[str, Value] = {}
+        self._tensors: dict[str, TensorInfo] = {}
+
+    # -- opening --------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> GGUFFile:
+        file_path = Path(path)
+        try:
+            fd = os.open(file_path, os.O_RDONLY)
+        except OSError as error:
+            raise GGUFError(f"cannot open {file_path}: {error.strerror}; check the path") from None
+        try:
+            if not os.path.isfile(file_path):
+                raise GGUFError(f"{file_path} is not a regular file; pass the path of a .gguf file")
+            gguf = cls(file_path, fd, os.fstat(fd).st_size)
+            gguf._parse()
+        except BaseException:
+            os.close(fd)
+            raise
+        return gguf
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- public views ---------------------------------------------------------------------------------
+    @property
+    def metadata(self) -> Mapping[str, Value]:
+        return MappingProxyType(self._metadata)
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return MappingProxyType(self._tensors)
+
+    @property
+    def architecture(self) -> str | None:
+        value = self._metadata.get("general.architecture")
+        return value if isinstance(value, str) else None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._metadata.get(key, default)
+
+    def tensor(self, name: str) -> TensorInfo:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise GGUFError(
+                f"{self.path.name} has no tensor {name!r}; it has {len(self._tensors)} tensors "
+                f"(see `gguf-sandbox inspect {self.path}`)"
+            ) from None
+
+    # -- tensor data ----------------------------------------------------------------------------------
+    def iter_raw(self, name: str, max_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+        """The tensor's bytes as uint8 arrays: block-aligned chunks of at most `max_bytes`."""
+        info = self.tensor(name)
+        block_bytes = GGML_QUANT_SIZES[info.type][1]
+        chunk = max_bytes // block_bytes * block_bytes
+        if chunk == 0:
+            raise GGUFError(f"max_bytes={max_bytes} is smaller than one {info.type.name} block ({block_bytes})")
+        for start in range(0, info.nbytes, chunk):
+            yield self._pread(info.offset + start, min(chunk, info.nbytes - start), name)
+
+    def iter_rows(self, name: str, max_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+        """(first_row, float32 [rows, row_len]) blocks whose dequantized size is at most `max_bytes`."""
+        info = self.tensor(name)
+        rows_per_block = self._rows_per_block(info, max_bytes)
+        for first in range(0, info.n_rows, rows_per_block):
+            count = min(rows_per_block, info.n_rows - first)
+            raw = self._pread(info.offset + first * info.row_nbytes, count * info.row_nbytes, name)
+            yield first, self._decode(info, raw).reshape(count, info.row_len)
+
+    def read_rows(self, name: str, rows: Sequence[int], max_bytes: int = CHUNK_BYTES) -> np.ndarray:
+        """Selected rows as float32 [len(rows), row_len], one seek each (token-embedding lookup)."""
+        info = self.tensor(name)
+        nbytes = len(rows) * info.row_len * 4
+        if nbytes > max_bytes:
+            raise GGUFError(
+                f"reading {len(rows)} rows of {name} needs {nbytes:,} bytes, over max_bytes={max_bytes:,}; "
+                f"read fewer rows at a time"
+            )
+        out = np.empty((len(rows), info.row_len), dtype=np.float32)
+        for slot, row in enumerate(rows):
+            if not 0 <= row < info.n_rows:
+                raise GGUFError(f"row {row} of {name} is out of range (it has {info.n_rows} rows)")
+            raw = self._pread(info.offset + row * info.row_nbytes, info.row_nbytes, name)
+            out[slot] = self._decode(info, raw)
+        return out
+
+    def read_tensor(self, name: str, max_bytes: int = CHUNK_BYTES) -> np.ndarray:
+        """The whole tensor as float32 in numpy shape — only for tensors within `max_bytes` once decoded."""
+        info = self.tensor(name)
+        nbytes = info.n_elements * 4
+        if nbytes > max_bytes:
+            raise GGUFError(
+                f"{name} dequantizes to {nbytes:,} bytes, over max_bytes={max_bytes:,}; "
+                f"stream it with iter_rows()"
+            )
+        raw = self._pread(info.offset, info.nbytes, name)
+        return self._decode(info, raw).reshape(info.shape)
+
+    def read_raw(self, name: str, max_bytes: int = CHUNK_BYTES) -> np.ndarray:
+        """The tensor's stored bytes as uint8 — only for tensors within `max_bytes`."""
+        info = self.tensor(name)
+        if info.nbytes > max_bytes:
+            raise GGUFError(
+                f"{name} holds {info.nbytes:,} bytes, over max_bytes={max_bytes:,}; stream it with iter_raw()"
+            )
+        return self._pread(info.offset, info.nbytes, name)
+
+    def _rows_per_block(self, info: TensorInfo, max_bytes: int) -> int:
+        rows = max_bytes // (info.row_len * 4)
+        if rows == 0:
+            raise GGUFError(
+                f"one row of {info.name} ({info.row_len:,} floats) exceeds max_bytes={max_bytes:,}; "
+                f"use iter_raw() or a larger max_bytes"
+            )
+        return rows
+
+    def _decode(self, info: TensorInfo, raw: np.ndarray) -> np.ndarray:
+        if self.byte_order == ">":
+            swapped = SWAPPABLE_TYPES.get(info.type)
+            if swapped is None:
+                raise UnsupportedTensorType(
+                    f"{info.name}: {info.type.name} data in a big-endian GGUF is not supported "
+                    f"(only F32 and F16 are); convert the file to little-endian"
+                )
+            return raw.view(">" + swapped).astype(np.float32)
+        return dequantize(raw, info.type, what=info.name)
+
+    def _pread(self, offset: int, nbytes: int, what: str) -> np.ndarray:
+        """`nbytes` at `offset` as uint8, in one allocation of exactly that size (no bytes-object header)."""
+        if self._fd < 0:
+            raise GGUFError(f"{self.path.name} is closed; open it again to read {what}")
+        data = np.empty(nbytes, dtype=np.uint8)
+        got = os.preadv(self._fd, [data], offset) if nbytes else 0
+        if got != nbytes:
+            raise GGUFError(
+                f"{what}: expected {nbytes:,} bytes at offset {offset:,}, got {got:,}; "
+                f"the file shrank while open"
+            )
+        return data
+
+    # -- parsing --------------------------------------------------------------------------------------
+    def _parse(self) -> None:
+        header = os.pread(self._fd, 8, 0)
+        if len(header) < 8:
+            raise GGUFError(
+                f"{self.path.name} is {self.file_size} bytes, too short for a GGUF header (8 bytes); "
+                f"{_hint_truncated()}"
+            )
+        if header[:4] != MAGIC:
+            raise GGUFError(
+                f"{self.path.name} is not a GGUF file: magic at offset 0 is {header[:4]!r}, expected {MAGIC!r}"
+            )
+        self.byte_order, self.version = self._detect_byte_order(header[4:8])
+        window = _Window(self._fd, self.file_size, self.byte_order, 8)
+        tensor_count = window.read_u64("tensor count")
+        window.check_count(tensor_count, 24, "tensor count")
+        kv_count = window.read_u64("metadata count")
+        window.check_count(kv_count, 13, "metadata count")
+        for index in range(kv_count):
+            self._parse_kv(window, index)
+        self.alignment = self._alignment()
+        tensor_table = [self._parse_tensor_info(window, index) for index in range(tensor_count)]
+        self.data_offset = -(-window.position // self.alignment) * self.alignment
+        if self.data_offset > self.file_size and tensor_count:
+            raise GGUFError(
+                f"tensor data should start at offset {self.data_offset:,} but the file ends at "
+                f"{self.file_size:,}; {_hint_truncated()}"
+            )
+        self._place_tensors(tensor_table)
+
+    def _detect_byte_order(self, raw_version: bytes) -> tuple[str, int]:
+        little = int.from_bytes(raw_version, "little")
+        if little in SUPPORTED_VERSIONS:
+            return "<", little
+        big = int.from_bytes(raw_version, "big")
+        if big in SUPPORTED_VERSIONS:
+            return ">", big
+        version = little if little < 1 << 16 else big
+        raise GGUFError(
+            f"{self.path.name}: GGUF version {version} at offset 4 is not supported (only "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}); convert it with a current llama.cpp"
+        )
+
+    def _parse_kv(self, window: _Window, index: int) -> None:
+        key_offset = window.position
+        key = window.read_string(f"metadata key #{index}", MAX_KEY_BYTES)
+        value_type = self._value_type(window.read_u32(f"value type of {key!r}"), key, window.position - 4)
+        value = self._decode_value(window, value_type, key, 0)
+        if key in self._metadata:
+            raise GGUFError(
+                f"metadata key {key!r} at offset {key_offset} appears twice; the file is corrupt"
+            )
+        self._metadata[key] = value
+
+    @staticmethod
+    def _value_type(raw: int, field: str, offset: int) -> GGUFValueType:
+        try:
+            return GGUFValueType(raw)
+        except ValueError:
+            raise GGUFError(
+                f"{field}: unknown value type {raw} at offset {offset}; the file is corrupt or from a newer "
+                f"GGUF revision"
+            ) from None
+
+    def _decode_value(self, window: _Window, value_type: GGUFValueType, field: str, depth: int) -> Value:
+        code = SCALAR_FORMATS.get(value_type)
+        if code is not None:
+            return window.read_scalar(code, field)
+        if value_type is GGUFValueType.STRING:
+            return window.read_string(field, MAX_STRING_BYTES)
+        return LazyArray(self, field, self._parse_array(window, field, depth))
+
+    def _parse_array(self, window: _Window, field: str, depth: int) -> _ArrayLayout:
+        if depth >= MAX_ARRAY_DEPTH:
+            raise GGUFError(f"{field}: arrays nested deeper than {MAX_ARRAY_DEPTH}; the file is hostile")
+        element_type = self._value_type(
+            window.read_u32(f"{field} element type"), f"{field} element type", window.position - 4
+        )
+        count = window.read_u64(f"{field} count")
+        code = SCALAR_FORMATS.get(element_type)
+        if code is not None:
+            size = struct.calcsize(code)
+            window.check_count(count, size, f"{field} count")
+            offset = window.position
+            window.position += count * size
+            return _ArrayLayout(element_type, count, offset, window.position, None)
+        minimum = MIN_STRING_BYTES if element_type is GGUFValueType.STRING else MIN_ARRAY_BYTES
+        window.check_count(count, minimum, f"{field} count")
+        offset = window.position
+        checkpoints: array[int] = array("Q")
+        if element_type is GGUFValueType.STRING:
+            window.skip_strings(count, field, checkpoints)
+        else:
+            for element in range(count):
+                if element % CHECKPOINT_EVERY == 0:
+                    checkpoints.append(window.position)
+                self._parse_array(window, f"{field}[{element}]", depth + 1)
+        return _ArrayLayout(element_type, count, offset, window.position, checkpoints)
+
+    def _alignment(self) -> int:
+        value = self._metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value & (value - 1):
+            raise GGUFError(
+                f"general.alignment is {value!r}; it must be a positive power of two (default "
+                f"{GGUF_DEFAULT_ALIGNMENT})"
+            )
+        if value > MAX_ALIGNMENT:
+            raise GGUFError(f"general.alignment {value:,} is over the sane maximum {MAX_ALIGNMENT:,}")
+        return value
+
+    def _parse_tensor_info(self, window: _Window, index: int) -> tuple[str, GGMLQuantizationType, tuple[int, ...], int, int]:
+        entry_offset = window.position
+        name = window.read_string(f"tensor #{index} name", MAX_TENSOR_NAME_BYTES)
+        n_dims = window.read_u32(f"tensor {name!r} dimension count")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise GGUFError(
+                f"tensor {name!r} at offset {entry_offset} has {n_dims} dimensions; GGUF allows 1 to {MAX_DIMS}"
+            )
+        ne = tuple(window.read_u64(f"tensor {name!r} dimension {axis}") for axis in range(n_dims))
+        elements = 1
+        for axis, dim in enumerate(ne):
+            if dim == 0 or dim > INT64_MAX:
+                raise GGUFError(f"tensor {name!r} dimension {axis} is {dim}; it must be in 1..{INT64_MAX}")
+            elements *= dim
+            if elements > INT64_MAX:
+                raise GGUFError(
+                    f"tensor {name!r} dimensions {ne} overflow a 64-bit element count; the file is hostile"
+                )
+        raw_type = window.read_u32(f"tensor {name!r} type")
+        try:
+            tensor_type = GGMLQuantizationType(raw_type)
+            block_elements, block_bytes = GGML_QUANT_SIZES[tensor_type]
+        except (ValueError, KeyError):
+            raise GGUFError(
+                f"tensor {name!r} has unknown type id {raw_type} (offset {window.position - 4}); the file is "
+                f"corrupt or needs a newer gguf-sandbox"
+            ) from None
+        if ne[0] % block_elements:
+            raise GGUFError(
+                f"tensor {name!r}: row length {ne[0]} is not a multiple of the {tensor_type.name} block size "
+                f"{block_elements}"
+            )
+        relative = window.read_u64(f"tensor {name!r} offset")
+        if relative % self.alignment:
+            raise GGUFError(
+                f"tensor {name!r} data offset {relative} is not a multiple of the alignment {self.alignment}"
+            )
+        nbytes = elements // block_elements * block_bytes
+        return name, tensor_type, ne, relative, nbytes
+
+    def _place_tensors(self, table: list[tuple[str, GGMLQuantizationType, tuple[int, ...], int, int]]) -> None:
+        for name, tensor_type, ne, relative, nbytes in table:
+            if name in self._tensors:
+                raise GGUFError(f"tensor name {name!r} appears twice in the tensor table; the file is corrupt")
+            offset = self.data_offset + relative
+            if offset + nbytes > self.file_size:
+                raise GGUFError(
+                    f"tensor {name!r} ({tensor_type.name}, {nbytes:,} bytes at offset {offset:,}) ends past the "
+                    f"end of the file ({self.file_size:,} bytes); {_hint_truncated()}"
+                )
+            self._tensors[name] = TensorInfo(name, tensor_type, ne, offset, nbytes)
+        previous: TensorInfo | None = None
+        for info in sorted(self._tensors.values(), key=lambda t: t.offset):
+            if previous is not None and info.offset < previous.offset + previous.nbytes:
+                raise GGUFError(
+                    f"tensors {previous.name!r} and {info.name!r} overlap (bytes {info.offset:,}.."
+                    f"{previous.offset + previous.nbytes:,}); the file is corrupt"
+                )
+            previous = info

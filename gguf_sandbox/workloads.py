@@ -1,0 +1,269 @@
+"""Named workloads the matrix runs in every cell; each prints exactly one JSON report line on stdout.
+
+Exit codes: 0 success; 3 refused by the memory budget (a JSON error is printed instead of a report);
+4 bad input (missing model, malformed file); anything else, including 137 (SIGKILL by the OOM killer),
+is a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from gguf_sandbox import budget
+from gguf_sandbox.errors import BudgetExceeded, GGUFSandboxError
+from gguf_sandbox.gguf.reader import GGUFFile, LazyArray
+
+EXIT_OK = 0
+EXIT_REFUSED = 3
+EXIT_BAD_INPUT = 4
+FINGERPRINT_DIMS = 16
+
+
+@dataclass
+class Report:
+    """What one workload run measured; serialized as the cell's JSON report."""
+
+    workload: str
+    model: str
+    count: int = 0
+    errors: int = 0
+    plan: str | None = None
+    preferred_plan: str | None = None
+    latencies_s: list[float] = field(default_factory=list)
+    units: float = 0.0  # what throughput counts: items, or MB for streaming
+    unit_name: str = "items"
+    seconds: float = 0.0
+    checksum: str = ""
+    fingerprint: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        limit = budget.detect_limit()
+        latencies_ms = sorted(1e3 * t for t in self.latencies_s)
+        return {
+            "workload": self.workload,
+            "model": self.model,
+            "python": platform.python_version(),
+            "plan": self.plan,
+            "preferred_plan": self.preferred_plan,
+            "degraded": self.plan is not None and self.plan != self.preferred_plan,
+            "count": self.count,
+            "errors": self.errors,
+            "latency_ms": {
+                "p50": _percentile(latencies_ms, 50),
+                "p95": _percentile(latencies_ms, 95),
+                "p99": _percentile(latencies_ms, 99),
+            },
+            "throughput": round(self.units / self.seconds, 3) if self.seconds else None,
+            "throughput_unit": f"{self.unit_name}/s",
+            "seconds": round(self.seconds, 4),
+            "peak_rss": _peak_rss(),
+            "cgroup_limit": limit.limit_bytes if limit.source != "physical" else None,
+            "cgroup_peak": budget.peak_usage() if limit.source != "physical" else None,
+            "limit_source": limit.source,
+            "checksum": self.checksum,
+            "fingerprint": self.fingerprint,
+            **self.extra,
+        }
+
+
+def _percentile(sorted_values: Sequence[float], percent: float) -> float | None:
+    if not sorted_values:
+        return None
+    if len(sorted_values) == 1:
+        return round(sorted_values[0], 3)
+    return round(statistics.quantiles(sorted_values, n=100, method="inclusive")[int(percent) - 1], 3)
+
+
+def _peak_rss() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except ImportError:
+        return int(psutil.Process().memory_info().rss)
+
+
+# -- reader workloads --------------------------------------------------------------------------------
+def parse(model: Path, options: argparse.Namespace) -> Report:
+    """Open the file `count` times, touching every metadata value and array length."""
+    report = Report("parse", model.name, unit_name="opens")
+    digest = hashlib.sha256()
+    start = time.perf_counter()
+    for _ in range(options.count):
+        began = time.perf_counter()
+        with GGUFFile.open(model) as gguf:
+            digest = hashlib.sha256()
+            for key, value in gguf.metadata.items():
+                described = f"{value.element_type.name}[{len(value)}]" if isinstance(value, LazyArray) else value
+                digest.update(f"{key}={described!r};".encode())
+            for info in gguf.tensors.values():
+                digest.update(f"{info.name}:{info.type.name}:{info.ne}:{info.offset};".encode())
+        report.latencies_s.append(time.perf_counter() - began)
+        report.count += 1
+    report.seconds = time.perf_counter() - start
+    report.units = report.count
+    report.checksum = digest.hexdigest()[:16]
+    return report
+
+
+def stream(model: Path, options: argparse.Namespace) -> Report:
+    """Dequantize every tensor in ≤1 MiB row blocks; checksum the float32 values."""
+    report = Report("stream", model.name, unit_name="MB")
+    digest = hashlib.sha256()
+    start = time.perf_counter()
+    with GGUFFile.open(model) as gguf:
+        for info in gguf.tensors.values():
+            began = time.perf_counter()
+            for _, block in gguf.iter_rows(info.name):
+                digest.update(block.data)
+                report.units += block.nbytes / 1e6
+            report.latencies_s.append(time.perf_counter() - began)
+            report.count += 1
+    report.seconds = time.perf_counter() - start
+    report.checksum = digest.hexdigest()[:16]
+    return report
+
+
+# -- embedding workloads ------------------------------------------------------------------------------
+WORDS = (
+    "memory limit model embedding vector server host container process kernel cgroup token sentence "
+    "python numpy matrix layer attention cache swap page file stream block budget query document index "
+    "search retrieval small large fast slow quiet noisy red green blue café naïve résumé 東京 数据 🙂"
+).split()
+
+
+def corpus(count: int, seed: int = 1234) -> list[str]:
+    """`count` deterministic sentences of 3–40 words, some with accents, CJK and emoji."""
+    rng = np.random.default_rng(seed)
+    sentences = []
+    for index in range(count):
+        length = int(rng.integers(3, 41))
+        words = [WORDS[i] for i in rng.integers(0, len(WORDS), size=length)]
+        sentences.append(f"{index}: " + " ".join(words) + ".")
+    return sentences
+
+
+def _fingerprint(vectors: np.ndarray) -> list[float]:
+    """A tolerance-comparable summary: the mean vector projected on fixed random directions."""
+    projection = np.random.default_rng(0).standard_normal((vectors.shape[1], FINGERPRINT_DIMS))
+    return [round(float(v), 6) for v in vectors.astype(np.float64).mean(axis=0) @ projection]
+
+
+def _open_embedder(model: Path, options: argparse.Namespace) -> Any:
+    from gguf_sandbox.embed.engine import Embedder
+
+    return Embedder.open(model, plan=options.plan, batch_size=options.batch)
+
+
+def embed(model: Path, options: argparse.Namespace) -> Report:
+    """Embed `count` sentences in batches of `batch`, one call per batch."""
+    report = Report("embed", model.name, unit_name="embeddings")
+    texts = corpus(options.count)
+    sums = []
+    with _open_embedder(model, options) as embedder:
+        report.plan, report.preferred_plan = embedder.plan, embedder.preferred_plan
+        start = time.perf_counter()
+        for first in range(0, len(texts), options.batch):
+            began = time.perf_counter()
+            vectors = embedder.embed(texts[first : first + options.batch])
+            report.latencies_s.append(time.perf_counter() - began)
+            report.count += len(vectors)
+            sums.append(vectors.astype(np.float64).sum(axis=0))
+            if first == 0:
+                report.extra["dimension"] = int(vectors.shape[1])
+        report.seconds = time.perf_counter() - start
+    _finish_vectors(report, np.asarray(sums), len(texts))
+    return report
+
+
+def embed_concurrent(model: Path, options: argparse.Namespace) -> Report:
+    """`threads` callers share one Embedder; results must equal what sequential calls give."""
+    import concurrent.futures
+
+    report = Report("embed-concurrent", model.name, unit_name="embeddings")
+    texts = corpus(options.count)
+    batches = [texts[i : i + options.batch] for i in range(0, len(texts), options.batch)]
+    with _open_embedder(model, options) as embedder:
+        report.plan, report.preferred_plan = embedder.plan, embedder.preferred_plan
+
+        def timed(batch: list[str]) -> tuple[float, np.ndarray]:
+            began = time.perf_counter()
+            vectors = embedder.embed(batch)
+            return time.perf_counter() - began, vectors.astype(np.float64).sum(axis=0)
+
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=options.threads) as pool:
+            results = list(pool.map(timed, batches))
+        report.seconds = time.perf_counter() - start
+    report.latencies_s = [latency for latency, _ in results]
+    report.count = len(texts)
+    report.extra["threads"] = options.threads
+    _finish_vectors(report, np.asarray([summed for _, summed in results]), len(texts))
+    return report
+
+
+def _finish_vectors(report: Report, batch_sums: np.ndarray, count: int) -> None:
+    report.units = report.count
+    mean = batch_sums.sum(axis=0, keepdims=True) / max(count, 1)
+    report.fingerprint = _fingerprint(mean)
+    report.checksum = hashlib.sha256(np.round(mean, 4).tobytes()).hexdigest()[:16]
+
+
+WORKLOADS: dict[str, Callable[[Path, argparse.Namespace], Report]] = {
+    "parse": parse,
+    "stream": stream,
+    "embed": embed,
+    "embed-concurrent": embed_concurrent,
+}
+DEFAULT_COUNTS = {"parse": 20, "stream": 1, "embed": 1000, "embed-concurrent": 400}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(WORKLOADS), help="the workload")
+    parser.add_argument("--model", required=True, type=Path, help="the GGUF file")
+    parser.add_argument("--count", type=int, help="repetitions / embeddings (default per workload)")
+    parser.add_argument("--threads", type=int, default=8, help="callers for embed-concurrent")
+    parser.add_argument("--batch", type=int, default=1, help="texts per embed call")
+    parser.add_argument("--plan", default="auto", help="weight plan for embedding workloads")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.count is None:
+        args.count = DEFAULT_COUNTS[args.name]
+    if args.count < 1 or args.batch < 1 or args.threads < 1:
+        return _fail(EXIT_BAD_INPUT, "ValueError", "--count, --batch and --threads must be at least 1")
+    if not args.model.is_file():
+        return _fail(EXIT_BAD_INPUT, "FileNotFoundError", f"model {args.model} does not exist; pass --model PATH")
+    try:
+        report = WORKLOADS[args.name](args.model, args)
+    except BudgetExceeded as error:
+        return _fail(EXIT_REFUSED, "BudgetExceeded", str(error))
+    except GGUFSandboxError as error:
+        return _fail(EXIT_BAD_INPUT, type(error).__name__, str(error))
+    print(json.dumps(report.as_json()), flush=True)
+    return EXIT_OK
+
+
+def _fail(code: int, kind: str, message: str) -> int:
+    limit = budget.detect_limit()
+    print(
+        json.dumps({"error": message, "kind": kind, "limit": limit.limit_bytes, "limit_source": limit.source,
+                    "peak_rss": _peak_rss()}),
+        flush=True,
+    )
+    print(f"gguf-sandbox workload: {kind}: {message}", file=sys.stderr)
+    return code
