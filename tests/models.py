@@ -1,0 +1,33 @@
+"""Test models, built once per machine and cached by spec and builder source (the builder is deterministic)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from gguf.constants import GGMLQuantizationType
+
+from gguf_sandbox.gguf import synth
+from gguf_sandbox.gguf.synth import SyntheticBert, synthetic_bert_for_size, write_synthetic_bert
+
+VOCAB_262K = SyntheticBert(vocab_size=262144, hidden=64, tensor_type=GGMLQuantizationType.F16, name="vocab262k")
+BIG_300MB = synthetic_bert_for_size(300 << 20, tensor_type=GGMLQuantizationType.F32)
+
+
+def cache_dir() -> Path:
+    base = Path(os.environ.get("GGUF_SANDBOX_CACHE", Path.home() / ".cache" / "gguf-sandbox"))
+    return base / "test-models"
+
+
+def cached_synthetic(spec: SyntheticBert) -> Path:
+    """The file for `spec`, written on first use; a concurrent or interrupted build never leaves a partial file."""
+    builder = Path(synth.__file__).read_bytes()
+    key = hashlib.sha256(repr(spec).encode() + builder).hexdigest()[:16]
+    path = cache_dir() / f"{spec.name}-{key}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        write_synthetic_bert(partial, spec)
+        partial.replace(path)
+    return path

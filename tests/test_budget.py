@@ -1,0 +1,311 @@
+"""Tests for limit detection over fake cgroup trees and for MemoryBudget admission control."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gguf_sandbox import budget
+from gguf_sandbox.budget import MemoryBudget, MemoryLimit, current_usage, detect_limit, peak_usage
+from gguf_sandbox.errors import BudgetExceeded, GGUFSandboxError
+
+MiB = 1 << 20
+UNLIMITED_V1 = "9223372036854771712"
+
+
+def _write(root: Path, relative: str, text: str) -> None:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+
+
+def _fake_v1(root: Path, cgroup: str, files: dict[str, dict[str, str]]) -> None:
+    """A v1 tree: /proc/self/cgroup with a memory line, files per cgroup dir (relative to the mount)."""
+    _write(root, "proc/self/cgroup", f"5:memory:{cgroup}\n4:cpu,cpuacct:/\n0::/")
+    for directory, contents in files.items():
+        for name, value in contents.items():
+            _write(root, f"sys/fs/cgroup/memory/{directory}/{name}".replace("//", "/"), value)
+
+
+def _fake_v2(root: Path, cgroup: str, files: dict[str, dict[str, str]]) -> None:
+    _write(root, "proc/self/cgroup", f"0::{cgroup}")
+    _write(root, "sys/fs/cgroup/cgroup.controllers", "cpu io memory pids")
+    for directory, contents in files.items():
+        for name, value in contents.items():
+            _write(root, f"sys/fs/cgroup/{directory}/{name}".replace("//", "/"), value)
+
+
+# ---- detection ---------------------------------------------------------------------------------------
+
+
+def test_v2_takes_the_tightest_ancestor(tmp_path: Path) -> None:
+    _fake_v2(
+        tmp_path,
+        "/user.slice/app.scope/cell",
+        {
+            "user.slice": {"memory.max": str(512 * MiB)},
+            "user.slice/app.scope": {"memory.max": str(96 * MiB), "memory.current": str(40 * MiB)},
+            "user.slice/app.scope/cell": {
+                "memory.max": "max",
+                "memory.current": str(30 * MiB),
+                "memory.peak": str(33 * MiB),
+            },
+        },
+    )
+    limit = detect_limit(tmp_path)
+    cgroot = tmp_path / "sys/fs/cgroup"
+    assert limit == MemoryLimit(
+        96 * MiB, "cgroup2", cgroot / "user.slice/app.scope/cell", cgroot / "user.slice/app.scope"
+    )
+    assert current_usage(tmp_path) == 30 * MiB
+    assert peak_usage(tmp_path) == 33 * MiB
+    # The budget counts usage where the limit bites: the ancestor holds siblings too.
+    detected = MemoryBudget.detect(headroom=6 * MiB, root=tmp_path)
+    assert (detected.limit, detected.baseline) == (90 * MiB, 40 * MiB)
+    assert detected.available == 50 * MiB
+
+
+def test_v2_all_max_is_physical(tmp_path: Path) -> None:
+    _fake_v2(tmp_path, "/a", {"a": {"memory.max": "max", "memory.current": "123"}})
+    limit = detect_limit(tmp_path)
+    assert (limit.source, limit.limit_bytes) == ("physical", psutil.virtual_memory().total)
+    assert limit.cgroup_path == tmp_path / "sys/fs/cgroup/a"
+    assert current_usage(tmp_path) == 123
+
+
+def test_v2_in_container_namespace_reads_the_mount_root(tmp_path: Path) -> None:
+    _fake_v2(tmp_path, "/", {"": {"memory.max": str(128 * MiB), "memory.current": str(9 * MiB)}})
+    limit = detect_limit(tmp_path)
+    assert (limit.source, limit.limit_bytes) == ("cgroup2", 128 * MiB)
+    assert current_usage(tmp_path) == 9 * MiB
+
+
+def test_v1_walks_ancestors_and_memsw(tmp_path: Path) -> None:
+    _fake_v1(
+        tmp_path,
+        "/jobs/cell",
+        {
+            "": {"memory.limit_in_bytes": UNLIMITED_V1},
+            "jobs": {"memory.limit_in_bytes": str(200 * MiB), "memory.memsw.limit_in_bytes": str(150 * MiB)},
+            "jobs/cell": {
+                "memory.limit_in_bytes": UNLIMITED_V1,
+                "memory.memsw.limit_in_bytes": UNLIMITED_V1,
+                "memory.usage_in_bytes": str(20 * MiB),
+                "memory.max_usage_in_bytes": str(25 * MiB),
+            },
+        },
+    )
+    limit = detect_limit(tmp_path)
+    mount = tmp_path / "sys/fs/cgroup/memory"
+    assert limit == MemoryLimit(150 * MiB, "cgroup1", mount / "jobs/cell", mount / "jobs")
+    assert current_usage(tmp_path) == 20 * MiB
+    assert peak_usage(tmp_path) == 25 * MiB
+
+
+def test_v1_container_path_missing_falls_back_to_mount(tmp_path: Path) -> None:
+    # Docker on v1 shows the host path in /proc/self/cgroup but mounts the container's own cgroup.
+    _fake_v1(tmp_path, "/docker/abc123", {"": {"memory.limit_in_bytes": str(64 * MiB)}})
+    limit = detect_limit(tmp_path)
+    assert (limit.source, limit.limit_bytes) == ("cgroup1", 64 * MiB)
+
+
+def test_v1_wins_on_hybrid_hosts(tmp_path: Path) -> None:
+    _fake_v1(tmp_path, "/x", {"x": {"memory.limit_in_bytes": str(70 * MiB)}})
+    _write(tmp_path, "sys/fs/cgroup/cgroup.controllers", "")
+    assert detect_limit(tmp_path).source == "cgroup1"
+
+
+def test_v1_unlimited_is_physical(tmp_path: Path) -> None:
+    _fake_v1(tmp_path, "/", {"": {"memory.limit_in_bytes": UNLIMITED_V1}})
+    assert detect_limit(tmp_path).source == "physical"
+
+
+def test_limit_above_physical_ram_is_physical(tmp_path: Path) -> None:
+    above = psutil.virtual_memory().total * 2
+    _fake_v2(tmp_path, "/a", {"a": {"memory.max": str(above)}})
+    assert detect_limit(tmp_path).limit_bytes == psutil.virtual_memory().total
+
+
+def test_no_cgroup_is_physical_and_process_figures(tmp_path: Path) -> None:
+    limit = detect_limit(tmp_path)
+    assert limit == MemoryLimit(psutil.virtual_memory().total, "physical")
+    rss = psutil.Process().memory_info().rss
+    assert 0.5 * rss < current_usage(tmp_path) < 2 * rss
+    assert peak_usage(tmp_path) >= current_usage(tmp_path) // 2
+
+
+def test_garbage_files_are_ignored(tmp_path: Path) -> None:
+    _fake_v2(tmp_path, "/a", {"a": {"memory.max": "lots", "memory.current": ""}})
+    assert detect_limit(tmp_path).source == "physical"
+    assert current_usage(tmp_path) > 0
+
+
+def test_this_machine_detects_something_sane() -> None:
+    limit = detect_limit()
+    assert 0 < limit.limit_bytes <= psutil.virtual_memory().total
+    assert current_usage() > 0
+    assert peak_usage() > 0
+
+
+@pytest.fixture
+def fast_thread_switching() -> Iterator[None]:
+    """Make the GIL hand over often so threads really interleave their reservations."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(previous)
+
+
+# ---- MemoryBudget ------------------------------------------------------------------------------------
+
+
+def test_500mb_reservation_refused_and_process_goes_on() -> None:
+    memory = MemoryBudget(limit=64 * MiB, cap=1024 * MiB, baseline=30 * MiB)
+    with pytest.raises(BudgetExceeded) as refused:
+        memory.reserve("dequantize token_embd", 500 * MiB)
+    error = refused.value
+    assert isinstance(error, GGUFSandboxError)
+    assert (error.what, error.needed, error.available) == ("dequantize token_embd", 500 * MiB, 34 * MiB)
+    assert "token_embd" in str(error) and "memory limit" in error.hint and "batch" in error.hint
+    assert memory.in_use == 0
+    with memory.reserve("row chunk", 1 * MiB) as held:
+        assert memory.in_use == 1 * MiB
+        assert held.nbytes == 1 * MiB
+    assert memory.in_use == 0 and memory.peak == 1 * MiB
+
+
+def test_cap_refuses_a_single_large_reservation() -> None:
+    memory = MemoryBudget(limit=1 << 40, cap=1 * MiB)
+    memory.reserve("exactly the cap", 1 * MiB).release()
+    with pytest.raises(BudgetExceeded) as refused:
+        memory.reserve("whole tensor", 1 * MiB + 1)
+    assert refused.value.available == 1 * MiB and "chunks" in refused.value.hint
+    big = memory.reserve("planned resident weights", 5 * MiB, cap=5 * MiB)
+    assert memory.in_use == 5 * MiB
+    big.release()
+
+
+def test_release_is_idempotent_and_frees_room() -> None:
+    memory = MemoryBudget(limit=3 * MiB)
+    first = memory.reserve("a", 1 * MiB)
+    second = memory.reserve("b", 1 * MiB)
+    memory.reserve("c", 1 * MiB)
+    with pytest.raises(BudgetExceeded):
+        memory.reserve("d", 1)
+    first.release()
+    first.release()
+    assert first.released and memory.in_use == 2 * MiB and memory.available == 1 * MiB
+    with second:
+        pass
+    second.release()
+    assert memory.in_use == 1 * MiB and memory.peak == 3 * MiB
+
+
+def test_release_on_exception_inside_with() -> None:
+    memory = MemoryBudget(limit=1 * MiB)
+    with pytest.raises(RuntimeError), memory.reserve("work", 1 * MiB):
+        raise RuntimeError("boom")
+    assert memory.in_use == 0
+
+
+def test_invalid_inputs() -> None:
+    with pytest.raises(ValueError):
+        MemoryBudget(limit=-1)
+    with pytest.raises(ValueError):
+        MemoryBudget(limit=10).reserve("negative", -5)
+
+
+@pytest.mark.usefixtures("fast_thread_switching")
+def test_rapid_growth_of_small_reservations_stopped_at_limit() -> None:
+    limit, chunk, n_threads = 8 * MiB, 4096, 4
+    memory = MemoryBudget(limit=limit, cap=chunk)
+    granted = [0] * n_threads
+    overshoot: list[int] = []
+    start = threading.Barrier(n_threads)
+
+    def grow(index: int) -> None:
+        start.wait()
+        while True:
+            try:
+                memory.reserve(f"thread {index} chunk", chunk)
+            except BudgetExceeded:
+                return
+            granted[index] += 1
+            if memory.in_use > limit:
+                overshoot.append(memory.in_use)
+
+    threads = [threading.Thread(target=grow, args=(i,)) for i in range(n_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert overshoot == []
+    assert sum(granted) * chunk == limit
+    assert memory.in_use == memory.peak == limit and memory.available == 0
+    assert sum(1 for count in granted if count > 0) >= 2, f"threads did not interleave: {granted}"
+
+
+@pytest.mark.usefixtures("fast_thread_switching")
+def test_threads_reserving_and_releasing_keep_exact_accounts() -> None:
+    memory = MemoryBudget(limit=64 * 1024, cap=1024)
+    errors: list[BaseException] = []
+
+    def churn(seed: int) -> None:
+        try:
+            for i in range(2000):
+                size = 1 + (seed * 7919 + i * 104729) % 1024
+                with memory.reserve_blocking(f"churn {seed}", size, timeout=5):
+                    if memory.in_use > memory.limit:
+                        errors.append(AssertionError(f"in_use {memory.in_use} > limit"))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=churn, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert memory.in_use == 0
+    assert 0 < memory.peak <= memory.limit
+
+
+def test_reserve_blocking_waits_for_room() -> None:
+    memory = MemoryBudget(limit=2 * MiB, cap=2 * MiB)
+    held = memory.reserve("first batch", 2 * MiB)
+    timer = threading.Timer(0.2, held.release)
+    timer.start()
+    started = time.monotonic()
+    with memory.reserve_blocking("second batch", 1 * MiB, timeout=5):
+        waited = time.monotonic() - started
+    timer.join()
+    assert 0.1 < waited < 4
+
+
+def test_reserve_blocking_times_out_and_refuses_what_never_fits() -> None:
+    memory = MemoryBudget(limit=2 * MiB, cap=2 * MiB, baseline=1 * MiB)
+    held = memory.reserve("resident", 1 * MiB)
+    with pytest.raises(BudgetExceeded) as timed_out:
+        memory.reserve_blocking("batch", 1 * MiB, timeout=0.05)
+    assert "waited" in timed_out.value.hint
+    started = time.monotonic()
+    with pytest.raises(BudgetExceeded):
+        memory.reserve_blocking("never fits", 2 * MiB, timeout=10)
+    assert time.monotonic() - started < 1
+    held.release()
+
+
+def test_detect_on_this_machine() -> None:
+    memory = MemoryBudget.detect(cap=2 * MiB)
+    assert memory.origin is not None
+    assert memory.limit == memory.origin.limit_bytes - budget.DEFAULT_HEADROOM
+    assert 0 < memory.baseline < memory.limit
+    assert memory.cap == 2 * MiB
+    with memory.reserve("probe", 2 * MiB):
+        assert memory.available == memory.limit - memory.baseline - 2 * MiB
