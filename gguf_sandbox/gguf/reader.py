@@ -93,9 +93,16 @@ class _Window:
             )
         index = self.position - self.start
         if index < 0 or index + nbytes > self.filled:
+            if self.fd < 0:
+                raise GGUFError(f"cannot read {field}: the file is closed; open it again")
             self.start = self.position
             self.filled = os.preadv(self.fd, [self.view], self.start)
             index = 0
+            if self.filled < nbytes:
+                raise GGUFError(
+                    f"{field} at offset {self.position}: the file ended after {self.filled} of {nbytes} "
+                    f"bytes; it shrank while open"
+                )
         return index
 
     def read_u32(self, field: str) -> int:
@@ -251,7 +258,7 @@ class LazyArray(Sequence[Any]):
         code = SCALAR_FORMATS.get(layout.element_type)
         if code is None:
             raise GGUFError(f"{self._key} holds {layout.element_type.name} elements, not numbers")
-        stop = layout.count if stop is None else min(stop, layout.count)
+        start, stop, _ = slice(start, stop).indices(layout.count)
         dtype = np.dtype(self._owner.byte_order + NUMPY_SCALAR[code])
         nbytes = max(0, stop - start) * dtype.itemsize
         if nbytes > max_bytes:
@@ -277,6 +284,7 @@ class LazyArray(Sequence[Any]):
         if checkpoints is None:
             raise GGUFError(f"{self._key}: internal error, variable-size array without checkpoints")
         base = start // CHECKPOINT_EVERY
+        self._owner._check_open(self._key)
         window = _Window(self._owner._fd, layout.end, self._owner.byte_order, checkpoints[base])
         for element in range(base * CHECKPOINT_EVERY, stop):
             value = self._owner._decode_value(window, layout.element_type, f"{self._key}[{element}]", 1)
@@ -397,7 +405,7 @@ class GGUFFile:
         info = self.tensor(name)
         block_bytes = GGML_QUANT_SIZES[info.type][1]
         chunk = max_bytes // block_bytes * block_bytes
-        if chunk == 0:
+        if chunk <= 0:
             raise GGUFError(f"max_bytes={max_bytes} is smaller than one {info.type.name} block ({block_bytes})")
         for start in range(0, info.nbytes, chunk):
             yield self._pread(info.offset + start, min(chunk, info.nbytes - start), name)
@@ -420,13 +428,14 @@ class GGUFFile:
                 f"reading {len(rows)} rows of {name} needs {nbytes:,} bytes, over max_bytes={max_bytes:,}; "
                 f"read fewer rows at a time"
             )
-        out = np.empty((len(rows), info.row_len), dtype=np.float32)
+        raw = np.empty(len(rows) * info.row_nbytes, dtype=np.uint8)
         for slot, row in enumerate(rows):
             if not 0 <= row < info.n_rows:
                 raise GGUFError(f"row {row} of {name} is out of range (it has {info.n_rows} rows)")
-            raw = self._pread(info.offset + row * info.row_nbytes, info.row_nbytes, name)
-            out[slot] = self._decode(info, raw)
-        return out
+            start = slot * info.row_nbytes
+            self._pread_into(raw[start : start + info.row_nbytes], info.offset + row * info.row_nbytes, name)
+        # One dequantize call for all rows: per-call overhead dominates single-row reads.
+        return self._decode(info, raw).reshape(len(rows), info.row_len)
 
     def read_tensor(self, name: str, max_bytes: int = CHUNK_BYTES) -> np.ndarray:
         """The whole tensor as float32 in numpy shape — only for tensors within `max_bytes` once decoded."""
@@ -451,7 +460,7 @@ class GGUFFile:
 
     def _rows_per_block(self, info: TensorInfo, max_bytes: int) -> int:
         rows = max_bytes // (info.row_len * 4)
-        if rows == 0:
+        if rows <= 0:
             raise GGUFError(
                 f"one row of {info.name} ({info.row_len:,} floats) exceeds max_bytes={max_bytes:,}; "
                 f"use iter_raw() or a larger max_bytes"
@@ -471,16 +480,22 @@ class GGUFFile:
 
     def _pread(self, offset: int, nbytes: int, what: str) -> np.ndarray:
         """`nbytes` at `offset` as uint8, in one allocation of exactly that size (no bytes-object header)."""
+        data = np.empty(nbytes, dtype=np.uint8)
+        self._pread_into(data, offset, what)
+        return data
+
+    def _check_open(self, what: str) -> None:
         if self._fd < 0:
             raise GGUFError(f"{self.path.name} is closed; open it again to read {what}")
-        data = np.empty(nbytes, dtype=np.uint8)
-        got = os.preadv(self._fd, [data], offset) if nbytes else 0
-        if got != nbytes:
+
+    def _pread_into(self, target: np.ndarray, offset: int, what: str) -> None:
+        self._check_open(what)
+        got = os.preadv(self._fd, [target], offset) if target.nbytes else 0
+        if got != target.nbytes:
             raise GGUFError(
-                f"{what}: expected {nbytes:,} bytes at offset {offset:,}, got {got:,}; "
+                f"{what}: expected {target.nbytes:,} bytes at offset {offset:,}, got {got:,}; "
                 f"the file shrank while open"
             )
-        return data
 
     # -- parsing --------------------------------------------------------------------------------------
     def _parse(self) -> None:
