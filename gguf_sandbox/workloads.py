@@ -108,7 +108,9 @@ def parse(model: Path, options: argparse.Namespace) -> Report:
         with GGUFFile.open(model) as gguf:
             digest = hashlib.sha256()
             for key, value in gguf.metadata.items():
-                described = f"{value.element_type.name}[{len(value)}]" if isinstance(value, LazyArray) else value
+                described = (
+                    f"{value.element_type.name}[{len(value)}]" if isinstance(value, LazyArray) else value
+                )
                 digest.update(f"{key}={described!r};".encode())
             for info in gguf.tensors.values():
                 digest.update(f"{info.name}:{info.type.name}:{info.ne}:{info.offset};".encode())
@@ -139,11 +141,11 @@ def stream(model: Path, options: argparse.Namespace) -> Report:
 
 
 # -- embedding workloads ------------------------------------------------------------------------------
-WORDS = (
+WORDS = tuple(
     "memory limit model embedding vector server host container process kernel cgroup token sentence "
     "python numpy matrix layer attention cache swap page file stream block budget query document index "
-    "search retrieval small large fast slow quiet noisy red green blue café naïve résumé 東京 数据 🙂"
-).split()
+    "search retrieval small large fast slow quiet noisy red green blue café naïve résumé 東京 数据 🙂".split(" ")
+)
 
 
 def corpus(count: int, seed: int = 1234) -> list[str]:
@@ -247,7 +249,9 @@ def run(args: argparse.Namespace) -> int:
     if args.count < 1 or args.batch < 1 or args.threads < 1:
         return _fail(EXIT_BAD_INPUT, "ValueError", "--count, --batch and --threads must be at least 1")
     if not args.model.is_file():
-        return _fail(EXIT_BAD_INPUT, "FileNotFoundError", f"model {args.model} does not exist; pass --model PATH")
+        return _fail(
+            EXIT_BAD_INPUT, "FileNotFoundError", f"model {args.model} does not exist; pass --model PATH"
+        )
     try:
         report = WORKLOADS[args.name](args.model, args)
     except BudgetExceeded as error:
@@ -261,8 +265,15 @@ def run(args: argparse.Namespace) -> int:
 def _fail(code: int, kind: str, message: str) -> int:
     limit = budget.detect_limit()
     print(
-        json.dumps({"error": message, "kind": kind, "limit": limit.limit_bytes, "limit_source": limit.source,
-                    "peak_rss": _peak_rss()}),
+        json.dumps(
+            {
+                "error": message,
+                "kind": kind,
+                "limit": limit.limit_bytes,
+                "limit_source": limit.source,
+                "peak_rss": _peak_rss(),
+            }
+        ),
         flush=True,
     )
     print(f"gguf-sandbox workload: {kind}: {message}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Test models, built once per machine and cached by spec and builder source (the builder is deterministic)."""
+"""Test models: built once per machine, cached by spec and builder source (the builder is deterministic)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from gguf.constants import GGMLQuantizationType
 from gguf_sandbox.gguf import synth
 from gguf_sandbox.gguf.synth import SyntheticBert, synthetic_bert_for_size, write_synthetic_bert
 
-VOCAB_262K = SyntheticBert(vocab_size=262144, hidden=64, tensor_type=GGMLQuantizationType.F16, name="vocab262k")
+VOCAB_262K = SyntheticBert(
+    vocab_size=262144, hidden=64, tensor_type=GGMLQuantizationType.F16, name="vocab262k"
+)
 BIG_300MB = synthetic_bert_for_size(300 << 20, tensor_type=GGMLQuantizationType.F32)
 
 
@@ -21,7 +23,7 @@ def cache_dir() -> Path:
 
 
 def cached_synthetic(spec: SyntheticBert) -> Path:
-    """The file for `spec`, written on first use; a concurrent or interrupted build never leaves a partial file."""
+    """The file for `spec`, written on first use; an interrupted build never leaves a partial file behind."""
     builder = Path(synth.__file__).read_bytes()
     key = hashlib.sha256(repr(spec).encode() + builder).hexdigest()[:16]
     path = cache_dir() / f"{spec.name}-{key}.gguf"

@@ -87,7 +87,8 @@ def render_text(summary: dict[str, Any]) -> str:
     name_width = max((len(t["name"]) for t in tensors), default=4)
     for tensor in tensors:
         shape = "×".join(str(d) for d in tensor["shape"])
-        lines.append(f"  {tensor['name']:<{name_width}}  {tensor['type']:<6}  {shape:>16}  {_size(tensor['nbytes'])}")
+        size = _size(tensor["nbytes"])
+        lines.append(f"  {tensor['name']:<{name_width}}  {tensor['type']:<6}  {shape:>16}  {size}")
     lines += ["", "totals by type"]
     for type_name, total in summary["totals"].items():
         lines.append(

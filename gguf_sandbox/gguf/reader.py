@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Any, Union
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
@@ -27,6 +28,9 @@ MAX_STRING_BYTES = (1 << 20) - 4096  # so the decoded str also fits one 1 MiB al
 MAX_DIMS = 4
 MAX_ARRAY_DEPTH = 8
 MAX_ALIGNMENT = 1 << 20
+# Far above any real model (< 100 pairs, a few thousand tensors); each entry costs ~200-400 bytes of objects.
+MAX_KV_COUNT = 1 << 16
+MAX_TENSOR_COUNT = 1 << 16
 INT64_MAX = (1 << 63) - 1
 # A variable-size array remembers every CHECKPOINT_EVERY-th element offset: O(n/256) memory, O(256) seek.
 CHECKPOINT_EVERY = 256
@@ -48,8 +52,19 @@ SCALAR_FORMATS: Mapping[GGUFValueType, str] = MappingProxyType(
     }
 )
 NUMPY_SCALAR: Mapping[str, str] = MappingProxyType(
-    {"B": "u1", "b": "i1", "H": "u2", "h": "i2", "I": "u4", "i": "i4", "f": "f4", "?": "u1", "Q": "u8",
-     "q": "i8", "d": "f8"}
+    {
+        "B": "u1",
+        "b": "i1",
+        "H": "u2",
+        "h": "i2",
+        "I": "u4",
+        "i": "i4",
+        "f": "f4",
+        "?": "u1",
+        "Q": "u8",
+        "q": "i8",
+        "d": "f8",
+    }
 )
 # Smallest encoding of one element, used to bound counts before anything is allocated.
 MIN_STRING_BYTES = 8
@@ -59,8 +74,8 @@ SWAPPABLE_TYPES: Mapping[GGMLQuantizationType, str] = MappingProxyType(
     {GGMLQuantizationType.F32: "f4", GGMLQuantizationType.F16: "f2"}
 )
 
-Scalar = Union[int, float, bool, str]
-Value = Union[Scalar, "LazyArray"]
+Scalar: TypeAlias = "int | float | bool | str"
+Value: TypeAlias = "Scalar | LazyArray"
 
 
 def _hint_truncated() -> str:
@@ -68,7 +83,7 @@ def _hint_truncated() -> str:
 
 
 class _Window:
-    """Sequential decoder over a file through one reusable WINDOW_BYTES buffer, bounds-checked at every read."""
+    """Sequential decoder reading through one reusable WINDOW_BYTES buffer, bounds-checked at every read."""
 
     def __init__(self, fd: int, file_size: int, byte_order: str, position: int) -> None:
         self.fd = fd
@@ -162,8 +177,13 @@ class _Window:
                 f"{self.file_size - self.position:,} remain in the file; {_hint_truncated()}"
             )
 
-    def check_count(self, count: int, min_element_bytes: int, field: str) -> None:
-        """Refuse a count whose smallest possible encoding cannot fit in the rest of the file."""
+    def check_count(self, count: int, min_element_bytes: int, field: str, maximum: int | None = None) -> None:
+        """Refuse a count over `maximum` or whose smallest encoding cannot fit in the rest of the file."""
+        if maximum is not None and count > maximum:
+            raise GGUFError(
+                f"{field} at offset {self.position - 8} is {count:,}, over the sane maximum {maximum:,}; "
+                f"the file is corrupt or hostile"
+            )
         if count * min_element_bytes > self.file_size - self.position:
             raise GGUFError(
                 f"{field} at offset {self.position - 8} claims {count:,} elements, but even at "
@@ -185,6 +205,8 @@ class _Window:
             filled = self.filled
             for _ in range(min(CHECKPOINT_EVERY, count - group_start)):
                 if index < 0 or index + 8 > filled:
+                    if self.start + index + 8 > self.file_size:
+                        self._explain_overrun(field, group_start, group_origin)
                     self.position = self.start + index
                     index = self._require(8, f"{field}[{group_start}+] length")
                     filled = self.filled
@@ -328,6 +350,17 @@ class TensorInfo:
         return self.ne[0] // block_elements * block_bytes
 
 
+class _TableEntry(NamedTuple):
+    """A tensor-table entry as parsed, before its offset is resolved against the data section."""
+
+    name: str
+    type: GGMLQuantizationType
+    ne: tuple[int, ...]
+    relative_offset: int
+    nbytes: int
+    entry_offset: int
+
+
 class GGUFFile:
     """An open GGUF file. Parsing reads only the header; tensor data is read on demand, in bounded chunks."""
 
@@ -341,17 +374,20 @@ class GGUFFile:
         self.data_offset = 0
         self._metadata: dict[str, Value] = {}
         self._tensors: dict[str, TensorInfo] = {}
+        self._alignment_offset = -1
 
     # -- opening --------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> GGUFFile:
         file_path = Path(path)
         try:
-            fd = os.open(file_path, os.O_RDONLY)
-        except OSError as error:
-            raise GGUFError(f"cannot open {file_path}: {error.strerror}; check the path") from None
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+            fd = os.open(file_path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except (OSError, ValueError) as error:
+            reason = error.strerror if isinstance(error, OSError) else str(error)
+            raise GGUFError(f"cannot open {file_path!r}: {reason}; check the path") from None
         try:
-            if not os.path.isfile(file_path):
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise GGUFError(f"{file_path} is not a regular file; pass the path of a .gguf file")
             gguf = cls(file_path, fd, os.fstat(fd).st_size)
             gguf._parse()
@@ -406,7 +442,9 @@ class GGUFFile:
         block_bytes = GGML_QUANT_SIZES[info.type][1]
         chunk = max_bytes // block_bytes * block_bytes
         if chunk <= 0:
-            raise GGUFError(f"max_bytes={max_bytes} is smaller than one {info.type.name} block ({block_bytes})")
+            raise GGUFError(
+                f"max_bytes={max_bytes} is smaller than one {info.type.name} block ({block_bytes} bytes)"
+            )
         for start in range(0, info.nbytes, chunk):
             yield self._pread(info.offset + start, min(chunk, info.nbytes - start), name)
 
@@ -490,7 +528,7 @@ class GGUFFile:
 
     def _pread_into(self, target: np.ndarray, offset: int, what: str) -> None:
         self._check_open(what)
-        got = os.preadv(self._fd, [target], offset) if target.nbytes else 0
+        got = os.preadv(self._fd, [target.data], offset) if target.nbytes else 0
         if got != target.nbytes:
             raise GGUFError(
                 f"{what}: expected {target.nbytes:,} bytes at offset {offset:,}, got {got:,}; "
@@ -507,14 +545,15 @@ class GGUFFile:
             )
         if header[:4] != MAGIC:
             raise GGUFError(
-                f"{self.path.name} is not a GGUF file: magic at offset 0 is {header[:4]!r}, expected {MAGIC!r}"
+                f"{self.path.name} is not a GGUF file: magic at offset 0 is {header[:4]!r}, "
+                f"expected {MAGIC!r}"
             )
         self.byte_order, self.version = self._detect_byte_order(header[4:8])
         window = _Window(self._fd, self.file_size, self.byte_order, 8)
         tensor_count = window.read_u64("tensor count")
-        window.check_count(tensor_count, 24, "tensor count")
+        window.check_count(tensor_count, 24, "tensor count", MAX_TENSOR_COUNT)
         kv_count = window.read_u64("metadata count")
-        window.check_count(kv_count, 13, "metadata count")
+        window.check_count(kv_count, 13, "metadata count", MAX_KV_COUNT)
         for index in range(kv_count):
             self._parse_kv(window, index)
         self.alignment = self._alignment()
@@ -546,9 +585,9 @@ class GGUFFile:
         value_type = self._value_type(window.read_u32(f"value type of {key!r}"), key, window.position - 4)
         value = self._decode_value(window, value_type, key, 0)
         if key in self._metadata:
-            raise GGUFError(
-                f"metadata key {key!r} at offset {key_offset} appears twice; the file is corrupt"
-            )
+            raise GGUFError(f"metadata key {key!r} at offset {key_offset} appears twice; the file is corrupt")
+        if key == "general.alignment":
+            self._alignment_offset = key_offset
         self._metadata[key] = value
 
     @staticmethod
@@ -571,7 +610,10 @@ class GGUFFile:
 
     def _parse_array(self, window: _Window, field: str, depth: int) -> _ArrayLayout:
         if depth >= MAX_ARRAY_DEPTH:
-            raise GGUFError(f"{field}: arrays nested deeper than {MAX_ARRAY_DEPTH}; the file is hostile")
+            raise GGUFError(
+                f"{field} at offset {window.position}: arrays nested deeper than {MAX_ARRAY_DEPTH}; "
+                f"the file is hostile"
+            )
         element_type = self._value_type(
             window.read_u32(f"{field} element type"), f"{field} element type", window.position - 4
         )
@@ -600,30 +642,38 @@ class GGUFFile:
         value = self._metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value & (value - 1):
             raise GGUFError(
-                f"general.alignment is {value!r}; it must be a positive power of two (default "
-                f"{GGUF_DEFAULT_ALIGNMENT})"
+                f"general.alignment at offset {self._alignment_offset} is {value!r}; it must be a positive "
+                f"power of two (default {GGUF_DEFAULT_ALIGNMENT})"
             )
         if value > MAX_ALIGNMENT:
-            raise GGUFError(f"general.alignment {value:,} is over the sane maximum {MAX_ALIGNMENT:,}")
+            raise GGUFError(
+                f"general.alignment at offset {self._alignment_offset} is {value:,}, over the sane maximum "
+                f"{MAX_ALIGNMENT:,}; the file is corrupt or hostile"
+            )
         return value
 
-    def _parse_tensor_info(self, window: _Window, index: int) -> tuple[str, GGMLQuantizationType, tuple[int, ...], int, int]:
+    def _parse_tensor_info(self, window: _Window, index: int) -> _TableEntry:
         entry_offset = window.position
         name = window.read_string(f"tensor #{index} name", MAX_TENSOR_NAME_BYTES)
         n_dims = window.read_u32(f"tensor {name!r} dimension count")
         if not 1 <= n_dims <= MAX_DIMS:
             raise GGUFError(
-                f"tensor {name!r} at offset {entry_offset} has {n_dims} dimensions; GGUF allows 1 to {MAX_DIMS}"
+                f"tensor {name!r} at offset {entry_offset} has {n_dims} dimensions; "
+                f"GGUF allows 1 to {MAX_DIMS}"
             )
         ne = tuple(window.read_u64(f"tensor {name!r} dimension {axis}") for axis in range(n_dims))
         elements = 1
         for axis, dim in enumerate(ne):
             if dim == 0 or dim > INT64_MAX:
-                raise GGUFError(f"tensor {name!r} dimension {axis} is {dim}; it must be in 1..{INT64_MAX}")
+                raise GGUFError(
+                    f"tensor {name!r} at offset {entry_offset}: dimension {axis} is {dim}; it must be in "
+                    f"1..{INT64_MAX}"
+                )
             elements *= dim
             if elements > INT64_MAX:
                 raise GGUFError(
-                    f"tensor {name!r} dimensions {ne} overflow a 64-bit element count; the file is hostile"
+                    f"tensor {name!r} at offset {entry_offset}: dimensions {ne} overflow a 64-bit element "
+                    f"count; the file is hostile"
                 )
         raw_type = window.read_u32(f"tensor {name!r} type")
         try:
@@ -636,26 +686,30 @@ class GGUFFile:
             ) from None
         if ne[0] % block_elements:
             raise GGUFError(
-                f"tensor {name!r}: row length {ne[0]} is not a multiple of the {tensor_type.name} block size "
-                f"{block_elements}"
+                f"tensor {name!r} at offset {entry_offset}: row length {ne[0]} is not a multiple of the "
+                f"{tensor_type.name} block size {block_elements}"
             )
         relative = window.read_u64(f"tensor {name!r} offset")
         if relative % self.alignment:
             raise GGUFError(
-                f"tensor {name!r} data offset {relative} is not a multiple of the alignment {self.alignment}"
+                f"tensor {name!r} data offset {relative} (field at offset {window.position - 8}) is not a "
+                f"multiple of the alignment {self.alignment}"
             )
         nbytes = elements // block_elements * block_bytes
-        return name, tensor_type, ne, relative, nbytes
+        return _TableEntry(name, tensor_type, ne, relative, nbytes, entry_offset)
 
-    def _place_tensors(self, table: list[tuple[str, GGMLQuantizationType, tuple[int, ...], int, int]]) -> None:
-        for name, tensor_type, ne, relative, nbytes in table:
+    def _place_tensors(self, table: list[_TableEntry]) -> None:
+        for name, tensor_type, ne, relative, nbytes, entry_offset in table:
             if name in self._tensors:
-                raise GGUFError(f"tensor name {name!r} appears twice in the tensor table; the file is corrupt")
+                raise GGUFError(
+                    f"tensor name {name!r} at offset {entry_offset} appears twice in the tensor table; "
+                    f"the file is corrupt"
+                )
             offset = self.data_offset + relative
             if offset + nbytes > self.file_size:
                 raise GGUFError(
-                    f"tensor {name!r} ({tensor_type.name}, {nbytes:,} bytes at offset {offset:,}) ends past the "
-                    f"end of the file ({self.file_size:,} bytes); {_hint_truncated()}"
+                    f"tensor {name!r} ({tensor_type.name}, {nbytes:,} bytes at offset {offset:,}) ends past "
+                    f"the end of the file ({self.file_size:,} bytes); {_hint_truncated()}"
                 )
             self._tensors[name] = TensorInfo(name, tensor_type, ne, offset, nbytes)
         previous: TensorInfo | None = None

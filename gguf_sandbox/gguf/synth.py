@@ -54,8 +54,8 @@ class SyntheticBert:
         block = GGML_QUANT_SIZES[self.tensor_type][0]
         if self.hidden % block or self.ffn % block:
             raise GGUFError(
-                f"hidden ({self.hidden}) and ffn ({self.ffn}) must be multiples of the {self.tensor_type.name} "
-                f"block size {block}"
+                f"hidden ({self.hidden}) and ffn ({self.ffn}) must be multiples of the "
+                f"{self.tensor_type.name} block size {block}"
             )
         if self.vocab_size < len(SPECIAL_TOKENS) + 1:
             raise GGUFError(f"vocab_size {self.vocab_size} is too small; it needs at least 6 tokens")
@@ -102,8 +102,14 @@ def synthetic_bert_for_size(
     """The smallest layer count (at `hidden` width) whose tensor data reaches `target_bytes`."""
     for layers in itertools.count(1):
         spec = SyntheticBert(
-            vocab_size=vocab_size, hidden=hidden, layers=layers, heads=max(1, hidden // 64), ffn=4 * hidden,
-            tensor_type=tensor_type, seed=seed, name=f"synthetic-bert-{target_bytes >> 20}m",
+            vocab_size=vocab_size,
+            hidden=hidden,
+            layers=layers,
+            heads=max(1, hidden // 64),
+            ffn=4 * hidden,
+            tensor_type=tensor_type,
+            seed=seed,
+            name=f"synthetic-bert-{target_bytes >> 20}m",
         )
         if spec.nbytes() >= target_bytes:
             return spec
@@ -151,9 +157,7 @@ def write_synthetic_bert(path: str | Path, spec: SyntheticBert) -> Path:
     tokens = vocabulary(spec.vocab_size)
     writer.add_tokenizer_model("bert")
     writer.add_token_list(tokens)
-    writer.add_token_types(
-        [TokenType.CONTROL if t in SPECIAL_TOKENS else TokenType.NORMAL for t in tokens]
-    )
+    writer.add_token_types([TokenType.CONTROL if t in SPECIAL_TOKENS else TokenType.NORMAL for t in tokens])
     writer.add_token_type_count(2)
     ids = {token: SPECIAL_TOKENS.index(token) for token in SPECIAL_TOKENS}
     writer.add_pad_token_id(ids["[PAD]"])
@@ -170,7 +174,8 @@ def write_synthetic_bert(path: str | Path, spec: SyntheticBert) -> Path:
         nbytes = int(np.prod(shape)) // block_elements * block_bytes
         byte_shape = (*shape[:-1], shape[-1] // block_elements * block_bytes)
         dtype = np.float32 if qtype is GGMLQuantizationType.F32 else np.uint8
-        writer.add_tensor_info(name, byte_shape if dtype is np.uint8 else shape, np.dtype(dtype), nbytes, qtype)
+        stored_shape = byte_shape if dtype is np.uint8 else shape
+        writer.add_tensor_info(name, stored_shape, np.dtype(dtype), nbytes, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gguf_sandbox.gguf.reader import CHUNK_BYTES, GGUFFile
+from gguf_sandbox.gguf.reader import CHUNK_BYTES, GGUFFile, LazyArray
 
 memray = pytest.importorskip("memray", reason="memray records every allocation; pip install memray")
 
@@ -22,7 +22,10 @@ def test_big_model_is_big_enough(big_model: Path) -> None:
 def _largest_allocations(records_path: Path, count: int = 3) -> list[tuple[int, str]]:
     reader = memray.FileReader(records_path)
     largest = sorted(reader.get_allocation_records(), key=lambda r: r.size, reverse=True)[:count]
-    return [(record.size, " <- ".join(f"{f[0]} {f[1]}:{f[2]}" for f in record.stack_trace()[:3])) for record in largest]
+    return [
+        (record.size, " <- ".join(f"{f[0]} {f[1]}:{f[2]}" for f in record.stack_trace()[:3]))
+        for record in largest
+    ]
 
 
 def test_no_allocation_over_1mib_opening_262k_vocab_and_streaming_300mb(
@@ -33,6 +36,7 @@ def test_no_allocation_over_1mib_opening_262k_vocab_and_streaming_300mb(
     with memray.Tracker(records):
         with GGUFFile.open(vocab262k_model) as gguf:
             tokens = gguf.metadata["tokenizer.ggml.tokens"]
+            assert isinstance(tokens, LazyArray)
             assert len(tokens) == 262144
             assert tokens[200000] and tokens[-1]
         with GGUFFile.open(big_model) as gguf:
@@ -67,7 +71,9 @@ def test_inspect_and_stream_300mb_model_in_64mb_cgroup(big_model: Path) -> None:
     if reason:
         pytest.skip(reason)
     inspect = cgroup.run_limited(
-        [sys.executable, "-m", "gguf_sandbox", "inspect", "--json", str(big_model)], SIXTY_FOUR_MB, timeout=120
+        [sys.executable, "-m", "gguf_sandbox", "inspect", "--json", str(big_model)],
+        SIXTY_FOUR_MB,
+        timeout=120,
     )
     assert inspect.exit_code == 0, inspect.stderr
     assert not inspect.oom_kill_count
