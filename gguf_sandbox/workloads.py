@@ -141,10 +141,52 @@ def stream(model: Path, options: argparse.Namespace) -> Report:
 
 
 # -- embedding workloads ------------------------------------------------------------------------------
-WORDS = tuple(
-    "memory limit model embedding vector server host container process kernel cgroup token sentence "
-    "python numpy matrix layer attention cache swap page file stream block budget query document index "
-    "search retrieval small large fast slow quiet noisy red green blue café naïve résumé 東京 数据 🙂".split(" ")
+WORDS = (
+    "memory",
+    "limit",
+    "model",
+    "embedding",
+    "vector",
+    "server",
+    "host",
+    "container",
+    "process",
+    "kernel",
+    "cgroup",
+    "token",
+    "sentence",
+    "python",
+    "numpy",
+    "matrix",
+    "layer",
+    "attention",
+    "cache",
+    "swap",
+    "page",
+    "file",
+    "stream",
+    "block",
+    "budget",
+    "query",
+    "document",
+    "index",
+    "search",
+    "retrieval",
+    "small",
+    "large",
+    "fast",
+    "slow",
+    "quiet",
+    "noisy",
+    "red",
+    "green",
+    "blue",
+    "café",
+    "naïve",
+    "résumé",
+    "東京",
+    "数据",
+    "🙂",
 )
 
 
