@@ -1,0 +1,454 @@
+"""The docker backend: each cell in a hardened testcontainers container, its memory read from its cgroup."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import re
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gguf_sandbox.errors import SandboxError
+from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, RunResult
+from gguf_sandbox.sandbox.images import SANDBOX_UID, build_image, engine_client, find_project_dir
+
+if TYPE_CHECKING:
+    import docker
+    from docker.models.containers import Container
+
+MODELS_DIR = "/models"
+PIDS_LIMIT = 256
+CELL_LABEL = "org.gguf-sandbox.cell"
+RUN_LABEL = "org.gguf-sandbox.run"
+SAMPLE_INTERVAL_S = 0.1
+STATS_INTERVAL_S = 0.5
+KILL_GRACE_S = 15.0
+LOG_MAX_SIZE = "16m"
+REPORT_MARKER = "@@gguf-sandbox-cgroup@@"
+
+# PID 1 of every cell. It runs the cell in a subshell that makes itself the OOM killer's first choice, then
+# prints its own cgroup's peak and oom_kill counter to stderr: on exit the engine deletes the container's
+# cgroup at once, so a reading from outside after exit finds nothing.
+CELL_WRAPPER = r"""
+( { echo 1000 >/proc/self/oom_score_adj; } 2>/dev/null; exec "$@" )
+status=$?
+for f in /sys/fs/cgroup/memory/memory.max_usage_in_bytes /sys/fs/cgroup/memory/memory.oom_control \
+         /sys/fs/cgroup/memory.peak /sys/fs/cgroup/memory.events; do
+  if [ -r "$f" ]; then
+    while IFS= read -r line; do printf '%s %s %s\n' "@@gguf-sandbox-cgroup@@" "${f##*/}" "$line"; done <"$f"
+  fi
+done >&2
+exit "$status"
+"""
+
+
+class CgroupVersion(enum.IntEnum):
+    V1 = 1
+    V2 = 2
+
+
+@dataclass(frozen=True)
+class CgroupFiles:
+    """The memory files of one cgroup version: current usage, peak, and the file with 'oom_kill N'."""
+
+    usage: str
+    peak: str
+    events: str
+
+
+CGROUP_FILES: Mapping[CgroupVersion, CgroupFiles] = {
+    CgroupVersion.V1: CgroupFiles("memory.usage_in_bytes", "memory.max_usage_in_bytes", "memory.oom_control"),
+    CgroupVersion.V2: CgroupFiles("memory.current", "memory.peak", "memory.events"),
+}
+
+# What the wrapper's report lines carry, by file name: peak bytes or the oom_kill counter.
+_REPORT_FIELDS: Mapping[str, str] = {files.peak: "peak" for files in CGROUP_FILES.values()} | {
+    files.events: "oom_kill" for files in CGROUP_FILES.values()
+}
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """One look at a cgroup; None where the source could not tell."""
+
+    usage: int | None = None
+    peak: int | None = None
+    oom_kill: int | None = None
+
+
+class _Probe(Protocol):
+    interval: float
+
+    def read(self) -> MemoryReading | None: ...
+
+
+def _oom_kill_line(text: str) -> int | None:
+    match = re.search(r"^oom_kill (\d+)$", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class HostCgroup:
+    """A container's memory cgroup as seen from the host."""
+
+    path: Path
+    version: CgroupVersion
+
+    interval = SAMPLE_INTERVAL_S
+
+    def read(self) -> MemoryReading | None:
+        files = CGROUP_FILES[self.version]
+        usage = _read_int(self.path / files.usage)
+        if usage is None:
+            return None
+        try:
+            oom_kill = _oom_kill_line((self.path / files.events).read_text())
+        except OSError:
+            oom_kill = None
+        return MemoryReading(usage, _read_int(self.path / files.peak), oom_kill)
+
+
+@dataclass(frozen=True)
+class _Mount:
+    root: str
+    point: Path
+
+
+def _cgroup_mounts() -> dict[CgroupVersion, _Mount]:
+    """The v1 memory controller's mount and the v2 unified mount, from /proc/self/mountinfo."""
+    mounts: dict[CgroupVersion, _Mount] = {}
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return mounts
+    for line in lines:
+        head, _, tail = line.partition(" - ")
+        fields, extra = head.split(), tail.split()
+        if len(fields) < 5 or len(extra) < 3:
+            continue
+        mount = _Mount(fields[3], Path(fields[4]))
+        if extra[0] == "cgroup" and "memory" in extra[2].split(","):
+            mounts.setdefault(CgroupVersion.V1, mount)
+        elif extra[0] == "cgroup2":
+            mounts.setdefault(CgroupVersion.V2, mount)
+    return mounts
+
+
+def find_host_cgroup(pid: int, container_id: str) -> HostCgroup | None:
+    """The memory cgroup directory of a container: from its init's /proc/PID/cgroup, else the usual places.
+
+    Covers cgroup v1 and v2 with the cgroupfs (docker/<id>) and systemd (system.slice/docker-<id>.scope)
+    drivers; None when the engine's cgroups are not visible here (remote engine, Docker Desktop).
+    """
+    mounts = _cgroup_mounts()
+    own: dict[CgroupVersion, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if pid > 0 else ():
+            _, controllers, cgroup_path = line.split(":", 2)
+            if controllers == "":
+                own[CgroupVersion.V2] = cgroup_path
+            elif "memory" in controllers.split(","):
+                own[CgroupVersion.V1] = cgroup_path
+    usual = (f"docker/{container_id}", f"system.slice/docker-{container_id}.scope")
+    for version in (CgroupVersion.V1, CgroupVersion.V2):
+        mount = mounts.get(version)
+        if mount is None:
+            continue
+        candidates = []
+        if version in own:
+            relative = os.path.relpath(own[version], mount.root) if mount.root != "/" else own[version]
+            candidates.append(relative.lstrip("/"))
+        candidates += usual
+        for relative in candidates:
+            path = mount.point / relative
+            if (path / CGROUP_FILES[version].usage).exists():
+                return HostCgroup(path, version)
+    return None
+
+
+@dataclass
+class _StatsProbe:
+    """Fallback when the cgroup is not visible from here: the engine's stats endpoint (slower)."""
+
+    container: Container
+    interval: float = STATS_INTERVAL_S
+
+    def read(self) -> MemoryReading | None:
+        try:
+            stats: dict[str, Any] = self.container.stats(stream=False, one_shot=True)
+        except Exception:  # the container may be gone between two samples: no reading, not an error
+            return None
+        memory = stats.get("memory_stats") or {}
+        if "usage" not in memory:
+            return None
+        return MemoryReading(int(memory["usage"]), memory.get("max_usage"), None)
+
+
+def parse_report(stderr: str) -> tuple[str, MemoryReading]:
+    """Split the wrapper's cgroup report off stderr: (the cell's own stderr, what the report said)."""
+    kept: list[str] = []
+    values: dict[str, int] = {}
+    for line in stderr.splitlines(keepends=True):
+        if not line.startswith(REPORT_MARKER + " "):
+            kept.append(line)
+            continue
+        parts = line.split(None, 2)
+        field = _REPORT_FIELDS.get(parts[1]) if len(parts) == 3 else None
+        if field == "peak" and parts[2].strip().isdigit():
+            values["peak"] = int(parts[2])
+        elif field == "oom_kill" and parts[2].startswith("oom_kill "):
+            values["oom_kill"] = int(parts[2].split()[1])
+    return "".join(kept), MemoryReading(None, values.get("peak"), values.get("oom_kill"))
+
+
+def _largest(*values: int | None) -> int | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C while cleanup runs, then deliver it: a second Ctrl-C must not leak a container."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, _frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            signal.raise_signal(signal.SIGINT)
+
+
+def _disable_ryuk() -> None:
+    """Ryuk, testcontainers' reaper, is an image to pull (impossible offline); we remove containers."""
+    os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"
+    from testcontainers.core.config import testcontainers_config
+
+    testcontainers_config.ryuk_disabled = True
+
+
+def container_argv(spec: CellSpec) -> list[str]:
+    """`python <argv>` with the model placeholder replaced by the model's path inside the container."""
+    uses_model = any(MODEL_PLACEHOLDER in arg for arg in spec.argv)
+    if uses_model and spec.model is None:
+        raise SandboxError(
+            f"cell {spec.cell_id}: argv uses {MODEL_PLACEHOLDER} but the cell has no model; "
+            "hint: set the cell's model"
+        )
+    inside = f"{MODELS_DIR}/{spec.model.name}" if spec.model is not None else ""
+    return ["python", *(arg.replace(MODEL_PLACEHOLDER, inside) for arg in spec.argv)]
+
+
+def _container_name(spec: CellSpec, run_id: str) -> str:
+    readable = re.sub(r"[^a-zA-Z0-9_.-]+", "_", spec.cell_id)[:80].strip("_.-") or "cell"
+    return f"gguf-sandbox-{readable}-{run_id}"
+
+
+# Each hardening property as docker inspect shows it: (what, HostConfig key, predicate on its value).
+_HARDENING: tuple[tuple[str, str, Any], ...] = (
+    ("network none", "NetworkMode", lambda v, spec: v == "none"),
+    ("read-only root", "ReadonlyRootfs", lambda v, spec: v is True),
+    ("memory limit", "Memory", lambda v, spec: v == spec.memory),
+    ("swap off", "MemorySwap", lambda v, spec: v == spec.memory),
+    ("all capabilities dropped", "CapDrop", lambda v, spec: v is not None and "ALL" in v),
+    ("no-new-privileges", "SecurityOpt", lambda v, spec: v is not None and "no-new-privileges" in v),
+    ("pids limit", "PidsLimit", lambda v, spec: v == PIDS_LIMIT),
+    ("tmpfs /tmp", "Tmpfs", lambda v, spec: v is not None and "/tmp" in v),
+)
+
+
+def hardening_violations(attrs: Mapping[str, Any], spec: CellSpec) -> list[str]:
+    """The hardening properties an inspected container lacks (empty when all hold)."""
+    host = attrs.get("HostConfig") or {}
+    missing = [what for what, key, holds in _HARDENING if not holds(host.get(key), spec)]
+    user = str((attrs.get("Config") or {}).get("User") or "")
+    if user.split(":", maxsplit=1)[0] in ("", "0", "root"):
+        missing.append("non-root user")
+    return missing
+
+
+class DockerSandbox:
+    """Runs cells in per-Python images (gguf-sandbox:py3.X) under a hard memory limit with swap off."""
+
+    name = "docker"
+
+    def __init__(self, project_dir: Path | None = None) -> None:
+        self._project_dir = project_dir
+        self._images: dict[str, str] = {}
+        self._client: docker.DockerClient | None = None
+
+    def _engine(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = engine_client()
+        return self._client
+
+    def image_for(self, python: str) -> str:
+        """The cell image for `python`, built or refreshed once per sandbox object."""
+        if python not in self._images:
+            project = find_project_dir(self._project_dir)
+            self._images[python] = build_image(python, project, client=self._engine()).tag
+        return self._images[python]
+
+    def unavailable_reason(self, python: str) -> str | None:
+        try:
+            self._engine()
+        except SandboxError as error:
+            return str(error)
+        try:
+            self.image_for(python)
+        except SandboxError as error:
+            return f"no docker image for Python {python}: {error}"
+        return None
+
+    def run(self, spec: CellSpec) -> RunResult:
+        image = self.image_for(spec.python)
+        argv = container_argv(spec)
+        if spec.model is not None and not spec.model.exists():
+            raise SandboxError(f"cell {spec.cell_id}: model {spec.model} does not exist")
+        _disable_ryuk()
+        from docker.types import LogConfig
+        from testcontainers.core.container import DockerContainer
+
+        run_id = uuid.uuid4().hex[:12]
+        container = DockerContainer(image, env=dict(spec.env), name=_container_name(spec, run_id))
+        container.with_command(argv)
+        # Docker's own tmpfs options: testcontainers passes this string through verbatim.
+        container.with_tmpfs_mount("/tmp", f"rw,nosuid,nodev,noexec,size={spec.memory}")
+        if spec.model is not None:
+            container.with_volume_mapping(spec.model.resolve(), f"{MODELS_DIR}/{spec.model.name}", "ro")
+        # One call: with_kwargs() replaces whatever an earlier call set.
+        container.with_kwargs(
+            entrypoint=["/bin/sh", "-c", CELL_WRAPPER, "gguf-sandbox-cell"],
+            user=f"{SANDBOX_UID}:{SANDBOX_UID}",
+            working_dir="/tmp",
+            mem_limit=spec.memory,
+            memswap_limit=spec.memory,
+            network_mode="none",
+            read_only=True,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            pids_limit=PIDS_LIMIT,
+            labels={RUN_LABEL: run_id, CELL_LABEL: spec.cell_id[:200]},
+            log_config=LogConfig(type="json-file", config={"max-size": LOG_MAX_SIZE}),
+        )
+        try:
+            return self._run_started(spec, container, image)
+        finally:
+            with _sigint_deferred():
+                self._remove(container, run_id)
+
+    def _run_started(self, spec: CellSpec, container: Any, image: str) -> RunResult:
+        import docker
+
+        started = time.monotonic()
+        try:
+            container.start()
+        except docker.errors.DockerException as error:
+            raise SandboxError(
+                f"cell {spec.cell_id}: could not start a container from {image}: {error}; "
+                "hint: `gguf-sandbox images build` and check `docker info`"
+            ) from error
+        wrapped: Container = container.get_wrapped_container()
+        wrapped.reload()
+        probe: _Probe = find_host_cgroup(int(wrapped.attrs["State"].get("Pid") or 0), str(wrapped.id)) or (
+            _StatsProbe(wrapped)
+        )
+        violations = hardening_violations(wrapped.attrs, spec)
+        if violations:
+            wrapped.kill()
+            raise SandboxError(
+                f"cell {spec.cell_id}: the container lacks {', '.join(violations)}; refusing to run it "
+                "(did a testcontainers setting override ours?)"
+            )
+        exited = threading.Event()
+        waiter = threading.Thread(target=self._wait_for_exit, args=(str(wrapped.id), exited), daemon=True)
+        waiter.start()
+
+        samples: list[tuple[float, int]] = []
+        last = MemoryReading()
+        timed_out = False
+        deadline = started + spec.timeout
+        while True:
+            reading = probe.read()
+            if reading is not None:
+                last = MemoryReading(
+                    reading.usage,
+                    _largest(last.peak, reading.peak),
+                    _largest(last.oom_kill, reading.oom_kill),
+                )
+                if reading.usage is not None:
+                    samples.append((round(time.monotonic() - started, 3), reading.usage))
+            if exited.wait(probe.interval):
+                break
+            if time.monotonic() >= deadline:
+                timed_out = True
+                with contextlib.suppress(docker.errors.APIError):
+                    wrapped.kill()
+                exited.wait(KILL_GRACE_S)
+                break
+        duration = time.monotonic() - started
+
+        wrapped.reload()
+        state = wrapped.attrs["State"]
+        stdout_bytes, stderr_bytes = container.get_logs()
+        stderr, report = parse_report(stderr_bytes.decode("utf-8", errors="replace"))
+        sampled_peak = max((usage for _, usage in samples), default=None)
+        return RunResult(
+            exit_code=None if state.get("Running") else int(state["ExitCode"]),
+            timed_out=timed_out,
+            oom_killed_flag=bool(state.get("OOMKilled")),
+            oom_kill_count=_largest(report.oom_kill, last.oom_kill) or 0,
+            peak_bytes=_largest(report.peak, last.peak, sampled_peak),
+            limit_bytes=spec.memory,
+            duration_s=duration,
+            stdout=stdout_bytes.decode("utf-8", errors="replace"),
+            stderr=stderr,
+            samples=tuple(samples),
+        )
+
+    @staticmethod
+    def _wait_for_exit(container_id: str, exited: threading.Event) -> None:
+        """Block on the engine's wait endpoint on a private connection (no request timeout)."""
+        try:
+            client = engine_client()
+            try:
+                client.api.wait(container_id, timeout=None)
+            finally:
+                client.close()
+        except Exception:  # removed or engine gone: the main loop reads the state and decides
+            pass
+        finally:
+            exited.set()
+
+    def _remove(self, container: Any, run_id: str) -> None:
+        """Remove the cell's container, and any container of this run an interrupted create left behind."""
+        import docker
+
+        with contextlib.suppress(docker.errors.DockerException):
+            container.stop(force=True, delete_volume=True)
+        with contextlib.suppress(docker.errors.DockerException, SandboxError):
+            client = self._engine()
+            for leftover in client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_id}"}):
+                with contextlib.suppress(docker.errors.NotFound):
+                    leftover.remove(force=True, v=True)
