@@ -1,0 +1,583 @@
+"""Hugging Face BERT checkpoint → GGUF, the way llama.cpp's convert_hf_to_gguf.py writes BertModel."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+from gguf import GGUFWriter, SpecialVocab
+from gguf.constants import (
+    GGML_QUANT_SIZES,
+    GGML_QUANT_VERSION,
+    MODEL_ARCH,
+    MODEL_ARCH_NAMES,
+    GGMLQuantizationType,
+    LlamaFileType,
+    PoolingType,
+    TokenType,
+)
+from gguf.quants import quant_shape_to_byte_shape, quantize
+from gguf.tensor_mapping import get_tensor_name_map
+
+from gguf_sandbox.embed.tokenizer import (
+    CONTINUATION,
+    KEY_LOWERCASE,
+    KEY_MAX_SEQ_LENGTH,
+    KEY_STRIP_ACCENTS,
+    WORD_START,
+    TokenizerOptions,
+    WordPieceTokenizer,
+)
+from gguf_sandbox.errors import GGUFSandboxError
+
+ARCH = MODEL_ARCH.BERT
+ARCH_NAME = MODEL_ARCH_NAMES[ARCH]
+SAFETENSORS = "model.safetensors"
+# Architectures llama.cpp converts as BertModel that carry no extra head we would have to map.
+BERT_ARCHITECTURES = frozenset({"BertModel", "BertForMaskedLM"})
+REQUIRED_HPARAMS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "vocab_size",
+)
+# Checkpoint tensors llama.cpp drops for an embedding model (the MLM/NSP heads, the pooler).
+DROPPED_PREFIXES = ("cls.predictions", "cls.seq_relationship")
+DROPPED_NAMES = frozenset({"embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias"})
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# llama.cpp names a WordPiece vocabulary's pre-tokenizer by hashing its ids for this text (the table
+# in get_vocab_base_pre; with duplicate hashes the last entry wins). llama.cpp ignores it for "bert".
+PRE_TOKENIZER_CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple "
+    "emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 "
+    "33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? "
+    "I've been 'told he's there, 'RE you sure? 'M not sure I'll "
+    "make it, 'D you like some tea? We'Ve a'lL"
+)
+PRE_TOKENIZER_BY_HASH: Mapping[str, str] = MappingProxyType(
+    {
+        "0876d13b50744004aa9aeae05e7b0647eac9d801b5ba4668afc01e709c15e19f": "jina-v2-en",
+        "8e62295832751ca1e8f92f2226f403dea30dc5165e448b5bfa05af5340c64ec7": "bert-bge-large",
+    }
+)
+
+
+@dataclass(frozen=True)
+class OutType:
+    """One --type choice: the GGML type of weight matrices and of the token embeddings."""
+
+    weights: GGMLQuantizationType
+    token_embd: GGMLQuantizationType
+    file_type: LlamaFileType
+
+
+OUT_TYPES: Mapping[str, OutType] = MappingProxyType(
+    {
+        "f32": OutType(GGMLQuantizationType.F32, GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+        "f16": OutType(GGMLQuantizationType.F16, GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+        "q8_0": OutType(GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+        # llama-quantize treats a BERT's token_embd as its output matrix (there is no output.weight):
+        # Q8_0 when the row length is not a multiple of 256, Q6_K otherwise, which gguf-py cannot
+        # produce, so Q8_0 here in both cases.
+        "q4_0": OutType(GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q4_0),
+    }
+)
+# Tensors llama.cpp always keeps in F32 (besides 1-D tensors and norms).
+ALWAYS_F32 = frozenset({"position_embd.weight", "token_types.weight"})
+
+
+@dataclass(frozen=True)
+class BertHParams:
+    """The config.json fields the GGUF header needs."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    vocab_size: int
+    type_vocab_size: int
+    layer_norm_eps: float
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor: where it comes from and how it is stored."""
+
+    source: str
+    name: str
+    shape: tuple[int, ...]  # numpy order
+    qtype: GGMLQuantizationType
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(quant_shape_to_byte_shape(self.shape, self.qtype)))
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The WordPiece vocabulary in llama.cpp's GGUF form."""
+
+    tokens: list[str]
+    token_types: list[int]
+    lowercase: bool
+    strip_accents: bool | None
+    pre: str
+
+
+def convert(hf_dir: Path, out: Path, out_type: str = "f16", *, name: str | None = None) -> None:
+    """Write `out` as a llama.cpp-style GGUF of the BERT checkpoint in `hf_dir`, weights as `out_type`.
+
+    Tensors are read one at a time and streamed to the file; a failure leaves no partial `out`.
+    """
+    hf_dir, out = Path(hf_dir), Path(out)
+    spec = OUT_TYPES.get(str(out_type).lower())
+    if spec is None:
+        raise GGUFSandboxError(f"unknown output type {out_type!r}; choose one of {', '.join(OUT_TYPES)}")
+    config = _read_config(hf_dir)
+    hparams = _hparams(config, hf_dir)
+    vocabulary = _vocabulary(hf_dir, hparams)
+    weights = hf_dir / SAFETENSORS
+    plan = _plan_tensors(weights, hparams, spec)
+
+    writer = GGUFWriter(path=None, arch=ARCH_NAME)
+    _add_metadata(
+        writer, hf_dir, hparams=hparams, vocabulary=vocabulary, spec=spec, name=name or _model_name(hf_dir)
+    )
+    for tensor in plan:
+        writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes, tensor.qtype)
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        writer.write_header_to_file(path=partial)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for data in _tensor_data(weights, plan):
+            writer.write_tensor_data(data)
+        writer.close()
+        partial.replace(out)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+
+
+# -- inputs ----------------------------------------------------------------------------------------------
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise GGUFSandboxError(f"{path}: not valid JSON ({error}); {what}") from error
+    if not isinstance(loaded, dict):
+        raise GGUFSandboxError(f"{path}: expected a JSON object, found {type(loaded).__name__}; {what}")
+    return loaded
+
+
+def _optional_json(path: Path) -> dict[str, Any] | None:
+    return _read_json(path, "fix or remove the file") if path.is_file() else None
+
+
+def _read_config(hf_dir: Path) -> dict[str, Any]:
+    hint = "pass the directory that holds config.json, model.safetensors and vocab.txt"
+    if not hf_dir.is_dir():
+        raise GGUFSandboxError(f"{hf_dir} is not a directory; {hint}")
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise GGUFSandboxError(f"{hf_dir} is not a Hugging Face checkpoint: config.json is missing; {hint}")
+    config = _read_json(path, hint)
+    architectures = config.get("architectures") or []
+    model_type = config.get("model_type")
+    if not (BERT_ARCHITECTURES & set(architectures)) and not (not architectures and model_type == "bert"):
+        described = ", ".join(map(str, architectures)) or f"model_type {model_type!r}"
+        raise GGUFSandboxError(
+            f"{path}: architecture {described} is not a BERT encoder; only "
+            f"{', '.join(sorted(BERT_ARCHITECTURES))} checkpoints (model_type 'bert') can be converted"
+        )
+    return config
+
+
+def _hparams(config: Mapping[str, Any], hf_dir: Path) -> BertHParams:
+    missing = [key for key in REQUIRED_HPARAMS if not isinstance(config.get(key), int)]
+    if missing:
+        raise GGUFSandboxError(
+            f"{hf_dir / 'config.json'}: missing or non-integer {', '.join(missing)}; a BERT config.json "
+            f"defines {', '.join(REQUIRED_HPARAMS)}"
+        )
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    if heads <= 0 or hidden % heads:
+        raise GGUFSandboxError(
+            f"{hf_dir / 'config.json'}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+        )
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise GGUFSandboxError(
+            f"{hf_dir / 'config.json'}: position_embedding_type {config['position_embedding_type']!r} is not "
+            f"supported; llama.cpp's bert architecture has absolute position embeddings only"
+        )
+    eps = config.get("layer_norm_eps", config.get("layer_norm_epsilon", 1e-12))
+    return BertHParams(
+        hidden_size=hidden,
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=heads,
+        intermediate_size=config["intermediate_size"],
+        max_position_embeddings=config["max_position_embeddings"],
+        vocab_size=config["vocab_size"],
+        type_vocab_size=int(config.get("type_vocab_size", 1)),
+        layer_norm_eps=float(eps),
+    )
+
+
+def _model_name(hf_dir: Path) -> str:
+    resolved = hf_dir.resolve()
+    # A model shipped inside a Python package often sits in a folder called "model".
+    return resolved.parent.name if resolved.name == "model" and resolved.parent.name else resolved.name
+
+
+# -- vocabulary ------------------------------------------------------------------------------------------
+def _special_tokens(hf_dir: Path) -> tuple[set[str], set[str]]:
+    """(special, other added) token strings, as HF's added_tokens_decoder would mark them."""
+    special: set[str] = set()
+    added: set[str] = set()
+    tokenizer_json = _optional_json(hf_dir / "tokenizer.json") or {}
+    for entry in tokenizer_json.get("added_tokens") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("content"), str):
+            (special if entry.get("special") else added).add(entry["content"])
+    for config_name in ("tokenizer_config.json", "special_tokens_map.json"):
+        config = _optional_json(hf_dir / config_name) or {}
+        for key in (
+            "unk_token",
+            "sep_token",
+            "pad_token",
+            "cls_token",
+            "mask_token",
+            "bos_token",
+            "eos_token",
+        ):
+            value = config.get(key)
+            content = value.get("content") if isinstance(value, dict) else value
+            if isinstance(content, str):
+                special.add(content)
+        for entry in (config.get("added_tokens_decoder") or {}).values():
+            if isinstance(entry, dict) and isinstance(entry.get("content"), str):
+                (special if entry.get("special") else added).add(entry["content"])
+    if not special:
+        special.update(SPECIAL_TOKENS)
+    return special, added - special
+
+
+def _lowercase_options(hf_dir: Path) -> tuple[bool, bool | None]:
+    """(lowercase, strip_accents) from tokenizer.json's normalizer as llama.cpp's SpecialVocab reads it,
+    else tokenizer_config.json; BERT's defaults (lower-case; strip accents when lower-casing) otherwise."""
+    found: dict[str, bool | None] = {}
+
+    def parse(normalizer: Any) -> None:
+        if not isinstance(normalizer, dict):
+            return
+        kind = normalizer.get("type")
+        if kind == "Lowercase":
+            found["lowercase"] = True
+        elif kind == "StripAccents":
+            found["strip_accents"] = True
+        elif kind == "BertNormalizer":
+            for key in ("lowercase", "strip_accents"):
+                if key in normalizer:
+                    found[key] = normalizer[key]
+        elif kind == "Sequence":
+            for child in normalizer.get("normalizers") or []:
+                parse(child)
+
+    parse((_optional_json(hf_dir / "tokenizer.json") or {}).get("normalizer"))
+    config = _optional_json(hf_dir / "tokenizer_config.json") or {}
+    lowercase = found.get("lowercase", config.get("do_lower_case", True))
+    strip = found.get("strip_accents", config.get("strip_accents"))
+    return bool(lowercase), None if strip is None else bool(strip)
+
+
+def _vocabulary(hf_dir: Path, hparams: BertHParams) -> Vocabulary:
+    path = hf_dir / "vocab.txt"
+    if not path.is_file():
+        raise GGUFSandboxError(
+            f"{hf_dir}: vocab.txt is missing; a BERT checkpoint needs its WordPiece vocabulary "
+            f"(vocab.txt, one token per line)"
+        )
+    words = path.read_text(encoding="utf-8").split("\n")
+    if words and words[-1] == "":
+        words.pop()
+    words = [word.rstrip("\r") for word in words]
+    if len(words) > hparams.vocab_size:
+        raise GGUFSandboxError(
+            f"{path} has {len(words)} tokens but config.json says vocab_size {hparams.vocab_size}; "
+            f"the files belong to different models"
+        )
+    special, added = _special_tokens(hf_dir)
+    present = [token for token in ("[CLS]", "[SEP]", "[UNK]") if token in words]
+    if len(present) < 3:
+        raise GGUFSandboxError(
+            f"{path} lacks {', '.join(t for t in ('[CLS]', '[SEP]', '[UNK]') if t not in words)}; "
+            f"only BERT-style WordPiece vocabularies can be converted"
+        )
+    tokens: list[str] = []
+    token_types: list[int] = []
+    for word in words:
+        # llama.cpp's "phantom space" form: control tokens as-is, "##x" → "x", "x" → "▁x".
+        if word in special:
+            tokens.append(word)
+            token_types.append(TokenType.CONTROL)
+        else:
+            tokens.append(word[len(CONTINUATION) :] if word.startswith(CONTINUATION) else WORD_START + word)
+            token_types.append(TokenType.USER_DEFINED if word in added else TokenType.NORMAL)
+    for index in range(len(words), hparams.vocab_size):
+        tokens.append(WORD_START + f"[PAD{index}]")
+        token_types.append(TokenType.UNUSED)
+    lowercase, strip = _lowercase_options(hf_dir)
+    checker = WordPieceTokenizer.from_vocab(
+        words, options=TokenizerOptions(lowercase=lowercase, strip_accents=strip, max_length=1 << 20)
+    )
+    digest = hashlib.sha256(str(checker.encode(PRE_TOKENIZER_CHECK_TEXT)).encode()).hexdigest()
+    return Vocabulary(tokens, token_types, lowercase, strip, PRE_TOKENIZER_BY_HASH.get(digest, "default"))
+
+
+def _pooling_type(hf_dir: Path) -> PoolingType:
+    """The sentence-transformers Pooling module's mode (modules.json, else 1_Pooling/); mean if none."""
+    pooling_dir = hf_dir / "1_Pooling"
+    modules = hf_dir / "modules.json"
+    if modules.is_file():
+        loaded = json.loads(modules.read_text(encoding="utf-8"))
+        for module in loaded if isinstance(loaded, list) else []:
+            if isinstance(module, dict) and module.get("type") == "sentence_transformers.models.Pooling":
+                pooling_dir = hf_dir / str(module.get("path", ""))
+                break
+    pooling = _optional_json(pooling_dir / "config.json")
+    if pooling is None:
+        return PoolingType.MEAN
+    modes = (
+        ("pooling_mode_mean_tokens", PoolingType.MEAN),
+        ("pooling_mode_cls_token", PoolingType.CLS),
+        ("pooling_mode_lasttoken", PoolingType.LAST),
+    )
+    for key, pooling_type in modes:
+        if pooling.get(key):
+            return pooling_type
+    raise GGUFSandboxError(
+        f"{pooling_dir / 'config.json'}: only mean, CLS and last-token pooling can be expressed in GGUF "
+        f"(llama.cpp's pooling_type); this model uses another mode"
+    )
+
+
+def _max_seq_length(hf_dir: Path) -> int | None:
+    config = _optional_json(hf_dir / "sentence_bert_config.json") or {}
+    value = config.get("max_seq_length")
+    return value if isinstance(value, int) and value >= 2 else None
+
+
+# -- header ----------------------------------------------------------------------------------------------
+def _add_metadata(
+    writer: GGUFWriter,
+    hf_dir: Path,
+    *,
+    hparams: BertHParams,
+    vocabulary: Vocabulary,
+    spec: OutType,
+    name: str,
+) -> None:
+    writer.add_type("model")
+    writer.add_name(name)
+    writer.add_file_type(spec.file_type)
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    writer.add_block_count(hparams.num_hidden_layers)
+    writer.add_context_length(hparams.max_position_embeddings)
+    writer.add_embedding_length(hparams.hidden_size)
+    writer.add_feed_forward_length(hparams.intermediate_size)
+    writer.add_head_count(hparams.num_attention_heads)
+    writer.add_layer_norm_eps(hparams.layer_norm_eps)
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(_pooling_type(hf_dir))
+
+    writer.add_token_type_count(hparams.type_vocab_size)
+    writer.add_tokenizer_model("bert")
+    writer.add_tokenizer_pre(vocabulary.pre)
+    writer.add_token_list(vocabulary.tokens)
+    writer.add_token_types(vocabulary.token_types)
+    special_vocab = SpecialVocab(hf_dir, n_vocab=len(vocabulary.tokens))
+    _complete_special_ids(special_vocab, vocabulary.tokens)
+    # gguf-py has no key for some roles (cls: llama.cpp reads [CLS] from bos); leave them out quietly.
+    for role in [
+        role for role in special_vocab.special_token_ids if not hasattr(writer, f"add_{role}_token_id")
+    ]:
+        del special_vocab.special_token_ids[role]
+    special_vocab.add_to_gguf(writer, quiet=True)
+
+    # llama.cpp's BertNormalizer keys (newer gguf-py writes them from tokenizer.json), then our own
+    # sentence-transformers truncation length, which llama.cpp ignores.
+    writer.add_bool(KEY_LOWERCASE, vocabulary.lowercase)
+    if vocabulary.strip_accents is not None:
+        writer.add_bool(KEY_STRIP_ACCENTS, vocabulary.strip_accents)
+    max_seq_length = _max_seq_length(hf_dir)
+    if max_seq_length is not None:
+        writer.add_uint32(KEY_MAX_SEQ_LENGTH, min(max_seq_length, hparams.max_position_embeddings))
+
+
+def _complete_special_ids(special_vocab: SpecialVocab, tokens: list[str]) -> None:
+    """Fill ids the HF files did not name from the standard BERT token strings (vocab.txt-only dirs)."""
+    ids = special_vocab.special_token_ids
+    index = {token: position for position, token in enumerate(tokens) if token in SPECIAL_TOKENS}
+    defaults = {"bos": "[CLS]", "eos": "[SEP]", "unk": "[UNK]", "sep": "[SEP]", "pad": "[PAD]",
+                "cls": "[CLS]", "mask": "[MASK]"}  # fmt: skip
+    for role, token in defaults.items():
+        if role not in ids and token in index:
+            ids[role] = index[token]
+
+
+# -- tensors ---------------------------------------------------------------------------------------------
+def _gguf_name(source: str, tensor_map: Any) -> str | None:
+    """llama.cpp's BertModel.filter_tensors + map_tensor_name: the GGUF name, None when dropped."""
+    name = source.removeprefix("bert.")
+    if name.endswith(".gamma"):
+        name = name[: -len(".gamma")] + ".weight"
+    if name.endswith(".beta"):
+        name = name[: -len(".beta")] + ".bias"
+    if name in DROPPED_NAMES or name.startswith(DROPPED_PREFIXES):
+        return None
+    mapped = tensor_map.get_name(name, try_suffixes=(".weight", ".bias"))
+    if mapped is None:
+        raise GGUFSandboxError(
+            f"tensor {source!r} has no llama.cpp bert name; the checkpoint is not a plain BERT encoder "
+            f"(heads other than MLM/NSP/pooler cannot be converted)"
+        )
+    return str(mapped)
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], spec: OutType) -> GGMLQuantizationType:
+    """llama.cpp's choice: 1-D, norms, biases, positions and token types F32; matrices as asked."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or name in ALWAYS_F32:
+        return GGMLQuantizationType.F32
+    qtype = spec.token_embd if name == "token_embd.weight" else spec.weights
+    block = GGML_QUANT_SIZES[qtype][0]
+    # A row that does not split into whole blocks falls back to F16, as llama.cpp's QuantError path does.
+    return qtype if shape[-1] % block == 0 else GGMLQuantizationType.F16
+
+
+def _expected_shapes(hparams: BertHParams) -> dict[str, tuple[int, ...]]:
+    n_embd, n_ff = hparams.hidden_size, hparams.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (hparams.vocab_size, n_embd),
+        "position_embd.weight": (hparams.max_position_embeddings, n_embd),
+        "token_types.weight": (hparams.type_vocab_size, n_embd),
+        "token_embd_norm.weight": (n_embd,),
+        "token_embd_norm.bias": (n_embd,),
+    }
+    per_block = {
+        "attn_q": (n_embd, n_embd),
+        "attn_k": (n_embd, n_embd),
+        "attn_v": (n_embd, n_embd),
+        "attn_output": (n_embd, n_embd),
+        "attn_output_norm": (n_embd,),
+        "ffn_up": (n_ff, n_embd),
+        "ffn_down": (n_embd, n_ff),
+        "layer_output_norm": (n_embd,),
+    }
+    for block in range(hparams.num_hidden_layers):
+        for part, shape in per_block.items():
+            shapes[f"blk.{block}.{part}.weight"] = shape
+            shapes[f"blk.{block}.{part}.bias"] = (shape[0],)
+    return shapes
+
+
+def _plan_tensors(weights: Path, hparams: BertHParams, spec: OutType) -> list[PlannedTensor]:
+    """Every output tensor, named, shaped and typed, from the safetensors header alone."""
+    if not weights.is_file():
+        others = sorted(p.name for p in weights.parent.glob("*.safetensors")) + sorted(
+            p.name for p in weights.parent.glob("pytorch_model*.bin")
+        )
+        found = f" (found {', '.join(others)})" if others else ""
+        raise GGUFSandboxError(
+            f"{weights} is missing{found}; only a single-file model.safetensors can be converted — "
+            f"re-save the model with safetensors (no torch is used here)"
+        )
+    from safetensors import safe_open
+
+    tensor_map = get_tensor_name_map(ARCH, hparams.num_hidden_layers)
+    expected = _expected_shapes(hparams)
+    plan: list[PlannedTensor] = []
+    try:
+        with safe_open(str(weights), framework="numpy") as handle:
+            for source in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                name = _gguf_name(source, tensor_map)
+                if name is None:
+                    continue
+                view = handle.get_slice(source)
+                shape = tuple(int(d) for d in view.get_shape())
+                if view.get_dtype() not in ("F32", "F16", "F64"):
+                    raise GGUFSandboxError(
+                        f"{weights}: tensor {source!r} is {view.get_dtype()}; only F32/F16/F64 checkpoints "
+                        f"can be converted without torch"
+                    )
+                want = expected.get(name)
+                if want is None:
+                    raise GGUFSandboxError(
+                        f"{weights}: tensor {source!r} maps to llama.cpp's {name}, which a plain BERT "
+                        f"encoder lacks; classification heads are not supported, convert the base encoder"
+                    )
+                if shape != want:
+                    raise GGUFSandboxError(
+                        f"{weights}: tensor {source!r} ({name}) has shape {list(shape)}, config.json implies "
+                        f"{list(want)}; the weights and config.json disagree"
+                    )
+                plan.append(PlannedTensor(source, name, shape, _tensor_type(name, shape, spec)))
+    except GGUFSandboxError:
+        raise
+    except Exception as error:  # safetensors raises its own types for a corrupt header
+        raise GGUFSandboxError(
+            f"{weights}: cannot read safetensors header ({error}); is the file complete?"
+        ) from error
+    missing = sorted(set(expected) - {tensor.name for tensor in plan})
+    if missing:
+        raise GGUFSandboxError(
+            f"{weights} lacks {len(missing)} tensor(s) a BERT encoder needs, e.g. {', '.join(missing[:4])}; "
+            f"the checkpoint is incomplete or not a BERT encoder"
+        )
+    return plan
+
+
+def _tensor_data(weights: Path, plan: list[PlannedTensor]) -> Iterator[np.ndarray]:
+    """Each planned tensor's bytes as GGUF stores them, reading one source tensor at a time."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="numpy") as handle:
+        for tensor in plan:
+            data = np.ascontiguousarray(handle.get_tensor(tensor.source), dtype=np.float32)
+            yield quantize(data, tensor.qtype)
+
+
+# -- command line ----------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "hf_dir",
+        type=Path,
+        metavar="HF_DIR",
+        help="checkpoint directory: config.json, model.safetensors, vocab.txt (+ sentence-transformers)",
+    )
+    parser.add_argument("out", type=Path, metavar="OUT.gguf", help="GGUF file to write (replaced if present)")
+    parser.add_argument(
+        "--type",
+        dest="out_type",
+        choices=list(OUT_TYPES),
+        default="f16",
+        help="storage type of the weight matrices (default: f16)",
+    )
+    parser.add_argument("--name", default=None, help="general.name to record (default: the directory name)")
+
+
+def run(args: argparse.Namespace) -> int:
+    convert(args.hf_dir, args.out, args.out_type, name=args.name)
+    print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes, {args.out_type})")
+    return 0

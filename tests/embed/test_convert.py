@@ -1,0 +1,431 @@
+"""HF BERT → GGUF converter: llama.cpp's metadata, names, types, layout; both readers open it; bad input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+from gguf.constants import GGMLQuantizationType, LlamaFileType, PoolingType, TokenType
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from gguf_sandbox.cli import main as cli_main
+from gguf_sandbox.embed.convert import convert
+from gguf_sandbox.embed.tokenizer import KEY_LOWERCASE, KEY_MAX_SEQ_LENGTH, WordPieceTokenizer
+from gguf_sandbox.errors import GGUFSandboxError
+from gguf_sandbox.gguf.reader import GGUFFile, LazyArray
+
+F32, F16 = GGMLQuantizationType.F32, GGMLQuantizationType.F16
+Q8_0, Q4_0 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0
+MATRIX_TYPE = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
+TOKEN_EMBD_TYPE = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q8_0}
+FILE_TYPE = {
+    "f32": LlamaFileType.ALL_F32,
+    "f16": LlamaFileType.MOSTLY_F16,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": LlamaFileType.MOSTLY_Q4_0,
+}
+BLOCK_PARTS = ("attn_q", "attn_k", "attn_v", "attn_output", "attn_output_norm", "ffn_up", "ffn_down",
+               "layer_output_norm")  # fmt: skip
+# Largest |dequantized - source| per tensor, relative to the tensor's largest |value|.
+TOLERANCE = {"f32": 0.0, "f16": 1e-3, "q8_0": 1e-2, "q4_0": 0.15}
+
+
+def expected_names(n_layers: int) -> set[str]:
+    names = {"token_embd.weight", "position_embd.weight", "token_types.weight"}
+    names |= {"token_embd_norm.weight", "token_embd_norm.bias"}
+    for block in range(n_layers):
+        names |= {f"blk.{block}.{part}.{kind}" for part in BLOCK_PARTS for kind in ("weight", "bias")}
+    return names
+
+
+def expected_type(name: str, ne: tuple[int, ...], out_type: str) -> GGMLQuantizationType:
+    if (
+        len(ne) == 1
+        or name.endswith(("_norm.weight", ".bias"))
+        or name.startswith(("position", "token_types"))
+    ):
+        return F32
+    wanted = TOKEN_EMBD_TYPE[out_type] if name == "token_embd.weight" else MATRIX_TYPE[out_type]
+    return wanted if ne[0] % 32 == 0 else F16
+
+
+# -- the real all-MiniLM-L6-v2 ----------------------------------------------------------------------------
+MINILM_METADATA: dict[str, Any] = {
+    "bert.context_length": 512,
+    "bert.embedding_length": 384,
+    "bert.feed_forward_length": 1536,
+    "bert.block_count": 6,
+    "bert.attention.head_count": 12,
+    "bert.attention.causal": False,
+    "bert.pooling_type": PoolingType.MEAN,
+    "tokenizer.ggml.model": "bert",
+    "tokenizer.ggml.pre": "jina-v2-en",  # what llama.cpp's hash table answers for this vocabulary
+    "tokenizer.ggml.token_type_count": 2,
+    "tokenizer.ggml.bos_token_id": 101,
+    "tokenizer.ggml.eos_token_id": 102,
+    "tokenizer.ggml.seperator_token_id": 102,
+    "tokenizer.ggml.unknown_token_id": 100,
+    "tokenizer.ggml.padding_token_id": 0,
+    "tokenizer.ggml.mask_token_id": 103,
+    KEY_MAX_SEQ_LENGTH: 256,
+    KEY_LOWERCASE: True,
+}
+
+
+@pytest.mark.parametrize("out_type", list(MATRIX_TYPE))
+def test_minilm_metadata_follows_llama_cpp(minilm_gguf: Callable[[str], Path], out_type: str) -> None:
+    with GGUFFile.open(minilm_gguf(out_type)) as gguf_file:
+        meta = gguf_file.metadata
+        assert gguf_file.architecture == "bert"
+        expected = {**MINILM_METADATA, "general.file_type": FILE_TYPE[out_type]}
+        assert {key: meta.get(key) for key in expected} == expected
+        assert meta["bert.attention.layer_norm_epsilon"] == pytest.approx(1e-12)
+        tokens = meta["tokenizer.ggml.tokens"]
+        assert isinstance(tokens, LazyArray)
+        assert len(tokens) == 30522
+        assert tokens[0:2] == ["[PAD]", "▁[unused0]"]
+        assert tokens[100:104] == ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        assert tokens[1996] == "▁the"
+        assert tokens[2015] == "s"  # vocab.txt "##s"
+        token_types = meta["tokenizer.ggml.token_type"]
+        assert isinstance(token_types, LazyArray)
+        types = list(token_types)
+        control = [index for index, kind in enumerate(types) if kind == TokenType.CONTROL]
+        assert control == [0, 100, 101, 102, 103]
+        assert types.count(TokenType.NORMAL) == 30522 - 5
+
+
+@pytest.mark.parametrize("out_type", list(MATRIX_TYPE))
+def test_minilm_tensors_names_types_shapes(minilm_gguf: Callable[[str], Path], out_type: str) -> None:
+    with GGUFFile.open(minilm_gguf(out_type)) as gguf_file:
+        tensors = gguf_file.tensors
+        assert set(tensors) == expected_names(6)
+        assert tensors["token_embd.weight"].ne == (384, 30522)
+        assert tensors["position_embd.weight"].ne == (384, 512)
+        assert tensors["token_types.weight"].ne == (384, 2)
+        assert tensors["blk.0.ffn_up.weight"].ne == (384, 1536)
+        assert tensors["blk.0.ffn_down.weight"].ne == (1536, 384)
+        assert tensors["blk.5.attn_q.bias"].ne == (384,)
+        wrong = {
+            name: info.type.name
+            for name, info in tensors.items()
+            if info.type != expected_type(name, info.ne, out_type)
+        }
+        assert wrong == {}
+
+
+@pytest.mark.parametrize("out_type", list(MATRIX_TYPE))
+def test_minilm_values_match_the_checkpoint(
+    minilm_gguf: Callable[[str], Path], minilm_dir: Path, out_type: str
+) -> None:
+    """Rows read back (through our reader's dequantization) are the checkpoint's rows, not transposed."""
+    checks = {
+        "token_embd.weight": ("embeddings.word_embeddings.weight", [0, 101, 1996, 30521]),
+        "position_embd.weight": ("embeddings.position_embeddings.weight", [0, 511]),
+        "blk.3.ffn_down.weight": ("encoder.layer.3.output.dense.weight", [0, 383]),
+        "blk.0.attn_q.weight": ("encoder.layer.0.attention.self.query.weight", [5, 200]),
+        "blk.5.layer_output_norm.bias": ("encoder.layer.5.output.LayerNorm.bias", [0]),
+    }
+    weights = str(minilm_dir / "model.safetensors")
+    with safe_open(weights, framework="numpy") as source, GGUFFile.open(minilm_gguf(out_type)) as gguf_file:
+        for name, (source_name, rows) in checks.items():
+            original = source.get_tensor(source_name).astype(np.float32)
+            original = original.reshape(1, -1) if original.ndim == 1 else original
+            got = gguf_file.read_rows(name, rows)
+            scale = float(np.abs(original).max())
+            error = float(np.abs(got - original[rows]).max())
+            assert error <= TOLERANCE[out_type] * scale, f"{name}: error {error:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("out_type", list(MATRIX_TYPE))
+def test_minilm_opens_in_gguf_py_too(minilm_gguf: Callable[[str], Path], out_type: str) -> None:
+    path = minilm_gguf(out_type)
+    reader = GGUFReader(path)
+    with GGUFFile.open(path) as ours:
+        assert [t.name for t in reader.tensors] == list(ours.tensors)
+        assert {t.name: int(t.data_offset) for t in reader.tensors} == {
+            name: info.offset for name, info in ours.tensors.items()
+        }
+        assert {t.name: t.tensor_type for t in reader.tensors} == {n: i.type for n, i in ours.tensors.items()}
+    assert reader.fields["general.architecture"].contents() == "bert"
+
+
+def test_minilm_sizes_shrink_with_the_type(minilm_gguf: Callable[[str], Path]) -> None:
+    sizes = [minilm_gguf(out_type).stat().st_size for out_type in ("f32", "f16", "q8_0", "q4_0")]
+    assert sizes == sorted(sizes, reverse=True)
+    assert sizes[0] > 85_000_000  # 22.7 M float32 parameters
+
+
+def test_minilm_tokenizer_loads_from_the_converted_file(minilm_gguf: Callable[[str], Path]) -> None:
+    with GGUFFile.open(minilm_gguf("q4_0")) as gguf_file:
+        tokenizer = WordPieceTokenizer.from_gguf(gguf_file)
+    assert tokenizer.encode("Hello, world!") == [101, 7592, 1010, 2088, 999, 102]
+
+
+# -- a tiny synthetic checkpoint: every branch, fast ------------------------------------------------------
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "##s", "!"]
+
+
+def tiny_config(**overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 96,
+        "max_position_embeddings": 16,
+        "vocab_size": len(TINY_VOCAB),
+        "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12,
+    }
+    config.update(overrides)
+    return config
+
+
+def tiny_tensors(config: dict[str, Any], prefix: str = "", seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n, ff = config["hidden_size"], config["intermediate_size"]
+
+    def rand(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    tensors = {
+        "embeddings.word_embeddings.weight": rand(config["vocab_size"], n),
+        "embeddings.position_embeddings.weight": rand(config["max_position_embeddings"], n),
+        "embeddings.token_type_embeddings.weight": rand(config["type_vocab_size"], n),
+        "embeddings.LayerNorm.weight": rand(n),
+        "embeddings.LayerNorm.bias": rand(n),
+        "embeddings.position_ids": np.arange(config["max_position_embeddings"], dtype=np.int64)[None],
+        "pooler.dense.weight": rand(n, n),
+        "pooler.dense.bias": rand(n),
+    }
+    for layer in range(config["num_hidden_layers"]):
+        base = f"encoder.layer.{layer}."
+        for part, shape in (
+            ("attention.self.query", (n, n)),
+            ("attention.self.key", (n, n)),
+            ("attention.self.value", (n, n)),
+            ("attention.output.dense", (n, n)),
+            ("intermediate.dense", (ff, n)),
+            ("output.dense", (n, ff)),
+        ):
+            tensors[f"{base}{part}.weight"] = rand(*shape)
+            tensors[f"{base}{part}.bias"] = rand(shape[0])
+        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+            tensors[f"{base}{norm}.weight"] = rand(n)
+            tensors[f"{base}{norm}.bias"] = rand(n)
+    return {prefix + name: value for name, value in tensors.items()}
+
+
+def write_tiny(
+    directory: Path,
+    config: dict[str, Any] | None = None,
+    tensors: dict[str, np.ndarray] | None = None,
+    vocab: list[str] | None = None,
+) -> Path:
+    config = tiny_config() if config is None else config
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    save_file(tiny_tensors(config) if tensors is None else tensors, str(directory / "model.safetensors"))
+    (directory / "vocab.txt").write_text(
+        "\n".join(TINY_VOCAB if vocab is None else vocab) + "\n", encoding="utf-8"
+    )
+    return directory
+
+
+@pytest.mark.parametrize("out_type", list(MATRIX_TYPE))
+def test_tiny_checkpoint_converts_with_llama_cpp_rules(tmp_path: Path, out_type: str) -> None:
+    """vocab.txt only (no tokenizer files, no sentence-transformers config): defaults fill the gaps."""
+    source = write_tiny(tmp_path / "tiny")
+    out = tmp_path / "tiny.gguf"
+    convert(source, out, out_type)
+    with GGUFFile.open(out) as gguf_file:
+        meta = gguf_file.metadata
+        assert set(gguf_file.tensors) == expected_names(2)
+        assert all(info.type == expected_type(n, info.ne, out_type) for n, info in gguf_file.tensors.items())
+        assert meta["general.name"] == "tiny"
+        assert meta["bert.pooling_type"] == PoolingType.MEAN
+        assert meta["tokenizer.ggml.pre"] == "default"
+        assert KEY_MAX_SEQ_LENGTH not in meta
+        roles = ("bos", "seperator", "unknown", "padding")
+        assert [meta[f"tokenizer.ggml.{role}_token_id"] for role in roles] == [2, 3, 1, 0]
+        tokens = meta["tokenizer.ggml.tokens"]
+        assert isinstance(tokens, LazyArray)
+        assert list(tokens) == [
+            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "▁hello", "▁world", "s", "▁!",
+        ]  # fmt: skip
+        tokenizer = WordPieceTokenizer.from_gguf(gguf_file)
+        assert tokenizer.encode("Hellos world!") == [2, 5, 7, 6, 8, 3]
+        assert tokenizer.max_length == 16
+
+
+def test_unblockable_rows_fall_back_to_f16(tmp_path: Path) -> None:
+    """A row that is no whole number of 32-blocks is stored F16, as llama.cpp's QuantError fallback does."""
+    source = write_tiny(tmp_path / "tiny", tiny_config(hidden_size=48, intermediate_size=64))
+    convert(source, tmp_path / "out.gguf", "q8_0")
+    with GGUFFile.open(tmp_path / "out.gguf") as gguf_file:
+        assert gguf_file.tensors["blk.0.attn_q.weight"].type == F16  # rows of 48
+        assert gguf_file.tensors["blk.0.ffn_down.weight"].type == Q8_0  # rows of 64
+
+
+def test_masked_lm_checkpoint_drops_heads_and_renames(tmp_path: Path) -> None:
+    """BertForMaskedLM layout: "bert." prefix, gamma/beta names, cls.predictions head dropped."""
+    config = tiny_config(architectures=["BertForMaskedLM"])
+    tensors = {
+        name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): value
+        for name, value in tiny_tensors(config, prefix="bert.").items()
+    }
+    tensors["cls.predictions.bias"] = np.zeros(len(TINY_VOCAB), dtype=np.float32)
+    tensors["cls.predictions.transform.dense.weight"] = np.zeros((64, 64), dtype=np.float32)
+    source = write_tiny(tmp_path / "mlm", config, tensors)
+    convert(source, tmp_path / "mlm.gguf", "f32")
+    with GGUFFile.open(tmp_path / "mlm.gguf") as gguf_file:
+        assert set(gguf_file.tensors) == expected_names(2)
+        got = gguf_file.read_tensor("blk.1.attn_output_norm.weight")
+    np.testing.assert_array_equal(got, tensors["bert.encoder.layer.1.attention.output.LayerNorm.gamma"])
+
+
+def test_sentence_transformers_files_set_pooling_and_truncation(tmp_path: Path) -> None:
+    source = write_tiny(tmp_path / "st")
+    (source / "modules.json").write_text(
+        json.dumps([{"idx": 1, "name": "1", "path": "pool", "type": "sentence_transformers.models.Pooling"}]),
+        encoding="utf-8",
+    )
+    (source / "pool").mkdir()
+    (source / "pool" / "config.json").write_text(
+        json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}), encoding="utf-8"
+    )
+    (source / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8}), encoding="utf-8")
+    (source / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}), encoding="utf-8")
+    convert(source, tmp_path / "st.gguf", "f16", name="custom")
+    with GGUFFile.open(tmp_path / "st.gguf") as gguf_file:
+        meta = gguf_file.metadata
+        assert meta["general.name"] == "custom"
+        assert meta["bert.pooling_type"] == PoolingType.CLS
+        assert meta[KEY_MAX_SEQ_LENGTH] == 8
+        assert meta[KEY_LOWERCASE] is False
+        assert WordPieceTokenizer.from_gguf(gguf_file).max_length == 8
+
+
+def test_cli_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = write_tiny(tmp_path / "tiny")
+    out = tmp_path / "cli.gguf"
+    assert cli_main(["convert", str(source), str(out), "--type", "q4_0"]) == 0
+    assert "cli.gguf" in capsys.readouterr().out
+    with GGUFFile.open(out) as gguf_file:
+        assert gguf_file.metadata["general.file_type"] == LlamaFileType.MOSTLY_Q4_0
+
+
+def test_cli_reports_bad_input_as_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["convert", str(tmp_path), str(tmp_path / "x.gguf")]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+
+
+# -- bad input: a clear GGUFSandboxError, nothing half-written -------------------------------------------
+def _without(name: str) -> Callable[[Path], None]:
+    def remove(directory: Path) -> None:
+        (directory / name).unlink()
+
+    return remove
+
+
+def _config(**overrides: Any) -> Callable[[Path], None]:
+    def change(directory: Path) -> None:
+        (directory / "config.json").write_text(json.dumps(tiny_config(**overrides)), encoding="utf-8")
+
+    return change
+
+
+def _tensors(change: Callable[[dict[str, np.ndarray]], object]) -> Callable[[Path], None]:
+    def rewrite(directory: Path) -> None:
+        tensors = tiny_tensors(tiny_config())
+        change(tensors)
+        save_file(tensors, str(directory / "model.safetensors"))
+
+    return rewrite
+
+
+def _pytorch_only(directory: Path) -> None:
+    (directory / "model.safetensors").rename(directory / "pytorch_model.bin")
+
+
+def _write(name: str, text: str) -> Callable[[Path], None]:
+    def write(directory: Path) -> None:
+        (directory / name).write_text(text, encoding="utf-8")
+
+    return write
+
+
+BAD_INPUTS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "no-config": (_without("config.json"), "config.json is missing"),
+    "config-not-json": (_write("config.json", "{not json"), "not valid JSON"),
+    "llama-config": (_config(architectures=["LlamaForCausalLM"], model_type="llama"), "not a BERT encoder"),
+    "missing-hparam": (_config(num_hidden_layers=None), "num_hidden_layers"),
+    "heads-do-not-divide": (_config(num_attention_heads=3), "not a multiple"),
+    "relative-positions": (_config(position_embedding_type="relative_key"), "position_embedding_type"),
+    "no-vocab": (_without("vocab.txt"), "vocab.txt is missing"),
+    "vocab-too-big": (_config(vocab_size=4), "vocab_size 4"),
+    "vocab-without-cls": (_write("vocab.txt", "[PAD]\n[UNK]\nhello\n"), "lacks"),
+    "no-safetensors": (_pytorch_only, "pytorch_model.bin"),
+    "corrupt-safetensors": (_write("model.safetensors", "garbage"), "safetensors header"),
+    "missing-tensor": (_tensors(lambda t: t.pop("encoder.layer.1.output.dense.weight")), "lacks 1 tensor"),
+    "wrong-shape": (
+        _tensors(
+            lambda t: t.update({"encoder.layer.0.intermediate.dense.weight": np.zeros((8, 64), np.float32)})
+        ),
+        "disagree",
+    ),
+    "unknown-tensor": (
+        _tensors(lambda t: t.update({"extra.weight": np.zeros((2, 64), np.float32)})),
+        "no llama",
+    ),
+    "classifier-head": (
+        _tensors(lambda t: t.update({"classifier.weight": np.zeros((2, 64), np.float32)})),
+        "not supported",
+    ),
+    "int-weights": (
+        _tensors(lambda t: t.update({"embeddings.LayerNorm.bias": np.zeros(64, np.int32)})),
+        "only F32/F16/F64",
+    ),
+    "cls-pooling-unsupported": (
+        _write("1_Pooling/config.json", '{"pooling_mode_max_tokens": true}'),
+        "pooling",
+    ),
+}
+
+
+@pytest.mark.parametrize("label", list(BAD_INPUTS))
+def test_bad_checkpoint_is_a_clear_error_and_leaves_no_file(tmp_path: Path, label: str) -> None:
+    break_it, message = BAD_INPUTS[label]
+    source = write_tiny(tmp_path / "src")
+    (source / "1_Pooling").mkdir()
+    break_it(source)
+    out = tmp_path / "out" / "model.gguf"
+    out.parent.mkdir()
+    out.write_bytes(b"previous contents")
+    with pytest.raises(GGUFSandboxError, match=message):
+        convert(source, out, "q8_0")
+    assert out.read_bytes() == b"previous contents"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
+
+
+@pytest.mark.parametrize(
+    ("make_source", "out_type", "message"),
+    [
+        (lambda p: p / "does-not-exist", "f16", "not a directory"),
+        (lambda p: write_tiny(p / "tiny"), "q5_k", "unknown output type"),
+    ],
+    ids=["missing-directory", "unknown-type"],
+)
+def test_bad_arguments(
+    tmp_path: Path, make_source: Callable[[Path], Path], out_type: str, message: str
+) -> None:
+    with pytest.raises(GGUFSandboxError, match=message):
+        convert(make_source(tmp_path), tmp_path / "x.gguf", out_type)
