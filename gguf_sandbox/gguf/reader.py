@@ -514,6 +514,9 @@ class GGUFFile:
                     f"(only F32 and F16 are); convert the file to little-endian"
                 )
             return raw.view(">" + swapped).astype(np.float32)
+        if info.type is GGMLQuantizationType.F32:
+            # `raw` is a fresh buffer owned by this call: viewing it is safe and saves a copy.
+            return raw.view(np.float32)
         return dequantize(raw, info.type, what=info.name)
 
     def _pread(self, offset: int, nbytes: int, what: str) -> np.ndarray:
