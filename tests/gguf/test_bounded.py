@@ -100,10 +100,12 @@ def test_naive_gguf_py_load_of_300mb_model_is_killed_in_64mb_cgroup(big_model: P
     reason = cgroup.cgroups_writable()
     if reason:
         pytest.skip(reason)
+    # Owned copies, as a loader handing weights to a framework makes: an F32 "dequantize" alone is a view
+    # of gguf-py's memmap and would only fill the (reclaimable) page cache.
     naive = (
-        "import sys, gguf, gguf.quants as q\n"
+        "import sys, numpy as np, gguf, gguf.quants as q\n"
         "r = gguf.GGUFReader(sys.argv[1])\n"
-        "weights = [q.dequantize(t.data, t.tensor_type) for t in r.tensors]\n"
+        "weights = [np.array(q.dequantize(t.data, t.tensor_type), copy=True) for t in r.tensors]\n"
     )
     result = cgroup.run_limited([sys.executable, "-c", naive, str(big_model)], SIXTY_FOUR_MB, timeout=120)
     assert result.exit_code in (137, -9)
