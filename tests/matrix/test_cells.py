@@ -1,0 +1,14 @@
+"""One test per matrix cell: the cell's verdict must be one its `expect` allows."""
+
+from __future__ import annotations
+
+import pytest
+
+from gguf_sandbox.matrix import Cell
+from tests.matrix.conftest import MatrixSession
+
+
+def test_cell(matrix_cell: Cell, matrix_session: MatrixSession) -> None:
+    outcome = matrix_session.run(matrix_cell)
+    if outcome.verdict not in matrix_cell.spec.expect:
+        pytest.fail(outcome.failure_message(), pytrace=False)
