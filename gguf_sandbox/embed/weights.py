@@ -1,0 +1,565 @@
+"""Weight plans for the BERT forward pass: resident float32, resident quantized, or streamed from the file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final, Protocol
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType
+from numpy.typing import NDArray
+
+from gguf_sandbox.embed.bert import DEFAULT_CAP, F32, FLOAT_BYTES, BertConfig, Ids, Pooling
+from gguf_sandbox.errors import BudgetExceeded, GGUFError, UnsupportedTensorType
+from gguf_sandbox.gguf.dequant import dequantize
+from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
+
+SUPPORTED_ARCHITECTURES: Final = ("bert",)
+TABLES: Final = ("token_embd.weight", "position_embd.weight", "token_types.weight")
+MATRICES: Final = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down")
+# A pass never needs more tokens than this; more would only grow the working set, not the speed.
+DEFAULT_PASS_TOKENS: Final = 4096
+# Transients of a pass beyond its activations, in units of the cap: one decoded weight block plus its raw
+# bytes and the dequantizer's byte-sized scratch, or attention scores plus a gathered K and V.
+TRANSIENT_CAPS: Final = 3
+# Passes grow past the context length only into this share of the room left: allocator slack, page
+# cache and Python objects are real but not reserved, and the cgroup counts them all.
+PASS_SHARE: Final = (3, 4)
+# Big-endian files can only hold tensors whose bytes a swap decodes (the reader refuses the rest).
+_SWAPPED: Final = {GGMLQuantizationType.F32: ">f4", GGMLQuantizationType.F16: ">f2"}
+
+
+class PlanName(str, Enum):
+    """Where the weights live while embedding; fastest first."""
+
+    RESIDENT_F32 = "resident-f32"
+    RESIDENT_QUANT = "resident-quant"
+    STREAMING = "streaming"
+
+
+class TableMode(str, Enum):
+    """How embedding-table rows are looked up: decoded in memory, raw in memory, or read from the file."""
+
+    F32 = "f32"
+    RAW = "raw"
+    FILE = "file"
+
+
+# Table modes a plan may use, best first: a plan keeps its tables in memory when they fit, else reads rows.
+PLAN_TABLES: Final[Mapping[PlanName, tuple[TableMode, ...]]] = {
+    PlanName.RESIDENT_F32: (TableMode.F32, TableMode.FILE),
+    PlanName.RESIDENT_QUANT: (TableMode.RAW, TableMode.FILE),
+    PlanName.STREAMING: (TableMode.FILE,),
+}
+PLAN_ORDER: Final = tuple(PlanName)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A chosen plan: where weights and tables live, what stays resident, and how big a pass may be."""
+
+    name: PlanName
+    tables: TableMode
+    resident_bytes: int  # held for the Embedder's lifetime
+    max_tokens: int  # token rows of one forward pass
+    cap: int = DEFAULT_CAP
+    # Streamed weights larger than the memory left: keeping them in page cache only evicts other pages
+    # (and counts toward the cgroup's peak), so their pages are dropped as soon as they are read.
+    uncached: bool = False
+
+    def pass_bytes(self, config: BertConfig, tokens: int) -> int:
+        return pass_bytes(config, tokens, self.cap)
+
+
+def token_bytes(config: BertConfig) -> int:
+    """Activation bytes one token row needs at the peak of a layer (x, q, k, v, ctx or x, up, out)."""
+    return FLOAT_BYTES * (max(5 * config.hidden, 2 * config.hidden + config.ffn) + config.hidden)
+
+
+def pass_bytes(config: BertConfig, tokens: int, cap: int = DEFAULT_CAP) -> int:
+    """Working set of one forward pass over `tokens` token rows."""
+    return token_bytes(config) * tokens + TRANSIENT_CAPS * cap
+
+
+# -- the model's shape from its metadata --------------------------------------------------------------
+def _int_key(gguf: GGUFFile, key: str, default: int | None = None) -> int:
+    value = gguf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        found = "missing" if value is None else f"{value!r}"
+        raise GGUFError(f"{gguf.path.name}: metadata {key} is {found}; a BERT GGUF needs it as an integer")
+    return value
+
+
+def read_config(gguf: GGUFFile) -> BertConfig:
+    """The encoder's shape from the GGUF metadata and tensor table; refuses what is not a BERT."""
+    arch = gguf.architecture
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GGUFError(
+            f"{gguf.path.name}: architecture {arch!r} is not supported by the embedding engine (supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}); convert a BERT checkpoint with `gguf-sandbox convert`"
+        )
+    eps = gguf.get(f"{arch}.attention.layer_norm_epsilon", 1e-12)
+    pooling_raw = _int_key(gguf, f"{arch}.pooling_type", int(Pooling.MEAN))
+    try:
+        pooling = Pooling(pooling_raw)
+    except ValueError:
+        supported = ", ".join(p.name for p in Pooling)
+        raise GGUFError(
+            f"{gguf.path.name}: {arch}.pooling_type {pooling_raw} is not supported (supported: {supported})"
+        ) from None
+    token_table = gguf.tensor("token_embd.weight")
+    config = BertConfig(
+        vocab_size=token_table.n_rows,
+        hidden=_int_key(gguf, f"{arch}.embedding_length"),
+        layers=_int_key(gguf, f"{arch}.block_count"),
+        heads=_int_key(gguf, f"{arch}.attention.head_count"),
+        ffn=_int_key(gguf, f"{arch}.feed_forward_length"),
+        context_length=_int_key(gguf, f"{arch}.context_length"),
+        layer_norm_eps=float(eps) if isinstance(eps, (int, float)) else 1e-12,
+        pooling=pooling,
+        has_token_types="token_types.weight" in gguf.tensors,
+    )
+    _check_shapes(gguf, config)
+    return config
+
+
+def expected_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
+    """numpy shape of every tensor the forward pass reads."""
+    h, f = config.hidden, config.ffn
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (config.vocab_size, h),
+        "position_embd.weight": (config.context_length, h),
+        "token_embd_norm.weight": (h,),
+        "token_embd_norm.bias": (h,),
+    }
+    if config.has_token_types:
+        shapes["token_types.weight"] = (-1, h)
+    for layer in range(config.layers):
+        p = f"blk.{layer}"
+        for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            shapes[f"{p}.{part}.weight"] = (h, h)
+            shapes[f"{p}.{part}.bias"] = (h,)
+        shapes[f"{p}.ffn_up.weight"] = (f, h)
+        shapes[f"{p}.ffn_up.bias"] = (f,)
+        shapes[f"{p}.ffn_down.weight"] = (h, f)
+        shapes[f"{p}.ffn_down.bias"] = (h,)
+        for norm in ("attn_output_norm", "layer_output_norm"):
+            shapes[f"{p}.{norm}.weight"] = (h,)
+            shapes[f"{p}.{norm}.bias"] = (h,)
+    return shapes
+
+
+def _check_shapes(gguf: GGUFFile, config: BertConfig) -> None:
+    for name, shape in expected_shapes(config).items():
+        actual = gguf.tensor(name).shape
+        if len(actual) != len(shape) or any(e not in (-1, a) for e, a in zip(shape, actual, strict=True)):
+            raise GGUFError(
+                f"{gguf.path.name}: tensor {name} has shape {actual}, expected {shape} from the metadata "
+                f"(hidden {config.hidden}, ffn {config.ffn}, context {config.context_length}); the file is "
+                f"inconsistent, re-convert it"
+            )
+
+
+# -- sizes of each plan ---------------------------------------------------------------------------------
+def _is_matrix(name: str) -> bool:
+    return name.startswith("blk.") and name.endswith(".weight") and name.split(".")[2] in MATRICES
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Bytes of the model's tensors by role: decoded to float32 and as stored in the file."""
+
+    vectors: int
+    tables_f32: int
+    tables_raw: int
+    matrices_f32: int
+    matrices_raw: int
+    quantized: bool  # some matrix is stored smaller than float32
+
+    @classmethod
+    def of(cls, gguf: GGUFFile, config: BertConfig) -> ModelSizes:
+        vectors = tables_f32 = tables_raw = matrices_f32 = matrices_raw = 0
+        quantized = False
+        for name in expected_shapes(config):
+            info = gguf.tensor(name)
+            decoded = info.n_elements * FLOAT_BYTES
+            if name in TABLES:
+                tables_f32 += decoded
+                tables_raw += info.nbytes
+            elif _is_matrix(name):
+                matrices_f32 += decoded
+                matrices_raw += info.nbytes
+                quantized = quantized or info.nbytes < decoded
+            else:
+                vectors += decoded
+        return cls(vectors, tables_f32, tables_raw, matrices_f32, matrices_raw, quantized)
+
+    def resident(self, plan: PlanName, tables: TableMode) -> int:
+        """Bytes a plan keeps for the Embedder's lifetime."""
+        matrices = {
+            PlanName.RESIDENT_F32: self.matrices_f32,
+            PlanName.RESIDENT_QUANT: self.matrices_raw,
+            PlanName.STREAMING: 0,
+        }[plan]
+        table = {TableMode.F32: self.tables_f32, TableMode.RAW: self.tables_raw, TableMode.FILE: 0}[tables]
+        return self.vectors + matrices + table
+
+
+def preferred_plan(sizes: ModelSizes) -> PlanName:
+    """What an unconstrained host runs: decoded weights in memory, the fastest plan."""
+    del sizes
+    return PLAN_ORDER[0]
+
+
+def _candidates(sizes: ModelSizes, requested: PlanName | None) -> Iterator[PlanName]:
+    if requested is not None:
+        yield requested
+        return
+    for name in PLAN_ORDER:
+        # Keeping float32 bytes "raw" saves nothing over decoding them once, and is slower.
+        if name is PlanName.RESIDENT_QUANT and not sizes.quantized:
+            continue
+        yield name
+
+
+def parse_plan(plan: str | PlanName | None) -> PlanName | None:
+    """A plan name from the command line or API; "auto" and None mean: let the budget choose."""
+    if plan is None or plan == "auto":
+        return None
+    try:
+        return PlanName(plan)
+    except ValueError:
+        names = ", ".join(["auto", *(p.value for p in PlanName)])
+        raise GGUFError(f"unknown weight plan {plan!r}; choose one of {names}") from None
+
+
+def choose_plan(
+    config: BertConfig,
+    sizes: ModelSizes,
+    available: int,
+    *,
+    requested: str | PlanName | None = None,
+    cap: int = DEFAULT_CAP,
+    pass_tokens: int = DEFAULT_PASS_TOKENS,
+) -> Plan:
+    """The fastest plan whose resident weights plus one full-context pass fit in `available` bytes.
+
+    With `requested`, only that plan is considered. Raises BudgetExceeded when nothing fits.
+    """
+    wanted = parse_plan(requested)
+    min_tokens = config.context_length
+    smallest: tuple[int, PlanName] | None = None
+    for name in _candidates(sizes, wanted):
+        for tables in PLAN_TABLES[name]:
+            resident = sizes.resident(name, tables)
+            room = available - resident - TRANSIENT_CAPS * cap
+            grown = room * PASS_SHARE[0] // PASS_SHARE[1] // token_bytes(config)
+            # Tables in memory save a pread per token row, little next to shrinking every pass.
+            in_file = tables is PLAN_TABLES[name][-1]
+            if room // token_bytes(config) >= min_tokens and (in_file or grown >= pass_tokens):
+                uncached = False
+                if name is PlanName.STREAMING:
+                    # Streamed weights that fit beside a minimal pass stay in page cache (passes grow only
+                    # into what is left); larger ones are read uncached, every pass.
+                    cached_room = room - sizes.matrices_raw
+                    uncached = cached_room // token_bytes(config) < min_tokens
+                    if not uncached:
+                        grown = cached_room * PASS_SHARE[0] // PASS_SHARE[1] // token_bytes(config)
+                tokens = max(min_tokens, min(pass_tokens, grown))
+                return Plan(name, tables, resident, int(tokens), cap, uncached)
+            needed = resident + pass_bytes(config, min_tokens, cap)
+            if smallest is None or needed < smallest[0]:
+                smallest = (needed, name)
+    needed, name = smallest if smallest is not None else (0, PlanName.STREAMING)
+    raise BudgetExceeded(
+        f"embedding plan {name.value}" + ("" if wanted else " (the smallest plan)"),
+        needed,
+        max(available, 0),
+        f"it keeps {sizes.resident(name, PLAN_TABLES[name][-1]):,} bytes of weights and needs "
+        f"{pass_bytes(config, min_tokens, cap):,} for a {min_tokens}-token pass; raise the memory limit"
+        + ("" if wanted is None or wanted is PlanName.STREAMING else " or use --plan streaming / auto"),
+    )
+
+
+# -- decoding -------------------------------------------------------------------------------------------
+def decode(info: TensorInfo, raw: bytes | NDArray[np.uint8], byte_order: str) -> F32:
+    """Raw bytes of whole rows of `info` as flat float32 — the same function for every plan and the reader."""
+    if byte_order == ">":
+        swapped = _SWAPPED.get(info.type)
+        if swapped is None:
+            raise UnsupportedTensorType(
+                f"{info.name}: {info.type.name} data in a big-endian GGUF is not supported (only F32 and F16 "
+                f"are); convert the file to little-endian"
+            )
+        return np.frombuffer(raw, dtype=swapped).astype(np.float32)
+    return dequantize(raw, info.type, what=info.name)
+
+
+def rows_per_block(info: TensorInfo, cap: int) -> int:
+    """Rows per weight block: the reader's iter_rows boundaries, so every plan multiplies the same blocks."""
+    rows = cap // (info.row_len * FLOAT_BYTES)
+    if rows == 0:
+        raise BudgetExceeded(
+            f"one row of {info.name}", info.row_len * FLOAT_BYTES, cap, "raise the single-allocation cap"
+        )
+    return rows
+
+
+class RowSource(Protocol):
+    """Rows of an embedding table."""
+
+    def rows(self, ids: Ids) -> F32: ...
+
+
+class BlockSource(Protocol):
+    """A weight matrix as row blocks."""
+
+    def blocks(self) -> Iterator[tuple[int, F32]]: ...
+
+
+def _check_ids(info: TensorInfo, ids: Ids) -> None:
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= info.n_rows):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise GGUFError(f"row {bad} of {info.name} is out of range (it has {info.n_rows} rows)")
+
+
+class F32Table:
+    """A table kept decoded, as float32 blocks of rows."""
+
+    def __init__(self, info: TensorInfo, blocks: list[F32], per_block: int) -> None:
+        self.info = info
+        self._blocks = blocks
+        self._per_block = per_block
+
+    def rows(self, ids: Ids) -> F32:
+        _check_ids(self.info, ids)
+        out = np.empty((ids.size, self.info.row_len), dtype=np.float32)  # [n, row_len]
+        which = ids // self._per_block  # [n] block of each id
+        for block in np.unique(which).tolist():
+            slots = np.flatnonzero(which == block)  # [k]
+            out[slots] = self._blocks[block][ids[slots] - block * self._per_block]  # [k, row_len]
+        return out
+
+
+class RawTable:
+    """A table kept as stored (quantized) rows; only the rows asked for are decoded."""
+
+    def __init__(self, info: TensorInfo, blocks: list[NDArray[np.uint8]], per_block: int, order: str) -> None:
+        self.info = info
+        self._blocks = blocks  # each [rows, row_nbytes]
+        self._per_block = per_block
+        self._order = order
+
+    def rows(self, ids: Ids) -> F32:
+        _check_ids(self.info, ids)
+        raw = np.empty((ids.size, self.info.row_nbytes), dtype=np.uint8)  # [n, row_nbytes]
+        which = ids // self._per_block
+        for block in np.unique(which).tolist():
+            slots = np.flatnonzero(which == block)
+            raw[slots] = self._blocks[block][ids[slots] - block * self._per_block]
+        return decode(self.info, raw.reshape(-1), self._order).reshape(ids.size, self.info.row_len)
+
+
+class FileTable:
+    """A table left in the file: each distinct row is read with one pread (positional, so thread-safe)."""
+
+    def __init__(self, info: TensorInfo, fd: int, order: str, *, uncached: bool = False) -> None:
+        self.info = info
+        self._fd = fd
+        self._order = order
+        self._uncached = uncached
+
+    def rows(self, ids: Ids) -> F32:
+        _check_ids(self.info, ids)
+        unique, inverse = np.unique(ids, return_inverse=True)
+        size, base = self.info.row_nbytes, self.info.offset
+        raw = b"".join(os.pread(self._fd, size, base + row * size) for row in unique.tolist())
+        if self._uncached:
+            _drop_cached(
+                self._fd, base + int(unique[0]) * size, (int(unique[-1]) - int(unique[0]) + 1) * size
+            )
+        if len(raw) != size * unique.size:
+            raise GGUFError(f"{self.info.name}: short read of {unique.size} rows; the file shrank while open")
+        decoded = decode(self.info, raw, self._order).reshape(unique.size, self.info.row_len)
+        return decoded[inverse.reshape(-1)]  # [n, row_len]
+
+
+class F32Matrix:
+    """A matrix kept decoded, as the float32 row blocks the forward pass multiplies by."""
+
+    def __init__(self, blocks: list[tuple[int, F32]]) -> None:
+        self._blocks = blocks
+
+    def blocks(self) -> Iterator[tuple[int, F32]]:
+        return iter(self._blocks)
+
+
+class RawMatrix:
+    """A matrix kept as stored; each block is decoded when used and dropped after."""
+
+    def __init__(self, info: TensorInfo, blocks: list[tuple[int, NDArray[np.uint8]]], order: str) -> None:
+        self.info = info
+        self._blocks = blocks
+        self._order = order
+
+    def blocks(self) -> Iterator[tuple[int, F32]]:
+        for first, raw in self._blocks:
+            rows = raw.size // self.info.row_nbytes
+            yield first, decode(self.info, raw, self._order).reshape(rows, self.info.row_len)
+
+
+class StreamMatrix:
+    """A matrix read from the file block by block (the reader's blocks) every time it is used."""
+
+    def __init__(self, gguf: GGUFFile, info: TensorInfo, cap: int, uncache_fd: int | None) -> None:
+        self._gguf = gguf
+        self.info = info
+        self._cap = cap
+        self._uncache_fd = uncache_fd
+
+    def blocks(self) -> Iterator[tuple[int, F32]]:
+        info, fd = self.info, self._uncache_fd
+        if fd is None:
+            yield from self._gguf.iter_rows(info.name, max_bytes=self._cap)
+            return
+        for first, raw in read_blocks(fd, info, self._cap):
+            yield first, decode(info, raw, self._gguf.byte_order).reshape(-1, info.row_len)
+
+
+class PlannedWeights:
+    """The BertWeights of one plan: vectors always decoded; tables and matrices where the plan keeps them."""
+
+    def __init__(
+        self,
+        config: BertConfig,
+        plan: Plan,
+        *,
+        vectors: dict[str, F32],
+        tables: dict[str, RowSource],
+        matrices: dict[str, BlockSource],
+        fd: int,
+    ) -> None:
+        self._config = config
+        self.plan = plan
+        self._vectors = vectors
+        self._tables = tables
+        self._matrices = matrices
+        self._fd = fd
+
+    @property
+    def config(self) -> BertConfig:
+        return self._config
+
+    def vector(self, name: str) -> F32:
+        return self._vectors[name]
+
+    def rows(self, name: str, ids: Ids) -> F32:
+        return self._tables[name].rows(ids)
+
+    def blocks(self, name: str) -> Iterator[tuple[int, F32]]:
+        return self._matrices[name].blocks()
+
+    def close(self) -> None:
+        """Drop the weights and close the file handle used for row reads."""
+        self._vectors, self._tables, self._matrices = {}, {}, {}
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Drop cached pages of the file once copied: page cache counts toward a cgroup's limit and its peak."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def read_blocks(fd: int, info: TensorInfo, cap: int) -> Iterator[tuple[int, bytes]]:
+    """(first_row, raw bytes) of the tensor's row blocks — iter_rows' boundaries — leaving no page cache.
+
+    `fd` must be advised POSIX_FADV_RANDOM: the reader's descriptor reads ahead up to read_ahead_kb (often
+    megabytes) into page cache, which a cgroup counts; each block's pages are dropped once copied.
+    """
+    per_block = rows_per_block(info, cap)
+    for first in range(0, info.n_rows, per_block):
+        rows = min(per_block, info.n_rows - first)
+        offset, length = info.offset + first * info.row_nbytes, rows * info.row_nbytes
+        raw = os.pread(fd, length, offset)
+        if len(raw) != length:
+            raise GGUFError(f"{info.name}: short read at offset {offset:,}; the file shrank while open")
+        _drop_cached(fd, offset, length)
+        yield first, raw
+
+
+def _f32_blocks(fd: int, info: TensorInfo, cap: int, order: str) -> list[tuple[int, F32]]:
+    return [
+        (first, decode(info, raw, order).reshape(-1, info.row_len))
+        for first, raw in read_blocks(fd, info, cap)
+    ]
+
+
+def _raw_blocks(fd: int, info: TensorInfo, cap: int) -> list[tuple[int, NDArray[np.uint8]]]:
+    return [(first, np.frombuffer(raw, dtype=np.uint8)) for first, raw in read_blocks(fd, info, cap)]
+
+
+def _table(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int) -> RowSource:
+    mode, cap = plan.tables, plan.cap
+    per_block = rows_per_block(info, cap)
+    if mode is TableMode.F32:
+        return F32Table(info, [block for _, block in _f32_blocks(fd, info, cap, gguf.byte_order)], per_block)
+    if mode is TableMode.RAW:
+        raw = [block.reshape(-1, info.row_nbytes) for _, block in _raw_blocks(fd, info, cap)]
+        return RawTable(info, raw, per_block, gguf.byte_order)
+    return FileTable(info, fd, gguf.byte_order, uncached=plan.uncached)
+
+
+def _matrix(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int) -> BlockSource:
+    if plan.name is PlanName.RESIDENT_F32:
+        return F32Matrix(_f32_blocks(fd, info, plan.cap, gguf.byte_order))
+    if plan.name is PlanName.RESIDENT_QUANT:
+        return RawMatrix(info, _raw_blocks(fd, info, plan.cap), gguf.byte_order)
+    return StreamMatrix(gguf, info, plan.cap, fd if plan.uncached else None)
+
+
+def load_weights(gguf: GGUFFile, config: BertConfig, plan: Plan) -> PlannedWeights:
+    """Build the plan's weights from an open file (which must stay open while they are used)."""
+    fd = os.open(gguf.path, os.O_RDONLY)
+    if hasattr(os, "posix_fadvise"):
+        # Our reads are whole blocks or random rows: readahead would only fill the page cache.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    try:
+        vectors: dict[str, F32] = {}
+        tables: dict[str, RowSource] = {}
+        matrices: dict[str, BlockSource] = {}
+        for name in expected_shapes(config):
+            info = gguf.tensor(name)
+            if name in TABLES:
+                tables[name] = _table(gguf, info, plan, fd)
+            elif _is_matrix(name):
+                matrices[name] = _matrix(gguf, info, plan, fd)
+            else:
+                vectors[name] = np.concatenate(
+                    [block.reshape(-1) for _, block in _f32_blocks(fd, info, plan.cap, gguf.byte_order)]
+                )
+    except BaseException:
+        os.close(fd)
+        raise
+    # What the header parse and the tokenizer read (with readahead) is not needed again.
+    _drop_cached(fd)
+    return PlannedWeights(config, plan, vectors=vectors, tables=tables, matrices=matrices, fd=fd)
+
+
+def describe(plan: Plan, sizes: ModelSizes) -> dict[str, object]:
+    """A JSON-friendly summary of a plan and the model's sizes."""
+    return {
+        "plan": plan.name.value,
+        "tables": plan.tables.value,
+        "resident_bytes": plan.resident_bytes,
+        "max_tokens": plan.max_tokens,
+        "cap": plan.cap,
+        "uncached": plan.uncached,
+        "model_f32_bytes": sizes.vectors + sizes.tables_f32 + sizes.matrices_f32,
+        "model_raw_bytes": sizes.vectors + sizes.tables_raw + sizes.matrices_raw,
+    }

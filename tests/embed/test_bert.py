@@ -1,0 +1,271 @@
+"""The blocked numpy forward pass against a naive float64 BERT written independently here."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from gguf_sandbox.embed import bert
+from gguf_sandbox.embed.bert import BertConfig, Pooling, TokenBatch
+from gguf_sandbox.errors import GGUFError
+
+F64 = NDArray[np.float64]
+SMALL = BertConfig(vocab_size=97, hidden=48, layers=2, heads=4, ffn=96, context_length=80)
+
+
+def random_weights(config: BertConfig, seed: int = 0) -> dict[str, F64]:
+    """Every tensor of a BERT, float64, with norms near 1 like trained ones."""
+    rng = np.random.default_rng(seed)
+    h, f = config.hidden, config.ffn
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (config.vocab_size, h),
+        "position_embd.weight": (config.context_length, h),
+        "token_types.weight": (2, h),
+        "token_embd_norm.weight": (h,),
+        "token_embd_norm.bias": (h,),
+    }
+    for layer in range(config.layers):
+        p = f"blk.{layer}"
+        for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            shapes[f"{p}.{part}.weight"], shapes[f"{p}.{part}.bias"] = (h, h), (h,)
+        shapes[f"{p}.ffn_up.weight"], shapes[f"{p}.ffn_up.bias"] = (f, h), (f,)
+        shapes[f"{p}.ffn_down.weight"], shapes[f"{p}.ffn_down.bias"] = (h, f), (h,)
+        for norm in ("attn_output_norm", "layer_output_norm"):
+            shapes[f"{p}.{norm}.weight"], shapes[f"{p}.{norm}.bias"] = (h,), (h,)
+    weights = {}
+    for name, shape in shapes.items():
+        base = 1.0 if name.endswith("norm.weight") else 0.0
+        weights[name] = base + 0.2 * rng.standard_normal(shape)
+    return {name: w.astype(np.float32).astype(np.float64) for name, w in weights.items()}
+
+
+class DictWeights:
+    """BertWeights over in-memory arrays, cut into blocks of `block_rows` rows."""
+
+    def __init__(self, config: BertConfig, tensors: dict[str, F64], block_rows: int) -> None:
+        self._config = config
+        self._tensors = {name: t.astype(np.float32) for name, t in tensors.items()}
+        self._block_rows = block_rows
+
+    @property
+    def config(self) -> BertConfig:
+        return self._config
+
+    def vector(self, name: str) -> bert.F32:
+        return self._tensors[name]
+
+    def rows(self, name: str, ids: bert.Ids) -> bert.F32:
+        return self._tensors[name][ids]
+
+    def blocks(self, name: str) -> Iterator[tuple[int, bert.F32]]:
+        matrix = self._tensors[name]
+        for first in range(0, matrix.shape[0], self._block_rows):
+            yield first, matrix[first : first + self._block_rows]
+
+
+def naive_layer_norm(x: F64, gamma: NDArray[np.floating], beta: NDArray[np.floating], eps: float) -> F64:
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return np.asarray((x - mean) / np.sqrt(var + eps) * gamma + beta, dtype=np.float64)
+
+
+def naive_gelu(x: F64) -> F64:
+    erf = np.vectorize(math.erf)
+    return np.asarray(0.5 * x * (1.0 + erf(x / math.sqrt(2.0))))
+
+
+def naive_bert(config: BertConfig, t: dict[str, F64], sequence: list[int]) -> F64:
+    """The textbook BERT sentence embedding, one sequence, float64, no blocking."""
+    n = len(sequence)
+    x = t["token_embd.weight"][sequence] + t["position_embd.weight"][:n] + t["token_types.weight"][0]
+    x = naive_layer_norm(x, t["token_embd_norm.weight"], t["token_embd_norm.bias"], config.layer_norm_eps)
+    d = config.head_dim
+    for layer in range(config.layers):
+        p = f"blk.{layer}"
+
+        def lin(v: F64, part: str, p: str = p) -> F64:
+            return np.asarray(v @ t[f"{p}.{part}.weight"].T + t[f"{p}.{part}.bias"])
+
+        q, k, v = lin(x, "attn_q"), lin(x, "attn_k"), lin(x, "attn_v")
+        ctx = np.zeros_like(x)
+        for h in range(config.heads):
+            cols = slice(h * d, (h + 1) * d)
+            scores = q[:, cols] @ k[:, cols].T / math.sqrt(d)
+            probs = np.exp(scores - scores.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
+            ctx[:, cols] = probs @ v[:, cols]
+        x = naive_layer_norm(
+            x + lin(ctx, "attn_output"),
+            t[f"{p}.attn_output_norm.weight"],
+            t[f"{p}.attn_output_norm.bias"],
+            config.layer_norm_eps,
+        )
+        x = naive_layer_norm(
+            x + lin(naive_gelu(lin(x, "ffn_up")), "ffn_down"),
+            t[f"{p}.layer_output_norm.weight"],
+            t[f"{p}.layer_output_norm.bias"],
+            config.layer_norm_eps,
+        )
+    pooled = {
+        Pooling.MEAN: x.mean(axis=0),
+        Pooling.CLS: x[0],
+        Pooling.LAST: x[-1],
+        Pooling.NONE: x.mean(axis=0),
+    }
+    vector = pooled[config.pooling]
+    return np.asarray(vector / np.linalg.norm(vector))
+
+
+def sequences(config: BertConfig, lengths: list[int], seed: int = 1) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, config.vocab_size, size=n).tolist() for n in lengths]
+
+
+# -- elementwise pieces ---------------------------------------------------------------------------------
+def test_erf_matches_math_erf_to_about_1e7() -> None:
+    xs = np.linspace(-7.0, 7.0, 400_001, dtype=np.float32)
+    exact = np.array([math.erf(float(v)) for v in xs])
+    assert np.abs(bert.erf(xs) - exact).max() <= 2e-7
+
+
+def test_gelu_is_the_exact_erf_gelu() -> None:
+    xs = np.linspace(-12.0, 12.0, 400_001, dtype=np.float32)
+    exact = naive_gelu(xs.astype(np.float64))
+    got = bert.gelu(xs.copy())
+    # Within float32 rounding of the true value, plus a hair.
+    assert np.all(np.abs(got - exact) <= 2.5e-7 + 1.5e-7 * np.abs(exact))
+
+
+def test_gelu_works_in_place_on_a_2d_chunk_larger_than_one_step() -> None:
+    x = np.random.default_rng(0).standard_normal((7, bert.GELU_STEP // 3)).astype(np.float32) * 3
+    expected = naive_gelu(x.astype(np.float64))
+    result = bert.gelu(x)
+    assert result is x
+    assert np.abs(x - expected).max() <= 1e-6
+
+
+def test_layer_norm_matches_naive() -> None:
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((9, 48)) * 3 + 1).astype(np.float32)
+    gamma, beta = rng.standard_normal(48).astype(np.float32), rng.standard_normal(48).astype(np.float32)
+    expected = naive_layer_norm(x.astype(np.float64), gamma, beta, 1e-12)
+    assert np.abs(bert.layer_norm(x, gamma, beta, 1e-12) - expected).max() <= 2e-5
+
+
+def test_normalize_gives_unit_rows_and_keeps_zero_rows() -> None:
+    v = np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
+    bert.normalize(v)
+    np.testing.assert_allclose(v, [[0.6, 0.8], [0.0, 0.0]], rtol=0, atol=1e-7)
+
+
+# -- batches ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("lengths", "chunk_rows"),
+    [
+        pytest.param([5], 8, id="one-short"),
+        pytest.param([3, 4, 1, 8, 2], 8, id="packed"),
+        pytest.param([20], 8, id="one-long-split"),
+        pytest.param([2, 19, 3, 3], 8, id="long-between-short"),
+        pytest.param([1, 1, 1], 1, id="chunk-of-one"),
+    ],
+)
+def test_token_batch_chunks_cover_every_row_once(lengths: list[int], chunk_rows: int) -> None:
+    seqs = [[i * 100 + j for j in range(n)] for i, n in enumerate(lengths)]
+    batch = TokenBatch.from_sequences(seqs, chunk_rows)
+    assert batch.n_tokens == sum(lengths)
+    assert batch.n_sequences == len(lengths)
+    assert [c[0] for c in batch.chunks] == [0] + [c[1] for c in batch.chunks[:-1]]
+    assert batch.chunks[-1][1] == sum(lengths)
+    assert all(0 < hi - lo <= chunk_rows for lo, hi in batch.chunks)
+    for index, pieces in enumerate(batch.pieces):
+        rows = [batch.chunks[c][0] + r for c, lo, hi in pieces for r in range(lo, hi)]
+        assert batch.ids[rows].tolist() == seqs[index]
+        assert batch.positions[rows].tolist() == list(range(lengths[index]))
+        # Only sequences longer than a chunk are ever split.
+        assert len(pieces) == 1 or lengths[index] > chunk_rows
+
+
+def test_token_batch_refuses_empty_input() -> None:
+    with pytest.raises(ValueError, match="at least one sequence"):
+        TokenBatch.from_sequences([], 4)
+    with pytest.raises(ValueError, match="at least one token"):
+        TokenBatch.from_sequences([[1], []], 4)
+
+
+def test_config_refuses_heads_that_do_not_divide_hidden() -> None:
+    with pytest.raises(GGUFError, match="not divisible"):
+        BertConfig(vocab_size=10, hidden=50, layers=1, heads=4, ffn=64, context_length=8)
+
+
+# -- the whole forward pass -------------------------------------------------------------------------------
+@pytest.mark.parametrize("pooling", list(Pooling), ids=lambda p: p.name.lower())
+@pytest.mark.parametrize(
+    ("cap", "block_rows"),
+    [
+        pytest.param(1 << 20, 1 << 20, id="unblocked"),
+        # 1,536-byte cap: 4-row activation chunks, single-head attention groups, 1-query-row blocks.
+        pytest.param(4 * 96 * 4, 5, id="tiny-cap"),
+        pytest.param(4096, 7, id="small-cap"),
+    ],
+)
+def test_encode_matches_naive_float64(pooling: Pooling, cap: int, block_rows: int) -> None:
+    config = BertConfig(**{**SMALL.__dict__, "pooling": pooling})
+    tensors = random_weights(config)
+    weights = DictWeights(config, tensors, block_rows)
+    seqs = sequences(config, [1, 6, 33, 80, 2, 17])
+    batch = TokenBatch.from_sequences(seqs, bert.rows_per_chunk(config, cap))
+    got = bert.encode(weights, batch, cap)
+    expected = np.stack([naive_bert(config, tensors, s) for s in seqs])
+    assert got.dtype == np.float32
+    assert got.shape == (len(seqs), config.hidden)
+    assert np.abs(got - expected).max() <= 2e-6
+
+
+def test_encode_is_independent_of_blocking() -> None:
+    tensors = random_weights(SMALL, seed=3)
+    seqs = sequences(SMALL, [40, 3, 80, 11])
+    results = []
+    for cap in (1 << 20, 8192, 1536):
+        weights = DictWeights(SMALL, tensors, max(1, cap // (SMALL.hidden * 4)))
+        batch = TokenBatch.from_sequences(seqs, bert.rows_per_chunk(SMALL, cap))
+        results.append(bert.encode(weights, batch, cap))
+    assert np.abs(results[0] - results[1]).max() <= 1e-6
+    assert np.abs(results[0] - results[2]).max() <= 1e-6
+
+
+def test_a_sequence_embeds_the_same_alone_and_in_a_batch() -> None:
+    tensors = random_weights(SMALL, seed=4)
+    weights = DictWeights(SMALL, tensors, 16)
+    seqs = sequences(SMALL, [12, 30, 5])
+    rows = bert.rows_per_chunk(SMALL)
+    together = bert.encode(weights, TokenBatch.from_sequences(seqs, rows))
+    alone = np.stack([bert.encode(weights, TokenBatch.from_sequences([s], rows))[0] for s in seqs])
+    assert np.abs(together - alone).max() <= 1e-6
+
+
+def test_attention_temporaries_stay_within_the_cap_at_512_tokens() -> None:
+    """Peak traced memory inside attention(): q, k, v, ctx for 512 tokens plus blocks within the cap."""
+    import tracemalloc
+
+    config = BertConfig(vocab_size=10, hidden=384, layers=1, heads=12, ffn=1536, context_length=512)
+    rng = np.random.default_rng(5)
+    chunk_rows = bert.rows_per_chunk(config)
+    batch = TokenBatch.from_sequences([list(range(512))], chunk_rows)
+    q, k, v = (
+        [rng.standard_normal((hi - lo, 384)).astype(np.float32) for lo, hi in batch.chunks] for _ in "qkv"
+    )
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        bert.attention(q, k, v, batch, heads=12)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    ctx_bytes = 512 * 384 * 4
+    # ctx itself, plus at most: gathered K and V (multi-piece), one scores block, small softmax rows.
+    assert peak <= ctx_bytes + 3 * (1 << 20) + (64 << 10)

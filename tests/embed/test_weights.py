@@ -1,0 +1,243 @@
+"""Weight plans: every plan gives the same vectors, the chooser follows the budget, refusals are clean."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+from gguf.constants import GGMLQuantizationType
+
+from gguf_sandbox.embed import bert
+from gguf_sandbox.embed.bert import BertConfig, TokenBatch
+from gguf_sandbox.embed.weights import (
+    PLAN_ORDER,
+    ModelSizes,
+    PlanName,
+    TableMode,
+    choose_plan,
+    load_weights,
+    parse_plan,
+    pass_bytes,
+    read_config,
+)
+from gguf_sandbox.errors import BudgetExceeded, GGUFError
+from gguf_sandbox.gguf.reader import GGUFFile
+from gguf_sandbox.gguf.synth import SyntheticBert, write_synthetic_bert
+from tests.embed.test_bert import naive_bert
+
+TYPES = [
+    GGMLQuantizationType.F32,
+    GGMLQuantizationType.F16,
+    GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q4_0,
+]
+# Small enough that every matrix spans several blocks and long sequences span several chunks.
+SMALL_CAP = 16 << 10
+UNLIMITED = 1 << 40
+
+
+def spec_for(qtype: GGMLQuantizationType) -> SyntheticBert:
+    return SyntheticBert(
+        vocab_size=300, hidden=64, layers=2, heads=4, ffn=128, context=96, tensor_type=qtype, seed=7
+    )
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[GGMLQuantizationType, Path]:
+    folder = tmp_path_factory.mktemp("weights")
+    return {q: write_synthetic_bert(folder / f"bert-{q.name}.gguf", spec_for(q)) for q in TYPES}
+
+
+@pytest.fixture
+def q8(models: dict[GGMLQuantizationType, Path]) -> Iterator[GGUFFile]:
+    with GGUFFile.open(models[GGMLQuantizationType.Q8_0]) as gguf:
+        yield gguf
+
+
+def token_sequences(config: BertConfig) -> list[list[int]]:
+    rng = np.random.default_rng(11)
+    return [rng.integers(0, config.vocab_size, size=n).tolist() for n in (1, 4, 96, 9, 50, 2)]
+
+
+def embed_with(
+    gguf: GGUFFile, plan_name: PlanName, tables: TableMode | None = None, *, uncached: bool = False
+) -> np.ndarray:
+    config = read_config(gguf)
+    plan = choose_plan(config, ModelSizes.of(gguf, config), UNLIMITED, requested=plan_name, cap=SMALL_CAP)
+    plan = dataclasses.replace(plan, tables=tables or plan.tables, uncached=uncached)
+    weights = load_weights(gguf, config, plan)
+    try:
+        batch = TokenBatch.from_sequences(token_sequences(config), bert.rows_per_chunk(config, SMALL_CAP))
+        return bert.encode(weights, batch, SMALL_CAP)
+    finally:
+        weights.close()
+
+
+# -- config ------------------------------------------------------------------------------------------------
+def test_read_config_takes_the_shape_from_metadata(q8: GGUFFile) -> None:
+    config = read_config(q8)
+    assert (config.vocab_size, config.hidden, config.layers, config.heads) == (300, 64, 2, 4)
+    assert (config.ffn, config.context_length, config.pooling) == (128, 96, bert.Pooling.MEAN)
+    assert config.layer_norm_eps == pytest.approx(1e-12)
+    assert config.has_token_types
+
+
+def test_read_config_refuses_another_architecture(tmp_path: Path) -> None:
+    path = tmp_path / "llama.gguf"
+    writer = GGUFWriter(path, "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with GGUFFile.open(path) as gguf, pytest.raises(GGUFError, match="architecture 'llama' is not supported"):
+        read_config(gguf)
+
+
+def test_read_config_refuses_tensors_that_contradict_the_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "bad.gguf"
+    spec = spec_for(GGMLQuantizationType.F32)
+    writer = GGUFWriter(path, "bert")
+    writer.add_context_length(spec.context)
+    writer.add_embedding_length(spec.hidden)
+    writer.add_feed_forward_length(spec.ffn)
+    writer.add_block_count(1)
+    writer.add_head_count(spec.heads)
+    writer.add_tensor("token_embd.weight", np.zeros((10, spec.hidden), dtype=np.float32))
+    writer.add_tensor("position_embd.weight", np.zeros((spec.context, spec.hidden + 1), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with GGUFFile.open(path) as gguf, pytest.raises(GGUFError, match=r"position_embd.weight has shape"):
+        read_config(gguf)
+
+
+# -- every plan, the same vectors ----------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_every_plan_gives_the_same_vectors(
+    models: dict[GGMLQuantizationType, Path], qtype: GGMLQuantizationType
+) -> None:
+    with GGUFFile.open(models[qtype]) as gguf:
+        results: dict[str, np.ndarray] = {name.value: embed_with(gguf, name) for name in PLAN_ORDER}
+        results["file-tables"] = embed_with(gguf, PlanName.RESIDENT_F32, TableMode.FILE)
+        results["raw-tables"] = embed_with(gguf, PlanName.RESIDENT_QUANT, TableMode.RAW)
+        results["uncached"] = embed_with(gguf, PlanName.STREAMING, uncached=True)
+    reference = results[PlanName.RESIDENT_F32.value]
+    for name, vectors in results.items():
+        assert np.abs(vectors - reference).max() <= 1e-6, name
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_plans_match_a_naive_float64_forward_pass_of_the_decoded_file(
+    models: dict[GGMLQuantizationType, Path], qtype: GGMLQuantizationType
+) -> None:
+    with GGUFFile.open(models[qtype]) as gguf:
+        config = read_config(gguf)
+        tensors = {n: gguf.read_tensor(n, max_bytes=UNLIMITED).astype(np.float64) for n in gguf.tensors}
+        streamed = embed_with(gguf, PlanName.STREAMING)
+    expected = np.stack([naive_bert(config, tensors, s) for s in token_sequences(config)])
+    assert np.abs(streamed - expected).max() <= 2e-6
+
+
+@pytest.mark.parametrize("mode", list(TableMode), ids=lambda m: m.value)
+def test_table_rows_equal_the_readers_rows(q8: GGUFFile, mode: TableMode) -> None:
+    config = read_config(q8)
+    name = {
+        TableMode.F32: PlanName.RESIDENT_F32,
+        TableMode.RAW: PlanName.RESIDENT_QUANT,
+        TableMode.FILE: PlanName.STREAMING,
+    }[mode]
+    plan = choose_plan(config, ModelSizes.of(q8, config), UNLIMITED, requested=name, cap=SMALL_CAP)
+    plan = dataclasses.replace(plan, tables=mode)
+    weights = load_weights(q8, config, plan)
+    ids = np.array([299, 0, 5, 5, 128, 64, 63, 299], dtype=np.intp)
+    try:
+        got = weights.rows("token_embd.weight", ids)
+        with pytest.raises(GGUFError, match="out of range"):
+            weights.rows("token_embd.weight", np.array([300], dtype=np.intp))
+    finally:
+        weights.close()
+    np.testing.assert_array_equal(got, q8.read_rows("token_embd.weight", ids.tolist()))
+
+
+# -- choosing ------------------------------------------------------------------------------------------------
+def test_chooser_prefers_f32_then_quant_then_streaming_as_memory_shrinks(q8: GGUFFile) -> None:
+    config = read_config(q8)
+    sizes = ModelSizes.of(q8, config)
+    work = pass_bytes(config, config.context_length)
+    f32_all = sizes.resident(PlanName.RESIDENT_F32, TableMode.F32)
+    quant_file = sizes.resident(PlanName.RESIDENT_QUANT, TableMode.FILE)
+    streaming = sizes.resident(PlanName.STREAMING, TableMode.FILE)
+    assert streaming < quant_file < f32_all
+
+    def chosen(available: int) -> tuple[PlanName, TableMode]:
+        plan = choose_plan(config, sizes, available)
+        assert plan.resident_bytes + pass_bytes(config, plan.max_tokens) <= available
+        assert plan.max_tokens >= config.context_length
+        return plan.name, plan.tables
+
+    assert chosen(UNLIMITED) == (PlanName.RESIDENT_F32, TableMode.F32)
+    # Tables stay in memory only when passes can still grow to their full size.
+    assert chosen(f32_all + work) == (PlanName.RESIDENT_F32, TableMode.FILE)
+    assert chosen(f32_all + 2 * pass_bytes(config, 4096)) == (PlanName.RESIDENT_F32, TableMode.F32)
+    assert chosen(quant_file + work)[0] == PlanName.RESIDENT_QUANT
+    assert chosen(streaming + work) == (PlanName.STREAMING, TableMode.FILE)
+    # Streaming with no room for the file beside a pass: its pages are dropped as they are read.
+    assert choose_plan(config, sizes, streaming + work).uncached
+    roomy = choose_plan(config, sizes, streaming + work + sizes.matrices_raw, requested=PlanName.STREAMING)
+    assert not roomy.uncached
+    assert roomy.resident_bytes + pass_bytes(config, roomy.max_tokens) + sizes.matrices_raw <= (
+        streaming + work + sizes.matrices_raw
+    )
+    with pytest.raises(BudgetExceeded, match="streaming") as refused:
+        choose_plan(config, sizes, streaming + work - 1)
+    assert refused.value.needed == streaming + work
+
+
+def test_chooser_skips_resident_quant_for_a_float32_file(models: dict[GGMLQuantizationType, Path]) -> None:
+    with GGUFFile.open(models[GGMLQuantizationType.F32]) as gguf:
+        config = read_config(gguf)
+        sizes = ModelSizes.of(gguf, config)
+    work = pass_bytes(config, config.context_length)
+    just_short = sizes.resident(PlanName.RESIDENT_F32, TableMode.FILE) + work - 1
+    assert choose_plan(config, sizes, just_short).name is PlanName.STREAMING
+
+
+def test_a_requested_plan_that_does_not_fit_is_refused_with_a_hint(q8: GGUFFile) -> None:
+    config = read_config(q8)
+    sizes = ModelSizes.of(q8, config)
+    available = sizes.resident(PlanName.RESIDENT_QUANT, TableMode.FILE) + pass_bytes(config, 512)
+    with pytest.raises(BudgetExceeded, match=r"resident-f32.*--plan streaming"):
+        choose_plan(config, sizes, available // 4, requested="resident-f32")
+
+
+def test_pass_tokens_grow_with_the_budget_but_never_below_the_context(q8: GGUFFile) -> None:
+    config = read_config(q8)
+    sizes = ModelSizes.of(q8, config)
+    small = choose_plan(config, sizes, 64 << 20, requested=PlanName.STREAMING, pass_tokens=10)
+    large = choose_plan(config, sizes, 1 << 30, requested=PlanName.STREAMING, pass_tokens=100_000)
+    assert small.max_tokens == config.context_length
+    assert large.max_tokens > 10 * config.context_length
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("auto", None, id="auto"),
+        pytest.param(None, None, id="none"),
+        pytest.param("streaming", PlanName.STREAMING, id="streaming"),
+        pytest.param("resident-quant", PlanName.RESIDENT_QUANT, id="resident-quant"),
+    ],
+)
+def test_parse_plan(text: str | None, expected: PlanName | None) -> None:
+    assert parse_plan(text) is expected
+
+
+def test_parse_plan_names_the_choices() -> None:
+    with pytest.raises(GGUFError, match="auto, resident-f32, resident-quant, streaming"):
+        parse_plan("mmap")
