@@ -1,10 +1,13 @@
-"""Shared fixtures: skip cleanly where the machine lacks what a test needs."""
+"""Shared fixtures: skip cleanly where the machine lacks what a test needs; cached synthetic models."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from gguf_sandbox.sandbox.cgroup import cgroups_writable
+from tests.models import BIG_300MB, VOCAB_262K, cached_synthetic
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +16,15 @@ def writable_cgroups() -> None:
     reason = cgroups_writable()
     if reason is not None:
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def vocab262k_model() -> Path:
+    """A synthetic BERT with a 262,144-token vocabulary (gemma-3 sized), F16."""
+    return cached_synthetic(VOCAB_262K)
+
+
+@pytest.fixture(scope="session")
+def big_model() -> Path:
+    """A synthetic F32 BERT of at least 300 MB."""
+    return cached_synthetic(BIG_300MB)
