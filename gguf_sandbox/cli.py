@@ -52,7 +52,14 @@ def _parser_for(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.
     return parser, chosen_parser
 
 
+# Small matmuls dominate embedding; a BLAS thread pool costs more than it gains there, and much more on a
+# shared host (measured 2–5x slower with 2 threads on 2 cores). Users can still set their own values.
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for variable in BLAS_THREAD_VARIABLES:
+        os.environ.setdefault(variable, "1")  # before any subcommand imports numpy
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser, _ = _parser_for(args_list)
     args = parser.parse_args(args_list)
