@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from itertools import pairwise
 from typing import Final, Protocol
 
 import numpy as np
@@ -28,6 +29,9 @@ TRANSIENT_CAPS: Final = 3
 # Passes grow past the context length only into this share of the room left: allocator slack, page
 # cache and Python objects are real but not reserved, and the cgroup counts them all.
 PASS_SHARE: Final = (3, 4)
+# Decoded weight pieces of quantized plans: half a core's L2 (512 KiB here), so a piece is still cached
+# when multiplied.
+DECODE_BYTES: Final = 1 << 18
 # Big-endian files can only hold tensors whose bytes a swap decodes (the reader refuses the rest).
 _SWAPPED: Final = {GGMLQuantizationType.F32: ">f4", GGMLQuantizationType.F16: ">f2"}
 
@@ -299,13 +303,34 @@ def decode(info: TensorInfo, raw: bytes | NDArray[np.uint8], byte_order: str) ->
 
 
 def rows_per_block(info: TensorInfo, cap: int) -> int:
-    """Rows per weight block: the reader's iter_rows boundaries, so every plan multiplies the same blocks."""
+    """Rows per stored weight block: the reader's iter_rows boundaries (quantized plans decode in pieces)."""
     rows = cap // (info.row_len * FLOAT_BYTES)
     if rows == 0:
         raise BudgetExceeded(
             f"one row of {info.name}", info.row_len * FLOAT_BYTES, cap, "raise the single-allocation cap"
         )
     return rows
+
+
+def decoded_blocks(
+    info: TensorInfo, first: int, raw: bytes | NDArray[np.uint8], order: str
+) -> Iterator[tuple[int, F32]]:
+    """A stored block's rows decoded in L2-sized pieces: each is multiplied while still in cache.
+
+    A 1 MiB decoded block would not fit a core's L2, so the multiply after decoding it would read it back
+    from L3 or memory; pieces of DECODE_BYTES make a single sentence ~30% faster on quantized plans. The
+    products are the same up to BLAS's choice of kernel for a piece's last columns (vectors differ from
+    resident-f32's by ~1e-7).
+    """
+    data = np.frombuffer(raw, dtype=np.uint8)  # a view: the pieces are not copied
+    rows = data.size // info.row_nbytes
+    # Equal pieces of about DECODE_BYTES (at most 1.5x): each piece costs a fixed ~20 us of numpy calls, so
+    # no sliver of a few rows gets a piece of its own.
+    pieces = max(1, round(rows * info.row_len * FLOAT_BYTES / DECODE_BYTES))
+    bounds = [rows * k // pieces for k in range(pieces + 1)]
+    for lo, hi in pairwise(bounds):
+        piece = data[lo * info.row_nbytes : hi * info.row_nbytes]
+        yield first + lo, decode(info, piece, order).reshape(hi - lo, info.row_len)
 
 
 class RowSource(Protocol):
@@ -388,10 +413,15 @@ class FileTable:
 
 
 class F32Matrix:
-    """A matrix kept decoded, as the float32 row blocks the forward pass multiplies by."""
+    """A matrix kept decoded, as the float32 row blocks the forward pass multiplies by.
 
-    def __init__(self, blocks: list[tuple[int, F32]]) -> None:
-        self._blocks = blocks
+    Each block is stored transposed ([in, rows], C-contiguous) and handed out as its .T view: the forward
+    pass computes x @ block.T, which BLAS then reads as a plain x @ W: ~10% faster than reading W's rows
+    for a sentence of ~15 tokens, bit for bit the same products.
+    """
+
+    def __init__(self, blocks: Iterable[tuple[int, F32]]) -> None:
+        self._blocks = [(first, np.ascontiguousarray(block.T).T) for first, block in blocks]
 
     def blocks(self) -> Iterator[tuple[int, F32]]:
         return iter(self._blocks)
@@ -407,26 +437,23 @@ class RawMatrix:
 
     def blocks(self) -> Iterator[tuple[int, F32]]:
         for first, raw in self._blocks:
-            rows = raw.size // self.info.row_nbytes
-            yield first, decode(self.info, raw, self._order).reshape(rows, self.info.row_len)
+            yield from decoded_blocks(self.info, first, raw, self._order)
 
 
 class StreamMatrix:
-    """A matrix read from the file block by block (the reader's blocks) every time it is used."""
+    """A matrix read from the file block by block (the reader's blocks), decoded in pieces, every use."""
 
-    def __init__(self, gguf: GGUFFile, info: TensorInfo, cap: int, uncache_fd: int | None) -> None:
+    def __init__(self, gguf: GGUFFile, info: TensorInfo, cap: int, fd: int, *, uncached: bool) -> None:
         self._gguf = gguf
         self.info = info
         self._cap = cap
-        self._uncache_fd = uncache_fd
+        self._fd = fd
+        self._uncached = uncached
 
     def blocks(self) -> Iterator[tuple[int, F32]]:
-        info, fd = self.info, self._uncache_fd
-        if fd is None:
-            yield from self._gguf.iter_rows(info.name, max_bytes=self._cap)
-            return
-        for first, raw in read_blocks(fd, info, self._cap):
-            yield first, decode(info, raw, self._gguf.byte_order).reshape(-1, info.row_len)
+        info, order = self.info, self._gguf.byte_order
+        for first, raw in read_blocks(self._fd, info, self._cap, drop=self._uncached):
+            yield from decoded_blocks(info, first, raw, order)
 
 
 class PlannedWeights:
@@ -476,11 +503,12 @@ def _drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def read_blocks(fd: int, info: TensorInfo, cap: int) -> Iterator[tuple[int, bytes]]:
+def read_blocks(fd: int, info: TensorInfo, cap: int, *, drop: bool = True) -> Iterator[tuple[int, bytes]]:
     """(first_row, raw bytes) of the tensor's row blocks — iter_rows' boundaries — leaving no page cache.
 
     `fd` must be advised POSIX_FADV_RANDOM: the reader's descriptor reads ahead up to read_ahead_kb (often
-    megabytes) into page cache, which a cgroup counts; each block's pages are dropped once copied.
+    megabytes) into page cache, which a cgroup counts; each block's pages are dropped once copied (unless
+    `drop` is false: streamed weights that fit stay cached).
     """
     per_block = rows_per_block(info, cap)
     for first in range(0, info.n_rows, per_block):
@@ -489,7 +517,8 @@ def read_blocks(fd: int, info: TensorInfo, cap: int) -> Iterator[tuple[int, byte
         raw = os.pread(fd, length, offset)
         if len(raw) != length:
             raise GGUFError(f"{info.name}: short read at offset {offset:,}; the file shrank while open")
-        _drop_cached(fd, offset, length)
+        if drop:
+            _drop_cached(fd, offset, length)
         yield first, raw
 
 
@@ -517,10 +546,15 @@ def _table(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int) -> RowSource:
 
 def _matrix(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int) -> BlockSource:
     if plan.name is PlanName.RESIDENT_F32:
-        return F32Matrix(_f32_blocks(fd, info, plan.cap, gguf.byte_order))
+        order = gguf.byte_order
+        # One block at a time, so loading never holds a matrix twice.
+        return F32Matrix(
+            (first, decode(info, raw, order).reshape(-1, info.row_len))
+            for first, raw in read_blocks(fd, info, plan.cap)
+        )
     if plan.name is PlanName.RESIDENT_QUANT:
         return RawMatrix(info, _raw_blocks(fd, info, plan.cap), gguf.byte_order)
-    return StreamMatrix(gguf, info, plan.cap, fd if plan.uncached else None)
+    return StreamMatrix(gguf, info, plan.cap, fd, uncached=plan.uncached)
 
 
 def load_weights(gguf: GGUFFile, config: BertConfig, plan: Plan) -> PlannedWeights:
