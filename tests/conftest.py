@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+# Before anything imports numpy: the engine's small matmuls run several times slower with a BLAS thread
+# pool on a shared 2-core runner (the CLI makes the same choice for workloads).
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
-from gguf_sandbox.sandbox.cgroup import cgroups_writable
-from tests.models import BIG_300MB, VOCAB_262K, cached_synthetic
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from gguf_sandbox.sandbox.cgroup import cgroups_writable  # noqa: E402
+from tests.models import BIG_300MB, VOCAB_262K, cached_synthetic  # noqa: E402
 
 
 @pytest.fixture(scope="session")
