@@ -43,9 +43,11 @@ print(json.dumps({"cgroup": d.name, "swap": swap.read_text().strip() if swap.exi
 
 
 def _children() -> set[str]:
+    """This test process's child cgroups (other suites may run cells under the same parent meanwhile)."""
     parent = own_memory_cgroup()
     assert parent is not None
-    return {entry.name for entry in parent.directory.iterdir() if entry.name.startswith(CHILD_PREFIX)}
+    mine = f"{CHILD_PREFIX}{os.getpid()}-"
+    return {entry.name for entry in parent.directory.iterdir() if entry.name.startswith(mine)}
 
 
 @pytest.fixture(autouse=True)
