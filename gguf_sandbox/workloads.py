@@ -89,12 +89,16 @@ def _percentile(sorted_values: Sequence[float], percent: float) -> float | None:
 
 
 def _peak_rss() -> int:
+    """This process's RSS high-water mark; VmHWM restarts at exec, unlike ru_maxrss (inherited from
+    the forking parent on Linux)."""
     try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    except ImportError:
-        return int(psutil.Process().memory_info().rss)
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(psutil.Process().memory_info().rss)
 
 
 # -- reader workloads --------------------------------------------------------------------------------
@@ -267,13 +271,24 @@ def _finish_vectors(report: Report, batch_sums: np.ndarray, count: int) -> None:
     report.checksum = hashlib.sha256(np.round(mean, 4).tobytes()).hexdigest()[:16]
 
 
+def mcp(model: Path, options: argparse.Namespace) -> Report:
+    """`count` embed calls from a real MCP client to `gguf-sandbox serve` started as a plain child.
+
+    In matrix cells the client runs on the host and the server in the cell (mcp_client.run_cell).
+    """
+    from gguf_sandbox.mcp_client import local_workload
+
+    return local_workload(model, options)
+
+
 WORKLOADS: dict[str, Callable[[Path, argparse.Namespace], Report]] = {
     "parse": parse,
     "stream": stream,
     "embed": embed,
     "embed-concurrent": embed_concurrent,
+    "mcp": mcp,
 }
-DEFAULT_COUNTS = {"parse": 20, "stream": 1, "embed": 1000, "embed-concurrent": 400}
+DEFAULT_COUNTS = {"parse": 20, "stream": 1, "embed": 1000, "embed-concurrent": 400, "mcp": 1000}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

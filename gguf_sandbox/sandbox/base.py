@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import IO, Protocol, runtime_checkable
 
 # Token in CellSpec.argv replaced by the path at which the backend makes the model visible.
 MODEL_PLACEHOLDER = "{model}"
@@ -41,6 +42,12 @@ class CellSpec:
     model: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     expect: frozenset[Verdict] = frozenset({Verdict.PASS, Verdict.DEGRADED, Verdict.REFUSED})
+    # PyPI requirements the cell's Python needs beyond gguf-sandbox's own (the MCP SDK for `serve`):
+    # the cgroup backend installs them into a separate cached venv, docker images must already have them.
+    requirements: tuple[str, ...] = ()
+    # The workload's client runs on the host and talks to a process in the cell over its stdin/stdout
+    # (the `mcp` workload): the runner hands such a spec to that client instead of calling Sandbox.run.
+    host_side: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,4 +82,41 @@ class Sandbox(Protocol):
 
     def run(self, spec: CellSpec) -> RunResult:
         """Run the cell to completion or timeout; always clean up; never raise for the cell's own failure."""
+        ...
+
+
+@dataclass(frozen=True)
+class CellCommand:
+    """A host command whose stdin and stdout are those of the cell's process: start it yourself."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str] | None = None  # None: inherit the caller's environment
+
+
+class AttachedCell(Protocol):
+    """A prepared cell (limit set, hardening checked) whose process the caller starts with `command`."""
+
+    @property
+    def command(self) -> CellCommand: ...
+
+    @property
+    def stderr(self) -> IO[str]:
+        """A file to give the started command as its stderr; the backend reads it back in finish()."""
+        ...
+
+    def finish(self, grace: float = 5.0) -> RunResult:
+        """Wait up to `grace` s for the process to exit (its stdin is closed by now), kill what is left of
+        the cell, and return what was observed (stdout is empty: the caller read it)."""
+        ...
+
+
+@runtime_checkable
+class AttachableSandbox(Sandbox, Protocol):
+    """A backend that can also hand a cell's stdin/stdout to a client on the host (the `mcp` workload)."""
+
+    def attach(self, spec: CellSpec) -> AbstractContextManager[AttachedCell]:
+        """Prepare the cell for spec.argv and yield how to start it; everything is removed on exit.
+
+        The wall-clock timeout runs from entry; a cell still running then is killed and reported timed out.
+        """
         ...

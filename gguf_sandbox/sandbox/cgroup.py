@@ -13,16 +13,16 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
 from gguf_sandbox.budget import MemoryCgroup, own_memory_cgroup
 from gguf_sandbox.errors import SandboxError
-from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, RunResult
+from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellCommand, CellSpec, RunResult
 from gguf_sandbox.sandbox.interpreters import Interpreter, find_interpreter, parse_version
-from gguf_sandbox.sandbox.venvs import cache_dir, ensure_venv, package_root
+from gguf_sandbox.sandbox.venvs import RUNTIME_REQUIREMENTS, cache_dir, ensure_venv, package_root
 
 SAMPLE_INTERVAL = 0.05
 OUTPUT_LIMIT = 1 << 20
@@ -588,7 +588,7 @@ class CgroupSandbox:
         self._root = root
         self._cache = cache
         self._found: dict[str, Interpreter | None] = {}
-        self._venvs: dict[str, Interpreter] = {}
+        self._venvs: dict[tuple[str, tuple[str, ...]], Interpreter] = {}
         self._lock = threading.Lock()
 
     def _interpreter(self, python: str) -> Interpreter | None:
@@ -609,15 +609,18 @@ class CgroupSandbox:
             return f"no Python {python} found on PATH, in pyenv ($PYENV_ROOT, ~/.pyenv) or uv"
         return None
 
-    def interpreter(self, python: str) -> Interpreter:
-        """The venv interpreter cells of `python` run with (built on first use)."""
+    def interpreter(self, python: str, requirements: Sequence[str] = ()) -> Interpreter:
+        """The venv interpreter cells of `python` run with (built on first use), plus `requirements`."""
         base = self._interpreter(python)
         if base is None:
             raise SandboxError(f"no Python {python} interpreter; hint: install it with pyenv or uv")
+        key = (python, tuple(requirements))
         with self._lock:
-            if python not in self._venvs:
-                self._venvs[python] = ensure_venv(base, cache=self._cache)
-            return self._venvs[python]
+            if key not in self._venvs:
+                self._venvs[key] = ensure_venv(
+                    base, (*RUNTIME_REQUIREMENTS, *requirements), cache=self._cache
+                )
+            return self._venvs[key]
 
     def child_env(self, interpreter: Interpreter, extra: Mapping[str, str]) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if key not in _DROPPED_ENV}
@@ -627,8 +630,205 @@ class CgroupSandbox:
         return env
 
     def run(self, spec: CellSpec) -> RunResult:
-        interpreter = self.interpreter(spec.python)
+        interpreter = self.interpreter(spec.python, spec.requirements)
         argv = (str(interpreter.path), *substitute_model(spec.argv, spec.model))
         return run_limited(
             argv, spec.memory, spec.timeout, env=self.child_env(interpreter, spec.env), root=self._root
         )
+
+    @contextlib.contextmanager
+    def attach(self, spec: CellSpec) -> Iterator[LimitedCell]:
+        """The cell as a command for a host-side client (AttachableSandbox); see attach_limited."""
+        interpreter = self.interpreter(spec.python, spec.requirements)
+        argv = (str(interpreter.path), *substitute_model(spec.argv, spec.model))
+        with attach_limited(
+            argv, spec.memory, spec.timeout, env=self.child_env(interpreter, spec.env), root=self._root
+        ) as cell:
+            yield cell
+
+
+# -- attached cells: the caller starts the command (e.g. an MCP stdio client spawning its server) ------------
+# The outer shell stays outside the cgroup and records the exit status the caller's process handle keeps to
+# itself; the inner one writes the pid that enters the cell (a systemd scope is found through it), then execs
+# the placement's command.
+_STATUS_AND_PID = (
+    'status=$1; pidfile=$2; shift 2; sh -c \'echo $$ > "$0"; exec "$@"\' "$pidfile" "$@"; '
+    'rc=$?; echo "$rc" > "$status"; exit "$rc"'
+)
+ATTACH_POLL = 0.02
+STATUS_WAIT = 0.5
+
+
+def _process_gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie not yet reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    fields = stat.rsplit(")", 1)[-1].split()
+    return not fields or fields[0] in ("Z", "X")
+
+
+class LimitedCell:
+    """A cgroup prepared for a process the caller starts with `command` (an AttachedCell)."""
+
+    def __init__(
+        self,
+        placement: _Placement,
+        argv: Sequence[str],
+        *,
+        scratch: Path,
+        stderr: IO[str],
+        memory_bytes: int,
+        timeout: float,
+        env: Mapping[str, str] | None,
+        sample_interval: float,
+        output_limit: int,
+    ) -> None:
+        self._placement = placement
+        self._status = scratch / "status"
+        self._pidfile = scratch / "pid"
+        self._memory = memory_bytes
+        self._output_limit = output_limit
+        self._started = time.monotonic()
+        self._stderr = stderr
+        self._command = CellCommand(
+            (
+                _SHELL,
+                "-c",
+                _STATUS_AND_PID,
+                "sh",
+                str(self._status),
+                str(self._pidfile),
+                *placement.command(argv),
+            ),
+            None if env is None else dict(env),
+        )
+        self._timed_out = threading.Event()
+        self._done = threading.Event()
+        self._sampler = _Sampler(placement, self._started, sample_interval)
+        self._watchdog = threading.Thread(
+            target=self._watch, args=(timeout,), name="gguf-sandbox attach watchdog", daemon=True
+        )
+        self._result: RunResult | None = None
+        self._sampler.start()
+        self._watchdog.start()
+
+    @property
+    def command(self) -> CellCommand:
+        return self._command
+
+    @property
+    def stderr(self) -> IO[str]:
+        return self._stderr
+
+    def _watch(self, timeout: float) -> None:
+        """Attach a systemd scope once its pid is known; kill the cell at the wall-clock timeout."""
+        deadline = self._started + timeout
+        attached = False
+        while not self._done.is_set():
+            if not attached and (pid := _read_int(self._pidfile)) is not None:
+                self._placement.attach(pid)
+                attached = True
+            if time.monotonic() >= deadline:
+                self._timed_out.set()
+                self._placement.kill_all()
+                return
+            self._done.wait(ATTACH_POLL)
+
+    def _exit_status(self) -> int | None:
+        return _read_int(self._status)
+
+    def finish(self, grace: float = 5.0) -> RunResult:
+        if self._result is not None:
+            return self._result
+        stop = time.monotonic() + grace
+        pid = _read_int(self._pidfile)
+        gone_since: float | None = None
+        # Without a status the outer shell was killed too (the caller's own cleanup): then waiting for the
+        # cell's process to be gone is all there is to do.
+        while pid is not None and self._exit_status() is None and time.monotonic() < stop:
+            if _process_gone(pid):
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > STATUS_WAIT:
+                    break
+            time.sleep(ATTACH_POLL)
+        self._done.set()
+        self._placement.kill_all()
+        self._watchdog.join()
+        duration = time.monotonic() - self._started
+        samples = self._sampler.stop()
+        oom_kills = self._placement.oom_kills()
+        peak = self._placement.peak()
+        if peak is None and samples:
+            peak = max(value for _, value in samples)
+        notes = "".join(f"{NOTE_PREFIX}{note}\n" for note in self._placement.notes)
+        self._stderr.flush()
+        self._stderr.seek(0)
+        stderr = self._stderr.read()
+        if len(stderr) > self._output_limit:
+            stderr = (
+                f"[{len(stderr) - self._output_limit:,} characters cut]\n" + stderr[-self._output_limit :]
+            )
+        self._result = RunResult(
+            exit_code=self._exit_status(),
+            timed_out=self._timed_out.is_set(),
+            oom_killed_flag=oom_kills > 0,
+            oom_kill_count=oom_kills,
+            peak_bytes=peak,
+            limit_bytes=self._memory,
+            duration_s=duration,
+            stdout="",
+            stderr=notes + stderr,
+            samples=samples,
+        )
+        return self._result
+
+    def close(self) -> None:
+        """Stop the helper threads (finish() if nobody did)."""
+        self.finish(grace=0.0)
+
+
+@contextlib.contextmanager
+def attach_limited(
+    argv: Sequence[str],
+    memory_bytes: int,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    *,
+    root: Path = Path("/"),
+    sample_interval: float = SAMPLE_INTERVAL,
+    output_limit: int = OUTPUT_LIMIT,
+) -> Iterator[LimitedCell]:
+    """A fresh memory cgroup (swap off) for `argv`, which the caller starts with the yielded cell's command.
+
+    The caller owns the process (its stdin/stdout, e.g. an MCP client's stdio transport) and calls
+    finish() once it has ended for the exit code, peak and OOM signals. On exit everything left in the
+    cgroup is killed and the cgroup removed; exit codes are those of `argv` (the wrapper adds none).
+    """
+    if memory_bytes <= 0 or timeout <= 0 or not argv:
+        raise ValueError(f"attach_limited: memory_bytes={memory_bytes}, timeout={timeout}, argv={argv!r}")
+    with (
+        tempfile.TemporaryDirectory(prefix=CHILD_PREFIX) as scratch,
+        tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as stderr,
+    ):
+        placement = _direct_or_scope(root, memory_bytes, Path(scratch) / "report")
+        try:
+            cell = LimitedCell(
+                placement,
+                argv,
+                scratch=Path(scratch),
+                stderr=stderr,
+                memory_bytes=memory_bytes,
+                timeout=timeout,
+                env=env,
+                sample_interval=sample_interval,
+                output_limit=output_limit,
+            )
+            try:
+                yield cell
+            finally:
+                cell.close()
+        finally:
+            placement.kill_all()
+            placement.remove()

@@ -6,17 +6,19 @@ import contextlib
 import enum
 import os
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from gguf_sandbox.errors import SandboxError
-from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, RunResult
+from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellCommand, CellSpec, RunResult
 from gguf_sandbox.sandbox.images import SANDBOX_UID, build_image, engine_client, find_project_dir
 
 if TYPE_CHECKING:
@@ -288,6 +290,30 @@ def hardening_violations(attrs: Mapping[str, Any], spec: CellSpec) -> list[str]:
     return missing
 
 
+def _tmpfs_options(spec: CellSpec) -> str:
+    return f"rw,nosuid,nodev,noexec,size={spec.memory}"
+
+
+def _hardened_kwargs(spec: CellSpec, run_id: str) -> dict[str, Any]:
+    """docker-py create() arguments every cell gets: wrapper, user, limits, isolation, labels, logs."""
+    from docker.types import LogConfig
+
+    return {
+        "entrypoint": ["/bin/sh", "-c", CELL_WRAPPER, "gguf-sandbox-cell"],
+        "user": f"{SANDBOX_UID}:{SANDBOX_UID}",
+        "working_dir": "/tmp",
+        "mem_limit": spec.memory,
+        "memswap_limit": spec.memory,
+        "network_mode": "none",
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "pids_limit": PIDS_LIMIT,
+        "labels": {RUN_LABEL: run_id, CELL_LABEL: spec.cell_id[:200]},
+        "log_config": LogConfig(type="json-file", config={"max-size": LOG_MAX_SIZE}),
+    }
+
+
 class DockerSandbox:
     """Runs cells in per-Python images (gguf-sandbox:py3.X) under a hard memory limit with swap off."""
 
@@ -327,31 +353,17 @@ class DockerSandbox:
         if spec.model is not None and not spec.model.exists():
             raise SandboxError(f"cell {spec.cell_id}: model {spec.model} does not exist")
         _disable_ryuk()
-        from docker.types import LogConfig
         from testcontainers.core.container import DockerContainer
 
         run_id = uuid.uuid4().hex[:12]
         container = DockerContainer(image, env=dict(spec.env), name=_container_name(spec, run_id))
         container.with_command(argv)
         # Docker's own tmpfs options: testcontainers passes this string through verbatim.
-        container.with_tmpfs_mount("/tmp", f"rw,nosuid,nodev,noexec,size={spec.memory}")
+        container.with_tmpfs_mount("/tmp", _tmpfs_options(spec))
         if spec.model is not None:
             container.with_volume_mapping(spec.model.resolve(), f"{MODELS_DIR}/{spec.model.name}", "ro")
         # One call: with_kwargs() replaces whatever an earlier call set.
-        container.with_kwargs(
-            entrypoint=["/bin/sh", "-c", CELL_WRAPPER, "gguf-sandbox-cell"],
-            user=f"{SANDBOX_UID}:{SANDBOX_UID}",
-            working_dir="/tmp",
-            mem_limit=spec.memory,
-            memswap_limit=spec.memory,
-            network_mode="none",
-            read_only=True,
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            pids_limit=PIDS_LIMIT,
-            labels={RUN_LABEL: run_id, CELL_LABEL: spec.cell_id[:200]},
-            log_config=LogConfig(type="json-file", config={"max-size": LOG_MAX_SIZE}),
-        )
+        container.with_kwargs(**_hardened_kwargs(spec, run_id))
         try:
             return self._run_started(spec, container, image)
         finally:
@@ -427,6 +439,82 @@ class DockerSandbox:
             samples=tuple(samples),
         )
 
+    @contextlib.contextmanager
+    def attach(self, spec: CellSpec) -> Iterator[AttachedContainer]:
+        """The cell as a created, hardened container whose stdin/stdout `docker start -ai` attaches.
+
+        Created (not started) with the same hardening as run() plus an open stdin that closes with the
+        attached client; the yielded command starts it. The container is removed on exit.
+        """
+        import docker
+
+        cli = shutil.which("docker")
+        if cli is None:
+            raise SandboxError(
+                f"cell {spec.cell_id}: attaching a client needs the docker CLI on PATH; "
+                "hint: install docker.io"
+            )
+        image = self.image_for(spec.python)
+        argv = container_argv(spec)
+        if spec.model is not None and not spec.model.exists():
+            raise SandboxError(f"cell {spec.cell_id}: model {spec.model} does not exist")
+        client = self._engine()
+        run_id = uuid.uuid4().hex[:12]
+        volumes = (
+            {str(spec.model.resolve()): {"bind": f"{MODELS_DIR}/{spec.model.name}", "mode": "ro"}}
+            if spec.model is not None
+            else {}
+        )
+        try:
+            with _sigint_deferred():
+                created: Container = client.containers.create(
+                    image,
+                    command=argv,
+                    name=_container_name(spec, run_id),
+                    environment=dict(spec.env),
+                    tmpfs={"/tmp": _tmpfs_options(spec)},
+                    volumes=volumes,
+                    # Not detached + stdin open = AttachStdin and StdinOnce: the container's stdin closes
+                    # when the attached client closes its end, so the server in it sees EOF.
+                    stdin_open=True,
+                    detach=False,
+                    **_hardened_kwargs(spec, run_id),
+                )
+        except docker.errors.DockerException as error:
+            self._remove_run(run_id)
+            raise SandboxError(
+                f"cell {spec.cell_id}: could not create a container from {image}: {error}; "
+                "hint: `gguf-sandbox images build` and check `docker info`"
+            ) from error
+        try:
+            created.reload()
+            violations = hardening_violations(created.attrs, spec)
+            if violations:
+                raise SandboxError(
+                    f"cell {spec.cell_id}: the container lacks {', '.join(violations)}; refusing to run it"
+                )
+            with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as stderr:
+                cell = AttachedContainer(created, spec, cli, stderr)
+                try:
+                    yield cell
+                finally:
+                    cell.close()
+        finally:
+            with _sigint_deferred():
+                with contextlib.suppress(docker.errors.DockerException):
+                    created.remove(force=True, v=True)
+                self._remove_run(run_id)
+
+    def _remove_run(self, run_id: str) -> None:
+        import docker
+
+        with contextlib.suppress(docker.errors.DockerException, SandboxError):
+            for leftover in self._engine().containers.list(
+                all=True, filters={"label": f"{RUN_LABEL}={run_id}"}
+            ):
+                with contextlib.suppress(docker.errors.NotFound):
+                    leftover.remove(force=True, v=True)
+
     @staticmethod
     def _wait_for_exit(container_id: str, exited: threading.Event) -> None:
         """Block on the engine's wait endpoint on a private connection (no request timeout)."""
@@ -452,3 +540,108 @@ class DockerSandbox:
             for leftover in client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_id}"}):
                 with contextlib.suppress(docker.errors.NotFound):
                     leftover.remove(force=True, v=True)
+
+
+class AttachedContainer:
+    """A created cell container a host-side client starts with `docker start -ai` (an AttachedCell)."""
+
+    def __init__(self, container: Container, spec: CellSpec, cli: str, stderr: IO[str]) -> None:
+        self._container = container
+        self._spec = spec
+        self._stderr = stderr
+        self._command = CellCommand((cli, "start", "--attach", "--interactive", str(container.id)))
+        self._started = time.monotonic()
+        self._done = threading.Event()
+        self._timed_out = threading.Event()
+        self._samples: list[tuple[float, int]] = []
+        self._last = MemoryReading()
+        self._result: RunResult | None = None
+        self._watcher = threading.Thread(target=self._watch, name="gguf-sandbox attach watcher", daemon=True)
+        self._watcher.start()
+
+    @property
+    def command(self) -> CellCommand:
+        return self._command
+
+    @property
+    def stderr(self) -> IO[str]:
+        return self._stderr
+
+    def _state(self) -> dict[str, Any]:
+        self._container.reload()
+        state: dict[str, Any] = self._container.attrs.get("State") or {}
+        return state
+
+    def _watch(self) -> None:
+        """Sample the container's cgroup while it runs; kill it at the wall-clock timeout."""
+        import docker
+
+        deadline = self._started + self._spec.timeout
+        probe: _Probe | None = None
+        while not self._done.is_set():
+            if time.monotonic() >= deadline:
+                self._timed_out.set()
+                with contextlib.suppress(docker.errors.DockerException):
+                    self._container.kill()
+                return
+            if probe is None:
+                with contextlib.suppress(docker.errors.DockerException):
+                    pid = int(self._state().get("Pid") or 0)
+                    if pid > 0:
+                        probe = find_host_cgroup(pid, str(self._container.id)) or _StatsProbe(self._container)
+            if probe is not None:
+                self._sample(probe)
+            self._done.wait(probe.interval if probe is not None else SAMPLE_INTERVAL_S)
+
+    def _sample(self, probe: _Probe) -> None:
+        reading = probe.read()
+        if reading is None:
+            return
+        self._last = MemoryReading(
+            reading.usage,
+            _largest(self._last.peak, reading.peak),
+            _largest(self._last.oom_kill, reading.oom_kill),
+        )
+        if reading.usage is not None:
+            self._samples.append((round(time.monotonic() - self._started, 3), reading.usage))
+
+    def finish(self, grace: float = 5.0) -> RunResult:
+        import docker
+
+        if self._result is not None:
+            return self._result
+        with contextlib.suppress(docker.errors.DockerException, OSError):
+            # Returns at once for a container that never started; raises on timeout (requests).
+            self._container.wait(timeout=max(grace, 0.1))
+        self._done.set()
+        self._watcher.join()
+        with contextlib.suppress(docker.errors.DockerException):
+            self._container.kill()
+        state: dict[str, Any] = {}
+        logs = b""
+        with contextlib.suppress(docker.errors.DockerException):
+            state = self._state()
+            logs = self._container.logs(stdout=False, stderr=True)
+        _, report = parse_report(logs.decode("utf-8", errors="replace"))
+        self._stderr.flush()
+        self._stderr.seek(0)
+        stderr, local_report = parse_report(self._stderr.read())
+        sampled_peak = max((usage for _, usage in self._samples), default=None)
+        never_started = state.get("Status") == "created" or not state
+        self._result = RunResult(
+            exit_code=None if never_started or state.get("Running") else int(state.get("ExitCode", -1)),
+            timed_out=self._timed_out.is_set(),
+            oom_killed_flag=bool(state.get("OOMKilled")),
+            oom_kill_count=_largest(report.oom_kill, local_report.oom_kill, self._last.oom_kill) or 0,
+            peak_bytes=_largest(report.peak, local_report.peak, self._last.peak, sampled_peak),
+            limit_bytes=self._spec.memory,
+            duration_s=time.monotonic() - self._started,
+            stdout="",
+            stderr=stderr,
+            samples=tuple(self._samples),
+        )
+        return self._result
+
+    def close(self) -> None:
+        """Stop the watcher (finish() if nobody did)."""
+        self.finish(grace=0.0)
