@@ -14,7 +14,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from gguf_sandbox.sandbox.cgroup import cgroups_writable  # noqa: E402
-from tests.models import BIG_300MB, VOCAB_262K, cached_synthetic  # noqa: E402
+from tests.models import BIG_300MB, BIG_300MB_NARROW, VOCAB_262K, cached_synthetic  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +35,9 @@ def vocab262k_model() -> Path:
 def big_model() -> Path:
     """A synthetic F32 BERT of at least 300 MB."""
     return cached_synthetic(BIG_300MB)
+
+
+@pytest.fixture(scope="session")
+def big_narrow_model() -> Path:
+    """A synthetic F32 BERT of at least 300 MB, 512 wide (more layers, smaller activations)."""
+    return cached_synthetic(BIG_300MB_NARROW)
