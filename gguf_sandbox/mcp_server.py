@@ -1,10 +1,11 @@
 """`gguf-sandbox serve`: the embedding engine as a stdio MCP server that stays inside its memory limit.
 
-Order of events, each step refusing gracefully (exit 3 + a JSON error on stderr) rather than risking an
-OOM kill: the detected limit is checked against the server's measured floor *before* the MCP SDK is
-imported (the SDK alone costs ~36–46 MiB RSS); then the SDK is imported; then the Embedder is opened, so
-that its budget counts the SDK as already spent. Embedding runs in worker threads under the engine's
-admission control while the event loop keeps answering other requests.
+Start-up, each step refusing gracefully (exit 3 + a JSON error on stderr) rather than risking an OOM kill:
+the detected limit is checked against the server's measured floor *before* the MCP SDK is imported (the
+SDK alone costs ~25–35 MiB of a cell); the SDK and the engine are imported and the page cache their files
+left is given back; then the Embedder opens (its budget counts the imports as spent) and a reservation
+for serving itself is taken from its budget. Embedding runs in worker threads under the engine's admission
+control while the event loop keeps answering other requests.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from gguf_sandbox import __version__, budget
 from gguf_sandbox.errors import BudgetExceeded, GGUFSandboxError
 
 if TYPE_CHECKING:
+    from gguf_sandbox.budget import Reservation
     from gguf_sandbox.embed.engine import Embedder
 
 SERVER_NAME = "gguf-sandbox"
@@ -50,11 +52,17 @@ RESPONSE_BYTES_PER_VALUE = 96
 RESERVE_TIMEOUT_S = 120.0
 
 MiB = 1 << 20
-# The smallest limit at which `serve` reliably starts and answers 1000 embed calls of all-MiniLM-L6-v2
-# Q8_0, measured over real cgroup and docker limits (see the README): mcp 1.30 passed every trial at
-# 74 MiB, one in three at 70–72 (the engine refused the rest: its baseline, page cache included, varies by
-# ~4 MiB); mcp 2.3 passed at 80, was refused at 78. Below the floor `serve` refuses before importing the SDK.
-MEMORY_FLOOR: Mapping[int, int] = MappingProxyType({1: 74 * MiB, 2: 82 * MiB})
+# Held in the engine's budget for the server's lifetime, before the plan is chosen: what serving needs
+# beyond the forward passes and the per-call response reservations. Measured in a cold 256 MiB cell:
+# resident memory grows ~10 MiB past the Embedder's baseline once serving (SDK session, worker threads,
+# JSON), and ~11 MiB of file pages (code, the streamed model) stay active.
+SERVING_RESERVE = 8 * MiB
+# The smallest limit at which `serve` starts and answers 1000 embed calls of all-MiniLM-L6-v2 Q8_0 with a
+# cold page cache (the interpreter's, the packages' and the model's pages evicted first: the worst case),
+# bisected over real cgroup limits (see the README): mcp 1.30 at 88 MiB, mcp 2.3 at 94–96 MiB. A few MiB
+# above it the engine may still refuse, gracefully, when more of the imports' file pages are charged to the
+# cell. Below the floor `serve` refuses before importing the SDK.
+MEMORY_FLOOR: Mapping[int, int] = MappingProxyType({1: 88 * MiB, 2: 96 * MiB})
 
 
 # -- tools ---------------------------------------------------------------------------------------------
@@ -148,10 +156,12 @@ class EmbeddingService:
         sdk: str,
         limits: ServeLimits = ServeLimits(),
         workers: int = EMBED_WORKERS,
+        serving: Reservation | None = None,
     ) -> None:
         import anyio
 
         self._embedder = embedder
+        self._serving = serving
         self._architecture = architecture
         self._limit = limit
         self._floor = floor
@@ -238,8 +248,10 @@ class EmbeddingService:
         )
 
     def close(self) -> None:
-        """Wait for running embeddings, then release the Embedder."""
+        """Wait for running embeddings, then release the Embedder and the serving reservation."""
         self._embedder.close()
+        if self._serving is not None:
+            self._serving.release()
 
     # -- calls ----------------------------------------------------------------------------------------
     async def call(self, name: str, arguments: Mapping[str, Any] | None) -> ToolReply:
@@ -269,14 +281,18 @@ class EmbeddingService:
         return reply
 
     def _embed_sync(self, texts: Sequence[str]) -> ToolReply:
-        """Worker thread: hold room for the response, embed, and build both of its forms."""
+        """Worker thread: embed, then hold room for the response while building both of its forms.
+
+        The room is taken after the forward passes, never while they wait for theirs: holding one
+        reservation while waiting for another deadlocked two workers.
+        """
         embedder = self._embedder
+        vectors = embedder.embed(texts)  # [n, dim] float32, unit length
         nbytes = len(texts) * embedder.dimension * RESPONSE_BYTES_PER_VALUE
         memory = embedder.budget
         with memory.reserve_blocking(
             f"embed response for {len(texts)} texts", nbytes, RESERVE_TIMEOUT_S, cap=max(nbytes, memory.cap)
         ):
-            vectors = embedder.embed(texts)  # [n, dim] float32, unit length
             head = {
                 "model": embedder.model_name,
                 "dimension": embedder.dimension,
@@ -518,20 +534,52 @@ def release_import_cache() -> int:
     return count
 
 
+def _open_embedder(model: Path, plan: str) -> tuple[Embedder, Reservation]:
+    """The Embedder, opened on a budget that already holds the serving reservation, so that its plan and
+    its largest pass leave that room (a pass that can never fit would otherwise wait forever)."""
+    from gguf_sandbox.budget import MemoryBudget
+    from gguf_sandbox.embed.engine import Embedder
+    from gguf_sandbox.embed.weights import PlanName
+
+    # The smallest plan opens fast and detects the budget the way Embedder.open does: after the tokenizer
+    # is built, so that its vocabulary counts as spent.
+    with Embedder.open(model, plan=PlanName.STREAMING.value) as probe:
+        detected = probe.budget
+    memory = MemoryBudget(
+        detected.limit, cap=detected.cap, baseline=detected.baseline, origin=detected.origin
+    )
+    serving = memory.reserve(
+        "serving MCP (protocol objects, worker threads, active file pages)",
+        SERVING_RESERVE,
+        cap=max(SERVING_RESERVE, memory.cap),
+    )
+    try:
+        return Embedder.open(model, plan=plan, budget=memory), serving
+    except BaseException:
+        serving.release()
+        raise
+
+
 def _open_service(
     args: argparse.Namespace, *, limit: budget.MemoryLimit, floor: int, sdk: str, limits: ServeLimits
 ) -> EmbeddingService:
-    from gguf_sandbox.embed.engine import Embedder
     from gguf_sandbox.gguf.reader import GGUFFile
 
     with GGUFFile.open(args.model) as gguf:
         architecture = gguf.architecture or "unknown"
-    embedder = Embedder.open(args.model, plan=args.plan)
+    embedder, serving = _open_embedder(args.model, args.plan)
     try:
         return EmbeddingService(
-            embedder, architecture=architecture, limit=limit, floor=floor, sdk=sdk, limits=limits
+            embedder,
+            architecture=architecture,
+            limit=limit,
+            floor=floor,
+            sdk=sdk,
+            limits=limits,
+            serving=serving,
         )
     except BaseException:
+        serving.release()
         embedder.close()
         raise
 
