@@ -15,8 +15,10 @@ from gguf_sandbox.embed import bert
 from gguf_sandbox.embed.bert import BertConfig, TokenBatch
 from gguf_sandbox.embed.weights import (
     PLAN_ORDER,
+    Q8_KEPT_BYTES,
     ModelSizes,
     PlanName,
+    Q8Rows,
     TableMode,
     choose_plan,
     load_weights,
@@ -25,6 +27,7 @@ from gguf_sandbox.embed.weights import (
     read_config,
 )
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
+from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile
 from gguf_sandbox.gguf.synth import SyntheticBert, write_synthetic_bert
 from tests.embed.test_bert import naive_bert
@@ -163,6 +166,43 @@ def test_table_rows_equal_the_readers_rows(q8: GGUFFile, mode: TableMode) -> Non
     finally:
         weights.close()
     np.testing.assert_array_equal(got, q8.read_rows("token_embd.weight", ids.tolist()))
+
+
+# -- Q8_0 split into quants and scales --------------------------------------------------------------------
+def random_q8_0(n_blocks: int, seed: int = 3) -> np.ndarray:
+    """Q8_0 bytes with every kind of fp16 scale (normal, subnormal, negative, zero) and all int8 quants."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(n_blocks, 34), dtype=np.uint8)
+    scales = rng.standard_normal(n_blocks).astype(np.float16)
+    scales[::7] = np.float16(3e-6)  # subnormal
+    scales[::11] = np.float16(-0.0)
+    blocks[:, :2] = scales.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(-1)
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"), [(0, 12), (3, 4), (5, 12), (0, 1)], ids=["all", "inner", "tail", "one"]
+)
+def test_q8_rows_decode_bit_for_bit_like_dequantize(lo: int, hi: int) -> None:
+    row_len, rows = 64, 12
+    raw = random_q8_0(rows * row_len // 32)
+    expected = dequantize(raw, GGMLQuantizationType.Q8_0).reshape(rows, row_len)
+    for source in (raw, raw.tobytes()):
+        split = Q8Rows.of(source, row_len)
+        assert split.n_rows == rows
+        got = split.decode(lo, hi)
+        assert got.shape == (hi - lo, row_len)
+        np.testing.assert_array_equal(got.view(np.uint32), expected[lo:hi].view(np.uint32))
+
+
+def test_resident_quant_keeps_q8_0_as_quants_and_float32_scales(q8: GGUFFile) -> None:
+    config = read_config(q8)
+    sizes = ModelSizes.of(q8, config)
+    blocks = sizes.matrices_f32 // 4 // 32
+    assert sizes.matrices_raw == blocks * 34
+    assert sizes.matrices_kept == blocks * Q8_KEPT_BYTES
+    quant = sizes.resident(PlanName.RESIDENT_QUANT, TableMode.FILE)
+    assert quant == sizes.resident(PlanName.STREAMING, TableMode.FILE) + sizes.matrices_kept
 
 
 # -- choosing ------------------------------------------------------------------------------------------------
