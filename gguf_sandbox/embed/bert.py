@@ -102,7 +102,10 @@ class BertWeights(Protocol):
         ...
 
     def blocks(self, name: str) -> Iterable[tuple[int, F32]]:
-        """A 2-D weight [out, in] as (first_row, float32 [rows, in]) blocks in row order, each in the cap."""
+        """A 2-D weight [out, in] as (first_row, float32 [rows, in]) blocks in row order.
+
+        Blocks decoded for the call stay within the cap; weights held resident may come as one block.
+        """
         ...
 
 
