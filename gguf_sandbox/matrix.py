@@ -92,6 +92,8 @@ class Runnable:
     needs_model: bool
     # Its report carries a checksum of vectors that must equal the unconstrained run's.
     checks_vectors: bool = False
+    # Its client runs on the host and drives a server started inside the cell (CellSpec.host_side).
+    host_side: bool = False
 
 
 _WORKLOAD_OPTIONS = frozenset({"count", "threads", "batch", "plan"})
@@ -101,7 +103,7 @@ WORKLOADS: Mapping[str, Runnable] = MappingProxyType(
         "stream": Runnable(_WORKLOAD_OPTIONS, needs_model=True),
         "embed": Runnable(_WORKLOAD_OPTIONS, needs_model=True, checks_vectors=True),
         "embed-concurrent": Runnable(_WORKLOAD_OPTIONS, needs_model=True, checks_vectors=True),
-        "mcp": Runnable(_WORKLOAD_OPTIONS, needs_model=True, checks_vectors=True),
+        "mcp": Runnable(_WORKLOAD_OPTIONS, needs_model=True, checks_vectors=True, host_side=True),
     }
 )
 CONTROLS: Mapping[str, Runnable] = MappingProxyType(
@@ -175,6 +177,12 @@ class WorkloadDef:
             return self.args
         model = ("--model", MODEL_PLACEHOLDER) if self.models else ()
         return (*_ARGV_PREFIX[self.kind], self.target, *model, *self.args)
+
+    @property
+    def host_side(self) -> bool:
+        """Whether the runner drives this workload from the host (the `mcp` client) instead of running it."""
+        runnable = _RUNNABLES.get(self.kind, {}).get(self.target)
+        return runnable is not None and runnable.host_side
 
     def with_options(self, overrides: Mapping[str, str]) -> WorkloadDef:
         """This entry with some options replaced (a profile's `args`)."""
@@ -884,6 +892,7 @@ def _cell(matrix: Matrix, axes: Mapping[str, Any], cache_dir: Path) -> Cell:
         timeout=matrix.timeout_for(workload),
         model=model_file(matrix.models[model_name], cache_dir) if model_name else None,
         expect=matrix.expect_for(axes),
+        host_side=workload.host_side,
     )
     return Cell(
         spec=spec,

@@ -149,6 +149,7 @@ def _workload_cell(
         timeout=timeout or default_timeout,
         model=model_path,
         expect=expect,
+        host_side=workload.host_side,
     )
     matrix_path = matrix.path if matrix is not None else None
     return Cell(

@@ -106,7 +106,12 @@ def cell_fields(cell: Cell) -> dict[str, Any]:
 
 def run_spec(sandbox: Sandbox, spec: CellSpec, reference_checksum: object = None, repro: str = "") -> Outcome:
     """Run one spec and decide it (SandboxError propagates: the harness, not the cell, failed)."""
-    result = sandbox.run(spec)
+    if spec.host_side:
+        from gguf_sandbox.mcp_client import run_cell
+
+        result = run_cell(sandbox, spec)
+    else:
+        result = sandbox.run(spec)
     return decide(
         result,
         parse_report(result.stdout),

@@ -20,6 +20,7 @@ from gguf_sandbox.matrix import (
     parse,
     parse_size,
 )
+from gguf_sandbox.mcp_server import MEMORY_FLOOR
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, Verdict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -370,19 +371,27 @@ def test_k_syntax_errors(expression: str) -> None:
 def test_shipped_matrix_default_and_ci_profile() -> None:
     matrix = load(REPO / "matrix.yaml")
     cells = expand_cells(matrix, cache_dir=CACHE)
-    per_backend = 4 * 5 * (2 + 2 + 1 + 1 + 1 + 1)
+    # parse and stream on two models; embed, embed-concurrent, mcp, naive-load, alloc-bomb on one
+    per_backend = 4 * 5 * (2 + 2 + 1 + 1 + 1 + 1 + 1)
     assert len(cells) == 2 * per_backend
     assert {c.spec.python for c in cells} == {"3.10", "3.11", "3.12", "3.13"}
     by_id = {c.cell_id: c for c in cells}
     assert by_id["docker-py3.12-64m-embed-minilm_q8_0"].spec.argv[-2:] == ("--count", "1000")
+    assert by_id["cgroup-py3.10-96m-mcp-minilm_q8_0"].spec.argv[-2:] == ("--count", "1000")
     for cell in cells:
+        assert cell.spec.host_side == (cell.workload == "mcp")
         if cell.workload == "alloc-bomb":
             assert cell.spec.expect == {Verdict.OOM}
         elif cell.workload == "naive-load":
             assert cell.spec.expect == ({Verdict.PASS} if cell.spec.memory >= 512 << 20 else {Verdict.OOM})
+        elif cell.workload == "mcp":
+            served = {Verdict.PASS, Verdict.DEGRADED}
+            assert cell.spec.expect == ({Verdict.REFUSED} if cell.spec.memory < MEMORY_FLOOR[1] else served)
         else:
             assert cell.spec.expect == GRACEFUL
+    refused = {c.memory_label for c in cells if c.workload == "mcp" and Verdict.REFUSED in c.spec.expect}
+    assert refused == {"64m"}
     ci = expand_cells(load(REPO / "matrix.yaml", profile="ci"), cache_dir=CACHE)
-    assert len(ci) == 2 * 4 * 2 * (2 + 1 + 1 + 1)
-    assert {c.workload for c in ci} == {"parse", "embed", "naive-load", "alloc-bomb"}
-    assert {c.spec.argv[-2:] for c in ci if c.workload == "embed"} == {("--count", "100")}
+    assert len(ci) == 2 * 4 * 2 * (2 + 1 + 1 + 1 + 1)
+    assert {c.workload for c in ci} == {"parse", "embed", "mcp", "naive-load", "alloc-bomb"}
+    assert {c.spec.argv[-2:] for c in ci if c.workload in ("embed", "mcp")} == {("--count", "100")}

@@ -103,3 +103,15 @@ def test_failed_step_raises_with_its_output() -> None:
     assert "hint:" in str(error.value)
     with pytest.raises(SandboxError, match="creating venv"):
         venvs._run(["/nonexistent/python3.99"], {}, "creating venv")
+
+
+@pytest.mark.skipif(not PYPROJECT.is_file(), reason="not running from the source tree")
+def test_cell_image_preinstalls_the_runtime_requirements_and_the_mcp_sdk() -> None:
+    """Docker cells get what cgroup venvs get, plus the SDK the `mcp` cells' server imports."""
+    from gguf_sandbox.mcp_server import SDK_REQUIREMENT
+
+    dockerfile = (PYPROJECT.parent / "images" / "Dockerfile").read_text()
+    line = next(line for line in dockerfile.splitlines() if line.startswith("ARG RUNTIME_DEPS="))
+    preinstalled = set(line.partition("=")[2].strip('"').split())
+    assert {*RUNTIME_REQUIREMENTS, SDK_REQUIREMENT} <= preinstalled
+    assert '"/src[mcp]"' in dockerfile
