@@ -398,6 +398,49 @@ def _direct_or_scope(root: Path, limit: int, report: Path) -> _Placement:
     return placement
 
 
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C / SIGTERM until the block ends, so that a cgroup is never made without an owner.
+
+    Only the main thread receives them as exceptions (and only it may set handlers); elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda got, _: received.append(got)) for signum in _DEFERRED_SIGNALS
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for number in dict.fromkeys(received):
+            signal.raise_signal(number)
+
+
+@contextlib.contextmanager
+def _cell_placement(root: Path, limit: int, report: Path) -> Iterator[_Placement]:
+    """A fresh placement for one cell: everything in it killed and it removed on exit, whatever happens.
+
+    Creation runs with signals deferred and the name is bound before any can fire, so an interrupt at
+    any moment leaves either no cgroup or one this block removes.
+    """
+    placement: _Placement | None = None
+    try:
+        with _signals_deferred():
+            placement = _direct_or_scope(root, limit, report)
+        yield placement
+    finally:
+        if placement is not None:
+            placement.kill_all()
+            placement.remove()
+
+
 def cgroups_writable(root: Path = Path("/")) -> str | None:
     """None when run_limited can run a child under a memory limit here, else why not (a skip reason)."""
     parent = own_memory_cgroup(root)
@@ -487,22 +530,20 @@ def run_limited(
     """
     if memory_bytes <= 0 or timeout <= 0 or not argv:
         raise ValueError(f"run_limited: memory_bytes={memory_bytes}, timeout={timeout}, argv={argv!r}")
-    with tempfile.TemporaryDirectory(prefix=CHILD_PREFIX) as scratch:
-        placement = _direct_or_scope(root, memory_bytes, Path(scratch) / "report")
-        try:
-            return _run_placed(
-                placement,
-                argv,
-                memory_bytes=memory_bytes,
-                timeout=timeout,
-                env=env,
-                cwd=cwd,
-                sample_interval=sample_interval,
-                output_limit=output_limit,
-            )
-        finally:
-            placement.kill_all()
-            placement.remove()
+    with (
+        tempfile.TemporaryDirectory(prefix=CHILD_PREFIX) as scratch,
+        _cell_placement(root, memory_bytes, Path(scratch) / "report") as placement,
+    ):
+        return _run_placed(
+            placement,
+            argv,
+            memory_bytes=memory_bytes,
+            timeout=timeout,
+            env=env,
+            cwd=cwd,
+            sample_interval=sample_interval,
+            output_limit=output_limit,
+        )
 
 
 def _run_placed(
@@ -811,24 +852,20 @@ def attach_limited(
     with (
         tempfile.TemporaryDirectory(prefix=CHILD_PREFIX) as scratch,
         tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as stderr,
+        _cell_placement(root, memory_bytes, Path(scratch) / "report") as placement,
     ):
-        placement = _direct_or_scope(root, memory_bytes, Path(scratch) / "report")
+        cell = LimitedCell(
+            placement,
+            argv,
+            scratch=Path(scratch),
+            stderr=stderr,
+            memory_bytes=memory_bytes,
+            timeout=timeout,
+            env=env,
+            sample_interval=sample_interval,
+            output_limit=output_limit,
+        )
         try:
-            cell = LimitedCell(
-                placement,
-                argv,
-                scratch=Path(scratch),
-                stderr=stderr,
-                memory_bytes=memory_bytes,
-                timeout=timeout,
-                env=env,
-                sample_interval=sample_interval,
-                output_limit=output_limit,
-            )
-            try:
-                yield cell
-            finally:
-                cell.close()
+            yield cell
         finally:
-            placement.kill_all()
-            placement.remove()
+            cell.close()

@@ -11,10 +11,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gguf_sandbox.budget import DEFAULT_HEADROOM, own_memory_cgroup
+from gguf_sandbox.sandbox import cgroup
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, Sandbox
 from gguf_sandbox.sandbox.cgroup import (
     CHILD_PREFIX,
@@ -254,3 +256,30 @@ def test_budget_inside_a_cell_sees_the_cell_limit() -> None:
     assert (limit, source) == (96 * MiB, parent.source)
     assert 0 < baseline < 48 * MiB
     assert available == 96 * MiB - DEFAULT_HEADROOM - baseline
+
+
+def test_interrupt_just_after_the_cgroup_is_made_leaves_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C once the cgroup exists but before anyone owns it: held until an owner will remove it."""
+    create = cgroup._direct_or_scope
+    made: list[Path] = []
+
+    def interrupted_create(root: Path, limit: int, report: Path) -> Any:
+        placement = create(root, limit, report)
+        assert isinstance(placement, cgroup._ChildCgroup)
+        made.append(placement.path)
+        os.kill(os.getpid(), signal.SIGINT)
+        return placement
+
+    monkeypatch.setattr(cgroup, "_direct_or_scope", interrupted_create)
+    with pytest.raises(KeyboardInterrupt):
+        run_limited(_py("import time; time.sleep(60)"), 64 * MiB, timeout=30)
+    assert made and not made[0].exists()
+
+
+def test_signals_are_held_until_the_block_ends() -> None:
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt), cgroup._signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # a delivered SIGINT would raise here
+        reached_end = True
+    assert reached_end
