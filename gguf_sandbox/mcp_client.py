@@ -36,6 +36,7 @@ from gguf_sandbox.sandbox.base import (
     RunResult,
     Sandbox,
 )
+from gguf_sandbox.verdicts import parse_report
 
 if TYPE_CHECKING:
     from gguf_sandbox.workloads import Report
@@ -345,17 +346,7 @@ def build_report(
 
 def refusal_from(stderr: str) -> dict[str, Any] | None:
     """The server's JSON error ({"error", "kind"}) from its stderr, the last one when several."""
-    for line in reversed(stderr.splitlines()):
-        text = line.strip()
-        if not (text.startswith("{") and text.endswith("}")):
-            continue
-        try:
-            value = json.loads(text)
-        except ValueError:
-            continue
-        if isinstance(value, dict) and "error" in value and "kind" in value:
-            return value
-    return None
+    return parse_report(stderr, required=("error", "kind"))
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,8 +134,8 @@ def peak_over_limit(peak: int | None, limit: int) -> str:
     return f"{peak_text}/{round(limit / (1 << 20))}M"
 
 
-def parse_report(stdout: str) -> dict[str, Any] | None:
-    """The workload's report: the last stdout line that is a JSON object (None when there is none)."""
+def parse_report(stdout: str, required: Collection[str] = ()) -> dict[str, Any] | None:
+    """The workload's report: the last line that is a JSON object having the `required` keys, or None."""
     for line in reversed(stdout.splitlines()):
         text = line.strip()
         if not (text.startswith("{") and text.endswith("}")):
@@ -144,7 +144,7 @@ def parse_report(stdout: str) -> dict[str, Any] | None:
             value = json.loads(text)
         except ValueError:
             continue
-        if isinstance(value, dict):
+        if isinstance(value, dict) and all(key in value for key in required):
             return value
     return None
 
