@@ -438,39 +438,33 @@ def _check_ids(info: TensorInfo, ids: Ids) -> None:
 
 
 class F32Table:
-    """A table kept decoded, as float32 blocks of rows."""
+    """A table kept decoded, as one float32 [rows, row_len] array (resident: allocated once, at load)."""
 
-    def __init__(self, info: TensorInfo, blocks: list[F32], per_block: int) -> None:
+    def __init__(self, info: TensorInfo, blocks: Iterable[tuple[int, F32]]) -> None:
         self.info = info
-        self._blocks = blocks
-        self._per_block = per_block
+        self._table = np.empty((info.n_rows, info.row_len), dtype=np.float32)  # [rows, row_len]
+        for first, block in blocks:
+            self._table[first : first + block.shape[0]] = block
 
     def rows(self, ids: Ids) -> F32:
         _check_ids(self.info, ids)
-        out = np.empty((ids.size, self.info.row_len), dtype=np.float32)  # [n, row_len]
-        which = ids // self._per_block  # [n] block of each id
-        for block in np.unique(which).tolist():
-            slots = np.flatnonzero(which == block)  # [k]
-            out[slots] = self._blocks[block][ids[slots] - block * self._per_block]  # [k, row_len]
-        return out
+        return np.take(self._table, ids, axis=0)  # [n, row_len]
 
 
 class RawTable:
-    """A table kept as stored (quantized) rows; only the rows asked for are decoded."""
+    """A table kept as stored (quantized) rows, in one array; only the rows asked for are decoded."""
 
-    def __init__(self, info: TensorInfo, blocks: list[NDArray[np.uint8]], per_block: int, order: str) -> None:
+    def __init__(self, info: TensorInfo, blocks: Iterable[tuple[int, bytes]], order: str) -> None:
         self.info = info
-        self._blocks = blocks  # each [rows, row_nbytes]
-        self._per_block = per_block
+        self._raw = np.empty((info.n_rows, info.row_nbytes), dtype=np.uint8)  # [rows, row_nbytes]
+        for first, raw in blocks:
+            rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, info.row_nbytes)
+            self._raw[first : first + rows.shape[0]] = rows
         self._order = order
 
     def rows(self, ids: Ids) -> F32:
         _check_ids(self.info, ids)
-        raw = np.empty((ids.size, self.info.row_nbytes), dtype=np.uint8)  # [n, row_nbytes]
-        which = ids // self._per_block
-        for block in np.unique(which).tolist():
-            slots = np.flatnonzero(which == block)
-            raw[slots] = self._blocks[block][ids[slots] - block * self._per_block]
+        raw = np.take(self._raw, ids, axis=0)  # [n, row_nbytes]
         return decode(self.info, raw.reshape(-1), self._order).reshape(ids.size, self.info.row_len)
 
 
@@ -612,25 +606,18 @@ def read_blocks(fd: int, info: TensorInfo, cap: int, *, drop: bool = True) -> It
         yield first, raw
 
 
-def _f32_blocks(fd: int, info: TensorInfo, cap: int, order: str) -> list[tuple[int, F32]]:
-    return [
-        (first, decode(info, raw, order).reshape(-1, info.row_len))
-        for first, raw in read_blocks(fd, info, cap)
-    ]
-
-
-def _raw_blocks(fd: int, info: TensorInfo, cap: int) -> list[tuple[int, NDArray[np.uint8]]]:
-    return [(first, np.frombuffer(raw, dtype=np.uint8)) for first, raw in read_blocks(fd, info, cap)]
+def _f32_blocks(fd: int, info: TensorInfo, cap: int, order: str) -> Iterator[tuple[int, F32]]:
+    """(first_row, float32 [rows, row_len]) blocks, read and decoded one at a time."""
+    for first, raw in read_blocks(fd, info, cap):
+        yield first, decode(info, raw, order).reshape(-1, info.row_len)
 
 
 def _table(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int) -> RowSource:
-    mode, cap = plan.tables, plan.cap
-    per_block = rows_per_block(info, cap)
+    mode, cap, order = plan.tables, plan.cap, gguf.byte_order
     if mode is TableMode.F32:
-        return F32Table(info, [block for _, block in _f32_blocks(fd, info, cap, gguf.byte_order)], per_block)
+        return F32Table(info, _f32_blocks(fd, info, cap, order))
     if mode is TableMode.RAW:
-        raw = [block.reshape(-1, info.row_nbytes) for _, block in _raw_blocks(fd, info, cap)]
-        return RawTable(info, raw, per_block, gguf.byte_order)
+        return RawTable(info, read_blocks(fd, info, cap), order)
     return FileTable(info, fd, gguf.byte_order, uncached=plan.uncached)
 
 
@@ -638,13 +625,7 @@ def _matrix(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int) -> BlockSourc
     if plan.name is PlanName.RESIDENT_F32:
         order = gguf.byte_order
         # One block at a time, so loading never holds a matrix twice.
-        return F32Matrix(
-            info,
-            (
-                (first, decode(info, raw, order).reshape(-1, info.row_len))
-                for first, raw in read_blocks(fd, info, plan.cap)
-            ),
-        )
+        return F32Matrix(info, _f32_blocks(fd, info, plan.cap, order))
     if plan.name is PlanName.RESIDENT_QUANT:
         order = gguf.byte_order
         return RawMatrix(
