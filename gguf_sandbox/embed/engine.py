@@ -14,7 +14,7 @@ from typing import Final
 import numpy as np
 
 from gguf_sandbox.budget import MemoryBudget, Reservation
-from gguf_sandbox.embed.bert import F32, BertConfig, TokenBatch, encode, rows_per_chunk
+from gguf_sandbox.embed.bert import F32, BertConfig, TokenBatch, aligned, encode, rows_per_chunk
 from gguf_sandbox.embed.tokenizer import WordPieceTokenizer
 from gguf_sandbox.embed.weights import (
     DEFAULT_PASS_TOKENS,
@@ -42,8 +42,9 @@ class _Pass:
     sequences: list[list[int]]
 
     @property
-    def tokens(self) -> int:
-        return sum(len(s) for s in self.sequences)
+    def rows(self) -> int:
+        """Activation rows the pass may need: chunks pad to ROW_ALIGN, at most as much as each sequence."""
+        return sum(aligned(len(s)) for s in self.sequences)
 
 
 class Embedder:
@@ -189,7 +190,7 @@ class Embedder:
         with self._use():
             plan = self._weights.plan
             for work in self._passes(texts, plan):
-                nbytes = plan.pass_bytes(self.config, work.tokens)
+                nbytes = plan.pass_bytes(self.config, work.rows)
                 with self._budget.reserve_blocking(
                     "embedding pass", nbytes, cap=max(nbytes, self._budget.cap)
                 ):
@@ -199,17 +200,17 @@ class Embedder:
         return out
 
     def _passes(self, texts: Sequence[str], plan: Plan) -> Iterator[_Pass]:
-        """Consecutive texts grouped into passes of at most batch_size texts and plan.max_tokens tokens."""
+        """Consecutive texts grouped into passes of at most batch_size texts and plan.max_tokens rows."""
         current = _Pass(0, [])
-        tokens = 0
+        rows = 0
         for index, text in enumerate(texts):
             ids = self.tokenize(text)
-            full = len(current.sequences) >= self._batch_size or tokens + len(ids) > plan.max_tokens
+            full = len(current.sequences) >= self._batch_size or rows + aligned(len(ids)) > plan.max_tokens
             if current.sequences and full:
                 yield current
-                current, tokens = _Pass(index, []), 0
+                current, rows = _Pass(index, []), 0
             current.sequences.append(ids)
-            tokens += len(ids)
+            rows += aligned(len(ids))
         if current.sequences:
             yield current
 

@@ -13,7 +13,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType
 from numpy.typing import NDArray
 
-from gguf_sandbox.embed.bert import DEFAULT_CAP, F32, FLOAT_BYTES, BertConfig, Ids, Pooling
+from gguf_sandbox.embed.bert import DEFAULT_CAP, F32, FLOAT_BYTES, BertConfig, Ids, Pooling, aligned
 from gguf_sandbox.errors import BudgetExceeded, GGUFError, UnsupportedTensorType
 from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
@@ -261,7 +261,8 @@ def choose_plan(
     With `requested`, only that plan is considered. Raises BudgetExceeded when nothing fits.
     """
     wanted = parse_plan(requested)
-    min_tokens = config.context_length
+    # A full-context sequence, its chunks padded to ROW_ALIGN.
+    min_tokens = aligned(config.context_length)
     smallest: tuple[int, PlanName] | None = None
     for name in _candidates(sizes, wanted):
         for tables in PLAN_TABLES[name]:

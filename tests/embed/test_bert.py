@@ -189,6 +189,39 @@ def test_token_batch_chunks_cover_every_row_once(lengths: list[int], chunk_rows:
         assert len(pieces) == 1 or lengths[index] > chunk_rows
 
 
+@pytest.mark.parametrize(
+    ("rows", "limit", "expected"),
+    [
+        pytest.param(19, 168, 20, id="up-to-aligned"),
+        pytest.param(20, 168, 20, id="already-aligned"),
+        pytest.param(166, 168, 168, id="up-to-the-limit"),
+        pytest.param(5, 6, 6, id="limit-below-aligned"),
+        pytest.param(7, 5, 7, id="limit-below-rows"),
+    ],
+)
+def test_padded_rows_align_without_passing_the_limit(rows: int, limit: int, expected: int) -> None:
+    assert bert.padded_rows(rows, limit) == expected
+
+
+def test_chunks_are_aligned_and_their_padded_rows_stay_within_the_cap() -> None:
+    for cap in (1 << 20, 8192, 4 * 96 * 4, 1000):
+        rows = bert.rows_per_chunk(SMALL, cap)
+        assert rows * SMALL.widest * 4 <= cap or rows == 1
+        assert rows % bert.ROW_ALIGN == 0 or rows < bert.ROW_ALIGN
+
+
+def test_padding_rows_change_no_vector(monkeypatch: pytest.MonkeyPatch) -> None:
+    tensors = random_weights(SMALL, seed=6)
+    weights = DictWeights(SMALL, tensors, 16)
+    seqs = sequences(SMALL, [1, 6, 19, 3, 41])
+    batch = TokenBatch.from_sequences(seqs, bert.rows_per_chunk(SMALL))
+    padded = bert.encode(weights, batch)
+    monkeypatch.setattr(bert, "ROW_ALIGN", 1)
+    unpadded = bert.encode(weights, batch)
+    assert np.isfinite(padded).all()
+    assert np.abs(padded - unpadded).max() <= 1e-6
+
+
 def test_token_batch_refuses_empty_input() -> None:
     with pytest.raises(ValueError, match="at least one sequence"):
         TokenBatch.from_sequences([], 4)
