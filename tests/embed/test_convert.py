@@ -23,7 +23,9 @@ from gguf_sandbox.gguf.reader import GGUFFile, LazyArray
 F32, F16 = GGMLQuantizationType.F32, GGMLQuantizationType.F16
 Q8_0, Q4_0 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0
 MATRIX_TYPE = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
-TOKEN_EMBD_TYPE = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q8_0}
+TOKEN_EMBD_TYPE = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
+# Roles q4_0 keeps at Q8_0: the ones MiniLM's vectors are most sensitive to.
+KEPT_TYPE = {"q4_0": {"attn_v": Q8_0, "attn_output": Q8_0, "ffn_up": Q8_0, "ffn_down": Q8_0}}
 FILE_TYPE = {
     "f32": LlamaFileType.ALL_F32,
     "f16": LlamaFileType.MOSTLY_F16,
@@ -51,7 +53,11 @@ def expected_type(name: str, ne: tuple[int, ...], out_type: str) -> GGMLQuantiza
         or name.startswith(("position", "token_types"))
     ):
         return F32
-    wanted = TOKEN_EMBD_TYPE[out_type] if name == "token_embd.weight" else MATRIX_TYPE[out_type]
+    role = name.split(".")[2] if name.startswith("blk.") else ""
+    if name == "token_embd.weight":
+        wanted = TOKEN_EMBD_TYPE[out_type]
+    else:
+        wanted = KEPT_TYPE.get(out_type, {}).get(role, MATRIX_TYPE[out_type])
     return wanted if ne[0] % 32 == 0 else F16
 
 
@@ -160,6 +166,16 @@ def test_minilm_sizes_shrink_with_the_type(minilm_gguf: Callable[[str], Path]) -
     sizes = [minilm_gguf(out_type).stat().st_size for out_type in ("f32", "f16", "q8_0", "q4_0")]
     assert sizes == sorted(sizes, reverse=True)
     assert sizes[0] > 85_000_000  # 22.7 M float32 parameters
+
+
+def test_minilm_q4_0_holds_most_weights_in_q4_0(minilm_gguf: Callable[[str], Path]) -> None:
+    with GGUFFile.open(minilm_gguf("q4_0")) as gguf_file:
+        elements: dict[GGMLQuantizationType, int] = {}
+        for info in gguf_file.tensors.values():
+            elements[info.type] = elements.get(info.type, 0) + info.n_elements
+        q4_0_roles = {name.split(".")[-2] for name, i in gguf_file.tensors.items() if i.type == Q4_0}
+    assert elements[Q4_0] > 0.55 * sum(elements.values())
+    assert q4_0_roles == {"token_embd", "attn_q", "attn_k"}
 
 
 def test_minilm_tokenizer_loads_from_the_converted_file(minilm_gguf: Callable[[str], Path]) -> None:
