@@ -4,7 +4,9 @@ python bench/embed.py --model minilm-q8_0.gguf            # latency, batch-32 th
 python bench/embed.py --model minilm-q8_0.gguf --bisect   # + smallest cgroup limit completing 1000 embeddings
 
 Where cgroups are writable, our streaming and auto plans are also measured inside a --limit-mb (64 MB)
-cgroup, swap off: the issue's "streaming p95 at 64 MB".
+cgroup, swap off: the issue's "streaming p95 at 64 MB". Engines take turns over --rounds rounds so that
+load from other work on the host falls on all of them alike; "cpu p50" is the process's CPU time per
+call, which such load blurs least.
 
 Every engine runs in its own fresh process (peers in their own venv's interpreter, --st-python and
 --llama-python), so RSS figures are per engine. This file is also that worker (`--worker ENGINE`) and
@@ -23,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,30 +127,28 @@ def worker(
         for first in range(0, limit_count, BATCH):
             embed(texts[first : first + BATCH])
         return {"engine": engine, "count": limit_count, "peak_rss": _peak_rss()}
-    rss_loaded = _peak_rss()
     texts = sentences(singles + 5)
     for text in texts[:5]:
         embed([text])
-    latencies = []
+    latencies, cpu = [], []
     for text in texts[5:]:
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         embed([text])
-        latencies.append(time.perf_counter() - began)
+        latencies.append(1000 * (time.perf_counter() - began))
+        cpu.append(1000 * (time.process_time() - began_cpu))
     corpus = sentences(BATCH * (batches + 1), seed=11)
     embed(corpus[:BATCH])
     began = time.perf_counter()
     for first in range(BATCH, len(corpus), BATCH):
         embed(corpus[first : first + BATCH])
-    throughput = BATCH * batches / (time.perf_counter() - began)
-    latencies.sort()
     return {
         "engine": engine,
         "runs": runs,
         "load_s": load_s,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-        "batch32_per_s": throughput,
-        "rss_loaded": rss_loaded,
+        "latencies_ms": latencies,
+        "cpu_ms": cpu,
+        "batch_s": time.perf_counter() - began,
+        "batch_sentences": BATCH * batches,
         "peak_rss": _peak_rss(),
     }
 
@@ -161,6 +161,7 @@ class Row:
     engine: str
     p50_ms: float | None = None
     p95_ms: float | None = None
+    cpu_p50_ms: float | None = None  # CPU time of the process per call: what a busy host blurs least
     batch32_per_s: float | None = None
     peak_rss: int | None = None
     smallest_limit_mb: int | None = None
@@ -171,12 +172,57 @@ class Row:
 class Engine:
     name: str
     python: str
+    limit_mb: int = 0  # run inside a memory cgroup of this size (0: no limit)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} @ {self.limit_mb} MB" if self.limit_mb else self.name
+
+
+@dataclass
+class Samples:
+    """One engine's measurements, merged over rounds."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)
+    batch_s: float = 0.0
+    batch_sentences: int = 0
+    peak_rss: int = 0
+    runs: str = ""
+    cgroup_peak: int = 0
+    failure: str = ""
+
+    def add(self, result: dict[str, Any], cgroup_peak: int) -> None:
+        self.latencies_ms += result["latencies_ms"]
+        self.cpu_ms += result["cpu_ms"]
+        self.batch_s += result["batch_s"]
+        self.batch_sentences += result["batch_sentences"]
+        self.peak_rss = max(self.peak_rss, result["peak_rss"])
+        self.runs = result["runs"]
+        self.cgroup_peak = max(self.cgroup_peak, cgroup_peak)
+
+    def row(self, engine: Engine, smallest_limit_mb: int | None) -> Row:
+        if self.failure or not self.latencies_ms:
+            return Row(engine.label, note=f"failed: {self.failure}")
+        ordered = sorted(self.latencies_ms)
+        note = f"plan {self.runs}; cgroup peak {self.cgroup_peak / MB:.1f} MB" if engine.limit_mb else ""
+        return Row(
+            engine.label,
+            p50_ms=statistics.median(ordered),
+            p95_ms=ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+            cpu_p50_ms=statistics.median(self.cpu_ms),
+            batch32_per_s=self.batch_sentences / self.batch_s if self.batch_s else None,
+            peak_rss=self.peak_rss,
+            smallest_limit_mb=smallest_limit_mb,
+            note=note,
+        )
 
 
 def _worker_argv(engine: Engine, args: argparse.Namespace, limit_count: int = 0) -> list[str]:
+    singles, batches = -(-args.singles // args.rounds), -(-args.batches // args.rounds)
     return [
         engine.python, str(Path(__file__).resolve()), "--worker", engine.name, "--model", str(args.model),
-        "--hf-dir", str(args.hf_dir or ""), "--singles", str(args.singles), "--batches", str(args.batches),
+        "--hf-dir", str(args.hf_dir or ""), "--singles", str(singles), "--batches", str(batches),
         "--limit-count", str(limit_count),
     ]  # fmt: skip
 
@@ -189,56 +235,41 @@ def _worker_env(args: argparse.Namespace) -> dict[str, str] | None:
     return {**os.environ, "OPENBLAS_NUM_THREADS": count, "OMP_NUM_THREADS": count, "MKL_NUM_THREADS": count}
 
 
-def _run_worker(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
-    done = subprocess.run(
-        _worker_argv(engine, args),
-        capture_output=True,
-        text=True,
-        timeout=3600,
-        check=False,
-        env=_worker_env(args),
-    )
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"exit {done.returncode}: {' | '.join(tail)}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+def _measure(engine: Engine, args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """One round of the worker (inside a memory cgroup when the engine has a limit); its cgroup's peak."""
+    argv = _worker_argv(engine, args)
+    if engine.limit_mb:
+        from gguf_sandbox.sandbox.cgroup import run_limited
+
+        env = _worker_env(args) or dict(os.environ)
+        limited = run_limited(argv, engine.limit_mb * MB, timeout=3600, env=env)
+        if limited.exit_code != 0 or limited.oom_kill_count:
+            tail = (limited.stderr or limited.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(
+                f"exit {limited.exit_code}, oom kills {limited.oom_kill_count}: {' | '.join(tail)}"
+            )
+        stdout, peak = limited.stdout, limited.peak_bytes or 0
+    else:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=3600, check=False, env=_worker_env(args)
+        )
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(f"exit {done.returncode}: {' | '.join(tail)}")
+        stdout, peak = done.stdout, 0
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return result, peak
 
 
-def _run_worker_limited(
-    engine: Engine, args: argparse.Namespace, limit_mb: int
-) -> tuple[dict[str, Any], int]:
-    """The worker inside a memory cgroup of `limit_mb`: its figures and the cgroup's peak (bytes)."""
-    from gguf_sandbox.sandbox.cgroup import run_limited
-
-    env = _worker_env(args) or dict(os.environ)
-    done = run_limited(_worker_argv(engine, args), limit_mb * MB, timeout=3600, env=env)
-    if done.exit_code != 0 or done.oom_kill_count:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"exit {done.exit_code}, oom kills {done.oom_kill_count}: {' | '.join(tail)}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result, done.peak_bytes or 0
-
-
-def limited_rows(args: argparse.Namespace) -> list[Row]:
+def _limited_engines(args: argparse.Namespace) -> tuple[list[Engine], list[Row]]:
     """LIMITED_PLANS inside a --limit-mb cgroup (swap off); a note says why when cgroups are not writable."""
     from gguf_sandbox.sandbox.cgroup import cgroups_writable
 
-    names = [f"{plan} @ {args.limit_mb} MB" for plan in LIMITED_PLANS]
+    engines = [Engine(plan, sys.executable, args.limit_mb) for plan in LIMITED_PLANS]
     why = cgroups_writable()
     if why is not None:
-        return [Row(name, note=f"not run: {why}") for name in names]
-    rows = []
-    for plan, name in zip(LIMITED_PLANS, names, strict=True):
-        print(f"... {name}", file=sys.stderr, flush=True)
-        try:
-            result, peak = _run_worker_limited(Engine(plan, sys.executable), args, args.limit_mb)
-        except (RuntimeError, subprocess.TimeoutExpired) as error:
-            rows.append(Row(name, note=f"failed: {error}"))
-            continue
-        fields = {k: result[k] for k in ("p50_ms", "p95_ms", "batch32_per_s", "peak_rss")}
-        rows.append(Row(name, **fields, note=f"plan {result['runs']}; cgroup peak {peak / MB:.1f} MB"))
-    return rows
+        return [], [Row(engine.label, note=f"not run: {why}") for engine in engines]
+    return engines, []
 
 
 def _completes(engine: Engine, args: argparse.Namespace, limit_mb: int) -> bool:
@@ -293,16 +324,18 @@ def format_table(rows: Sequence[Row]) -> str:
     by_name = {row.engine: row for row in rows}
     llama_p50 = by_name.get(LLAMA_ENGINE, Row(LLAMA_ENGINE)).p50_ms
     st_rate = by_name.get(ST_ENGINE, Row(ST_ENGINE)).batch32_per_s
+    llama_cpu = by_name.get(LLAMA_ENGINE, Row(LLAMA_ENGINE)).cpu_p50_ms
     header = (
-        f"{'engine':22} {'p50 ms':>8} {'p95 ms':>8} {'p50/llama':>9} {'batch32/s':>10} {'/st':>7} "
-        f"{'peak RSS MB':>11} {'min limit MB':>12}  note"
+        f"{'engine':22} {'p50 ms':>8} {'p95 ms':>8} {'p50/llama':>9} {'cpu p50':>8} {'/llama':>7} "
+        f"{'batch32/s':>10} {'/st':>7} {'peak RSS MB':>11} {'min limit MB':>12}  note"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         rss = None if row.peak_rss is None else row.peak_rss / MB
         lines.append(
             f"{row.engine:22} {_cell(row.p50_ms, '8.2f')} {_cell(row.p95_ms, '8.2f')} "
-            f"{_ratio(row.p50_ms, llama_p50):>9} {_cell(row.batch32_per_s, '10.1f')} "
+            f"{_ratio(row.p50_ms, llama_p50):>9} {_cell(row.cpu_p50_ms, '8.2f')} "
+            f"{_ratio(row.cpu_p50_ms, llama_cpu):>7} {_cell(row.batch32_per_s, '10.1f')} "
             f"{_ratio(row.batch32_per_s, st_rate):>7} {_cell(rss, '11.1f')} "
             f"{_cell(row.smallest_limit_mb, '12d')}  {row.note}"
         )
@@ -349,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--singles", type=int, default=200, help="single-sentence calls timed")
     parser.add_argument("--batches", type=int, default=10, help="batches of 32 timed")
     parser.add_argument(
+        "--rounds", type=int, default=3, help="engines take turns this often (singles/batches split)"
+    )
+    parser.add_argument(
         "--limit-mb", type=int, default=64, help="cgroup limit for the limited runs (0: skip them)"
     )
     parser.add_argument(
@@ -375,19 +411,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.model is None:
             args.model = _default_model(args.hf_dir, Path(scratch))
         engines, rows = _engines(args)
+        if args.limit_mb:
+            limited, skipped = _limited_engines(args)
+            engines, rows = engines + limited, rows + skipped
+        # Engines take turns, round after round, so a load spike on a shared host blurs all of them alike.
+        samples = {engine: Samples() for engine in engines}
+        for round_index in range(args.rounds):
+            for engine in engines:
+                if samples[engine].failure:
+                    continue
+                print(f"... round {round_index + 1}: {engine.label}", file=sys.stderr, flush=True)
+                try:
+                    samples[engine].add(*_measure(engine, args))
+                except (RuntimeError, subprocess.TimeoutExpired) as error:
+                    samples[engine].failure = str(error)
         measured: list[Row] = []
         for engine in engines:
-            print(f"... {engine.name}", file=sys.stderr, flush=True)
-            try:
-                result = _run_worker(engine, args)
-            except (RuntimeError, subprocess.TimeoutExpired) as error:
-                measured.append(Row(engine.name, note=f"failed: {error}"))
-                continue
-            limit = smallest_limit(engine, args) if args.bisect else None
-            fields = {k: result[k] for k in ("p50_ms", "p95_ms", "batch32_per_s", "peak_rss")}
-            measured.append(Row(engine.name, smallest_limit_mb=limit, **fields))
-        if args.limit_mb:
-            measured += limited_rows(args)
+            bisect = args.bisect and not engine.limit_mb and not samples[engine].failure
+            measured.append(samples[engine].row(engine, smallest_limit(engine, args) if bisect else None))
     rows = measured + rows
     load = os.getloadavg()[0]
     threads = args.threads or "engine defaults"
