@@ -183,10 +183,17 @@ class TokenBatch:
 
 def layer_norm(x: F32, gamma: F32, beta: F32, eps: float) -> F32:
     """Normalize each row of x [rows, hidden] in place to zero mean, unit variance; then scale and shift."""
-    x -= x.mean(axis=1, keepdims=True)  # [rows, hidden]
-    variance = np.einsum("ij,ij->i", x, x) / np.float32(x.shape[1])  # [rows]
+    width = np.float32(x.shape[1])
+    # add.reduce and a division are what x.mean() computes, without its Python-level bookkeeping.
+    mean = np.add.reduce(x, axis=1, keepdims=True)  # [rows, 1]
+    mean /= width  # [rows, 1]
+    x -= mean  # [rows, hidden]
+    variance = np.einsum("ij,ij->i", x, x)  # [rows]
+    variance /= width  # [rows]
     variance += np.float32(eps)  # [rows]
-    x *= (1.0 / np.sqrt(variance, dtype=np.float32))[:, None]  # [rows, hidden]
+    np.sqrt(variance, out=variance)  # [rows]
+    np.divide(np.float32(1.0), variance, out=variance)  # [rows]
+    x *= variance[:, None]  # [rows, hidden]
     x *= gamma  # [rows, hidden]
     x += beta  # [rows, hidden]
     return x
@@ -312,9 +319,9 @@ def attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, *, heads: int, cap: 
                     queries = q[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
                     scores = np.matmul(queries, keys, out=buffer[:, : r1 - r0])  # [g, n, L]
                     scores *= scale  # [g, n, L]
-                    scores -= scores.max(axis=2, keepdims=True)  # [g, n, L]
+                    scores -= np.maximum.reduce(scores, axis=2, keepdims=True)  # [g, n, L]
                     np.exp(scores, out=scores)  # [g, n, L]
-                    scores /= scores.sum(axis=2, keepdims=True)  # [g, n, L]
+                    scores /= np.add.reduce(scores, axis=2, keepdims=True)  # [g, n, L]
                     out = ctx[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
                     np.matmul(scores, values, out=out)  # [g, n, d]
     return ctx
