@@ -419,43 +419,7 @@ def _assert_refused(result: RunResult, memory: int) -> None:
     assert result.peak_bytes is not None and result.peak_bytes < 40 * MiB, "the SDK was never imported"
 
 
-@pytest.fixture(scope="module")
-def cgroup_sandbox() -> Iterator[Any]:
-    from gguf_sandbox.sandbox.cgroup import CgroupSandbox
-
-    sandbox = CgroupSandbox()
-    python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    reason = sandbox.unavailable_reason(python)
-    if reason is not None:
-        pytest.skip(reason)
-    yield sandbox
-
-
-@needs_sdk
-@pytest.mark.cgroup
-@pytest.mark.slow
-def test_cgroup_cell_above_the_floor_passes(cgroup_sandbox: Any, model: Path) -> None:
-    report = _assert_passes(run_cell(cgroup_sandbox, _spec("cgroup", ABOVE_FLOOR, model)), ABOVE_FLOOR)
-    print(f"cgroup 96m: {_figures(report)}")
-
-
-@needs_sdk
-@pytest.mark.cgroup
-def test_cgroup_cell_below_the_floor_is_refused(cgroup_sandbox: Any, model: Path) -> None:
-    _assert_refused(run_cell(cgroup_sandbox, _spec("cgroup", BELOW_FLOOR, model)), BELOW_FLOOR)
-
-
-@pytest.fixture(scope="module")
-def docker_sandbox() -> Iterator[Any]:
-    """The docker backend when an engine answers and its cell image has the MCP SDK installed."""
-    pytest.importorskip("docker")
-    from gguf_sandbox.sandbox.docker import DockerSandbox
-
-    sandbox = DockerSandbox()
-    python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    reason = sandbox.unavailable_reason(python)
-    if reason is not None:
-        pytest.skip(reason)
+def _image_has_the_sdk(sandbox: Any, python: str) -> bool:
     probe = subprocess.run(
         [
             "docker",
@@ -473,23 +437,44 @@ def docker_sandbox() -> Iterator[Any]:
         timeout=120,
         check=False,
     )
-    if probe.returncode != 0:
+    return probe.returncode == 0
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("cgroup", marks=pytest.mark.cgroup),
+        pytest.param("docker", marks=pytest.mark.docker),
+    ],
+)
+def cell_sandbox(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Each backend that can run a cell here (for docker: its cell image has the MCP SDK)."""
+    if request.param == "docker":
+        pytest.importorskip("docker")
+    from gguf_sandbox.runner import make_sandbox
+
+    sandbox = make_sandbox(request.param)
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    reason = sandbox.unavailable_reason(python)
+    if reason is not None:
+        pytest.skip(reason)
+    if request.param == "docker" and not _image_has_the_sdk(sandbox, python):
         pytest.skip(f"the cell image for Python {python} lacks the MCP SDK (add {SDK_REQUIREMENT} to it)")
     yield sandbox
 
 
 @needs_sdk
-@pytest.mark.docker
 @pytest.mark.slow
-def test_docker_cell_above_the_floor_passes(docker_sandbox: Any, model: Path) -> None:
-    report = _assert_passes(run_cell(docker_sandbox, _spec("docker", ABOVE_FLOOR, model)), ABOVE_FLOOR)
-    print(f"docker 96m: {_figures(report)}")
+def test_cell_above_the_floor_passes(cell_sandbox: Any, model: Path) -> None:
+    backend = cell_sandbox.name
+    report = _assert_passes(run_cell(cell_sandbox, _spec(backend, ABOVE_FLOOR, model)), ABOVE_FLOOR)
+    print(f"{backend} 96m: {_figures(report)}")
 
 
 @needs_sdk
-@pytest.mark.docker
-def test_docker_cell_below_the_floor_is_refused(docker_sandbox: Any, model: Path) -> None:
-    _assert_refused(run_cell(docker_sandbox, _spec("docker", BELOW_FLOOR, model)), BELOW_FLOOR)
+def test_cell_below_the_floor_is_refused(cell_sandbox: Any, model: Path) -> None:
+    backend = cell_sandbox.name
+    _assert_refused(run_cell(cell_sandbox, _spec(backend, BELOW_FLOOR, model)), BELOW_FLOOR)
 
 
 @needs_sdk
