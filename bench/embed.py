@@ -112,6 +112,12 @@ def _open_engine(engine: str, model: str, hf_dir: str) -> tuple[Embed, str]:
 
 
 def _peak_rss() -> int:
+    """This process's RSS high-water mark: VmHWM, which starts afresh at exec. (ru_maxrss does not: Linux
+    carries the forking driver's RSS into it, so every worker would report at least the driver's.)"""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
