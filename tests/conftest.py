@@ -9,12 +9,21 @@ import os
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 
+import signal  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from gguf_sandbox.sandbox.cgroup import cgroups_writable  # noqa: E402
 from tests.models import BIG_300MB, BIG_300MB_NARROW, VOCAB_262K, cached_synthetic  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The interrupt tests send SIGINT to pytest and to the processes it starts. A shell that runs pytest in
+    # the background (`pytest &`, nohup) makes it ignore SIGINT, and children would inherit that: give the
+    # session Python's own handler back (its children then start with the default action).
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -295,7 +296,9 @@ def test_attached_cgroup_cell_is_killed_at_its_timeout_and_removed() -> None:
     assert parent is not None
 
     def children() -> set[str]:
-        return {entry.name for entry in parent.directory.iterdir() if entry.name.startswith(CHILD_PREFIX)}
+        # Only this process's: other suites or matrix runs may make cells under the same parent meanwhile.
+        mine = f"{CHILD_PREFIX}{os.getpid()}-"
+        return {entry.name for entry in parent.directory.iterdir() if entry.name.startswith(mine)}
 
     before = children()
     with attach_limited([sys.executable, "-c", "import time; time.sleep(60)"], 64 * MiB, 1.0) as cell:
