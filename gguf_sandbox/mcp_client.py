@@ -476,17 +476,9 @@ class _LocalServer:
 
     def __init__(self, argv: Sequence[str], stderr: IO[str], status: Path) -> None:
         wrapper = 'status=$1; shift; "$@"; rc=$?; echo "$rc" > "$status"; exit "$rc"'
-        self._command = CellCommand(("/bin/sh", "-c", wrapper, "sh", str(status), *argv))
-        self._stderr = stderr
+        self.command = CellCommand(("/bin/sh", "-c", wrapper, "sh", str(status), *argv))
+        self.stderr = stderr
         self._status = status
-
-    @property
-    def command(self) -> CellCommand:
-        return self._command
-
-    @property
-    def stderr(self) -> IO[str]:
-        return self._stderr
 
     def finish(self, grace: float = 5.0) -> RunResult:
         stop = time.monotonic() + grace
@@ -496,8 +488,8 @@ class _LocalServer:
             exit_code: int | None = int(self._status.read_text().strip())
         except (OSError, ValueError):
             exit_code = None
-        self._stderr.seek(0)
-        return RunResult(exit_code, False, False, 0, None, 0, 0.0, "", self._stderr.read())
+        self.stderr.seek(0)
+        return RunResult(exit_code, False, False, 0, None, 0, 0.0, "", self.stderr.read())
 
 
 @contextlib.contextmanager

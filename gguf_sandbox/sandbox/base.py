@@ -94,7 +94,10 @@ class CellCommand:
 
 
 class AttachedCell(Protocol):
-    """A prepared cell (limit set, hardening checked) whose process the caller starts with `command`."""
+    """A prepared cell (limit set, hardening checked) whose process the caller starts with `command`.
+
+    Implementations may provide `command` and `stderr` as plain attributes.
+    """
 
     @property
     def command(self) -> CellCommand: ...

@@ -732,8 +732,8 @@ class LimitedCell:
         self._memory = memory_bytes
         self._output_limit = output_limit
         self._started = time.monotonic()
-        self._stderr = stderr
-        self._command = CellCommand(
+        self.stderr = stderr
+        self.command = CellCommand(
             (
                 _SHELL,
                 "-c",
@@ -754,14 +754,6 @@ class LimitedCell:
         self._result: RunResult | None = None
         self._sampler.start()
         self._watchdog.start()
-
-    @property
-    def command(self) -> CellCommand:
-        return self._command
-
-    @property
-    def stderr(self) -> IO[str]:
-        return self._stderr
 
     def _watch(self, timeout: float) -> None:
         """Attach a systemd scope once its pid is known; kill the cell at the wall-clock timeout."""
@@ -804,9 +796,9 @@ class LimitedCell:
         if peak is None and samples:
             peak = max(value for _, value in samples)
         notes = "".join(f"{NOTE_PREFIX}{note}\n" for note in self._placement.notes)
-        self._stderr.flush()
-        self._stderr.seek(0)
-        stderr = self._stderr.read()
+        self.stderr.flush()
+        self.stderr.seek(0)
+        stderr = self.stderr.read()
         if len(stderr) > self._output_limit:
             stderr = (
                 f"[{len(stderr) - self._output_limit:,} characters cut]\n" + stderr[-self._output_limit :]

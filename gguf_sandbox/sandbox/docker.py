@@ -548,8 +548,8 @@ class AttachedContainer:
     def __init__(self, container: Container, spec: CellSpec, cli: str, stderr: IO[str]) -> None:
         self._container = container
         self._spec = spec
-        self._stderr = stderr
-        self._command = CellCommand((cli, "start", "--attach", "--interactive", str(container.id)))
+        self.stderr = stderr
+        self.command = CellCommand((cli, "start", "--attach", "--interactive", str(container.id)))
         self._started = time.monotonic()
         self._done = threading.Event()
         self._timed_out = threading.Event()
@@ -558,14 +558,6 @@ class AttachedContainer:
         self._result: RunResult | None = None
         self._watcher = threading.Thread(target=self._watch, name="gguf-sandbox attach watcher", daemon=True)
         self._watcher.start()
-
-    @property
-    def command(self) -> CellCommand:
-        return self._command
-
-    @property
-    def stderr(self) -> IO[str]:
-        return self._stderr
 
     def _state(self) -> dict[str, Any]:
         self._container.reload()
@@ -623,9 +615,9 @@ class AttachedContainer:
             state = self._state()
             logs = self._container.logs(stdout=False, stderr=True)
         _, report = parse_report(logs.decode("utf-8", errors="replace"))
-        self._stderr.flush()
-        self._stderr.seek(0)
-        stderr, local_report = parse_report(self._stderr.read())
+        self.stderr.flush()
+        self.stderr.seek(0)
+        stderr, local_report = parse_report(self.stderr.read())
         sampled_peak = max((usage for _, usage in self._samples), default=None)
         never_started = state.get("Status") == "created" or not state
         self._result = RunResult(
