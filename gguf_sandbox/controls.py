@@ -2,10 +2,15 @@
 
 `python -m gguf_sandbox.controls naive-load --model M`  loads M with gguf-py's GGUFReader and keeps
     every tensor dequantized to float32 in memory (what a naive loader does);
-`python -m gguf_sandbox.controls alloc-bomb [--step 16m] [--max 4g]`  touches memory in steps.
+`python -m gguf_sandbox.controls alloc-bomb [--step 16m] [--max 4g]`  touches memory in steps;
+`python -m gguf_sandbox.controls refusing-engine`  refuses like a budget would, at every limit;
+`python -m gguf_sandbox.controls perturbed-engine --model M [--count N]`  embeds like the embed workload,
+    but under a limit below 1 GiB its vectors are nudged (a plan bug that only shows when constrained).
 
-Each prints one JSON report and exits 0 when it survived — under a limit meant to stop it, that exit
-is the harness's failure (the cell's expect is `oom`), not the control's.
+Each imitates a failure the matrix must catch: naive-load and alloc-bomb must end `oom`, refusing-engine
+`refused` (which the strict expectations reject at and above a floor), perturbed-engine `wrong` (its
+unconstrained reference run is not perturbed). A survivor prints one JSON report and exits 0 — under a
+limit meant to stop it, that exit is the harness's failure (the cell's expect), not the control's.
 """
 
 from __future__ import annotations
@@ -65,9 +70,69 @@ def alloc_bomb(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": None, "plan": "bomb", "count": len(held), "loaded_bytes": total}
 
 
+REFUSED_EXIT_CODE = 3
+# Below this detected limit perturbed-engine nudges its vectors; the reference runs unconstrained (2 GiB).
+PERTURB_BELOW = 1 << 30
+PERTURBATION = 0.05
+
+
+class ControlRefusal(Exception):
+    """A control that refuses, as the engine's budget would (exit 3 with a JSON error)."""
+
+
+def refusing_engine(args: argparse.Namespace) -> dict[str, Any]:
+    """An engine whose budget refuses everything: the matrix must not call that a success."""
+    raise ControlRefusal("embedding plan streaming: needs 8,773,632 bytes, only 0 available (control)")
+
+
+def perturbed_engine(args: argparse.Namespace) -> dict[str, Any]:
+    """The embed workload on an engine whose vectors go wrong when memory is constrained."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from gguf_sandbox import budget, workloads
+    from gguf_sandbox.embed.engine import Embedder
+
+    constrained = budget.detect_limit().limit_bytes < PERTURB_BELOW
+
+    class Perturbed:
+        def __init__(self, embedder: Embedder) -> None:
+            self._embedder = embedder
+            self.plan, self.preferred_plan = embedder.plan, embedder.preferred_plan
+
+        def embed(self, texts: Sequence[str]) -> Any:
+            vectors = self._embedder.embed(texts)
+            if constrained:
+                vectors[:, 0] += PERTURBATION
+                vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            return vectors
+
+        def __enter__(self) -> Perturbed:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._embedder.close()
+
+    def opener(model: Path, options: argparse.Namespace) -> Perturbed:
+        return Perturbed(Embedder.open(model, plan=options.plan, batch_size=options.batch))
+
+    options = argparse.Namespace(count=args.count, batch=1, threads=1, plan="auto")
+    report: dict[str, Any] = workloads.embed(Path(args.model), options, opener).as_json()
+    report["perturbed"] = constrained
+    return report
+
+
 CONTROLS: Mapping[str, Callable[[argparse.Namespace], dict[str, Any]]] = MappingProxyType(
-    {"naive-load": naive_load, "alloc-bomb": alloc_bomb}
+    {
+        "naive-load": naive_load,
+        "alloc-bomb": alloc_bomb,
+        "refusing-engine": refusing_engine,
+        "perturbed-engine": perturbed_engine,
+    }
 )
+# The controls that read a model.
+NEEDS_MODEL = frozenset({"naive-load", "perturbed-engine"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,16 +141,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help="GGUF file (naive-load)")
     parser.add_argument("--step", default="16m", help="alloc-bomb step (default 16m)")
     parser.add_argument("--max", default="4g", help="alloc-bomb cap (default 4g)")
+    parser.add_argument("--count", type=int, default=100, help="perturbed-engine embeddings (default 100)")
     args = parser.parse_args(argv)
-    if args.control == "naive-load" and not args.model:
-        parser.error("naive-load needs --model")
+    if args.control in NEEDS_MODEL and not args.model:
+        parser.error(f"{args.control} needs --model")
     started = time.perf_counter()
-    report = CONTROLS[args.control](args)
+    try:
+        report = CONTROLS[args.control](args)
+    except ControlRefusal as refusal:
+        print(json.dumps({"error": str(refusal), "kind": "BudgetExceeded"}), flush=True)
+        return REFUSED_EXIT_CODE
+    report.setdefault("preferred_plan", report["plan"])
+    report.setdefault("degraded", False)
+    report.setdefault("errors", 0)
     report.update(
         workload=args.control,
-        preferred_plan=report["plan"],
-        degraded=False,
-        errors=0,
         duration_s=round(time.perf_counter() - started, 3),
         peak_rss=_peak_rss(),
     )

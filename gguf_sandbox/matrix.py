@@ -16,10 +16,15 @@ from types import MappingProxyType
 from typing import Any
 
 from gguf_sandbox.errors import MatrixError
+from gguf_sandbox.floors import FLOORS_FILE, FloorsError, FloorTable, load_floors
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, Verdict
 
 SCHEMA_VERSION = 1
 GRACEFUL: frozenset[Verdict] = frozenset(v for v in Verdict if v.graceful)
+# What a cell at or above its workload's floor must do: finish. A refusal is never a default (an engine that
+# refuses everything would pass); it is expected only below a floor.
+FINISHED: frozenset[Verdict] = frozenset({Verdict.PASS, Verdict.DEGRADED})
+BELOW_FLOOR: frozenset[Verdict] = frozenset({Verdict.REFUSED})
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_REFERENCE_MEMORY = 2 << 30
 KNOWN_BACKENDS = ("docker", "cgroup")
@@ -110,6 +115,8 @@ CONTROLS: Mapping[str, Runnable] = MappingProxyType(
     {
         "naive-load": Runnable(frozenset(), needs_model=True),
         "alloc-bomb": Runnable(frozenset({"step", "max"}), needs_model=False),
+        "refusing-engine": Runnable(frozenset(), needs_model=False),
+        "perturbed-engine": Runnable(frozenset({"count"}), needs_model=True, checks_vectors=True),
     }
 )
 _RUNNABLES: Mapping[RunKind, Mapping[str, Runnable]] = MappingProxyType(
@@ -170,6 +177,8 @@ class WorkloadDef:
     timeout: float | None
     reference: bool
     options: Mapping[str, str] = field(default_factory=dict)
+    # The smallest limit it promises to finish in (`floor:`); a measured floor below it takes over.
+    floor: int | None = None
 
     def argv(self) -> tuple[str, ...]:
         """The argv after `python`, with MODEL_PLACEHOLDER where the model path goes."""
@@ -232,6 +241,23 @@ class ExpectRule:
 
 
 @dataclass(frozen=True)
+class FloorOffset:
+    """An include's memory relative to each cell's floor (`floor`, `floor-4m`, `floor+8m`)."""
+
+    delta: int
+
+    def resolve(self, floor: int | None, where: str) -> int:
+        if floor is None:
+            raise MatrixError(
+                f"{where}: memory relative to a floor, but the cell has none; give the workload a `floor:` "
+                "or measure one with `gguf-sandbox floor --record`"
+            )
+        if floor + self.delta <= 0:
+            raise MatrixError(f"{where}: floor {format_size(floor)} {self.delta:+,} bytes is not a limit")
+        return floor + self.delta
+
+
+@dataclass(frozen=True)
 class IncludeEntry:
     """Extra cells: each listed axis takes the given values, an omitted axis all the matrix's values."""
 
@@ -260,7 +286,7 @@ class Matrix:
     backends: tuple[str, ...]
     models: Mapping[str, ModelDef]
     workloads: Mapping[str, WorkloadDef]
-    expect_default: frozenset[Verdict] = GRACEFUL
+    expect_default: frozenset[Verdict] = FINISHED
     expect_rules: tuple[ExpectRule, ...] = ()
     include: tuple[IncludeEntry, ...] = ()
     exclude: tuple[Pattern, ...] = ()
@@ -269,6 +295,7 @@ class Matrix:
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     path: Path | None = None
     profile: str | None = None
+    floors: FloorTable = field(default_factory=FloorTable)
 
     def with_profile(self, name: str | None) -> Matrix:
         """The matrix narrowed to profile `name` (None: unchanged)."""
@@ -292,9 +319,24 @@ class Matrix:
             profile=name,
         )
 
+    def floor_for(self, axes: Mapping[str, Any]) -> int | None:
+        """The cell's floor: the workload's measured floor (floors file), capped by its declared `floor:`.
+
+        A measured floor above the declared one is a regression, not a new promise: the declared one stays.
+        """
+        workload = self.workloads[axes["workload"]]
+        measured = self.floors.find(workload.name, axes["model"], str(axes["python"]), axes["backend"])
+        if measured is None:
+            return workload.floor
+        if workload.floor is None:
+            return measured.floor
+        return min(workload.floor, measured.floor)
+
     def expect_for(self, axes: Mapping[str, Any]) -> frozenset[Verdict]:
-        """Allowed verdicts of the cell with these axes: the last matching rule, else the default."""
-        verdicts = self.expect_default
+        """Allowed verdicts of the cell with these axes: the last matching rule, else refused below the
+        cell's floor and the default (pass|degraded) at or above it."""
+        floor = self.floor_for(axes)
+        verdicts = BELOW_FLOOR if floor is not None and axes["memory"] < floor else self.expect_default
         for rule in self.expect_rules:
             if rule.match.matches(axes):
                 verdicts = rule.verdicts
@@ -314,17 +356,12 @@ class Cell:
     memory_label: str
     reference: bool
     repro: str
+    # Workloads and controls print a JSON report; a plain command only has to exit 0.
+    reports: bool = True
 
     @property
     def cell_id(self) -> str:
         return self.spec.cell_id
-
-    def reference_key(self) -> str | None:
-        """Id of the unconstrained run whose checksum this cell must reproduce (None: not compared)."""
-        if not self.reference:
-            return None
-        model = f"-{self.model}" if self.model else ""
-        return f"{self.spec.backend}-py{self.spec.python}-ref-{self.workload}{model}"
 
 
 # --------------------------------------------------------------------------- loading
@@ -346,11 +383,13 @@ _TOP_KEYS = (
     "timeout",
     "reference_memory",
     "profiles",
+    "floors",
 )
 
 
-def load(path: str | Path, profile: str | None = None) -> Matrix:
-    """Read and validate matrix.yaml (optionally narrowed to `profile`)."""
+def load(path: str | Path, profile: str | None = None, floors_file: Path = FLOORS_FILE) -> Matrix:
+    """Read and validate matrix.yaml (optionally narrowed to `profile`), with the floors of `floors_file`
+    unless the matrix names its own floors file."""
     import yaml
 
     path = Path(path)
@@ -362,12 +401,25 @@ def load(path: str | Path, profile: str | None = None) -> Matrix:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise MatrixError(f"{path}: not valid YAML: {error}") from error
-    return parse(data, base_dir=path.parent, path=path).with_profile(profile)
+    return parse(data, base_dir=path.parent, path=path, floors=_floors(floors_file)).with_profile(profile)
 
 
-def parse(data: object, base_dir: Path | None = None, path: Path | None = None) -> Matrix:
-    """Validate a decoded matrix document into a Matrix; every error names its key path."""
+def parse(
+    data: object, base_dir: Path | None = None, path: Path | None = None, floors: FloorTable | None = None
+) -> Matrix:
+    """Validate a decoded matrix document into a Matrix; every error names its key path.
+
+    `floors` are the measured floors its expectations derive from (none when not given), unless the
+    document names a floors file of its own (`floors: path`, relative to `base_dir`).
+    """
     root = _mapping(data, "matrix", _TOP_KEYS)
+    if "floors" in root:
+        named = (base_dir or Path.cwd()) / _plain(root["floors"], "floors")
+        if not named.is_file():
+            raise MatrixError(
+                f"floors: {named}: no such file; record floors with `gguf-sandbox floor --record`"
+            )
+        floors = _floors(named)
     version = root.get("version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
         raise MatrixError(f"version: unsupported schema version {version!r}; this gguf-sandbox reads 1")
@@ -394,7 +446,15 @@ def parse(data: object, base_dir: Path | None = None, path: Path | None = None) 
         ),
         profiles=profiles,
         path=path,
+        floors=floors if floors is not None else FloorTable(),
     )
+
+
+def _floors(path: Path) -> FloorTable:
+    try:
+        return load_floors(path)
+    except FloorsError as error:
+        raise MatrixError(f"floors: {error}") from error
 
 
 def _mapping(value: object, where: str, allowed: Sequence[str]) -> Mapping[str, Any]:
@@ -523,7 +583,7 @@ _MODEL_PARSERS: Mapping[ModelKind, Callable[[object, str, Path], Mapping[str, An
     }
 )
 
-_WORKLOAD_KEYS = ("workload", "control", "command", "args", "models", "timeout", "reference")
+_WORKLOAD_KEYS = ("workload", "control", "command", "args", "models", "timeout", "reference", "floor")
 
 
 def _workloads(value: object, models: Mapping[str, ModelDef]) -> Mapping[str, WorkloadDef]:
@@ -576,7 +636,10 @@ def _workload(name: str, entry: object, where: str, models: Mapping[str, ModelDe
     if not isinstance(reference, bool):
         raise MatrixError(f"{where}.reference: expected true or false, got {reference!r}")
     timeout = parse_timeout(body["timeout"], f"{where}.timeout") if "timeout" in body else None
-    return WorkloadDef(name, kind, target, args, model_names, timeout, reference, MappingProxyType(options))
+    floor = parse_size(body["floor"], f"{where}.floor") if "floor" in body else None
+    return WorkloadDef(
+        name, kind, target, args, model_names, timeout, reference, MappingProxyType(options), floor
+    )
 
 
 def _model_list(value: object, where: str) -> list[Any]:
@@ -619,7 +682,12 @@ def _verdicts(value: object, where: str) -> frozenset[Verdict]:
 
 def _expect(value: object) -> tuple[frozenset[Verdict], tuple[ExpectRule, ...]]:
     body = _mapping(value or {}, "expect", ("default", "rules"))
-    default = _verdicts(body["default"], "expect.default") if "default" in body else GRACEFUL
+    default = _verdicts(body["default"], "expect.default") if "default" in body else FINISHED
+    if Verdict.REFUSED in default:
+        raise MatrixError(
+            "expect.default: refused is never a default (an engine that refuses everything would pass); give "
+            "the workload a `floor:` (refused is expected below it) or a rule for the cells that may refuse"
+        )
     rules_value = body.get("rules", []) or []
     if not isinstance(rules_value, list):
         raise MatrixError("expect.rules: expected a list of {match: {...}, expect: [...]}")
@@ -712,11 +780,24 @@ def _plain(value: object, where: str) -> str:
     return value
 
 
+_FLOOR_RE = re.compile(r"^\s*floor\s*(?:([+-])\s*(\S+))?\s*$")
+
+
+def _include_memory(value: object, where: str) -> int | FloorOffset:
+    """A size, or `floor`, `floor-4m`, `floor+8m`: relative to the floor of each included cell."""
+    match = _FLOOR_RE.match(value) if isinstance(value, str) else None
+    if match is None:
+        return parse_size(value, where)
+    sign, size = match.groups()
+    delta = 0 if size is None else parse_size(size, where)
+    return FloorOffset(-delta if sign == "-" else delta)
+
+
 _INCLUDE_VALUE: Mapping[str, Callable[[object, str], Any]] = MappingProxyType(
     {
         "backend": lambda v, w: _backends([v], w)[0],
         "python": lambda v, w: _pythons([v], w)[0],
-        "memory": parse_size,
+        "memory": _include_memory,
         "workload": _plain,
         "model": _plain,
     }
@@ -874,7 +955,10 @@ def _included(matrix: Matrix, backends: Sequence[str]) -> list[dict[str, Any]]:
                         continue
                     for python in entry.axes.get("python", matrix.pythons):
                         for memory in entry.axes.get("memory", matrix.memory):
-                            out.append(_axes(backend, python, memory, name, model))
+                            axes = _axes(backend, python, memory, name, model)
+                            if isinstance(memory, FloorOffset):
+                                axes["memory"] = memory.resolve(matrix.floor_for(axes), f"{where}.memory")
+                            out.append(axes)
     return out
 
 
@@ -901,6 +985,7 @@ def _cell(matrix: Matrix, axes: Mapping[str, Any], cache_dir: Path) -> Cell:
         memory_label=format_size(axes["memory"]),
         reference=workload.reference and model_name is not None,
         repro=repro_command(spec, workload.name, model_name, matrix.path),
+        reports=workload.kind is not RunKind.COMMAND,
     )
 
 

@@ -24,9 +24,9 @@ from gguf_sandbox.matrix import (
     parse_timeout,
     repro_command,
 )
-from gguf_sandbox.runner import REFERENCE_OK, make_sandbox, reference_spec, run_spec
+from gguf_sandbox.runner import make_sandbox, reference_of, reference_spec, run_spec
 from gguf_sandbox.sandbox.base import CellSpec, Sandbox
-from gguf_sandbox.verdicts import Outcome, comparable
+from gguf_sandbox.verdicts import Outcome, Reference
 
 # A leading `python`, `python3` or `python3.X` in CMD stands for the cell's interpreter.
 _PYTHON_WORD = re.compile(r"^python(3(\.\d+)?)?$")
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         spec = replace(spec, model=prepare(matrix.models[cell.model], default_cache_dir()))
     reference = _reference(sandbox, replace(cell, spec=spec), matrix) if args.reference else None
     print(f"{cell.cell_id} on {sandbox.name} …", flush=True)
-    outcome = run_spec(sandbox, spec, reference, cell.repro)
+    outcome = run_spec(sandbox, spec, reference, cell.repro, needs_report=cell.reports)
     print(describe(outcome))
     return 0 if outcome.verdict in spec.expect else 1
 
@@ -121,7 +121,15 @@ def _command_cell(command: list[str], python: str, memory: int, backend: str, ti
     repro = shlex.join(
         ["gguf-sandbox", "repro", "--python", python, "--memory", label, "--backend", backend, "--", *command]
     )
-    return Cell(spec=spec, workload="command", model=None, memory_label=label, reference=False, repro=repro)
+    return Cell(
+        spec=spec,
+        workload="command",
+        model=None,
+        memory_label=label,
+        reference=False,
+        repro=repro,
+        reports=False,
+    )
 
 
 def _workload_cell(
@@ -192,7 +200,7 @@ def _model(matrix: Matrix | None, name: str | None, workload: WorkloadDef) -> tu
     return stem, path.resolve()
 
 
-def _reference(sandbox: Sandbox, cell: Cell, matrix: Matrix | None) -> object:
+def _reference(sandbox: Sandbox, cell: Cell, matrix: Matrix | None) -> Reference | None:
     if not cell.reference:
         print("(no reference comparison: this workload reports no vectors)")
         return None
@@ -200,7 +208,9 @@ def _reference(sandbox: Sandbox, cell: Cell, matrix: Matrix | None) -> object:
     spec = replace(reference_spec(cell, memory), model=cell.spec.model)
     print(f"{spec.cell_id} (unconstrained reference) …", flush=True)
     outcome = run_spec(sandbox, spec)
-    if outcome.verdict not in REFERENCE_OK:
-        print(f"reference run: {outcome.cell_text()} — no comparison\n{outcome.failure_message()}")
-        return None
-    return comparable(outcome.report)
+    reference = reference_of(outcome)
+    if reference.failure is not None:
+        print(
+            f"reference run: {outcome.cell_text()} — the cell cannot be judged\n{outcome.failure_message()}"
+        )
+    return reference

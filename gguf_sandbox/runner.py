@@ -31,7 +31,7 @@ from gguf_sandbox.results import (
     summarize,
 )
 from gguf_sandbox.sandbox.base import CellSpec, RunResult, Sandbox, Verdict
-from gguf_sandbox.verdicts import Outcome, comparable, decide, parse_report
+from gguf_sandbox.verdicts import Outcome, Reference, comparable, decide, parse_report
 
 # Backend name → "module:class"; imported only when chosen (docker pulls in the docker SDK).
 BACKENDS: Mapping[str, str] = {
@@ -104,8 +104,16 @@ def cell_fields(cell: Cell) -> dict[str, Any]:
     }
 
 
-def run_spec(sandbox: Sandbox, spec: CellSpec, reference_checksum: object = None, repro: str = "") -> Outcome:
-    """Run one spec and decide it (SandboxError propagates: the harness, not the cell, failed)."""
+def run_spec(
+    sandbox: Sandbox,
+    spec: CellSpec,
+    reference: Reference | None = None,
+    repro: str = "",
+    *,
+    needs_report: bool = True,
+) -> Outcome:
+    """Run one spec and decide it against `reference` (None: not compared); SandboxError propagates: the
+    harness, not the cell, failed."""
     if spec.host_side:
         from gguf_sandbox.mcp_client import run_cell
 
@@ -115,7 +123,8 @@ def run_spec(sandbox: Sandbox, spec: CellSpec, reference_checksum: object = None
     return decide(
         result,
         parse_report(result.stdout),
-        reference_checksum,
+        reference,
+        needs_report=needs_report,
         cell_id=spec.cell_id,
         repro=repro,
         expected=spec.expect,
@@ -123,11 +132,29 @@ def run_spec(sandbox: Sandbox, spec: CellSpec, reference_checksum: object = None
 
 
 def reference_spec(cell: Cell, memory: int) -> CellSpec:
-    """The cell's unconstrained twin: same backend, Python, argv and model, a generous limit."""
-    key = cell.reference_key()
-    if key is None:
-        raise MatrixError(f"cell {cell.cell_id}: it compares no checksum, so it has no reference run")
-    return replace(cell.spec, cell_id=key, memory=memory, expect=REFERENCE_OK)
+    """The cell's unconstrained twin: same backend, Python, argv, timeout and model, a generous limit.
+
+    Its id ends in the twin's fingerprint, so a stored reference is reused only for the very same run
+    (`--resume` after changing a workload's args or the model re-runs it).
+    """
+    if not cell.reference:
+        raise MatrixError(f"cell {cell.cell_id}: it compares no vectors, so it has no reference run")
+    twin = replace(cell.spec, memory=memory, expect=REFERENCE_OK)
+    model = f"-{cell.model}" if cell.model else ""
+    key = f"{twin.backend}-py{twin.python}-ref-{cell.workload}{model}-{cell_fingerprint(twin)}"
+    return replace(twin, cell_id=key)
+
+
+def reference_of(outcome: Outcome) -> Reference:
+    """What a finished reference run offers the cells compared with it."""
+    if outcome.verdict not in REFERENCE_OK:
+        return Reference.failed(
+            f"its unconstrained reference run {outcome.cell_id} ended {outcome.cell_text()}: {outcome.reason}"
+        )
+    values = comparable(outcome.report)
+    if values is None:
+        return Reference.failed(f"its unconstrained reference run {outcome.cell_id} reported no vectors")
+    return Reference(values)
 
 
 class Progress:
@@ -173,18 +200,43 @@ class MatrixRun:
         self.progress = Progress(out, len(self.cells))
         self.resume = resume
         self._availability: dict[tuple[str, str], str | None] = {}
-        self._models: dict[str, Path | str] = {}
-        self._references: dict[str, object] = {
-            key: record.get("checksum") for key, record in store.references().items()
+        self._models: dict[str, Path] = {}
+        # Only references that produced values are reused: a failed one is tried again.
+        self._references: dict[str, Reference] = {
+            key: Reference(record["checksum"])
+            for key, record in store.references().items()
+            if record.get("checksum") is not None
         }
         self.records: list[CellRecord] = []
 
+    def prepare_models(self) -> None:
+        """Prepare every model the cells run on, before any cell: a model that cannot be made fails the
+        run once, with its fix, instead of every cell that needs it."""
+        failures = []
+        for name in dict.fromkeys(cell.model for cell in self.cells if cell.model is not None):
+            definition = self.matrix.models[name]
+            self.progress.note(f"preparing model {definition.describe()} …")
+            try:
+                self._models[name] = self.prepare_model(definition)
+            except GGUFSandboxError as error:
+                failures.append(f"model {name}: {error}")
+        if failures:
+            raise MatrixError(
+                "cannot prepare the matrix's models; no cell was run:\n  " + "\n  ".join(failures)
+            )
+
     def execute(self) -> list[CellRecord]:
-        """Run every cell (KeyboardInterrupt propagates; what finished is already on disk)."""
+        """Prepare the models, then run every cell (KeyboardInterrupt propagates; what finished is already
+        on disk). Cells recorded `error` are run again on --resume."""
+        self.prepare_models()
         finished = self.store.finished() if self.resume else {}
         for index, cell in enumerate(self.cells, start=1):
             done = finished.get(cell.cell_id)
-            if done is not None and done.fingerprint == cell_fingerprint(cell.spec):
+            if (
+                done is not None
+                and done.verdict is not Verdict.ERROR
+                and done.fingerprint == cell_fingerprint(cell.spec)
+            ):
                 record = replace(done, expected=cell.spec.expect)
                 self.progress.start(index, cell.cell_id)
                 self.progress.finish(f"{cell_text(record)} (resumed)")
@@ -199,15 +251,17 @@ class MatrixRun:
         if reason is not None:
             self.progress.start(index, cell.cell_id)
             return self._record(cell, {"kind": SKIP, "reason": reason}, f"skip ({reason})")
-        model_path = self._model(cell)
-        if isinstance(model_path, str):
+        spec = replace(spec, model=self._models[cell.model] if cell.model is not None else None)
+        try:
+            reference = self._reference(cell, spec) if cell.reference else None
+        except SandboxError as error:
             self.progress.start(index, cell.cell_id)
-            return self._record(cell, {"kind": ERROR, "reason": model_path}, f"error: {model_path}")
-        spec = replace(spec, model=model_path)
-        reference = self._reference(cell, spec) if cell.reference else None
+            return self._record(cell, {"kind": ERROR, "reason": f"reference run: {error}"}, f"error: {error}")
         self.progress.start(index, cell.cell_id)
         try:
-            outcome = run_spec(self.sandboxes[spec.backend], spec, reference, cell.repro)
+            outcome = run_spec(
+                self.sandboxes[spec.backend], spec, reference, cell.repro, needs_report=cell.reports
+            )
         except SandboxError as error:
             return self._record(cell, {"kind": ERROR, "reason": str(error)}, f"error: {error}")
         record = self._record(cell, {"kind": CELL, **outcome.to_json()}, "")
@@ -230,44 +284,26 @@ class MatrixRun:
             self._availability[key] = self.sandboxes[backend].unavailable_reason(python)
         return self._availability[key]
 
-    def _model(self, cell: Cell) -> Path | str | None:
-        """The prepared model path, None for model-less cells, or a string saying why it failed."""
-        if cell.model is None:
-            return None
-        if cell.model not in self._models:
-            definition = self.matrix.models[cell.model]
-            self.progress.note(f"preparing model {definition.describe()} …")
-            try:
-                self._models[cell.model] = self.prepare_model(definition)
-            except GGUFSandboxError as error:
-                self._models[cell.model] = f"model {cell.model}: {error}"
-        return self._models[cell.model]
-
-    def _reference(self, cell: Cell, spec: CellSpec) -> object:
-        """The unconstrained run's checksum (run once per key, stored so --resume reuses it)."""
-        key = cell.reference_key()
-        if key is None:
-            return None
-        if key not in self._references:
-            ref_spec = replace(reference_spec(cell, self.matrix.reference_memory), model=spec.model)
-            self.progress.note(f"reference {key} (unconstrained run for checksums) …")
-            try:
-                outcome = run_spec(self.sandboxes[spec.backend], ref_spec)
-            except SandboxError as error:
-                self.progress.note(f"reference {key}: harness error: {error}")
-                self._references[key] = None
-                return None
-            checksum = comparable(outcome.report)
-            if outcome.verdict not in REFERENCE_OK:
-                checksum = None
-            self.store.append({"kind": REFERENCE, "cell_id": key, "checksum": checksum, **outcome.to_json()})
-            self._references[key] = checksum
-            if checksum is None:
-                self.progress.note(
-                    f"reference {key}: {outcome.verdict.value} without a checksum — cells of "
-                    f"{cell.workload}/{cell.model} on py{spec.python} cannot be judged wrong"
-                )
-        return self._references[key]
+    def _reference(self, cell: Cell, spec: CellSpec) -> Reference:
+        """The cell's unconstrained twin's values, or why there are none (run once per twin, stored so that
+        --resume reuses it)."""
+        twin = replace(reference_spec(cell, self.matrix.reference_memory), model=spec.model)
+        if twin.cell_id not in self._references:
+            self.progress.note(f"reference {twin.cell_id} (the cell unconstrained, for its vectors) …")
+            outcome = run_spec(self.sandboxes[spec.backend], twin)
+            reference = reference_of(outcome)
+            self.store.append(
+                {
+                    "kind": REFERENCE,
+                    "cell_id": twin.cell_id,
+                    "checksum": reference.values,
+                    **outcome.to_json(),
+                }
+            )
+            if reference.failure is not None:
+                self.progress.note(f"reference {twin.cell_id}: {outcome.cell_text()} — {outcome.reason}")
+            self._references[twin.cell_id] = reference
+        return self._references[twin.cell_id]
 
 
 def _finish_text(record: CellRecord, outcome: Outcome) -> str:

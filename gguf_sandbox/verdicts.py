@@ -8,10 +8,11 @@ The rule, in order (the first that applies decides):
             while its peak reached the limit (within LIMIT_SLACK). Any OOM kill makes the cell OOM,
             even when the main process survived: something inside the limit died.
 2. TIMEOUT  the backend stopped the cell at its wall-clock timeout (thrashing ends here, not in pass).
-3. exit 0   WRONG when the report's vectors differ from the unconstrained reference's (when known:
-            compared on `fingerprint` — floats, within FINGERPRINT_TOL — when the report has one, else on
-            `checksum` exactly; see comparable());
-            DEGRADED when the report says `degraded: true`; PASS with a report; CRASH without one.
+3. exit 0   CRASH without a JSON report. For a cell compared with its unconstrained reference:
+            ERROR when that reference run failed or either side carries nothing to compare (a cell that
+            cannot be judged never passes by accident); WRONG when the vectors differ (compared on
+            `fingerprint` — floats, within FINGERPRINT_TOL — when the report has one, else on `checksum`
+            exactly; see comparable()). Then DEGRADED when the report says `degraded: true`, else PASS.
 4. exit 3   REFUSED when stdout or stderr carries the JSON error ({"error": …, "kind": …});
             CRASH when it does not (a bare exit 3 is not a graceful refusal).
 5. anything else (tracebacks, other signals, SIGKILL below the limit) → CRASH.
@@ -34,6 +35,18 @@ LIMIT_SLACK_MIN = 1 << 20
 LIMIT_SLACK_FRACTION = 1 / 64
 # Plans may differ by ~1e-6 per vector element; a broken forward pass differs by orders more.
 FINGERPRINT_TOL = 1e-4
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a cell's unconstrained twin produced: the values to compare with, or why there are none."""
+
+    values: object = None
+    failure: str | None = None
+
+    @classmethod
+    def failed(cls, why: str) -> Reference:
+        return cls(None, why)
 
 
 def limit_slack(limit: int) -> int:
@@ -177,13 +190,15 @@ def log_tail(result: RunResult, lines: int = LOG_TAIL_LINES) -> tuple[str, ...]:
 def decide(
     result: RunResult,
     report: Mapping[str, Any] | None,
-    reference_checksum: object = None,
+    reference: Reference | None = None,
     *,
+    needs_report: bool = True,
     cell_id: str = "",
     repro: str = "",
     expected: frozenset[Verdict] = frozenset(),
 ) -> Outcome:
-    """Apply the module's rule to one cell's RunResult and parsed report."""
+    """Apply the module's rule to one cell's RunResult and parsed report (`reference`: None when the cell
+    is not compared with an unconstrained run)."""
     peak = result.peak_bytes if result.peak_bytes is not None else _report_int(report, "cgroup_peak")
     limit = result.limit_bytes
     signals = OomSignals(
@@ -192,7 +207,7 @@ def decide(
         sigkill=result.killed_by_sigkill,
         limit_reached=peak is not None and limit > 0 and peak >= limit - limit_slack(limit),
     )
-    verdict, reason = _verdict(result, report, reference_checksum, signals)
+    verdict, reason = _verdict(result, report, reference, signals, needs_report)
     plan = report.get("plan") if report is not None else None
     return Outcome(
         verdict=verdict,
@@ -214,8 +229,9 @@ def decide(
 def _verdict(
     result: RunResult,
     report: Mapping[str, Any] | None,
-    reference_checksum: object,
+    reference: Reference | None,
     signals: OomSignals,
+    needs_report: bool,
 ) -> tuple[Verdict, str]:
     if signals.kernel_kill:
         return Verdict.OOM, "the kernel OOM-killed a process in the cell"
@@ -224,7 +240,9 @@ def _verdict(
     if result.timed_out:
         return Verdict.TIMEOUT, "stopped at the wall-clock timeout"
     if result.exit_code == 0:
-        return _finished(report, reference_checksum)
+        if report is None and not needs_report:
+            return Verdict.PASS, "exit 0 (a command: no report is expected)"
+        return _finished(report, reference)
     if result.exit_code == REFUSAL_EXIT_CODE:
         error = _refusal(report, result.stderr)
         if error is not None:
@@ -235,20 +253,39 @@ def _verdict(
     return Verdict.CRASH, f"exit code {result.exit_code}"
 
 
-def _finished(report: Mapping[str, Any] | None, reference_checksum: object) -> tuple[Verdict, str]:
+def _finished(report: Mapping[str, Any] | None, reference: Reference | None) -> tuple[Verdict, str]:
     if report is None:
         return Verdict.CRASH, "exit 0 without a JSON report on stdout"
-    actual = comparable(report)
-    compared = actual is not None and reference_checksum is not None
-    if compared and not checksums_match(actual, reference_checksum):
-        return (
-            Verdict.WRONG,
-            f"vectors {actual!r} differ from the unconstrained reference {reference_checksum!r}",
-        )
+    if reference is not None:
+        actual = comparable(report)
+        if reference.failure is not None:
+            return Verdict.ERROR, f"cannot be judged: {reference.failure}"
+        if reference.values is None:
+            return Verdict.ERROR, "cannot be judged: the unconstrained reference reported no vectors"
+        if actual is None:
+            return Verdict.ERROR, "cannot be judged: the report carries no vectors to compare"
+        if not checksums_match(actual, reference.values):
+            return (
+                Verdict.WRONG,
+                f"vectors differ from the unconstrained reference: {_difference(actual, reference.values)}",
+            )
     if report.get("degraded") is True:
         preferred = report.get("preferred_plan")
         return Verdict.DEGRADED, f"finished on plan {report.get('plan')!r} instead of {preferred!r}"
     return Verdict.PASS, "finished"
+
+
+def _difference(actual: object, reference: object) -> str:
+    """Where two compared values part: the first differing items of fingerprint lists, else both values."""
+    if isinstance(actual, list) and isinstance(reference, list):
+        if len(actual) != len(reference):
+            return f"{len(actual)} values against the reference's {len(reference)}"
+        differing = [
+            i for i, (a, r) in enumerate(zip(actual, reference, strict=True)) if not checksums_match(a, r)
+        ]
+        shown = ", ".join(f"[{i}] {actual[i]!r} vs {reference[i]!r}" for i in differing[:3])
+        return f"{len(differing)} of {len(actual)} differ, e.g. {shown}"
+    return f"{actual!r} vs {reference!r}"
 
 
 def _refusal(report: Mapping[str, Any] | None, stderr: str) -> str | None:

@@ -30,6 +30,7 @@ EXIT_OK = 0
 EXIT_REFUSED = 3
 EXIT_BAD_INPUT = 4
 FINGERPRINT_DIMS = 16
+FINGERPRINT_DECIMALS = 7
 
 
 @dataclass
@@ -76,8 +77,22 @@ class Report:
             "limit_source": limit.source,
             "checksum": self.checksum,
             "fingerprint": self.fingerprint,
+            "versions": _versions(),
             **self.extra,
         }
+
+
+def _versions() -> dict[str, str]:
+    """The versions a cell ran with, for floors and reports (read from metadata: nothing is imported)."""
+    import importlib.metadata
+
+    found = {"python": platform.python_version()}
+    for name in ("numpy", "gguf", "mcp"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
 
 
 def _percentile(sorted_values: Sequence[float], percent: float) -> float | None:
@@ -211,18 +226,32 @@ def _fingerprint(vectors: np.ndarray) -> list[float]:
     return [round(float(v), 6) for v in vectors.astype(np.float64).mean(axis=0) @ projection]
 
 
+def text_fingerprints(vectors: np.ndarray) -> list[float]:
+    """One number per text, in order: its vector projected on a fixed random unit direction.
+
+    Compared with the unconstrained run's within a tolerance, it catches a wrong vector, a vector given to
+    the wrong text and a missing one — a mean over all texts would not see results swapped between calls.
+    Unit vectors give projections of ~1/sqrt(dimension); plans differ by ~1e-7, swaps by ~1e-2.
+    """
+    direction = np.random.default_rng(0).standard_normal(vectors.shape[1])
+    direction /= np.linalg.norm(direction)
+    return [round(float(v), FINGERPRINT_DECIMALS) for v in vectors.astype(np.float64) @ direction]
+
+
+Opener = Callable[[Path, argparse.Namespace], Any]
+
+
 def _open_embedder(model: Path, options: argparse.Namespace) -> Any:
     from gguf_sandbox.embed.engine import Embedder
 
     return Embedder.open(model, plan=options.plan, batch_size=options.batch)
 
 
-def embed(model: Path, options: argparse.Namespace) -> Report:
-    """Embed `count` sentences in batches of `batch`, one call per batch."""
+def embed(model: Path, options: argparse.Namespace, opener: Opener = _open_embedder) -> Report:
+    """Embed `count` sentences in batches of `batch`, one call per batch (`opener`: controls replace it)."""
     report = Report("embed", model.name, unit_name="embeddings")
     texts = corpus(options.count)
-    sums = []
-    with _open_embedder(model, options) as embedder:
+    with opener(model, options) as embedder:
         report.plan, report.preferred_plan = embedder.plan, embedder.preferred_plan
         start = time.perf_counter()
         for first in range(0, len(texts), options.batch):
@@ -230,37 +259,37 @@ def embed(model: Path, options: argparse.Namespace) -> Report:
             vectors = embedder.embed(texts[first : first + options.batch])
             report.latencies_s.append(time.perf_counter() - began)
             report.count += len(vectors)
-            sums.append(vectors.astype(np.float64).sum(axis=0))
+            report.fingerprint += text_fingerprints(vectors)
             if first == 0:
                 report.extra["dimension"] = int(vectors.shape[1])
         report.seconds = time.perf_counter() - start
-    _finish_vectors(report, np.asarray(sums), len(texts))
+    report.units = report.count
     return report
 
 
-def embed_concurrent(model: Path, options: argparse.Namespace) -> Report:
-    """`threads` callers share one Embedder; results must equal what sequential calls give."""
+def embed_concurrent(model: Path, options: argparse.Namespace, opener: Opener = _open_embedder) -> Report:
+    """`threads` callers share one Embedder; each text's vector must equal what a sequential run gives."""
     import concurrent.futures
 
     report = Report("embed-concurrent", model.name, unit_name="embeddings")
     texts = corpus(options.count)
     batches = [texts[i : i + options.batch] for i in range(0, len(texts), options.batch)]
-    with _open_embedder(model, options) as embedder:
+    with opener(model, options) as embedder:
         report.plan, report.preferred_plan = embedder.plan, embedder.preferred_plan
 
-        def timed(batch: list[str]) -> tuple[float, np.ndarray]:
+        def timed(batch: list[str]) -> tuple[float, list[float]]:
             began = time.perf_counter()
             vectors = embedder.embed(batch)
-            return time.perf_counter() - began, vectors.astype(np.float64).sum(axis=0)
+            return time.perf_counter() - began, text_fingerprints(vectors)
 
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max_workers=options.threads) as pool:
             results = list(pool.map(timed, batches))
         report.seconds = time.perf_counter() - start
     report.latencies_s = [latency for latency, _ in results]
-    report.count = len(texts)
+    report.fingerprint = [value for _, values in results for value in values]
+    report.count = report.units = len(report.fingerprint)
     report.extra["threads"] = options.threads
-    _finish_vectors(report, np.asarray([summed for _, summed in results]), len(texts))
     return report
 
 

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from gguf_sandbox.errors import MatrixError
+from gguf_sandbox.floors import Floor, FloorTable
 from gguf_sandbox.matrix import (
-    GRACEFUL,
+    FINISHED,
     Matrix,
     compile_k,
     expand,
@@ -20,7 +21,7 @@ from gguf_sandbox.matrix import (
     parse,
     parse_size,
 )
-from gguf_sandbox.mcp_server import MEMORY_FLOOR
+from gguf_sandbox.runner import reference_spec
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, Verdict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -263,7 +264,9 @@ def test_cells_carry_argv_model_timeout_and_repro() -> None:
     assert spec.model is not None and spec.model.parent == CACHE
     assert spec.model.name.startswith("tiny-") and spec.model.suffix == ".gguf"
     assert (spec.backend, spec.python, spec.memory, spec.timeout) == ("docker", "3.12", 64 << 20, 300.0)
-    assert embed.reference and embed.reference_key() == "docker-py3.12-ref-embed-tiny"
+    assert embed.reference
+    twin = reference_spec(embed, 1 << 30)
+    assert twin.cell_id.startswith("docker-py3.12-ref-embed-tiny-") and twin.memory == 1 << 30
     assert embed.repro == (
         "gguf-sandbox repro --python 3.12 --memory 64m --backend docker --workload embed --model tiny"
     )
@@ -276,7 +279,7 @@ def test_cells_carry_argv_model_timeout_and_repro() -> None:
 
 def test_expect_rules_last_match_wins() -> None:
     expects = {c.cell_id: c.spec.expect for c in expand_cells(build(), cache_dir=CACHE)}
-    assert expects["cgroup-py3.11-64m-parse-tiny"] == GRACEFUL
+    assert expects["cgroup-py3.11-64m-parse-tiny"] == FINISHED
     assert expects["cgroup-py3.11-256m-bomb"] == {Verdict.OOM}
     assert expects["cgroup-py3.12-64m-bomb"] == {Verdict.OOM}
     assert expects["cgroup-py3.12-256m-bomb"] == {Verdict.PASS}
@@ -371,27 +374,145 @@ def test_k_syntax_errors(expression: str) -> None:
 def test_shipped_matrix_default_and_ci_profile() -> None:
     matrix = load(REPO / "matrix.yaml")
     cells = expand_cells(matrix, cache_dir=CACHE)
-    # parse and stream on two models; embed, embed-concurrent, mcp, naive-load, alloc-bomb on one
-    per_backend = 4 * 5 * (2 + 2 + 1 + 1 + 1 + 1 + 1)
-    assert len(cells) == 2 * per_backend
+    # parse and stream on two models; embed, embed-concurrent, mcp, the four controls on one (or none)
+    per_backend = 4 * 5 * (2 + 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1)
+    floor_cells = [c for c in cells if c.memory_label not in ("64m", "96m", "128m", "256m", "512m")]
+    assert len(cells) - len(floor_cells) == 2 * per_backend
     assert {c.spec.python for c in cells} == {"3.10", "3.11", "3.12", "3.13"}
     by_id = {c.cell_id: c for c in cells}
     assert by_id["docker-py3.12-64m-embed-minilm_q8_0"].spec.argv[-2:] == ("--count", "1000")
     assert by_id["cgroup-py3.10-96m-mcp-minilm_q8_0"].spec.argv[-2:] == ("--count", "1000")
+    finished = {Verdict.PASS, Verdict.DEGRADED}
+    controls = {
+        "alloc-bomb": {Verdict.OOM},
+        "refusing-engine": {Verdict.REFUSED},
+        "perturbed-engine": {Verdict.WRONG},
+    }
     for cell in cells:
         assert cell.spec.host_side == (cell.workload == "mcp")
-        if cell.workload == "alloc-bomb":
-            assert cell.spec.expect == {Verdict.OOM}
+        assert Verdict.REFUSED not in cell.spec.expect or cell.workload in ("mcp", "embed", "refusing-engine")
+        if cell.workload in controls:
+            assert cell.spec.expect == controls[cell.workload]
         elif cell.workload == "naive-load":
             assert cell.spec.expect == ({Verdict.PASS} if cell.spec.memory >= 512 << 20 else {Verdict.OOM})
-        elif cell.workload == "mcp":
-            served = {Verdict.PASS, Verdict.DEGRADED}
-            assert cell.spec.expect == ({Verdict.REFUSED} if cell.spec.memory < MEMORY_FLOOR[1] else served)
+        elif cell.workload in ("embed", "embed-concurrent", "mcp"):
+            axes = {"workload": cell.workload, "model": cell.model, "python": cell.spec.python}
+            floor = matrix.floor_for({**axes, "backend": cell.spec.backend, "memory": cell.spec.memory})
+            assert floor is not None
+            assert cell.spec.expect == ({Verdict.REFUSED} if cell.spec.memory < floor else finished)
         else:
-            assert cell.spec.expect == GRACEFUL
-    refused = {c.memory_label for c in cells if c.workload == "mcp" and Verdict.REFUSED in c.spec.expect}
-    assert refused == {"64m"}
+            assert cell.spec.expect == finished
+    # The promise: 1000 embeddings at 64 MiB, on every Python and backend.
+    assert all(
+        by_id[f"{b}-py{p}-64m-embed-minilm_q8_0"].spec.expect == finished
+        for b in ("docker", "cgroup")
+        for p in matrix.pythons
+    )
     ci = expand_cells(load(REPO / "matrix.yaml", profile="ci"), cache_dir=CACHE)
-    assert len(ci) == 2 * 4 * 2 * (2 + 1 + 1 + 1 + 1)
-    assert {c.workload for c in ci} == {"parse", "embed", "mcp", "naive-load", "alloc-bomb"}
+    plain_ci = [c for c in ci if c.memory_label in ("64m", "256m")]
+    assert len(plain_ci) == 2 * 4 * 2 * (2 + 1 + 1 + 1 + 1 + 1 + 1)
+    assert {c.workload for c in ci} == {
+        "parse",
+        "embed",
+        "mcp",
+        "naive-load",
+        "alloc-bomb",
+        "refusing-engine",
+        "perturbed-engine",
+    }
     assert {c.spec.argv[-2:] for c in ci if c.workload in ("embed", "mcp")} == {("--count", "100")}
+
+
+# --------------------------------------------------------------------------- floors and strict expectations
+
+
+def floor(workload: str, limit: str, python: str = "3.11", backend: str = "cgroup") -> Floor:
+    return Floor(workload, "tiny", python, backend, parse_size(limit, "test"), None, 1 << 20, 3)
+
+
+def floored(doc: dict[str, Any] | None = None, *floors: Floor) -> Matrix:
+    return parse(doc if doc is not None else base_doc(), base_dir=Path("/repo"), floors=FloorTable(floors))
+
+
+def test_refused_is_never_a_default() -> None:
+    doc = base_doc()
+    doc["expect"]["default"] = ["pass", "degraded", "refused"]
+    with pytest.raises(MatrixError, match=r"expect\.default: refused is never a default"):
+        build(doc)
+
+
+def test_an_always_refusing_engine_is_outside_every_default_expect() -> None:
+    expects = [c.spec.expect for c in expand_cells(build(), cache_dir=CACHE) if c.workload != "bomb"]
+    assert expects and all(Verdict.REFUSED not in e for e in expects)
+
+
+def test_below_a_declared_floor_refused_is_expected_at_and_above_it_finishing() -> None:
+    doc = base_doc()
+    doc["workloads"]["embed"]["floor"] = "128m"
+    expects = {c.cell_id: c.spec.expect for c in expand_cells(build(doc), cache_dir=CACHE)}
+    assert expects["cgroup-py3.11-64m-embed-tiny"] == {Verdict.REFUSED}
+    assert expects["cgroup-py3.11-256m-embed-tiny"] == FINISHED
+
+
+def test_a_measured_floor_below_the_promise_takes_over() -> None:
+    doc = base_doc()
+    doc["workloads"]["embed"]["floor"] = "128m"
+    matrix = floored(doc, floor("embed", "48m"))
+    expects = {c.cell_id: c.spec.expect for c in expand_cells(matrix, cache_dir=CACHE)}
+    assert expects["cgroup-py3.11-64m-embed-tiny"] == FINISHED
+    # Not measured on py3.12/docker: the closest measurement (same Python, then any) stands in.
+    assert expects["docker-py3.12-64m-embed-tiny"] == FINISHED
+
+
+def test_a_measured_floor_above_the_promise_does_not_lower_the_bar() -> None:
+    doc = base_doc()
+    doc["workloads"]["embed"]["floor"] = "64m"
+    matrix = floored(doc, floor("embed", "200m"))
+    expects = {c.cell_id: c.spec.expect for c in expand_cells(matrix, cache_dir=CACHE)}
+    assert expects["cgroup-py3.11-64m-embed-tiny"] == FINISHED
+
+
+def test_include_cells_relative_to_each_floor() -> None:
+    doc = base_doc()
+    doc["include"] = [{"workload": "embed", "memory": ["floor-4m", "floor"], "backend": "cgroup"}]
+    matrix = floored(doc, floor("embed", "50m"), floor("embed", "53m", python="3.12"))
+    cells = {c.cell_id: c.spec.expect for c in expand_cells(matrix, cache_dir=CACHE)}
+    assert cells["cgroup-py3.11-46m-embed-tiny"] == {Verdict.REFUSED}
+    assert cells["cgroup-py3.11-50m-embed-tiny"] == FINISHED
+    assert cells["cgroup-py3.12-49m-embed-tiny"] == {Verdict.REFUSED}
+    assert cells["cgroup-py3.12-53m-embed-tiny"] == FINISHED
+
+
+def test_include_relative_to_a_missing_floor_names_the_key() -> None:
+    doc = base_doc()
+    doc["include"] = [{"workload": "embed", "memory": "floor-4m"}]
+    with pytest.raises(MatrixError, match=r"include\[0\]\.memory: memory relative to a floor"):
+        ids(build(doc))
+
+
+def test_rules_still_override_the_floor() -> None:
+    doc = base_doc()
+    doc["workloads"]["embed"]["floor"] = "128m"
+    doc["expect"]["rules"].append({"match": {"workload": "embed", "memory": "64m"}, "expect": ["oom"]})
+    expects = {c.cell_id: c.spec.expect for c in expand_cells(build(doc), cache_dir=CACHE)}
+    assert expects["cgroup-py3.11-64m-embed-tiny"] == {Verdict.OOM}
+
+
+def test_a_matrix_names_its_own_floors_file(tmp_path: Path) -> None:
+    from gguf_sandbox.floors import save_floors
+
+    save_floors(FloorTable((floor("embed", "100m"),)), tmp_path / "mine.json")
+    doc = base_doc()
+    doc["floors"] = "mine.json"
+    matrix = parse(doc, base_dir=tmp_path)
+    assert (
+        matrix.floor_for({"workload": "embed", "model": "tiny", "python": "3.11", "backend": "cgroup"})
+        == 100 << 20
+    )
+    doc["floors"] = "broken.json"
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(MatrixError, match=r"floors: .*not a JSON floors file"):
+        parse(doc, base_dir=tmp_path)
+    doc["floors"] = "absent.json"
+    with pytest.raises(MatrixError, match=r"floors: .*absent.json: no such file"):
+        parse(doc, base_dir=tmp_path)

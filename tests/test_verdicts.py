@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gguf_sandbox.sandbox.base import RunResult, Verdict
-from gguf_sandbox.verdicts import checksums_match, comparable, decide, limit_slack, parse_report
+from gguf_sandbox.verdicts import Reference, checksums_match, comparable, decide, limit_slack, parse_report
 
 MIB = 1 << 20
 LIMIT = 64 * MIB
@@ -37,7 +37,8 @@ class Case:
     id: str
     result: RunResult
     verdict: Verdict
-    reference: object = None
+    reference: Reference | None = None
+    needs_report: bool = True
     report: dict[str, Any] | None = field(default_factory=lambda: dict(OK_REPORT))
     use_stdout_report: bool = True
 
@@ -107,44 +108,84 @@ CASES = [
         "wrong-checksum",
         result(stdout=json.dumps({**OK_REPORT, "checksum": "abc"}) + "\n"),
         Verdict.WRONG,
-        reference="def",
+        reference=Reference("def"),
     ),
     Case(
         "right-checksum",
         result(stdout=json.dumps({**OK_REPORT, "checksum": "abc"}) + "\n"),
         Verdict.PASS,
-        reference="abc",
+        reference=Reference("abc"),
     ),
     Case(
         "fingerprint-within-tolerance",
         result(stdout=json.dumps({**OK_REPORT, "checksum": "x1", "fingerprint": [0.1, -0.2]}) + "\n"),
         Verdict.PASS,
-        reference=[0.10002, -0.20001],
+        reference=Reference([0.10002, -0.20001]),
     ),
     Case(
         "fingerprint-off",
         result(stdout=json.dumps({**OK_REPORT, "checksum": "x1", "fingerprint": [0.1, -0.2]}) + "\n"),
         Verdict.WRONG,
-        reference=[0.1, 0.2],
+        reference=Reference([0.1, 0.2]),
     ),
     Case(
         "wrong-beats-degraded",
         result(stdout=json.dumps({**OK_REPORT, "degraded": True, "checksum": "abc"}) + "\n"),
         Verdict.WRONG,
-        reference="xyz",
+        reference=Reference("xyz"),
     ),
     Case(
-        "no-reference-no-wrong",
+        "not-compared-no-wrong",
         result(stdout=json.dumps({**OK_REPORT, "checksum": "abc"}) + "\n"),
         Verdict.PASS,
         reference=None,
     ),
+    Case(
+        "swapped-texts-are-wrong",
+        result(stdout=json.dumps({**OK_REPORT, "fingerprint": [0.05, -0.03, 0.01]}) + "\n"),
+        Verdict.WRONG,
+        reference=Reference([-0.03, 0.05, 0.01]),
+    ),
+    Case(
+        "missing-texts-are-wrong",
+        result(stdout=json.dumps({**OK_REPORT, "fingerprint": [0.05, -0.03]}) + "\n"),
+        Verdict.WRONG,
+        reference=Reference([0.05, -0.03, 0.01]),
+    ),
+    Case(
+        "failed-reference-is-error-not-pass",
+        result(stdout=json.dumps({**OK_REPORT, "fingerprint": [0.1]}) + "\n"),
+        Verdict.ERROR,
+        reference=Reference.failed("its reference run ended crash"),
+    ),
+    Case(
+        "valueless-reference-is-error",
+        result(stdout=json.dumps({**OK_REPORT, "fingerprint": [0.1]}) + "\n"),
+        Verdict.ERROR,
+        reference=Reference(None),
+    ),
+    Case(
+        "compared-report-without-vectors-is-error",
+        result(),
+        Verdict.ERROR,
+        reference=Reference([0.1]),
+    ),
+    Case(
+        "failed-reference-does-not-hide-an-oom",
+        result(exit_code=137, oom_kill_count=1, stdout="", peak_bytes=LIMIT),
+        Verdict.OOM,
+        reference=Reference.failed("its reference run ended crash"),
+    ),
+    Case("command-exit-0-passes-without-report", result(stdout="hello\n"), Verdict.PASS, needs_report=False),
+    Case("command-exit-1-crashes", result(exit_code=1, stdout=""), Verdict.CRASH, needs_report=False),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_decide(case: Case) -> None:
-    outcome = decide(case.result, parse_report(case.result.stdout), case.reference)
+    outcome = decide(
+        case.result, parse_report(case.result.stdout), case.reference, needs_report=case.needs_report
+    )
     assert outcome.verdict is case.verdict, outcome.reason
 
 

@@ -23,6 +23,8 @@ class Verdict(str, enum.Enum):
     CRASH = "crash"
     TIMEOUT = "timeout"
     WRONG = "wrong"
+    # The harness could not judge the cell (e.g. its unconstrained reference run failed).
+    ERROR = "error"
 
     @property
     def graceful(self) -> bool:

@@ -18,9 +18,9 @@ from gguf_sandbox.errors import GGUFSandboxError
 from gguf_sandbox.matrix import Cell, Matrix, expand_cells, load
 from gguf_sandbox.models import default_cache_dir, prepare
 from gguf_sandbox.results import CELL, REFERENCE, ResultStore
-from gguf_sandbox.runner import REFERENCE_OK, cell_fields, make_sandbox, reference_spec, run_spec
+from gguf_sandbox.runner import cell_fields, make_sandbox, reference_of, reference_spec, run_spec
 from gguf_sandbox.sandbox.base import Sandbox
-from gguf_sandbox.verdicts import Outcome, comparable
+from gguf_sandbox.verdicts import Outcome, Reference
 
 REPO = Path(__file__).resolve().parents[2]
 NO_PROFILE = "none"
@@ -85,7 +85,7 @@ class MatrixSession:
         self._sandboxes: dict[str, Sandbox] = {}
         self._availability: dict[tuple[str, str], str | None] = {}
         self._models: dict[str, Path | str] = {}
-        self._references: dict[str, object] = {}
+        self._references: dict[str, Reference] = {}
 
     def sandbox(self, name: str) -> Sandbox:
         if name not in self._sandboxes:
@@ -109,17 +109,13 @@ class MatrixSession:
             pytest.fail(f"model {name} could not be prepared: {found}", pytrace=False)
         return found
 
-    def reference(self, cell: Cell, sandbox: Sandbox) -> object:
-        key = cell.reference_key()
-        if key is None:
-            return None
-        if key not in self._references:
-            spec = reference_spec(cell, self.matrix.reference_memory)
-            outcome = run_spec(sandbox, spec)
-            ok = outcome.verdict in REFERENCE_OK
-            self._references[key] = comparable(outcome.report) if ok else None
-            self._record({"kind": REFERENCE, "cell_id": key, **outcome.to_json()})
-        return self._references[key]
+    def reference(self, cell: Cell, sandbox: Sandbox) -> Reference:
+        twin = reference_spec(cell, self.matrix.reference_memory)
+        if twin.cell_id not in self._references:
+            outcome = run_spec(sandbox, twin)
+            self._references[twin.cell_id] = reference_of(outcome)
+            self._record({"kind": REFERENCE, "cell_id": twin.cell_id, **outcome.to_json()})
+        return self._references[twin.cell_id]
 
     def run(self, cell: Cell) -> Outcome:
         reason = self.skip_reason(cell)
@@ -129,7 +125,7 @@ class MatrixSession:
         if cell.model is not None:
             cell = replace(cell, spec=replace(cell.spec, model=self.model(cell.model)))
         reference = self.reference(cell, sandbox) if cell.reference else None
-        outcome = run_spec(sandbox, cell.spec, reference, cell.repro)
+        outcome = run_spec(sandbox, cell.spec, reference, cell.repro, needs_report=cell.reports)
         self._record({**cell_fields(cell), "kind": CELL, **outcome.to_json()})
         return outcome
 

@@ -1,0 +1,175 @@
+"""Measured memory floors: the smallest limit at which a workload finished, and what it was measured on.
+
+`gguf-sandbox floor --record` writes them into floors.json (next to this module by default); the matrix
+derives its expectations from them (below a cell's floor `refused` is expected, at and above it
+`pass|degraded`), and `serve` refuses to start below the MCP floor. Only json is imported here: `serve`
+reads the file inside a cell before it imports anything large.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from gguf_sandbox.errors import GGUFSandboxError
+
+FLOORS_FILE = Path(__file__).with_name("floors.json")
+SCHEMA_VERSION = 1
+# A floors file is a few kilobytes; anything far larger is not one (and is not read whole).
+MAX_FILE_BYTES = 4 << 20
+
+
+class FloorsError(GGUFSandboxError):
+    """The floors file is unreadable or malformed."""
+
+
+@dataclass(frozen=True)
+class Floor:
+    """One measured floor: workload × model × Python minor × backend → the smallest limit that finished."""
+
+    workload: str
+    model: str | None
+    python: str
+    backend: str
+    floor: int  # bytes
+    peak: int | None  # bytes, the highest peak of the repeats at the floor
+    resolution: int  # bytes between probes of the bisection
+    repeat: int  # runs per probe; the floor is the smallest limit where all of them finished
+    args: Mapping[str, str] = field(default_factory=dict)  # workload options it ran with
+    measured_on: Mapping[str, str] = field(default_factory=dict)  # versions, kernel, date, cold caches
+
+    @property
+    def key(self) -> tuple[str, str | None, str, str]:
+        return (self.workload, self.model, self.python, self.backend)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["args"] = dict(self.args)
+        data["measured_on"] = dict(self.measured_on)
+        return data
+
+    @classmethod
+    def from_json(cls, data: object, where: str) -> Floor:
+        if not isinstance(data, Mapping):
+            raise FloorsError(f"{where}: expected an object, got {type(data).__name__}")
+        try:
+            floor = cls(
+                workload=_text(data["workload"], f"{where}.workload"),
+                model=None if data.get("model") is None else _text(data["model"], f"{where}.model"),
+                python=_text(data["python"], f"{where}.python"),
+                backend=_text(data["backend"], f"{where}.backend"),
+                floor=_positive(data["floor"], f"{where}.floor"),
+                peak=None if data.get("peak") is None else _positive(data["peak"], f"{where}.peak"),
+                resolution=_positive(data.get("resolution", 1 << 20), f"{where}.resolution"),
+                repeat=_positive(data.get("repeat", 1), f"{where}.repeat"),
+                args=_strings(data.get("args", {}), f"{where}.args"),
+                measured_on=_strings(data.get("measured_on", {}), f"{where}.measured_on"),
+            )
+        except KeyError as missing:
+            raise FloorsError(f"{where}: missing key {missing}") from None
+        return floor
+
+
+def _text(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise FloorsError(f"{where}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _positive(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise FloorsError(f"{where}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _strings(value: object, where: str) -> Mapping[str, str]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise FloorsError(f"{where}: expected an object of strings")
+    return MappingProxyType({k: str(v) for k, v in value.items()})
+
+
+@dataclass(frozen=True)
+class FloorTable:
+    """Every recorded floor; lookups fall back from the exact cell to its nearest measured relatives."""
+
+    floors: tuple[Floor, ...] = ()
+
+    def find(self, workload: str, model: str | None, python: str, backend: str) -> Floor | None:
+        """The floor recorded for this exact cell, else the highest one of the same workload and model on
+        the same Python, else on any Python (a neighbour's floor is a better guess than none)."""
+        same = [f for f in self.floors if f.workload == workload and f.model == model]
+        for candidates in (
+            [f for f in same if f.python == python and f.backend == backend],
+            [f for f in same if f.python == python],
+            same,
+        ):
+            if candidates:
+                return max(candidates, key=lambda f: f.floor)
+        return None
+
+    def for_workload(self, workload: str) -> tuple[Floor, ...]:
+        return tuple(f for f in self.floors if f.workload == workload)
+
+    def with_floor(self, floor: Floor) -> FloorTable:
+        """This table with `floor` replacing the record of the same cell."""
+        kept = [f for f in self.floors if f.key != floor.key]
+        return FloorTable(tuple(sorted([*kept, floor], key=_sort_key)))
+
+
+def _sort_key(floor: Floor) -> tuple[str, str, tuple[int, ...], str]:
+    version = tuple(int(p) for p in floor.python.split(".") if p.isdigit())
+    return (floor.workload, floor.model or "", version, floor.backend)
+
+
+def load_floors(path: Path = FLOORS_FILE) -> FloorTable:
+    """The floors recorded in `path`; an absent file records none."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return FloorTable()
+    except OSError as error:
+        raise FloorsError(f"{path}: cannot read the floors file ({error.strerror})") from error
+    if len(raw) > MAX_FILE_BYTES:
+        raise FloorsError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes; not a floors file")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise FloorsError(f"{path}: not a JSON floors file ({error})") from error
+    if not isinstance(data, Mapping) or data.get("version") != SCHEMA_VERSION:
+        raise FloorsError(f"{path}: expected {{'version': {SCHEMA_VERSION}, 'floors': [...]}}")
+    entries = data.get("floors")
+    if not isinstance(entries, list):
+        raise FloorsError(f"{path}: 'floors' must be a list")
+    floors = [Floor.from_json(entry, f"{path.name}: floors[{i}]") for i, entry in enumerate(entries)]
+    return FloorTable(tuple(sorted(floors, key=_sort_key)))
+
+
+def save_floors(table: FloorTable, path: Path = FLOORS_FILE) -> None:
+    """Write the table atomically (a reader never sees half a file)."""
+    text = json.dumps(
+        {"version": SCHEMA_VERSION, "floors": [f.to_json() for f in table.floors]}, indent=2, sort_keys=True
+    )
+    descriptor, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    except OSError as error:
+        Path(staging).unlink(missing_ok=True)
+        raise FloorsError(f"{path}: cannot write the floors file ({error.strerror})") from error
+
+
+def record_floor(floor: Floor, path: Path = FLOORS_FILE) -> FloorTable:
+    """Add or replace `floor` in the file at `path`; returns the new table."""
+    table = load_floors(path).with_floor(floor)
+    save_floors(table, path)
+    return table

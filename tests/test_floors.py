@@ -1,0 +1,111 @@
+"""The floors file: round trip, lookups falling back to the nearest measurement, damaged files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gguf_sandbox.floors import (
+    FLOORS_FILE,
+    Floor,
+    FloorsError,
+    FloorTable,
+    load_floors,
+    record_floor,
+    save_floors,
+)
+
+MIB = 1 << 20
+
+
+def floor(python: str = "3.12", backend: str = "cgroup", limit: int = 50, workload: str = "embed") -> Floor:
+    return Floor(
+        workload,
+        "minilm_q8_0",
+        python,
+        backend,
+        limit * MIB,
+        (limit - 1) * MIB,
+        MIB,
+        3,
+        {"count": "1000"},
+        {"numpy": "2.1"},
+    )
+
+
+def test_record_replaces_the_same_cell_and_keeps_others(tmp_path: Path) -> None:
+    path = tmp_path / "floors.json"
+    record_floor(floor(limit=50), path)
+    record_floor(floor(python="3.11", limit=48), path)
+    table = record_floor(floor(limit=52), path)
+    assert [(f.python, f.floor // MIB) for f in table.floors] == [("3.11", 48), ("3.12", 52)]
+    assert load_floors(path) == table
+    assert table.floors[1].args == {"count": "1000"}
+
+
+def test_find_prefers_the_exact_cell_then_the_same_python_then_any() -> None:
+    table = FloorTable(
+        (floor("3.11", "cgroup", 48), floor("3.12", "cgroup", 50), floor("3.12", "docker", 55))
+    )
+    assert table.find("embed", "minilm_q8_0", "3.12", "docker").floor == 55 * MIB  # type: ignore[union-attr]
+    assert table.find("embed", "minilm_q8_0", "3.11", "docker").floor == 48 * MIB  # type: ignore[union-attr]
+    assert table.find("embed", "minilm_q8_0", "3.13", "cgroup").floor == 55 * MIB  # type: ignore[union-attr]
+    assert table.find("mcp", "minilm_q8_0", "3.12", "cgroup") is None
+    assert table.find("embed", "other", "3.12", "cgroup") is None
+
+
+def test_an_absent_file_holds_no_floors(tmp_path: Path) -> None:
+    assert load_floors(tmp_path / "none.json") == FloorTable()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfe", "not a JSON floors file"),
+        (b"{", "not a JSON floors file"),
+        (b"[]", "expected"),
+        (b'{"version": 2, "floors": []}', "expected"),
+        (b'{"version": 1, "floors": {}}', "'floors' must be a list"),
+        (b'{"version": 1, "floors": [{"workload": "embed"}]}', "missing key"),
+        (
+            b'{"version": 1, "floors": [{"workload": "e", "python": "3.12", "backend": "c", "floor": -1}]}',
+            r"floors\[0\]\.floor: expected a positive integer",
+        ),
+        (
+            b'{"version": 1, "floors": [{"workload": "e", "python": "3.12", "backend": "c", "floor": true}]}',
+            "expected a positive integer",
+        ),
+    ],
+    ids=["utf8", "json", "list", "version", "floors-map", "missing", "negative", "bool"],
+)
+def test_damaged_files_are_one_clear_error(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "floors.json"
+    path.write_bytes(content)
+    with pytest.raises(FloorsError, match=message):
+        load_floors(path)
+
+
+def test_an_oversized_file_is_not_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "floors.json"
+    path.write_bytes(b" " * (5 << 20))
+    with pytest.raises(FloorsError, match="not a floors file"):
+        load_floors(path)
+
+
+def test_save_is_atomic_and_cleans_up_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "floors.json"
+    save_floors(FloorTable((floor(),)), target)
+    assert json.loads(target.read_text())["floors"][0]["floor"] == 50 * MIB
+    blocked = tmp_path / "blocked.json"
+    blocked.mkdir()  # os.replace cannot put a file over a directory
+    with pytest.raises(FloorsError, match="cannot write"):
+        save_floors(FloorTable(), blocked)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked.json", "floors.json"]
+
+
+def test_the_shipped_floors_file_is_valid() -> None:
+    table = load_floors(FLOORS_FILE)
+    assert all(f.floor % f.resolution == 0 for f in table.floors)
+    assert all(f.measured_on.get("date") and f.measured_on.get("python") for f in table.floors)
