@@ -404,11 +404,23 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _listed_backends(choice: str, matrix: Matrix) -> list[str]:
+    """The backends `run` would use, decided without building anything (--list must be cheap): auto
+    lists docker when an engine answers (a run may still fall back to cgroup if no image can be built)."""
     if choice == "all":
         return list(matrix.backends)
     if choice == "auto":
-        return [s.name for s in choose_backends(choice, matrix)]
+        return ["docker" if _engine_answers() else "cgroup"]
     return [choice]
+
+
+def _engine_answers() -> bool:
+    from gguf_sandbox.sandbox.images import engine_client
+
+    try:
+        engine_client().close()
+    except SandboxError:
+        return False
+    return True
 
 
 def report(records: Iterable[CellRecord], out: TextIO | None = None) -> bool:

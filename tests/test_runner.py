@@ -580,3 +580,23 @@ def test_an_engine_that_refuses_everything_fails_the_run_naming_the_cells(harnes
     assert len(refused) == 4
     assert f"{len(refused)} outside expect:" in out.getvalue()
     assert all(f"  {cell_id}: refused (expected degraded|pass)" in out.getvalue() for cell_id in refused)
+
+
+@pytest.mark.usefixtures("cli")
+@pytest.mark.parametrize(("answers", "listed"), [(True, "docker"), (False, "cgroup")])
+def test_list_with_auto_builds_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    answers: bool,
+    listed: str,
+) -> None:
+    """`run --list` used to probe every Python's image (building them) just to choose a backend."""
+
+    def no_probing(*args: object) -> list[Sandbox]:
+        raise AssertionError("--list must not probe backends (probing builds images and venvs)")
+
+    monkeypatch.setattr(runner, "choose_backends", no_probing)
+    monkeypatch.setattr(runner, "_engine_answers", lambda: answers)
+    assert runner.run(cli_args(tmp_path, list=True, k="64m and bomb and py3.11")) == 0
+    assert capsys.readouterr().out.split() == [f"{listed}-py3.11-64m-bomb"]

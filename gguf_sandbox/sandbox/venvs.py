@@ -15,7 +15,13 @@ from gguf_sandbox.errors import SandboxError
 from gguf_sandbox.sandbox.interpreters import Interpreter, verify
 
 # Kept equal to [project].dependencies in pyproject.toml (a test checks it).
-RUNTIME_REQUIREMENTS: tuple[str, ...] = ("numpy>=1.26", "gguf>=0.10", "psutil>=5.9", "pyyaml>=6")
+RUNTIME_REQUIREMENTS: tuple[str, ...] = (
+    "numpy>=1.26",
+    "gguf>=0.10",
+    "psutil>=5.9",
+    "pyyaml>=6",
+    "safetensors>=0.4",
+)
 
 INSTALL_TIMEOUT = 1800.0
 _COMPLETE = ".complete"
