@@ -18,7 +18,6 @@ from gguf_sandbox.matrix import (
     Matrix,
     RunKind,
     WorkloadDef,
-    format_size,
     load,
     parse_size,
     parse_timeout,
@@ -26,6 +25,7 @@ from gguf_sandbox.matrix import (
 )
 from gguf_sandbox.runner import REFERENCE_OK, make_sandbox, reference_spec, run_spec
 from gguf_sandbox.sandbox.base import CellSpec, Sandbox
+from gguf_sandbox.units import format_size
 from gguf_sandbox.verdicts import Outcome, comparable
 
 # A leading `python`, `python3` or `python3.X` in CMD stands for the cell's interpreter.
