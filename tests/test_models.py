@@ -7,6 +7,7 @@ import sys
 import types
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -154,7 +155,7 @@ def test_synthetic_size_is_computed_not_searched() -> None:
     ids=["tiny", "100k", "5m", "300m-narrow"],
 )
 def test_synthetic_size_is_the_smallest_layer_count_that_reaches_the_target(
-    target: int, kwargs: dict[str, int]
+    target: int, kwargs: dict[str, Any]
 ) -> None:
     spec = synthetic_bert_for_size(target, **kwargs)
     assert spec.nbytes() >= target
