@@ -31,8 +31,8 @@ from gguf_sandbox.matrix import (
     ModelDef,
     RunKind,
     WorkloadDef,
+    cell_memory,
     load,
-    parse_size,
     parse_timeout,
     repro_command,
 )
@@ -98,7 +98,7 @@ class ModelChoice:
 def run(args: argparse.Namespace) -> int:
     from gguf_sandbox.models import default_cache_dir, prepare
 
-    memory = parse_size(args.memory, "--memory")
+    memory = cell_memory(args.memory, "--memory")
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if bool(command) == bool(args.workload):
         raise MatrixError("repro: give either --workload W [--model M] or -- CMD …, not both or neither")

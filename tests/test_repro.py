@@ -150,8 +150,19 @@ def test_builtin_workload_on_a_model_path_without_a_matrix(sandbox: Recorder, tm
         (["--workload", "parse"], "--model: workload parse needs a model"),
         (["--workload", "alloc-bomb", "--model", "x"], "takes no model"),
         (["--workload", "parse", "--model", "/no/such.gguf"], "neither a model of the matrix"),
+        (["--memory", "1k", "--", "python", "-c", "1"], "--memory: size '1k' is out of range: give 4m"),
+        (["--timeout", "nan", "--", "python", "-c", "1"], "--timeout: expected seconds"),
     ],
-    ids=["neither", "both", "unknown-workload", "model-missing", "model-forbidden", "model-not-found"],
+    ids=[
+        "neither",
+        "both",
+        "unknown-workload",
+        "model-missing",
+        "model-forbidden",
+        "model-not-found",
+        "memory-1k",
+        "timeout-nan",
+    ],
 )
 def test_usage_errors(sandbox: Recorder, tmp_path: Path, extra: list[str], message: str) -> None:
     args = args_for("--python", "3.12", "--memory", "64m", "--matrix", str(tmp_path / "matrix.yaml"), *extra)
