@@ -43,7 +43,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
 def _parser_for(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
     parser = argparse.ArgumentParser(prog="gguf-sandbox", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gguf-sandbox {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Not "command": a subcommand's own arguments share the namespace (repro's `-- CMD …` is `command`).
+    subparsers = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     chosen_parser = None
     for sub in SUBCOMMANDS:
@@ -64,8 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for variable in BLAS_THREAD_VARIABLES:
         os.environ.setdefault(variable, "1")  # before any subcommand imports numpy
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser, _ = _parser_for(args_list)
-    args = parser.parse_args(args_list)
+    parser, chosen = _parser_for(args_list)
+    args, unknown = parser.parse_known_args(args_list)
+    if unknown:
+        # The subcommand's parser says it, so the message reads `gguf-sandbox SUBCOMMAND: error: …`.
+        (chosen or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     module_name = getattr(args, "handler_module", None)
     if module_name is None:
         parser.print_help()
@@ -73,10 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = importlib.import_module(module_name).run(args)
     except GGUFSandboxError as error:
-        print(f"gguf-sandbox {args.command}: error: {error}", file=sys.stderr)
+        print(f"gguf-sandbox {args.subcommand}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gguf-sandbox {args.command}: interrupted", file=sys.stderr)
+        print(f"gguf-sandbox {args.subcommand}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader of our output went away (e.g. `| head`): not an error of ours.

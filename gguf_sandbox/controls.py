@@ -24,14 +24,17 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
+from gguf_sandbox import units
+
 PAGE = 4096
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def _size(text: str) -> int:
-    text = text.strip().lower()
-    unit = text[-1] if text and text[-1] in _UNITS else ""
-    return int(float(text[: len(text) - len(unit)]) * _UNITS[unit])
+    """argparse type for --step/--max: the units grammar (16m, 4g), at least a page."""
+    try:
+        return units.parse_size(text, minimum=PAGE)
+    except units.UnitError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _peak_rss() -> int:
@@ -59,7 +62,7 @@ def naive_load(args: argparse.Namespace) -> dict[str, Any]:
 
 def alloc_bomb(args: argparse.Namespace) -> dict[str, Any]:
     """Allocate and touch `step` bytes at a time until `max` (a cap so an unlimited run ends)."""
-    step, cap = _size(args.step), _size(args.max)
+    step, cap = int(args.step), int(args.max)
     held = []
     total = 0
     while total < cap:
@@ -135,13 +138,19 @@ CONTROLS: Mapping[str, Callable[[argparse.Namespace], dict[str, Any]]] = Mapping
 NEEDS_MODEL = frozenset({"naive-load", "perturbed-engine"})
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The controls' command line (its options mirror matrix.CONTROLS; a test keeps them in sync)."""
     parser = argparse.ArgumentParser(prog="python -m gguf_sandbox.controls", description=__doc__)
     parser.add_argument("control", choices=sorted(CONTROLS))
     parser.add_argument("--model", help="GGUF file (naive-load)")
-    parser.add_argument("--step", default="16m", help="alloc-bomb step (default 16m)")
-    parser.add_argument("--max", default="4g", help="alloc-bomb cap (default 4g)")
+    parser.add_argument("--step", type=_size, default="16m", help="alloc-bomb step (default 16m)")
+    parser.add_argument("--max", type=_size, default="4g", help="alloc-bomb cap (default 4g)")
     parser.add_argument("--count", type=int, default=100, help="perturbed-engine embeddings (default 100)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.control in NEEDS_MODEL and not args.model:
         parser.error(f"{args.control} needs --model")

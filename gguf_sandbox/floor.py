@@ -23,9 +23,10 @@ from typing import Any
 
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.floors import FLOORS_FILE, Floor, record_floor
-from gguf_sandbox.matrix import Cell, format_size, parse_size, parse_timeout
+from gguf_sandbox.matrix import Cell, cell_memory, parse_size
 from gguf_sandbox.runner import run_spec
 from gguf_sandbox.sandbox.base import Sandbox, Verdict
+from gguf_sandbox.units import format_size
 
 FINISHED = frozenset({Verdict.PASS, Verdict.DEGRADED})
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -180,18 +181,16 @@ class Prober:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gguf_sandbox.repro import add_cell_arguments
+
     parser.add_argument(
         "--python", default=f"{sys.version_info.major}.{sys.version_info.minor}", help="the cell's Python"
     )
-    parser.add_argument("--backend", choices=("auto", "docker", "cgroup"), default="auto")
-    parser.add_argument("--matrix", default="matrix.yaml", help="where --workload/--model names are defined")
-    parser.add_argument("--workload", help="a workload entry of the matrix, or a built-in workload name")
-    parser.add_argument("--model", help="a model name of the matrix, or a GGUF path")
+    add_cell_arguments(parser)
     parser.add_argument("--min", default="16m", help="lowest limit probed (default 16m)")
     parser.add_argument("--max", default="1g", help="highest limit probed, first (default 1g)")
     parser.add_argument("--resolution", default="1m", help="step of the search (default 1m)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per limit, all must finish (default 3)")
-    parser.add_argument("--timeout", help="wall-clock limit per run (default: the matrix's, else 300s)")
     parser.add_argument(
         "--warm", action="store_true", help="keep the page cache between runs (default: drop it, if root)"
     )
@@ -203,39 +202,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help=f"record the floor of a --workload in a floors file (default {FLOORS_FILE.name} of the package)",
     )
-    parser.add_argument(
-        "cell_command", nargs=argparse.REMAINDER, metavar="-- CMD", help="any command instead ({model})"
-    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from gguf_sandbox import repro
+    from gguf_sandbox.repro import request_cell
 
     if args.repeat < 1:
         raise MatrixError("--repeat: at least 1")
-    low, high = parse_size(args.min, "--min"), parse_size(args.max, "--max")
+    low, high = cell_memory(args.min, "--min"), cell_memory(args.max, "--max")
     resolution = parse_size(args.resolution, "--resolution")
-    command = args.cell_command[1:] if args.cell_command[:1] == ["--"] else args.cell_command
-    if bool(command) == bool(args.workload):
-        raise MatrixError("floor: give either --workload W [--model M] or -- CMD …, not both or neither")
     if args.record and not args.workload:
         raise MatrixError("--record: only the floor of a --workload can be recorded (a command has no name)")
-    matrix = repro._matrix(Path(args.matrix), required=bool(args.workload))
-    sandbox = repro._sandbox(args.backend, args.python)
-    timeout = parse_timeout(args.timeout, "--timeout") if args.timeout else None
-    if command:
-        cell = repro._command_cell(command, args.python, high, sandbox.name, timeout)
-    else:
-        cell = repro._workload_cell(matrix, args, high, sandbox.name, timeout)
-    reason = sandbox.unavailable_reason(args.python)
-    if reason is not None:
-        raise MatrixError(f"{sandbox.name} cannot run Python {args.python} here: {reason}")
-    if cell.model is not None and matrix is not None and cell.model in matrix.models:
-        from gguf_sandbox.models import default_cache_dir, prepare
-
-        cell = replace(
-            cell, spec=replace(cell.spec, model=prepare(matrix.models[cell.model], default_cache_dir()))
-        )
+    request = request_cell(args, high)
+    cell, sandbox = request.cell, request.sandbox
 
     def say(line: str) -> None:
         if not args.json:

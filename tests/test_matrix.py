@@ -16,13 +16,13 @@ from gguf_sandbox.matrix import (
     compile_k,
     expand,
     expand_cells,
-    format_size,
     load,
     parse,
     parse_size,
 )
 from gguf_sandbox.runner import reference_spec
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, Verdict
+from gguf_sandbox.units import format_size
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path("/cache")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gguf_sandbox import models
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.gguf.reader import GGUFFile
+from gguf_sandbox.gguf.synth import synthetic_bert_for_size
 from gguf_sandbox.matrix import ModelDef, model_file, parse
 
 
@@ -60,12 +64,12 @@ def test_synthesize_builds_once_and_caches(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*partial"))
 
 
-def test_synthesize_rejects_unknown_options(tmp_path: Path) -> None:
-    with pytest.raises(MatrixError, match=r"models\.tiny: cannot prepare"):
-        models.prepare(model("tiny", {"synthesize": {"size": "100k", "layers_please": 3}}), tmp_path)
+def test_synthesize_rejects_unknown_options_when_the_matrix_is_parsed() -> None:
+    # Rejected before anything is prepared: parse() names the key (prepare() used to, at run time).
+    with pytest.raises(MatrixError, match=r"models\.tiny\.synthesize\.layers_please: unknown key"):
+        model("tiny", {"synthesize": {"size": "100k", "layers_please": 3}})
     with pytest.raises(MatrixError, match=r"models\.tiny\.synthesize\.type: unknown tensor type 'q9_9'"):
-        models.prepare(model("tiny", {"synthesize": {"size": "100k", "type": "q9_9"}}), tmp_path)
-    assert not list(tmp_path.iterdir()) or all(p.suffix == ".lock" for p in tmp_path.iterdir())
+        model("tiny", {"synthesize": {"size": "100k", "type": "q9_9"}})
 
 
 def test_path_models_must_exist(tmp_path: Path) -> None:
@@ -120,3 +124,39 @@ def test_convert_calls_the_converter_with_the_checkpoint(
     assert calls[0][0] == checkpoint and calls[0][2] == "q8_0"
     models.prepare(definition, tmp_path / "cache")
     assert len(calls) == 1
+
+
+def test_synthetic_size_is_computed_not_searched() -> None:
+    """hidden 0 used to loop forever and size 1t to search layer by layer for hours: both end at once now."""
+    code = (
+        "from gguf_sandbox.gguf.synth import synthetic_bert_for_size as f\n"
+        "print(f(1 << 40, hidden=64, vocab_size=64).layers)\n"
+        "try:\n"
+        "    f(1 << 20, hidden=0)\n"
+        "except Exception as error:\n"
+        "    print(type(error).__name__, error)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    layers, error = done.stdout.splitlines()
+    assert int(layers) > 5_000_000
+    assert error == "GGUFError hidden size 0 makes layers without weights; use at least 1"
+
+
+@pytest.mark.parametrize(
+    ("target", "kwargs"),
+    [
+        (1, {}),
+        (100 << 10, {"hidden": 64, "vocab_size": 64}),
+        (5 << 20, {"hidden": 128}),
+        (300 << 20, {"hidden": 512}),
+    ],
+    ids=["tiny", "100k", "5m", "300m-narrow"],
+)
+def test_synthetic_size_is_the_smallest_layer_count_that_reaches_the_target(
+    target: int, kwargs: dict[str, Any]
+) -> None:
+    spec = synthetic_bert_for_size(target, **kwargs)
+    assert spec.nbytes() >= target
+    assert spec.layers == 1 or replace(spec, layers=spec.layers - 1).nbytes() < target

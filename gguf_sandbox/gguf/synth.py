@@ -99,9 +99,14 @@ def synthetic_bert_for_size(
     vocab_size: int = 30522,
     seed: int = 0,
 ) -> SyntheticBert:
-    """The smallest layer count (at `hidden` width) whose tensor data reaches `target_bytes`."""
-    for layers in itertools.count(1):
-        spec = SyntheticBert(
+    """The smallest layer count (at `hidden` width) whose tensor data reaches `target_bytes`.
+
+    Tensor bytes grow linearly with the layer count, so it is computed, not searched (a search over
+    layers costs O(layers²), hours for a terabyte target, and never ends when a layer holds no bytes).
+    """
+
+    def shaped(layers: int) -> SyntheticBert:
+        return SyntheticBert(
             vocab_size=vocab_size,
             hidden=hidden,
             layers=layers,
@@ -111,9 +116,12 @@ def synthetic_bert_for_size(
             seed=seed,
             name=f"synthetic-bert-{target_bytes >> 20}m",
         )
-        if spec.nbytes() >= target_bytes:
-            return spec
-    raise AssertionError("unreachable")
+
+    fixed = shaped(0).nbytes()
+    per_layer = shaped(1).nbytes() - fixed
+    if per_layer <= 0:
+        raise GGUFError(f"hidden size {hidden} makes layers without weights; use at least 1")
+    return shaped(max(1, -(-(target_bytes - fixed) // per_layer)))
 
 
 def vocabulary(size: int) -> list[str]:

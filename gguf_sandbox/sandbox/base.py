@@ -32,6 +32,18 @@ class Verdict(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Mount:
+    """A host file or directory the cell sees read-only at `target` (an absolute path inside the cell).
+
+    Docker bind-mounts it there; the cgroup backend runs on the host's filesystem, where it is at `source`
+    (repro only builds cgroup mounts whose target is their source).
+    """
+
+    source: Path
+    target: str
+
+
+@dataclass(frozen=True)
 class CellSpec:
     """One cell: run `python <argv>` with interpreter version `python` under `memory` bytes."""
 
@@ -50,6 +62,8 @@ class CellSpec:
     # The workload's client runs on the host and talks to a process in the cell over its stdin/stdout
     # (the `mcp` workload): the runner hands such a spec to that client instead of calling Sandbox.run.
     host_side: bool = False
+    # Extra host paths the argv names (`repro --mount`); matrix cells have none.
+    mounts: tuple[Mount, ...] = ()
 
 
 @dataclass(frozen=True)

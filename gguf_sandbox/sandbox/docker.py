@@ -262,6 +262,14 @@ def container_argv(spec: CellSpec) -> list[str]:
     return ["python", *(arg.replace(MODEL_PLACEHOLDER, inside) for arg in spec.argv)]
 
 
+def _volumes(spec: CellSpec) -> dict[str, dict[str, str]]:
+    """Read-only binds: the model at /models/NAME, each of spec.mounts at its target."""
+    volumes = {str(mount.source.resolve()): {"bind": mount.target, "mode": "ro"} for mount in spec.mounts}
+    if spec.model is not None:
+        volumes[str(spec.model.resolve())] = {"bind": f"{MODELS_DIR}/{spec.model.name}", "mode": "ro"}
+    return volumes
+
+
 def _container_name(spec: CellSpec, run_id: str) -> str:
     readable = re.sub(r"[^a-zA-Z0-9_.-]+", "_", spec.cell_id)[:80].strip("_.-") or "cell"
     return f"gguf-sandbox-{readable}-{run_id}"
@@ -360,8 +368,8 @@ class DockerSandbox:
         container.with_command(argv)
         # Docker's own tmpfs options: testcontainers passes this string through verbatim.
         container.with_tmpfs_mount("/tmp", _tmpfs_options(spec))
-        if spec.model is not None:
-            container.with_volume_mapping(spec.model.resolve(), f"{MODELS_DIR}/{spec.model.name}", "ro")
+        for source, bind in _volumes(spec).items():
+            container.with_volume_mapping(source, bind["bind"], bind["mode"])
         # One call: with_kwargs() replaces whatever an earlier call set.
         container.with_kwargs(**_hardened_kwargs(spec, run_id))
         try:
@@ -460,11 +468,7 @@ class DockerSandbox:
             raise SandboxError(f"cell {spec.cell_id}: model {spec.model} does not exist")
         client = self._engine()
         run_id = uuid.uuid4().hex[:12]
-        volumes = (
-            {str(spec.model.resolve()): {"bind": f"{MODELS_DIR}/{spec.model.name}", "mode": "ro"}}
-            if spec.model is not None
-            else {}
-        )
+        volumes = _volumes(spec)
         try:
             with _sigint_deferred():
                 created: Container = client.containers.create(

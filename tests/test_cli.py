@@ -1,0 +1,63 @@
+"""The command line: every subcommand's errors read `gguf-sandbox SUBCOMMAND: error: …`."""
+
+from __future__ import annotations
+
+import pytest
+
+from gguf_sandbox import cli
+
+SUBCOMMANDS = [sub.name for sub in cli.SUBCOMMANDS]
+# Arguments that satisfy each subcommand's required ones, so only the unknown option is wrong.
+REQUIRED = {
+    "inspect": ["x.gguf"],
+    "convert": ["hf", "out.gguf"],
+    "embed": ["--model", "x.gguf"],
+    "workload": ["parse", "--model", "x.gguf"],
+    "run": [],
+    "repro": ["--python", "3.12", "--memory", "64m", "--workload", "parse"],
+    "floor": ["--workload", "parse"],
+    "images": ["build"],
+    "serve": ["--model", "x.gguf"],
+}
+
+
+def error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_every_subcommand_is_covered() -> None:
+    assert set(REQUIRED) == set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_missing_arguments_name_the_subcommand(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    line = error_line([name, "--no-such-option"], capsys)
+    assert line.startswith(f"gguf-sandbox {name}: error: "), line
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_unknown_options_name_the_subcommand(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse's top-level parser used to report these as `gguf-sandbox: error: unrecognized arguments`.
+    line = error_line([name, *REQUIRED[name], "--no-such-option"], capsys)
+    assert line == f"gguf-sandbox {name}: error: unrecognized arguments: --no-such-option", line
+
+
+def test_our_errors_name_the_subcommand_even_with_a_command_after_dashes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # repro's `-- CMD …` is stored as `command`, which used to overwrite the subcommand's name:
+    # "gguf-sandbox ['--', 'python', '-c', '1']: error: …".
+    code = cli.main(["repro", "--python", "3.12", "--memory", "1x", "--", "python", "-c", "1"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "gguf-sandbox repro: error: --memory: '1x' is not a size; write a number with an optional unit "
+        "k/m/g/t (binary: 64m = 64 MiB), e.g. 64m, 512m, 1g"
+    )
+
+
+def test_no_subcommand_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
