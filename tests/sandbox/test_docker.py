@@ -19,10 +19,9 @@ import pytest
 
 from gguf_sandbox.errors import SandboxError
 from gguf_sandbox.sandbox import docker as docker_backend
-from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, Sandbox
+from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, PIDS_LIMIT, CellSpec, Sandbox
 from gguf_sandbox.sandbox.docker import (
     CELL_LABEL,
-    PIDS_LIMIT,
     REPORT_MARKER,
     DockerSandbox,
     MemoryReading,
