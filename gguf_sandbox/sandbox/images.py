@@ -264,10 +264,12 @@ def engine_client() -> docker.DockerClient:
         raise SandboxError(
             f"the docker SDK is not installed ({error}); hint: pip install 'gguf-sandbox[docker]'"
         ) from error
+    import requests
+
     try:
         client = docker.from_env()
         client.ping()
-    except docker.errors.DockerException as error:
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
         raise SandboxError(
             f"no Docker engine reachable at {engine_address()}: {error}; "
             "hint: start dockerd or use --backend cgroup"
@@ -641,12 +643,13 @@ def build_image(
     """Make <repository>:py3.X current for the sources in `project_dir`; rebuild only when they changed."""
     client = client or engine_client()
     import docker
+    import requests
 
     try:
         return _build_image(
             python, Path(project_dir), client=client, force=force, log=log, repository=repository
         )
-    except docker.errors.DockerException as error:
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
         raise SandboxError(
             f"the Docker engine failed while making {repository}:py{python}: {_one_line(error)}; "
             "hint: check `docker info` and retry with `gguf-sandbox images build -v`"

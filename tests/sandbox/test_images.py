@@ -259,3 +259,18 @@ def test_image_build_inputs_live_in_the_configured_cache(
         pass
     assert list((tmp_path / "cache").rglob("probe.lock"))
     assert not (tmp_path / "xdg").exists()
+
+
+@pytest.mark.parametrize("kind", ["api", "transport"])
+def test_engine_failure_during_a_build_is_a_sandbox_error(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    docker = pytest.importorskip("docker")
+    import requests
+
+    def failing_build(*args: Any, **kwargs: Any) -> Any:
+        if kind == "api":
+            raise docker.errors.APIError("500 Server Error: engine hiccup")
+        raise requests.exceptions.ConnectionError("Connection aborted: engine went away")
+
+    monkeypatch.setattr(images, "_build_image", failing_build)
+    with pytest.raises(SandboxError, match="the Docker engine failed while making"):
+        build_image(PYTHON, PROJECT, client=object())
