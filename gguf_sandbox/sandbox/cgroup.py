@@ -351,14 +351,16 @@ class CgroupSandbox:
         env.update(extra)
         return env
 
-    def jail(self, interpreter: Interpreter, model: Path | None) -> Jail:
-        """What a cell of `interpreter` may see: the venv and its base Python, the package, the model."""
+    def jail(self, interpreter: Interpreter, model: Path | None, extra: Sequence[Path] = ()) -> Jail:
+        """What a cell of `interpreter` may see, read-only and at their host paths: the venv and its base
+        Python, the package, the model, and `extra` (host files its argv names)."""
         return Jail(
             (
                 *_interpreter_paths(interpreter),
                 package_root(self._cache),
                 Path(gguf_sandbox.__file__).resolve().parent,
                 *([model.resolve()] if model is not None else []),
+                *(path.resolve() for path in extra),
             )
         )
 

@@ -318,3 +318,28 @@ def test_jail_command_shape() -> None:
     assert drop[:4] == ["/u/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     assert "--no-new-privs" in drop and "--bounding-set=-all" in drop
     assert command[-3:] == ["/venv/bin/python", "-c", "pass"]
+
+
+@pytest.mark.cgroup
+@pytest.mark.usefixtures("writable_cgroups")
+def test_extra_host_paths_are_visible_read_only_and_nothing_beside_them(
+    sandbox: CgroupSandbox, tmp_path: Path
+) -> None:
+    _needs_namespaces()
+    script = tmp_path / "mine.py"
+    script.write_text("print('mine ran')\n")
+    (tmp_path / "secret.txt").write_text("not for the cell\n")
+    interpreter = sandbox.interpreter(PYTHON)
+    code = (
+        "import os, runpy, sys; runpy.run_path(sys.argv[1]); "
+        "print(os.listdir(os.path.dirname(sys.argv[1])), os.access(sys.argv[1], os.W_OK))"
+    )
+    result = cgroup.run_limited(
+        [str(interpreter.path), "-c", code, str(script)],
+        64 * MiB,
+        60,
+        env=sandbox.child_env(interpreter, {}),
+        jail=sandbox.jail(interpreter, None, [script]),
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == ["mine ran", "['mine.py'] False"]
