@@ -12,18 +12,15 @@ from types import MappingProxyType
 
 from gguf_sandbox.errors import GGUFSandboxError, MatrixError
 from gguf_sandbox.matrix import ModelDef, ModelKind, model_file, synthetic_spec
+from gguf_sandbox.paths import cache_root, models_dir
 
 # Files that mark a directory as a Hugging Face BERT checkpoint.
 CHECKPOINT_FILES = ("config.json", "vocab.txt")
 
 
 def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """$GGUF_SANDBOX_CACHE/models, else $XDG_CACHE_HOME/gguf-sandbox/models, else ~/.cache/…/models."""
-    env = os.environ if environ is None else environ
-    if env.get("GGUF_SANDBOX_CACHE"):
-        return Path(env["GGUF_SANDBOX_CACHE"]) / "models"
-    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base / "gguf-sandbox" / "models"
+    """Where prepared matrix models live: the cache directory rule's models subdirectory (paths.py)."""
+    return models_dir(cache_root(environ))
 
 
 def checkpoint_dir(package: str) -> Path:

@@ -6,20 +6,19 @@ import contextlib
 import itertools
 import json
 import os
-import signal
 import stat
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 
 from gguf_sandbox.errors import GGUFSandboxError
 from gguf_sandbox.sandbox.base import Verdict
+from gguf_sandbox.signals import deferred_signals
 
 CELL = "cell"  # a decided cell (verdict)
 SKIP = "skip"  # a cell its backend cannot run here (reason)
@@ -270,7 +269,7 @@ class ResultStore:
         """
         line = json.dumps({**record, "time": round(time.time(), 3)}, sort_keys=True) + "\n"
         data = line.encode("utf-8")
-        with self._lock, _deferred_sigint():
+        with self._lock, deferred_signals():
             end = os.lseek(self._fd, 0, os.SEEK_END)
             try:
                 written = 0
@@ -345,26 +344,6 @@ def _truncate(path: Path, size: int) -> None:
         raise GGUFSandboxError(
             f"results file {path}: cannot remove its torn last line ({error.strerror})"
         ) from None
-
-
-@contextlib.contextmanager
-def _deferred_sigint() -> Iterator[None]:
-    """Hold SIGINT (main thread only) so a record is never half written, then deliver it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-
-    def remember(signum: int, frame: FrameType | None) -> None:
-        pending.append(signum)
-
-    previous = signal.signal(signal.SIGINT, remember)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:
-            raise KeyboardInterrupt
 
 
 def latest_cells(records: Iterable[Mapping[str, Any]]) -> list[CellRecord]:

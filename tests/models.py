@@ -11,6 +11,7 @@ from gguf.constants import GGMLQuantizationType
 
 from gguf_sandbox.gguf import synth
 from gguf_sandbox.gguf.synth import SyntheticBert, synthetic_bert_for_size, write_synthetic_bert
+from gguf_sandbox.paths import suite_models_dir
 
 VOCAB_262K = SyntheticBert(
     vocab_size=262144, hidden=64, tensor_type=GGMLQuantizationType.F16, name="vocab262k"
@@ -22,8 +23,7 @@ BIG_300MB_NARROW = synthetic_bert_for_size(300 << 20, tensor_type=GGMLQuantizati
 
 
 def cache_dir() -> Path:
-    base = Path(os.environ.get("GGUF_SANDBOX_CACHE", Path.home() / ".cache" / "gguf-sandbox"))
-    return base / "test-models"
+    return suite_models_dir()
 
 
 def cached_synthetic(spec: SyntheticBert) -> Path:

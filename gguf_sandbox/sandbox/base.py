@@ -11,6 +11,8 @@ from typing import IO, Protocol, runtime_checkable
 
 # Token in CellSpec.argv replaced by the path at which the backend makes the model visible.
 MODEL_PLACEHOLDER = "{model}"
+# Tasks (processes and threads) one cell may have, on every backend.
+PIDS_LIMIT = 256
 
 
 class Verdict(str, enum.Enum):
@@ -66,6 +68,40 @@ class CellSpec:
     mounts: tuple[Mount, ...] = ()
 
 
+class Isolation(str, enum.Enum):
+    """What a cell is kept from, beyond its memory limit; each backend says which of these a cell had."""
+
+    NON_ROOT = "non-root user"  # not uid 0 on the host
+    NO_NEW_PRIVILEGES = "no new privileges"  # no capabilities, setuid binaries do not elevate
+    NO_NETWORK = "no network"  # a network namespace with nothing but loopback
+    PRIVATE_FILESYSTEM = "private filesystem"  # sees only what it needs, read-only, and a private /tmp
+    READ_ONLY_MODEL = "read-only model"
+    PIDS_LIMIT = "pids limit"  # a fork bomb stops at a bound
+    PRIVATE_PROCESSES = "private processes"  # sees and signals no host process; dies as one
+
+
+@dataclass(frozen=True)
+class IsolationReport:
+    """The isolation a cell had: `missing` maps each property it lacked to why (empty: it had them all)."""
+
+    held: frozenset[Isolation] = frozenset()
+    missing: Mapping[Isolation, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line for a report: what held, then what was missing and why."""
+        held = ", ".join(item.value for item in Isolation if item in self.held) or "none"
+        if not self.missing:
+            return f"isolation: {held}"
+        lacking = "; ".join(f"{item.value} ({why})" for item, why in self.missing.items())
+        return f"isolation: {held}; missing: {lacking}"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "held": [item.value for item in Isolation if item in self.held],
+            "missing": {item.value: why for item, why in self.missing.items()},
+        }
+
+
 @dataclass(frozen=True)
 class RunResult:
     """What a backend observed, before any verdict: exit, OOM signals, memory, output."""
@@ -80,6 +116,8 @@ class RunResult:
     stdout: str
     stderr: str
     samples: tuple[tuple[float, int], ...] = ()
+    # Which isolation the cell had (empty when the backend does not say, e.g. a plain run_limited child).
+    isolation: IsolationReport = IsolationReport()
 
     @property
     def killed_by_sigkill(self) -> bool:

@@ -7,7 +7,6 @@ import enum
 import os
 import re
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -18,28 +17,45 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from gguf_sandbox.errors import SandboxError
-from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellCommand, CellSpec, RunResult
+from gguf_sandbox.sandbox.base import (
+    MODEL_PLACEHOLDER,
+    PIDS_LIMIT,
+    CellCommand,
+    CellSpec,
+    Isolation,
+    IsolationReport,
+    RunResult,
+)
 from gguf_sandbox.sandbox.images import SANDBOX_UID, build_image, engine_client, find_project_dir
+from gguf_sandbox.sandbox.isolation import DEADLINE_GRACE_S
+from gguf_sandbox.sandbox.reaper import DOCKER, GUARD, owner_gone, owner_token
+from gguf_sandbox.signals import deferred_signals
 
 if TYPE_CHECKING:
     import docker
     from docker.models.containers import Container
 
 MODELS_DIR = "/models"
-PIDS_LIMIT = 256
 CELL_LABEL = "org.gguf-sandbox.cell"
 RUN_LABEL = "org.gguf-sandbox.run"
+# The process that created the container (reaper.owner_token): the reaper and later runs remove the
+# containers of an owner that is gone; containers of live owners, or of other hosts, are never touched.
+OWNER_LABEL = "org.gguf-sandbox.owner"
 SAMPLE_INTERVAL_S = 0.1
 STATS_INTERVAL_S = 0.5
 KILL_GRACE_S = 15.0
 LOG_MAX_SIZE = "16m"
 REPORT_MARKER = "@@gguf-sandbox-cgroup@@"
 
-# PID 1 of every cell. It runs the cell in a subshell that makes itself the OOM killer's first choice, then
-# prints its own cgroup's peak and oom_kill counter to stderr: on exit the engine deletes the container's
-# cgroup at once, so a reading from outside after exit finds nothing.
+# PID 1 of every cell. It runs the cell in a subshell that makes itself the OOM killer's first choice and
+# holds the cell to its own deadline (the runner may be gone), then prints its own cgroup's peak and
+# oom_kill counter to stderr: on exit the engine deletes the container's cgroup at once, so a reading from
+# outside after exit finds nothing.
 CELL_WRAPPER = r"""
-( { echo 1000 >/proc/self/oom_score_adj; } 2>/dev/null; exec "$@" )
+deadline=$1; shift
+( { echo 1000 >/proc/self/oom_score_adj; } 2>/dev/null
+  if command -v timeout >/dev/null 2>&1; then exec timeout -s KILL "$deadline" "$@"; fi
+  exec "$@" )
 status=$?
 for f in /sys/fs/cgroup/memory/memory.max_usage_in_bytes /sys/fs/cgroup/memory/memory.oom_control \
          /sys/fs/cgroup/memory.peak /sys/fs/cgroup/memory.events; do
@@ -222,24 +238,39 @@ def _largest(*values: int | None) -> int | None:
     return max(present) if present else None
 
 
-@contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C while cleanup runs, then deliver it: a second Ctrl-C must not leak a container."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:
-        yield
-        return
-    signal.signal(signal.SIGINT, lambda signum, _frame: pending.append(signum))
+def _engine_errors() -> tuple[type[Exception], ...]:
+    """What the docker SDK raises when the engine fails: its own errors and the transport's (requests)."""
+    import docker
+    import requests
+
+    return (docker.errors.DockerException, requests.exceptions.RequestException)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def _engine_failure(spec: CellSpec, error: BaseException) -> SandboxError:
+    """A docker SDK error during a cell as the cell's harness error (the runner records it, goes on)."""
+    return SandboxError(
+        f"cell {spec.cell_id}: the Docker engine failed: {_one_line(error)}; hint: check `docker info`"
+    )
+
+
+def remove_stale_containers(client: docker.DockerClient) -> list[str]:
+    """Remove the cell containers whose owner process has ended (this host and boot only); their names."""
+    removed: list[str] = []
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:
-            signal.raise_signal(signal.SIGINT)
+        containers = client.containers.list(all=True, filters={"label": OWNER_LABEL}, ignore_removed=True)
+    except _engine_errors():
+        return removed
+    for container in containers:
+        if owner_gone(str((container.labels or {}).get(OWNER_LABEL, ""))) is not True:
+            continue
+        with contextlib.suppress(*_engine_errors()):
+            container.remove(force=True, v=True)
+            removed.append(str(container.name))
+    return removed
 
 
 def _disable_ryuk() -> None:
@@ -306,8 +337,9 @@ def _hardened_kwargs(spec: CellSpec, run_id: str) -> dict[str, Any]:
     """docker-py create() arguments every cell gets: wrapper, user, limits, isolation, labels, logs."""
     from docker.types import LogConfig
 
+    deadline = f"{spec.timeout + DEADLINE_GRACE_S:.3f}"
     return {
-        "entrypoint": ["/bin/sh", "-c", CELL_WRAPPER, "gguf-sandbox-cell"],
+        "entrypoint": ["/bin/sh", "-c", CELL_WRAPPER, "gguf-sandbox-cell", deadline],
         "user": f"{SANDBOX_UID}:{SANDBOX_UID}",
         "working_dir": "/tmp",
         "mem_limit": spec.memory,
@@ -317,9 +349,13 @@ def _hardened_kwargs(spec: CellSpec, run_id: str) -> dict[str, Any]:
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
         "pids_limit": PIDS_LIMIT,
-        "labels": {RUN_LABEL: run_id, CELL_LABEL: spec.cell_id[:200]},
+        "labels": {RUN_LABEL: run_id, CELL_LABEL: spec.cell_id[:200], OWNER_LABEL: owner_token()},
         "log_config": LogConfig(type="json-file", config={"max-size": LOG_MAX_SIZE}),
     }
+
+
+# Every cell container here meets the whole hardening table (or is refused before it runs).
+DOCKER_ISOLATION = IsolationReport(frozenset(Isolation))
 
 
 class DockerSandbox:
@@ -331,10 +367,13 @@ class DockerSandbox:
         self._project_dir = project_dir
         self._images: dict[str, str] = {}
         self._client: docker.DockerClient | None = None
+        self.swept: list[str] = []
 
     def _engine(self) -> docker.DockerClient:
+        """The engine client; on first use, the containers of runs whose owner is gone are removed."""
         if self._client is None:
             self._client = engine_client()
+            self.swept = remove_stale_containers(self._client)
         return self._client
 
     def image_for(self, python: str) -> str:
@@ -355,11 +394,24 @@ class DockerSandbox:
             return f"no docker image for Python {python}: {error}"
         return None
 
-    def run(self, spec: CellSpec) -> RunResult:
+    def _prepare(self, spec: CellSpec) -> tuple[str, list[str]]:
+        """The image and argv of a cell, and the reaper told about this process's containers."""
         image = self.image_for(spec.python)
         argv = container_argv(spec)
         if spec.model is not None and not spec.model.exists():
             raise SandboxError(f"cell {spec.cell_id}: model {spec.model} does not exist")
+        GUARD.watch(DOCKER, f"{OWNER_LABEL}={owner_token()}")
+        return image, argv
+
+    def run(self, spec: CellSpec) -> RunResult:
+        image, argv = self._prepare(spec)
+        errors = _engine_errors()
+        try:
+            return self._run(spec, image, argv)
+        except errors as error:
+            raise _engine_failure(spec, error) from error
+
+    def _run(self, spec: CellSpec, image: str, argv: list[str]) -> RunResult:
         _disable_ryuk()
         from testcontainers.core.container import DockerContainer
 
@@ -375,18 +427,16 @@ class DockerSandbox:
         try:
             return self._run_started(spec, container, image)
         finally:
-            with _sigint_deferred():
+            with deferred_signals():
                 self._remove(container, run_id)
 
     def _run_started(self, spec: CellSpec, container: Any, image: str) -> RunResult:
-        import docker
-
         started = time.monotonic()
         try:
             container.start()
-        except docker.errors.DockerException as error:
+        except _engine_errors() as error:
             raise SandboxError(
-                f"cell {spec.cell_id}: could not start a container from {image}: {error}; "
+                f"cell {spec.cell_id}: could not start a container from {image}: {_one_line(error)}; "
                 "hint: `gguf-sandbox images build` and check `docker info`"
             ) from error
         wrapped: Container = container.get_wrapped_container()
@@ -423,7 +473,7 @@ class DockerSandbox:
                 break
             if time.monotonic() >= deadline:
                 timed_out = True
-                with contextlib.suppress(docker.errors.APIError):
+                with contextlib.suppress(*_engine_errors()):
                     wrapped.kill()
                 exited.wait(KILL_GRACE_S)
                 break
@@ -445,6 +495,7 @@ class DockerSandbox:
             stdout=stdout_bytes.decode("utf-8", errors="replace"),
             stderr=stderr,
             samples=tuple(samples),
+            isolation=DOCKER_ISOLATION,
         )
 
     @contextlib.contextmanager
@@ -454,23 +505,19 @@ class DockerSandbox:
         Created (not started) with the same hardening as run() plus an open stdin that closes with the
         attached client; the yielded command starts it. The container is removed on exit.
         """
-        import docker
-
         cli = shutil.which("docker")
         if cli is None:
             raise SandboxError(
                 f"cell {spec.cell_id}: attaching a client needs the docker CLI on PATH; "
                 "hint: install docker.io"
             )
-        image = self.image_for(spec.python)
-        argv = container_argv(spec)
-        if spec.model is not None and not spec.model.exists():
-            raise SandboxError(f"cell {spec.cell_id}: model {spec.model} does not exist")
+        image, argv = self._prepare(spec)
         client = self._engine()
         run_id = uuid.uuid4().hex[:12]
         volumes = _volumes(spec)
+        errors = _engine_errors()
         try:
-            with _sigint_deferred():
+            with deferred_signals():
                 created: Container = client.containers.create(
                     image,
                     command=argv,
@@ -484,14 +531,18 @@ class DockerSandbox:
                     detach=False,
                     **_hardened_kwargs(spec, run_id),
                 )
-        except docker.errors.DockerException as error:
-            self._remove_run(run_id)
+        except errors as error:
+            with deferred_signals():
+                self._remove_run(run_id)
             raise SandboxError(
-                f"cell {spec.cell_id}: could not create a container from {image}: {error}; "
+                f"cell {spec.cell_id}: could not create a container from {image}: {_one_line(error)}; "
                 "hint: `gguf-sandbox images build` and check `docker info`"
             ) from error
         try:
-            created.reload()
+            try:
+                created.reload()
+            except errors as error:
+                raise _engine_failure(spec, error) from error
             violations = hardening_violations(created.attrs, spec)
             if violations:
                 raise SandboxError(
@@ -504,19 +555,18 @@ class DockerSandbox:
                 finally:
                     cell.close()
         finally:
-            with _sigint_deferred():
-                with contextlib.suppress(docker.errors.DockerException):
+            with deferred_signals():
+                with contextlib.suppress(*errors):
                     created.remove(force=True, v=True)
                 self._remove_run(run_id)
 
     def _remove_run(self, run_id: str) -> None:
-        import docker
-
-        with contextlib.suppress(docker.errors.DockerException, SandboxError):
+        """Remove every container of this run (one an interrupted create may have left behind)."""
+        with contextlib.suppress(*_engine_errors(), SandboxError):
             for leftover in self._engine().containers.list(
-                all=True, filters={"label": f"{RUN_LABEL}={run_id}"}
+                all=True, filters={"label": f"{RUN_LABEL}={run_id}"}, ignore_removed=True
             ):
-                with contextlib.suppress(docker.errors.NotFound):
+                with contextlib.suppress(*_engine_errors()):
                     leftover.remove(force=True, v=True)
 
     @staticmethod
@@ -535,15 +585,9 @@ class DockerSandbox:
 
     def _remove(self, container: Any, run_id: str) -> None:
         """Remove the cell's container, and any container of this run an interrupted create left behind."""
-        import docker
-
-        with contextlib.suppress(docker.errors.DockerException):
+        with contextlib.suppress(*_engine_errors()):
             container.stop(force=True, delete_volume=True)
-        with contextlib.suppress(docker.errors.DockerException, SandboxError):
-            client = self._engine()
-            for leftover in client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_id}"}):
-                with contextlib.suppress(docker.errors.NotFound):
-                    leftover.remove(force=True, v=True)
+        self._remove_run(run_id)
 
 
 class AttachedContainer:
@@ -570,18 +614,16 @@ class AttachedContainer:
 
     def _watch(self) -> None:
         """Sample the container's cgroup while it runs; kill it at the wall-clock timeout."""
-        import docker
-
         deadline = self._started + self._spec.timeout
         probe: _Probe | None = None
         while not self._done.is_set():
             if time.monotonic() >= deadline:
                 self._timed_out.set()
-                with contextlib.suppress(docker.errors.DockerException):
+                with contextlib.suppress(*_engine_errors()):
                     self._container.kill()
                 return
             if probe is None:
-                with contextlib.suppress(docker.errors.DockerException):
+                with contextlib.suppress(*_engine_errors()):
                     pid = int(self._state().get("Pid") or 0)
                     if pid > 0:
                         probe = find_host_cgroup(pid, str(self._container.id)) or _StatsProbe(self._container)
@@ -602,20 +644,18 @@ class AttachedContainer:
             self._samples.append((round(time.monotonic() - self._started, 3), reading.usage))
 
     def finish(self, grace: float = 5.0) -> RunResult:
-        import docker
-
         if self._result is not None:
             return self._result
-        with contextlib.suppress(docker.errors.DockerException, OSError):
+        with contextlib.suppress(*_engine_errors(), OSError):
             # Returns at once for a container that never started; raises on timeout (requests).
             self._container.wait(timeout=max(grace, 0.1))
         self._done.set()
         self._watcher.join()
-        with contextlib.suppress(docker.errors.DockerException):
+        with contextlib.suppress(*_engine_errors()):
             self._container.kill()
         state: dict[str, Any] = {}
         logs = b""
-        with contextlib.suppress(docker.errors.DockerException):
+        with contextlib.suppress(*_engine_errors()):
             state = self._state()
             logs = self._container.logs(stdout=False, stderr=True)
         _, report = parse_report(logs.decode("utf-8", errors="replace"))
@@ -635,6 +675,7 @@ class AttachedContainer:
             stdout="",
             stderr=stderr,
             samples=tuple(self._samples),
+            isolation=DOCKER_ISOLATION,
         )
         return self._result
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gguf_sandbox.errors import SandboxError
+from gguf_sandbox.paths import cache_root, images_dir, locks_dir
 from gguf_sandbox.sandbox.interpreters import Interpreter, find_interpreter
 
 if TYPE_CHECKING:
@@ -141,10 +142,9 @@ def _checked_version(python: str) -> str:
     return python
 
 
-def cache_dir() -> Path:
-    """Where rootfs tarballs and build locks live (XDG cache, ~/.cache by default)."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    path = Path(root) / "gguf-sandbox"
+def _images_dir() -> Path:
+    """Where rootfs tarballs, build contexts and base recipes live (paths.images_dir, created)."""
+    path = images_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -220,7 +220,7 @@ def _normalized(info: tarfile.TarInfo) -> tarfile.TarInfo:
 @contextlib.contextmanager
 def _context_tar(files: Sequence[tuple[str, Path]], *, normalize: bool = True) -> Iterator[Path]:
     """A temporary tar build context holding `files`, removed on exit."""
-    handle, name = tempfile.mkstemp(prefix="gguf-sandbox-context-", suffix=".tar", dir=cache_dir())
+    handle, name = tempfile.mkstemp(prefix="gguf-sandbox-context-", suffix=".tar", dir=_images_dir())
     os.close(handle)
     path = Path(name)
     try:
@@ -237,8 +237,8 @@ def _context_tar(files: Sequence[tuple[str, Path]], *, normalize: bool = True) -
 @contextlib.contextmanager
 def _build_lock(name: str) -> Iterator[None]:
     """Serialize builds of one image across processes (pytest-xdist workers, parallel CLIs)."""
-    locks = cache_dir() / "locks"
-    locks.mkdir(exist_ok=True)
+    locks = locks_dir()
+    locks.mkdir(parents=True, exist_ok=True)
     with open(locks / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -264,10 +264,12 @@ def engine_client() -> docker.DockerClient:
         raise SandboxError(
             f"the docker SDK is not installed ({error}); hint: pip install 'gguf-sandbox[docker]'"
         ) from error
+    import requests
+
     try:
         client = docker.from_env()
         client.ping()
-    except docker.errors.DockerException as error:
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
         raise SandboxError(
             f"no Docker engine reachable at {engine_address()}: {error}; "
             "hint: start dockerd or use --backend cgroup"
@@ -490,7 +492,12 @@ def _unmount_below(root: Path) -> None:
 
 def ensure_rootfs_tarball(recipe: RootfsRecipe = DEFAULT_ROOTFS, log: Log = _quiet) -> Path:
     """The cached Debian rootfs tarball for `recipe`, made with debootstrap when missing."""
-    tarball = cache_dir() / f"rootfs-{recipe.suite}-{recipe.variant}-{recipe.digest[:12]}.tar"
+    name = f"rootfs-{recipe.suite}-{recipe.variant}-{recipe.digest[:12]}.tar"
+    tarball = _images_dir() / name
+    legacy = cache_root() / name  # where tarballs lived before images/: reuse, debootstrap needs a mirror
+    if not tarball.is_file() and legacy.is_file():
+        with contextlib.suppress(OSError):
+            os.link(legacy, tarball)
     if tarball.is_file():
         return tarball
     debootstrap = shutil.which("debootstrap")
@@ -507,7 +514,7 @@ def ensure_rootfs_tarball(recipe: RootfsRecipe = DEFAULT_ROOTFS, log: Log = _qui
     with _build_lock(tarball.name):
         if tarball.is_file():
             return tarball
-        workdir = Path(tempfile.mkdtemp(prefix="rootfs-", dir=cache_dir()))
+        workdir = Path(tempfile.mkdtemp(prefix="rootfs-", dir=_images_dir()))
         partial = tarball.with_name(tarball.name + f".{os.getpid()}.part")
         try:
             log(f"debootstrap {recipe.variant} {recipe.suite} (about a minute)")
@@ -578,7 +585,7 @@ def ensure_offline_base(
             return ref
         rootfs = ensure_rootfs_image(client, recipe, log)
         log(f"adding CPython {layout.full_version} from {layout.base_prefix} to {ref}")
-        recipe_file = cache_dir() / f"base-py{python}.Dockerfile"
+        recipe_file = _images_dir() / f"base-py{python}.Dockerfile"
         recipe_file.write_text(_BASE_DOCKERFILE.format(rootfs=rootfs, version=python))
         payload = [("Dockerfile", recipe_file)]
         payload += [(f"python/{name}", path) for name, path in interpreter_payload(layout)]
@@ -636,12 +643,13 @@ def build_image(
     """Make <repository>:py3.X current for the sources in `project_dir`; rebuild only when they changed."""
     client = client or engine_client()
     import docker
+    import requests
 
     try:
         return _build_image(
             python, Path(project_dir), client=client, force=force, log=log, repository=repository
         )
-    except docker.errors.DockerException as error:
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
         raise SandboxError(
             f"the Docker engine failed while making {repository}:py{python}: {_one_line(error)}; "
             "hint: check `docker info` and retry with `gguf-sandbox images build -v`"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gguf_sandbox
 from gguf_sandbox.errors import SandboxError
+from gguf_sandbox.paths import sources_dir, venvs_dir
 from gguf_sandbox.sandbox.interpreters import Interpreter, verify
 
 # Kept equal to [project].dependencies in pyproject.toml (a test checks it).
@@ -27,27 +28,18 @@ INSTALL_TIMEOUT = 1800.0
 _COMPLETE = ".complete"
 
 
-def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """$GGUF_SANDBOX_CACHE, else $XDG_CACHE_HOME/gguf-sandbox, else ~/.cache/gguf-sandbox."""
-    env = os.environ if environ is None else environ
-    if env.get("GGUF_SANDBOX_CACHE"):
-        return Path(env["GGUF_SANDBOX_CACHE"])
-    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base / "gguf-sandbox"
-
-
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
-def package_root(cache: Path) -> Path:
+def package_root(cache: Path | None = None) -> Path:
     """A directory whose only entry links to this gguf_sandbox package: put it on the child's PYTHONPATH.
 
     Linking (not installing) keeps venvs valid across source edits and keeps sibling directories of the
     package (tests/, bench/, another site-packages) out of the child's import path.
     """
     package = Path(gguf_sandbox.__file__).resolve().parent
-    directory = cache / "src" / _digest(str(package))
+    directory = sources_dir(cache) / _digest(str(package))
     link = directory / "gguf_sandbox"
     if link.is_symlink() and link.resolve() == package:
         return directory
@@ -82,7 +74,7 @@ def ensure_venv(
     cache: Path | None = None,
 ) -> Interpreter:
     """The venv interpreter for `base` with `requirements` installed; built once, shared across processes."""
-    root = (cache or cache_dir()) / "venvs"
+    root = venvs_dir(cache)
     root.mkdir(parents=True, exist_ok=True)
     key = _digest(base.version, str(base.path), *sorted(requirements))
     directory = root / f"py{base.version}-{key}"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from gguf_sandbox.budget import DEFAULT_HEADROOM, own_memory_cgroup
-from gguf_sandbox.sandbox import cgroup
+from gguf_sandbox.sandbox import placement
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, Sandbox
 from gguf_sandbox.sandbox.cgroup import (
     CHILD_PREFIX,
@@ -193,6 +193,81 @@ def test_stale_cgroups_of_dead_owners_are_removed() -> None:
             stale.rmdir()
 
 
+def test_stale_cgroup_still_holding_processes_is_killed_and_removed() -> None:
+    """A runner SIGKILLed mid-cell left its cell running in its cgroup: the sweep kills it, then rmdirs."""
+    parent = own_memory_cgroup()
+    assert parent is not None
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = parent.directory / f"{CHILD_PREFIX}{dead.pid}-0ddba11"
+    stale.mkdir()
+    orphan = subprocess.Popen(
+        ["/bin/sh", "-c", f'echo $$ > "{stale}/cgroup.procs" && exec sleep 300'], start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not (stale / "cgroup.procs").read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert remove_stale_cgroups(parent) == [stale]
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+        assert not stale.exists()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+        if stale.exists():
+            stale.rmdir()
+
+
+def test_sigterm_during_cleanup_is_held_until_the_cgroup_is_removed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM (a supervisor stopping the run) while the cell is torn down: the cgroup goes first."""
+    made: list[Path] = []
+    create = placement.direct_or_scope
+
+    def recording_create(root: Path, limit: int, report: Path, **options: Any) -> Any:
+        made_placement = create(root, limit, report, **options)
+        assert isinstance(made_placement, placement._ChildCgroup)
+        made.append(made_placement.path)
+        real_kill_all = made_placement.kill_all
+
+        def kill_all_then_terminated(deadline: float = 5.0) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # a delivered SIGTERM would raise here, before the cgroup is removed
+            real_kill_all(deadline)
+
+        monkeypatch.setattr(made_placement, "kill_all", kill_all_then_terminated)
+        return made_placement
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # what the runner's SIGTERM handler does
+
+    monkeypatch.setattr(placement, "direct_or_scope", recording_create)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_limited(_py("pass"), 64 * MiB, timeout=30)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert made and not made[0].exists()
+
+
+def test_pids_limit_caps_the_tasks_of_a_child() -> None:
+    code = (
+        "import threading\n"
+        "stop = threading.Event(); started = 0\n"
+        "try:\n"
+        "    for _ in range(400):\n"
+        "        threading.Thread(target=stop.wait, daemon=True).start(); started += 1\n"
+        "except RuntimeError:\n"
+        "    pass\n"
+        "print(started)\n"
+    )
+    result = run_limited(_py(code), 128 * MiB, timeout=60, pids_limit=32)
+    assert result.exit_code == 0, result.stderr
+    assert int(result.stdout) < 32
+    assert "no pids limit" not in result.stderr
+
+
 # ---- CgroupSandbox ---------------------------------------------------------------------------------
 
 
@@ -260,26 +335,17 @@ def test_budget_inside_a_cell_sees_the_cell_limit() -> None:
 
 def test_interrupt_just_after_the_cgroup_is_made_leaves_none(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C once the cgroup exists but before anyone owns it: held until an owner will remove it."""
-    create = cgroup._direct_or_scope
+    create = placement.direct_or_scope
     made: list[Path] = []
 
-    def interrupted_create(root: Path, limit: int, report: Path) -> Any:
-        placement = create(root, limit, report)
-        assert isinstance(placement, cgroup._ChildCgroup)
-        made.append(placement.path)
+    def interrupted_create(root: Path, limit: int, report: Path, **options: Any) -> Any:
+        made_placement = create(root, limit, report, **options)
+        assert isinstance(made_placement, placement._ChildCgroup)
+        made.append(made_placement.path)
         os.kill(os.getpid(), signal.SIGINT)
-        return placement
+        return made_placement
 
-    monkeypatch.setattr(cgroup, "_direct_or_scope", interrupted_create)
+    monkeypatch.setattr(placement, "direct_or_scope", interrupted_create)
     with pytest.raises(KeyboardInterrupt):
         run_limited(_py("import time; time.sleep(60)"), 64 * MiB, timeout=30)
     assert made and not made[0].exists()
-
-
-def test_signals_are_held_until_the_block_ends() -> None:
-    reached_end = False
-    with pytest.raises(KeyboardInterrupt), cgroup._signals_deferred():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)  # a delivered SIGINT would raise here
-        reached_end = True
-    assert reached_end

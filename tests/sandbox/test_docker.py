@@ -19,10 +19,9 @@ import pytest
 
 from gguf_sandbox.errors import SandboxError
 from gguf_sandbox.sandbox import docker as docker_backend
-from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, Sandbox
+from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, PIDS_LIMIT, CellSpec, Sandbox
 from gguf_sandbox.sandbox.docker import (
     CELL_LABEL,
-    PIDS_LIMIT,
     REPORT_MARKER,
     DockerSandbox,
     MemoryReading,
@@ -407,3 +406,110 @@ def test_unreachable_engine_gives_a_reason(monkeypatch: pytest.MonkeyPatch, tmp_
     assert reason is not None
     assert f"no Docker engine reachable at unix://{tmp_path}/no-such.sock" in reason
     assert "--backend cgroup" in reason
+
+
+def _engine_failure(kind: str) -> Exception:
+    import docker
+    import requests
+
+    if kind == "api":
+        failure: Exception = docker.errors.APIError("500 Server Error: engine hiccup")
+        return failure
+    return requests.exceptions.ConnectionError("Connection aborted: engine went away")
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("kind", ["api", "transport"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "docker.models.containers.Container.reload",
+        "testcontainers.core.container.DockerContainer.get_logs",
+        "testcontainers.core.container.DockerContainer.start",
+    ],
+    ids=["reload", "get_logs", "start"],
+)
+def test_engine_errors_mid_cell_become_sandbox_errors(
+    sandbox: DockerSandbox, no_leftovers: list[str], monkeypatch: pytest.MonkeyPatch, target: str, kind: str
+) -> None:
+    """A failing engine call is the cell's harness error (the runner records it and goes on), never a raw
+    docker or requests exception that would abort the whole matrix; the container is still removed."""
+    import importlib
+
+    module_name, class_name, method = target.rsplit(".", 2)
+    owner = getattr(importlib.import_module(module_name), class_name)
+    real = getattr(owner, method)
+    calls: list[int] = []
+
+    def failing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if method == "start":
+            real(self, *args, **kwargs)  # the container exists: removal must still find it
+        raise _engine_failure(kind)
+
+    monkeypatch.setattr(owner, method, failing)
+    spec = make_spec(("-c", "print('ok')"))
+    no_leftovers.append(spec.cell_id)
+    with pytest.raises(SandboxError, match=spec.cell_id) as raised:
+        sandbox.run(spec)
+    assert calls
+    assert ("engine hiccup" if kind == "api" else "engine went away") in str(raised.value)
+
+
+@pytest.mark.docker
+def test_engine_error_while_timing_a_cell_out_is_not_raised(
+    sandbox: DockerSandbox, no_leftovers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import docker
+
+    real_kill = docker.models.containers.Container.kill
+    kills: list[int] = []
+
+    def failing_kill(self: Any, *args: Any, **kwargs: Any) -> Any:
+        kills.append(1)
+        if len(kills) == 1:
+            raise _engine_failure("transport")
+        return real_kill(self, *args, **kwargs)
+
+    monkeypatch.setattr(docker_backend, "KILL_GRACE_S", 1.0)
+    monkeypatch.setattr(docker.models.containers.Container, "kill", failing_kill)
+    spec = make_spec(("-c", "import time; time.sleep(120)"), timeout=2.0)
+    no_leftovers.append(spec.cell_id)
+    result = sandbox.run(spec)
+    assert result.timed_out and kills
+
+
+@pytest.mark.docker
+def test_sigterm_during_container_removal_is_held_until_it_is_gone(
+    sandbox: DockerSandbox, no_leftovers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (a supervisor stopping the run) arriving while the container is removed: removal first."""
+    real_remove = DockerSandbox._remove
+
+    def terminated_remove(self: DockerSandbox, container: Any, run_id: str) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # a delivered SIGTERM would raise here, before the container is removed
+        real_remove(self, container, run_id)
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # what the runner's SIGTERM handler does
+
+    monkeypatch.setattr(DockerSandbox, "_remove", terminated_remove)
+    spec = make_spec(("-c", "pass"))
+    no_leftovers.append(spec.cell_id)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sandbox.run(spec)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.docker
+def test_cells_report_the_isolation_they_had(sandbox: DockerSandbox, no_leftovers: list[str]) -> None:
+    from gguf_sandbox.sandbox.base import Isolation
+
+    spec = make_spec(("-c", "pass"))
+    no_leftovers.append(spec.cell_id)
+    result = sandbox.run(spec)
+    assert result.isolation.held == frozenset(Isolation) and not result.isolation.missing

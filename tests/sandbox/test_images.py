@@ -245,3 +245,32 @@ def test_ctrl_c_during_a_build_leaves_no_tag_and_no_container(
             break
         time.sleep(0.5)
     assert not found, f"build container {build_container} left behind"
+
+
+def test_image_build_inputs_live_in_the_configured_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$GGUF_SANDBOX_CACHE moves the rootfs tarballs, build contexts and locks like every other cache."""
+    monkeypatch.setenv("GGUF_SANDBOX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with images._context_tar([("pyproject.toml", PROJECT / "pyproject.toml")]) as context:
+        assert tmp_path / "cache" in context.parents
+    with images._build_lock("probe"):
+        pass
+    assert list((tmp_path / "cache").rglob("probe.lock"))
+    assert not (tmp_path / "xdg").exists()
+
+
+@pytest.mark.parametrize("kind", ["api", "transport"])
+def test_engine_failure_during_a_build_is_a_sandbox_error(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    docker = pytest.importorskip("docker")
+    import requests
+
+    def failing_build(*args: Any, **kwargs: Any) -> Any:
+        if kind == "api":
+            raise docker.errors.APIError("500 Server Error: engine hiccup")
+        raise requests.exceptions.ConnectionError("Connection aborted: engine went away")
+
+    monkeypatch.setattr(images, "_build_image", failing_build)
+    with pytest.raises(SandboxError, match="the Docker engine failed while making"):
+        build_image(PYTHON, PROJECT, client=object())

@@ -14,7 +14,7 @@ import gguf_sandbox
 from gguf_sandbox.errors import SandboxError
 from gguf_sandbox.sandbox import venvs
 from gguf_sandbox.sandbox.interpreters import Interpreter
-from gguf_sandbox.sandbox.venvs import RUNTIME_REQUIREMENTS, cache_dir, ensure_venv, package_root
+from gguf_sandbox.sandbox.venvs import RUNTIME_REQUIREMENTS, ensure_venv, package_root
 
 CURRENT = Interpreter(f"{sys.version_info[0]}.{sys.version_info[1]}", Path(sys.executable), {}, "current")
 PYPROJECT = Path(gguf_sandbox.__file__).resolve().parent.parent / "pyproject.toml"
@@ -25,12 +25,6 @@ def test_runtime_requirements_match_pyproject() -> None:
     tomllib = pytest.importorskip("tomllib", reason="tomllib is 3.11+")
     declared = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
     assert sorted(RUNTIME_REQUIREMENTS) == sorted(declared)
-
-
-def test_cache_dir_precedence(tmp_path: Path) -> None:
-    assert cache_dir({"GGUF_SANDBOX_CACHE": str(tmp_path / "c")}) == tmp_path / "c"
-    assert cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "gguf-sandbox"
-    assert cache_dir({}) == Path.home() / ".cache" / "gguf-sandbox"
 
 
 def test_package_root_holds_only_this_package(tmp_path: Path) -> None:
