@@ -1,4 +1,18 @@
-"""Memory limit detection (cgroup v2, cgroup v1, physical RAM) and the MemoryBudget admitting allocations."""
+"""Memory limit detection (cgroup v2, cgroup v1, physical RAM) and the MemoryBudget admitting allocations.
+
+The planning rule: a budget is sized against the *working set* where the limit bites, not against raw
+usage. The working set is usage minus inactive file pages (cgroup v2 `memory.stat` `inactive_file`, v1
+`total_inactive_file`), as kubelet computes it: clean inactive page cache — the interpreter's, numpy's and
+the model file's pages, charged to the cell when it read them — is reclaimed by the kernel before it
+OOM-kills anything, so counting it as spent refused work that fits (and whether it did depended on what the
+page cache held). Active file pages, anonymous memory and kernel memory stay counted. Three refinements:
+
+- the baseline is re-measured when a reservation would not fit (the working set then, minus reservations
+  marked allocated), so pages that became reclaimable after detection count as room;
+- file pages the engine itself needs resident — a streaming plan's weights kept in page cache — are
+  reserved explicitly by the engine (`Plan.cached_bytes`), so the room they take is never handed out;
+- `headroom` (8 MiB by default) is left for allocator slack, Python objects and transient page cache.
+"""
 
 from __future__ import annotations
 
@@ -40,20 +54,23 @@ class MemoryLimit:
 
 @dataclass(frozen=True)
 class _Layout:
-    """Which files of one cgroup version hold the limit, the usage and the peak."""
+    """Which files of one cgroup version hold the limit, the usage, the peak and the reclaimable pages."""
 
     source: LimitSource
     limit_files: tuple[str, ...]
     usage_file: str
     peak_file: str
+    inactive_file_key: str  # in memory.stat, counting the whole subtree
 
 
-_V2 = _Layout("cgroup2", ("memory.max",), "memory.current", "memory.peak")
+STAT_FILE = "memory.stat"
+_V2 = _Layout("cgroup2", ("memory.max",), "memory.current", "memory.peak", "inactive_file")
 _V1 = _Layout(
     "cgroup1",
     ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"),
     "memory.usage_in_bytes",
     "memory.max_usage_in_bytes",
+    "total_inactive_file",
 )
 _LAYOUTS = {layout.source: layout for layout in (_V2, _V1)}
 
@@ -126,6 +143,28 @@ def _read_int(path: Path) -> int | None:
     return None if value >= V1_UNLIMITED else value
 
 
+def _read_stat(path: Path, key: str) -> int | None:
+    """One counter of a memory.stat file; None when the file or the key is missing or unreadable."""
+    try:
+        with path.open(encoding="ascii") as stat_file:
+            for line in stat_file:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _working_set_of(directory: Path, layout: _Layout) -> int | None:
+    """Usage of one cgroup minus its inactive file pages (never below 0); None without a usage figure."""
+    usage = _read_int(directory / layout.usage_file)
+    if usage is None:
+        return None
+    inactive = _read_stat(directory / STAT_FILE, layout.inactive_file_key) or 0
+    return max(usage - inactive, 0)
+
+
 def _ancestors(directory: Path, mount: Path) -> list[Path]:
     """`directory` and each parent up to and including the mount root."""
     chain = [directory]
@@ -182,35 +221,50 @@ def current_usage(root: Path = Path("/")) -> int:
     return value if value is not None else _process_rss()
 
 
+def working_set(root: Path = Path("/")) -> int:
+    """Bytes of our memory cgroup that cannot be reclaimed: usage minus inactive file pages, else our RSS."""
+    located = own_memory_cgroup(root)
+    value = None if located is None else _working_set_of(located.directory, located.layout)
+    return value if value is not None else _process_rss()
+
+
 def peak_usage(root: Path = Path("/")) -> int:
     """Highest usage of our memory cgroup so far (memory.peak / max_usage_in_bytes), else peak RSS."""
     value = _cgroup_value(root, lambda layout: layout.peak_file)
     return value if value is not None else _process_peak_rss()
 
 
-def _usage_at(origin: MemoryLimit) -> int:
-    """Usage charged where the limit bites (an ancestor's limit counts its whole subtree), else our RSS."""
+def working_set_at(origin: MemoryLimit) -> int:
+    """The working set where the limit bites (an ancestor's limit counts its whole subtree), else our RSS."""
     layout = _LAYOUTS.get(origin.source)
     if layout is None or origin.limited_by is None:
         return _process_rss()
-    value = _read_int(origin.limited_by / layout.usage_file)
+    value = _working_set_of(origin.limited_by, layout)
     return value if value is not None else _process_rss()
 
 
 class Reservation:
     """Bytes held against a MemoryBudget until released; a context manager, release() is idempotent."""
 
-    __slots__ = ("_budget", "_released", "nbytes", "purpose")
+    __slots__ = ("_allocated", "_budget", "_released", "nbytes", "purpose")
 
     def __init__(self, budget: MemoryBudget, purpose: str, nbytes: int) -> None:
         self._budget = budget
         self._released = False
+        self._allocated = False
         self.purpose = purpose
         self.nbytes = nbytes
 
     @property
     def released(self) -> bool:
         return self._released
+
+    def mark_allocated(self) -> None:
+        """Say the bytes are now allocated and stay so until release (e.g. loaded weights).
+
+        A re-measured baseline subtracts them from the working set instead of counting them twice.
+        """
+        self._budget._mark_allocated(self)
 
     def release(self) -> None:
         self._budget._release(self)
@@ -241,7 +295,9 @@ class MemoryBudget:
     """Admission control for memory: reservations above `cap` or beyond `limit - baseline` are refused.
 
     `limit` is the total the process may use, `baseline` what is already spent outside the budget
-    (interpreter, imports), `cap` the largest single reservation. Thread-safe.
+    (interpreter, imports), `cap` the largest single reservation. With `measure` (a function returning the
+    current working set, as detect() passes), a reservation that would not fit first re-measures the
+    baseline: the working set now minus the reservations marked allocated. Thread-safe.
     """
 
     def __init__(
@@ -250,6 +306,7 @@ class MemoryBudget:
         cap: int = 1 << 20,
         baseline: int = 0,
         origin: MemoryLimit | None = None,
+        measure: Callable[[], int] | None = None,
     ) -> None:
         if limit < 0 or cap < 0 or baseline < 0:
             raise ValueError(f"MemoryBudget: limit={limit}, cap={cap}, baseline={baseline} must be >= 0")
@@ -257,7 +314,9 @@ class MemoryBudget:
         self.cap = cap
         self.baseline = baseline
         self.origin = origin
+        self._measure = measure
         self._in_use = 0
+        self._allocated = 0
         self._peak = 0
         self._room = threading.Condition(threading.Lock())
 
@@ -265,11 +324,14 @@ class MemoryBudget:
     def detect(
         cls, cap: int = 1 << 20, headroom: int = DEFAULT_HEADROOM, root: Path = Path("/")
     ) -> MemoryBudget:
-        """A budget sized from the detected limit, minus what is already used and `headroom` of slack."""
+        """A budget sized from the detected limit, minus the working set now and `headroom` of slack."""
         origin = detect_limit(root)
-        usage = _usage_at(origin)
         limit = max(origin.limit_bytes - headroom, 0)
-        return cls(limit, cap=cap, baseline=min(usage, limit), origin=origin)
+
+        def measure() -> int:
+            return working_set_at(origin)
+
+        return cls(limit, cap=cap, baseline=min(measure(), limit), origin=origin, measure=measure)
 
     @property
     def in_use(self) -> int:
@@ -290,6 +352,19 @@ class MemoryBudget:
     def _free(self) -> int:
         return max(self.limit - self.baseline - self._in_use, 0)
 
+    def _remeasure(self) -> bool:
+        """Re-read the baseline from the working set (lock held); False when this budget cannot measure."""
+        if self._measure is None:
+            return False
+        self.baseline = min(max(self._measure() - self._allocated, 0), self.limit)
+        return True
+
+    def _fits(self, nbytes: int) -> bool:
+        """Whether `nbytes` fit now, re-measuring the baseline before saying no (lock held)."""
+        if nbytes <= self._free():
+            return True
+        return self._remeasure() and nbytes <= self._free()
+
     def _limit_hint(self) -> str:
         origin = ""
         if self.origin is not None:
@@ -298,13 +373,17 @@ class MemoryBudget:
         return _HINT_LIMIT.format(origin=origin)
 
     def _check_size(self, purpose: str, nbytes: int, cap: int) -> None:
-        """Refuse what can never fit, whatever else is released."""
+        """Refuse a negative size or one over the single-reservation cap."""
         if nbytes < 0:
             raise ValueError(f"{purpose}: cannot reserve a negative size ({nbytes})")
         if nbytes > cap:
             raise BudgetExceeded(purpose, nbytes, cap, _HINT_CAP.format(cap=cap))
-        if nbytes > self.limit - self.baseline:
-            raise BudgetExceeded(purpose, nbytes, self._free(), self._limit_hint())
+
+    def _never_fits(self, nbytes: int) -> bool:
+        """Whether waiting cannot help (lock held, baseline just measured): `nbytes` exceed the room left
+        beside the baseline, and no reservation is held whose memory a re-measured baseline may include."""
+        unmarked = self._in_use - self._allocated
+        return nbytes > self.limit - self.baseline and (self._measure is None or unmarked == 0)
 
     def _grant(self, purpose: str, nbytes: int) -> Reservation:
         self._in_use += nbytes
@@ -315,28 +394,41 @@ class MemoryBudget:
         """Hold `nbytes` for `purpose` or raise BudgetExceeded; `cap` overrides the single-reservation cap."""
         with self._room:
             self._check_size(purpose, nbytes, self.cap if cap is None else cap)
-            if nbytes > self._free():
+            if not self._fits(nbytes):
                 raise BudgetExceeded(purpose, nbytes, self._free(), self._limit_hint())
             return self._grant(purpose, nbytes)
 
     def reserve_blocking(
         self, purpose: str, nbytes: int, timeout: float | None = None, *, cap: int | None = None
     ) -> Reservation:
-        """Like reserve(), but wait up to `timeout` seconds for others to release room (queue, don't fail)."""
+        """Like reserve(), but wait up to `timeout` seconds for others to release room (queue, don't fail).
+
+        What can never fit, whatever is released, is refused at once.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._room:
             self._check_size(purpose, nbytes, self.cap if cap is None else cap)
-            while nbytes > self._free():
+            while not self._fits(nbytes):
+                if self._never_fits(nbytes):
+                    raise BudgetExceeded(purpose, nbytes, self._free(), self._limit_hint())
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise BudgetExceeded(
                         purpose,
                         nbytes,
                         self._free(),
-                        f"waited {timeout:.1f} s for room; " + self._limit_hint(),
+                        f"waited {timeout:.1f} s for room while {self._in_use:,} bytes stayed reserved; "
+                        + self._limit_hint(),
                     )
                 self._room.wait(remaining)
             return self._grant(purpose, nbytes)
+
+    def _mark_allocated(self, reservation: Reservation) -> None:
+        with self._room:
+            if reservation._released or reservation._allocated:
+                return
+            reservation._allocated = True
+            self._allocated += reservation.nbytes
 
     def _release(self, reservation: Reservation) -> None:
         with self._room:
@@ -344,6 +436,8 @@ class MemoryBudget:
                 return
             reservation._released = True
             self._in_use -= reservation.nbytes
+            if reservation._allocated:
+                self._allocated -= reservation.nbytes
             self._room.notify_all()
 
     def __repr__(self) -> str:

@@ -309,3 +309,122 @@ def test_detect_on_this_machine() -> None:
     assert memory.cap == 2 * MiB
     with memory.reserve("probe", 2 * MiB):
         assert memory.available == memory.limit - memory.baseline - 2 * MiB
+
+
+# ---- the working-set rule ------------------------------------------------------------------------------
+
+
+def test_v1_plans_against_usage_minus_total_inactive_file(tmp_path: Path) -> None:
+    # A cell whose page cache (interpreter, numpy, model pages: inactive, reclaimable) fills it to the limit.
+    _fake_v1(
+        tmp_path,
+        "/cell",
+        {
+            "cell": {
+                "memory.limit_in_bytes": str(64 * MiB),
+                "memory.usage_in_bytes": str(63 * MiB),
+                "memory.stat": f"cache {45 * MiB}\ninactive_file {1 * MiB}\ntotal_inactive_file {40 * MiB}",
+            }
+        },
+    )
+    assert budget.working_set(tmp_path) == 23 * MiB
+    detected = MemoryBudget.detect(headroom=8 * MiB, root=tmp_path)
+    assert (detected.limit, detected.baseline, detected.available) == (56 * MiB, 23 * MiB, 33 * MiB)
+
+
+def test_v2_plans_against_memory_current_minus_inactive_file_where_the_limit_bites(tmp_path: Path) -> None:
+    _fake_v2(
+        tmp_path,
+        "/pod/cell",
+        {
+            "pod": {
+                "memory.max": str(128 * MiB),
+                "memory.current": str(120 * MiB),
+                "memory.stat": f"anon {50 * MiB}\nactive_file {10 * MiB}\ninactive_file {60 * MiB}",
+            },
+            "pod/cell": {
+                "memory.max": "max",
+                "memory.current": str(100 * MiB),
+                "memory.stat": "inactive_file 0",
+            },
+        },
+    )
+    # Our own cgroup's working set, and the budget's baseline counted where the limit bites (the pod).
+    assert budget.working_set(tmp_path) == 100 * MiB
+    detected = MemoryBudget.detect(headroom=8 * MiB, root=tmp_path)
+    assert (detected.limit, detected.baseline) == (120 * MiB, 60 * MiB)
+
+
+@pytest.mark.parametrize(
+    ("stat", "expected"),
+    [
+        (None, 30 * MiB),
+        ("total_inactive_file lots", 30 * MiB),
+        ("cache 1\ntotal_cache 1", 30 * MiB),
+        (f"total_inactive_file {100 * MiB}", 0),
+    ],
+    ids=["no-stat-file", "garbage", "no-such-key", "inactive-above-usage"],
+)
+def test_working_set_without_a_usable_stat(tmp_path: Path, stat: str | None, expected: int) -> None:
+    files = {"memory.limit_in_bytes": str(64 * MiB), "memory.usage_in_bytes": str(30 * MiB)}
+    if stat is not None:
+        files["memory.stat"] = stat
+    _fake_v1(tmp_path, "/c", {"c": files})
+    # Missing or unreadable: raw usage (the conservative answer); never below zero.
+    assert budget.working_set(tmp_path) == expected
+
+
+def test_a_reservation_that_would_fail_re_measures_the_baseline(tmp_path: Path) -> None:
+    cell = {
+        "memory.limit_in_bytes": str(64 * MiB),
+        "memory.usage_in_bytes": str(60 * MiB),
+        "memory.stat": f"total_inactive_file {10 * MiB}",
+    }
+    _fake_v1(tmp_path, "/c", {"c": cell})
+    detected = MemoryBudget.detect(headroom=4 * MiB, root=tmp_path)
+    assert detected.available == 10 * MiB
+    weights = detected.reserve("weights", 8 * MiB, cap=8 * MiB)
+    weights.mark_allocated()
+    # Later the kernel moved most of those pages to the inactive list: 30 MiB became reclaimable, and
+    # the weights (now allocated) are part of the working set the cgroup reports.
+    _write(tmp_path, "sys/fs/cgroup/memory/c/memory.usage_in_bytes", str(62 * MiB))
+    _write(tmp_path, "sys/fs/cgroup/memory/c/memory.stat", f"total_inactive_file {40 * MiB}")
+    assert detected.available == 2 * MiB  # nothing re-read while reservations fit
+    with detected.reserve("pass", 6 * MiB, cap=6 * MiB):
+        # 62 - 40 = 22 MiB of working set, 8 of them the weights: the baseline is 14 MiB now.
+        assert detected.baseline == 14 * MiB
+        assert detected.available == 60 * MiB - 14 * MiB - 8 * MiB - 6 * MiB
+
+
+def test_re_measuring_can_also_refuse_and_budgets_without_a_measure_never_do() -> None:
+    readings = iter([30 * MiB])
+    memory = MemoryBudget(64 * MiB, cap=64 * MiB, baseline=20 * MiB, measure=lambda: next(readings))
+    with pytest.raises(BudgetExceeded) as refused:
+        memory.reserve("batch", 50 * MiB)
+    assert memory.baseline == 30 * MiB and refused.value.available == 34 * MiB
+    fixed = MemoryBudget(64 * MiB, cap=64 * MiB, baseline=20 * MiB)
+    with pytest.raises(BudgetExceeded):
+        fixed.reserve("batch", 45 * MiB)
+    assert fixed.baseline == 20 * MiB
+
+
+def test_reserve_blocking_re_measures_when_woken() -> None:
+    # 20 MiB outside the budget; another caller holds 20 MiB, allocated, which the working set includes.
+    working_set = [40 * MiB]
+    memory = MemoryBudget(64 * MiB, cap=64 * MiB, baseline=20 * MiB, measure=lambda: working_set[0])
+    held = memory.reserve("other caller", 20 * MiB)
+    released = threading.Event()
+
+    def release() -> None:
+        working_set[0] = 20 * MiB
+        held.release()
+        released.set()
+
+    timer = threading.Timer(0.2, release)
+    timer.start()
+    # Re-measured while the other caller holds its room, 30 MiB never seem to fit: wait, do not refuse.
+    with memory.reserve_blocking("batch", 30 * MiB, timeout=10):
+        assert released.is_set() and memory.baseline == 20 * MiB
+    timer.join()
+    with pytest.raises(BudgetExceeded):
+        memory.reserve_blocking("more than ever fits", 50 * MiB, timeout=10)

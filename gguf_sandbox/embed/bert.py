@@ -50,7 +50,11 @@ _INV_SQRT2: Final = np.float32(1.0 / math.sqrt(2.0))
 
 
 class Pooling(IntEnum):
-    """How token vectors become one sentence vector; values are llama.cpp's LLAMA_POOLING_TYPE."""
+    """How token vectors become one sentence vector; values are llama.cpp's LLAMA_POOLING_TYPE.
+
+    NONE (one vector per token) is named so files declaring it are refused by name: the engine returns one
+    vector per text.
+    """
 
     NONE = 0
     MEAN = 1
@@ -80,6 +84,15 @@ class BertConfig:
             raise GGUFError(
                 f"BERT config: hidden size {self.hidden} is not divisible by {self.heads} attention heads"
             )
+        if self.pooling not in _POOLERS:
+            supported = ", ".join(p.name for p in _POOLERS)
+            raise GGUFError(
+                f"BERT config: pooling type {self.pooling.name} ({int(self.pooling)}) asks for one vector "
+                f"per token, which the engine does not produce: it returns one vector per text (supported: "
+                f"{supported})"
+            )
+        if not 0 < self.layer_norm_eps < math.inf:
+            raise GGUFError(f"BERT config: layer_norm_eps {self.layer_norm_eps!r} must be finite and > 0")
 
     @property
     def head_dim(self) -> int:
@@ -388,10 +401,8 @@ def _last_row(x: Rows, pieces: tuple[tuple[int, int, int], ...]) -> F32:
 Pooler: TypeAlias = Callable[[Rows, tuple[tuple[int, int, int], ...]], "NDArray[np.float32 | np.float64]"]
 
 
-# NONE asks for per-token vectors; a sentence vector needs some pooling, and mean is what BERT-family
-# sentence encoders use, so NONE pools by mean.
+# Pooling.NONE has no pooler: BertConfig refuses it.
 _POOLERS: dict[Pooling, Pooler] = {
-    Pooling.NONE: _mean_rows,
     Pooling.MEAN: _mean_rows,
     Pooling.CLS: _first_row,
     Pooling.LAST: _last_row,
@@ -414,9 +425,28 @@ def normalize(v: F32) -> F32:
     return v
 
 
+def require_finite(vectors: F32) -> F32:
+    """`vectors` [n, dim] unchanged, or GGUFError naming the first row holding NaN or infinity."""
+    finite = np.isfinite(vectors).all(axis=1)  # [n]
+    if not finite.all():
+        first = int(np.argmin(finite))
+        raise GGUFError(
+            f"the forward pass produced NaN or infinite values (sequence {first} of the batch, "
+            f"{int((~finite).sum())} of {finite.size} affected): the model's weights or hyperparameters are "
+            f"corrupt; re-convert or re-download it"
+        )
+    return vectors
+
+
 def encode(weights: BertWeights, batch: TokenBatch, cap: int = DEFAULT_CAP) -> F32:
-    """Unit-length sentence vectors [n_sequences, hidden] for a batch of token sequences."""
-    x = embeddings(weights, batch, cap)  # [padded, hidden] per chunk
-    for layer in range(weights.config.layers):
-        x = encoder_layer(x, weights, layer, batch, cap)  # [rows, hidden] per chunk
-    return normalize(pool(x, batch, weights.config.pooling))  # [n, hidden]
+    """Unit-length sentence vectors [n_sequences, hidden] for a batch of token sequences.
+
+    NaN or infinite values, which only corrupt weights produce, end in GGUFError, never in a vector.
+    """
+    # Corrupt weights overflow and divide by zero on the way; require_finite reports it once, in words.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        x = embeddings(weights, batch, cap)  # [padded, hidden] per chunk
+        for layer in range(weights.config.layers):
+            x = encoder_layer(x, weights, layer, batch, cap)  # [rows, hidden] per chunk
+        pooled = require_finite(pool(x, batch, weights.config.pooling))  # [n, hidden]
+    return normalize(pooled)  # [n, hidden]

@@ -15,7 +15,7 @@ import numpy as np
 
 from gguf_sandbox.budget import MemoryBudget, Reservation
 from gguf_sandbox.embed.bert import F32, BertConfig, TokenBatch, aligned, encode, rows_per_chunk
-from gguf_sandbox.embed.tokenizer import WordPieceTokenizer
+from gguf_sandbox.embed.tokenizer import WordPieceTokenizer, vocabulary_bytes
 from gguf_sandbox.embed.weights import (
     DEFAULT_PASS_TOKENS,
     ModelSizes,
@@ -32,6 +32,8 @@ from gguf_sandbox.errors import GGUFError
 from gguf_sandbox.gguf.reader import GGUFFile
 
 DEFAULT_BATCH_SIZE: Final = 32
+# How long embed() waits for other callers of a shared budget to release room before it is refused.
+DEFAULT_WAIT_S: Final = 120.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Embedder:
         budget: MemoryBudget,
         resident: Reservation,
         batch_size: int,
+        wait_s: float = DEFAULT_WAIT_S,
     ) -> None:
         self._gguf = gguf
         self._tokenizer = tokenizer
@@ -71,6 +74,8 @@ class Embedder:
         self._budget = budget
         self._resident = resident
         self._batch_size = batch_size
+        self._wait_s = wait_s
+        self._preferred = preferred_plan(weights.config, sizes)
         self._chunk_rows = rows_per_chunk(weights.config, weights.plan.cap)
         self._closed = False
         self._active = 0
@@ -85,33 +90,49 @@ class Embedder:
         batch_size: int = DEFAULT_BATCH_SIZE,
         *,
         pass_tokens: int = DEFAULT_PASS_TOKENS,
+        drop_cache: bool = False,
+        wait_s: float = DEFAULT_WAIT_S,
     ) -> Embedder:
         """Open `model_path`, pick a plan from `budget` (detected when None) and load its weights.
 
-        Raises BudgetExceeded when the requested plan, or with "auto" every plan, does not fit.
+        `drop_cache` drops the file pages of every block or row read from the model once copied
+        (POSIX_FADV_DONTNEED; off by default because it drops them for every process on the host and
+        costs a re-read per pass when streaming): the process's peak is then its own working set. `wait_s`
+        bounds how long embed() waits for room in a shared budget before raising BudgetExceeded.
+        Raises BudgetExceeded when the vocabulary, or the requested plan (with "auto" every plan), does
+        not fit; GGUFError when the file is not a BERT GGUF the engine can run.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not wait_s > 0:
+            raise ValueError(f"wait_s must be positive, got {wait_s}")
         gguf = GGUFFile.open(Path(model_path))
         try:
             config = read_config(gguf)
-            tokenizer = WordPieceTokenizer.from_gguf(gguf)
+            tokenizer = _build_tokenizer(gguf, budget)
             # Detected after the tokenizer is built, so its vocabulary counts as already spent.
             budget = MemoryBudget.detect() if budget is None else budget
             sizes = ModelSizes.of(gguf, config)
             chosen = choose_plan(
-                config, sizes, budget.available, requested=plan, cap=budget.cap, pass_tokens=pass_tokens
+                config,
+                sizes,
+                budget.available,
+                requested=plan,
+                cap=budget.cap,
+                pass_tokens=pass_tokens,
+                drop_cache=drop_cache,
             )
-            resident = budget.reserve(
-                f"{chosen.name.value} weights of {gguf.path.name}",
-                chosen.resident_bytes,
-                cap=max(chosen.resident_bytes, budget.cap),
-            )
+            held = chosen.resident_bytes + chosen.cached_bytes
+            what = f"{chosen.name.value} weights of {gguf.path.name}"
+            if chosen.cached_bytes:
+                what += f" ({chosen.cached_bytes:,} bytes of them in page cache)"
+            resident = budget.reserve(what, held, cap=max(held, budget.cap))
             try:
                 weights = load_weights(gguf, config, chosen)
             except BaseException:
                 resident.release()
                 raise
+            resident.mark_allocated()
         except BaseException:
             gguf.close()
             raise
@@ -123,6 +144,7 @@ class Embedder:
             budget=budget,
             resident=resident,
             batch_size=batch_size,
+            wait_s=wait_s,
         )
 
     # -- what was chosen ------------------------------------------------------------------------------
@@ -136,8 +158,8 @@ class Embedder:
 
     @property
     def preferred_plan(self) -> str:
-        """The plan an unconstrained host would run; differing from `plan` means degraded."""
-        return preferred_plan(self._sizes).value
+        """The plan this machine would run with all its RAM free; differing from `plan` means degraded."""
+        return self._preferred.value
 
     @property
     def degraded(self) -> bool:
@@ -192,7 +214,7 @@ class Embedder:
             for work in self._passes(texts, plan):
                 nbytes = plan.pass_bytes(self.config, work.rows)
                 with self._budget.reserve_blocking(
-                    "embedding pass", nbytes, cap=max(nbytes, self._budget.cap)
+                    "embedding pass", nbytes, self._wait_s, cap=max(nbytes, self._budget.cap)
                 ):
                     batch = TokenBatch.from_sequences(work.sequences, self._chunk_rows)
                     vectors = encode(self._weights, batch, plan.cap)  # [k, dim]
@@ -253,3 +275,12 @@ class Embedder:
             f"Embedder({self.model_name!r}, plan={self.plan}, preferred={self.preferred_plan}, "
             f"dimension={self.dimension}, pooling={self.pooling})"
         )
+
+
+def _build_tokenizer(gguf: GGUFFile, budget: MemoryBudget | None) -> WordPieceTokenizer:
+    """The file's tokenizer, refused with BudgetExceeded when its vocabulary cannot fit in memory."""
+    needed = vocabulary_bytes(gguf)
+    room = MemoryBudget.detect() if budget is None else budget
+    # Held only while building: afterwards the vocabulary is part of what the budget measures as spent.
+    with room.reserve(f"tokenizer vocabulary of {gguf.path.name}", needed, cap=max(needed, room.cap)):
+        return WordPieceTokenizer.from_gguf(gguf)

@@ -9,14 +9,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gguf.constants import Keys, TokenType
 
 from gguf_sandbox.errors import GGUFError
-
-if TYPE_CHECKING:
-    from gguf_sandbox.gguf.reader import GGUFFile
+from gguf_sandbox.gguf.reader import GGUFFile, LazyArray
 
 # llama.cpp's WordPiece convention in GGUF: a word-initial piece is stored with this prefix, a
 # continuation piece ("##ing" in vocab.txt) is stored bare; control tokens ([CLS], ...) as they are.
@@ -31,6 +29,22 @@ DEFAULT_MAX_LENGTH = 512
 # What llama.cpp assumes for a "bert" vocabulary when a special-token key is absent.
 LLAMA_CPP_BERT_DEFAULTS: Mapping[str, int] = MappingProxyType({"cls": 101, "sep": 102, "unk": 100})
 MAX_CHARS_PER_WORD = 100
+# Text is normalized and split in windows of at most this many characters, cut after whitespace or
+# punctuation (where the ids of the parts are the ids of the whole): a 30 MB text never becomes a 30 MB
+# intermediate, and reading stops once max_length ids are found.
+WINDOW_CHARS = 1 << 14
+# How far back from a window's end a cut after punctuation or a CJK character is looked for when the window
+# holds no whitespace; a longer run of neither is cut where the window ends.
+CUT_SEARCH_CHARS = 1 << 10
+# Literal control tokens ("[MASK]") are matched with one regular expression: bounded, as real
+# vocabularies have a handful of short ones and a hostile one could ask for millions.
+MAX_ADDED_TOKENS = 1 << 12
+MAX_ADDED_TOKEN_CHARS = 1 << 8
+# What building the vocabulary costs, measured with tracemalloc on all-MiniLM-L6-v2 (30,522 tokens: 148
+# bytes per token at the peak) and a 262,144-token vocabulary (141): per token, plus per byte of token
+# text (4: a str of one non-Latin-1 character stores every character in 4 bytes).
+VOCAB_BYTES_PER_TOKEN = 160
+VOCAB_BYTES_PER_TEXT_BYTE = 4
 
 # Unicode White_Space (what Rust's char::is_whitespace, and so HF tokenizers, splits on).
 _WHITESPACE = frozenset(
@@ -39,6 +53,8 @@ _WHITESPACE = frozenset(
 )
 # Other (C*) categories HF tokenizers drops as control characters; unassigned code points (Cn) stay.
 _CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cs"})
+# Raw characters after which the text may be cut: those the normalizer turns into a space.
+_CUT_WHITESPACE = tuple(sorted(_WHITESPACE | {"\t", "\n", "\r"}))
 # _clean_char's answer for every ASCII character, as a str.translate table (the common fast path).
 _ASCII_CLEAN = {code: (" " if chr(code) in "\t\n\r" else None) for code in (*range(32), 127)}
 # Code point ranges BERT treats as CJK ideographs (HF tokenizers' table, its 0x2B920 start included).
@@ -69,10 +85,14 @@ def _clean_char(char: str, isolate_cjk: bool) -> str:
         return ""
     if char in _WHITESPACE:
         return " "
-    code = ord(char)
-    if isolate_cjk and any(low <= code <= high for low, high in _CJK_RANGES):
+    if isolate_cjk and _is_cjk(char):
         return f" {char} "
     return char
+
+
+def _is_cjk(char: str) -> bool:
+    code = ord(char)
+    return any(low <= code <= high for low, high in _CJK_RANGES)
 
 
 @lru_cache(maxsize=1 << 14)
@@ -138,11 +158,18 @@ class WordPieceTokenizer:
         self._options = options or TokenizerOptions()
         self._max_piece_chars = max((len(piece) for piece in self._vocab), default=1)
         added = sorted({token for token in added_tokens if token}, key=len, reverse=True)
+        if len(added) > MAX_ADDED_TOKENS or (added and len(added[0]) > MAX_ADDED_TOKEN_CHARS):
+            raise GGUFError(
+                f"the vocabulary has {len(added):,} control tokens, the longest {len(added[0]):,} "
+                f"characters; the tokenizer matches at most {MAX_ADDED_TOKENS:,} of at most "
+                f"{MAX_ADDED_TOKEN_CHARS} characters (BERT has 5 of at most 6); the file is hostile"
+            )
         # Special tokens written literally in the text are matched first on the raw text, longest first.
         self._added_ids = {token: self._vocab[token] for token in added if token in self._vocab}
         self._added_pattern = (
             re.compile("|".join(re.escape(token) for token in self._added_ids)) if self._added_ids else None
         )
+        self._longest_added = max(map(len, self._added_ids), default=0)
         strip = self._options.strip_accents
         self._strip_accents = self._options.lowercase if strip is None else strip
 
@@ -278,11 +305,11 @@ class WordPieceTokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
         ids: list[int] = []
-        for segment, special_id in self._split_added(text):
+        for start, end, special_id in self._windows(text):
             if special_id is not None:
                 ids.append(special_id)
             else:
-                for word in self._pre_tokenize(self._normalize(segment)):
+                for word in self._pre_tokenize(self._normalize(text[start:end])):
                     ids.extend(self._wordpiece(word))
                     if budget is not None and len(ids) >= budget:
                         return ids[:budget]
@@ -290,19 +317,25 @@ class WordPieceTokenizer:
                 return ids[:budget]
         return ids
 
-    def _split_added(self, text: str) -> Iterator[tuple[str, int | None]]:
-        """Raw-text segments, with literal special tokens ("[MASK]") split out as their ids."""
-        if self._added_pattern is None:
-            yield text, None
-            return
-        position = 0
-        for match in self._added_pattern.finditer(text):
-            if match.start() > position:
-                yield text[position : match.start()], None
-            yield match.group(), self._added_ids[match.group()]
-            position = match.end()
-        if position < len(text):
-            yield text[position:], None
+    def _windows(self, text: str) -> Iterator[tuple[int, int, int | None]]:
+        """Raw text as (start, end, None) windows of at most WINDOW_CHARS, cut where tokenization splits
+        anyway, and literal special tokens ("[MASK]") as (start, end, id) — lazily, so a caller that has
+        enough ids stops reading."""
+        pattern, position, size = self._added_pattern, 0, len(text)
+        while position < size:
+            end = min(position + WINDOW_CHARS, size)
+            # A special token starting inside the window may end past it.
+            match = pattern.search(text, position, min(end + self._longest_added, size)) if pattern else None
+            if match is not None and match.start() < end:
+                if match.start() > position:
+                    yield position, match.start(), None
+                yield match.start(), match.end(), self._added_ids[match.group()]
+                position = match.end()
+                continue
+            if end < size:
+                end = _cut(text, position, end)
+            yield position, end, None
+            position = end
 
     def _normalize(self, text: str) -> str:
         """BertNormalizer: clean, isolate CJK, strip accents (NFD, drop Mn), lower-case per character."""
@@ -358,6 +391,26 @@ class WordPieceTokenizer:
             ids.append(found)
             start = end
         return ids
+
+
+def _cut(text: str, start: int, end: int) -> int:
+    """Where to end the window text[start:end]: after its last whitespace, else after punctuation or a CJK
+    character near its end (the ids of both parts are then the ids of the whole), else at `end`."""
+    last_space = max(text.rfind(char, start, end) for char in _CUT_WHITESPACE)
+    if last_space >= start:
+        return last_space + 1
+    for index in range(end - 1, max(start, end - CUT_SEARCH_CHARS) - 1, -1):
+        if _is_punctuation(text[index]) or _is_cjk(text[index]):
+            return index + 1
+    return end
+
+
+def vocabulary_bytes(gguf_file: GGUFFile) -> int:
+    """Memory from_gguf() will need for the file's vocabulary at its peak (an upper estimate)."""
+    tokens = gguf_file.metadata.get(Keys.Tokenizer.LIST)
+    if not isinstance(tokens, LazyArray):
+        return 0
+    return len(tokens) * VOCAB_BYTES_PER_TOKEN + tokens.nbytes * VOCAB_BYTES_PER_TEXT_BYTE
 
 
 def _array(metadata: Mapping[str, Any], key: str) -> Sequence[Any] | None:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from itertools import pairwise
 from typing import Final, Protocol
 
 import numpy as np
-from gguf.constants import GGMLQuantizationType
+from gguf.constants import GGMLQuantizationType, Keys
 from numpy.typing import NDArray
 
+from gguf_sandbox.budget import physical_memory
 from gguf_sandbox.embed.bert import DEFAULT_CAP, F32, FLOAT_BYTES, BertConfig, Ids, Pooling, aligned
 from gguf_sandbox.errors import BudgetExceeded, GGUFError, UnsupportedTensorType
 from gguf_sandbox.gguf.dequant import dequantize
@@ -21,6 +23,10 @@ from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 SUPPORTED_ARCHITECTURES: Final = ("bert",)
 TABLES: Final = ("token_embd.weight", "position_embd.weight", "token_types.weight")
 MATRICES: Final = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down")
+NORMS: Final = ("attn_output_norm", "layer_output_norm")
+# Tensors of one encoder layer: a weight and a bias per matrix and per layer norm.
+TENSORS_PER_LAYER: Final = 2 * (len(MATRICES) + len(NORMS))
+DEFAULT_LAYER_NORM_EPS: Final = 1e-12
 # A pass never needs more tokens than this; more would only grow the working set, not the speed.
 DEFAULT_PASS_TOKENS: Final = 4096
 # Transients of a pass beyond its activations, in units of the cap: one decoded weight block plus its raw
@@ -75,9 +81,12 @@ class Plan:
     resident_bytes: int  # held for the Embedder's lifetime
     max_tokens: int  # token rows of one forward pass
     cap: int = DEFAULT_CAP
-    # Streamed weights larger than the memory left: keeping them in page cache only evicts other pages
-    # (and counts toward the cgroup's peak), so their pages are dropped as soon as they are read.
+    # Pages of weights read from the file are dropped (POSIX_FADV_DONTNEED) as soon as they are copied:
+    # chosen when streamed weights do not fit beside a pass (keeping them cached would only evict other
+    # pages and count toward the cgroup's peak), or asked for with drop_cache.
     uncached: bool = False
+    # Page cache the plan keeps on purpose (streamed weights re-read every pass): the budget holds it.
+    cached_bytes: int = 0
 
     def pass_bytes(self, config: BertConfig, tokens: int) -> int:
         return pass_bytes(config, tokens, self.cap)
@@ -102,42 +111,101 @@ def _int_key(gguf: GGUFFile, key: str, default: int | None = None) -> int:
     return value
 
 
+def _check_layer_count(gguf: GGUFFile, key: str, layers: int) -> None:
+    """block_count against the tensor table, before anything is sized by it (2^31 layers would be 2^35
+    tensor names)."""
+    most = len(gguf.tensors) // TENSORS_PER_LAYER
+    if layers > most:
+        raise GGUFError(
+            f"{gguf.path.name}: metadata {key} is {layers:,}, but its {len(gguf.tensors):,} tensors hold at "
+            f"most {most:,} layers of {TENSORS_PER_LAYER}; the file is inconsistent or hostile"
+        )
+    beyond = f"blk.{layers}."
+    extra = next((name for name in gguf.tensors if name.startswith(beyond)), None)
+    if extra is not None:
+        raise GGUFError(
+            f"{gguf.path.name}: tensor {extra} belongs to a layer past {key} = {layers}; the file is "
+            f"inconsistent, re-convert it"
+        )
+
+
+def _epsilon(gguf: GGUFFile, arch: str) -> float:
+    """layer_norm_epsilon as the float32 the forward pass adds: finite and positive, else refused."""
+    key = f"{arch}.attention.layer_norm_epsilon"
+    value = gguf.get(key, DEFAULT_LAYER_NORM_EPS)
+    eps = np.float32(np.nan)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        with np.errstate(over="ignore"):  # GGUF numbers are at most 64 bits: float() cannot overflow
+            eps = np.float32(float(value))
+    if not 0 < eps < np.inf:
+        raise GGUFError(
+            f"{gguf.path.name}: metadata {key} is {value!r}; layer norm needs a finite positive epsilon "
+            f"that float32 can hold (e.g. {DEFAULT_LAYER_NORM_EPS})"
+        )
+    return float(eps)
+
+
+def _pooling(gguf: GGUFFile, arch: str) -> Pooling:
+    key = f"{arch}.pooling_type"
+    raw = _int_key(gguf, key, int(Pooling.MEAN))
+    try:
+        return Pooling(raw)
+    except ValueError:
+        supported = ", ".join(p.name for p in Pooling if p is not Pooling.NONE)
+        raise GGUFError(f"{gguf.path.name}: {key} {raw} is not supported (supported: {supported})") from None
+
+
+def _check_vocabulary(gguf: GGUFFile, token_table: TensorInfo) -> None:
+    """Every token id must have a row in token_embd (a padded table may have more rows than tokens)."""
+    tokens = gguf.get(Keys.Tokenizer.LIST)
+    count = len(tokens) if isinstance(tokens, Sequence) and not isinstance(tokens, str) else 0
+    if count > token_table.n_rows:
+        raise GGUFError(
+            f"{gguf.path.name}: {Keys.Tokenizer.LIST} has {count:,} tokens but token_embd.weight only "
+            f"{token_table.n_rows:,} rows; the file is inconsistent, re-convert it"
+        )
+
+
 def read_config(gguf: GGUFFile) -> BertConfig:
-    """The encoder's shape from the GGUF metadata and tensor table; refuses what is not a BERT."""
+    """The encoder's shape from the GGUF metadata, checked against the tensor table; refuses non-BERTs.
+
+    Every count is checked against what the file holds before anything is sized by it: the tensors outside
+    the layers against the metadata, block_count against the tensor table, then each layer's tensors.
+    """
     arch = gguf.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(
             f"{gguf.path.name}: architecture {arch!r} is not supported by the embedding engine (supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}); convert a BERT checkpoint with `gguf-sandbox convert`"
         )
-    eps = gguf.get(f"{arch}.attention.layer_norm_epsilon", 1e-12)
-    pooling_raw = _int_key(gguf, f"{arch}.pooling_type", int(Pooling.MEAN))
-    try:
-        pooling = Pooling(pooling_raw)
-    except ValueError:
-        supported = ", ".join(p.name for p in Pooling)
-        raise GGUFError(
-            f"{gguf.path.name}: {arch}.pooling_type {pooling_raw} is not supported (supported: {supported})"
-        ) from None
     token_table = gguf.tensor("token_embd.weight")
-    config = BertConfig(
-        vocab_size=token_table.n_rows,
-        hidden=_int_key(gguf, f"{arch}.embedding_length"),
-        layers=_int_key(gguf, f"{arch}.block_count"),
-        heads=_int_key(gguf, f"{arch}.attention.head_count"),
-        ffn=_int_key(gguf, f"{arch}.feed_forward_length"),
-        context_length=_int_key(gguf, f"{arch}.context_length"),
-        layer_norm_eps=float(eps) if isinstance(eps, (int, float)) else 1e-12,
-        pooling=pooling,
-        has_token_types="token_types.weight" in gguf.tensors,
-    )
-    _check_shapes(gguf, config)
+    _check_vocabulary(gguf, token_table)
+    try:
+        config = BertConfig(
+            vocab_size=token_table.n_rows,
+            hidden=_int_key(gguf, f"{arch}.embedding_length"),
+            layers=_int_key(gguf, f"{arch}.block_count"),
+            heads=_int_key(gguf, f"{arch}.attention.head_count"),
+            ffn=_int_key(gguf, f"{arch}.feed_forward_length"),
+            context_length=_int_key(gguf, f"{arch}.context_length"),
+            layer_norm_eps=_epsilon(gguf, arch),
+            pooling=_pooling(gguf, arch),
+            has_token_types="token_types.weight" in gguf.tensors,
+        )
+    except GGUFError as error:
+        message = str(error)
+        prefix = f"{gguf.path.name}: "
+        raise GGUFError(message if message.startswith(prefix) else prefix + message) from None
+    _check_shapes(gguf, config, _outer_shapes(config))
+    _check_layer_count(gguf, f"{arch}.block_count", config.layers)
+    for layer in range(config.layers):
+        _check_shapes(gguf, config, _layer_shapes(config, layer))
     return config
 
 
-def expected_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
-    """numpy shape of every tensor the forward pass reads."""
-    h, f = config.hidden, config.ffn
+def _outer_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
+    """numpy shape of every tensor outside the encoder layers (-1: any size)."""
+    h = config.hidden
     shapes: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (config.vocab_size, h),
         "position_embd.weight": (config.context_length, h),
@@ -146,23 +214,36 @@ def expected_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
     }
     if config.has_token_types:
         shapes["token_types.weight"] = (-1, h)
-    for layer in range(config.layers):
-        p = f"blk.{layer}"
-        for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            shapes[f"{p}.{part}.weight"] = (h, h)
-            shapes[f"{p}.{part}.bias"] = (h,)
-        shapes[f"{p}.ffn_up.weight"] = (f, h)
-        shapes[f"{p}.ffn_up.bias"] = (f,)
-        shapes[f"{p}.ffn_down.weight"] = (h, f)
-        shapes[f"{p}.ffn_down.bias"] = (h,)
-        for norm in ("attn_output_norm", "layer_output_norm"):
-            shapes[f"{p}.{norm}.weight"] = (h,)
-            shapes[f"{p}.{norm}.bias"] = (h,)
     return shapes
 
 
-def _check_shapes(gguf: GGUFFile, config: BertConfig) -> None:
-    for name, shape in expected_shapes(config).items():
+def _layer_shapes(config: BertConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """numpy shape of every tensor of one encoder layer."""
+    h, f, p = config.hidden, config.ffn, f"blk.{layer}"
+    shapes: dict[str, tuple[int, ...]] = {}
+    for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
+        shapes[f"{p}.{part}.weight"] = (h, h)
+        shapes[f"{p}.{part}.bias"] = (h,)
+    shapes[f"{p}.ffn_up.weight"] = (f, h)
+    shapes[f"{p}.ffn_up.bias"] = (f,)
+    shapes[f"{p}.ffn_down.weight"] = (h, f)
+    shapes[f"{p}.ffn_down.bias"] = (h,)
+    for norm in NORMS:
+        shapes[f"{p}.{norm}.weight"] = (h,)
+        shapes[f"{p}.{norm}.bias"] = (h,)
+    return shapes
+
+
+def expected_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
+    """numpy shape of every tensor the forward pass reads (for a config read_config has checked)."""
+    shapes = _outer_shapes(config)
+    for layer in range(config.layers):
+        shapes.update(_layer_shapes(config, layer))
+    return shapes
+
+
+def _check_shapes(gguf: GGUFFile, config: BertConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    for name, shape in shapes.items():
         actual = gguf.tensor(name).shape
         if len(actual) != len(shape) or any(e not in (-1, a) for e, a in zip(shape, actual, strict=True)):
             raise GGUFError(
@@ -219,10 +300,17 @@ class ModelSizes:
         return self.vectors + matrices + table
 
 
-def preferred_plan(sizes: ModelSizes) -> PlanName:
-    """What an unconstrained host runs: decoded weights in memory, the fastest plan."""
-    del sizes
-    return PLAN_ORDER[0]
+def preferred_plan(config: BertConfig, sizes: ModelSizes, memory: int | None = None) -> PlanName:
+    """The plan an unconstrained host runs for this model: auto's choice with `memory` bytes free.
+
+    `memory` defaults to the machine's physical RAM, so a model whose float32 weights exceed it prefers
+    resident-quant (or streaming) and is not reported degraded for running that way.
+    """
+    room = physical_memory() if memory is None else memory
+    try:
+        return choose_plan(config, sizes, room).name
+    except BudgetExceeded:
+        return PlanName.STREAMING
 
 
 def _candidates(sizes: ModelSizes, requested: PlanName | None) -> Iterator[PlanName]:
@@ -255,10 +343,14 @@ def choose_plan(
     requested: str | PlanName | None = None,
     cap: int = DEFAULT_CAP,
     pass_tokens: int = DEFAULT_PASS_TOKENS,
+    drop_cache: bool = False,
 ) -> Plan:
     """The fastest plan whose resident weights plus one full-context pass fit in `available` bytes.
 
-    With `requested`, only that plan is considered. Raises BudgetExceeded when nothing fits.
+    With `requested`, only that plan is considered. With `drop_cache`, every block or row read from the
+    file has its pages dropped once copied (POSIX_FADV_DONTNEED): the process's peak is then its own
+    working set, at the cost of re-reading streamed weights from disk every pass. Raises BudgetExceeded
+    when nothing fits.
     """
     wanted = parse_plan(requested)
     # A full-context sequence, its chunks padded to ROW_ALIGN.
@@ -272,16 +364,17 @@ def choose_plan(
             # Tables in memory save a pread per token row, little next to shrinking every pass.
             in_file = tables is PLAN_TABLES[name][-1]
             if room // token_bytes(config) >= min_tokens and (in_file or grown >= pass_tokens):
-                uncached = False
-                if name is PlanName.STREAMING:
+                uncached, cached = drop_cache, 0
+                if name is PlanName.STREAMING and not drop_cache:
                     # Streamed weights that fit beside a minimal pass stay in page cache (passes grow only
                     # into what is left); larger ones are read uncached, every pass.
                     cached_room = room - sizes.matrices_raw
                     uncached = cached_room // token_bytes(config) < min_tokens
                     if not uncached:
+                        cached = sizes.matrices_raw
                         grown = cached_room * PASS_SHARE[0] // PASS_SHARE[1] // token_bytes(config)
                 tokens = max(min_tokens, min(pass_tokens, grown))
-                return Plan(name, tables, resident, int(tokens), cap, uncached)
+                return Plan(name, tables, resident, int(tokens), cap, uncached, cached)
             needed = resident + pass_bytes(config, min_tokens, cap)
             if smallest is None or needed < smallest[0]:
                 smallest = (needed, name)
@@ -469,6 +562,17 @@ class RawTable:
         return decode(self.info, raw.reshape(-1), self._order).reshape(ids.size, self.info.row_len)
 
 
+def _pread(fd: int, length: int, offset: int, what: str) -> bytes:
+    """os.pread whose failures (EIO from a failing disk, ...) are GGUFErrors naming what was read."""
+    try:
+        return os.pread(fd, length, offset)
+    except OSError as error:
+        raise GGUFError(
+            f"{what}: reading {length:,} bytes at offset {offset:,} failed: {error.strerror or error}; "
+            f"the file or its disk is failing"
+        ) from None
+
+
 class FileTable:
     """A table left in the file: each distinct row is read with one pread (positional, so thread-safe)."""
 
@@ -482,7 +586,8 @@ class FileTable:
         _check_ids(self.info, ids)
         unique, inverse = np.unique(ids, return_inverse=True)
         size, base = self.info.row_nbytes, self.info.offset
-        raw = b"".join(os.pread(self._fd, size, base + row * size) for row in unique.tolist())
+        name = self.info.name
+        raw = b"".join(_pread(self._fd, size, base + row * size, name) for row in unique.tolist())
         if self._uncached:
             _drop_cached(
                 self._fd, base + int(unique[0]) * size, (int(unique[-1]) - int(unique[0]) + 1) * size
@@ -582,10 +687,17 @@ class PlannedWeights:
             self._fd = -1
 
 
+def _advise(fd: int, advice: str, offset: int = 0, length: int = 0) -> None:
+    """posix_fadvise where the platform has it; advice only, so a file system refusing it is no error."""
+    if hasattr(os, "posix_fadvise"):
+        # Ignored advice costs page cache, not correctness.
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, getattr(os, advice))
+
+
 def _drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
     """Drop cached pages of the file once copied: page cache counts toward a cgroup's limit and its peak."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    _advise(fd, "POSIX_FADV_DONTNEED", offset, length)
 
 
 def read_blocks(fd: int, info: TensorInfo, cap: int, *, drop: bool = True) -> Iterator[tuple[int, bytes]]:
@@ -599,7 +711,7 @@ def read_blocks(fd: int, info: TensorInfo, cap: int, *, drop: bool = True) -> It
     for first in range(0, info.n_rows, per_block):
         rows = min(per_block, info.n_rows - first)
         offset, length = info.offset + first * info.row_nbytes, rows * info.row_nbytes
-        raw = os.pread(fd, length, offset)
+        raw = _pread(fd, length, offset, info.name)
         if len(raw) != length:
             raise GGUFError(f"{info.name}: short read at offset {offset:,}; the file shrank while open")
         if drop:
@@ -638,11 +750,13 @@ def _matrix(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int) -> BlockSourc
 
 def load_weights(gguf: GGUFFile, config: BertConfig, plan: Plan) -> PlannedWeights:
     """Build the plan's weights from an open file (which must stay open while they are used)."""
-    fd = os.open(gguf.path, os.O_RDONLY)
-    if hasattr(os, "posix_fadvise"):
-        # Our reads are whole blocks or random rows: readahead would only fill the page cache.
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
     try:
+        fd = os.open(gguf.path, os.O_RDONLY)
+    except OSError as error:
+        raise GGUFError(f"cannot reopen {gguf.path} to read its weights: {error.strerror or error}") from None
+    try:
+        # Our reads are whole blocks or random rows: readahead would only fill the page cache.
+        _advise(fd, "POSIX_FADV_RANDOM")
         vectors: dict[str, F32] = {}
         tables: dict[str, RowSource] = {}
         matrices: dict[str, BlockSource] = {}
@@ -673,6 +787,7 @@ def describe(plan: Plan, sizes: ModelSizes) -> dict[str, object]:
         "max_tokens": plan.max_tokens,
         "cap": plan.cap,
         "uncached": plan.uncached,
+        "cached_bytes": plan.cached_bytes,
         "model_f32_bytes": sizes.vectors + sizes.tables_f32 + sizes.matrices_f32,
         "model_raw_bytes": sizes.vectors + sizes.tables_raw + sizes.matrices_raw,
     }

@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 from typing import Any
 
+from gguf_sandbox.errors import GGUFError
 from gguf_sandbox.gguf.reader import GGUFFile, LazyArray, TensorInfo
 
 ARRAY_PREVIEW = 3
@@ -118,14 +119,28 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+EXIT_OK = 0
+EXIT_BAD_INPUT = 4
+EPILOG = """\
+exit codes: 0 the file parsed; 2 bad arguments; 4 it is not a readable GGUF file (malformed, truncated,
+hostile or unreadable: one line on stderr names the field and its offset). inspect checks the format, not
+whether a model in it can run: `gguf-sandbox embed` checks that."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("path", help="the .gguf file")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    with GGUFFile.open(args.path) as gguf:
-        summary = summarize(gguf)
+    try:
+        with GGUFFile.open(args.path) as gguf:
+            summary = summarize(gguf)
+    except GGUFError as error:
+        print(f"gguf-sandbox inspect: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.json:
         json.dump(summary, sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")

@@ -27,6 +27,10 @@ MAX_TENSOR_NAME_BYTES = 1 << 16
 MAX_STRING_BYTES = (1 << 20) - 4096  # so the decoded str also fits one 1 MiB allocation
 MAX_DIMS = 4
 MAX_ARRAY_DEPTH = 8
+# Arrays nested inside arrays, over the whole file: real models have none (llama.cpp's own reader refuses
+# them), and each costs a few microseconds to walk, so an unbounded count of empty ones (12 bytes each)
+# would make opening a 1 GB file take minutes.
+MAX_NESTED_ARRAYS = 1 << 16
 MAX_ALIGNMENT = 1 << 20
 # Far above any real model (< 100 pairs, a few thousand tensors); each entry costs ~200-400 bytes of objects.
 MAX_KV_COUNT = 1 << 16
@@ -82,6 +86,14 @@ def _hint_truncated() -> str:
     return "the file is incomplete or corrupt: re-download or re-convert it"
 
 
+def _read_failed(what: str, nbytes: int, offset: int, error: OSError) -> GGUFError:
+    """A failed read (EIO from a failing disk, a file like /proc/self/mem) as a GGUFError saying where."""
+    return GGUFError(
+        f"{what}: reading {nbytes:,} bytes at offset {offset:,} failed: {error.strerror or error}; the file "
+        f"or its disk is failing, or it is not a regular GGUF file"
+    )
+
+
 class _Window:
     """Sequential decoder reading through one reusable WINDOW_BYTES buffer, bounds-checked at every read."""
 
@@ -111,7 +123,10 @@ class _Window:
             if self.fd < 0:
                 raise GGUFError(f"cannot read {field}: the file is closed; open it again")
             self.start = self.position
-            self.filled = os.preadv(self.fd, [self.view], self.start)
+            try:
+                self.filled = os.preadv(self.fd, [self.view], self.start)
+            except OSError as error:
+                raise _read_failed(field, len(self.view), self.start, error) from None
             index = 0
             if self.filled < nbytes:
                 raise GGUFError(
@@ -139,7 +154,15 @@ class _Window:
             return bytes(self.buffer[index : index + nbytes])
         if self.position + nbytes > self.file_size:
             self._require(nbytes, field)
-        data = os.pread(self.fd, nbytes, self.position)
+        try:
+            data = os.pread(self.fd, nbytes, self.position)
+        except OSError as error:
+            raise _read_failed(field, nbytes, self.position, error) from None
+        if len(data) != nbytes:
+            raise GGUFError(
+                f"{field} at offset {self.position}: the file ended after {len(data)} of {nbytes} bytes; it "
+                f"shrank while open"
+            )
         self.position += nbytes
         return data
 
@@ -254,6 +277,11 @@ class LazyArray(Sequence[Any]):
 
     def __len__(self) -> int:
         return self._layout.count
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the array's elements occupy in the file."""
+        return self._layout.end - self._layout.offset
 
     def __repr__(self) -> str:
         return f"LazyArray({self._key!r}, {self._layout.element_type.name}, len={self._layout.count})"
@@ -375,6 +403,8 @@ class GGUFFile:
         self._metadata: dict[str, Value] = {}
         self._tensors: dict[str, TensorInfo] = {}
         self._alignment_offset = -1
+        # Arrays nested in arrays seen while parsing; None afterwards (lazy access re-walks what was counted).
+        self._nested_arrays: int | None = 0
 
     # -- opening --------------------------------------------------------------------------------------
     @classmethod
@@ -531,7 +561,10 @@ class GGUFFile:
 
     def _pread_into(self, target: np.ndarray, offset: int, what: str) -> None:
         self._check_open(what)
-        got = os.preadv(self._fd, [target.data], offset) if target.nbytes else 0
+        try:
+            got = os.preadv(self._fd, [target.data], offset) if target.nbytes else 0
+        except OSError as error:
+            raise _read_failed(what, target.nbytes, offset, error) from None
         if got != target.nbytes:
             raise GGUFError(
                 f"{what}: expected {target.nbytes:,} bytes at offset {offset:,}, got {got:,}; "
@@ -540,7 +573,10 @@ class GGUFFile:
 
     # -- parsing --------------------------------------------------------------------------------------
     def _parse(self) -> None:
-        header = os.pread(self._fd, 8, 0)
+        try:
+            header = os.pread(self._fd, 8, 0)
+        except OSError as error:
+            raise _read_failed(f"{self.path.name}: header", 8, 0, error) from None
         if len(header) < 8:
             raise GGUFError(
                 f"{self.path.name} is {self.file_size} bytes, too short for a GGUF header (8 bytes); "
@@ -568,6 +604,7 @@ class GGUFFile:
                 f"{self.file_size:,}; {_hint_truncated()}"
             )
         self._place_tensors(tensor_table)
+        self._nested_arrays = None
 
     def _detect_byte_order(self, raw_version: bytes) -> tuple[str, int]:
         little = int.from_bytes(raw_version, "little")
@@ -635,6 +672,14 @@ class GGUFFile:
         if element_type is GGUFValueType.STRING:
             window.skip_strings(count, field, checkpoints)
         else:
+            if self._nested_arrays is not None:
+                self._nested_arrays += count
+            if self._nested_arrays is not None and self._nested_arrays > MAX_NESTED_ARRAYS:
+                raise GGUFError(
+                    f"{field} at offset {window.position - 8}: {count:,} arrays nested in an array make "
+                    f"{self._nested_arrays:,} in the file, over the limit {MAX_NESTED_ARRAYS:,} (real models "
+                    f"have none); the file is corrupt or hostile"
+                )
             for element in range(count):
                 if element % CHECKPOINT_EVERY == 0:
                     checkpoints.append(window.position)

@@ -114,7 +114,6 @@ def naive_bert(config: BertConfig, t: dict[str, F64], sequence: list[int]) -> F6
         Pooling.MEAN: x.mean(axis=0),
         Pooling.CLS: x[0],
         Pooling.LAST: x[-1],
-        Pooling.NONE: x.mean(axis=0),
     }
     vector = pooled[config.pooling]
     return np.asarray(vector / np.linalg.norm(vector))
@@ -235,7 +234,33 @@ def test_config_refuses_heads_that_do_not_divide_hidden() -> None:
 
 
 # -- the whole forward pass -------------------------------------------------------------------------------
-@pytest.mark.parametrize("pooling", list(Pooling), ids=lambda p: p.name.lower())
+SENTENCE_POOLINGS = [Pooling.MEAN, Pooling.CLS, Pooling.LAST]
+
+
+def test_config_refuses_per_token_pooling_by_name() -> None:
+    # NONE asks llama.cpp for one vector per token; the engine returns one per text, and used to pool NONE
+    # by mean without a word.
+    with pytest.raises(GGUFError, match=r"pooling type NONE \(0\).*one vector per token"):
+        BertConfig(**{**SMALL.__dict__, "pooling": Pooling.NONE})
+
+
+@pytest.mark.parametrize("eps", [float("nan"), float("inf"), 0.0, -1e-12], ids=str)
+def test_config_refuses_a_layer_norm_epsilon_that_is_not_finite_and_positive(eps: float) -> None:
+    with pytest.raises(GGUFError, match="layer_norm_eps"):
+        BertConfig(**{**SMALL.__dict__, "layer_norm_eps": eps})
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weights_end_in_gguf_error_not_in_a_vector(poison: float) -> None:
+    tensors = random_weights(SMALL, seed=6)
+    tensors["blk.1.ffn_down.bias"][3] = poison
+    weights = DictWeights(SMALL, tensors, 16)
+    batch = TokenBatch.from_sequences(sequences(SMALL, [5, 9]), bert.rows_per_chunk(SMALL))
+    with pytest.raises(GGUFError, match="NaN or infinite"):
+        bert.encode(weights, batch)
+
+
+@pytest.mark.parametrize("pooling", SENTENCE_POOLINGS, ids=lambda p: p.name.lower())
 @pytest.mark.parametrize(
     ("cap", "block_rows"),
     [

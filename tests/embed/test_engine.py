@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import re
 import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -17,6 +20,7 @@ from gguf.constants import GGMLQuantizationType
 
 from gguf_sandbox.budget import MemoryBudget
 from gguf_sandbox.embed import command
+from gguf_sandbox.embed import weights as weights_module
 from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.embed.weights import PLAN_ORDER, PlanName, pass_bytes
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
@@ -284,3 +288,155 @@ def test_embed_command_without_texts_fails(small_model: Path, capsys: pytest.Cap
     command.add_arguments(parser)
     assert command.run(parser.parse_args(["--model", str(small_model)])) == 2
     assert "no texts" in capsys.readouterr().err
+
+
+# -- hardening: bounded waits, the preferred plan, page cache, failing reads -----------------------------
+def test_embed_waits_for_room_in_a_shared_budget_only_so_long(small_model: Path) -> None:
+    budget = MemoryBudget(UNLIMITED)
+    with Embedder.open(small_model, budget=budget, wait_s=0.3) as opened:
+        budget.reserve("another user of the budget", budget.available, cap=UNLIMITED)
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                opened.embed(["ab cd"])
+            except BaseException as error:
+                outcome.append(error)
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(30)
+        assert not caller.is_alive(), "embed() still waits for room after 30 s"
+    assert len(outcome) == 1 and isinstance(outcome[0], BudgetExceeded)
+    assert "waited 0.3 s" in str(outcome[0])
+
+
+def test_a_host_too_small_for_float32_weights_does_not_count_quantized_as_degraded(
+    small_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Embedder.open(small_model, plan="resident-quant", budget=MemoryBudget(UNLIMITED)) as opened:
+        assert opened.degraded
+        resident = opened.budget.in_use
+    # A machine whose RAM holds the quantized weights and a pass, but not the float32 weights.
+    ram = resident + pass_bytes(opened.config, opened.context_length) + 1
+    monkeypatch.setattr(weights_module, "physical_memory", lambda: ram)
+    with Embedder.open(small_model, plan="resident-quant", budget=MemoryBudget(UNLIMITED)) as opened:
+        assert opened.preferred_plan == "resident-quant"
+        assert not opened.degraded
+
+
+def test_streaming_reserves_the_page_cache_it_keeps_unless_told_to_drop_it(small_model: Path) -> None:
+    texts = synthetic_texts(6, seed=8)
+    budget = MemoryBudget(UNLIMITED)
+    with Embedder.open(small_model, plan="streaming", budget=budget) as cached:
+        details = cached.plan_details
+        held = [details["resident_bytes"], details["cached_bytes"]]
+        assert all(isinstance(n, int) for n in held) and held[1] and not details["uncached"]
+        assert budget.in_use == sum(n for n in held if isinstance(n, int))
+        expected = cached.embed(texts)
+    with Embedder.open(small_model, plan="streaming", budget=budget, drop_cache=True) as dropped:
+        assert dropped.plan_details["uncached"] and dropped.plan_details["cached_bytes"] == 0
+        assert budget.in_use == dropped.plan_details["resident_bytes"]
+        np.testing.assert_array_equal(dropped.embed(texts), expected)
+
+
+def test_a_vocabulary_too_big_for_the_budget_is_refused_before_it_is_built(small_model: Path) -> None:
+    with pytest.raises(BudgetExceeded, match=r"tokenizer vocabulary of small.gguf: needs [\d,]+ bytes"):
+        Embedder.open(small_model, budget=MemoryBudget(16 << 10))
+
+
+def test_a_read_failing_with_eio_is_a_gguf_error(small_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_preadv(fd: int, buffers: object, offset: int) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "preadv", failing_preadv)
+    with pytest.raises(GGUFError, match=r"small.gguf: header|failed: Input/output error"):
+        Embedder.open(small_model, budget=MemoryBudget(UNLIMITED))
+
+
+# -- the command line: streamed input, clean errors ------------------------------------------------------
+def run_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    return command.run(parser.parse_args(argv))
+
+
+def test_embed_command_streams_any_number_of_lines_in_batches(
+    small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = synthetic_texts(70, seed=9)
+    source = tmp_path / "many.txt"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    calls: list[int] = []
+    original = Embedder.embed
+
+    def counting(self: Embedder, texts: list[str]) -> np.ndarray:
+        calls.append(len(texts))
+        return original(self, texts)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Embedder, "embed", counting)
+        assert run_command(["--model", str(small_model), "--input", str(source), "--batch-size", "16"]) == 0
+    assert calls == [16, 16, 16, 16, 6]
+    report = json.loads(capsys.readouterr().out)
+    assert [row["text"] for row in report["data"]] == lines
+
+
+def test_embed_command_cuts_an_overlong_line_with_a_note(
+    small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "long.txt"
+    source.write_text("ab " * 100_000 + "\nef gh\n", encoding="utf-8")
+    assert run_command(["--model", str(small_model), "--input", str(source)]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert [len(row["text"]) for row in report["data"]] == [command.MAX_LINE_BYTES, 5]
+    assert captured.err.count("\n") == 1 and "line 1 is longer than 65,536 bytes" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"fine\n\xff\xfe broken\n", r"line 2 is not valid UTF-8"),
+        (None, r"cannot read --input .*missing.txt: No such file or directory"),
+    ],
+    ids=["invalid-utf8", "missing-file"],
+)
+def test_unreadable_input_is_exit_4_in_one_line(
+    small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, message: str
+) -> None:
+    source = tmp_path / ("missing.txt" if content is None else "input.txt")
+    if content is not None:
+        source.write_bytes(content)
+    assert run_command(["--model", str(small_model), "--input", str(source)]) == 4
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and re.search(message, captured.err), captured.err
+
+
+def test_non_finite_vectors_are_exit_4_and_never_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.gguf.hostile import CORPUS
+
+    model = CORPUS["nan-weights"].make(tmp_path)
+    assert run_command(["--model", str(model), "a b c"]) == 4
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "NaN or infinite" in captured.err and captured.err.count("\n") == 1
+
+
+def test_a_budget_refusal_is_exit_3(small_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MemoryBudget, "detect", classmethod(lambda cls: MemoryBudget(16 << 10)))
+        assert run_command(["--model", str(small_model), "ab"]) == 3
+    assert "refused" in capsys.readouterr().err
+
+
+def test_a_line_cut_inside_a_character_is_not_a_decoding_error(
+    small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "accents.txt"
+    source.write_text("a" + "é" * 40_000 + "\nab\n", encoding="utf-8")  # byte 65,536 is inside an "é"
+    assert run_command(["--model", str(small_model), "--input", str(source)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["text"] for row in report["data"]] == ["a" + "é" * 32_767, "ab"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,3 +54,88 @@ def test_a_limit_too_small_for_any_plan_is_refused_with_exit_3(minilm_gguf: Call
     assert result.oom_kill_count == 0
     assert error["kind"] == "BudgetExceeded"
     assert "streaming" in error["error"] and "raise the memory limit" in error["error"]
+
+
+# The child reads a file twice the cell's size, so its page cache fills the cell to the limit (as the
+# interpreter's, numpy's and the model's pages do on a cold start), and keeps re-reading it until the engine
+# has planned and loaded: the engine starts in a cell whose usage is at its limit.
+WARM_CACHE_CHILD = """
+import sys, threading
+from gguf_sandbox import budget
+from gguf_sandbox.cli import main
+from gguf_sandbox.embed import engine
+
+opened = threading.Event()
+
+def fill_page_cache():
+    while not opened.is_set():
+        with open(sys.argv[1], "rb") as big:
+            while big.read(1 << 20) and not opened.is_set():
+                pass
+
+with open(sys.argv[1], "rb") as big:
+    while big.read(1 << 20):
+        pass
+print(f"usage before the engine: {budget.current_usage()}", file=sys.stderr, flush=True)
+filler = threading.Thread(target=fill_page_cache, daemon=True)
+filler.start()
+open_embedder = engine.Embedder.open.__func__
+
+def open_then_stop_filling(cls, *args, **kwargs):
+    try:
+        return open_embedder(cls, *args, **kwargs)
+    finally:
+        opened.set()
+        filler.join()
+
+engine.Embedder.open = classmethod(open_then_stop_filling)
+sys.exit(main(["workload", "embed", "--model", sys.argv[2], "--count", "1000", "--batch", "16"]))
+"""
+
+
+def test_1000_embeddings_in_64mb_after_page_cache_filled_the_cell(
+    minilm_gguf: Callable[[str], Path], tmp_path: Path
+) -> None:
+    filler = tmp_path / "filler.bin"
+    with filler.open("wb") as out:
+        for _ in range(128):
+            out.write(os.urandom(1 << 20))
+        out.flush()
+        os.fsync(out.fileno())
+        # Out of the page cache, so the child's read charges every page to the cell.
+        os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    argv = [sys.executable, "-c", WARM_CACHE_CHILD, str(filler), str(minilm_gguf("q8_0"))]
+    result = run_limited(argv, 64 * MiB, 900, env=ENV)
+    usage = int(result.stderr.split("usage before the engine: ")[1].split()[0])
+    assert usage >= 56 * MiB, f"the page cache filled only {usage:,} bytes of the cell"
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert result.oom_kill_count == 0 and not result.oom_killed_flag
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["count"] == 1000 and report["errors"] == 0
+
+
+def _embed_input(model: Path, source: Path) -> RunResult:
+    argv = [sys.executable, "-m", "gguf_sandbox", "embed", "--model", str(model), "--input", str(source)]
+    argv += ["--precision", "3"]
+    return run_limited(argv, 64 * MiB, 900, env=ENV, output_limit=64 * MiB)
+
+
+@pytest.mark.parametrize(
+    ("lines", "notes"),
+    [
+        pytest.param([f"line {i}: a short text about memory" for i in range(3000)], 0, id="3000-short-lines"),
+        pytest.param(["a 30 MB line " + "of words " * 3_400_000, "and a short one"], 1, id="one-30mb-line"),
+    ],
+)
+def test_embed_input_streams_in_64mb(
+    minilm_gguf: Callable[[str], Path], tmp_path: Path, lines: list[str], notes: int
+) -> None:
+    source = tmp_path / "input.txt"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = _embed_input(minilm_gguf("q8_0"), source)
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert result.oom_kill_count == 0 and not result.oom_killed_flag
+    assert len(result.stderr.strip().splitlines()) == notes, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert len(report["data"]) == len(lines)
+    assert all(len(row["embedding"]) == 384 for row in report["data"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import tracemalloc
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -9,9 +11,10 @@ from typing import Any
 import pytest
 from gguf import GGUFWriter
 from gguf.constants import TokenType
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from gguf_sandbox.embed import tokenizer as tokenizer_module
 from gguf_sandbox.embed.tokenizer import (
     KEY_LOWERCASE,
     KEY_MAX_SEQ_LENGTH,
@@ -285,3 +288,71 @@ def test_ascii_fast_path_agrees_with_the_general_rules() -> None:
 
     for code in range(128):
         assert (_ASCII_CLEAN.get(code, chr(code)) or "") == _clean_char(chr(code), True), hex(code)
+
+
+# -- huge texts: windows, bounded memory, early stop -------------------------------------------------------
+def whole_text_pieces(tokenizer: WordPieceTokenizer, text: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The pieces without windows: the whole text normalized and split at once."""
+    with monkeypatch.context() as patched:
+        patched.setattr(tokenizer_module, "WINDOW_CHARS", len(text) + 1)
+        return tokenizer.tokenize(text)
+
+
+WINDOW_PARTS = ["ab", "cd", " ", ",", "é", "\u0301", "日", "[MASK]", "\u3000", ".", "!", "xyz", "\t"]
+# Where a window may be cut: whitespace, punctuation, CJK (the parts above that are one of them).
+CUT_POINTS = re.compile(r"[ ,日\u3000.!\t\[\]]")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(WINDOW_PARTS), min_size=1, max_size=400), st.integers(1, 40))
+def test_windows_give_the_pieces_of_the_whole_text(parts: list[str], window: int) -> None:
+    text = "".join(parts)
+    # A run longer than a window with no cut point in it is cut where the window ends (documented).
+    assume(max(map(len, CUT_POINTS.split(text))) < window)
+    tokenizer = small()
+    expected = tokenizer.tokenize(text)
+    original = tokenizer_module.WINDOW_CHARS
+    tokenizer_module.WINDOW_CHARS = window
+    try:
+        assert tokenizer.tokenize(text) == expected
+    finally:
+        tokenizer_module.WINDOW_CHARS = original
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "hello world, " * 10_000,
+        ("unaffable!" * 3000 + " ") * 5,
+        "日本" * 40_000,
+        "[MASK]hello" * 8000,
+        " " * 50_000 + "hello",
+    ],
+    ids=["words", "punctuation-only-splits", "cjk", "specials", "spaces-then-a-word"],
+)
+def test_long_texts_tokenize_as_a_whole(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenizer = small()
+    assert tokenizer.tokenize(text) == whole_text_pieces(tokenizer, text, monkeypatch)
+
+
+def test_a_30mb_text_costs_no_copy_of_itself_and_stops_at_max_length() -> None:
+    tokenizer = small()
+    for text in ("hello world " * 2_600_000, "é" * 100 + " " + "日本 " * 10_000_000, " " * 31_000_000 + "x"):
+        tracemalloc.start()
+        try:
+            ids = tokenizer.encode(text)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert 2 <= len(ids) <= tokenizer.max_length
+        # A window of 16,384 characters and its normalized copies (1.3 MB for CJK), never the 30 MB text.
+        assert peak < 2 << 20, f"encoding a {len(text):,}-character text peaked at {peak:,} bytes"
+
+
+def test_control_tokens_are_bounded() -> None:
+    many = [*SMALL_VOCAB, *(f"[unused{i}]" for i in range(5000))]
+    with pytest.raises(GGUFError, match="5,030 control tokens"):
+        WordPieceTokenizer(dict(zip(many, range(len(many)), strict=True)), small().special_ids, many)
+    long = ["[" + "x" * 300 + "]"]
+    with pytest.raises(GGUFError, match="longest 302 characters"):
+        WordPieceTokenizer({long[0]: 0}, small().special_ids, long)

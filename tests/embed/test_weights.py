@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from gguf_sandbox.embed.weights import (
     load_weights,
     parse_plan,
     pass_bytes,
+    preferred_plan,
     read_config,
 )
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
@@ -281,3 +284,62 @@ def test_parse_plan(text: str | None, expected: PlanName | None) -> None:
 def test_parse_plan_names_the_choices() -> None:
     with pytest.raises(GGUFError, match="auto, resident-f32, resident-quant, streaming"):
         parse_plan("mmap")
+
+
+# -- the preferred plan, the page-cache margin and drop_cache ----------------------------------------------
+def test_preferred_plan_is_what_this_models_auto_choice_would_be_with_all_of_ram(
+    models: dict[GGMLQuantizationType, Path],
+) -> None:
+    with GGUFFile.open(models[GGMLQuantizationType.Q8_0]) as gguf:
+        config = read_config(gguf)
+        q8_sizes = ModelSizes.of(gguf, config)
+    with GGUFFile.open(models[GGMLQuantizationType.F32]) as gguf:
+        f32_sizes = ModelSizes.of(gguf, read_config(gguf))
+    work = pass_bytes(config, config.context_length)
+    f32_all = q8_sizes.resident(PlanName.RESIDENT_F32, TableMode.F32)
+    quant = q8_sizes.resident(PlanName.RESIDENT_QUANT, TableMode.FILE)
+    assert preferred_plan(config, q8_sizes) is PlanName.RESIDENT_F32  # this machine's RAM
+    assert preferred_plan(config, q8_sizes, f32_all + 2 * pass_bytes(config, 4096)) is PlanName.RESIDENT_F32
+    # A host whose RAM cannot hold the float32 weights prefers them quantized; float32 files stream.
+    assert preferred_plan(config, q8_sizes, quant + work) is PlanName.RESIDENT_QUANT
+    assert preferred_plan(config, f32_sizes, quant + work) is PlanName.STREAMING
+    assert preferred_plan(config, q8_sizes, 1 << 10) is PlanName.STREAMING
+
+
+def test_cached_streaming_holds_its_page_cache_and_drop_cache_reads_uncached(q8: GGUFFile) -> None:
+    config = read_config(q8)
+    sizes = ModelSizes.of(q8, config)
+    roomy = 1 << 30
+    cached = choose_plan(config, sizes, roomy, requested=PlanName.STREAMING)
+    assert (cached.uncached, cached.cached_bytes) == (False, sizes.matrices_raw)
+    dropped = choose_plan(config, sizes, roomy, requested=PlanName.STREAMING, drop_cache=True)
+    assert (dropped.uncached, dropped.cached_bytes) == (True, 0)
+    # What the dropped pages leave is room for passes.
+    assert dropped.max_tokens >= cached.max_tokens
+    assert choose_plan(config, sizes, roomy, drop_cache=True).uncached
+    assert not choose_plan(config, sizes, roomy).uncached
+
+
+@pytest.mark.parametrize("plan_name", PLAN_ORDER, ids=lambda p: p.value)
+def test_a_failing_read_is_a_gguf_error(
+    q8: GGUFFile, plan_name: PlanName, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_pread(fd: int, length: int, offset: int) -> bytes:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    config = read_config(q8)
+    plan = choose_plan(config, ModelSizes.of(q8, config), UNLIMITED, requested=plan_name, cap=SMALL_CAP)
+    plan = dataclasses.replace(plan, tables=TableMode.FILE)
+    if plan_name is PlanName.STREAMING:
+        weights = load_weights(q8, config, plan)
+        monkeypatch.setattr(os, "pread", failing_pread)
+        batch = TokenBatch.from_sequences(token_sequences(config), bert.rows_per_chunk(config, SMALL_CAP))
+        with pytest.raises(
+            GGUFError, match=r"reading [\d,]+ bytes at offset [\d,]+ failed: Input/output error"
+        ):
+            bert.encode(weights, batch, SMALL_CAP)
+        weights.close()
+        return
+    monkeypatch.setattr(os, "pread", failing_pread)
+    with pytest.raises(GGUFError, match="failed: Input/output error"):
+        load_weights(q8, config, plan)

@@ -455,3 +455,108 @@ def with_alignment(spec: Spec, alignment: float, value_type: int = GGUFValueType
     usable = isinstance(alignment, int) and 0 < alignment <= 1 << 16 and alignment & (alignment - 1) == 0
     layout = int(alignment) if usable else spec.alignment
     return replace(spec, kvs=(*spec.kvs, kv), alignment=layout)
+
+
+# -- a tiny valid BERT the engine runs, to break one thing at a time ------------------------------------
+
+BERT_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+BERT_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclass(frozen=True)
+class TinyBert:
+    """Shape of the tiny BERT bert_spec() writes (F32 weights, small and finite like trained ones)."""
+
+    hidden: int = 32
+    ffn: int = 64
+    heads: int = 2
+    layers: int = 1
+    context: int = 16
+    seed: int = 0
+
+    def tokens(self) -> list[str]:
+        """[PAD] [UNK] [CLS] [SEP] [MASK], then every letter as a word start (▁a) and a continuation (a)."""
+        return [*BERT_SPECIAL, *("\u2581" + c for c in BERT_LETTERS), *BERT_LETTERS]
+
+    def shapes(self, vocab_rows: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, ggml ne) of every tensor, in file order."""
+        h, f = self.hidden, self.ffn
+        out = [
+            ("token_embd.weight", (h, vocab_rows)),
+            ("position_embd.weight", (h, self.context)),
+            ("token_types.weight", (h, 2)),
+            ("token_embd_norm.weight", (h,)),
+            ("token_embd_norm.bias", (h,)),
+        ]
+        for layer in range(self.layers):
+            p = f"blk.{layer}"
+            for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
+                out += [(f"{p}.{part}.weight", (h, h)), (f"{p}.{part}.bias", (h,))]
+            out += [(f"{p}.ffn_up.weight", (h, f)), (f"{p}.ffn_up.bias", (f,))]
+            out += [(f"{p}.ffn_down.weight", (f, h)), (f"{p}.ffn_down.bias", (h,))]
+            for norm in ("attn_output_norm", "layer_output_norm"):
+                out += [(f"{p}.{norm}.weight", (h,)), (f"{p}.{norm}.bias", (h,))]
+        return out
+
+
+def _f32_values(name: str, ne: tuple[int, ...], seed: int) -> bytes:
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    count = int(np.prod(ne))
+    values = 0.1 * rng.standard_normal(count)
+    if name.endswith("norm.weight"):
+        values += 1.0
+    return values.astype("<f4").tobytes()
+
+
+def bert_spec(
+    shape: TinyBert = TinyBert(),
+    *,
+    metadata: Mapping[str, tuple[int, Any]] | None = None,
+    data: Mapping[str, bytes] | None = None,
+    tokens: Sequence[str] | None = None,
+    token_types: Sequence[int] | None = None,
+    vocab_rows: int | None = None,
+    table_type: int = GGMLQuantizationType.F32,
+) -> Spec:
+    """A tiny BERT GGUF as llama.cpp lays it out; `metadata` overrides or adds keys ((type, value); a
+    value of None drops the key), `data` replaces tensors' bytes, `tokens` the vocabulary, `table_type`
+    stores token_embd in another type (Q8_0 keeps a huge table small)."""
+    vocabulary = list(shape.tokens() if tokens is None else tokens)
+    types = [3 if t in BERT_SPECIAL else 1 for t in vocabulary] if token_types is None else token_types
+    keys: dict[str, tuple[int, Any]] = {
+        "general.architecture": (GGUFValueType.STRING, "bert"),
+        "general.name": (GGUFValueType.STRING, "tiny-bert"),
+        "bert.context_length": (GGUFValueType.UINT32, shape.context),
+        "bert.embedding_length": (GGUFValueType.UINT32, shape.hidden),
+        "bert.feed_forward_length": (GGUFValueType.UINT32, shape.ffn),
+        "bert.block_count": (GGUFValueType.UINT32, shape.layers),
+        "bert.attention.head_count": (GGUFValueType.UINT32, shape.heads),
+        "bert.attention.layer_norm_epsilon": (GGUFValueType.FLOAT32, 1e-12),
+        "bert.attention.causal": (GGUFValueType.BOOL, False),
+        "bert.pooling_type": (GGUFValueType.UINT32, 1),
+        "tokenizer.ggml.model": (GGUFValueType.STRING, "bert"),
+        "tokenizer.ggml.tokens": (GGUFValueType.ARRAY, Arr(GGUFValueType.STRING, vocabulary)),
+        "tokenizer.ggml.token_type": (GGUFValueType.ARRAY, Arr(GGUFValueType.INT32, types)),
+        "tokenizer.ggml.padding_token_id": (GGUFValueType.UINT32, 0),
+        "tokenizer.ggml.unknown_token_id": (GGUFValueType.UINT32, 1),
+        "tokenizer.ggml.bos_token_id": (GGUFValueType.UINT32, 2),
+        "tokenizer.ggml.seperator_token_id": (GGUFValueType.UINT32, 3),
+        "tokenizer.ggml.mask_token_id": (GGUFValueType.UINT32, 4),
+    }
+    for key, value in (metadata or {}).items():
+        if value[1] is None:
+            keys.pop(key, None)
+        else:
+            keys[key] = value
+    tensors = []
+    for name, ne in shape.shapes(len(vocabulary) if vocab_rows is None else vocab_rows):
+        replaced = (data or {}).get(name)
+        if name == "token_embd.weight" and table_type != GGMLQuantizationType.F32:
+            tensors.append(Tensor(name, table_type, ne, replaced))
+        else:
+            tensors.append(
+                Tensor(name, GGMLQuantizationType.F32, ne, replaced or _f32_values(name, ne, shape.seed))
+            )
+    return Spec(
+        kvs=tuple(KV(key, vtype, value) for key, (vtype, value) in keys.items()), tensors=tuple(tensors)
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import struct
@@ -16,7 +17,7 @@ import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from gguf_sandbox.errors import GGUFError, UnsupportedTensorType
-from gguf_sandbox.gguf.reader import GGUFFile, LazyArray
+from gguf_sandbox.gguf.reader import MAX_NESTED_ARRAYS, GGUFFile, LazyArray
 from tests.gguf import builders
 from tests.gguf.builders import KV, Arr, Spec, Str, Tensor
 
@@ -481,3 +482,60 @@ def test_string_array_element_over_the_string_limit_is_refused_on_access(tmp_pat
         assert array[0] == "ok"
         with pytest.raises(GGUFError, match=r"arr\[1\]"):
             array[1]
+
+
+def test_arrays_nested_in_arrays_are_bounded_over_the_whole_file(tmp_path: Path) -> None:
+    # Each empty nested array costs microseconds to walk: a 1 GB file of them took minutes to open.
+    over = MAX_NESTED_ARRAYS + 1
+    spec = with_kv(KV("arr", V.ARRAY, Arr(V.ARRAY, [Arr(V.UINT8, [])] * over)))
+    built = builders.build(spec)
+    message = str(open_refused(built.write(tmp_path / "nested.gguf")))
+    assert f"{over:,} arrays nested" in message and mentions(message, built.offsets[f"{EXTRA}.value"] + 4)
+    # Split across keys, they count together; at the limit the file opens.
+    half = MAX_NESTED_ARRAYS // 2 + 1
+    split = with_kv(KV("b", V.ARRAY, Arr(V.ARRAY, [Arr(V.UINT8, [])] * half)),
+                    with_kv(KV("arr", V.ARRAY, Arr(V.ARRAY, [Arr(V.UINT8, [])] * half))))  # fmt: skip
+    assert "over the limit" in str(open_refused(builders.build(split).write(tmp_path / "split.gguf")))
+    at_limit = with_kv(KV("arr", V.ARRAY, Arr(V.ARRAY, [Arr(V.UINT8, [])] * MAX_NESTED_ARRAYS)))
+    with GGUFFile.open(builders.build(at_limit).write(tmp_path / "limit.gguf")) as gguf:
+        nested = gguf.metadata["arr"]
+        assert isinstance(nested, LazyArray) and len(nested[MAX_NESTED_ARRAYS - 1]) == 0
+        assert len(list(nested)) == MAX_NESTED_ARRAYS  # walking it again later is not counted
+
+
+def test_proc_self_mem_is_a_read_error_not_a_traceback() -> None:
+    # A "regular file" whose reads fail with EIO: what a failing disk looks like.
+    message = str(open_refused(Path("/proc/self/mem")))
+    assert "mem: header: reading 8 bytes at offset 0 failed: Input/output error" in message
+
+
+def test_a_read_failing_mid_file_is_a_gguf_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = with_kv(KV("big", V.STRING, "x" * 100_000), builders.rich_spec())
+    path = builders.build(spec).write(tmp_path / "rich.gguf")
+    real_pread, real_preadv = os.pread, os.preadv
+
+    def eio() -> OSError:
+        return OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def failing_pread(fd: int, length: int, offset: int) -> bytes:
+        if length > 8:  # the header's 8 bytes pass: fail the 100,000-byte string after them
+            raise eio()
+        return real_pread(fd, length, offset)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "pread", failing_pread)
+        with pytest.raises(
+            GGUFError, match=r"big: reading 100,000 bytes at offset [\d,]+ failed: Input/output"
+        ):
+            GGUFFile.open(path)
+    with GGUFFile.open(path) as gguf:
+        tensor_fd = gguf._fd
+
+        def failing_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+            if fd == tensor_fd:
+                raise eio()
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", failing_preadv)
+        with pytest.raises(GGUFError, match=r"q8.weight: reading 136 bytes at offset [\d,]+ failed"):
+            gguf.read_raw("q8.weight")
