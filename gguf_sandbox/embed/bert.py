@@ -414,9 +414,12 @@ def normalize(v: F32) -> F32:
     return v
 
 
-def encode(weights: BertWeights, batch: TokenBatch, cap: int = DEFAULT_CAP) -> F32:
-    """Unit-length sentence vectors [n_sequences, hidden] for a batch of token sequences."""
+def encode(
+    weights: BertWeights, batch: TokenBatch, cap: int = DEFAULT_CAP, *, unit_length: bool = True
+) -> F32:
+    """Sentence vectors [n_sequences, hidden] for a batch of token sequences, unit length unless told not."""
     x = embeddings(weights, batch, cap)  # [padded, hidden] per chunk
     for layer in range(weights.config.layers):
         x = encoder_layer(x, weights, layer, batch, cap)  # [rows, hidden] per chunk
-    return normalize(pool(x, batch, weights.config.pooling))  # [n, hidden]
+    pooled = pool(x, batch, weights.config.pooling)  # [n, hidden]
+    return normalize(pooled) if unit_length else pooled
