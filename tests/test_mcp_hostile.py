@@ -174,13 +174,17 @@ CORPUS: dict[str, tuple[Callable[[], bytes], tuple[Expect, ...]]] = {
         lambda: HEAD % 101 + b'["' + b"x" * (50 * MiB) + b'"]}}}\n',
         (Expect(101, ERROR.INVALID_REQUEST),),
     ),
-    "garbage-of-20mb": (lambda: _garbage(20 * MiB) + b"\n", (Expect(None, ERROR.INVALID_REQUEST),)),
+    "garbage-of-20mb": (lambda: _garbage(20 * MiB) + b"\n", (Expect(None, ERROR.PARSE_ERROR),)),
+    "text-past-the-cap": (
+        lambda: HEAD % 102 + b'["' + "é".encode() * (4 * MiB) + b'"]}}}\n',
+        (Expect(102, ERROR.INVALID_REQUEST),),
+    ),
     "garbage-under-the-cap": (lambda: _garbage(MiB) + b"\n", (Expect(None, ERROR.PARSE_ERROR),)),
     "array-nested-100k-deep": (
         lambda: HEAD % 103 + b"[" * 100_000 + b"]" * 100_000 + b"}}}\n",
         (Expect(103, ERROR.INVALID_REQUEST),),
     ),
-    "invalid-utf8": (lambda: HEAD % 104 + b'["caf\xe9"]}}}\n', (Expect(None, ERROR.PARSE_ERROR),)),
+    "invalid-utf8": (lambda: HEAD % 104 + b'["caf\xe9"]}}}\n', (Expect(104, ERROR.PARSE_ERROR),)),
     "control-bytes": (lambda: b"\x00\x01\x02\x1b[31m\n", (Expect(None, ERROR.PARSE_ERROR),)),
     "truncated-json": (lambda: HEAD % 106 + b'["a"\n', (Expect(None, ERROR.PARSE_ERROR),)),
     "integer-of-a-million-digits": (
