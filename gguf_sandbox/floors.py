@@ -113,6 +113,19 @@ class FloorTable:
                 return max(candidates, key=lambda f: f.floor)
         return None
 
+    def least_model_floor(self, workload: str, python: str) -> Floor | None:
+        """The floor below which `workload` cannot run whatever its model: the record of its least demanding
+        measured model (the highest over backends), on `python` when measured there, else on any Python."""
+        measured = self.for_workload(workload)
+        for candidates in ([f for f in measured if f.python == python], list(measured)):
+            per_model: dict[str | None, Floor] = {}
+            for f in candidates:
+                if f.model not in per_model or f.floor > per_model[f.model].floor:
+                    per_model[f.model] = f
+            if per_model:
+                return min(per_model.values(), key=lambda f: f.floor)
+        return None
+
     def for_workload(self, workload: str) -> tuple[Floor, ...]:
         return tuple(f for f in self.floors if f.workload == workload)
 

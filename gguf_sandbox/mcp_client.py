@@ -26,7 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from gguf_sandbox.errors import BudgetExceeded, GGUFSandboxError, SandboxError
-from gguf_sandbox.mcp_server import MAX_TEXTS, SDK_REQUIREMENT
+from gguf_sandbox.mcp_server import MAX_TEXTS
 from gguf_sandbox.sandbox.base import (
     MODEL_PLACEHOLDER,
     AttachableSandbox,
@@ -40,6 +40,12 @@ from gguf_sandbox.verdicts import parse_report
 
 if TYPE_CHECKING:
     from gguf_sandbox.workloads import Report
+
+# The SDK line this client is written and tested against (the `mcp` extra pins it); 2.x also works. The
+# server in the cell needs no SDK.
+SDK_REQUIREMENT = "mcp>=1.21.1,<2"
+# The structured `kind` of a tool error the server's budget refused (mcp_server.error_reply).
+REFUSED_KIND = "BudgetExceeded"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -103,6 +109,17 @@ def plan_phases(options: McpOptions, pool: int = TEXT_POOL) -> tuple[Phase, ...]
 
 
 # -- one client session ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ToolError:
+    """A call answered with isError: the structured content's `kind` (its error class) and the message."""
+
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
 @dataclass
 class ClientRun:
     """What one session saw: per call the pool indices, the vectors or the error, and the latency."""
@@ -114,7 +131,7 @@ class ClientRun:
     latencies_s: list[float] = field(default_factory=list)
     phase_latencies_s: dict[str, list[float]] = field(default_factory=dict)
     model_info_latencies_s: list[float] = field(default_factory=list)
-    tool_errors: list[str] = field(default_factory=list)
+    tool_errors: list[ToolError] = field(default_factory=list)
     failure: str | None = None
     seconds: float = 0.0
 
@@ -131,20 +148,24 @@ def _attribute(result: Any, *names: str) -> Any:
     return None
 
 
-def tool_payload(result: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """(structured content, None) of a successful call, (None, message) of a tool error."""
+def tool_payload(result: Any) -> tuple[dict[str, Any] | None, ToolError | None]:
+    """(structured content, None) of a successful call, (None, ToolError) of a tool error: its kind is
+    the structured content's `kind`, "unknown" when a server sends none."""
     content = _attribute(result, "content") or []
     text = " ".join(str(getattr(block, "text", "")) for block in content)
-    if _attribute(result, "isError", "is_error"):
-        return None, text or "tool error without a message"
     structured = _attribute(result, "structuredContent", "structured_content")
+    if _attribute(result, "isError", "is_error"):
+        kind = structured.get("kind") if isinstance(structured, dict) else None
+        return None, ToolError(kind if isinstance(kind, str) else "unknown", text or "no message")
     if isinstance(structured, dict):
         return structured, None
     try:
         parsed = json.loads(text)
     except ValueError:
-        return None, f"no structured content and no JSON text: {text[:200]!r}"
-    return (parsed, None) if isinstance(parsed, dict) else (None, f"unexpected content {text[:200]!r}")
+        return None, ToolError("BadResult", f"no structured content and no JSON text: {text[:200]!r}")
+    if isinstance(parsed, dict):
+        return parsed, None
+    return None, ToolError("BadResult", f"unexpected content {text[:200]!r}")
 
 
 async def drive(
@@ -218,11 +239,13 @@ async def _phases(session: Any, run: ClientRun, options: McpOptions, pool: Seque
         latency = time.perf_counter() - began
         payload, error = tool_payload(result)
         if payload is None:
-            run.tool_errors.append(str(error))
+            run.tool_errors.append(error or ToolError("BadResult", "no payload"))
             return
         vectors = np.asarray(payload.get("vectors"), dtype=np.float32)  # [k, dim]
         if vectors.ndim != 2 or vectors.shape[0] != len(indices):
-            run.tool_errors.append(f"embed returned shape {vectors.shape} for {len(indices)} texts")
+            run.tool_errors.append(
+                ToolError("BadResult", f"embed returned shape {vectors.shape} for {len(indices)} texts")
+            )
             return
         run.indices.append(indices)
         run.vectors.append(vectors)
@@ -333,7 +356,7 @@ def build_report(
         "dimension": info.get("dimension"),
         "mismatches": check.mismatches,
         "max_abs_diff": check.max_abs_diff,
-        "tool_errors": run.tool_errors[:5],
+        "tool_errors": [str(error) for error in run.tool_errors[:5]],
         "server": info.get("server"),
         # The server's readings, not this client's: the client runs outside the limit.
         "peak_rss": memory.get("peak_rss_bytes"),
@@ -374,8 +397,8 @@ def conclude(
     failed = server_exit if died and server_exit is not None else EXIT_FAILED
     if run.failure is not None:
         return Verdict(failed, "", (f"client: the session ended early: {run.failure}",))
-    if run.tool_errors and run.calls == 0 and all("memory budget" in e for e in run.tool_errors):
-        error = {"error": run.tool_errors[0], "kind": "BudgetExceeded"}
+    if run.tool_errors and run.calls == 0 and all(e.kind == REFUSED_KIND for e in run.tool_errors):
+        error = {"error": run.tool_errors[0].message, "kind": REFUSED_KIND}
         return Verdict(EXIT_REFUSED, json.dumps(error), ("every embed call was refused by the budget",))
     notes = []
     if run.tool_errors:
@@ -440,11 +463,7 @@ def run_cell(sandbox: Sandbox, spec: CellSpec) -> RunResult:
     import anyio
 
     _, options = workload_options(spec.argv)
-    inside = replace(
-        spec,
-        argv=server_argv(options.plan),
-        requirements=tuple(dict.fromkeys((*spec.requirements, SDK_REQUIREMENT))),
-    )
+    inside = replace(spec, argv=server_argv(options.plan))
     pool = text_pool()
     with sandbox.attach(inside) as cell:
         run = anyio.run(drive, cell.command, cell.stderr, options, pool, spec.timeout)

@@ -1,19 +1,19 @@
 """`gguf-sandbox serve`: the embedding engine as a stdio MCP server that stays inside its memory limit.
 
 Start-up, each step refusing gracefully (exit 3 + a JSON error on stderr) rather than risking an OOM kill:
-the detected limit is checked against the server's measured floor *before* the MCP SDK is imported (the
-SDK alone costs ~25–35 MiB of a cell); the SDK and the engine are imported and the page cache their files
-left is given back; then the Embedder opens (its budget counts the imports as spent) and a reservation
-for serving itself is taken from its budget. Embedding runs in worker threads under the engine's admission
-control while the event loop keeps answering other requests.
+the detected limit is checked against the server's floor (serve_floor) before numpy or the engine is
+imported; the engine is imported and the page cache its files left is given back; then the Embedder opens
+on a budget that already holds the serving reservation (serving_reserve: a request line of up to
+FREE_LINE_BYTES being parsed, plus the texts of admitted calls; longer lines reserve room as they grow, up
+to line_cap). The protocol is mcp_session's, over jsonrpc's bounded lines: no MCP SDK in this process.
+Embedding runs in worker threads under the engine's admission control while the reading thread keeps
+answering other requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -21,22 +21,32 @@ import platform
 import resource
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, MappingProxyType
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from gguf_sandbox import __version__, budget
-from gguf_sandbox.errors import BudgetExceeded, GGUFSandboxError
+from gguf_sandbox.errors import BudgetExceeded, GGUFError, GGUFSandboxError
+from gguf_sandbox.floors import load_floors
+from gguf_sandbox.jsonrpc import READ_CHUNK
+from gguf_sandbox.mcp_session import (
+    PROTOCOL_VERSIONS,
+    Prepared,
+    Respond,
+    ServerInfo,
+    Session,
+    ToolReply,
+    ToolSpec,
+)
 
 if TYPE_CHECKING:
     from gguf_sandbox.budget import Reservation
     from gguf_sandbox.embed.engine import Embedder
 
 SERVER_NAME = "gguf-sandbox"
-# The SDK line this server is written and measured against (the `mcp` extra pins it); 2.x also works.
-SDK_REQUIREMENT = "mcp>=1.21.1,<2"
 
 EXIT_OK = 0
 EXIT_REFUSED = 3
@@ -44,53 +54,46 @@ EXIT_BAD_INPUT = 4
 
 MAX_TEXTS = 64
 MAX_CHARS = 8192
-# embed calls computing at once; more wait here, and each forward pass also queues for the engine's budget.
+# embed calls computing at once; more wait in the pool's queue, and each forward pass also queues for the
+# engine's budget.
 EMBED_WORKERS = 2
-# What one vector component costs until the response is written: a Python float in a list, its JSON text
-# in the TextContent and again in the serialized structuredContent.
-RESPONSE_BYTES_PER_VALUE = 96
 RESERVE_TIMEOUT_S = 120.0
-
+# How long the reading thread waits for room to read a long line before refusing it.
+LINE_ROOM_TIMEOUT_S = 30.0
 MiB = 1 << 20
-# Held in the engine's budget for the server's lifetime, before the plan is chosen: what serving needs
-# beyond the forward passes and the per-call response reservations. Measured in a cold 256 MiB cell:
-# resident memory grows ~10 MiB past the Embedder's baseline once serving (SDK session, worker threads,
-# JSON), and ~11 MiB of file pages (code, the streamed model) stay active.
-SERVING_RESERVE = 8 * MiB
-# The smallest limit at which `serve` starts and answers 1000 embed calls of all-MiniLM-L6-v2 Q8_0 with a
-# cold page cache (the interpreter's, the packages' and the model's pages evicted first: the worst case),
-# bisected over real cgroup limits (see the README): mcp 1.30 at 88 MiB, mcp 2.3 at 94–96 MiB. A few MiB
-# above it the engine may still refuse, gracefully, when more of the imports' file pages are charged to the
-# cell. Below the floor `serve` refuses before importing the SDK.
-MEMORY_FLOOR: Mapping[int, int] = MappingProxyType({1: 88 * MiB, 2: 96 * MiB})
+
+# -- sizes of requests and responses ------------------------------------------------------------------
+# The most JSON text one character of a text can take: a character outside the BMP written by an
+# ASCII-only encoder (json.dumps' default) as a surrogate pair, "\ud83d\ude00".
+JSON_BYTES_PER_CHAR = len(json.dumps(chr(0x10FFFF))) - len('""')
+# Everything of a tools/call line besides its texts: jsonrpc, id, method, tool name, normalize, and what
+# clients add under _meta (progress tokens). An allowance, not a measurement: a line needing more is refused.
+ENVELOPE_BYTES = 64 << 10
+# A line is decoded piece by piece as it arrives, then the pieces are joined: its text is held twice (in
+# every encoding the text takes at most as many bytes as the line); the parsed objects that follow are
+# never larger than the text. tests/test_mcp_server.py measures the peak.
+PARSE_COPIES = 2
+# Lines up to this size are read under the serving reservation; a 64-text call of 8,192 ASCII characters
+# each takes 0.5 MiB.
+FREE_LINE_BYTES = 1 << 20
+# The JSON of one float32 component as Python writes it, at its longest: a sign, 17 significant digits, a
+# point and a two-digit negative exponent, then a comma ("-1.0000000180025095e-35,"); checked on extreme
+# values in tests/test_mcp_server.py.
+MAX_NUMBER_CHARS = 24
+# An embed response is held as the vectors' JSON, which is both the structured content and the text
+# content (mcp_session escapes and encodes it slice by slice as it writes); building it holds the rows'
+# JSON and their join at once: two copies. tests/test_mcp_server.py measures the peak of building and
+# writing one.
+RESPONSE_COPIES = 2
+RESPONSE_BYTES_PER_VALUE = RESPONSE_COPIES * MAX_NUMBER_CHARS
 
 
-# -- tools ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ToolSpec:
-    """A tool as tools/list announces it; the SDK adapters turn it into the SDK's Tool type."""
-
-    name: str
-    description: str
-    input_schema: Mapping[str, Any]
-    output_schema: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class ToolReply:
-    """A tool call's outcome: structured content and its JSON text, or an error message (isError)."""
-
-    text: str
-    structured: Mapping[str, Any] | None = None
-    is_error: bool = False
-
-    @classmethod
-    def error(cls, message: str) -> ToolReply:
-        return cls(message, None, True)
-
-    @classmethod
-    def of(cls, payload: Mapping[str, Any]) -> ToolReply:
-        return cls(json.dumps(payload, separators=(",", ":"), ensure_ascii=False), payload)
+def serve_floor() -> int:
+    """The limit below which `serve` refuses to start (bytes): the `mcp` workload's floor as `gguf-sandbox
+    floor --record` measured it (floors.json: 1000 embed calls with a cold page cache, on this Python when
+    measured there), 0 when none is recorded. The one place the floor is read from."""
+    recorded = load_floors().least_model_floor("mcp", f"{sys.version_info.major}.{sys.version_info.minor}")
+    return recorded.floor if recorded is not None else 0
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,30 @@ class ServeLimits:
     max_chars: int = MAX_CHARS
 
 
+def line_cap(limits: ServeLimits) -> int:
+    """The longest request line (bytes) accepted: `max_texts` texts of `max_chars` characters in their
+    longest JSON form, each quoted and comma-separated, plus the envelope. 6.06 MiB for 64 × 8,192."""
+    return limits.max_texts * (limits.max_chars * JSON_BYTES_PER_CHAR + len('"",')) + ENVELOPE_BYTES
+
+
+def pending_cap(limits: ServeLimits) -> int:
+    """Bytes of texts admitted embed calls may hold at once: one call per worker at the limits, each text
+    as large as Python can make `max_chars` characters (4 bytes each). Smaller calls admit many more."""
+    return EMBED_WORKERS * limits.max_texts * sys.getsizeof(chr(0x10FFFF) * limits.max_chars)
+
+
+def serving_reserve(limits: ServeLimits) -> int:
+    """Held in the engine's budget for the server's lifetime, before the plan is chosen: a line of up to
+    FREE_LINE_BYTES being parsed (and the chunk being read), plus the texts of admitted calls. Longer
+    lines and each response reserve their own room."""
+    return PARSE_COPIES * FREE_LINE_BYTES + READ_CHUNK + pending_cap(limits)
+
+
 class ToolInputError(ValueError):
     """A tool call's arguments are malformed; the message goes back to the client as a tool error."""
 
 
-def _embed_arguments(arguments: Mapping[str, Any] | None, limits: ServeLimits) -> tuple[list[str], bool]:
+def _embed_arguments(arguments: object, limits: ServeLimits) -> tuple[list[str], bool]:
     """(texts, normalize) from embed's arguments, or ToolInputError naming what is wrong and the limit."""
     if not isinstance(arguments, Mapping):
         raise ToolInputError(f"arguments must be an object, got {type(arguments).__name__}")
@@ -139,12 +161,35 @@ def _embed_arguments(arguments: Mapping[str, Any] | None, limits: ServeLimits) -
     return texts, normalize
 
 
+def error_reply(tool: str, error: Exception) -> ToolReply:
+    """The tool error for `error`: its message for the reader, its class as the structured `kind`."""
+    if isinstance(error, ToolInputError):
+        return ToolReply.error(f"{tool}: {error}", "ToolInputError")
+    if isinstance(error, BudgetExceeded):
+        return ToolReply.error(f"{tool}: refused by the memory budget: {error}", "BudgetExceeded")
+    if isinstance(error, GGUFSandboxError):
+        return ToolReply.error(f"{tool}: {error}", type(error).__name__)
+    return ToolReply.error(f"{tool}: internal error: {type(error).__name__}: {error}", "InternalError")
+
+
+def embed_reply(head: Mapping[str, Any], vectors: Any) -> ToolReply:
+    """The embed result: `head`'s fields and "vectors", whose JSON is also the text content.
+
+    Row by row: a single json.dumps of 64 × 384 floats holds the GIL for ~45 ms, which the reading thread
+    (and every other request) would wait for. float32 → Python float is exact and JSON keeps every digit:
+    clients get the same bits.
+    """
+    rows = ",".join(json.dumps(row.tolist(), allow_nan=False, separators=(",", ":")) for row in vectors)
+    text = "".join((json.dumps(dict(head), ensure_ascii=False)[:-1], ',"vectors":[', rows, "]}"))
+    return ToolReply(text, text)
+
+
 def _peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class EmbeddingService:
-    """The server's tools over one Embedder, independent of the SDK version that carries them."""
+    """The server's tools over one Embedder: `embed` and `model_info` (an mcp_session.ToolHost)."""
 
     def __init__(
         self,
@@ -153,26 +198,24 @@ class EmbeddingService:
         architecture: str,
         limit: budget.MemoryLimit,
         floor: int,
-        sdk: str,
         limits: ServeLimits = ServeLimits(),
-        workers: int = EMBED_WORKERS,
         serving: Reservation | None = None,
     ) -> None:
-        import anyio
-
         self._embedder = embedder
         self._serving = serving
         self._architecture = architecture
         self._limit = limit
         self._floor = floor
-        self._sdk = sdk
         self.limits = limits
-        self._workers = anyio.CapacityLimiter(workers)
-        self._handlers: Mapping[str, Callable[[Mapping[str, Any] | None], Any]] = {
-            "embed": self._embed,
-            "model_info": self._model_info,
-        }
+        self._pending_cap = pending_cap(limits)
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._line_room: list[Reservation] = []  # the reading thread's only
         self.tools = (self._embed_spec(), self._model_info_spec())
+        self.instructions = (
+            f"Text embeddings from a GGUF model served inside a memory limit. Call `embed` with up to "
+            f"{limits.max_texts} texts; `model_info` shows the model, the plan and memory use."
+        )
 
     # -- descriptions ---------------------------------------------------------------------------------
     def _embed_spec(self) -> ToolSpec:
@@ -184,8 +227,9 @@ class EmbeddingService:
                 f"{embedder.dimension}). Limits: 1–{limits.max_texts} texts per call, at most "
                 f"{limits.max_chars:,} characters per text (longer requests are refused; tokens beyond the "
                 f"model's context of {embedder.context_length} are cut). Returns vectors (one per text, "
-                "in order), dimension and model. Calls that do not fit the server's memory budget return "
-                "an error; retry with fewer texts."
+                "in order), dimension and model; unit length unless normalize is false. Calls that do not "
+                "fit the server's memory budget return an error of kind BudgetExceeded; retry with fewer "
+                "texts."
             ),
             input_schema={
                 "type": "object",
@@ -200,7 +244,10 @@ class EmbeddingService:
                     "normalize": {
                         "type": "boolean",
                         "default": True,
-                        "description": "return unit-length vectors (cosine similarity = dot product)",
+                        "description": (
+                            "true: unit-length vectors (cosine similarity = dot product); false: the pooled "
+                            "vectors as the model computes them"
+                        ),
                     },
                 },
                 "required": ["texts"],
@@ -245,6 +292,7 @@ class EmbeddingService:
                 },
                 "required": ["model", "architecture", "dimension", "context_length", "plan", "memory"],
             },
+            inline=True,
         )
 
     def close(self) -> None:
@@ -254,40 +302,90 @@ class EmbeddingService:
             self._serving.release()
 
     # -- calls ----------------------------------------------------------------------------------------
-    async def call(self, name: str, arguments: Mapping[str, Any] | None) -> ToolReply:
-        """Run tool `name`; every failure becomes an error reply, so the server keeps serving."""
-        handler = self._handlers.get(name)
-        if handler is None:
-            return ToolReply.error(f"unknown tool {name!r}; this server has {', '.join(self._handlers)}")
+    def line_room(self, nbytes: int) -> bool:
+        """Room to read `nbytes` more of a long request line, and to parse it, waiting a while for it."""
+        memory = self._embedder.budget
+        size = int(PARSE_COPIES * nbytes)
         try:
-            reply: ToolReply = await handler(arguments)
-        except ToolInputError as error:
-            return ToolReply.error(f"{name}: {error}")
-        except BudgetExceeded as error:
-            return ToolReply.error(f"{name}: refused by the memory budget: {error}")
-        except Exception as error:  # a bug must cost one call, not the server
-            return ToolReply.error(f"{name}: internal error: {type(error).__name__}: {error}")
-        return reply
-
-    async def _embed(self, arguments: Mapping[str, Any] | None) -> ToolReply:
-        import anyio.to_thread
-
-        texts, normalize = _embed_arguments(arguments, self.limits)
-        if not normalize:
-            raise ToolInputError(
-                "normalize=false is not available: the engine returns unit-length vectors only"
+            room = memory.reserve_blocking(
+                "reading a long request line", size, LINE_ROOM_TIMEOUT_S, cap=max(size, memory.cap)
             )
-        reply: ToolReply = await anyio.to_thread.run_sync(self._embed_sync, texts, limiter=self._workers)
-        return reply
+        except BudgetExceeded:
+            return False
+        self._line_room.append(room)
+        return True
 
-    def _embed_sync(self, texts: Sequence[str]) -> ToolReply:
-        """Worker thread: embed, then hold room for the response while building both of its forms.
+    def release_line_room(self) -> None:
+        while self._line_room:
+            self._line_room.pop().release()
+
+    def prepare(self, name: str, arguments: object) -> Prepared:
+        """A reply now (model_info, every refusal), or the job computing an admitted embed call."""
+        try:
+            if name == "embed":
+                return self._admit_embed(arguments)
+            if name == "model_info":
+                if arguments:
+                    names = (
+                        ", ".join(sorted(arguments)) if isinstance(arguments, Mapping) else repr(arguments)
+                    )
+                    raise ToolInputError(f"model_info takes no arguments, got {names}")
+                return ToolReply.of(self.model_info())
+        except Exception as error:  # a bug must cost one call, not the server
+            return error_reply(name, error)
+        tools = ", ".join(spec.name for spec in self.tools)
+        return ToolReply.error(f"unknown tool {name!r}; this server has {tools}", "UnknownTool")
+
+    def call(self, name: str, arguments: object) -> ToolReply:
+        """prepare() and, for a job, run it here: one call from start to reply, in the calling thread."""
+        prepared = self.prepare(name, arguments)
+        if isinstance(prepared, ToolReply):
+            return prepared
+        replies: list[ToolReply] = []
+        prepared(replies.append)
+        return replies[0]
+
+    def _admit_embed(self, arguments: object) -> Prepared:
+        """Check the arguments and count the call's texts as pending; the texts wait in memory until a
+        worker takes them, so calls beyond pending_cap are refused instead of queued."""
+        texts, normalize = _embed_arguments(arguments, self.limits)
+        size = sum(sys.getsizeof(text) for text in texts)
+        with self._pending_lock:
+            if self._pending + size > self._pending_cap:
+                raise BudgetExceeded(
+                    f"embed call of {len(texts)} texts while others are pending",
+                    size,
+                    self._pending_cap - self._pending,
+                    "retry when the running calls finish, or send fewer or shorter texts per call",
+                )
+            self._pending += size
+
+        def job(respond: Respond) -> None:
+            try:
+                self._embed(texts, normalize, respond)
+            except Exception as error:
+                respond(error_reply("embed", error))
+            finally:
+                with self._pending_lock:
+                    self._pending -= size
+
+        return job
+
+    def _embed(self, texts: Sequence[str], normalize: bool, respond: Respond) -> None:
+        """Worker thread: embed, then hold room for the response until it is written.
 
         The room is taken after the forward passes, never while they wait for theirs: holding one
         reservation while waiting for another deadlocked two workers.
         """
+        import numpy as np
+
         embedder = self._embedder
-        vectors = embedder.embed(texts)  # [n, dim] float32, unit length
+        vectors = embedder.embed(texts, normalize=normalize)  # [n, dim] float32
+        if not np.isfinite(vectors).all():
+            raise GGUFError(
+                f"the model {embedder.model_name} produced NaN or infinite values; its weights or "
+                "hyperparameters are broken (check it with `gguf-sandbox inspect`)"
+            )
         nbytes = len(texts) * embedder.dimension * RESPONSE_BYTES_PER_VALUE
         memory = embedder.budget
         with memory.reserve_blocking(
@@ -297,21 +395,10 @@ class EmbeddingService:
                 "model": embedder.model_name,
                 "dimension": embedder.dimension,
                 "count": len(texts),
-                "normalized": True,
+                "normalized": normalize,
                 "plan": embedder.plan,
             }
-            # float32 → Python float is exact, and JSON keeps every digit: clients get the same bits.
-            rows = vectors.tolist()
-            # One row at a time: a single json.dumps of 64 × 384 floats holds the GIL for ~45 ms, which
-            # the event loop (and every other request) would wait for.
-            text = json.dumps(head, ensure_ascii=False)[:-1] + ',"vectors":['
-            text += ",".join(json.dumps(row) for row in rows) + "]}"
-            return ToolReply(text, {**head, "vectors": rows})
-
-    async def _model_info(self, arguments: Mapping[str, Any] | None) -> ToolReply:
-        if arguments:
-            raise ToolInputError(f"model_info takes no arguments, got {', '.join(sorted(arguments))}")
-        return ToolReply.of(self.model_info())
+            respond(embed_reply(head, vectors))
 
     def model_info(self) -> dict[str, Any]:
         embedder, memory = self._embedder, self._embedder.budget
@@ -340,85 +427,10 @@ class EmbeddingService:
             "server": {
                 "name": SERVER_NAME,
                 "version": __version__,
-                "sdk": self._sdk,
+                "protocol_versions": list(PROTOCOL_VERSIONS),
                 "python": platform.python_version(),
             },
         }
-
-
-# -- SDK adapters ----------------------------------------------------------------------------------------
-def _sdk(module: str) -> Any:
-    """An SDK module, typed Any: the code below runs against both SDK majors, whose types differ."""
-    return importlib.import_module(module)
-
-
-def _tool(types: Any, spec: ToolSpec) -> Any:
-    # Both majors accept the protocol's camelCase names (2.x validates by alias as well as by name).
-    return types.Tool(
-        name=spec.name,
-        description=spec.description,
-        inputSchema=dict(spec.input_schema),
-        outputSchema=dict(spec.output_schema),
-    )
-
-
-def _result(types: Any, reply: ToolReply) -> Any:
-    return types.CallToolResult(
-        content=[types.TextContent(type="text", text=reply.text)],
-        structuredContent=None if reply.structured is None else dict(reply.structured),
-        isError=reply.is_error,
-    )
-
-
-def _instructions(service: EmbeddingService) -> str:
-    return (
-        f"Text embeddings from a GGUF model served inside a memory limit. Call `embed` with up to "
-        f"{service.limits.max_texts} texts; `model_info` shows the model, the plan and memory use."
-    )
-
-
-async def _serve_v1(service: EmbeddingService) -> None:
-    """mcp 1.x: the low-level Server with decorator registration (stable since 1.0)."""
-    types = _sdk("mcp.types")
-    server = _sdk("mcp.server.lowlevel").Server(
-        SERVER_NAME, version=__version__, instructions=_instructions(service)
-    )
-
-    async def list_tools() -> list[Any]:
-        return [_tool(types, spec) for spec in service.tools]
-
-    async def call_tool(name: str, arguments: dict[str, Any] | None) -> Any:
-        return _result(types, await service.call(name, arguments))
-
-    server.list_tools()(list_tools)
-    # Our own validation gives clearer messages than the schema validator and skips its cost.
-    server.call_tool(validate_input=False)(call_tool)
-    async with _sdk("mcp.server.stdio").stdio_server() as (read_stream, write_stream):
-        await server.run(read_stream, write_stream, server.create_initialization_options())
-
-
-async def _serve_v2(service: EmbeddingService) -> None:
-    """mcp 2.x: the low-level Server with constructor-registered handlers."""
-    types = _sdk("mcp.types")
-
-    async def list_tools(ctx: Any, params: Any) -> Any:
-        return types.ListToolsResult(tools=[_tool(types, spec) for spec in service.tools])
-
-    async def call_tool(ctx: Any, params: Any) -> Any:
-        return _result(types, await service.call(params.name, params.arguments))
-
-    server = _sdk("mcp.server.lowlevel").Server(
-        SERVER_NAME,
-        version=__version__,
-        instructions=_instructions(service),
-        on_list_tools=list_tools,
-        on_call_tool=call_tool,
-    )
-    async with _sdk("mcp.server.stdio").stdio_server() as (read_stream, write_stream):
-        await server.run(read_stream, write_stream, server.create_initialization_options())
-
-
-_ADAPTERS: Mapping[int, Callable[[EmbeddingService], Any]] = MappingProxyType({1: _serve_v1, 2: _serve_v2})
 
 
 # -- command -------------------------------------------------------------------------------------------
@@ -448,7 +460,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory-floor",
         type=parse_size,
         metavar="SIZE",
-        help="refuse to start below this limit (default: the measured floor for the installed SDK; 0 = off)",
+        help="refuse to start below this limit (default: the server's measured floor; 0 = off)",
     )
     parser.add_argument(
         "--max-texts", type=int, default=MAX_TEXTS, help=f"texts per embed call (default {MAX_TEXTS})"
@@ -456,19 +468,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-chars", type=int, default=MAX_CHARS, help=f"characters per text (default {MAX_CHARS})"
     )
-
-
-def sdk_version() -> str | None:
-    """The installed `mcp` distribution's version, read from its metadata (the SDK is not imported)."""
-    try:
-        return importlib.metadata.version("mcp")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _major(version: str) -> int | None:
-    head = version.split(".", 1)[0]
-    return int(head) if head.isdigit() else None
 
 
 def _emit_failure(code: int, kind: str, message: str, **details: Any) -> int:
@@ -511,9 +510,9 @@ def _module_files() -> set[str]:
 def release_import_cache() -> int:
     """Drop the page cache of every imported module's files; returns how many files were advised.
 
-    Importing the SDK reads ~700 modules. On a cold page cache those clean pages are charged to the cell,
-    and the engine's budget counts them as spent: at 96 MiB they filled the limit and left no room at all
-    for a forward pass, although the kernel reclaims them first. Pages still mapped stay.
+    Importing numpy and the engine reads ~200 modules. On a cold page cache those clean pages are charged
+    to the cell until the kernel reclaims them, and a budget that counts them as spent leaves less room
+    for forward passes than there is. Pages still mapped stay.
     """
     advise = getattr(os, "posix_fadvise", None)
     if advise is None:
@@ -534,7 +533,7 @@ def release_import_cache() -> int:
     return count
 
 
-def _open_embedder(model: Path, plan: str) -> tuple[Embedder, Reservation]:
+def _open_embedder(model: Path, plan: str, reserve: int) -> tuple[Embedder, Reservation]:
     """The Embedder, opened on a budget that already holds the serving reservation, so that its plan and
     its largest pass leave that room (a pass that can never fit would otherwise wait forever)."""
     from gguf_sandbox.budget import MemoryBudget
@@ -549,9 +548,9 @@ def _open_embedder(model: Path, plan: str) -> tuple[Embedder, Reservation]:
         detected.limit, cap=detected.cap, baseline=detected.baseline, origin=detected.origin
     )
     serving = memory.reserve(
-        "serving MCP (protocol objects, worker threads, active file pages)",
-        SERVING_RESERVE,
-        cap=max(SERVING_RESERVE, memory.cap),
+        "serving MCP (the largest request line being parsed, texts of admitted calls)",
+        reserve,
+        cap=max(reserve, memory.cap),
     )
     try:
         return Embedder.open(model, plan=plan, budget=memory), serving
@@ -561,22 +560,16 @@ def _open_embedder(model: Path, plan: str) -> tuple[Embedder, Reservation]:
 
 
 def _open_service(
-    args: argparse.Namespace, *, limit: budget.MemoryLimit, floor: int, sdk: str, limits: ServeLimits
+    args: argparse.Namespace, *, limit: budget.MemoryLimit, floor: int, limits: ServeLimits
 ) -> EmbeddingService:
     from gguf_sandbox.gguf.reader import GGUFFile
 
     with GGUFFile.open(args.model) as gguf:
         architecture = gguf.architecture or "unknown"
-    embedder, serving = _open_embedder(args.model, args.plan)
+    embedder, serving = _open_embedder(args.model, args.plan, serving_reserve(limits))
     try:
         return EmbeddingService(
-            embedder,
-            architecture=architecture,
-            limit=limit,
-            floor=floor,
-            sdk=sdk,
-            limits=limits,
-            serving=serving,
+            embedder, architecture=architecture, limit=limit, floor=floor, limits=limits, serving=serving
         )
     except BaseException:
         serving.release()
@@ -588,67 +581,51 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(EXIT_OK)
 
 
+def _claim_stdout() -> Any:
+    """The protocol's own handle on stdout; fd 1 then points at stderr, so a stray print from anywhere
+    in the process lands there instead of corrupting the JSON-RPC stream."""
+    wire = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    return wire
+
+
 def run(args: argparse.Namespace) -> int:
     limits = ServeLimits(max_texts=args.max_texts, max_chars=args.max_chars)
     if limits.max_texts < 1 or limits.max_chars < 1:
         return _emit_failure(EXIT_BAD_INPUT, "ValueError", "--max-texts and --max-chars must be at least 1")
-    version = sdk_version() or ""
-    major = _major(version)
-    if major is None or major not in _ADAPTERS:
-        found = f"mcp {version} is installed" if version else "not installed"
-        return _emit_failure(
-            EXIT_BAD_INPUT,
-            "MissingDependency",
-            f"the MCP SDK is needed ({found}); hint: pip install 'gguf-sandbox[mcp]' ({SDK_REQUIREMENT})",
-        )
     if not args.model.is_file():
         return _emit_failure(
             EXIT_BAD_INPUT, "FileNotFoundError", f"model {args.model} does not exist; pass --model PATH"
         )
-    floor = MEMORY_FLOOR[major] if args.memory_floor is None else args.memory_floor
+    try:
+        floor = serve_floor() if args.memory_floor is None else args.memory_floor
+    except GGUFSandboxError as error:  # a damaged floors.json
+        return _emit_failure(EXIT_BAD_INPUT, type(error).__name__, str(error))
     limit = budget.detect_limit()
     if limit.limit_bytes < floor:
         return _emit_failure(
             EXIT_REFUSED,
             "BudgetExceeded",
-            f"the MCP server needs at least {floor / MiB:.0f} MiB (its measured floor with mcp {version}), "
-            f"the {limit.source} limit is {limit.limit_bytes / MiB:.0f} MiB; hint: raise the memory limit, "
-            "or use the engine without MCP (`gguf-sandbox embed`), which needs less",
+            f"the MCP server needs at least {floor / MiB:.0f} MiB (its measured floor), the {limit.source} "
+            f"limit is {limit.limit_bytes / MiB:.0f} MiB; hint: raise the memory limit",
             floor=floor,
-            sdk=f"mcp {version}",
         )
-    serve = _ADAPTERS[major]
-    # Everything is imported before the Embedder opens, so that its budget counts it as spent; then the
+    # The engine is imported before the Embedder opens, so that its budget counts it as spent; then the
     # page cache those imports left behind is given back.
-    _sdk("mcp")
-    _sdk("gguf_sandbox.embed.engine")
+    importlib.import_module("gguf_sandbox.embed.engine")
     release_import_cache()
     try:
-        service = _open_service(args, limit=limit, floor=floor, sdk=f"mcp {version}", limits=limits)
+        service = _open_service(args, limit=limit, floor=floor, limits=limits)
     except BudgetExceeded as error:
-        return _emit_failure(EXIT_REFUSED, "BudgetExceeded", str(error), floor=floor, sdk=f"mcp {version}")
+        return _emit_failure(EXIT_REFUSED, "BudgetExceeded", str(error), floor=floor)
     except (GGUFSandboxError, ValueError, OSError) as error:
         return _emit_failure(EXIT_BAD_INPUT, type(error).__name__, str(error))
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    anyio = _sdk("anyio")
+    session = Session(service, ServerInfo(SERVER_NAME, __version__), _claim_stdout(), workers=EMBED_WORKERS)
+    stdin = sys.stdin.fileno()
     try:
-        anyio.run(serve, service)
-    except Exception as error:
-        if not _client_gone(error, (anyio.ClosedResourceError, anyio.BrokenResourceError)):
-            raise
-        # The client went away mid-request (older 1.x SDKs then fail the response's send): nothing is left
-        # to answer, and nothing may be flushed into the closed pipe.
-        print("gguf-sandbox serve: the client disconnected during a request; exiting", file=sys.stderr)
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        session.serve(lambda size: os.read(stdin, size), line_cap(limits), FREE_LINE_BYTES)
     finally:
         service.close()
     return EXIT_OK
-
-
-def _client_gone(error: BaseException, closed: tuple[type[BaseException], ...]) -> bool:
-    """True when `error`, or every leaf of an exception group, says the client's stream is closed."""
-    nested = getattr(error, "exceptions", None)
-    if isinstance(nested, (list, tuple)) and nested:
-        return all(_client_gone(inner, closed) for inner in nested)
-    return isinstance(error, (*closed, BrokenPipeError, ConnectionResetError))

@@ -1,5 +1,6 @@
 """Tests for `gguf-sandbox serve`: the MCP flow over stdio with the SDK's own client, tool errors,
-concurrency, disconnects, and the graceful refusal below the memory floor (real cgroups where marked)."""
+concurrency, disconnects, raw vectors, and the graceful refusal below the memory floor (real cgroups where
+marked)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import os
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -24,14 +26,17 @@ from gguf_sandbox import mcp_server
 from gguf_sandbox.mcp_server import (
     MAX_CHARS,
     MAX_TEXTS,
-    MEMORY_FLOOR,
     ServeLimits,
     ToolInputError,
     parse_size,
-    sdk_version,
+    serve_floor,
 )
+from gguf_sandbox.mcp_session import PROTOCOL_VERSIONS, ToolReply
 from gguf_sandbox.sandbox.base import CellCommand
 from gguf_sandbox.workloads import corpus
+
+if TYPE_CHECKING:
+    from gguf_sandbox.embed.engine import Embedder
 
 HAVE_SDK = importlib.util.find_spec("mcp") is not None
 if HAVE_SDK:
@@ -98,9 +103,121 @@ def test_bad_sizes_are_refused(text: str) -> None:
         parse_size(text)
 
 
-def test_every_supported_sdk_major_has_an_adapter_and_a_floor() -> None:
-    assert set(mcp_server._ADAPTERS) == set(MEMORY_FLOOR)
-    assert all(64 * MiB < floor <= 96 * MiB for floor in MEMORY_FLOOR.values()), "the matrix's 64m/96m"
+def test_the_floor_is_read_through_one_function_and_fits_the_matrix() -> None:
+    assert 32 * MiB < serve_floor() <= 64 * MiB, "the matrix's smallest cell is 64m"
+
+
+# -- the sizes the serving reservations are derived from ---------------------------------------------------
+def _longest_float32s(count: int) -> np.ndarray:
+    """float32 values whose JSON is among the longest: negative, with two-digit negative exponents (most
+    need 17 significant digits), and the extremes."""
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0x80800000, 0x9F000000, count, dtype=np.uint32)  # -1e-38 … -1e-20
+    finfo = np.finfo(np.float32)
+    extremes = np.array(
+        [finfo.min, finfo.max, -finfo.tiny, -finfo.smallest_subnormal, -0.1], dtype=np.float32
+    )
+    return np.concatenate([bits.view(np.float32), extremes])
+
+
+def test_max_number_chars_is_the_longest_json_of_a_float32() -> None:
+    lengths = [len(json.dumps(float(value))) + len(",") for value in _longest_float32s(100_000)]
+    assert max(lengths) == mcp_server.MAX_NUMBER_CHARS
+
+
+class _Sink:
+    """A stdout that keeps nothing (tracemalloc then sees only what building the response holds)."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data: bytes) -> int:
+        self.written += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_an_embed_response_is_built_and_written_within_its_reservation() -> None:
+    from gguf_sandbox.mcp_session import ServerInfo, Session
+
+    dimension = 384
+    vectors = _longest_float32s(MAX_TEXTS * dimension)[: MAX_TEXTS * dimension].reshape(MAX_TEXTS, dimension)
+    head = {
+        "model": "m",
+        "dimension": dimension,
+        "count": MAX_TEXTS,
+        "normalized": False,
+        "plan": "streaming",
+    }
+    sink = _Sink()
+    session = Session(_service(1 << 20), ServerInfo("t", "0"), sink, workers=1)  # type: ignore[arg-type]
+    reserved = MAX_TEXTS * dimension * mcp_server.RESPONSE_BYTES_PER_VALUE
+    tracemalloc.start()
+    try:
+        session.reply(1, mcp_server.embed_reply(head, vectors))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    figures = f"peak {peak:,} bytes of {reserved:,} reserved, {sink.written:,} written"
+    print(figures)
+    assert reserved / 2 < peak <= reserved, figures
+
+
+@pytest.mark.parametrize(
+    "escape", [pytest.param(True, id="ascii-escaped"), pytest.param(False, id="raw-utf8")]
+)
+def test_the_longest_line_is_read_and_parsed_within_parse_copies(escape: bool) -> None:
+    from gguf_sandbox.jsonrpc import READ_CHUNK, Message, parse_message, read_lines
+
+    limits = ServeLimits()
+    request = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "embed", "arguments": {"texts": ["\U0001f600" * MAX_CHARS] * MAX_TEXTS}},
+    }
+    data = json.dumps(request, ensure_ascii=escape).encode() + b"\n"
+    assert len(data) <= mcp_server.line_cap(limits)
+    view, position = memoryview(data), 0
+
+    def read(size: int) -> bytes:
+        nonlocal position
+        piece = bytes(view[position : position + size])
+        position += len(piece)
+        return piece
+
+    tracemalloc.start()
+    try:
+        for line in read_lines(read, mcp_server.line_cap(limits), free_bytes=1 << 20, room=lambda size: True):
+            assert isinstance(line, str)
+            message = parse_message(line)
+            del line
+            assert isinstance(message, Message)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    figures = f"line {len(data):,} bytes, peak {peak:,} bytes = {peak / len(data):.2f} copies"
+    print(figures)
+    assert peak <= mcp_server.PARSE_COPIES * len(data) + READ_CHUNK, figures
+
+
+def test_pending_texts_are_admitted_up_to_their_cap_then_refused() -> None:
+    service = _service(1 << 30)
+    largest = {"texts": ["\U0001f600" * MAX_CHARS] * MAX_TEXTS}
+    assert sum(map(sys.getsizeof, largest["texts"])) * mcp_server.EMBED_WORKERS == mcp_server.pending_cap(
+        ServeLimits()
+    )
+    jobs = [service.prepare("embed", largest) for _ in range(mcp_server.EMBED_WORKERS)]
+    assert all(callable(job) for job in jobs), "one largest call per worker"
+    refused = service.prepare("embed", {"texts": ["one more"]})
+    assert isinstance(refused, ToolReply) and refused.structured is not None
+    assert refused.structured["kind"] == "BudgetExceeded" and "pending" in refused.text
+    replies: list[ToolReply] = []
+    jobs[0](replies.append)  # type: ignore[operator]
+    assert not replies[0].is_error
+    assert callable(service.prepare("embed", {"texts": ["one more"]})), "room again once a call finished"
 
 
 # -- a real server over stdio ---------------------------------------------------------------------------
@@ -119,8 +236,8 @@ class _FakeEmbedder:
 
         self.budget = MemoryBudget(budget_bytes, cap=budget_bytes)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return np.full((len(texts), self.dimension), 0.5, dtype=np.float32)
+    def embed(self, texts: Sequence[str], *, normalize: bool = True) -> np.ndarray:
+        return np.full((len(texts), self.dimension), 0.5 if normalize else 2.0, dtype=np.float32)
 
     def close(self) -> None:
         pass
@@ -134,33 +251,32 @@ def _service(budget_bytes: int) -> mcp_server.EmbeddingService:
         architecture="bert",
         limit=MemoryLimit(96 * MiB, "cgroup1"),
         floor=74 * MiB,
-        sdk="mcp test",
     )
 
 
-@needs_sdk
-def test_a_budget_refusal_is_a_tool_error_and_the_next_call_succeeds() -> None:
+def test_a_budget_refusal_is_a_tool_error_of_its_kind_and_the_next_call_succeeds() -> None:
     per_text = 4 * mcp_server.RESPONSE_BYTES_PER_VALUE
     service = _service(budget_bytes=10 * per_text)
-    refused = anyio.run(service.call, "embed", {"texts": ["a"] * 11})
+    refused = service.call("embed", {"texts": ["a"] * 11})
     assert refused.is_error and "refused by the memory budget" in refused.text
     assert "11 texts" in refused.text and "raise the memory limit" in refused.text
-    served = anyio.run(service.call, "embed", {"texts": ["a"] * 10})
+    assert refused.structured == {"error": refused.text, "kind": "BudgetExceeded"}
+    served = service.call("embed", {"texts": ["a"] * 10})
     assert not served.is_error and served.structured is not None
     assert served.structured["vectors"] == [[0.5] * 4] * 10
 
 
-@needs_sdk
 def test_an_unexpected_exception_costs_one_call_not_the_server() -> None:
     service = _service(budget_bytes=1 << 20)
 
-    def broken(texts: Sequence[str]) -> np.ndarray:
+    def broken(texts: Sequence[str], *, normalize: bool = True) -> np.ndarray:
         raise RuntimeError("boom")
 
     service._embedder.embed = broken  # type: ignore[method-assign]
-    failed = anyio.run(service.call, "embed", {"texts": ["a"]})
+    failed = service.call("embed", {"texts": ["a"]})
     assert failed.is_error and failed.text == "embed: internal error: RuntimeError: boom"
-    assert not anyio.run(service.call, "model_info", {}).is_error
+    assert failed.structured == {"error": failed.text, "kind": "InternalError"}
+    assert not service.call("model_info", {}).is_error
 
 
 def _env() -> dict[str, str]:
@@ -210,12 +326,18 @@ def model(minilm_gguf: Callable[[str], Path]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine(model: Path) -> Iterator[Callable[[Sequence[str]], np.ndarray]]:
-    """The engine called directly in this process: what every served vector must equal."""
+def embedder(model: Path) -> Iterator[Embedder]:
+    """The engine opened in this process: what every served vector must equal."""
     from gguf_sandbox.embed.engine import Embedder
 
-    with Embedder.open(model) as embedder:
-        yield lambda texts: embedder.embed(list(texts))
+    with Embedder.open(model) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def engine(embedder: Embedder) -> Callable[[Sequence[str]], np.ndarray]:
+    """Unit-length vectors from the engine called directly."""
+    return lambda texts: embedder.embed(list(texts))
 
 
 class LiveServer:
@@ -275,6 +397,21 @@ def test_embed_returns_the_engines_vectors(
 
 
 @needs_sdk
+def test_embed_with_normalize_false_returns_the_pooled_vectors(
+    server: LiveServer, embedder: Embedder
+) -> None:
+    texts = ["The cat sat on the mat.", "x"]
+    raw = payload(server.call("embed", {"texts": texts, "normalize": False}))
+    unit = payload(server.call("embed", {"texts": texts}))
+    assert raw["normalized"] is False and unit["normalized"] is True
+    vectors = np.asarray(raw["vectors"], dtype=np.float32)
+    np.testing.assert_allclose(vectors, embedder.embed(texts, normalize=False), rtol=0, atol=1e-5)
+    norms = np.linalg.norm(vectors, axis=1)
+    assert np.all(np.abs(norms - 1) > 0.1), f"mean-pooled MiniLM vectors are not unit length: {norms}"
+    np.testing.assert_allclose(vectors / norms[:, None], unit["vectors"], rtol=0, atol=1e-6)
+
+
+@needs_sdk
 def test_model_info_names_model_plan_and_memory(server: LiveServer) -> None:
     info = payload(server.call("model_info"))
     assert info["architecture"] == "bert" and info["dimension"] == 384 and info["context_length"] == 512
@@ -282,8 +419,8 @@ def test_model_info_names_model_plan_and_memory(server: LiveServer) -> None:
     assert info["limits"] == {"max_texts": MAX_TEXTS, "max_chars": MAX_CHARS}
     memory = info["memory"]
     assert memory["limit_bytes"] > 0 and memory["peak_bytes"] >= memory["current_bytes"] > 0
-    assert memory["floor_bytes"] == MEMORY_FLOOR[int((sdk_version() or "0").split(".")[0])]
-    assert info["server"]["sdk"] == f"mcp {sdk_version()}"
+    assert memory["floor_bytes"] == serve_floor()
+    assert info["server"]["protocol_versions"] == list(PROTOCOL_VERSIONS)
 
 
 @pytest.mark.parametrize(
@@ -294,7 +431,6 @@ def test_model_info_names_model_plan_and_memory(server: LiveServer) -> None:
         pytest.param("embed", {"texts": ["a"] * 65}, "at most 64 per call", id="too-many-texts"),
         pytest.param("embed", {"texts": ["x" * 10_000]}, "at most 8,192 per text", id="oversized-text"),
         pytest.param("embed", {"texts": [None]}, "texts[0] is NoneType", id="null-text"),
-        pytest.param("embed", {"texts": ["a"], "normalize": False}, "normalize=false", id="normalize-false"),
         pytest.param("model_info", {"verbose": True}, "takes no arguments", id="model-info-argument"),
         pytest.param("translate", {"texts": ["a"]}, "unknown tool 'translate'", id="unknown-tool"),
     ],
@@ -343,6 +479,41 @@ def test_model_info_answers_while_a_64_text_batch_embeds(
     print(figures)
     assert calls >= 5, f"the batch should outlast several model_info calls: {figures}"
     assert p95 <= MODEL_INFO_P95_LIMIT_MS, figures
+
+
+def nan_model(directory: Path) -> Path:
+    """A small synthetic BERT whose last layer's output-norm bias is NaN: every vector comes out NaN."""
+    from gguf_sandbox.gguf.reader import GGUFFile
+    from gguf_sandbox.gguf.synth import SyntheticBert, write_synthetic_bert
+
+    spec = SyntheticBert(layers=2)
+    path = write_synthetic_bert(directory / "nan-weights.gguf", spec)
+    with GGUFFile.open(path) as gguf:
+        tensor = gguf.tensor(f"blk.{spec.layers - 1}.layer_output_norm.bias")
+    with path.open("r+b") as file:
+        file.seek(tensor.offset)
+        file.write(np.full(tensor.n_elements, np.nan, dtype=np.float32).tobytes())
+    return path
+
+
+@needs_sdk
+def test_nan_vectors_are_a_tool_error_of_their_kind_never_a_result(tmp_path: Path) -> None:
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with connect(serve_command(nan_model(tmp_path))) as session:
+            failed = (await session.call_tool("embed", {"texts": ["a", "b"]})).model_dump(by_alias=True)
+            raw = (await session.call_tool("embed", {"texts": ["a"], "normalize": False})).model_dump(
+                by_alias=True
+            )
+            info = payload(await session.call_tool("model_info", {}))
+        return {"unit": failed, "raw": raw}, info
+
+    results, info = anyio.run(scenario)
+    for result in results.values():
+        assert result["isError"] is True, str(result)[:300]
+        assert result["structuredContent"]["kind"] == "GGUFError"
+        assert "NaN or infinite" in result["content"][0]["text"]
+        assert "vectors" not in result["structuredContent"]
+    assert info["model"] == "synthetic-bert", "the server goes on"
 
 
 @needs_sdk
@@ -401,12 +572,12 @@ _IMPORT_PROBE = """
 import json, sys
 from gguf_sandbox.cli import main
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "mcp_imported": "mcp" in sys.modules}))
+heavy = sorted(name for name in ("numpy", "gguf_sandbox.embed.engine", "mcp") if name in sys.modules)
+print(json.dumps({"code": code, "imported": heavy}))
 """
 
 
-@needs_sdk
-def test_below_the_floor_the_server_refuses_before_importing_the_sdk(model: Path) -> None:
+def test_below_the_floor_the_server_refuses_before_importing_numpy_or_the_engine(model: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-c", _IMPORT_PROBE, "serve", "--model", str(model), "--memory-floor", "1t"],
         capture_output=True,
@@ -415,13 +586,12 @@ def test_below_the_floor_the_server_refuses_before_importing_the_sdk(model: Path
         timeout=120,
         check=False,
     )
-    assert json.loads(done.stdout) == {"code": 3, "mcp_imported": False}, "nothing else on stdout"
+    assert json.loads(done.stdout) == {"code": 3, "imported": []}, "nothing else on stdout"
     error = json.loads(done.stderr.strip().splitlines()[-1])
     assert error["kind"] == "BudgetExceeded" and error["floor"] == 1 << 40
     assert "1048576 MiB" in error["error"] and "raise the memory limit" in error["error"]
 
 
-@needs_sdk
 def test_missing_model_is_bad_input(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "gguf_sandbox", "serve", "--model", str(tmp_path / "absent.gguf")],
@@ -435,22 +605,20 @@ def test_missing_model_is_bad_input(tmp_path: Path) -> None:
     assert json.loads(done.stderr.strip().splitlines()[-1])["kind"] == "FileNotFoundError"
 
 
-@needs_sdk
 @pytest.mark.cgroup
 @pytest.mark.usefixtures("writable_cgroups")
 def test_in_a_cgroup_below_the_floor_the_refusal_is_graceful(model: Path) -> None:
     from gguf_sandbox.sandbox.cgroup import run_limited
 
-    limit = 48 * MiB
+    limit = serve_floor() - 8 * MiB
     result = run_limited(
         [sys.executable, "-m", "gguf_sandbox", "serve", "--model", str(model)], limit, 120, env=_env()
     )
     assert result.exit_code == 3 and result.oom_kill_count == 0, result.stderr[-2000:]
     error = json.loads(result.stderr.strip().splitlines()[-1])
-    major = int((sdk_version() or "0").split(".")[0])
-    assert error["kind"] == "BudgetExceeded" and error["floor"] == MEMORY_FLOOR[major]
+    assert error["kind"] == "BudgetExceeded" and error["floor"] == serve_floor()
     assert error["limit"] == limit and error["limit_source"].startswith("cgroup")
-    # The SDK was never imported: the cell stayed far below even the limit.
+    # Neither numpy nor the engine was imported: the cell stayed far below even the limit.
     assert result.peak_bytes is not None and result.peak_bytes < 40 * MiB
 
 

@@ -438,8 +438,10 @@ def require_finite(vectors: F32) -> F32:
     return vectors
 
 
-def encode(weights: BertWeights, batch: TokenBatch, cap: int = DEFAULT_CAP) -> F32:
-    """Unit-length sentence vectors [n_sequences, hidden] for a batch of token sequences.
+def encode(
+    weights: BertWeights, batch: TokenBatch, cap: int = DEFAULT_CAP, *, unit_length: bool = True
+) -> F32:
+    """Sentence vectors [n_sequences, hidden] for a batch of token sequences, unit length unless told not.
 
     NaN or infinite values, which only corrupt weights produce, end in GGUFError, never in a vector.
     """
@@ -449,4 +451,4 @@ def encode(weights: BertWeights, batch: TokenBatch, cap: int = DEFAULT_CAP) -> F
         for layer in range(weights.config.layers):
             x = encoder_layer(x, weights, layer, batch, cap)  # [rows, hidden] per chunk
         pooled = require_finite(pool(x, batch, weights.config.pooling))  # [n, hidden]
-    return normalize(pooled)  # [n, hidden]
+    return normalize(pooled) if unit_length else pooled

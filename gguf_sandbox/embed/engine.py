@@ -202,8 +202,9 @@ class Embedder:
         ids = self._tokenizer.encode(text)
         return ids[: self.context_length] if len(ids) > self.context_length else ids
 
-    def embed(self, texts: Sequence[str]) -> F32:
-        """Unit-length vectors float32 [len(texts), dimension], in the order of `texts`."""
+    def embed(self, texts: Sequence[str], *, normalize: bool = True) -> F32:
+        """Vectors float32 [len(texts), dimension], in the order of `texts`; unit length unless `normalize`
+        is False (then the pooled vectors as the model computes them)."""
         if isinstance(texts, str):
             raise TypeError("embed() takes a sequence of texts; wrap a single text in a list")
         out = np.empty((len(texts), self.dimension), dtype=np.float32)  # [n, dim]
@@ -217,7 +218,7 @@ class Embedder:
                     "embedding pass", nbytes, self._wait_s, cap=max(nbytes, self._budget.cap)
                 ):
                     batch = TokenBatch.from_sequences(work.sequences, self._chunk_rows)
-                    vectors = encode(self._weights, batch, plan.cap)  # [k, dim]
+                    vectors = encode(self._weights, batch, plan.cap, unit_length=normalize)  # [k, dim]
                 out[work.first : work.first + len(work.sequences)] = vectors
         return out
 
