@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from gguf_sandbox.errors import GGUFSandboxError
+from gguf_sandbox.units import MIB
 
 FLOORS_FILE = Path(__file__).with_name("floors.json")
 SCHEMA_VERSION = 1
@@ -133,6 +134,28 @@ class FloorTable:
         """This table with `floor` replacing the record of the same cell."""
         kept = [f for f in self.floors if f.key != floor.key]
         return FloorTable(tuple(sorted([*kept, floor], key=_sort_key)))
+
+
+def markdown_table(table: FloorTable) -> str:
+    """The floors as the README shows them (tests/test_readme.py keeps the two equal)."""
+    rows = [
+        "| workload | model | Python | backend | floor | peak at the floor | probes | versions | measured |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in table.floors:
+        versions = ", ".join(
+            f"{name} {f.measured_on[name]}"
+            for name in ("python", "numpy", "gguf", "mcp")
+            if name in f.measured_on
+        )
+        peak = f"{f.peak / MIB:.1f} MiB" if f.peak is not None else "—"
+        args = " ".join(f"{name}={value}" for name, value in sorted(f.args.items()))
+        rows.append(
+            f"| {f.workload}{f' ({args})' if args else ''} | {f.model or '—'} | {f.python} | {f.backend} "
+            f"| {f.floor / MIB:g} MiB | {peak} | {f.resolution / MIB:g} MiB steps × {f.repeat} runs "
+            f"| {versions} | {f.measured_on.get('date', '?')}, {f.measured_on.get('kernel', '?')} |"
+        )
+    return "\n".join(rows)
 
 
 def _sort_key(floor: Floor) -> tuple[str, str, tuple[int, ...], str]:

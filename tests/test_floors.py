@@ -109,3 +109,31 @@ def test_the_shipped_floors_file_is_valid() -> None:
     table = load_floors(FLOORS_FILE)
     assert all(f.floor % f.resolution == 0 for f in table.floors)
     assert all(f.measured_on.get("date") and f.measured_on.get("python") for f in table.floors)
+    assert all(f.measured_on.get("cold_caches") == "true" for f in table.floors)
+
+
+@pytest.mark.parametrize("workload", ["embed", "mcp"])
+@pytest.mark.parametrize("python", ["3.10", "3.11", "3.12", "3.13"])
+def test_the_shipped_floors_cover_every_python_of_the_promise(workload: str, python: str) -> None:
+    """The matrix's 64m promise and serve's refusal rest on these records: each must have been measured."""
+    measured = [f for f in load_floors(FLOORS_FILE).for_workload(workload) if f.python == python]
+    assert measured, f"no recorded {workload} floor for Python {python}; run gguf-sandbox floor --record"
+    assert all(f.model == "minilm_q8_0" and f.args.get("count") == "1000" for f in measured)
+    assert max(f.floor for f in measured) <= 64 * MIB, "the matrix promises every workload at 64m"
+
+
+def test_least_model_floor_is_the_cheapest_model_on_the_python_when_measured_there() -> None:
+    def at(model: str, python: str, backend: str, mib: int) -> Floor:
+        return Floor("mcp", model, python, backend, mib * MIB, None, MIB, 3)
+
+    table = FloorTable(
+        (
+            at("small", "3.11", "cgroup", 50),
+            at("small", "3.11", "docker", 54),
+            at("big", "3.11", "cgroup", 90),
+            at("small", "3.12", "cgroup", 70),
+        )
+    )
+    assert table.least_model_floor("mcp", "3.11").floor == 54 * MIB  # type: ignore[union-attr]
+    assert table.least_model_floor("mcp", "3.13").floor == 70 * MIB  # type: ignore[union-attr]
+    assert table.least_model_floor("embed", "3.11") is None
