@@ -16,6 +16,7 @@ from gguf_sandbox.floors import load_floors
 from gguf_sandbox.sandbox.base import Verdict
 
 MIB = 1 << 20
+REPO = Path(__file__).resolve().parent.parent
 TOUCH_100_MIB = "b = bytearray(100 << 20); b[::4096] = b'x' * len(b[::4096])"
 
 
@@ -150,3 +151,25 @@ def test_record_writes_the_workloads_floor(tmp_path: Path, minilm_gguf: Callable
     assert recorded.floor % (8 * MIB) == 0 and recorded.repeat == 1
     assert recorded.measured_on["python"].startswith(recorded.python)
     assert "numpy" in recorded.measured_on and "date" in recorded.measured_on
+
+
+@pytest.mark.cgroup
+@pytest.mark.slow
+@pytest.mark.usefixtures("writable_cgroups", "minilm_dir")
+def test_the_recorded_mcp_floor_still_holds() -> None:
+    """CI's re-measurement at 4 MiB: the mcp workload (1000 calls, cold cache) still serves at its recorded
+    floor on the cgroup backend. A new mcp, numpy or Python that raised it fails here, not in a user's cell.
+    (serve refuses below its recorded floor, so the search cannot land lower: only a rise is visible.)"""
+    python = "3.12"
+    recorded = load_floors().find("mcp", "minilm_q8_0", python, "cgroup")
+    assert recorded is not None, "no recorded mcp floor for Python 3.12 on cgroup"
+    done = floor_cli(
+        "--workload", "mcp", "--model", "minilm_q8_0", "--python", python, "--backend", "cgroup",
+        "--min", f"{(recorded.floor >> 20) - 4}m", "--max", f"{recorded.floor >> 20}m", "--resolution", "4m",
+        "--repeat", "1", "--json",
+        cwd=REPO, timeout=1200,
+    )  # fmt: skip
+    assert done.returncode == 0, (
+        f"the mcp floor moved above the recorded {recorded.floor >> 20} MiB: {done.stderr}"
+    )
+    assert json.loads(done.stdout)["floor"] <= recorded.floor
