@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from gguf.constants import Keys
 
 from gguf_sandbox.errors import GGUFError
+from gguf_sandbox.tokenizers.attributes import partition_tokens
 from gguf_sandbox.tokenizers.base import PieceTokenizer
 from gguf_sandbox.tokenizers.partition import MAX_PIECE_CHARS, PIECE_CHARS, Partitioner
 from gguf_sandbox.tokenizers.pretokenize import BPE_CUTTER, PreTokenizer, pre_tokenizer
@@ -75,8 +76,9 @@ class BPETokenizer(PieceTokenizer):
             raise GGUFError(f"{Keys.Tokenizer.MERGES} is missing; a gpt2 (BPE) vocabulary needs its merges")
         table = StringTable.build(merges.iter_bytes(), keep_last=False, what=Keys.Tokenizer.MERGES)
         special = read_special_tokens(metadata, DEFAULTS["gpt2"], vocabulary.size, add_bos=pre.add_bos)
+        specials = partition_tokens(metadata, vocabulary.tokens, vocabulary.user_defined)
         partitioner = Partitioner(
-            vocabulary.user_defined, BPE_CUTTER, piece_chars=piece_chars, max_piece_chars=max_piece_chars
+            specials, BPE_CUTTER, piece_chars=piece_chars, max_piece_chars=max_piece_chars
         )
         return cls(vocabulary, table, pre, special, partitioner)
 

@@ -17,6 +17,7 @@ import numpy as np
 from gguf.constants import GGUFValueType, Keys
 
 from gguf_sandbox.errors import GGUFError
+from gguf_sandbox.tokenizers.attributes import partition_tokens
 from gguf_sandbox.tokenizers.base import PieceTokenizer
 from gguf_sandbox.tokenizers.partition import MAX_PIECE_CHARS, PIECE_CHARS, Cutter, Partitioner
 from gguf_sandbox.tokenizers.special import DEFAULTS, SpecialTokens, read_special_tokens
@@ -70,9 +71,8 @@ class SPMTokenizer(PieceTokenizer):
             )
         special = read_special_tokens(metadata, DEFAULTS["llama"], vocabulary.size)
         cutter = Cutter(_space_cut(vocabulary.tokens), _same)
-        partitioner = Partitioner(
-            vocabulary.user_defined, cutter, piece_chars=piece_chars, max_piece_chars=max_piece_chars
-        )
+        specials = partition_tokens(metadata, vocabulary.tokens, vocabulary.user_defined)
+        partitioner = Partitioner(specials, cutter, piece_chars=piece_chars, max_piece_chars=max_piece_chars)
         return cls(
             vocabulary,
             special,

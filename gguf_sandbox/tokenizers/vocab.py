@@ -151,10 +151,10 @@ def _describe(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """The tokens of a GGUF, as llama.cpp keys them, and which of them split raw text before tokenizing."""
+    """The tokens of a GGUF, as llama.cpp keys them, and those of type USER_DEFINED."""
 
     tokens: StringTable
-    user_defined: tuple[tuple[str, int], ...]  # (text, id): matched in raw text even with special=False
+    user_defined: tuple[tuple[str, int], ...]  # (text, id); attributes.partition_tokens refines them
 
     @property
     def size(self) -> int:

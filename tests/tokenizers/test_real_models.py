@@ -79,8 +79,8 @@ def test_gemma3_equals_a_naive_merge_loop(gemma3_gguf: GGUFFile) -> None:
     tokens = gemma3_gguf.get("tokenizer.ggml.tokens")[:]
     token_ids = {token: index for index, token in enumerate(tokens)}
     scores = gemma3_gguf.get("tokenizer.ggml.scores")[:]
-    types = gemma3_gguf.get("tokenizer.ggml.token_type")[:]
-    specials = tuple((token, index) for index, token in enumerate(tokens) if types[index] == 4)
+    specials = SPMTokenizer.from_gguf(gemma3_gguf)._partitioner._specials
+    assert "</s>" not in dict(specials) and "<start_of_image>" in dict(specials)  # see test_attributes.py
     byte_ids = [token_ids[f"<0x{byte:02X}>"] for byte in range(256)]
     rng = random.Random(22)
     for _ in range(300):
