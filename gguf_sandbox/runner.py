@@ -36,7 +36,7 @@ from gguf_sandbox.verdicts import Outcome, Reference, comparable, decide, parse_
 # Backend name → "module:class"; imported only when chosen (docker pulls in the docker SDK).
 BACKENDS: Mapping[str, str] = {
     "docker": "gguf_sandbox.sandbox.docker:DockerSandbox",
-    "cgroup": "gguf_sandbox.sandbox.cgroup:CgroupSandbox",
+    "cgroup": "gguf_sandbox.sandbox.cgroup.backend:CgroupSandbox",
 }
 BACKEND_CHOICES = ("auto", "docker", "cgroup", "all")
 REFERENCE_OK = frozenset({Verdict.PASS, Verdict.DEGRADED})

@@ -14,7 +14,8 @@ from gguf_sandbox import controls, matrix, workloads
 from gguf_sandbox.embed.weights import PlanName
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.matrix import CONTROLS, WORKLOADS, OptionKind, load
-from gguf_sandbox.sandbox.cgroup import cgroups_writable, run_limited
+from gguf_sandbox.sandbox.cgroup.placement import cgroups_writable
+from gguf_sandbox.sandbox.cgroup.process import run_limited
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20

@@ -276,7 +276,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(minilm_gguf: Callable[[str], Path]) -> Iterator[Served]:
     """One server for the whole corpus, in a CORPUS_LIMIT cgroup."""
-    from gguf_sandbox.sandbox.cgroup import attach_limited
+    from gguf_sandbox.sandbox.cgroup.attach import attach_limited
 
     argv = (sys.executable, "-m", "gguf_sandbox", "serve", "--model", str(minilm_gguf("q8_0")))
     with attach_limited(argv, CORPUS_LIMIT, 3600, env=_env()) as cell:
@@ -312,7 +312,7 @@ def test_a_50mb_line_in_a_128mb_cell_is_refused_and_the_next_call_answered(
     minilm_gguf: Callable[[str], Path],
 ) -> None:
     """The failure this file started from: the SDK's transport read and parsed the whole line (OOM kill)."""
-    from gguf_sandbox.sandbox.cgroup import attach_limited
+    from gguf_sandbox.sandbox.cgroup.attach import attach_limited
 
     argv = (sys.executable, "-m", "gguf_sandbox", "serve", "--model", str(minilm_gguf("q8_0")))
     with attach_limited(argv, BIG_LINE_LIMIT, 600, env=_env()) as cell:

@@ -608,7 +608,7 @@ def test_missing_model_is_bad_input(tmp_path: Path) -> None:
 @pytest.mark.cgroup
 @pytest.mark.usefixtures("writable_cgroups")
 def test_in_a_cgroup_below_the_floor_the_refusal_is_graceful(model: Path) -> None:
-    from gguf_sandbox.sandbox.cgroup import run_limited
+    from gguf_sandbox.sandbox.cgroup.process import run_limited
 
     limit = serve_floor() - 8 * MiB
     result = run_limited(
@@ -628,7 +628,7 @@ def test_in_a_cgroup_below_the_floor_the_refusal_is_graceful(model: Path) -> Non
 def test_100_concurrent_embed_calls_answer_correctly_within_the_memory_limit(
     model: Path, engine: Callable[[Sequence[str]], np.ndarray], record_property: Callable[[str, object], None]
 ) -> None:
-    from gguf_sandbox.sandbox.cgroup import attach_limited
+    from gguf_sandbox.sandbox.cgroup.attach import attach_limited
 
     limit = 128 * MiB
     pool = corpus(100, seed=11)

@@ -274,7 +274,7 @@ def _talk(cell: Any, data: bytes) -> tuple[int, bytes]:
 @pytest.mark.usefixtures("writable_cgroups")
 @pytest.mark.parametrize("code", [0, 5], ids=["exit-0", "exit-5"])
 def test_attached_cgroup_cell_passes_stdio_and_reports_exit_code_and_peak(code: int) -> None:
-    from gguf_sandbox.sandbox.cgroup import attach_limited
+    from gguf_sandbox.sandbox.cgroup.attach import attach_limited
 
     with attach_limited([sys.executable, "-c", _ECHO, str(code)], 64 * MiB, 60) as cell:
         returned, out = _talk(cell, b"hello\n")
@@ -288,7 +288,7 @@ def test_attached_cgroup_cell_passes_stdio_and_reports_exit_code_and_peak(code: 
 @pytest.mark.cgroup
 @pytest.mark.usefixtures("writable_cgroups")
 def test_attached_cgroup_cell_over_its_limit_is_oom_killed() -> None:
-    from gguf_sandbox.sandbox.cgroup import attach_limited
+    from gguf_sandbox.sandbox.cgroup.attach import attach_limited
 
     hog = "import sys; sys.stdin.readline(); data = b'x' * (200 << 20)"
     with attach_limited([sys.executable, "-c", hog], 64 * MiB, 60) as cell:
@@ -301,8 +301,9 @@ def test_attached_cgroup_cell_over_its_limit_is_oom_killed() -> None:
 @pytest.mark.cgroup
 @pytest.mark.usefixtures("writable_cgroups")
 def test_attached_cgroup_cell_is_killed_at_its_timeout_and_removed() -> None:
-    from gguf_sandbox.budget import own_memory_cgroup
-    from gguf_sandbox.sandbox.cgroup import CHILD_PREFIX, attach_limited
+    from gguf_sandbox.cgroupfs import own_memory_cgroup
+    from gguf_sandbox.sandbox.cgroup.attach import attach_limited
+    from gguf_sandbox.sandbox.cgroup.control import CHILD_PREFIX
 
     parent = own_memory_cgroup()
     assert parent is not None
@@ -323,7 +324,7 @@ def test_attached_cgroup_cell_is_killed_at_its_timeout_and_removed() -> None:
 @pytest.mark.cgroup
 @pytest.mark.usefixtures("writable_cgroups")
 def test_attached_cell_never_started_has_no_exit_code() -> None:
-    from gguf_sandbox.sandbox.cgroup import attach_limited
+    from gguf_sandbox.sandbox.cgroup.attach import attach_limited
 
     with attach_limited([sys.executable, "-c", "pass"], 64 * MiB, 60) as cell:
         result = cell.finish(grace=0.1)

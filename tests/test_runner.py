@@ -468,7 +468,7 @@ def test_make_sandbox_reports_an_unconstructible_backend(monkeypatch: pytest.Mon
 
 
 def _our_cgroups(pid: int) -> list[Path]:
-    from gguf_sandbox.budget import own_memory_cgroup
+    from gguf_sandbox.cgroupfs import own_memory_cgroup
 
     cgroup = own_memory_cgroup()
     if cgroup is None:

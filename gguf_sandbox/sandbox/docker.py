@@ -16,6 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
+from gguf_sandbox.cgroupfs import (
+    CGROUP_MOUNT,
+    OOM_KILL_KEY,
+    V1,
+    V1_MEMORY_MOUNT,
+    V2,
+    CgroupFiles,
+    read_int,
+    read_key,
+)
 from gguf_sandbox.errors import SandboxError
 from gguf_sandbox.sandbox.base import (
     MODEL_PLACEHOLDER,
@@ -51,16 +61,16 @@ REPORT_MARKER = "@@gguf-sandbox-cgroup@@"
 # holds the cell to its own deadline (the runner may be gone), then prints its own cgroup's peak and
 # oom_kill counter to stderr: on exit the engine deletes the container's cgroup at once, so a reading from
 # outside after exit finds nothing.
-CELL_WRAPPER = r"""
+CELL_WRAPPER = rf"""
 deadline=$1; shift
-( { echo 1000 >/proc/self/oom_score_adj; } 2>/dev/null
+( {{ echo 1000 >/proc/self/oom_score_adj; }} 2>/dev/null
   if command -v timeout >/dev/null 2>&1; then exec timeout -s KILL "$deadline" "$@"; fi
   exec "$@" )
 status=$?
-for f in /sys/fs/cgroup/memory/memory.max_usage_in_bytes /sys/fs/cgroup/memory/memory.oom_control \
-         /sys/fs/cgroup/memory.peak /sys/fs/cgroup/memory.events; do
+for f in /{CGROUP_MOUNT}/{V1_MEMORY_MOUNT}/{V1.peak} /{CGROUP_MOUNT}/{V1_MEMORY_MOUNT}/{V1.events} \
+         /{CGROUP_MOUNT}/{V2.peak} /{CGROUP_MOUNT}/{V2.events}; do
   if [ -r "$f" ]; then
-    while IFS= read -r line; do printf '%s %s %s\n' "@@gguf-sandbox-cgroup@@" "${f##*/}" "$line"; done <"$f"
+    while IFS= read -r line; do printf '%s %s %s\n' "{REPORT_MARKER}" "${{f##*/}}" "$line"; done <"$f"
   fi
 done >&2
 exit "$status"
@@ -72,19 +82,7 @@ class CgroupVersion(enum.IntEnum):
     V2 = 2
 
 
-@dataclass(frozen=True)
-class CgroupFiles:
-    """The memory files of one cgroup version: current usage, peak, and the file with 'oom_kill N'."""
-
-    usage: str
-    peak: str
-    events: str
-
-
-CGROUP_FILES: Mapping[CgroupVersion, CgroupFiles] = {
-    CgroupVersion.V1: CgroupFiles("memory.usage_in_bytes", "memory.max_usage_in_bytes", "memory.oom_control"),
-    CgroupVersion.V2: CgroupFiles("memory.current", "memory.peak", "memory.events"),
-}
+CGROUP_FILES: Mapping[CgroupVersion, CgroupFiles] = {CgroupVersion.V1: V1, CgroupVersion.V2: V2}
 
 # What the wrapper's report lines carry, by file name: peak bytes or the oom_kill counter.
 _REPORT_FIELDS: Mapping[str, str] = {files.peak: "peak" for files in CGROUP_FILES.values()} | {
@@ -107,18 +105,6 @@ class _Probe(Protocol):
     def read(self) -> MemoryReading | None: ...
 
 
-def _oom_kill_line(text: str) -> int | None:
-    match = re.search(r"^oom_kill (\d+)$", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 @dataclass(frozen=True)
 class HostCgroup:
     """A container's memory cgroup as seen from the host."""
@@ -130,14 +116,11 @@ class HostCgroup:
 
     def read(self) -> MemoryReading | None:
         files = CGROUP_FILES[self.version]
-        usage = _read_int(self.path / files.usage)
+        usage = read_int(self.path / files.usage)
         if usage is None:
             return None
-        try:
-            oom_kill = _oom_kill_line((self.path / files.events).read_text())
-        except OSError:
-            oom_kill = None
-        return MemoryReading(usage, _read_int(self.path / files.peak), oom_kill)
+        oom_kill = read_key(self.path / files.events, OOM_KILL_KEY)
+        return MemoryReading(usage, read_int(self.path / files.peak), oom_kill)
 
 
 @dataclass(frozen=True)
@@ -228,9 +211,9 @@ def parse_report(stderr: str) -> tuple[str, MemoryReading]:
         field = _REPORT_FIELDS.get(parts[1]) if len(parts) == 3 else None
         if field == "peak" and parts[2].strip().isdigit():
             values["peak"] = int(parts[2])
-        elif field == "oom_kill" and parts[2].startswith("oom_kill "):
-            values["oom_kill"] = int(parts[2].split()[1])
-    return "".join(kept), MemoryReading(None, values.get("peak"), values.get("oom_kill"))
+        elif field == "oom_kill" and parts[2].startswith(OOM_KILL_KEY + " "):
+            values[OOM_KILL_KEY] = int(parts[2].split()[1])
+    return "".join(kept), MemoryReading(None, values.get("peak"), values.get(OOM_KILL_KEY))
 
 
 def _largest(*values: int | None) -> int | None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 import gguf_sandbox
+from gguf_sandbox.sandbox.cgroup.control import remove_cgroup
 
 CGROUP = "cgroup"
 DOCKER = "docker"
@@ -158,8 +159,6 @@ GUARD = Guard()
 
 
 def _reap_cgroup(path: Path) -> str | None:
-    from gguf_sandbox.sandbox.placement import remove_cgroup
-
     if not path.exists():
         return None
     remove_cgroup(path)

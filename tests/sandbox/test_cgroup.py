@@ -15,15 +15,14 @@ from typing import Any
 
 import pytest
 
-from gguf_sandbox.budget import DEFAULT_HEADROOM, own_memory_cgroup
-from gguf_sandbox.sandbox import placement
+from gguf_sandbox.budget import DEFAULT_HEADROOM
+from gguf_sandbox.cgroupfs import own_memory_cgroup
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, Sandbox
-from gguf_sandbox.sandbox.cgroup import (
-    CHILD_PREFIX,
-    CgroupSandbox,
-    remove_stale_cgroups,
-    run_limited,
-)
+from gguf_sandbox.sandbox.cgroup import child, placement
+from gguf_sandbox.sandbox.cgroup.backend import CgroupSandbox
+from gguf_sandbox.sandbox.cgroup.child import remove_stale_cgroups
+from gguf_sandbox.sandbox.cgroup.control import CHILD_PREFIX
+from gguf_sandbox.sandbox.cgroup.process import run_limited
 
 pytestmark = [pytest.mark.cgroup, pytest.mark.usefixtures("writable_cgroups")]
 
@@ -226,7 +225,7 @@ def test_sigterm_during_cleanup_is_held_until_the_cgroup_is_removed(monkeypatch:
 
     def recording_create(root: Path, limit: int, report: Path, **options: Any) -> Any:
         made_placement = create(root, limit, report, **options)
-        assert isinstance(made_placement, placement._ChildCgroup)
+        assert isinstance(made_placement, child.ChildCgroup)
         made.append(made_placement.path)
         real_kill_all = made_placement.kill_all
 
@@ -340,7 +339,7 @@ def test_interrupt_just_after_the_cgroup_is_made_leaves_none(monkeypatch: pytest
 
     def interrupted_create(root: Path, limit: int, report: Path, **options: Any) -> Any:
         made_placement = create(root, limit, report, **options)
-        assert isinstance(made_placement, placement._ChildCgroup)
+        assert isinstance(made_placement, child.ChildCgroup)
         made.append(made_placement.path)
         os.kill(os.getpid(), signal.SIGINT)
         return made_placement

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from gguf_sandbox.errors import SandboxError
-from gguf_sandbox.sandbox import cgroup, placement
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, IsolationReport
-from gguf_sandbox.sandbox.cgroup import (
-    cgroups_writable,
-    parse_scope_report,
-    substitute_model,
-    systemd_scope_command,
-)
+from gguf_sandbox.sandbox.cgroup import placement
+from gguf_sandbox.sandbox.cgroup import scope as scope_module
+from gguf_sandbox.sandbox.cgroup.attach import LimitedCell
+from gguf_sandbox.sandbox.cgroup.backend import substitute_model
+from gguf_sandbox.sandbox.cgroup.placement import cgroups_writable
+from gguf_sandbox.sandbox.cgroup.process import Chain
+from gguf_sandbox.sandbox.cgroup.scope import parse_scope_report, systemd_scope_command
 
 V2_EVENTS = "low 0\nhigh 0\nmax 17\noom 2\noom_kill 1\noom_group_kill 1\n"
 
@@ -104,7 +104,7 @@ def test_availability_probe_says_why_when_memory_cannot_be_turned_on(
     assert (ours / "cgroup.subtree_control").read_text() == ""
 
 
-class _ScopeWithoutSystemd(placement._SystemdScope):
+class _ScopeWithoutSystemd(scope_module.SystemdScope):
     """A systemd scope whose cgroup never shows up (systemd-run stands aside: the cell runs directly)."""
 
     def command(self, argv: Sequence[str]) -> list[str]:
@@ -114,11 +114,11 @@ class _ScopeWithoutSystemd(placement._SystemdScope):
 def test_attached_cell_in_an_unseen_scope_is_still_killed_at_its_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(placement, "SCOPE_ATTACH_TIMEOUT", 0.2)
+    monkeypatch.setattr(scope_module, "SCOPE_ATTACH_TIMEOUT", 0.2)
     scope = _ScopeWithoutSystemd(Path("/"), 64 << 20, tmp_path / "report")
-    chain = cgroup._Chain([sys.executable, "-c", "import time; time.sleep(120)"], IsolationReport(), ())
+    chain = Chain([sys.executable, "-c", "import time; time.sleep(120)"], IsolationReport(), ())
     with tempfile.TemporaryFile("w+") as stderr:
-        cell = cgroup.LimitedCell(
+        cell = LimitedCell(
             scope,
             chain,
             scratch=tmp_path,

@@ -19,10 +19,10 @@ from typing import Any
 import psutil
 import pytest
 
-from gguf_sandbox.budget import own_memory_cgroup
+from gguf_sandbox.cgroupfs import own_memory_cgroup
 from gguf_sandbox.sandbox import reaper
+from gguf_sandbox.sandbox.cgroup.control import CHILD_PREFIX, own_v1_cgroup
 from gguf_sandbox.sandbox.isolation import DEADLINE_GRACE_S
-from gguf_sandbox.sandbox.placement import CHILD_PREFIX, own_v1_cgroup
 from gguf_sandbox.sandbox.reaper import owner_gone, owner_token, read_registrations
 
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -170,7 +170,7 @@ def runners() -> Iterator[list[Runner]]:
 @pytest.mark.usefixtures("writable_cgroups")
 @pytest.mark.parametrize("with_reaper", [False, True], ids=["runner-killed", "runner-and-reaper-killed"])
 def test_cgroup_cell_of_a_killed_runner_leaves_nothing(runners: list[Runner], with_reaper: bool) -> None:
-    runner = Runner("cgroup", "cgroup", "CgroupSandbox")
+    runner = Runner("cgroup", "cgroup.backend", "CgroupSandbox")
     runners.append(runner)
     runner.wait_until_running(lambda: bool(_cgroups_of(runner.process.pid)))
     runner.kill(with_reaper=with_reaper)
@@ -179,7 +179,7 @@ def test_cgroup_cell_of_a_killed_runner_leaves_nothing(runners: list[Runner], wi
         _wait_for(lambda: not _cgroups_of(runner.process.pid), GONE_WITHIN_S, "the reaper left a cgroup")
         return
     # Nobody was left to remove the (now empty) cgroups: the next run sweeps them before its first cell.
-    from gguf_sandbox.sandbox.cgroup import run_limited
+    from gguf_sandbox.sandbox.cgroup.process import run_limited
 
     assert _cgroups_of(runner.process.pid)
     assert run_limited(["true"], 64 << 20, timeout=30).exit_code == 0
@@ -190,7 +190,7 @@ def test_cgroup_cell_of_a_killed_runner_leaves_nothing(runners: list[Runner], wi
 @pytest.mark.usefixtures("writable_cgroups")
 def test_cgroup_cell_of_a_hung_runner_dies_at_its_own_deadline(runners: list[Runner]) -> None:
     """A stopped runner can neither time the cell out nor die: the cell's own `timeout` ends it."""
-    runner = Runner("cgroup", "cgroup", "CgroupSandbox", timeout=2.0)
+    runner = Runner("cgroup", "cgroup.backend", "CgroupSandbox", timeout=2.0)
     runners.append(runner)
     runner.wait_until_running(lambda: bool(_cgroups_of(runner.process.pid)))
     runner.process.send_signal(signal.SIGSTOP)
