@@ -35,7 +35,9 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         "floor", "gguf_sandbox.floor", "bisect the smallest memory limit a workload or command finishes in"
     ),
-    Subcommand("images", "gguf_sandbox.sandbox.images", "build the per-Python Docker images for the matrix"),
+    Subcommand(
+        "images", "gguf_sandbox.sandbox.docker.images", "build the per-Python Docker images for the matrix"
+    ),
     Subcommand("serve", "gguf_sandbox.mcp_server", "serve the embedding engine over MCP (stdio)"),
 )
 

@@ -38,8 +38,8 @@ from gguf_sandbox.matrix import (
 )
 from gguf_sandbox.runner import make_sandbox, reference_of, reference_spec, run_spec
 from gguf_sandbox.sandbox.base import CellSpec, Mount, Sandbox
-from gguf_sandbox.sandbox.docker import MODELS_DIR
-from gguf_sandbox.sandbox.images import SANDBOX_UID
+from gguf_sandbox.sandbox.docker.backend import MODELS_DIR
+from gguf_sandbox.sandbox.docker.images import SANDBOX_UID
 from gguf_sandbox.units import format_size
 from gguf_sandbox.verdicts import Outcome, Reference
 

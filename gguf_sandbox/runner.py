@@ -35,7 +35,7 @@ from gguf_sandbox.verdicts import Outcome, Reference, comparable, decide, parse_
 
 # Backend name → "module:class"; imported only when chosen (docker pulls in the docker SDK).
 BACKENDS: Mapping[str, str] = {
-    "docker": "gguf_sandbox.sandbox.docker:DockerSandbox",
+    "docker": "gguf_sandbox.sandbox.docker.backend:DockerSandbox",
     "cgroup": "gguf_sandbox.sandbox.cgroup.backend:CgroupSandbox",
 }
 BACKEND_CHOICES = ("auto", "docker", "cgroup", "all")
@@ -414,7 +414,7 @@ def _listed_backends(choice: str, matrix: Matrix) -> list[str]:
 
 
 def _engine_answers() -> bool:
-    from gguf_sandbox.sandbox.images import engine_client
+    from gguf_sandbox.sandbox.docker.engine import engine_client
 
     try:
         engine_client().close()

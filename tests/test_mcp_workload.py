@@ -334,7 +334,7 @@ def test_attached_cell_never_started_has_no_exit_code() -> None:
 @pytest.mark.docker
 def test_attached_docker_cell_is_hardened_and_passes_stdio() -> None:
     pytest.importorskip("docker")
-    from gguf_sandbox.sandbox.docker import DockerSandbox
+    from gguf_sandbox.sandbox.docker.backend import DockerSandbox
 
     sandbox = DockerSandbox()
     python = f"{sys.version_info.major}.{sys.version_info.minor}"

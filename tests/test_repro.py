@@ -299,7 +299,7 @@ def test_the_same_path_cannot_be_mounted_twice(sandbox: Recorder, tmp_path: Path
 
 
 def test_docker_binds_the_model_and_every_mount_read_only(tmp_path: Path) -> None:
-    from gguf_sandbox.sandbox.docker import _volumes, container_argv
+    from gguf_sandbox.sandbox.docker.backend import _volumes, container_argv
 
     model = tmp_path / "m.gguf"
     spec = CellSpec(
@@ -362,7 +362,7 @@ def test_a_command_reads_its_model_and_mounts_on_cgroup(tmp_path: Path) -> None:
 
 @pytest.mark.docker
 def test_a_command_reads_its_model_and_mounts_on_docker(tmp_path: Path) -> None:
-    from gguf_sandbox.sandbox.docker import DockerSandbox
+    from gguf_sandbox.sandbox.docker.backend import DockerSandbox
 
     reason = DockerSandbox().unavailable_reason("3.12")
     if reason is not None:

@@ -477,8 +477,8 @@ def _our_cgroups(pid: int) -> list[Path]:
 
 
 def _containers(cell_id: str) -> list[Any]:
-    from gguf_sandbox.sandbox.docker import CELL_LABEL
-    from gguf_sandbox.sandbox.images import engine_client
+    from gguf_sandbox.sandbox.docker.backend import CELL_LABEL
+    from gguf_sandbox.sandbox.docker.engine import engine_client
 
     return list(engine_client().containers.list(all=True, filters={"label": f"{CELL_LABEL}={cell_id}"}))
 

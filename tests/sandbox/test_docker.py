@@ -18,17 +18,15 @@ from typing import Any
 import pytest
 
 from gguf_sandbox.errors import SandboxError
-from gguf_sandbox.sandbox import docker as docker_backend
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, PIDS_LIMIT, CellSpec, Sandbox
-from gguf_sandbox.sandbox.docker import (
+from gguf_sandbox.sandbox.docker import backend as docker_backend
+from gguf_sandbox.sandbox.docker.backend import (
     CELL_LABEL,
-    REPORT_MARKER,
     DockerSandbox,
-    MemoryReading,
     container_argv,
     hardening_violations,
-    parse_report,
 )
+from gguf_sandbox.sandbox.docker.probe import REPORT_MARKER, MemoryReading, parse_report
 
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 MIB = 1 << 20
@@ -148,7 +146,7 @@ def sandbox() -> DockerSandbox:
 
 
 def cell_containers(cell_id: str) -> list[Any]:
-    from gguf_sandbox.sandbox.images import engine_client
+    from gguf_sandbox.sandbox.docker.engine import engine_client
 
     client = engine_client()
     try:
@@ -367,7 +365,7 @@ def test_sigint_to_a_process_running_a_cell_leaves_no_container(
         import signal
         signal.signal(signal.SIGINT, signal.default_int_handler)
         from gguf_sandbox.sandbox.base import CellSpec
-        from gguf_sandbox.sandbox.docker import DockerSandbox
+        from gguf_sandbox.sandbox.docker.backend import DockerSandbox
         DockerSandbox().run(CellSpec(cell_id={cell_id!r}, backend="docker", python={PYTHON!r},
                                      memory=64 << 20, argv=("-c", "import time; time.sleep(120)")))
         """

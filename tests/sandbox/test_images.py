@@ -16,17 +16,12 @@ from typing import Any
 import pytest
 
 from gguf_sandbox.errors import SandboxError
-from gguf_sandbox.sandbox import images
-from gguf_sandbox.sandbox.images import (
-    DEFAULT_PYTHONS,
-    HASH_LABEL,
-    build_image,
-    content_hash,
-    find_local_interpreter,
-    image_tag,
-    interpreter_payload,
-    project_files,
-)
+from gguf_sandbox.sandbox.docker import images
+from gguf_sandbox.sandbox.docker.context import build_lock, content_hash, context_tar, project_files
+from gguf_sandbox.sandbox.docker.engine import engine_client, labels_of
+from gguf_sandbox.sandbox.docker.images import DEFAULT_PYTHONS, build_image, ensure_image
+from gguf_sandbox.sandbox.docker.names import HASH_LABEL, base_tag, image_tag
+from gguf_sandbox.sandbox.docker.offline import find_local_interpreter, interpreter_payload
 
 PROJECT = Path(__file__).resolve().parents[2]
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -57,7 +52,7 @@ def test_malformed_python_version_is_refused(bad: str) -> None:
 
 def test_tags_name_the_version() -> None:
     assert image_tag("3.12") == "gguf-sandbox:py3.12"
-    assert images.base_tag("3.10") == "gguf-sandbox-base:py3.10"
+    assert base_tag("3.10") == "gguf-sandbox-base:py3.10"
 
 
 def test_project_files_hold_the_dockerfile_and_sources_but_no_bytecode(tmp_path: Path) -> None:
@@ -113,7 +108,7 @@ def test_missing_interpreter_is_none() -> None:
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Any]:
     try:
-        client = images.engine_client()
+        client = engine_client()
     except SandboxError as error:
         pytest.skip(str(error))
     yield client
@@ -140,7 +135,7 @@ def test_ensure_builds_once_then_hits_the_cache(
     assert second.cached
     assert second.image_id == first.image_id
     assert second.seconds < 5
-    labels = images._labels_of(engine, first.tag)
+    labels = labels_of(engine, first.tag)
     assert labels is not None and labels[HASH_LABEL] == first.content_hash
     (project / "gguf_sandbox" / "_snapshot_marker.py").write_text("MARKER = 'rebuilt'\n")
     third = build_image(PYTHON, project, repository=TEST_REPOSITORY)
@@ -149,9 +144,9 @@ def test_ensure_builds_once_then_hits_the_cache(
 
 @pytest.mark.docker
 def test_ensure_image_returns_the_version_tag(engine: Any) -> None:
-    tag = images.ensure_image(PYTHON, PROJECT)
+    tag = ensure_image(PYTHON, PROJECT)
     assert tag == image_tag(PYTHON)
-    assert images._labels_of(engine, tag) is not None
+    assert labels_of(engine, tag) is not None
 
 
 @pytest.mark.docker
@@ -182,9 +177,9 @@ def test_no_route_to_a_base_is_a_clear_error(engine: Any, tmp_path: Path) -> Non
 @pytest.mark.slow
 @pytest.mark.parametrize("python", DEFAULT_PYTHONS, ids=lambda v: f"py{v}")
 def test_every_supported_python_builds_and_runs(engine: Any, python: str) -> None:
-    if find_local_interpreter(python) is None and images._labels_of(engine, f"python:{python}-slim") is None:
+    if find_local_interpreter(python) is None and labels_of(engine, f"python:{python}-slim") is None:
         pytest.skip(f"no local CPython {python} and no python:{python}-slim image")
-    tag = images.ensure_image(python, PROJECT)
+    tag = ensure_image(python, PROJECT)
     probe = "import sys, numpy, gguf, psutil, yaml, gguf_sandbox; print('%d.%d' % sys.version_info[:2])"
     done = subprocess.run(
         ["docker", "run", "--rm", "--network", "none", "--read-only", tag, "python", "-c", probe],
@@ -209,7 +204,7 @@ def test_ctrl_c_during_a_build_leaves_no_tag_and_no_container(
         f"""
         import signal
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        from gguf_sandbox.sandbox.images import build_image
+        from gguf_sandbox.sandbox.docker.images import build_image
         with open({str(progress)!r}, "a", buffering=1) as out:
             build_image({PYTHON!r}, {str(project)!r}, repository={TEST_REPOSITORY + "-interrupted"!r},
                         log=lambda line: print(line, file=out))
@@ -232,7 +227,7 @@ def test_ctrl_c_during_a_build_leaves_no_tag_and_no_container(
         if process.poll() is None:
             process.kill()
     assert b"KeyboardInterrupt" in stderr
-    assert images._labels_of(engine, tag) is None
+    assert labels_of(engine, tag) is None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         found = subprocess.run(
@@ -253,9 +248,9 @@ def test_image_build_inputs_live_in_the_configured_cache(
     """$GGUF_SANDBOX_CACHE moves the rootfs tarballs, build contexts and locks like every other cache."""
     monkeypatch.setenv("GGUF_SANDBOX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    with images._context_tar([("pyproject.toml", PROJECT / "pyproject.toml")]) as context:
+    with context_tar([("pyproject.toml", PROJECT / "pyproject.toml")]) as context:
         assert tmp_path / "cache" in context.parents
-    with images._build_lock("probe"):
+    with build_lock("probe"):
         pass
     assert list((tmp_path / "cache").rglob("probe.lock"))
     assert not (tmp_path / "xdg").exists()

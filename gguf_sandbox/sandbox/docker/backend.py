@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 import re
 import shutil
@@ -12,20 +11,9 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any
 
-from gguf_sandbox.cgroupfs import (
-    CGROUP_MOUNT,
-    OOM_KILL_KEY,
-    V1,
-    V1_MEMORY_MOUNT,
-    V2,
-    CgroupFiles,
-    read_int,
-    read_key,
-)
 from gguf_sandbox.errors import SandboxError
 from gguf_sandbox.sandbox.base import (
     MODEL_PLACEHOLDER,
@@ -36,7 +24,19 @@ from gguf_sandbox.sandbox.base import (
     IsolationReport,
     RunResult,
 )
-from gguf_sandbox.sandbox.images import SANDBOX_UID, build_image, engine_client, find_project_dir
+from gguf_sandbox.sandbox.docker.context import find_project_dir
+from gguf_sandbox.sandbox.docker.engine import engine_client
+from gguf_sandbox.sandbox.docker.images import SANDBOX_UID, build_image
+from gguf_sandbox.sandbox.docker.probe import (
+    CELL_WRAPPER,
+    SAMPLE_INTERVAL_S,
+    MemoryReading,
+    Probe,
+    StatsProbe,
+    find_host_cgroup,
+    largest,
+    parse_report,
+)
 from gguf_sandbox.sandbox.isolation import DEADLINE_GRACE_S
 from gguf_sandbox.sandbox.reaper import DOCKER, GUARD, owner_gone, owner_token
 from gguf_sandbox.signals import deferred_signals
@@ -51,174 +51,8 @@ RUN_LABEL = "org.gguf-sandbox.run"
 # The process that created the container (reaper.owner_token): the reaper and later runs remove the
 # containers of an owner that is gone; containers of live owners, or of other hosts, are never touched.
 OWNER_LABEL = "org.gguf-sandbox.owner"
-SAMPLE_INTERVAL_S = 0.1
-STATS_INTERVAL_S = 0.5
 KILL_GRACE_S = 15.0
 LOG_MAX_SIZE = "16m"
-REPORT_MARKER = "@@gguf-sandbox-cgroup@@"
-
-# PID 1 of every cell. It runs the cell in a subshell that makes itself the OOM killer's first choice and
-# holds the cell to its own deadline (the runner may be gone), then prints its own cgroup's peak and
-# oom_kill counter to stderr: on exit the engine deletes the container's cgroup at once, so a reading from
-# outside after exit finds nothing.
-CELL_WRAPPER = rf"""
-deadline=$1; shift
-( {{ echo 1000 >/proc/self/oom_score_adj; }} 2>/dev/null
-  if command -v timeout >/dev/null 2>&1; then exec timeout -s KILL "$deadline" "$@"; fi
-  exec "$@" )
-status=$?
-for f in /{CGROUP_MOUNT}/{V1_MEMORY_MOUNT}/{V1.peak} /{CGROUP_MOUNT}/{V1_MEMORY_MOUNT}/{V1.events} \
-         /{CGROUP_MOUNT}/{V2.peak} /{CGROUP_MOUNT}/{V2.events}; do
-  if [ -r "$f" ]; then
-    while IFS= read -r line; do printf '%s %s %s\n' "{REPORT_MARKER}" "${{f##*/}}" "$line"; done <"$f"
-  fi
-done >&2
-exit "$status"
-"""
-
-
-class CgroupVersion(enum.IntEnum):
-    V1 = 1
-    V2 = 2
-
-
-CGROUP_FILES: Mapping[CgroupVersion, CgroupFiles] = {CgroupVersion.V1: V1, CgroupVersion.V2: V2}
-
-# What the wrapper's report lines carry, by file name: peak bytes or the oom_kill counter.
-_REPORT_FIELDS: Mapping[str, str] = {files.peak: "peak" for files in CGROUP_FILES.values()} | {
-    files.events: "oom_kill" for files in CGROUP_FILES.values()
-}
-
-
-@dataclass(frozen=True)
-class MemoryReading:
-    """One look at a cgroup; None where the source could not tell."""
-
-    usage: int | None = None
-    peak: int | None = None
-    oom_kill: int | None = None
-
-
-class _Probe(Protocol):
-    interval: float
-
-    def read(self) -> MemoryReading | None: ...
-
-
-@dataclass(frozen=True)
-class HostCgroup:
-    """A container's memory cgroup as seen from the host."""
-
-    path: Path
-    version: CgroupVersion
-
-    interval = SAMPLE_INTERVAL_S
-
-    def read(self) -> MemoryReading | None:
-        files = CGROUP_FILES[self.version]
-        usage = read_int(self.path / files.usage)
-        if usage is None:
-            return None
-        oom_kill = read_key(self.path / files.events, OOM_KILL_KEY)
-        return MemoryReading(usage, read_int(self.path / files.peak), oom_kill)
-
-
-@dataclass(frozen=True)
-class _Mount:
-    root: str
-    point: Path
-
-
-def _cgroup_mounts() -> dict[CgroupVersion, _Mount]:
-    """The v1 memory controller's mount and the v2 unified mount, from /proc/self/mountinfo."""
-    mounts: dict[CgroupVersion, _Mount] = {}
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return mounts
-    for line in lines:
-        head, _, tail = line.partition(" - ")
-        fields, extra = head.split(), tail.split()
-        if len(fields) < 5 or len(extra) < 3:
-            continue
-        mount = _Mount(fields[3], Path(fields[4]))
-        if extra[0] == "cgroup" and "memory" in extra[2].split(","):
-            mounts.setdefault(CgroupVersion.V1, mount)
-        elif extra[0] == "cgroup2":
-            mounts.setdefault(CgroupVersion.V2, mount)
-    return mounts
-
-
-def find_host_cgroup(pid: int, container_id: str) -> HostCgroup | None:
-    """The memory cgroup directory of a container: from its init's /proc/PID/cgroup, else the usual places.
-
-    Covers cgroup v1 and v2 with the cgroupfs (docker/<id>) and systemd (system.slice/docker-<id>.scope)
-    drivers; None when the engine's cgroups are not visible here (remote engine, Docker Desktop).
-    """
-    mounts = _cgroup_mounts()
-    own: dict[CgroupVersion, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if pid > 0 else ():
-            _, controllers, cgroup_path = line.split(":", 2)
-            if controllers == "":
-                own[CgroupVersion.V2] = cgroup_path
-            elif "memory" in controllers.split(","):
-                own[CgroupVersion.V1] = cgroup_path
-    usual = (f"docker/{container_id}", f"system.slice/docker-{container_id}.scope")
-    for version in (CgroupVersion.V1, CgroupVersion.V2):
-        mount = mounts.get(version)
-        if mount is None:
-            continue
-        candidates = []
-        if version in own:
-            relative = os.path.relpath(own[version], mount.root) if mount.root != "/" else own[version]
-            candidates.append(relative.lstrip("/"))
-        candidates += usual
-        for relative in candidates:
-            path = mount.point / relative
-            if (path / CGROUP_FILES[version].usage).exists():
-                return HostCgroup(path, version)
-    return None
-
-
-@dataclass
-class _StatsProbe:
-    """Fallback when the cgroup is not visible from here: the engine's stats endpoint (slower)."""
-
-    container: Container
-    interval: float = STATS_INTERVAL_S
-
-    def read(self) -> MemoryReading | None:
-        try:
-            stats: dict[str, Any] = self.container.stats(stream=False, one_shot=True)
-        except Exception:  # the container may be gone between two samples: no reading, not an error
-            return None
-        memory = stats.get("memory_stats") or {}
-        if "usage" not in memory:
-            return None
-        return MemoryReading(int(memory["usage"]), memory.get("max_usage"), None)
-
-
-def parse_report(stderr: str) -> tuple[str, MemoryReading]:
-    """Split the wrapper's cgroup report off stderr: (the cell's own stderr, what the report said)."""
-    kept: list[str] = []
-    values: dict[str, int] = {}
-    for line in stderr.splitlines(keepends=True):
-        if not line.startswith(REPORT_MARKER + " "):
-            kept.append(line)
-            continue
-        parts = line.split(None, 2)
-        field = _REPORT_FIELDS.get(parts[1]) if len(parts) == 3 else None
-        if field == "peak" and parts[2].strip().isdigit():
-            values["peak"] = int(parts[2])
-        elif field == "oom_kill" and parts[2].startswith(OOM_KILL_KEY + " "):
-            values[OOM_KILL_KEY] = int(parts[2].split()[1])
-    return "".join(kept), MemoryReading(None, values.get("peak"), values.get(OOM_KILL_KEY))
-
-
-def _largest(*values: int | None) -> int | None:
-    present = [v for v in values if v is not None]
-    return max(present) if present else None
 
 
 def _engine_errors() -> tuple[type[Exception], ...]:
@@ -424,8 +258,8 @@ class DockerSandbox:
             ) from error
         wrapped: Container = container.get_wrapped_container()
         wrapped.reload()
-        probe: _Probe = find_host_cgroup(int(wrapped.attrs["State"].get("Pid") or 0), str(wrapped.id)) or (
-            _StatsProbe(wrapped)
+        probe: Probe = find_host_cgroup(int(wrapped.attrs["State"].get("Pid") or 0), str(wrapped.id)) or (
+            StatsProbe(wrapped)
         )
         violations = hardening_violations(wrapped.attrs, spec)
         if violations:
@@ -447,8 +281,8 @@ class DockerSandbox:
             if reading is not None:
                 last = MemoryReading(
                     reading.usage,
-                    _largest(last.peak, reading.peak),
-                    _largest(last.oom_kill, reading.oom_kill),
+                    largest(last.peak, reading.peak),
+                    largest(last.oom_kill, reading.oom_kill),
                 )
                 if reading.usage is not None:
                     samples.append((round(time.monotonic() - started, 3), reading.usage))
@@ -471,8 +305,8 @@ class DockerSandbox:
             exit_code=None if state.get("Running") else int(state["ExitCode"]),
             timed_out=timed_out,
             oom_killed_flag=bool(state.get("OOMKilled")),
-            oom_kill_count=_largest(report.oom_kill, last.oom_kill) or 0,
-            peak_bytes=_largest(report.peak, last.peak, sampled_peak),
+            oom_kill_count=largest(report.oom_kill, last.oom_kill) or 0,
+            peak_bytes=largest(report.peak, last.peak, sampled_peak),
             limit_bytes=spec.memory,
             duration_s=duration,
             stdout=stdout_bytes.decode("utf-8", errors="replace"),
@@ -598,7 +432,7 @@ class AttachedContainer:
     def _watch(self) -> None:
         """Sample the container's cgroup while it runs; kill it at the wall-clock timeout."""
         deadline = self._started + self._spec.timeout
-        probe: _Probe | None = None
+        probe: Probe | None = None
         while not self._done.is_set():
             if time.monotonic() >= deadline:
                 self._timed_out.set()
@@ -609,19 +443,19 @@ class AttachedContainer:
                 with contextlib.suppress(*_engine_errors()):
                     pid = int(self._state().get("Pid") or 0)
                     if pid > 0:
-                        probe = find_host_cgroup(pid, str(self._container.id)) or _StatsProbe(self._container)
+                        probe = find_host_cgroup(pid, str(self._container.id)) or StatsProbe(self._container)
             if probe is not None:
                 self._sample(probe)
             self._done.wait(probe.interval if probe is not None else SAMPLE_INTERVAL_S)
 
-    def _sample(self, probe: _Probe) -> None:
+    def _sample(self, probe: Probe) -> None:
         reading = probe.read()
         if reading is None:
             return
         self._last = MemoryReading(
             reading.usage,
-            _largest(self._last.peak, reading.peak),
-            _largest(self._last.oom_kill, reading.oom_kill),
+            largest(self._last.peak, reading.peak),
+            largest(self._last.oom_kill, reading.oom_kill),
         )
         if reading.usage is not None:
             self._samples.append((round(time.monotonic() - self._started, 3), reading.usage))
@@ -651,8 +485,8 @@ class AttachedContainer:
             exit_code=None if never_started or state.get("Running") else int(state.get("ExitCode", -1)),
             timed_out=self._timed_out.is_set(),
             oom_killed_flag=bool(state.get("OOMKilled")),
-            oom_kill_count=_largest(report.oom_kill, local_report.oom_kill, self._last.oom_kill) or 0,
-            peak_bytes=_largest(report.peak, local_report.peak, self._last.peak, sampled_peak),
+            oom_kill_count=largest(report.oom_kill, local_report.oom_kill, self._last.oom_kill) or 0,
+            peak_bytes=largest(report.peak, local_report.peak, self._last.peak, sampled_peak),
             limit_bytes=self._spec.memory,
             duration_s=time.monotonic() - self._started,
             stdout="",
