@@ -81,7 +81,16 @@ def _process_rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _process_peak_rss() -> int:
+def peak_rss() -> int:
+    """This process's RSS high-water mark: VmHWM, which restarts at exec, unlike ru_maxrss (a child
+    inherits its forking parent's on Linux); ru_maxrss where there is no /proc."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     # ru_maxrss is KiB on Linux and bytes on macOS.
     scale = 1 if sys.platform == "darwin" else 1024
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
@@ -110,7 +119,7 @@ def working_set(root: Path = Path("/")) -> int:
 def peak_usage(root: Path = Path("/")) -> int:
     """Highest usage of our memory cgroup so far (the cgroupfs peak file), else peak RSS."""
     value = _cgroup_value(root, lambda files: files.peak)
-    return value if value is not None else _process_peak_rss()
+    return value if value is not None else peak_rss()
 
 
 def working_set_at(origin: MemoryLimit) -> int:

@@ -27,7 +27,9 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("inspect", "gguf_sandbox.gguf.inspect", "summarize a GGUF file without reading tensor data"),
     Subcommand("convert", "gguf_sandbox.embed.convert", "convert a Hugging Face BERT checkpoint to GGUF"),
     Subcommand("embed", "gguf_sandbox.embed.command", "embed texts and print JSON vectors"),
-    Subcommand("workload", "gguf_sandbox.workloads", "run one named workload and print its JSON report"),
+    Subcommand(
+        "workload", "gguf_sandbox.workloads.command", "run one named workload and print its JSON report"
+    ),
     Subcommand("run", "gguf_sandbox.runner", "run the resource-limit matrix from matrix.yaml"),
     Subcommand(
         "repro", "gguf_sandbox.repro", "run one cell (a workload or any command) under a memory limit"
@@ -38,7 +40,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         "images", "gguf_sandbox.sandbox.docker.images", "build the per-Python Docker images for the matrix"
     ),
-    Subcommand("serve", "gguf_sandbox.mcp_server", "serve the embedding engine over MCP (stdio)"),
+    Subcommand("serve", "gguf_sandbox.mcp.serve", "serve the embedding engine over MCP (stdio)"),
 )
 
 

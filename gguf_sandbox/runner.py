@@ -115,7 +115,7 @@ def run_spec(
     """Run one spec and decide it against `reference` (None: not compared); SandboxError propagates: the
     harness, not the cell, failed."""
     if spec.host_side:
-        from gguf_sandbox.mcp_client import run_cell
+        from gguf_sandbox.mcp.cell import run_cell
 
         result = run_cell(sandbox, spec)
     else:

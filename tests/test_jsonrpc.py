@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from gguf_sandbox.jsonrpc import (
+from gguf_sandbox.mcp.jsonrpc import (
     HEAD_BYTES,
     MAX_DEPTH,
     READ_CHUNK,

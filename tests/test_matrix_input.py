@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from gguf_sandbox import controls, matrix, workloads
+from gguf_sandbox import matrix
 from gguf_sandbox.embed.weights import PlanName
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.matrix import CONTROLS, WORKLOADS, OptionKind, load
 from gguf_sandbox.sandbox.cgroup.placement import cgroups_writable
 from gguf_sandbox.sandbox.cgroup.process import run_limited
+from gguf_sandbox.workloads import command as workload_command
+from gguf_sandbox.workloads import controls
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -247,10 +249,10 @@ def _options_of(parser: argparse.ArgumentParser, ignore: set[str]) -> dict[str, 
 
 def test_workload_option_tables_match_the_workload_command_line() -> None:
     parser = argparse.ArgumentParser()
-    workloads.add_arguments(parser)
+    workload_command.add_arguments(parser)
     actions = _options_of(parser, {"help", "model"})
     for name, runnable in WORKLOADS.items():
-        assert name in workloads.WORKLOADS
+        assert name in workload_command.WORKLOADS
         assert set(runnable.options) == set(actions), name
         for option, declared in runnable.options.items():
             action = actions[option]
@@ -259,7 +261,7 @@ def test_workload_option_tables_match_the_workload_command_line() -> None:
             if declared.kind is OptionKind.CHOICE:
                 assert action.choices is None or set(action.choices) == set(declared.choices)
             assert declared.default == action.default, option
-    assert set(WORKLOADS) == set(workloads.WORKLOADS)
+    assert set(WORKLOADS) == set(workload_command.WORKLOADS)
     assert ("auto", *(plan.value for plan in PlanName)) == matrix.PLAN_CHOICES
 
 

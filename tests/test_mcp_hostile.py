@@ -19,8 +19,8 @@ from typing import IO, Any
 import pytest
 
 import gguf_sandbox
-from gguf_sandbox.jsonrpc import ErrorCode
-from gguf_sandbox.mcp_server import MAX_CHARS, MAX_TEXTS, ServeLimits, line_cap
+from gguf_sandbox.mcp.jsonrpc import ErrorCode
+from gguf_sandbox.mcp.server import MAX_CHARS, MAX_TEXTS, ServeLimits, line_cap
 
 MiB = 1 << 20
 CORPUS_LIMIT = 64 * MiB  # the matrix's smallest cell

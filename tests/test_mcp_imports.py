@@ -51,7 +51,7 @@ def anon_cost(*modules: str) -> tuple[int, list[str]]:
 
 
 def test_the_server_imports_no_sdk_and_almost_no_memory() -> None:
-    cost, heavy = anon_cost("gguf_sandbox.mcp_server", "gguf_sandbox.mcp_session", "gguf_sandbox.jsonrpc")
+    cost, heavy = anon_cost("gguf_sandbox.mcp.serve", "gguf_sandbox.mcp.session", "gguf_sandbox.mcp.jsonrpc")
     print(f"serve's own modules: {cost / MiB:.1f} MiB anonymous")
     assert heavy == [], "serve must not import the SDK or its dependencies"
     assert cost < 4 * MiB, "an order of magnitude below the SDK"

@@ -22,18 +22,12 @@ import numpy as np
 import pytest
 
 import gguf_sandbox
-from gguf_sandbox import mcp_server
-from gguf_sandbox.mcp_server import (
-    MAX_CHARS,
-    MAX_TEXTS,
-    ServeLimits,
-    ToolInputError,
-    parse_size,
-    serve_floor,
-)
-from gguf_sandbox.mcp_session import PROTOCOL_VERSIONS, ToolReply
+from gguf_sandbox.mcp import serve
+from gguf_sandbox.mcp import server as mcp_server
+from gguf_sandbox.mcp.server import MAX_CHARS, MAX_TEXTS, ServeLimits, ToolInputError, serve_floor
+from gguf_sandbox.mcp.session import PROTOCOL_VERSIONS, ToolReply
 from gguf_sandbox.sandbox.base import CellCommand
-from gguf_sandbox.workloads import corpus
+from gguf_sandbox.workloads.corpus import corpus
 
 if TYPE_CHECKING:
     from gguf_sandbox.embed.engine import Embedder
@@ -94,13 +88,22 @@ def test_valid_embed_arguments_pass_through() -> None:
     ],
 )
 def test_sizes_parse_with_binary_units(text: str, expected: int) -> None:
-    assert parse_size(text) == expected
+    assert memory_floor(text) == expected
 
 
-@pytest.mark.parametrize("text", ["lots", "-1m", ""])
-def test_bad_sizes_are_refused(text: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError):
-        parse_size(text)
+@pytest.mark.parametrize("text", ["lots", "-1m", "", "64ib"])
+def test_bad_sizes_are_refused(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        memory_floor(text)
+    assert "is not a size" in capsys.readouterr().err
+
+
+def memory_floor(text: str) -> int:
+    """--memory-floor as `serve` parses it (the units grammar, 0 allowed: 0 turns the floor off)."""
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    value: int = parser.parse_args(["--model", "m.gguf", f"--memory-floor={text}"]).memory_floor
+    return value
 
 
 def test_the_floor_is_read_through_one_function_and_fits_the_matrix() -> None:
@@ -140,7 +143,7 @@ class _Sink:
 
 
 def test_an_embed_response_is_built_and_written_within_its_reservation() -> None:
-    from gguf_sandbox.mcp_session import ServerInfo, Session
+    from gguf_sandbox.mcp.session import ServerInfo, Session
 
     dimension = 384
     vectors = _longest_float32s(MAX_TEXTS * dimension)[: MAX_TEXTS * dimension].reshape(MAX_TEXTS, dimension)
@@ -169,7 +172,7 @@ def test_an_embed_response_is_built_and_written_within_its_reservation() -> None
     "escape", [pytest.param(True, id="ascii-escaped"), pytest.param(False, id="raw-utf8")]
 )
 def test_the_longest_line_is_read_and_parsed_within_parse_copies(escape: bool) -> None:
-    from gguf_sandbox.jsonrpc import READ_CHUNK, Message, parse_message, read_lines
+    from gguf_sandbox.mcp.jsonrpc import READ_CHUNK, Message, parse_message, read_lines
 
     limits = ServeLimits()
     request = {

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from gguf_sandbox.jsonrpc import ErrorCode
-from gguf_sandbox.mcp_session import (
+from gguf_sandbox.mcp.jsonrpc import ErrorCode
+from gguf_sandbox.mcp.session import (
     PROTOCOL_VERSIONS,
     Prepared,
     Respond,

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from gguf_sandbox.errors import SandboxError
-from gguf_sandbox.mcp_client import (
+from gguf_sandbox.mcp.cell import run_cell, workload_options
+from gguf_sandbox.mcp.client import (
     DEFAULT_BATCH,
     VECTOR_TOL,
     Check,
@@ -29,13 +30,11 @@ from gguf_sandbox.mcp_client import (
     describe,
     plan_phases,
     refusal_from,
-    run_cell,
     server_argv,
     tool_payload,
-    workload_options,
 )
-from gguf_sandbox.mcp_server import serve_floor
-from gguf_sandbox.mcp_session import PROTOCOL_VERSIONS
+from gguf_sandbox.mcp.server import serve_floor
+from gguf_sandbox.mcp.session import PROTOCOL_VERSIONS
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, RunResult, Verdict
 from gguf_sandbox.verdicts import decide, parse_report
 

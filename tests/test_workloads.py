@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gguf_sandbox import workloads
 from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.sandbox.base import RunResult, Verdict
 from gguf_sandbox.verdicts import Reference, comparable, decide
+from gguf_sandbox.workloads.corpus import corpus
+from gguf_sandbox.workloads.embed import embed, embed_concurrent
+from gguf_sandbox.workloads.report import Report
 
 COUNT = 24
 
@@ -44,7 +46,7 @@ class SwappingEmbedder:
         self._embedder.close()
 
 
-def judged(report: workloads.Report, reference: Reference) -> Verdict:
+def judged(report: Report, reference: Reference) -> Verdict:
     stdout = json.dumps(report.as_json())
     done = RunResult(0, False, False, 0, 1 << 20, 64 << 20, 1.0, stdout, "")
     return decide(done, json.loads(stdout), reference).verdict
@@ -57,31 +59,31 @@ def model(minilm_gguf: Callable[[str], Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def sequential(model: Path) -> Reference:
-    report = workloads.embed(model, options(batch=1))
+    report = embed(model, options(batch=1))
     assert len(report.fingerprint) == COUNT
     return Reference(comparable(report.as_json()))
 
 
 def test_concurrent_results_equal_the_sequential_run_per_text(model: Path, sequential: Reference) -> None:
-    report = workloads.embed_concurrent(model, options())
+    report = embed_concurrent(model, options())
     assert judged(report, sequential) is Verdict.PASS
 
 
 def test_results_swapped_between_threads_are_wrong(model: Path, sequential: Reference) -> None:
-    texts = workloads.corpus(COUNT)
+    texts = corpus(COUNT)
 
     def swapping(path: Path, opts: argparse.Namespace) -> SwappingEmbedder:
         return SwappingEmbedder(Embedder.open(path, batch_size=opts.batch), texts[3], texts[10])
 
-    report = workloads.embed_concurrent(model, options(), swapping)
+    report = embed_concurrent(model, options(), swapping)
     assert judged(report, sequential) is Verdict.WRONG
     # The mean over all texts (the old check) cannot see it: the same vectors, in another order.
-    plain = workloads.embed_concurrent(model, options())
+    plain = embed_concurrent(model, options())
     assert np.isclose(sum(report.fingerprint), sum(plain.fingerprint))
 
 
 def test_every_text_has_its_own_fingerprint(model: Path) -> None:
-    report = workloads.embed(model, options(count=6, batch=4))
+    report = embed(model, options(count=6, batch=4))
     assert len(report.fingerprint) == 6 and len(set(report.fingerprint)) == 6
     assert report.as_json()["versions"]["numpy"] == np.__version__
 
@@ -108,5 +110,5 @@ def test_the_perturbed_engine_is_correct_unconstrained_and_wrong_under_a_limit(m
     assert unconstrained.returncode == 0, unconstrained.stderr
     report = json.loads(unconstrained.stdout)
     assert report["perturbed"] is False
-    expected = workloads.embed(model, options(count=8, batch=1)).fingerprint
+    expected = embed(model, options(count=8, batch=1)).fingerprint
     assert np.allclose(report["fingerprint"], expected, atol=1e-6)

@@ -4,42 +4,32 @@ The client (the SDK's ClientSession over stdio) stays outside the memory limit, 
 server runs in the cell, started through the backend's attach(). The client sends `count` embed calls in
 three phases — single texts, batches, and `threads` concurrent streams — while a poller measures how fast
 model_info answers, then checks every returned vector against the engine called directly and prints the
-workload report (the keys of workloads.Report, with the cell's memory readings).
+workload report (the keys of workloads.report.Report, with the cell's memory readings).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import importlib.util
 import json
-import shlex
-import sys
-import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import numpy as np
 
-from gguf_sandbox.errors import BudgetExceeded, GGUFSandboxError, SandboxError
-from gguf_sandbox.mcp_server import MAX_TEXTS
+from gguf_sandbox.errors import SandboxError
+from gguf_sandbox.mcp.server import MAX_TEXTS
 from gguf_sandbox.sandbox.base import (
     MODEL_PLACEHOLDER,
-    AttachableSandbox,
-    AttachedCell,
     CellCommand,
-    CellSpec,
-    RunResult,
-    Sandbox,
 )
 from gguf_sandbox.verdicts import parse_report
-
-if TYPE_CHECKING:
-    from gguf_sandbox.workloads import Report
+from gguf_sandbox.workloads.corpus import corpus
+from gguf_sandbox.workloads.report import Report, finish_vectors, percentile
 
 # The SDK line this client is written and tested against (the `mcp` extra pins it); 2.x also works. The
 # server in the cell needs no SDK.
@@ -311,23 +301,17 @@ def direct_vectors(
 
 
 def text_pool(count: int = TEXT_POOL) -> list[str]:
-    from gguf_sandbox.workloads import corpus
-
     return corpus(count)
 
 
 def _percentile_ms(values: Sequence[float], percent: int) -> float | None:
-    from gguf_sandbox.workloads import _percentile
-
-    return _percentile(sorted(1e3 * v for v in values), percent)
+    return percentile(sorted(1e3 * v for v in values), percent)
 
 
 def build_report(
     run: ClientRun, check: Check, options: McpOptions, model: Path, readings: Mapping[str, Any]
 ) -> Report:
-    """The workload report: workloads.Report's keys, the server's plan and the cell's memory readings."""
-    from gguf_sandbox.workloads import Report, _finish_vectors
-
+    """The workload report: Report's keys, the server's plan and the cell's memory readings."""
     info = run.final_info or run.info or {}
     memory = info.get("memory") or {}
     report = Report("mcp", model.name, unit_name="embeddings")
@@ -338,7 +322,7 @@ def build_report(
     report.latencies_s = list(run.latencies_s)
     report.seconds = run.seconds
     sums = np.asarray([v.astype(np.float64).sum(axis=0) for v in run.vectors])
-    _finish_vectors(report, sums, check.vectors)
+    finish_vectors(report, sums, check.vectors)
     report.extra = {
         "calls": run.calls,
         "calls_by_phase": {name: len(values) for name, values in run.phase_latencies_s.items()},
@@ -414,140 +398,9 @@ def conclude(
     return Verdict(failed if notes else EXIT_OK, line, tuple(notes))
 
 
-# -- host side of a matrix cell --------------------------------------------------------------------------
-def workload_options(argv: Sequence[str]) -> tuple[Path | None, McpOptions]:
-    """The --model and options of a cell's `-m gguf_sandbox workload mcp …` argv."""
-    from gguf_sandbox import workloads
-
-    words = list(argv)
-    if "workload" not in words:
-        raise SandboxError(f"not a workload argv: {shlex.join(words)}")
-    parser = argparse.ArgumentParser(prog="gguf-sandbox workload", add_help=False)
-    workloads.add_arguments(parser)
-    try:
-        parsed = parser.parse_args(words[words.index("workload") + 1 :])
-    except SystemExit:
-        raise SandboxError(f"cannot parse the mcp workload's argv: {shlex.join(words)}") from None
-    if parsed.name != "mcp":
-        raise SandboxError(f"a host-side cell runs the mcp workload, not {parsed.name!r}")
-    if parsed.count is None:
-        parsed.count = McpOptions.count
-    model = None if str(parsed.model) == MODEL_PLACEHOLDER else parsed.model
-    return model, McpOptions.from_namespace(parsed)
+# -- what the cell runs ----------------------------------------------------------------------------------
 
 
 def server_argv(plan: str) -> tuple[str, ...]:
     """What runs inside the cell, after `python`."""
     return ("-m", "gguf_sandbox", "serve", "--model", MODEL_PLACEHOLDER, "--plan", plan)
-
-
-def run_cell(sandbox: Sandbox, spec: CellSpec) -> RunResult:
-    """Run a host-side `mcp` cell: the server in the cell, this process as its MCP client.
-
-    The runner calls this instead of sandbox.run(spec) when spec.host_side is set. The RunResult is the
-    cell's (exit code, OOM signals, peak, samples), with the client's report or the server's JSON error
-    as stdout, so verdicts.decide applies unchanged. SandboxError when the harness cannot run it.
-    """
-    if not isinstance(sandbox, AttachableSandbox):
-        raise SandboxError(
-            f"cell {spec.cell_id}: the {sandbox.name} backend cannot attach a client to a cell "
-            "(it has no attach()); hint: run the mcp workload on the cgroup or docker backend"
-        )
-    if spec.model is None:
-        raise SandboxError(f"cell {spec.cell_id}: the mcp workload needs a model")
-    if importlib.util.find_spec("mcp") is None:
-        raise SandboxError(
-            f"cell {spec.cell_id}: the mcp workload's client runs here and needs the MCP SDK; "
-            f"hint: pip install 'gguf-sandbox[mcp]' ({SDK_REQUIREMENT})"
-        )
-    import anyio
-
-    _, options = workload_options(spec.argv)
-    inside = replace(spec, argv=server_argv(options.plan))
-    pool = text_pool()
-    with sandbox.attach(inside) as cell:
-        run = anyio.run(drive, cell.command, cell.stderr, options, pool, spec.timeout)
-        result = cell.finish(FINISH_GRACE_S)
-    return _cell_result(run, result, options, spec.model, pool)
-
-
-def _cell_result(
-    run: ClientRun, result: RunResult, options: McpOptions, model: Path, pool: Sequence[str]
-) -> RunResult:
-    report = None
-    if run.info is not None:
-        check = check_vectors(run, direct_vectors(model, pool, run))
-        readings = {"cgroup_limit": result.limit_bytes, "cgroup_peak": result.peak_bytes}
-        report = build_report(run, check, options, model, readings).as_json()
-    verdict = conclude(run, result.exit_code, result.stderr, report)
-    notes = "".join(f"[gguf-sandbox mcp] {note}\n" for note in verdict.notes)
-    return replace(
-        result,
-        exit_code=verdict.exit_code,
-        stdout=verdict.stdout + "\n" if verdict.stdout else "",
-        stderr=result.stderr + notes,
-    )
-
-
-# -- local mode: `gguf-sandbox workload mcp` (the server a plain child, no cell) ---------------------------
-class _LocalServer:
-    """The server as an ordinary child of the client (no limit): an AttachedCell without a cell."""
-
-    def __init__(self, argv: Sequence[str], stderr: IO[str], status: Path) -> None:
-        wrapper = 'status=$1; shift; "$@"; rc=$?; echo "$rc" > "$status"; exit "$rc"'
-        self.command = CellCommand(("/bin/sh", "-c", wrapper, "sh", str(status), *argv))
-        self.stderr = stderr
-        self._status = status
-
-    def finish(self, grace: float = 5.0) -> RunResult:
-        stop = time.monotonic() + grace
-        while not self._status.exists() and time.monotonic() < stop:
-            time.sleep(0.02)
-        try:
-            exit_code: int | None = int(self._status.read_text().strip())
-        except (OSError, ValueError):
-            exit_code = None
-        self.stderr.seek(0)
-        return RunResult(exit_code, False, False, 0, None, 0, 0.0, "", self.stderr.read())
-
-
-@contextlib.contextmanager
-def local_server(argv: Sequence[str]) -> Iterator[AttachedCell]:
-    with (
-        tempfile.TemporaryDirectory(prefix="gguf-sandbox-mcp-") as scratch,
-        tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as stderr,
-    ):
-        yield _LocalServer(argv, stderr, Path(scratch) / "status")
-
-
-def local_workload(model: Path, options: argparse.Namespace) -> Report:
-    """workloads.WORKLOADS["mcp"]: client and server on this machine, the server as a plain child.
-
-    Raises BudgetExceeded when the server refused; GGUFSandboxError when the session failed or vectors
-    differ (the cell mode, run_cell, reports the same through exit codes).
-    """
-    import anyio
-
-    mcp_options = McpOptions.from_namespace(options)
-    argv = [sys.executable, *server_argv(mcp_options.plan)]
-    argv = [str(model.resolve()) if arg == MODEL_PLACEHOLDER else arg for arg in argv]
-    pool = text_pool()
-    with local_server(argv) as cell:
-        run = anyio.run(drive, cell.command, cell.stderr, mcp_options, pool, 3600.0)
-        result = cell.finish(FINISH_GRACE_S)
-    report = None
-    if run.info is not None:
-        check = check_vectors(run, direct_vectors(model, pool, run))
-        report = build_report(run, check, mcp_options, model, {})
-    verdict = conclude(run, result.exit_code, result.stderr, None if report is None else report.as_json())
-    if verdict.exit_code == EXIT_REFUSED:
-        error = json.loads(verdict.stdout)
-        raise BudgetExceeded(
-            "gguf-sandbox serve",
-            int(error.get("floor") or 0),
-            int(error.get("limit") or 0),
-            str(error.get("error", "")),
-        )
-    if verdict.exit_code != EXIT_OK or report is None:
-        raise GGUFSandboxError("; ".join(verdict.notes) + f"\nserver stderr:\n{result.stderr[-2000:]}")
-    return report

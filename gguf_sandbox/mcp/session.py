@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
-from gguf_sandbox.jsonrpc import (
+from gguf_sandbox.mcp.jsonrpc import (
     Dropped,
     ErrorCode,
     Invalid,
