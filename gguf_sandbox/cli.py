@@ -30,12 +30,14 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         "workload", "gguf_sandbox.workloads.command", "run one named workload and print its JSON report"
     ),
-    Subcommand("run", "gguf_sandbox.runner", "run the resource-limit matrix from matrix.yaml"),
+    Subcommand("run", "gguf_sandbox.matrix.runner", "run the resource-limit matrix from matrix.yaml"),
     Subcommand(
-        "repro", "gguf_sandbox.repro", "run one cell (a workload or any command) under a memory limit"
+        "repro", "gguf_sandbox.matrix.repro", "run one cell (a workload or any command) under a memory limit"
     ),
     Subcommand(
-        "floor", "gguf_sandbox.floor", "bisect the smallest memory limit a workload or command finishes in"
+        "floor",
+        "gguf_sandbox.matrix.floor",
+        "bisect the smallest memory limit a workload or command finishes in",
     ),
     Subcommand(
         "images", "gguf_sandbox.sandbox.docker.images", "build the per-Python Docker images for the matrix"

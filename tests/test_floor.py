@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from gguf_sandbox.errors import MatrixError
-from gguf_sandbox.floor import FINISHED, Probe, Run, bisect
 from gguf_sandbox.floors import load_floors
+from gguf_sandbox.matrix.floor import FINISHED, Probe, Run, bisect
 from gguf_sandbox.sandbox.base import Verdict
 
 MIB = 1 << 20

@@ -10,17 +10,12 @@ import pytest
 
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.floors import Floor, FloorTable
-from gguf_sandbox.matrix import (
-    FINISHED,
-    Matrix,
-    compile_k,
-    expand,
-    expand_cells,
-    load,
-    parse,
-    parse_size,
-)
-from gguf_sandbox.runner import reference_spec
+from gguf_sandbox.matrix.expand import expand, expand_cells
+from gguf_sandbox.matrix.load import load, parse
+from gguf_sandbox.matrix.runner import reference_spec
+from gguf_sandbox.matrix.schema import FINISHED, Matrix
+from gguf_sandbox.matrix.select import compile_k
+from gguf_sandbox.matrix.sizes import size_at
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, Verdict
 from gguf_sandbox.units import format_size
 
@@ -79,13 +74,13 @@ def ids(matrix: Matrix, **kwargs: Any) -> list[str]:
     ids=str,
 )
 def test_parse_size(text: object, expected: int) -> None:
-    assert parse_size(text, "memory[0]") == expected
+    assert size_at(text, "memory[0]") == expected
 
 
 @pytest.mark.parametrize("text", ["64q", "", "m", "-1m", "0", True, None, [64]], ids=repr)
 def test_parse_size_rejects(text: object) -> None:
     with pytest.raises(MatrixError, match=r"memory\[0\]"):
-        parse_size(text, "memory[0]")
+        size_at(text, "memory[0]")
 
 
 @pytest.mark.parametrize(
@@ -427,7 +422,7 @@ def test_shipped_matrix_default_and_ci_profile() -> None:
 
 
 def floor(workload: str, limit: str, python: str = "3.11", backend: str = "cgroup") -> Floor:
-    return Floor(workload, "tiny", python, backend, parse_size(limit, "test"), None, 1 << 20, 3)
+    return Floor(workload, "tiny", python, backend, size_at(limit, "test"), None, 1 << 20, 3)
 
 
 def floored(doc: dict[str, Any] | None = None, *floors: Floor) -> Matrix:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gguf_sandbox import matrix
 from gguf_sandbox.embed.weights import PlanName
 from gguf_sandbox.errors import MatrixError
-from gguf_sandbox.matrix import CONTROLS, WORKLOADS, OptionKind, load
+from gguf_sandbox.matrix.load import MAX_MATRIX_BYTES, load
+from gguf_sandbox.matrix.runnables import CONTROLS, PLAN_CHOICES, WORKLOADS, OptionKind
 from gguf_sandbox.sandbox.cgroup.placement import cgroups_writable
 from gguf_sandbox.sandbox.cgroup.process import run_limited
 from gguf_sandbox.workloads import command as workload_command
@@ -236,8 +236,8 @@ def test_merge_keys_and_benign_aliases_still_load(tmp_path: Path) -> None:
 
 
 def test_the_shipped_matrix_is_within_every_bound() -> None:
-    matrix.load(REPO / "matrix.yaml")
-    assert (REPO / "matrix.yaml").stat().st_size < matrix.MAX_MATRIX_BYTES // 16
+    load(REPO / "matrix.yaml")
+    assert (REPO / "matrix.yaml").stat().st_size < MAX_MATRIX_BYTES // 16
 
 
 # --------------------------------------------------------------------------- declared options in sync
@@ -262,7 +262,7 @@ def test_workload_option_tables_match_the_workload_command_line() -> None:
                 assert action.choices is None or set(action.choices) == set(declared.choices)
             assert declared.default == action.default, option
     assert set(WORKLOADS) == set(workload_command.WORKLOADS)
-    assert ("auto", *(plan.value for plan in PlanName)) == matrix.PLAN_CHOICES
+    assert ("auto", *(plan.value for plan in PlanName)) == PLAN_CHOICES
 
 
 def test_control_option_tables_match_the_controls_command_line() -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from gguf_sandbox.errors import SandboxError
+from gguf_sandbox.matrix.verdicts import decide, parse_report
 from gguf_sandbox.mcp.cell import run_cell, workload_options
 from gguf_sandbox.mcp.client import (
     DEFAULT_BATCH,
@@ -36,7 +37,6 @@ from gguf_sandbox.mcp.client import (
 from gguf_sandbox.mcp.server import serve_floor
 from gguf_sandbox.mcp.session import PROTOCOL_VERSIONS
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, RunResult, Verdict
-from gguf_sandbox.verdicts import decide, parse_report
 
 MiB = 1 << 20
 MATRIX_ARGV = (
@@ -438,7 +438,7 @@ def cell_sandbox(request: pytest.FixtureRequest) -> Iterator[Any]:
     """Each backend that can run a cell here (the server in the cell needs no MCP SDK)."""
     if request.param == "docker":
         pytest.importorskip("docker")
-    from gguf_sandbox.runner import make_sandbox
+    from gguf_sandbox.matrix.runner import make_sandbox
 
     sandbox = make_sandbox(request.param)
     python = f"{sys.version_info.major}.{sys.version_info.minor}"

@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 
-from gguf_sandbox import models
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.gguf.reader import GGUFFile
 from gguf_sandbox.gguf.synth import synthetic_bert_for_size
-from gguf_sandbox.matrix import ModelDef, model_file, parse
+from gguf_sandbox.matrix import models
+from gguf_sandbox.matrix.load import parse
+from gguf_sandbox.matrix.models import model_file
+from gguf_sandbox.matrix.schema import ModelDef
 
 
 def model(name: str, source: dict[str, object], base: Path = Path("/")) -> ModelDef:

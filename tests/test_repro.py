@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gguf_sandbox import repro
 from gguf_sandbox.errors import MatrixError
+from gguf_sandbox.matrix import repro
 from gguf_sandbox.sandbox.base import CellSpec, Mount, RunResult, Verdict
 
 MIB = 1 << 20
@@ -232,7 +232,7 @@ def test_a_command_with_a_model_path_does_not_read_the_matrix(sandbox: Recorder,
 def test_a_command_with_a_matrix_model_name_prepares_it(
     sandbox: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gguf_sandbox import models
+    from gguf_sandbox.matrix import models
 
     prepared = tmp_path / "cache" / "minilm.gguf"
     monkeypatch.setattr(models, "prepare", lambda definition, cache=None: prepared)

@@ -15,10 +15,18 @@ from typing import Any
 
 import pytest
 
-from gguf_sandbox import results, runner
 from gguf_sandbox.errors import GGUFSandboxError
-from gguf_sandbox.grid import cell_text, render_grids
-from gguf_sandbox.results import CELL, SKIP, CellRecord, ResultStore, latest_cells, read_records, summarize
+from gguf_sandbox.matrix import results, runner
+from gguf_sandbox.matrix.grid import cell_text, render_grids
+from gguf_sandbox.matrix.results import (
+    CELL,
+    SKIP,
+    CellRecord,
+    ResultStore,
+    latest_cells,
+    read_records,
+    summarize,
+)
 from gguf_sandbox.sandbox.base import Verdict
 
 MIB = 1 << 20

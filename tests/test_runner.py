@@ -18,10 +18,12 @@ from typing import Any
 import pytest
 import yaml
 
-from gguf_sandbox import runner
 from gguf_sandbox.errors import GGUFSandboxError, MatrixError, SandboxError
-from gguf_sandbox.matrix import Matrix, ModelDef, expand_cells, parse
-from gguf_sandbox.results import ResultStore, read_records
+from gguf_sandbox.matrix import runner
+from gguf_sandbox.matrix.expand import expand_cells
+from gguf_sandbox.matrix.load import parse
+from gguf_sandbox.matrix.results import ResultStore, read_records
+from gguf_sandbox.matrix.schema import Matrix, ModelDef
 from gguf_sandbox.sandbox.base import CellSpec, RunResult, Sandbox
 
 MIB = 1 << 20

@@ -8,8 +8,15 @@ from typing import Any
 
 import pytest
 
+from gguf_sandbox.matrix.verdicts import (
+    Reference,
+    checksums_match,
+    comparable,
+    decide,
+    limit_slack,
+    parse_report,
+)
 from gguf_sandbox.sandbox.base import RunResult, Verdict
-from gguf_sandbox.verdicts import Reference, checksums_match, comparable, decide, limit_slack, parse_report
 
 MIB = 1 << 20
 LIMIT = 64 * MIB

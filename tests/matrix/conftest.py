@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 
 from gguf_sandbox.errors import GGUFSandboxError
-from gguf_sandbox.matrix import Cell, Matrix, expand_cells, load
-from gguf_sandbox.models import default_cache_dir, prepare
-from gguf_sandbox.results import CELL, REFERENCE, ResultStore
-from gguf_sandbox.runner import cell_fields, make_sandbox, reference_of, reference_spec, run_spec
+from gguf_sandbox.matrix.expand import expand_cells
+from gguf_sandbox.matrix.load import load
+from gguf_sandbox.matrix.models import default_cache_dir, prepare
+from gguf_sandbox.matrix.results import CELL, REFERENCE, ResultStore
+from gguf_sandbox.matrix.runner import cell_fields, make_sandbox, reference_of, reference_spec, run_spec
+from gguf_sandbox.matrix.schema import Cell, Matrix
+from gguf_sandbox.matrix.verdicts import Outcome, Reference
 from gguf_sandbox.sandbox.base import Sandbox
-from gguf_sandbox.verdicts import Outcome, Reference
 
 REPO = Path(__file__).resolve().parents[2]
 NO_PROFILE = "none"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gguf_sandbox.matrix import Cell
+from gguf_sandbox.matrix.schema import Cell
 from tests.matrix.conftest import MatrixSession
 
 

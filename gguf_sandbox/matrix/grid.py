@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gguf_sandbox.results import ERROR, SKIP, CellRecord
-from gguf_sandbox.verdicts import peak_over_limit
+from gguf_sandbox.matrix.results import ERROR, SKIP, CellRecord
+from gguf_sandbox.matrix.verdicts import peak_over_limit
 
 MISSING = "·"
 UNEXPECTED_MARK = "!"

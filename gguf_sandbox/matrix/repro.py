@@ -22,26 +22,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from gguf_sandbox.errors import MatrixError
-from gguf_sandbox.matrix import (
-    CONTROLS,
-    FINISHED,
-    WORKLOADS,
-    Cell,
-    Matrix,
-    ModelDef,
-    RunKind,
-    WorkloadDef,
-    cell_memory,
-    load,
-    parse_timeout,
-    repro_command,
-)
-from gguf_sandbox.runner import make_sandbox, reference_of, reference_spec, run_spec
+from gguf_sandbox.matrix.expand import repro_command
+from gguf_sandbox.matrix.load import load
+from gguf_sandbox.matrix.runnables import CONTROLS, WORKLOADS, RunKind
+from gguf_sandbox.matrix.runner import make_sandbox, reference_of, reference_spec, run_spec
+from gguf_sandbox.matrix.schema import FINISHED, Cell, Matrix, ModelDef, WorkloadDef
+from gguf_sandbox.matrix.sizes import cell_memory, timeout_at
+from gguf_sandbox.matrix.verdicts import Outcome, Reference
 from gguf_sandbox.sandbox.base import CellSpec, Mount, Sandbox
 from gguf_sandbox.sandbox.docker.backend import MODELS_DIR
 from gguf_sandbox.sandbox.docker.images import SANDBOX_UID
 from gguf_sandbox.units import format_size
-from gguf_sandbox.verdicts import Outcome, Reference
 
 # A leading `python`, `python3` or `python3.X` in CMD stands for the cell's interpreter.
 _PYTHON_WORD = re.compile(r"^python(3(\.\d+)?)?$")
@@ -112,12 +103,12 @@ class CellRequest:
 def request_cell(args: argparse.Namespace, memory: int) -> CellRequest:
     """The cell that `add_cell_arguments` options name, at `memory`; MatrixError for what is wrong with
     them, and for a backend that cannot run the cell's Python here."""
-    from gguf_sandbox.models import default_cache_dir, prepare
+    from gguf_sandbox.matrix.models import default_cache_dir, prepare
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if bool(command) == bool(args.workload):
         raise MatrixError("give either --workload W [--model M] or -- CMD …, not both or neither")
-    timeout = parse_timeout(args.timeout, "--timeout") if args.timeout else None
+    timeout = timeout_at(args.timeout, "--timeout") if args.timeout else None
     # The matrix is read only for what names it: a workload entry, or a model name (never for a path).
     needs_matrix = bool(args.workload) or (args.model is not None and not _is_path(args.model))
     matrix = _matrix(Path(args.matrix), required=needs_matrix)

@@ -17,9 +17,10 @@ from types import FrameType
 from typing import Any, TextIO
 
 from gguf_sandbox.errors import GGUFSandboxError, MatrixError, SandboxError
-from gguf_sandbox.grid import cell_text, render_grids
-from gguf_sandbox.matrix import Cell, Matrix, ModelDef, expand_cells, load
-from gguf_sandbox.results import (
+from gguf_sandbox.matrix.expand import expand_cells
+from gguf_sandbox.matrix.grid import cell_text, render_grids
+from gguf_sandbox.matrix.load import load
+from gguf_sandbox.matrix.results import (
     CELL,
     ERROR,
     REFERENCE,
@@ -30,8 +31,9 @@ from gguf_sandbox.results import (
     read_records,
     summarize,
 )
+from gguf_sandbox.matrix.schema import Cell, Matrix, ModelDef
+from gguf_sandbox.matrix.verdicts import Outcome, Reference, comparable, decide, parse_report
 from gguf_sandbox.sandbox.base import CellSpec, RunResult, Sandbox, Verdict
-from gguf_sandbox.verdicts import Outcome, Reference, comparable, decide, parse_report
 
 # Backend name → "module:class"; imported only when chosen (docker pulls in the docker SDK).
 BACKENDS: Mapping[str, str] = {
@@ -332,7 +334,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gguf_sandbox.models import default_cache_dir, prepare
+    from gguf_sandbox.matrix.models import default_cache_dir, prepare
 
     if args.grid:
         recorded = latest_cells(read_records(Path(args.results)))

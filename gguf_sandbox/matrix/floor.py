@@ -23,8 +23,9 @@ from typing import Any
 
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.floors import FLOORS_FILE, Floor, record_floor
-from gguf_sandbox.matrix import Cell, cell_memory, parse_size
-from gguf_sandbox.runner import run_spec
+from gguf_sandbox.matrix.runner import run_spec
+from gguf_sandbox.matrix.schema import Cell
+from gguf_sandbox.matrix.sizes import cell_memory, size_at
 from gguf_sandbox.sandbox.base import Sandbox, Verdict
 from gguf_sandbox.units import format_size
 
@@ -181,7 +182,7 @@ class Prober:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gguf_sandbox.repro import add_cell_arguments
+    from gguf_sandbox.matrix.repro import add_cell_arguments
 
     parser.add_argument(
         "--python", default=f"{sys.version_info.major}.{sys.version_info.minor}", help="the cell's Python"
@@ -205,12 +206,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gguf_sandbox.repro import request_cell
+    from gguf_sandbox.matrix.repro import request_cell
 
     if args.repeat < 1:
         raise MatrixError("--repeat: at least 1")
     low, high = cell_memory(args.min, "--min"), cell_memory(args.max, "--max")
-    resolution = parse_size(args.resolution, "--resolution")
+    resolution = size_at(args.resolution, "--resolution")
     if args.record and not args.workload:
         raise MatrixError("--record: only the floor of a --workload can be recorded (a command has no name)")
     request = request_cell(args, high)
