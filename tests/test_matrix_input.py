@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gguf_sandbox.embed.weights import PlanName
+from gguf_sandbox.embed.plan import PlanName
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.matrix.load import MAX_MATRIX_BYTES, load
 from gguf_sandbox.matrix.runnables import CONTROLS, PLAN_CHOICES, WORKLOADS, OptionKind

@@ -139,7 +139,7 @@ def _open_embedder(model: Path, plan: str, reserve: int) -> tuple[Embedder, Rese
     its largest pass leave that room (a pass that can never fit would otherwise wait forever)."""
     from gguf_sandbox.budget import MemoryBudget
     from gguf_sandbox.embed.engine import Embedder
-    from gguf_sandbox.embed.weights import PlanName
+    from gguf_sandbox.embed.plan import PlanName
 
     # The smallest plan opens fast and detects the budget the way Embedder.open does: after the tokenizer
     # is built, so that its vocabulary counts as spent.
