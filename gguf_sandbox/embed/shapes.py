@@ -127,47 +127,70 @@ def read_config(gguf: GGUFFile) -> BertConfig:
     _check_shapes(gguf, config, _outer_shapes(config))
     _check_layer_count(gguf, f"{arch}.block_count", config.layers)
     for layer in range(config.layers):
-        _check_shapes(gguf, config, _layer_shapes(config, layer))
+        _check_shapes(gguf, config, layer_shapes(config.hidden, config.ffn, layer))
     return config
+
+
+def layer_shapes(hidden: int, ffn: int, layer: int) -> dict[str, tuple[int, ...]]:
+    """numpy shape of every tensor of one BERT encoder layer, in llama.cpp's file order."""
+    per_part = {
+        "attn_q": (hidden, hidden),
+        "attn_k": (hidden, hidden),
+        "attn_v": (hidden, hidden),
+        "attn_output": (hidden, hidden),
+        "attn_output_norm": (hidden,),
+        "ffn_up": (ffn, hidden),
+        "ffn_down": (hidden, ffn),
+        "layer_output_norm": (hidden,),
+    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    for part, shape in per_part.items():
+        shapes[f"blk.{layer}.{part}.weight"] = shape
+        shapes[f"blk.{layer}.{part}.bias"] = (shape[0],)
+    return shapes
+
+
+def bert_shapes(
+    *, hidden: int, ffn: int, vocab_size: int, context: int, layers: int, token_types: int | None
+) -> dict[str, tuple[int, ...]]:
+    """The one BERT tensor table: numpy shape of every tensor of a BERT GGUF, in llama.cpp's file order
+    (what convert writes, synth makes and the reader checks). token_types: None when the model has no
+    token type table, -1 when any count is accepted."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (vocab_size, hidden),
+        "position_embd.weight": (context, hidden),
+    }
+    if token_types is not None:
+        shapes["token_types.weight"] = (token_types, hidden)
+    shapes["token_embd_norm.weight"] = (hidden,)
+    shapes["token_embd_norm.bias"] = (hidden,)
+    for layer in range(layers):
+        shapes.update(layer_shapes(hidden, ffn, layer))
+    return shapes
 
 
 def _outer_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
     """numpy shape of every tensor outside the encoder layers (-1: any size)."""
-    h = config.hidden
-    shapes: dict[str, tuple[int, ...]] = {
-        "token_embd.weight": (config.vocab_size, h),
-        "position_embd.weight": (config.context_length, h),
-        "token_embd_norm.weight": (h,),
-        "token_embd_norm.bias": (h,),
-    }
-    if config.has_token_types:
-        shapes["token_types.weight"] = (-1, h)
-    return shapes
-
-
-def _layer_shapes(config: BertConfig, layer: int) -> dict[str, tuple[int, ...]]:
-    """numpy shape of every tensor of one encoder layer."""
-    h, f, p = config.hidden, config.ffn, f"blk.{layer}"
-    shapes: dict[str, tuple[int, ...]] = {}
-    for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
-        shapes[f"{p}.{part}.weight"] = (h, h)
-        shapes[f"{p}.{part}.bias"] = (h,)
-    shapes[f"{p}.ffn_up.weight"] = (f, h)
-    shapes[f"{p}.ffn_up.bias"] = (f,)
-    shapes[f"{p}.ffn_down.weight"] = (h, f)
-    shapes[f"{p}.ffn_down.bias"] = (h,)
-    for norm in NORMS:
-        shapes[f"{p}.{norm}.weight"] = (h,)
-        shapes[f"{p}.{norm}.bias"] = (h,)
-    return shapes
+    return bert_shapes(
+        hidden=config.hidden,
+        ffn=config.ffn,
+        vocab_size=config.vocab_size,
+        context=config.context_length,
+        layers=0,
+        token_types=-1 if config.has_token_types else None,
+    )
 
 
 def expected_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
     """numpy shape of every tensor the forward pass reads (for a config read_config has checked)."""
-    shapes = _outer_shapes(config)
-    for layer in range(config.layers):
-        shapes.update(_layer_shapes(config, layer))
-    return shapes
+    return bert_shapes(
+        hidden=config.hidden,
+        ffn=config.ffn,
+        vocab_size=config.vocab_size,
+        context=config.context_length,
+        layers=config.layers,
+        token_types=-1 if config.has_token_types else None,
+    )
 
 
 def _check_shapes(gguf: GGUFFile, config: BertConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
