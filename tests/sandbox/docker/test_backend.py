@@ -371,7 +371,7 @@ def test_sigint_to_a_process_running_a_cell_leaves_no_container(
         """
     )
     process = subprocess.Popen(
-        [sys.executable, "-c", driver], cwd=Path(__file__).resolve().parents[2], stderr=subprocess.PIPE
+        [sys.executable, "-c", driver], cwd=Path(__file__).resolve().parents[3], stderr=subprocess.PIPE
     )
     try:
         deadline = time.monotonic() + 120

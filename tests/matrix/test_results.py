@@ -431,7 +431,7 @@ def _cli_run(tmp_path: Path, results_path: Path) -> subprocess.CompletedProcess[
         timeout=300,
         check=False,
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
 
 

@@ -18,7 +18,7 @@ from gguf_sandbox.matrix import repro
 from gguf_sandbox.sandbox.base import CellSpec, Mount, RunResult, Verdict
 
 MIB = 1 << 20
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from gguf_sandbox.matrix.floor import FINISHED, Probe, Run, bisect
 from gguf_sandbox.sandbox.base import Verdict
 
 MIB = 1 << 20
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOUCH_100_MIB = "b = bytearray(100 << 20); b[::4096] = b'x' * len(b[::4096])"
 
 

@@ -14,12 +14,10 @@ from gguf_sandbox.matrix.expand import expand, expand_cells
 from gguf_sandbox.matrix.load import load, parse
 from gguf_sandbox.matrix.runner import reference_spec
 from gguf_sandbox.matrix.schema import FINISHED, Matrix
-from gguf_sandbox.matrix.select import compile_k
 from gguf_sandbox.matrix.sizes import size_at
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, Verdict
-from gguf_sandbox.units import format_size
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CACHE = Path("/cache")
 
 
@@ -56,38 +54,6 @@ def ids(matrix: Matrix, **kwargs: Any) -> list[str]:
 
 
 # --------------------------------------------------------------------------- sizes
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("64m", 64 << 20),
-        ("64M", 64 << 20),
-        ("64MiB", 64 << 20),
-        ("64mb", 64 << 20),
-        ("1g", 1 << 30),
-        ("1.5g", 3 << 29),
-        ("512k", 512 << 10),
-        (65536, 65536),
-        ("4096", 4096),
-    ],
-    ids=str,
-)
-def test_parse_size(text: object, expected: int) -> None:
-    assert size_at(text, "memory[0]") == expected
-
-
-@pytest.mark.parametrize("text", ["64q", "", "m", "-1m", "0", True, None, [64]], ids=repr)
-def test_parse_size_rejects(text: object) -> None:
-    with pytest.raises(MatrixError, match=r"memory\[0\]"):
-        size_at(text, "memory[0]")
-
-
-@pytest.mark.parametrize(
-    ("nbytes", "label"), [(64 << 20, "64m"), (1 << 30, "1g"), (1536 << 10, "1536k"), (100, "100")]
-)
-def test_format_size(nbytes: int, label: str) -> None:
-    assert format_size(nbytes) == label
 
 
 # --------------------------------------------------------------------------- validation errors
@@ -338,29 +304,6 @@ def test_expand_returns_the_specs() -> None:
 
 
 # --------------------------------------------------------------------------- -k
-
-
-@pytest.mark.parametrize(
-    ("expression", "expected"),
-    [
-        ("bomb", {"cgroup-py3.11-64m-bomb", "docker-py3.12-256m-bomb"}),
-        ("BOMB and docker", {"docker-py3.12-256m-bomb"}),
-        ("64m or mine", {"cgroup-py3.11-64m-bomb", "cgroup-py3.11-64m-parse-mine"}),
-        ("not bomb", {"cgroup-py3.11-64m-parse-mine"}),
-        ("(cgroup or docker) and not (64m or parse)", {"docker-py3.12-256m-bomb"}),
-        ("not not mine", {"cgroup-py3.11-64m-parse-mine"}),
-    ],
-)
-def test_k_expressions(expression: str, expected: set[str]) -> None:
-    universe = ["cgroup-py3.11-64m-bomb", "docker-py3.12-256m-bomb", "cgroup-py3.11-64m-parse-mine"]
-    selector = compile_k(expression)
-    assert {i for i in universe if selector(i)} == expected
-
-
-@pytest.mark.parametrize("expression", ["", "a and", "(a or b", "a b", "and a", "a )"])
-def test_k_syntax_errors(expression: str) -> None:
-    with pytest.raises(MatrixError, match="-k"):
-        compile_k(expression)
 
 
 # --------------------------------------------------------------------------- the shipped matrix.yaml

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -10,16 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from gguf_sandbox.embed.plan import PlanName
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.matrix.load import MAX_MATRIX_BYTES, load
-from gguf_sandbox.matrix.runnables import CONTROLS, PLAN_CHOICES, WORKLOADS, OptionKind
 from gguf_sandbox.sandbox.cgroup.placement import cgroups_writable
 from gguf_sandbox.sandbox.cgroup.process import run_limited
-from gguf_sandbox.workloads import command as workload_command
-from gguf_sandbox.workloads import controls
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 CELL_LIMIT = 64 * MIB
 
@@ -241,53 +236,3 @@ def test_the_shipped_matrix_is_within_every_bound() -> None:
 
 
 # --------------------------------------------------------------------------- declared options in sync
-
-
-def _options_of(parser: argparse.ArgumentParser, ignore: set[str]) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ignore}
-
-
-def test_workload_option_tables_match_the_workload_command_line() -> None:
-    parser = argparse.ArgumentParser()
-    workload_command.add_arguments(parser)
-    actions = _options_of(parser, {"help", "model"})
-    for name, runnable in WORKLOADS.items():
-        assert name in workload_command.WORKLOADS
-        assert set(runnable.options) == set(actions), name
-        for option, declared in runnable.options.items():
-            action = actions[option]
-            if declared.kind is OptionKind.INTEGER:
-                assert action.type is int, option
-            if declared.kind is OptionKind.CHOICE:
-                assert action.choices is None or set(action.choices) == set(declared.choices)
-            assert declared.default == action.default, option
-    assert set(WORKLOADS) == set(workload_command.WORKLOADS)
-    assert ("auto", *(plan.value for plan in PlanName)) == PLAN_CHOICES
-
-
-def test_control_option_tables_match_the_controls_command_line() -> None:
-    parser = controls.build_parser()
-    actions = _options_of(parser, {"help", "model"})
-    declared = {name: option for runnable in CONTROLS.values() for name, option in runnable.options.items()}
-    assert set(declared) == set(actions)
-    for name, option in declared.items():
-        kind = {OptionKind.SIZE: controls._size, OptionKind.INTEGER: int}[option.kind]
-        assert actions[name].type is kind, name
-        assert option.default == actions[name].default
-        controls.build_parser().parse_args(["alloc-bomb", f"--{name}", str(option.default)])
-    assert set(CONTROLS) == set(controls.CONTROLS)
-
-
-def test_controls_read_sizes_in_the_one_grammar(capsys: pytest.CaptureFixture[str]) -> None:
-    args = controls.build_parser().parse_args(["alloc-bomb", "--step", "1MiB", "--max", "2m"])
-    assert (args.step, args.max) == (MIB, 2 * MIB)
-    for bad in ("64ib", "1e3", "-1m", "nan"):
-        with pytest.raises(SystemExit):
-            controls.build_parser().parse_args(["alloc-bomb", "--step", bad])
-    assert "is not a size" in capsys.readouterr().err
-
-
-def test_yaml_is_not_imported_by_controls() -> None:
-    code = "import sys, gguf_sandbox.controls; print('yaml' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "False"

@@ -1,14 +1,11 @@
-"""The workloads' reports: per-text fingerprints that catch mixed-up results, and the negative controls."""
+"""The embedding workloads' reports: per-text fingerprints that catch mixed-up results."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -19,13 +16,7 @@ from gguf_sandbox.sandbox.base import RunResult, Verdict
 from gguf_sandbox.workloads.corpus import corpus
 from gguf_sandbox.workloads.embed import embed, embed_concurrent
 from gguf_sandbox.workloads.report import Report
-
-COUNT = 24
-
-
-def options(**overrides: Any) -> argparse.Namespace:
-    values = {"count": COUNT, "batch": 2, "threads": 4, "plan": "auto"}
-    return argparse.Namespace(**{**values, **overrides})
+from tests.workloads.conftest import COUNT, options
 
 
 class SwappingEmbedder:
@@ -50,11 +41,6 @@ def judged(report: Report, reference: Reference) -> Verdict:
     stdout = json.dumps(report.as_json())
     done = RunResult(0, False, False, 0, 1 << 20, 64 << 20, 1.0, stdout, "")
     return decide(done, json.loads(stdout), reference).verdict
-
-
-@pytest.fixture(scope="module")
-def model(minilm_gguf: Callable[[str], Path]) -> Path:
-    return minilm_gguf("q8_0")
 
 
 @pytest.fixture(scope="module")
@@ -86,29 +72,3 @@ def test_every_text_has_its_own_fingerprint(model: Path) -> None:
     report = embed(model, options(count=6, batch=4))
     assert len(report.fingerprint) == 6 and len(set(report.fingerprint)) == 6
     assert report.as_json()["versions"]["numpy"] == np.__version__
-
-
-def control(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gguf_sandbox.controls", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
-def test_the_refusing_engine_refuses_like_a_budget() -> None:
-    done = control("refusing-engine")
-    assert done.returncode == 3
-    error = json.loads(done.stdout)
-    assert error["kind"] == "BudgetExceeded" and "available" in error["error"]
-
-
-def test_the_perturbed_engine_is_correct_unconstrained_and_wrong_under_a_limit(model: Path) -> None:
-    unconstrained = control("perturbed-engine", "--model", str(model), "--count", "8")
-    assert unconstrained.returncode == 0, unconstrained.stderr
-    report = json.loads(unconstrained.stdout)
-    assert report["perturbed"] is False
-    expected = embed(model, options(count=8, batch=1)).fingerprint
-    assert np.allclose(report["fingerprint"], expected, atol=1e-6)

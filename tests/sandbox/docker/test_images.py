@@ -23,7 +23,7 @@ from gguf_sandbox.sandbox.docker.images import DEFAULT_PYTHONS, build_image, ens
 from gguf_sandbox.sandbox.docker.names import HASH_LABEL, base_tag, image_tag
 from gguf_sandbox.sandbox.docker.offline import find_local_interpreter, interpreter_payload
 
-PROJECT = Path(__file__).resolve().parents[2]
+PROJECT = Path(__file__).resolve().parents[3]
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 TEST_REPOSITORY = "gguf-sandbox-test"
 
