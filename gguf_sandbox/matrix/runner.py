@@ -210,6 +210,9 @@ class MatrixRun:
             if record.get("checksum") is not None
         }
         self.records: list[CellRecord] = []
+        # Why each cell that was not ok failed: the outcome's failure message, or the harness error.
+        self.failures: dict[str, str] = {}
+        self._finished: dict[str, CellRecord] | None = None
 
     def prepare_models(self) -> None:
         """Prepare every model the cells run on, before any cell: a model that cannot be made fails the
@@ -231,21 +234,27 @@ class MatrixRun:
         """Prepare the models, then run every cell (KeyboardInterrupt propagates; what finished is already
         on disk). Cells recorded `error` are run again on --resume."""
         self.prepare_models()
-        finished = self.store.finished() if self.resume else {}
         for index, cell in enumerate(self.cells, start=1):
-            done = finished.get(cell.cell_id)
-            if (
-                done is not None
-                and done.verdict is not Verdict.ERROR
-                and done.fingerprint == cell_fingerprint(cell.spec)
-            ):
-                record = replace(done, expected=cell.spec.expect)
-                self.progress.start(index, cell.cell_id)
-                self.progress.finish(f"{cell_text(record)} (resumed)")
-            else:
-                record = self._run_cell(index, cell)
-            self.records.append(record)
+            self.records.append(self.run_cell(index, cell))
         return self.records
+
+    def run_cell(self, index: int, cell: Cell) -> CellRecord:
+        """Run cell number `index` (or, on --resume, take its finished record) and record it; what execute()
+        does for each cell, for callers that drive cells one at a time (tests/matrix). The models must have
+        been prepared. A cell that is not ok leaves its explanation in `failures`."""
+        if self._finished is None:
+            self._finished = self.store.finished() if self.resume else {}
+        done = self._finished.get(cell.cell_id)
+        if (
+            done is not None
+            and done.verdict is not Verdict.ERROR
+            and done.fingerprint == cell_fingerprint(cell.spec)
+        ):
+            record = replace(done, expected=cell.spec.expect)
+            self.progress.start(index, cell.cell_id)
+            self.progress.finish(f"{cell_text(record)} (resumed)")
+            return record
+        return self._run_cell(index, cell)
 
     def _run_cell(self, index: int, cell: Cell) -> CellRecord:
         spec = cell.spec
@@ -269,7 +278,8 @@ class MatrixRun:
         record = self._record(cell, {"kind": CELL, **outcome.to_json()}, "")
         self.progress.finish(_finish_text(record, outcome))
         if not record.ok:
-            self.progress.note(outcome.failure_message())
+            self.failures[cell.cell_id] = outcome.failure_message()
+            self.progress.note(self.failures[cell.cell_id])
         return record
 
     def _record(self, cell: Cell, body: Mapping[str, Any], text: str) -> CellRecord:
@@ -277,7 +287,12 @@ class MatrixRun:
         self.store.append(data)
         if text:
             self.progress.finish(text)
-        return CellRecord.from_json(data)
+        record = CellRecord.from_json(data)
+        if not record.ok and record.kind != CELL:
+            self.failures[cell.cell_id] = (
+                f"cell {cell.cell_id}: {text or record.reason}\n  reproduce: {cell.repro}"
+            )
+        return record
 
     def _unavailable(self, backend: str, python: str) -> str | None:
         key = (backend, python)
