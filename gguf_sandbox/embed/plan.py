@@ -17,13 +17,9 @@ from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 
 # A pass never needs more tokens than this; more would only grow the working set, not the speed.
 DEFAULT_PASS_TOKENS: Final = 4096
-
-
 # Transients of a pass beyond its activations, in units of the cap: one decoded weight block plus its raw
 # bytes and the dequantizer's byte-sized scratch, or attention scores plus a gathered K and V.
 TRANSIENT_CAPS: Final = 3
-
-
 # Passes grow past the context length only into this share of the room left: allocator slack, page
 # cache and Python objects are real but not reserved, and the cgroup counts them all.
 PASS_SHARE: Final = (3, 4)
@@ -51,7 +47,6 @@ PLAN_TABLES: Final[Mapping[PlanName, tuple[TableMode, ...]]] = {
     PlanName.RESIDENT_QUANT: (TableMode.RAW, TableMode.FILE),
     PlanName.STREAMING: (TableMode.FILE,),
 }
-
 
 PLAN_ORDER: Final = tuple(PlanName)
 

@@ -13,21 +13,11 @@ from gguf_sandbox.errors import GGUFError
 from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 
 SUPPORTED_ARCHITECTURES: Final = ("bert",)
-
-
 TABLES: Final = ("token_embd.weight", "position_embd.weight", "token_types.weight")
-
-
 MATRICES: Final = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down")
-
-
 NORMS: Final = ("attn_output_norm", "layer_output_norm")
-
-
 # Tensors of one encoder layer: a weight and a bias per matrix and per layer norm.
 TENSORS_PER_LAYER: Final = 2 * (len(MATRICES) + len(NORMS))
-
-
 DEFAULT_LAYER_NORM_EPS: Final = 1e-12
 
 

@@ -16,8 +16,6 @@ from gguf_sandbox.errors import GGUFError
 
 # A variable-size array remembers every CHECKPOINT_EVERY-th element offset: O(n/256) memory, O(256) seek.
 CHECKPOINT_EVERY = 256
-
-
 # Fixed-size value types: (struct code, byte size). Strings and arrays are variable and handled apart.
 SCALAR_FORMATS: Mapping[GGUFValueType, str] = MappingProxyType(
     {
@@ -36,8 +34,6 @@ SCALAR_FORMATS: Mapping[GGUFValueType, str] = MappingProxyType(
 )
 
 WINDOW_BYTES = 1 << 16
-
-
 Scalar: TypeAlias = "int | float | bool | str"
 
 

@@ -12,22 +12,12 @@ from gguf_sandbox.matrix.sizes import cell_memory
 from gguf_sandbox.units import show
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-
-
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
-
-
 PYTHON_RE = re.compile(r"^3\.\d{1,2}$")
-
-
 # Bounds of what a matrix may ask for: each well above any real matrix, each small enough that validating,
 # expanding and listing it takes well under a second and a few MB.
 MAX_LIST = 64  # values of one axis (pythons, memory, a workload's models, a pattern's values)
-
-
 MAX_ENTRIES = 256  # models, workloads, profiles, rules, include and exclude entries
-
-
 MAX_NAME = 64  # characters of a model or workload name (they appear in cell ids)
 
 

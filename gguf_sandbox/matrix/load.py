@@ -59,7 +59,6 @@ _TOP_KEYS = (
     "floors",
 )
 
-
 MAX_MATRIX_BYTES = 256 * KIB  # the shipped matrix.yaml is 6 KB
 MAX_CELLS = 10_000  # cells of the matrix or of any profile (the default matrix has 360)
 

@@ -151,14 +151,8 @@ def _convert_options(value: object, where: str, base_dir: Path) -> Mapping[str, 
 # minutes, not hours. hidden 0 once looped forever, size 1t ran for hours, vocab_size 1e11 OOM-killed the
 # runner: each is now refused here, before anything is built.
 SYNTHESIZE_OPTIONS = ("size", "type", "hidden", "vocab_size", "seed")
-
-
 MAX_SYNTHETIC_BYTES = 16 * GIB
-
-
 MAX_SYNTHETIC_LAYERS = 1024
-
-
 _SYNTHESIZE_INTEGERS: Mapping[str, tuple[int, int]] = MappingProxyType(
     {"hidden": (32, 8192), "vocab_size": (6, 1 << 20), "seed": (0, (1 << 32) - 1)}
 )

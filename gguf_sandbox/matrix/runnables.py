@@ -68,8 +68,6 @@ class Option:
 
 # Weight plans of the embedding engine (embed.weights.PlanName) plus "auto"; kept in sync by a test.
 PLAN_CHOICES = ("auto", "resident-f32", "resident-quant", "streaming")
-
-
 _WORKLOAD_OPTIONS: Mapping[str, Option] = MappingProxyType(
     {
         "count": Option(OptionKind.INTEGER, None, 1, 1_000_000),
@@ -79,14 +77,12 @@ _WORKLOAD_OPTIONS: Mapping[str, Option] = MappingProxyType(
     }
 )
 
-
 _BOMB_OPTIONS: Mapping[str, Option] = MappingProxyType(
     {
         "step": Option(OptionKind.SIZE, "16m", 4 * KIB, GIB),
         "max": Option(OptionKind.SIZE, "4g", 4 * KIB, TIB),
     }
 )
-
 
 _PERTURBED_OPTIONS: Mapping[str, Option] = MappingProxyType(
     {"count": Option(OptionKind.INTEGER, 100, 1, 1_000_000)}
@@ -115,7 +111,6 @@ WORKLOADS: Mapping[str, Runnable] = MappingProxyType(
     }
 )
 
-
 CONTROLS: Mapping[str, Runnable] = MappingProxyType(
     {
         "naive-load": Runnable(MappingProxyType({}), needs_model=True),
@@ -125,11 +120,9 @@ CONTROLS: Mapping[str, Runnable] = MappingProxyType(
     }
 )
 
-
 RUNNABLES: Mapping[RunKind, Mapping[str, Runnable]] = MappingProxyType(
     {RunKind.WORKLOAD: WORKLOADS, RunKind.CONTROL: CONTROLS}
 )
-
 
 ARGV_PREFIX: Mapping[RunKind, tuple[str, ...]] = MappingProxyType(
     {

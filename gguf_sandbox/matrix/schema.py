@@ -20,28 +20,17 @@ from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, Verdict
 from gguf_sandbox.units import format_size
 
 SCHEMA_VERSION = 1
-
-
 GRACEFUL: frozenset[Verdict] = frozenset(v for v in Verdict if v.graceful)
-
-
 # What a cell at or above its workload's floor must do: finish. A refusal is never a default (an engine that
-# refuses everything would pass); it is expected only below a floor.
+# refuses everything would pass); it is acceptable only below a floor. There a cell must stay graceful —
+# refuse, or finish with the right vectors — and must not be OOM-killed: near a measured floor admission
+# depends on how much page cache the kernel has reclaimed yet, and one run in a few still finishes a few MiB
+# below it (measured: mcp on docker, Python 3.12, degraded at 54m with a floor of 62m).
 FINISHED: frozenset[Verdict] = frozenset({Verdict.PASS, Verdict.DEGRADED})
-
-
-BELOW_FLOOR: frozenset[Verdict] = frozenset({Verdict.REFUSED})
-
-
+BELOW_FLOOR: frozenset[Verdict] = GRACEFUL
 DEFAULT_TIMEOUT_S = 300.0
-
-
 DEFAULT_REFERENCE_MEMORY = 2 << 30
-
-
 KNOWN_BACKENDS = ("docker", "cgroup")
-
-
 AXES = ("backend", "python", "memory", "workload", "model")
 
 
@@ -244,8 +233,8 @@ class Matrix:
         return min(declared, measured.floor)
 
     def expect_for(self, axes: Mapping[str, Any]) -> frozenset[Verdict]:
-        """Allowed verdicts of the cell with these axes: the last matching rule, else refused below the
-        cell's floor and the default (pass|degraded) at or above it."""
+        """Allowed verdicts of the cell with these axes: the last matching rule, else graceful (refused,
+        pass, degraded) below the cell's floor and the default (pass|degraded) at or above it."""
         floor = self.floor_for(axes)
         verdicts = BELOW_FLOOR if floor is not None and axes["memory"] < floor else self.expect_default
         for rule in self.expect_rules:

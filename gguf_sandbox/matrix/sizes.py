@@ -9,8 +9,6 @@ from gguf_sandbox.units import MAX_SIZE, MIB, UnitError
 # Cell limits: below 4 MiB no interpreter starts (and cgroups round 1k down to 0, i.e. no limit at all);
 # above the host's RAM a limit limits nothing. Timeouts: finite, positive, at most a day.
 MIN_CELL_MEMORY = 4 * MIB
-
-
 MAX_TIMEOUT_S = 24 * 3600.0
 
 

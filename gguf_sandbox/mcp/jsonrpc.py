@@ -141,6 +141,10 @@ class _Assembler:
         if self._dropped is None:
             parts, self._parts = self._parts, []
             line = "".join(parts)
+        elif self._dropped[0] is DropReason.NO_ROOM and self._size > self._max:
+            # Refused room while growing, and then it passed the cap too: a line over the cap is the
+            # client's error whatever the budget held at the time, so say that (and not "retry later").
+            line = Dropped(self._size, bytes(self._head), DropReason.TOO_LONG)
         else:
             line = Dropped(self._size, bytes(self._head), *self._dropped)
         self._start()

@@ -61,6 +61,8 @@ class Report:
             "peak_rss": budget.peak_rss(),
             "cgroup_limit": limit.limit_bytes if limit.source != "physical" else None,
             "cgroup_peak": budget.peak_usage() if limit.source != "physical" else None,
+            # What the kernel could not reclaim at the end: the cell's usage minus inactive file pages.
+            "cgroup_working_set": budget.working_set() if limit.source != "physical" else None,
             "limit_source": limit.source,
             "checksum": self.checksum,
             "fingerprint": self.fingerprint,

@@ -286,3 +286,18 @@ def test_replies_are_single_json_lines() -> None:
     assert error == {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "bad\nline"}}
     for line in (result_line(1, {}), error_line(1, ErrorCode.INTERNAL_ERROR, "x")):
         assert line.endswith(b"\n") and line.count(b"\n") == 1
+
+
+def test_a_line_refused_room_and_then_past_the_cap_is_too_long_not_overloaded() -> None:
+    """Whether room was granted depends on what the budget held; a line over the cap is always the
+    client's error (-32600), never "retry later" (-32000)."""
+    data = b'{"id":7,' + b"b" * (3 * ROOM_STEP) + b"\nsmall\n"
+    found = list(
+        read_lines(reader(data, READ_CHUNK), 2 * ROOM_STEP, free_bytes=1000, room=lambda size: False)
+    )
+    refused = found[0]
+    assert isinstance(refused, Dropped) and refused.reason is DropReason.TOO_LONG
+    assert refused.size == 3 * ROOM_STEP + 8
+    assert found[1] == "small"
+    error = json.loads(dropped_error(refused, 2 * ROOM_STEP))
+    assert error["id"] == 7 and error["error"]["code"] == ErrorCode.INVALID_REQUEST

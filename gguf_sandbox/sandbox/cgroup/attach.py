@@ -41,10 +41,7 @@ _STATUS_AND_PID = (
     'rc=$?; echo "$rc" > "$status"; exit "$rc"'
 )
 
-
 ATTACH_POLL = 0.02
-
-
 STATUS_WAIT = 0.5
 
 

@@ -41,8 +41,6 @@ def substitute_model(argv: Sequence[str], model: Path | None) -> tuple[str, ...]
 
 # The parent's interpreter settings must not leak into a cell running another Python version.
 _DROPPED_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYENV_VERSION", "PYTHONSTARTUP")
-
-
 # All a jailed cell gets from the runner's environment (no tokens, no DOCKER_HOST, no paths into /root).
 _PASSED_ENV = (
     "PATH",
@@ -55,7 +53,6 @@ _PASSED_ENV = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
 )
-
 
 # A jailed cell's home and temp are its private /tmp; its package sources are read-only.
 _JAIL_ENV = {"HOME": "/tmp", "TMPDIR": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}

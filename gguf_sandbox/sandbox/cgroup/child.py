@@ -31,8 +31,6 @@ from gguf_sandbox.sandbox.cgroup.control import (
 from gguf_sandbox.sandbox.reaper import CGROUP, GUARD
 
 SHELL = "/bin/sh"
-
-
 # The child joins each cgroup itself (the procs files before "--"), then execs: it is inside before it
 # allocates anything, and no Python code runs between fork and exec (preexec_fn is unsafe once the
 # parent has threads).

@@ -15,8 +15,6 @@ from gguf_sandbox.cgroupfs import CGROUP_MOUNT, KILL_FILE, PROCS_FILE, read_pids
 from gguf_sandbox.errors import SandboxError
 
 CHILD_PREFIX = "gguf-sandbox-"
-
-
 STALE_NAME = re.compile(rf"^{re.escape(CHILD_PREFIX)}(\d+)-[0-9a-f]+$")
 
 

@@ -23,7 +23,6 @@ _RUN_AND_REPORT = (
     '> "$report" 2>/dev/null; exit $rc'
 )
 
-
 SCOPE_ATTACH_TIMEOUT = 10.0
 
 

@@ -12,17 +12,9 @@ if TYPE_CHECKING:
 
 
 IMAGE_REPOSITORY = "gguf-sandbox"
-
-
 BASE_REPOSITORY = "gguf-sandbox-base"
-
-
 ROOTFS_REPOSITORY = "gguf-sandbox-rootfs"
-
-
 HASH_LABEL = "org.gguf-sandbox.content-hash"
-
-
 BASE_LABEL = "org.gguf-sandbox.base-image"
 
 

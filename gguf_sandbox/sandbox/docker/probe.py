@@ -26,14 +26,8 @@ if TYPE_CHECKING:
 
 
 SAMPLE_INTERVAL_S = 0.1
-
-
 STATS_INTERVAL_S = 0.5
-
-
 REPORT_MARKER = "@@gguf-sandbox-cgroup@@"
-
-
 # PID 1 of every cell. It runs the cell in a subshell that makes itself the OOM killer's first choice and
 # holds the cell to its own deadline (the runner may be gone), then prints its own cgroup's peak and
 # oom_kill counter to stderr: on exit the engine deletes the container's cgroup at once, so a reading from
@@ -60,8 +54,6 @@ class CgroupVersion(enum.IntEnum):
 
 
 CGROUP_FILES: Mapping[CgroupVersion, CgroupFiles] = {CgroupVersion.V1: V1, CgroupVersion.V2: V2}
-
-
 # What the wrapper's report lines carry, by file name: peak bytes or the oom_kill counter.
 _REPORT_FIELDS: Mapping[str, str] = {files.peak: "peak" for files in CGROUP_FILES.values()} | {
     files.events: "oom_kill" for files in CGROUP_FILES.values()
