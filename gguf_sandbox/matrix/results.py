@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import stat
-import sys
 import threading
 import time
 from collections import Counter
@@ -16,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gguf_sandbox import log
 from gguf_sandbox.errors import GGUFSandboxError
 from gguf_sandbox.sandbox.base import Verdict
 from gguf_sandbox.signals import deferred_signals
+
+LOG = log.get(__name__)
 
 CELL = "cell"  # a decided cell (verdict)
 SKIP = "skip"  # a cell its backend cannot run here (reason)
@@ -204,7 +206,7 @@ def is_results_file(path: Path) -> bool:
 
 
 def _to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    LOG.warning(message)
 
 
 class ResultStore:

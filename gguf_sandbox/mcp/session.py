@@ -14,13 +14,13 @@ own responses. Writes are serialized by a lock; once the client is gone, respons
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
+from gguf_sandbox import log
 from gguf_sandbox.mcp.jsonrpc import (
     Dropped,
     ErrorCode,
@@ -34,6 +34,8 @@ from gguf_sandbox.mcp.jsonrpc import (
     result_line,
     result_pieces,
 )
+
+LOG = log.get(__name__)
 
 # The revisions whose initialize handshake this server answers; a client asking for another one is offered
 # the newest (MCP's version negotiation), and decides whether to go on.
@@ -311,4 +313,4 @@ class Session:
                 # EPIPE, or stdout closed: the client is gone. Nothing else is sent; reading goes on until
                 # stdin ends too.
                 self._output_closed = True
-                print("gguf-sandbox serve: the client stopped reading; dropping responses", file=sys.stderr)
+                LOG.warning("gguf-sandbox serve: the client stopped reading; dropping responses")
