@@ -129,8 +129,6 @@ def _cell(matrix: Matrix, axes: Mapping[str, Any], cache_dir: Path) -> Cell:
         argv=workload.argv(),
         timeout=matrix.timeout_for(workload),
         model=model_file(matrix.models[model_name], cache_dir) if model_name else None,
-        expect=matrix.expect_for(axes),
-        host_side=workload.host_side,
     )
     return Cell(
         spec=spec,
@@ -140,6 +138,8 @@ def _cell(matrix: Matrix, axes: Mapping[str, Any], cache_dir: Path) -> Cell:
         reference=workload.reference and model_name is not None,
         repro=repro_command(spec, workload.name, model_name, matrix.path),
         reports=workload.kind is not RunKind.COMMAND,
+        expect=matrix.expect_for(axes),
+        host_side=workload.host_side,
     )
 
 

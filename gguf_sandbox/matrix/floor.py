@@ -26,7 +26,8 @@ from gguf_sandbox.floors import FLOORS_FILE, Floor, record_floor
 from gguf_sandbox.matrix.runner import run_spec
 from gguf_sandbox.matrix.schema import Cell
 from gguf_sandbox.matrix.sizes import cell_memory, size_at
-from gguf_sandbox.sandbox.base import Sandbox, Verdict
+from gguf_sandbox.matrix.verdicts import Verdict
+from gguf_sandbox.sandbox.base import Sandbox
 from gguf_sandbox.units import format_size
 
 FINISHED = frozenset({Verdict.PASS, Verdict.DEGRADED})
@@ -169,7 +170,13 @@ class Prober:
             spec = replace(
                 self.cell.spec, memory=limit, cell_id=f"{self.cell.cell_id}-floor-{format_size(limit)}"
             )
-            outcome = run_spec(self.sandbox, spec, needs_report=self.cell.reports)
+            outcome = run_spec(
+                self.sandbox,
+                spec,
+                expect=self.cell.expect,
+                host_side=self.cell.host_side,
+                needs_report=self.cell.reports,
+            )
             versions = (outcome.report or {}).get("versions")
             if isinstance(versions, dict):
                 self.versions = {str(k): str(v) for k, v in versions.items()}

@@ -25,7 +25,7 @@ from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.matrix.expand import repro_command
 from gguf_sandbox.matrix.load import load
 from gguf_sandbox.matrix.runnables import CONTROLS, WORKLOADS, RunKind
-from gguf_sandbox.matrix.runner import make_sandbox, reference_of, reference_spec, run_spec
+from gguf_sandbox.matrix.runner import REFERENCE_OK, make_sandbox, reference_of, reference_spec, run_spec
 from gguf_sandbox.matrix.schema import FINISHED, Cell, Matrix, ModelDef, WorkloadDef
 from gguf_sandbox.matrix.sizes import cell_memory, timeout_at
 from gguf_sandbox.matrix.verdicts import Outcome, Reference
@@ -140,9 +140,17 @@ def run(args: argparse.Namespace) -> int:
     cell, sandbox = request.cell, request.sandbox
     reference = _reference(sandbox, cell, request.matrix) if args.reference else None
     print(f"{cell.cell_id} on {sandbox.name} …", flush=True)
-    outcome = run_spec(sandbox, cell.spec, reference, cell.repro, needs_report=cell.reports)
+    outcome = run_spec(
+        sandbox,
+        cell.spec,
+        reference,
+        cell.repro,
+        expect=cell.expect,
+        host_side=cell.host_side,
+        needs_report=cell.reports,
+    )
     print(describe(outcome))
-    return 0 if outcome.verdict in cell.spec.expect else 1
+    return 0 if outcome.verdict in cell.expect else 1
 
 
 def describe(outcome: Outcome) -> str:
@@ -245,7 +253,6 @@ def _command_cell(
         argv=command_argv(command),
         timeout=timeout or DEFAULT_TIMEOUT_S,
         model=model.path if model else None,
-        expect=FINISHED,
     )
     words = ["gguf-sandbox", "repro", "--python", args.python, "--memory", label, "--backend", backend]
     if model is not None:
@@ -262,6 +269,7 @@ def _command_cell(
         reference=False,
         repro=repro,
         reports=False,
+        expect=FINISHED,
     )
 
 
@@ -295,8 +303,6 @@ def _workload_cell(
         argv=workload.argv(),
         timeout=timeout or default_timeout,
         model=model.path if model else None,
-        expect=expect,
-        host_side=workload.host_side,
     )
     matrix_path = matrix.path if matrix is not None else None
     repro = repro_command(spec, workload.name, args.model, matrix_path)
@@ -309,6 +315,8 @@ def _workload_cell(
         memory_label=label,
         reference=workload.reference and model_name is not None,
         repro=repro,
+        expect=expect,
+        host_side=workload.host_side,
     )
 
 
@@ -342,7 +350,7 @@ def _reference(sandbox: Sandbox, cell: Cell, matrix: Matrix | None) -> Reference
     memory = matrix.reference_memory if matrix is not None else 2 << 30
     spec = replace(reference_spec(cell, memory), model=cell.spec.model)
     print(f"{spec.cell_id} (unconstrained reference) …", flush=True)
-    outcome = run_spec(sandbox, spec)
+    outcome = run_spec(sandbox, spec, expect=REFERENCE_OK, host_side=cell.host_side)
     reference = reference_of(outcome)
     if reference.failure is not None:
         print(

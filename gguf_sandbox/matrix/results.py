@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from gguf_sandbox import log
 from gguf_sandbox.errors import GGUFSandboxError
-from gguf_sandbox.sandbox.base import Verdict
+from gguf_sandbox.matrix.verdicts import Verdict
 from gguf_sandbox.signals import deferred_signals
 
 LOG = log.get(__name__)

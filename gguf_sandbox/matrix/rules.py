@@ -20,7 +20,7 @@ from gguf_sandbox.matrix.schema import (
     version_key,
 )
 from gguf_sandbox.matrix.sizes import cell_memory, size_at
-from gguf_sandbox.sandbox.base import Verdict
+from gguf_sandbox.matrix.verdicts import Verdict
 
 
 def verdicts_at(value: object, where: str) -> frozenset[Verdict]:

@@ -31,9 +31,9 @@ from gguf_sandbox.matrix.results import (
     read_records,
     summarize,
 )
-from gguf_sandbox.matrix.schema import Cell, Matrix, ModelDef
-from gguf_sandbox.matrix.verdicts import Outcome, Reference, comparable, decide, parse_report
-from gguf_sandbox.sandbox.base import CellSpec, RunResult, Sandbox, Verdict
+from gguf_sandbox.matrix.schema import GRACEFUL, Cell, Matrix, ModelDef
+from gguf_sandbox.matrix.verdicts import Outcome, Reference, Verdict, comparable, decide, parse_report
+from gguf_sandbox.sandbox.base import CellSpec, RunResult, Sandbox
 
 # Backend name → "module:class"; imported only when chosen (docker pulls in the docker SDK).
 BACKENDS: Mapping[str, str] = {
@@ -101,7 +101,7 @@ def cell_fields(cell: Cell) -> dict[str, Any]:
         "memory_label": cell.memory_label,
         "workload": cell.workload,
         "model": cell.model,
-        "expected": sorted(v.value for v in cell.spec.expect),
+        "expected": sorted(v.value for v in cell.expect),
         "fingerprint": cell_fingerprint(cell.spec),
     }
 
@@ -112,11 +112,14 @@ def run_spec(
     reference: Reference | None = None,
     repro: str = "",
     *,
+    expect: frozenset[Verdict] = GRACEFUL,
+    host_side: bool = False,
     needs_report: bool = True,
 ) -> Outcome:
-    """Run one spec and decide it against `reference` (None: not compared); SandboxError propagates: the
-    harness, not the cell, failed."""
-    if spec.host_side:
+    """Run one spec and decide it against `reference` (None: not compared), allowing the verdicts in
+    `expect`; a `host_side` cell runs through its host-side client (mcp/cell.py). SandboxError propagates:
+    the harness, not the cell, failed."""
+    if host_side:
         from gguf_sandbox.mcp.cell import run_cell
 
         result = run_cell(sandbox, spec)
@@ -129,7 +132,7 @@ def run_spec(
         needs_report=needs_report,
         cell_id=spec.cell_id,
         repro=repro,
-        expected=spec.expect,
+        expected=expect,
     )
 
 
@@ -141,7 +144,7 @@ def reference_spec(cell: Cell, memory: int) -> CellSpec:
     """
     if not cell.reference:
         raise MatrixError(f"cell {cell.cell_id}: it compares no vectors, so it has no reference run")
-    twin = replace(cell.spec, memory=memory, expect=REFERENCE_OK)
+    twin = replace(cell.spec, memory=memory)
     model = f"-{cell.model}" if cell.model else ""
     key = f"{twin.backend}-py{twin.python}-ref-{cell.workload}{model}-{cell_fingerprint(twin)}"
     return replace(twin, cell_id=key)
@@ -250,7 +253,7 @@ class MatrixRun:
             and done.verdict is not Verdict.ERROR
             and done.fingerprint == cell_fingerprint(cell.spec)
         ):
-            record = replace(done, expected=cell.spec.expect)
+            record = replace(done, expected=cell.expect)
             self.progress.start(index, cell.cell_id)
             self.progress.finish(f"{cell_text(record)} (resumed)")
             return record
@@ -271,7 +274,13 @@ class MatrixRun:
         self.progress.start(index, cell.cell_id)
         try:
             outcome = run_spec(
-                self.sandboxes[spec.backend], spec, reference, cell.repro, needs_report=cell.reports
+                self.sandboxes[spec.backend],
+                spec,
+                reference,
+                cell.repro,
+                expect=cell.expect,
+                host_side=cell.host_side,
+                needs_report=cell.reports,
             )
         except SandboxError as error:
             return self._record(cell, {"kind": ERROR, "reason": str(error)}, f"error: {error}")
@@ -307,7 +316,9 @@ class MatrixRun:
         twin = replace(reference_spec(cell, self.matrix.reference_memory), model=spec.model)
         if twin.cell_id not in self._references:
             self.progress.note(f"reference {twin.cell_id} (the cell unconstrained, for its vectors) …")
-            outcome = run_spec(self.sandboxes[spec.backend], twin)
+            outcome = run_spec(
+                self.sandboxes[spec.backend], twin, expect=REFERENCE_OK, host_side=cell.host_side
+            )
             reference = reference_of(outcome)
             self.store.append(
                 {

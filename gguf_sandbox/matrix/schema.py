@@ -16,7 +16,8 @@ from typing import Any
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.floors import FloorTable
 from gguf_sandbox.matrix.runnables import ARGV_PREFIX, RUNNABLES, RunKind
-from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, Verdict
+from gguf_sandbox.matrix.verdicts import Verdict
+from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec
 from gguf_sandbox.units import format_size
 
 SCHEMA_VERSION = 1
@@ -248,7 +249,7 @@ class Matrix:
 
 @dataclass(frozen=True)
 class Cell:
-    """A CellSpec plus what the matrix knows about it (for grids, references and repro)."""
+    """A CellSpec plus what the matrix knows about it (expectations, grids, references and repro)."""
 
     spec: CellSpec
     workload: str
@@ -258,6 +259,11 @@ class Cell:
     repro: str
     # Workloads and controls print a JSON report; a plain command only has to exit 0.
     reports: bool = True
+    # The verdicts this cell may end with (its expect in matrix.yaml).
+    expect: frozenset[Verdict] = GRACEFUL
+    # The workload's client runs on the host and talks to a process in the cell over its stdin/stdout
+    # (the `mcp` workload): the runner hands the cell to that client instead of calling Sandbox.run.
+    host_side: bool = False
 
     @property
     def cell_id(self) -> str:

@@ -20,13 +20,33 @@ The rule, in order (the first that applies decides):
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gguf_sandbox.sandbox.base import RunResult, Verdict
+from gguf_sandbox.sandbox.base import RunResult
+
+
+class Verdict(str, enum.Enum):
+    """How a cell ended. Graceful verdicts are what a well-behaved workload may produce."""
+
+    PASS = "pass"
+    DEGRADED = "degraded"
+    REFUSED = "refused"
+    OOM = "oom"
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+    WRONG = "wrong"
+    # The harness could not judge the cell (e.g. its unconstrained reference run failed).
+    ERROR = "error"
+
+    @property
+    def graceful(self) -> bool:
+        return self in (Verdict.PASS, Verdict.DEGRADED, Verdict.REFUSED)
+
 
 REFUSAL_EXIT_CODE = 3
 LOG_TAIL_LINES = 20

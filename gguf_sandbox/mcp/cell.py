@@ -24,13 +24,7 @@ from gguf_sandbox.mcp.client import (
     server_argv,
     text_pool,
 )
-from gguf_sandbox.sandbox.base import (
-    MODEL_PLACEHOLDER,
-    AttachableSandbox,
-    CellSpec,
-    RunResult,
-    Sandbox,
-)
+from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, AttachableSandbox, CellSpec, RunResult, Sandbox
 from gguf_sandbox.workloads import command as workload_command
 
 
@@ -56,9 +50,10 @@ def workload_options(argv: Sequence[str]) -> tuple[Path | None, McpOptions]:
 def run_cell(sandbox: Sandbox, spec: CellSpec) -> RunResult:
     """Run a host-side `mcp` cell: the server in the cell, this process as its MCP client.
 
-    The runner calls this instead of sandbox.run(spec) when spec.host_side is set. The RunResult is the
-    cell's (exit code, OOM signals, peak, samples), with the client's report or the server's JSON error
-    as stdout, so verdicts.decide applies unchanged. SandboxError when the harness cannot run it.
+    The runner calls this instead of sandbox.run(spec) for a host-side cell (Cell.host_side). The
+    RunResult is the cell's (exit code, OOM signals, peak, samples), with the client's report or the
+    server's JSON error as stdout, so verdicts.decide applies unchanged. SandboxError when the harness
+    cannot run it.
     """
     if not isinstance(sandbox, AttachableSandbox):
         raise SandboxError(

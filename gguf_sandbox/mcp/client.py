@@ -24,10 +24,7 @@ import numpy as np
 from gguf_sandbox.errors import SandboxError
 from gguf_sandbox.matrix.verdicts import parse_report
 from gguf_sandbox.mcp.server import MAX_TEXTS
-from gguf_sandbox.sandbox.base import (
-    MODEL_PLACEHOLDER,
-    CellCommand,
-)
+from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellCommand
 from gguf_sandbox.workloads.corpus import corpus
 from gguf_sandbox.workloads.report import Report, finish_vectors, percentile
 

@@ -15,7 +15,8 @@ from gguf_sandbox.matrix.load import load, parse
 from gguf_sandbox.matrix.runner import reference_spec
 from gguf_sandbox.matrix.schema import FINISHED, GRACEFUL, Matrix
 from gguf_sandbox.matrix.sizes import size_at
-from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, Verdict
+from gguf_sandbox.matrix.verdicts import Verdict
+from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path("/cache")
@@ -239,7 +240,7 @@ def test_cells_carry_argv_model_timeout_and_repro() -> None:
 
 
 def test_expect_rules_last_match_wins() -> None:
-    expects = {c.cell_id: c.spec.expect for c in expand_cells(build(), cache_dir=CACHE)}
+    expects = {c.cell_id: c.expect for c in expand_cells(build(), cache_dir=CACHE)}
     assert expects["cgroup-py3.11-64m-parse-tiny"] == FINISHED
     assert expects["cgroup-py3.11-256m-bomb"] == {Verdict.OOM}
     assert expects["cgroup-py3.12-64m-bomb"] == {Verdict.OOM}
@@ -327,22 +328,22 @@ def test_shipped_matrix_default_and_ci_profile() -> None:
         "perturbed-engine": {Verdict.WRONG},
     }
     for cell in cells:
-        assert cell.spec.host_side == (cell.workload == "mcp")
-        assert Verdict.REFUSED not in cell.spec.expect or cell.workload in ("mcp", "embed", "refusing-engine")
+        assert cell.host_side == (cell.workload == "mcp")
+        assert Verdict.REFUSED not in cell.expect or cell.workload in ("mcp", "embed", "refusing-engine")
         if cell.workload in controls:
-            assert cell.spec.expect == controls[cell.workload]
+            assert cell.expect == controls[cell.workload]
         elif cell.workload == "naive-load":
-            assert cell.spec.expect == ({Verdict.PASS} if cell.spec.memory >= 512 << 20 else {Verdict.OOM})
+            assert cell.expect == ({Verdict.PASS} if cell.spec.memory >= 512 << 20 else {Verdict.OOM})
         elif cell.workload in ("embed", "embed-concurrent", "mcp"):
             axes = {"workload": cell.workload, "model": cell.model, "python": cell.spec.python}
             floor = matrix.floor_for({**axes, "backend": cell.spec.backend, "memory": cell.spec.memory})
             assert floor is not None
-            assert cell.spec.expect == (GRACEFUL if cell.spec.memory < floor else finished)
+            assert cell.expect == (GRACEFUL if cell.spec.memory < floor else finished)
         else:
-            assert cell.spec.expect == finished
+            assert cell.expect == finished
     # The promise: 1000 embeddings at 64 MiB, on every Python and backend.
     assert all(
-        by_id[f"{b}-py{p}-64m-embed-minilm_q8_0"].spec.expect == finished
+        by_id[f"{b}-py{p}-64m-embed-minilm_q8_0"].expect == finished
         for b in ("docker", "cgroup")
         for p in matrix.pythons
     )
@@ -380,14 +381,14 @@ def test_refused_is_never_a_default() -> None:
 
 
 def test_an_always_refusing_engine_is_outside_every_default_expect() -> None:
-    expects = [c.spec.expect for c in expand_cells(build(), cache_dir=CACHE) if c.workload != "bomb"]
+    expects = [c.expect for c in expand_cells(build(), cache_dir=CACHE) if c.workload != "bomb"]
     assert expects and all(Verdict.REFUSED not in e for e in expects)
 
 
 def test_below_a_declared_floor_a_refusal_is_acceptable_at_and_above_it_finishing_is_required() -> None:
     doc = base_doc()
     doc["workloads"]["embed"]["floor"] = "128m"
-    expects = {c.cell_id: c.spec.expect for c in expand_cells(build(doc), cache_dir=CACHE)}
+    expects = {c.cell_id: c.expect for c in expand_cells(build(doc), cache_dir=CACHE)}
     assert expects["cgroup-py3.11-64m-embed-tiny"] == GRACEFUL
     assert expects["cgroup-py3.11-256m-embed-tiny"] == FINISHED
 
@@ -396,7 +397,7 @@ def test_a_measured_floor_below_the_promise_takes_over() -> None:
     doc = base_doc()
     doc["workloads"]["embed"]["floor"] = "128m"
     matrix = floored(doc, floor("embed", "48m"))
-    expects = {c.cell_id: c.spec.expect for c in expand_cells(matrix, cache_dir=CACHE)}
+    expects = {c.cell_id: c.expect for c in expand_cells(matrix, cache_dir=CACHE)}
     assert expects["cgroup-py3.11-64m-embed-tiny"] == FINISHED
     # Not measured on py3.12/docker: the closest measurement (same Python, then any) stands in.
     assert expects["docker-py3.12-64m-embed-tiny"] == FINISHED
@@ -406,7 +407,7 @@ def test_a_measured_floor_above_the_promise_does_not_lower_the_bar() -> None:
     doc = base_doc()
     doc["workloads"]["embed"]["floor"] = "64m"
     matrix = floored(doc, floor("embed", "200m"))
-    expects = {c.cell_id: c.spec.expect for c in expand_cells(matrix, cache_dir=CACHE)}
+    expects = {c.cell_id: c.expect for c in expand_cells(matrix, cache_dir=CACHE)}
     assert expects["cgroup-py3.11-64m-embed-tiny"] == FINISHED
 
 
@@ -414,7 +415,7 @@ def test_include_cells_relative_to_each_floor() -> None:
     doc = base_doc()
     doc["include"] = [{"workload": "embed", "memory": ["floor-4m", "floor"], "backend": "cgroup"}]
     matrix = floored(doc, floor("embed", "50m"), floor("embed", "53m", python="3.12"))
-    cells = {c.cell_id: c.spec.expect for c in expand_cells(matrix, cache_dir=CACHE)}
+    cells = {c.cell_id: c.expect for c in expand_cells(matrix, cache_dir=CACHE)}
     assert cells["cgroup-py3.11-46m-embed-tiny"] == GRACEFUL
     assert cells["cgroup-py3.11-50m-embed-tiny"] == FINISHED
     assert cells["cgroup-py3.12-49m-embed-tiny"] == GRACEFUL
@@ -432,7 +433,7 @@ def test_rules_still_override_the_floor() -> None:
     doc = base_doc()
     doc["workloads"]["embed"]["floor"] = "128m"
     doc["expect"]["rules"].append({"match": {"workload": "embed", "memory": "64m"}, "expect": ["oom"]})
-    expects = {c.cell_id: c.spec.expect for c in expand_cells(build(doc), cache_dir=CACHE)}
+    expects = {c.cell_id: c.expect for c in expand_cells(build(doc), cache_dir=CACHE)}
     assert expects["cgroup-py3.11-64m-embed-tiny"] == {Verdict.OOM}
 
 

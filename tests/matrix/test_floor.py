@@ -13,7 +13,7 @@ import pytest
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.floors import load_floors
 from gguf_sandbox.matrix.floor import FINISHED, Probe, Run, bisect
-from gguf_sandbox.sandbox.base import Verdict
+from gguf_sandbox.matrix.verdicts import Verdict
 
 MIB = 1 << 20
 REPO = Path(__file__).resolve().parents[2]

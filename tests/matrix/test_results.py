@@ -27,7 +27,7 @@ from gguf_sandbox.matrix.results import (
     read_records,
     summarize,
 )
-from gguf_sandbox.sandbox.base import Verdict
+from gguf_sandbox.matrix.verdicts import Verdict
 
 MIB = 1 << 20
 

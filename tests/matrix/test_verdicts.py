@@ -10,13 +10,14 @@ import pytest
 
 from gguf_sandbox.matrix.verdicts import (
     Reference,
+    Verdict,
     checksums_match,
     comparable,
     decide,
     limit_slack,
     parse_report,
 )
-from gguf_sandbox.sandbox.base import RunResult, Verdict
+from gguf_sandbox.sandbox.base import RunResult
 
 MIB = 1 << 20
 LIMIT = 64 * MIB

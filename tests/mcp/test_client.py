@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from gguf_sandbox.errors import SandboxError
-from gguf_sandbox.matrix.verdicts import decide, parse_report
+from gguf_sandbox.matrix.verdicts import Verdict, decide, parse_report
 from gguf_sandbox.mcp.cell import run_cell, workload_options
 from gguf_sandbox.mcp.client import (
     DEFAULT_BATCH,
@@ -36,7 +36,7 @@ from gguf_sandbox.mcp.client import (
 )
 from gguf_sandbox.mcp.server import serve_floor
 from gguf_sandbox.mcp.session import PROTOCOL_VERSIONS
-from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, RunResult, Verdict
+from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, RunResult
 
 MiB = 1 << 20
 MATRIX_ARGV = (
@@ -243,7 +243,7 @@ class _RunOnly:
 
 
 def test_a_backend_without_attach_is_refused(tmp_path: Path) -> None:
-    spec = CellSpec("c", "run-only", "3.11", 96 * MiB, MATRIX_ARGV, model=tmp_path / "m.gguf", host_side=True)
+    spec = CellSpec("c", "run-only", "3.11", 96 * MiB, MATRIX_ARGV, model=tmp_path / "m.gguf")
     with pytest.raises(SandboxError, match="cannot attach"):
         run_cell(_RunOnly(), spec)
 
@@ -388,7 +388,6 @@ def _spec(backend: str, memory: int, model: Path) -> CellSpec:
         tuple(argv),
         timeout=600,
         model=model,
-        host_side=True,
     )
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from gguf_sandbox.embed.engine import Embedder
-from gguf_sandbox.matrix.verdicts import Reference, comparable, decide
-from gguf_sandbox.sandbox.base import RunResult, Verdict
+from gguf_sandbox.matrix.verdicts import Reference, Verdict, comparable, decide
+from gguf_sandbox.sandbox.base import RunResult
 from gguf_sandbox.workloads.corpus import corpus
 from gguf_sandbox.workloads.embed import embed, embed_concurrent
 from gguf_sandbox.workloads.report import Report

@@ -12,10 +12,7 @@ from typing import IO
 
 from gguf_sandbox.cgroupfs import read_int
 from gguf_sandbox.errors import SandboxError
-from gguf_sandbox.sandbox.base import (
-    CellCommand,
-    RunResult,
-)
+from gguf_sandbox.sandbox.base import CellCommand, RunResult
 from gguf_sandbox.sandbox.cgroup.child import SHELL
 from gguf_sandbox.sandbox.cgroup.control import CHILD_PREFIX
 from gguf_sandbox.sandbox.cgroup.placement import Placement, cell_placement

@@ -11,12 +11,7 @@ from pathlib import Path
 
 import gguf_sandbox
 from gguf_sandbox.errors import SandboxError
-from gguf_sandbox.sandbox.base import (
-    MODEL_PLACEHOLDER,
-    PIDS_LIMIT,
-    CellSpec,
-    RunResult,
-)
+from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, PIDS_LIMIT, CellSpec, RunResult
 from gguf_sandbox.sandbox.cgroup.attach import LimitedCell, attach_limited
 from gguf_sandbox.sandbox.cgroup.placement import (
     cgroups_writable,

@@ -21,10 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from gguf_sandbox.errors import SandboxError
-from gguf_sandbox.sandbox.base import (
-    IsolationReport,
-    RunResult,
-)
+from gguf_sandbox.sandbox.base import IsolationReport, RunResult
 from gguf_sandbox.sandbox.cgroup.control import CHILD_PREFIX
 from gguf_sandbox.sandbox.cgroup.placement import Placement, cell_placement
 from gguf_sandbox.sandbox.isolation import (
