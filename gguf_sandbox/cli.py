@@ -28,6 +28,9 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("convert", "gguf_sandbox.embed.convert", "convert a Hugging Face BERT checkpoint to GGUF"),
     Subcommand("embed", "gguf_sandbox.embed.command", "embed texts and print JSON vectors"),
     Subcommand(
+        "tokenize", "gguf_sandbox.tokenizers.command", "print llama.cpp's token ids of texts as JSON lines"
+    ),
+    Subcommand(
         "workload", "gguf_sandbox.workloads.command", "run one named workload and print its JSON report"
     ),
     Subcommand("run", "gguf_sandbox.matrix.runner", "run the resource-limit matrix from matrix.yaml"),

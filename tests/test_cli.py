@@ -18,6 +18,7 @@ REQUIRED = {
     "floor": ["--workload", "parse"],
     "images": ["build"],
     "serve": ["--model", "x.gguf"],
+    "tokenize": ["--model", "x.gguf"],
 }
 
 

@@ -17,8 +17,10 @@ from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantiz
 
 from gguf_sandbox.errors import GGUFError, UnsupportedTensorType
 from gguf_sandbox.gguf.dequant import dequantize
+from gguf_sandbox.gguf.metadata import ArrayLayout, LazyArray
 from gguf_sandbox.gguf.window import (
     CHECKPOINT_EVERY,
+    CHUNK_BYTES,
     SCALAR_FORMATS,
     Scalar,
     Window,
@@ -28,7 +30,6 @@ from gguf_sandbox.gguf.window import (
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
-CHUNK_BYTES = 1 << 20
 MAX_KEY_BYTES = 1 << 16
 MAX_TENSOR_NAME_BYTES = 1 << 16
 MAX_STRING_BYTES = (1 << 20) - 4096  # so the decoded str also fits one 1 MiB allocation
@@ -44,21 +45,6 @@ MAX_KV_COUNT = 1 << 16
 MAX_TENSOR_COUNT = 1 << 16
 INT64_MAX = (1 << 63) - 1
 
-NUMPY_SCALAR: Mapping[str, str] = MappingProxyType(
-    {
-        "B": "u1",
-        "b": "i1",
-        "H": "u2",
-        "h": "i2",
-        "I": "u4",
-        "i": "i4",
-        "f": "f4",
-        "?": "u1",
-        "Q": "u8",
-        "q": "i8",
-        "d": "f8",
-    }
-)
 # Smallest encoding of one element, used to bound counts before anything is allocated.
 MIN_STRING_BYTES = 8
 MIN_ARRAY_BYTES = 12
@@ -68,96 +54,6 @@ SWAPPABLE_TYPES: Mapping[GGMLQuantizationType, str] = MappingProxyType(
 )
 
 Value: TypeAlias = "Scalar | LazyArray"
-
-
-@dataclass(frozen=True)
-class _ArrayLayout:
-    """Where a metadata array lives: enough to decode any element later without keeping any."""
-
-    element_type: GGUFValueType
-    count: int
-    offset: int
-    end: int
-    checkpoints: tuple[int, ...] | array[int] | None  # only for variable-size elements
-
-
-class LazyArray(Sequence[Any]):
-    """A metadata array whose elements are decoded from the file only when asked for."""
-
-    def __init__(self, owner: GGUFFile, key: str, layout: _ArrayLayout) -> None:
-        self._owner = owner
-        self._key = key
-        self._layout = layout
-
-    @property
-    def element_type(self) -> GGUFValueType:
-        return self._layout.element_type
-
-    def __len__(self) -> int:
-        return self._layout.count
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the array's elements occupy in the file."""
-        return self._layout.end - self._layout.offset
-
-    def __repr__(self) -> str:
-        return f"LazyArray({self._key!r}, {self._layout.element_type.name}, len={self._layout.count})"
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            start, stop, step = index.indices(self._layout.count)
-            if step != 1:
-                return [self[i] for i in range(start, stop, step)]
-            return list(self._iter_range(start, stop))
-        if not isinstance(index, int):
-            raise TypeError(f"{self._key} indices must be int or slice, not {type(index).__name__}")
-        position = index + self._layout.count if index < 0 else index
-        if not 0 <= position < self._layout.count:
-            raise IndexError(f"{self._key}[{index}] out of range (length {self._layout.count})")
-        return next(self._iter_range(position, position + 1))
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._iter_range(0, self._layout.count)
-
-    def to_numpy(self, start: int = 0, stop: int | None = None, max_bytes: int = CHUNK_BYTES) -> np.ndarray:
-        """A slice of a fixed-size numeric array as numpy, refused when it would exceed `max_bytes`."""
-        layout = self._layout
-        code = SCALAR_FORMATS.get(layout.element_type)
-        if code is None:
-            raise GGUFError(f"{self._key} holds {layout.element_type.name} elements, not numbers")
-        start, stop, _ = slice(start, stop).indices(layout.count)
-        dtype = np.dtype(self._owner.byte_order + NUMPY_SCALAR[code])
-        nbytes = max(0, stop - start) * dtype.itemsize
-        if nbytes > max_bytes:
-            raise GGUFError(
-                f"{self._key}[{start}:{stop}] is {nbytes:,} bytes, over max_bytes={max_bytes:,}; "
-                f"read it in slices"
-            )
-        values = self._owner._pread(layout.offset + start * dtype.itemsize, nbytes, self._key).view(dtype)
-        return values.astype(bool) if code == "?" else values.astype(dtype.newbyteorder("="))
-
-    def _iter_range(self, start: int, stop: int) -> Iterator[Any]:
-        layout = self._layout
-        code = SCALAR_FORMATS.get(layout.element_type)
-        if code is not None:
-            size = struct.calcsize(code)
-            for first in range(start, stop, CHUNK_BYTES // size):
-                last = min(stop, first + CHUNK_BYTES // size)
-                yield from self.to_numpy(first, last).tolist()
-            return
-        if start >= stop:
-            return
-        checkpoints = layout.checkpoints
-        if checkpoints is None:
-            raise GGUFError(f"{self._key}: internal error, variable-size array without checkpoints")
-        base = start // CHECKPOINT_EVERY
-        self._owner._check_open(self._key)
-        window = Window(self._owner._fd, layout.end, self._owner.byte_order, checkpoints[base])
-        for element in range(base * CHECKPOINT_EVERY, stop):
-            value = self._owner._decode_value(window, layout.element_type, f"{self._key}[{element}]", 1)
-            if element >= start:
-                yield value
 
 
 @dataclass(frozen=True)
@@ -466,7 +362,7 @@ class GGUFFile:
             return window.read_string(field, MAX_STRING_BYTES)
         return LazyArray(self, field, self._parse_array(window, field, depth))
 
-    def _parse_array(self, window: Window, field: str, depth: int) -> _ArrayLayout:
+    def _parse_array(self, window: Window, field: str, depth: int) -> ArrayLayout:
         if depth >= MAX_ARRAY_DEPTH:
             raise GGUFError(
                 f"{field} at offset {window.position}: arrays nested deeper than {MAX_ARRAY_DEPTH}; "
@@ -482,7 +378,7 @@ class GGUFFile:
             window.check_count(count, size, f"{field} count")
             offset = window.position
             window.position += count * size
-            return _ArrayLayout(element_type, count, offset, window.position, None)
+            return ArrayLayout(element_type, count, offset, window.position, None)
         minimum = MIN_STRING_BYTES if element_type is GGUFValueType.STRING else MIN_ARRAY_BYTES
         window.check_count(count, minimum, f"{field} count")
         offset = window.position
@@ -502,7 +398,7 @@ class GGUFFile:
                 if element % CHECKPOINT_EVERY == 0:
                     checkpoints.append(window.position)
                 self._parse_array(window, f"{field}[{element}]", depth + 1)
-        return _ArrayLayout(element_type, count, offset, window.position, checkpoints)
+        return ArrayLayout(element_type, count, offset, window.position, checkpoints)
 
     def _alignment(self) -> int:
         value = self._metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)

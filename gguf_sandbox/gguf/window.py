@@ -32,7 +32,22 @@ SCALAR_FORMATS: Mapping[GGUFValueType, str] = MappingProxyType(
         GGUFValueType.FLOAT64: "d",
     }
 )
-
+CHUNK_BYTES = 1 << 20
+NUMPY_SCALAR: Mapping[str, str] = MappingProxyType(
+    {
+        "B": "u1",
+        "b": "i1",
+        "H": "u2",
+        "h": "i2",
+        "I": "u4",
+        "i": "i4",
+        "f": "f4",
+        "?": "u1",
+        "Q": "u8",
+        "q": "i8",
+        "d": "f8",
+    }
+)
 WINDOW_BYTES = 1 << 16
 Scalar: TypeAlias = "int | float | bool | str"
 

@@ -7,7 +7,8 @@ import hashlib
 import time
 from pathlib import Path
 
-from gguf_sandbox.gguf.reader import GGUFFile, LazyArray
+from gguf_sandbox.gguf.metadata import LazyArray
+from gguf_sandbox.gguf.reader import GGUFFile
 from gguf_sandbox.workloads.report import Report
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gguf_sandbox.gguf.reader import CHUNK_BYTES, GGUFFile, LazyArray
+from gguf_sandbox.gguf.metadata import LazyArray
+from gguf_sandbox.gguf.reader import GGUFFile
+from gguf_sandbox.gguf.window import CHUNK_BYTES
 from gguf_sandbox.sandbox.cgroup.placement import cgroups_writable
 from gguf_sandbox.sandbox.cgroup.process import run_limited
 
