@@ -245,7 +245,7 @@ def _measure(engine: Engine, args: argparse.Namespace) -> tuple[dict[str, Any], 
     """One round of the worker (inside a memory cgroup when the engine has a limit); its cgroup's peak."""
     argv = _worker_argv(engine, args)
     if engine.limit_mb:
-        from gguf_sandbox.sandbox.cgroup import run_limited
+        from gguf_sandbox.sandbox.cgroup.process import run_limited
 
         env = _worker_env(args) or dict(os.environ)
         limited = run_limited(argv, engine.limit_mb * MB, timeout=3600, env=env)
@@ -269,7 +269,7 @@ def _measure(engine: Engine, args: argparse.Namespace) -> tuple[dict[str, Any], 
 
 def _limited_engines(args: argparse.Namespace) -> tuple[list[Engine], list[Row]]:
     """LIMITED_PLANS inside a --limit-mb cgroup (swap off); a note says why when cgroups are not writable."""
-    from gguf_sandbox.sandbox.cgroup import cgroups_writable
+    from gguf_sandbox.sandbox.cgroup.placement import cgroups_writable
 
     engines = [Engine(plan, sys.executable, args.limit_mb) for plan in LIMITED_PLANS]
     why = cgroups_writable()
@@ -279,7 +279,7 @@ def _limited_engines(args: argparse.Namespace) -> tuple[list[Engine], list[Row]]
 
 
 def _completes(engine: Engine, args: argparse.Namespace, limit_mb: int) -> bool:
-    from gguf_sandbox.sandbox.cgroup import run_limited
+    from gguf_sandbox.sandbox.cgroup.process import run_limited
 
     argv = _worker_argv(engine, args, args.bisect_count)
     result = run_limited(argv, limit_mb * MB, timeout=args.bisect_timeout, env=_worker_env(args))

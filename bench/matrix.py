@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gguf_sandbox.gguf.synth import SyntheticBert, write_synthetic_bert
-from gguf_sandbox.matrix import parse_size
-from gguf_sandbox.runner import make_sandbox
+from gguf_sandbox.matrix.runner import make_sandbox
+from gguf_sandbox.matrix.sizes import size_at
+from gguf_sandbox.matrix.verdicts import decide, parse_report
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, Sandbox
-from gguf_sandbox.verdicts import decide, parse_report
 
 NOOP = ("-c", "import json; print(json.dumps({'workload': 'noop'}))")
 PARSE = ("-m", "gguf_sandbox", "workload", "parse", "--model", MODEL_PLACEHOLDER, "--count", "1")
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = bench(
             args.backend or ["cgroup", "docker"],
             args.python,
-            parse_size(args.memory, "--memory"),
+            size_at(args.memory, "--memory"),
             args.repeat,
             model,
         )

@@ -24,19 +24,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
 
 import psutil
 
+from gguf_sandbox.cgroupfs import (
+    FILES,
+    CgroupFiles,
+    LimitSource,
+    ancestors,
+    own_memory_cgroup,
+    read_int,
+    working_set_of,
+)
 from gguf_sandbox.errors import BudgetExceeded
-
-LimitSource = Literal["cgroup2", "cgroup1", "physical"]
-
-# cgroup v1 reports "no limit" as LONG_MAX rounded down to a page (9223372036854771712); anything this
-# large cannot be a real limit on any machine.
-V1_UNLIMITED = 1 << 62
-
-CGROUP_MOUNT = Path("sys/fs/cgroup")
 
 # Default slack MemoryBudget.detect leaves for the interpreter, allocator fragmentation and page cache.
 DEFAULT_HEADROOM = 8 << 20
@@ -50,127 +50,6 @@ class MemoryLimit:
     source: LimitSource
     cgroup_path: Path | None = None
     limited_by: Path | None = None
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Which files of one cgroup version hold the limit, the usage, the peak and the reclaimable pages."""
-
-    source: LimitSource
-    limit_files: tuple[str, ...]
-    usage_file: str
-    peak_file: str
-    inactive_file_key: str  # in memory.stat, counting the whole subtree
-
-
-STAT_FILE = "memory.stat"
-_V2 = _Layout("cgroup2", ("memory.max",), "memory.current", "memory.peak", "inactive_file")
-_V1 = _Layout(
-    "cgroup1",
-    ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"),
-    "memory.usage_in_bytes",
-    "memory.max_usage_in_bytes",
-    "total_inactive_file",
-)
-_LAYOUTS = {layout.source: layout for layout in (_V2, _V1)}
-
-
-@dataclass(frozen=True)
-class MemoryCgroup:
-    """The memory cgroup this process lives in: its version, its directory and the mount it hangs under."""
-
-    source: LimitSource
-    directory: Path
-    mount: Path
-
-    @property
-    def layout(self) -> _Layout:
-        return _LAYOUTS[self.source]
-
-
-def _read_proc_cgroup(root: Path) -> dict[str, str]:
-    """Map controller name ("" for the v2 unified line) to the cgroup path in /proc/self/cgroup."""
-    try:
-        text = (root / "proc/self/cgroup").read_text()
-    except OSError:
-        return {}
-    paths: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        for controller in parts[1].split(","):
-            paths[controller] = parts[2]
-    return paths
-
-
-def _resolve(mount: Path, cgroup: str) -> Path | None:
-    """The directory of `cgroup` under `mount`; inside a container the mount *is* our cgroup, so fall back."""
-    candidate = mount / cgroup.strip("/")
-    if candidate.is_dir():
-        return candidate
-    return mount if mount.is_dir() else None
-
-
-def own_memory_cgroup(root: Path = Path("/")) -> MemoryCgroup | None:
-    """Our memory cgroup; a v1 memory controller wins (hybrid hosts also show a bare "0::" line)."""
-    paths = _read_proc_cgroup(root)
-    mount_base = root / CGROUP_MOUNT
-    if "memory" in paths:
-        mount = mount_base / "memory"
-        directory = _resolve(mount, paths["memory"])
-        if directory is not None:
-            return MemoryCgroup("cgroup1", directory, mount)
-    if "" in paths and (mount_base / "cgroup.controllers").is_file():
-        directory = _resolve(mount_base, paths[""])
-        if directory is not None:
-            return MemoryCgroup("cgroup2", directory, mount_base)
-    return None
-
-
-def _read_int(path: Path) -> int | None:
-    """An integer cgroup file; None when absent, unreadable, "max" or the v1 "unlimited" sentinel."""
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    if not text or text == "max":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        return None
-    return None if value >= V1_UNLIMITED else value
-
-
-def _read_stat(path: Path, key: str) -> int | None:
-    """One counter of a memory.stat file; None when the file or the key is missing or unreadable."""
-    try:
-        with path.open(encoding="ascii") as stat_file:
-            for line in stat_file:
-                name, _, value = line.partition(" ")
-                if name == key:
-                    return int(value)
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _working_set_of(directory: Path, layout: _Layout) -> int | None:
-    """Usage of one cgroup minus its inactive file pages (never below 0); None without a usage figure."""
-    usage = _read_int(directory / layout.usage_file)
-    if usage is None:
-        return None
-    inactive = _read_stat(directory / STAT_FILE, layout.inactive_file_key) or 0
-    return max(usage - inactive, 0)
-
-
-def _ancestors(directory: Path, mount: Path) -> list[Path]:
-    """`directory` and each parent up to and including the mount root."""
-    chain = [directory]
-    while chain[-1] != mount and chain[-1].parent != chain[-1] and mount in chain[-1].parents:
-        chain.append(chain[-1].parent)
-    return chain
 
 
 def physical_memory() -> int:
@@ -188,58 +67,66 @@ def detect_limit(root: Path = Path("/")) -> MemoryLimit:
     if located is None:
         return MemoryLimit(physical, "physical")
     best: tuple[int, Path] | None = None
-    for directory in _ancestors(located.directory, located.mount):
-        for name in located.layout.limit_files:
-            value = _read_int(directory / name)
+    for directory in ancestors(located.directory, located.mount):
+        for name in located.files.limit_files:
+            value = read_int(directory / name)
             if value is not None and (best is None or value < best[0]):
                 best = (value, directory)
     if best is None or best[0] >= physical:
         return MemoryLimit(physical, "physical", located.directory)
-    return MemoryLimit(best[0], located.layout.source, located.directory, best[1])
+    return MemoryLimit(best[0], located.source, located.directory, best[1])
 
 
 def _process_rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _process_peak_rss() -> int:
+def peak_rss() -> int:
+    """This process's RSS high-water mark: VmHWM, which restarts at exec, unlike ru_maxrss (a child
+    inherits its forking parent's on Linux); ru_maxrss where there is no /proc."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     # ru_maxrss is KiB on Linux and bytes on macOS.
     scale = 1 if sys.platform == "darwin" else 1024
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
-def _cgroup_value(root: Path, pick: Callable[[_Layout], str]) -> int | None:
+def _cgroup_value(root: Path, pick: Callable[[CgroupFiles], str]) -> int | None:
     located = own_memory_cgroup(root)
     if located is None:
         return None
-    return _read_int(located.directory / pick(located.layout))
+    return read_int(located.directory / pick(located.files))
 
 
 def current_usage(root: Path = Path("/")) -> int:
     """Bytes charged to our memory cgroup now (incl. page cache), else this process's RSS."""
-    value = _cgroup_value(root, lambda layout: layout.usage_file)
+    value = _cgroup_value(root, lambda files: files.usage)
     return value if value is not None else _process_rss()
 
 
 def working_set(root: Path = Path("/")) -> int:
     """Bytes of our memory cgroup that cannot be reclaimed: usage minus inactive file pages, else our RSS."""
     located = own_memory_cgroup(root)
-    value = None if located is None else _working_set_of(located.directory, located.layout)
+    value = None if located is None else working_set_of(located.directory, located.files)
     return value if value is not None else _process_rss()
 
 
 def peak_usage(root: Path = Path("/")) -> int:
-    """Highest usage of our memory cgroup so far (memory.peak / max_usage_in_bytes), else peak RSS."""
-    value = _cgroup_value(root, lambda layout: layout.peak_file)
-    return value if value is not None else _process_peak_rss()
+    """Highest usage of our memory cgroup so far (the cgroupfs peak file), else peak RSS."""
+    value = _cgroup_value(root, lambda files: files.peak)
+    return value if value is not None else peak_rss()
 
 
 def working_set_at(origin: MemoryLimit) -> int:
     """The working set where the limit bites (an ancestor's limit counts its whole subtree), else our RSS."""
-    layout = _LAYOUTS.get(origin.source)
-    if layout is None or origin.limited_by is None:
+    if origin.source == "physical" or origin.limited_by is None:
         return _process_rss()
-    value = _working_set_of(origin.limited_by, layout)
+    value = working_set_of(origin.limited_by, FILES[origin.source])
     return value if value is not None else _process_rss()
 
 

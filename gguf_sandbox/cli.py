@@ -30,16 +30,22 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         "tokenize", "gguf_sandbox.tokenizers.command", "print llama.cpp's token ids of texts as JSON lines"
     ),
-    Subcommand("workload", "gguf_sandbox.workloads", "run one named workload and print its JSON report"),
-    Subcommand("run", "gguf_sandbox.runner", "run the resource-limit matrix from matrix.yaml"),
     Subcommand(
-        "repro", "gguf_sandbox.repro", "run one cell (a workload or any command) under a memory limit"
+        "workload", "gguf_sandbox.workloads.command", "run one named workload and print its JSON report"
+    ),
+    Subcommand("run", "gguf_sandbox.matrix.runner", "run the resource-limit matrix from matrix.yaml"),
+    Subcommand(
+        "repro", "gguf_sandbox.matrix.repro", "run one cell (a workload or any command) under a memory limit"
     ),
     Subcommand(
-        "floor", "gguf_sandbox.floor", "bisect the smallest memory limit a workload or command finishes in"
+        "floor",
+        "gguf_sandbox.matrix.floor",
+        "bisect the smallest memory limit a workload or command finishes in",
     ),
-    Subcommand("images", "gguf_sandbox.sandbox.images", "build the per-Python Docker images for the matrix"),
-    Subcommand("serve", "gguf_sandbox.mcp_server", "serve the embedding engine over MCP (stdio)"),
+    Subcommand(
+        "images", "gguf_sandbox.sandbox.docker.images", "build the per-Python Docker images for the matrix"
+    ),
+    Subcommand("serve", "gguf_sandbox.mcp.serve", "serve the embedding engine over MCP (stdio)"),
 )
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from fractions import Fraction
 from types import MappingProxyType
 
@@ -53,6 +54,18 @@ def parse_size(value: object, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
             f"size {show(value)} is out of range: give {format_size(minimum)} to {format_size(maximum)}"
         )
     return size
+
+
+def size_arg(minimum: int = 1, maximum: int = MAX_SIZE) -> Callable[[str], int]:
+    """An argparse `type` for a size option: parse_size within [minimum, maximum], else argparse's error."""
+
+    def parse(text: str) -> int:
+        try:
+            return parse_size(text, minimum, maximum)
+        except UnitError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
 
 
 def format_size(nbytes: int) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from gguf_sandbox.sandbox.cgroup import cgroups_writable  # noqa: E402
+from gguf_sandbox.sandbox.cgroup.placement import cgroups_writable  # noqa: E402
 from tests.models import (  # noqa: E402
     BIG_300MB,
     BIG_300MB_NARROW,

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final
 
-from gguf_sandbox.embed.weights import PlanName
+from gguf_sandbox.embed.plan import PlanName
 from gguf_sandbox.errors import BudgetExceeded, GGUFSandboxError
 
 if TYPE_CHECKING:

@@ -27,6 +27,7 @@ from gguf.constants import (
 from gguf.quants import quant_shape_to_byte_shape, quantize
 from gguf.tensor_mapping import get_tensor_name_map
 
+from gguf_sandbox.embed.shapes import bert_shapes
 from gguf_sandbox.embed.tokenizer import (
     CONTINUATION,
     KEY_LOWERCASE,
@@ -489,32 +490,6 @@ def _tensor_type(name: str, shape: tuple[int, ...], spec: OutType) -> GGMLQuanti
     return qtype if shape[-1] % block == 0 else GGMLQuantizationType.F16
 
 
-def _expected_shapes(hparams: BertHParams) -> dict[str, tuple[int, ...]]:
-    n_embd, n_ff = hparams.hidden_size, hparams.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "token_embd.weight": (hparams.vocab_size, n_embd),
-        "position_embd.weight": (hparams.max_position_embeddings, n_embd),
-        "token_types.weight": (hparams.type_vocab_size, n_embd),
-        "token_embd_norm.weight": (n_embd,),
-        "token_embd_norm.bias": (n_embd,),
-    }
-    per_block = {
-        "attn_q": (n_embd, n_embd),
-        "attn_k": (n_embd, n_embd),
-        "attn_v": (n_embd, n_embd),
-        "attn_output": (n_embd, n_embd),
-        "attn_output_norm": (n_embd,),
-        "ffn_up": (n_ff, n_embd),
-        "ffn_down": (n_embd, n_ff),
-        "layer_output_norm": (n_embd,),
-    }
-    for block in range(hparams.num_hidden_layers):
-        for part, shape in per_block.items():
-            shapes[f"blk.{block}.{part}.weight"] = shape
-            shapes[f"blk.{block}.{part}.bias"] = (shape[0],)
-    return shapes
-
-
 def _plan_tensors(weights: Path, hparams: BertHParams, spec: OutType) -> list[PlannedTensor]:
     """Every output tensor, named, shaped and typed, from the safetensors header alone."""
     if not weights.is_file():
@@ -529,7 +504,14 @@ def _plan_tensors(weights: Path, hparams: BertHParams, spec: OutType) -> list[Pl
     from safetensors import safe_open
 
     tensor_map = get_tensor_name_map(ARCH, hparams.num_hidden_layers)
-    expected = _expected_shapes(hparams)
+    expected = bert_shapes(
+        hidden=hparams.hidden_size,
+        ffn=hparams.intermediate_size,
+        vocab_size=hparams.vocab_size,
+        context=hparams.max_position_embeddings,
+        layers=hparams.num_hidden_layers,
+        token_types=hparams.type_vocab_size,
+    )
     plan: list[PlannedTensor] = []
     try:
         with safe_open(str(weights), framework="numpy") as handle:

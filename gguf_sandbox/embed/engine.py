@@ -15,19 +15,18 @@ import numpy as np
 
 from gguf_sandbox.budget import MemoryBudget, Reservation
 from gguf_sandbox.embed.bert import F32, BertConfig, TokenBatch, aligned, encode, rows_per_chunk
-from gguf_sandbox.embed.tokenizer import WordPieceTokenizer, vocabulary_bytes
-from gguf_sandbox.embed.weights import (
+from gguf_sandbox.embed.plan import (
     DEFAULT_PASS_TOKENS,
     ModelSizes,
     Plan,
     PlanName,
-    PlannedWeights,
     choose_plan,
     describe,
-    load_weights,
     preferred_plan,
-    read_config,
 )
+from gguf_sandbox.embed.shapes import read_config
+from gguf_sandbox.embed.tokenizer import WordPieceTokenizer, vocabulary_bytes
+from gguf_sandbox.embed.weights import PlannedWeights, load_weights
 from gguf_sandbox.errors import GGUFError
 from gguf_sandbox.gguf.reader import GGUFFile
 

@@ -14,7 +14,8 @@ from typing import Any
 from gguf.constants import Keys, TokenType
 
 from gguf_sandbox.errors import GGUFError
-from gguf_sandbox.gguf.reader import GGUFFile, LazyArray
+from gguf_sandbox.gguf.metadata import LazyArray
+from gguf_sandbox.gguf.reader import GGUFFile
 
 # llama.cpp's WordPiece convention in GGUF: a word-initial piece is stored with this prefix, a
 # continuation piece ("##ing" in vocab.txt) is stored bare; control tokens ([CLS], ...) as they are.

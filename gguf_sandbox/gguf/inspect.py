@@ -9,7 +9,8 @@ from collections import Counter
 from typing import Any
 
 from gguf_sandbox.errors import GGUFError
-from gguf_sandbox.gguf.reader import GGUFFile, LazyArray, TensorInfo
+from gguf_sandbox.gguf.metadata import LazyArray
+from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 
 ARRAY_PREVIEW = 3
 STRING_PREVIEW = 60

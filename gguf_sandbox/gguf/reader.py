@@ -17,11 +17,19 @@ from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantiz
 
 from gguf_sandbox.errors import GGUFError, UnsupportedTensorType
 from gguf_sandbox.gguf.dequant import dequantize
+from gguf_sandbox.gguf.metadata import ArrayLayout, LazyArray
+from gguf_sandbox.gguf.window import (
+    CHECKPOINT_EVERY,
+    CHUNK_BYTES,
+    SCALAR_FORMATS,
+    Scalar,
+    Window,
+    hint_truncated,
+    read_failed,
+)
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
-CHUNK_BYTES = 1 << 20
-WINDOW_BYTES = 1 << 16
 MAX_KEY_BYTES = 1 << 16
 MAX_TENSOR_NAME_BYTES = 1 << 16
 MAX_STRING_BYTES = (1 << 20) - 4096  # so the decoded str also fits one 1 MiB allocation
@@ -36,40 +44,7 @@ MAX_ALIGNMENT = 1 << 20
 MAX_KV_COUNT = 1 << 16
 MAX_TENSOR_COUNT = 1 << 16
 INT64_MAX = (1 << 63) - 1
-# A variable-size array remembers every CHECKPOINT_EVERY-th element offset: O(n/256) memory, O(256) seek.
-CHECKPOINT_EVERY = 256
 
-# Fixed-size value types: (struct code, byte size). Strings and arrays are variable and handled apart.
-SCALAR_FORMATS: Mapping[GGUFValueType, str] = MappingProxyType(
-    {
-        GGUFValueType.UINT8: "B",
-        GGUFValueType.INT8: "b",
-        GGUFValueType.UINT16: "H",
-        GGUFValueType.INT16: "h",
-        GGUFValueType.UINT32: "I",
-        GGUFValueType.INT32: "i",
-        GGUFValueType.FLOAT32: "f",
-        GGUFValueType.BOOL: "?",
-        GGUFValueType.UINT64: "Q",
-        GGUFValueType.INT64: "q",
-        GGUFValueType.FLOAT64: "d",
-    }
-)
-NUMPY_SCALAR: Mapping[str, str] = MappingProxyType(
-    {
-        "B": "u1",
-        "b": "i1",
-        "H": "u2",
-        "h": "i2",
-        "I": "u4",
-        "i": "i4",
-        "f": "f4",
-        "?": "u1",
-        "Q": "u8",
-        "q": "i8",
-        "d": "f8",
-    }
-)
 # Smallest encoding of one element, used to bound counts before anything is allocated.
 MIN_STRING_BYTES = 8
 MIN_ARRAY_BYTES = 12
@@ -78,301 +53,7 @@ SWAPPABLE_TYPES: Mapping[GGMLQuantizationType, str] = MappingProxyType(
     {GGMLQuantizationType.F32: "f4", GGMLQuantizationType.F16: "f2"}
 )
 
-Scalar: TypeAlias = "int | float | bool | str"
 Value: TypeAlias = "Scalar | LazyArray"
-
-
-def _hint_truncated() -> str:
-    return "the file is incomplete or corrupt: re-download or re-convert it"
-
-
-def _read_failed(what: str, nbytes: int, offset: int, error: OSError) -> GGUFError:
-    """A failed read (EIO from a failing disk, a file like /proc/self/mem) as a GGUFError saying where."""
-    return GGUFError(
-        f"{what}: reading {nbytes:,} bytes at offset {offset:,} failed: {error.strerror or error}; the file "
-        f"or its disk is failing, or it is not a regular GGUF file"
-    )
-
-
-class _Window:
-    """Sequential decoder reading through one reusable WINDOW_BYTES buffer, bounds-checked at every read."""
-
-    def __init__(self, fd: int, file_size: int, byte_order: str, position: int) -> None:
-        self.fd = fd
-        self.file_size = file_size
-        self.byte_order = byte_order
-        self.buffer = bytearray(WINDOW_BYTES)
-        self.view = memoryview(self.buffer)
-        self.start = position  # file offset of buffer[0]
-        self.filled = 0
-        self.position = position
-        self.u32 = struct.Struct(byte_order + "I")
-        self.u64 = struct.Struct(byte_order + "Q")
-        self.scalars = {code: struct.Struct(byte_order + code) for code in SCALAR_FORMATS.values()}
-
-    def _require(self, nbytes: int, field: str) -> int:
-        """Make [position, position + nbytes) readable in the buffer; return its index there."""
-        end = self.position + nbytes
-        if end > self.file_size:
-            raise GGUFError(
-                f"truncated {field} at offset {self.position}: needs {nbytes} bytes but the file ends at "
-                f"{self.file_size}; {_hint_truncated()}"
-            )
-        index = self.position - self.start
-        if index < 0 or index + nbytes > self.filled:
-            if self.fd < 0:
-                raise GGUFError(f"cannot read {field}: the file is closed; open it again")
-            self.start = self.position
-            try:
-                self.filled = os.preadv(self.fd, [self.view], self.start)
-            except OSError as error:
-                raise _read_failed(field, len(self.view), self.start, error) from None
-            index = 0
-            if self.filled < nbytes:
-                raise GGUFError(
-                    f"{field} at offset {self.position}: the file ended after {self.filled} of {nbytes} "
-                    f"bytes; it shrank while open"
-                )
-        return index
-
-    def read_u32(self, field: str) -> int:
-        index = self._require(4, field)
-        self.position += 4
-        value: int = self.u32.unpack_from(self.buffer, index)[0]
-        return value
-
-    def read_u64(self, field: str) -> int:
-        index = self._require(8, field)
-        self.position += 8
-        value: int = self.u64.unpack_from(self.buffer, index)[0]
-        return value
-
-    def read_bytes(self, nbytes: int, field: str) -> bytes:
-        if nbytes <= WINDOW_BYTES:
-            index = self._require(nbytes, field)
-            self.position += nbytes
-            return bytes(self.buffer[index : index + nbytes])
-        if self.position + nbytes > self.file_size:
-            self._require(nbytes, field)
-        try:
-            data = os.pread(self.fd, nbytes, self.position)
-        except OSError as error:
-            raise _read_failed(field, nbytes, self.position, error) from None
-        if len(data) != nbytes:
-            raise GGUFError(
-                f"{field} at offset {self.position}: the file ended after {len(data)} of {nbytes} bytes; it "
-                f"shrank while open"
-            )
-        self.position += nbytes
-        return data
-
-    def read_string(self, field: str, max_bytes: int) -> str:
-        length = self.read_u64(f"{field} length")
-        if length > max_bytes:
-            raise GGUFError(
-                f"{field} at offset {self.position - 8} claims {length:,} bytes, over the {max_bytes:,}-byte "
-                f"limit for this field; the file is corrupt or hostile"
-            )
-        self._check_fits(length, field)
-        raw = self.read_bytes(length, field)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise GGUFError(
-                f"{field} at offset {self.position - length} is not valid UTF-8 ({error.reason} at byte "
-                f"{error.start}); the file is corrupt"
-            ) from None
-
-    def read_scalar(self, code: str, field: str) -> Scalar:
-        fmt = self.scalars[code]
-        index = self._require(fmt.size, field)
-        self.position += fmt.size
-        value: Scalar = fmt.unpack_from(self.buffer, index)[0]
-        if code == "f":
-            # The shortest decimal that round-trips the float32: 1e-12, not 9.999999960041972e-13.
-            return float(str(np.float32(value)))
-        return value
-
-    def _check_fits(self, nbytes: int, field: str) -> None:
-        if self.position + nbytes > self.file_size:
-            raise GGUFError(
-                f"{field} at offset {self.position} claims {nbytes:,} bytes but only "
-                f"{self.file_size - self.position:,} remain in the file; {_hint_truncated()}"
-            )
-
-    def check_count(self, count: int, min_element_bytes: int, field: str, maximum: int | None = None) -> None:
-        """Refuse a count over `maximum` or whose smallest encoding cannot fit in the rest of the file."""
-        if maximum is not None and count > maximum:
-            raise GGUFError(
-                f"{field} at offset {self.position - 8} is {count:,}, over the sane maximum {maximum:,}; "
-                f"the file is corrupt or hostile"
-            )
-        if count * min_element_bytes > self.file_size - self.position:
-            raise GGUFError(
-                f"{field} at offset {self.position - 8} claims {count:,} elements, but even at "
-                f"{min_element_bytes} bytes each they cannot fit in the {self.file_size - self.position:,} "
-                f"bytes left; the file is corrupt or hostile"
-            )
-
-    def skip_strings(self, count: int, field: str, checkpoints: array[int] | None) -> None:
-        """Walk `count` strings without decoding them; remember every CHECKPOINT_EVERY-th offset."""
-        # The hot loop of opening a 262k-token vocabulary: locals only, bounds checked once per group
-        # (positions only grow, so a group that ends inside the file had every element inside it).
-        unpack_u64 = self.u64.unpack_from
-        buffer = self.buffer
-        for group_start in range(0, count, CHECKPOINT_EVERY):
-            if checkpoints is not None:
-                checkpoints.append(self.position)
-            group_origin = self.position
-            index = self.position - self.start
-            filled = self.filled
-            for _ in range(min(CHECKPOINT_EVERY, count - group_start)):
-                if index < 0 or index + 8 > filled:
-                    if self.start + index + 8 > self.file_size:
-                        self._explain_overrun(field, group_start, group_origin)
-                    self.position = self.start + index
-                    index = self._require(8, f"{field}[{group_start}+] length")
-                    filled = self.filled
-                index += 8 + unpack_u64(buffer, index)[0]
-            self.position = self.start + index
-            if self.position > self.file_size:
-                self._explain_overrun(field, group_start, group_origin)
-
-    def _explain_overrun(self, field: str, group_start: int, position: int) -> None:
-        """Find the string of a group that runs past the end of the file and say which it is."""
-        for element in range(group_start, group_start + CHECKPOINT_EVERY):
-            self.position = position
-            length = self.read_u64(f"{field}[{element}] length")
-            if position + 8 + length > self.file_size:
-                raise GGUFError(
-                    f"{field}[{element}] at offset {position} claims {length:,} bytes but the file ends at "
-                    f"{self.file_size:,}; {_hint_truncated()}"
-                )
-            position += 8 + length
-        raise GGUFError(f"{field}: strings run past the end of the file; {_hint_truncated()}")
-
-
-@dataclass(frozen=True)
-class _ArrayLayout:
-    """Where a metadata array lives: enough to decode any element later without keeping any."""
-
-    element_type: GGUFValueType
-    count: int
-    offset: int
-    end: int
-    checkpoints: tuple[int, ...] | array[int] | None  # only for variable-size elements
-
-
-class LazyArray(Sequence[Any]):
-    """A metadata array whose elements are decoded from the file only when asked for."""
-
-    def __init__(self, owner: GGUFFile, key: str, layout: _ArrayLayout) -> None:
-        self._owner = owner
-        self._key = key
-        self._layout = layout
-
-    @property
-    def element_type(self) -> GGUFValueType:
-        return self._layout.element_type
-
-    def __len__(self) -> int:
-        return self._layout.count
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the array's elements occupy in the file."""
-        return self._layout.end - self._layout.offset
-
-    def __repr__(self) -> str:
-        return f"LazyArray({self._key!r}, {self._layout.element_type.name}, len={self._layout.count})"
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            start, stop, step = index.indices(self._layout.count)
-            if step != 1:
-                return [self[i] for i in range(start, stop, step)]
-            return list(self._iter_range(start, stop))
-        if not isinstance(index, int):
-            raise TypeError(f"{self._key} indices must be int or slice, not {type(index).__name__}")
-        position = index + self._layout.count if index < 0 else index
-        if not 0 <= position < self._layout.count:
-            raise IndexError(f"{self._key}[{index}] out of range (length {self._layout.count})")
-        return next(self._iter_range(position, position + 1))
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._iter_range(0, self._layout.count)
-
-    def to_numpy(self, start: int = 0, stop: int | None = None, max_bytes: int = CHUNK_BYTES) -> np.ndarray:
-        """A slice of a fixed-size numeric array as numpy, refused when it would exceed `max_bytes`."""
-        layout = self._layout
-        code = SCALAR_FORMATS.get(layout.element_type)
-        if code is None:
-            raise GGUFError(f"{self._key} holds {layout.element_type.name} elements, not numbers")
-        start, stop, _ = slice(start, stop).indices(layout.count)
-        dtype = np.dtype(self._owner.byte_order + NUMPY_SCALAR[code])
-        nbytes = max(0, stop - start) * dtype.itemsize
-        if nbytes > max_bytes:
-            raise GGUFError(
-                f"{self._key}[{start}:{stop}] is {nbytes:,} bytes, over max_bytes={max_bytes:,}; "
-                f"read it in slices"
-            )
-        values = self._owner._pread(layout.offset + start * dtype.itemsize, nbytes, self._key).view(dtype)
-        return values.astype(bool) if code == "?" else values.astype(dtype.newbyteorder("="))
-
-    def iter_bytes(self) -> Iterator[bytes]:
-        """The elements of a STRING array as stored (undecoded bytes), read in chunks of CHUNK_BYTES.
-
-        The bulk path for vocabularies: about 10x faster than iterating, which decodes each element
-        through its own window. Lengths were checked against the file when it was opened.
-        """
-        layout = self._layout
-        if layout.element_type is not GGUFValueType.STRING:
-            raise GGUFError(f"{self._key} holds {layout.element_type.name} elements, not strings")
-        length = struct.Struct(self._owner.byte_order + "Q").unpack_from
-        position, buffer, index = layout.offset, b"", 0
-        for _ in range(layout.count):
-            if index + 8 > len(buffer):
-                buffer, index = self._refill(buffer, index, position, 8)
-            size = length(buffer, index)[0]
-            if index + 8 + size > len(buffer):
-                buffer, index = self._refill(buffer, index, position, 8 + size)
-            yield buffer[index + 8 : index + 8 + size]
-            index += 8 + size
-            position += 8 + size
-
-    def _refill(self, buffer: bytes, index: int, position: int, needed: int) -> tuple[bytes, int]:
-        """A buffer holding at least `needed` bytes from `position` (the rest of `buffer` reused)."""
-        nbytes = min(max(needed, CHUNK_BYTES), self._layout.end - position)
-        if nbytes < needed:
-            raise GGUFError(f"{self._key}: element at {position} runs past the array; the file changed")
-        kept = buffer[index:]
-        self._owner._check_open(self._key)
-        fresh = os.pread(self._owner._fd, nbytes - len(kept), position + len(kept))
-        if len(fresh) != nbytes - len(kept):
-            raise GGUFError(f"{self._key}: the file shrank while open")
-        return kept + fresh, 0
-
-    def _iter_range(self, start: int, stop: int) -> Iterator[Any]:
-        layout = self._layout
-        code = SCALAR_FORMATS.get(layout.element_type)
-        if code is not None:
-            size = struct.calcsize(code)
-            for first in range(start, stop, CHUNK_BYTES // size):
-                last = min(stop, first + CHUNK_BYTES // size)
-                yield from self.to_numpy(first, last).tolist()
-            return
-        if start >= stop:
-            return
-        checkpoints = layout.checkpoints
-        if checkpoints is None:
-            raise GGUFError(f"{self._key}: internal error, variable-size array without checkpoints")
-        base = start // CHECKPOINT_EVERY
-        self._owner._check_open(self._key)
-        window = _Window(self._owner._fd, layout.end, self._owner.byte_order, checkpoints[base])
-        for element in range(base * CHECKPOINT_EVERY, stop):
-            value = self._owner._decode_value(window, layout.element_type, f"{self._key}[{element}]", 1)
-            if element >= start:
-                yield value
 
 
 @dataclass(frozen=True)
@@ -597,7 +278,7 @@ class GGUFFile:
         try:
             got = os.preadv(self._fd, [target.data], offset) if target.nbytes else 0
         except OSError as error:
-            raise _read_failed(what, target.nbytes, offset, error) from None
+            raise read_failed(what, target.nbytes, offset, error) from None
         if got != target.nbytes:
             raise GGUFError(
                 f"{what}: expected {target.nbytes:,} bytes at offset {offset:,}, got {got:,}; "
@@ -609,11 +290,11 @@ class GGUFFile:
         try:
             header = os.pread(self._fd, 8, 0)
         except OSError as error:
-            raise _read_failed(f"{self.path.name}: header", 8, 0, error) from None
+            raise read_failed(f"{self.path.name}: header", 8, 0, error) from None
         if len(header) < 8:
             raise GGUFError(
                 f"{self.path.name} is {self.file_size} bytes, too short for a GGUF header (8 bytes); "
-                f"{_hint_truncated()}"
+                f"{hint_truncated()}"
             )
         if header[:4] != MAGIC:
             raise GGUFError(
@@ -621,7 +302,7 @@ class GGUFFile:
                 f"expected {MAGIC!r}"
             )
         self.byte_order, self.version = self._detect_byte_order(header[4:8])
-        window = _Window(self._fd, self.file_size, self.byte_order, 8)
+        window = Window(self._fd, self.file_size, self.byte_order, 8)
         tensor_count = window.read_u64("tensor count")
         window.check_count(tensor_count, 24, "tensor count", MAX_TENSOR_COUNT)
         kv_count = window.read_u64("metadata count")
@@ -634,7 +315,7 @@ class GGUFFile:
         if self.data_offset > self.file_size and tensor_count:
             raise GGUFError(
                 f"tensor data should start at offset {self.data_offset:,} but the file ends at "
-                f"{self.file_size:,}; {_hint_truncated()}"
+                f"{self.file_size:,}; {hint_truncated()}"
             )
         self._place_tensors(tensor_table)
         self._nested_arrays = None
@@ -652,7 +333,7 @@ class GGUFFile:
             f"{', '.join(map(str, SUPPORTED_VERSIONS))}); convert it with a current llama.cpp"
         )
 
-    def _parse_kv(self, window: _Window, index: int) -> None:
+    def _parse_kv(self, window: Window, index: int) -> None:
         key_offset = window.position
         key = window.read_string(f"metadata key #{index}", MAX_KEY_BYTES)
         value_type = self._value_type(window.read_u32(f"value type of {key!r}"), key, window.position - 4)
@@ -673,7 +354,7 @@ class GGUFFile:
                 f"GGUF revision"
             ) from None
 
-    def _decode_value(self, window: _Window, value_type: GGUFValueType, field: str, depth: int) -> Value:
+    def _decode_value(self, window: Window, value_type: GGUFValueType, field: str, depth: int) -> Value:
         code = SCALAR_FORMATS.get(value_type)
         if code is not None:
             return window.read_scalar(code, field)
@@ -681,7 +362,7 @@ class GGUFFile:
             return window.read_string(field, MAX_STRING_BYTES)
         return LazyArray(self, field, self._parse_array(window, field, depth))
 
-    def _parse_array(self, window: _Window, field: str, depth: int) -> _ArrayLayout:
+    def _parse_array(self, window: Window, field: str, depth: int) -> ArrayLayout:
         if depth >= MAX_ARRAY_DEPTH:
             raise GGUFError(
                 f"{field} at offset {window.position}: arrays nested deeper than {MAX_ARRAY_DEPTH}; "
@@ -697,7 +378,7 @@ class GGUFFile:
             window.check_count(count, size, f"{field} count")
             offset = window.position
             window.position += count * size
-            return _ArrayLayout(element_type, count, offset, window.position, None)
+            return ArrayLayout(element_type, count, offset, window.position, None)
         minimum = MIN_STRING_BYTES if element_type is GGUFValueType.STRING else MIN_ARRAY_BYTES
         window.check_count(count, minimum, f"{field} count")
         offset = window.position
@@ -717,7 +398,7 @@ class GGUFFile:
                 if element % CHECKPOINT_EVERY == 0:
                     checkpoints.append(window.position)
                 self._parse_array(window, f"{field}[{element}]", depth + 1)
-        return _ArrayLayout(element_type, count, offset, window.position, checkpoints)
+        return ArrayLayout(element_type, count, offset, window.position, checkpoints)
 
     def _alignment(self) -> int:
         value = self._metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
@@ -733,7 +414,7 @@ class GGUFFile:
             )
         return value
 
-    def _parse_tensor_info(self, window: _Window, index: int) -> _TableEntry:
+    def _parse_tensor_info(self, window: Window, index: int) -> _TableEntry:
         entry_offset = window.position
         name = window.read_string(f"tensor #{index} name", MAX_TENSOR_NAME_BYTES)
         n_dims = window.read_u32(f"tensor {name!r} dimension count")
@@ -790,7 +471,7 @@ class GGUFFile:
             if offset + nbytes > self.file_size:
                 raise GGUFError(
                     f"tensor {name!r} ({tensor_type.name}, {nbytes:,} bytes at offset {offset:,}) ends past "
-                    f"the end of the file ({self.file_size:,} bytes); {_hint_truncated()}"
+                    f"the end of the file ({self.file_size:,} bytes); {hint_truncated()}"
                 )
             self._tensors[name] = TensorInfo(name, tensor_type, ne, offset, nbytes)
         previous: TensorInfo | None = None

@@ -13,6 +13,7 @@ from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType, PoolingType, TokenType
 from gguf.quants import quantize
 
+from gguf_sandbox.embed.shapes import bert_shapes
 from gguf_sandbox.errors import GGUFError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -62,25 +63,16 @@ class SyntheticBert:
 
     def tensor_shapes(self) -> Iterator[tuple[str, tuple[int, ...], bool]]:
         """(name, numpy shape, is_matrix) in file order; matrices use tensor_type, the rest F32."""
-        h, f = self.hidden, self.ffn
-        yield "token_embd.weight", (self.vocab_size, h), True
-        yield "position_embd.weight", (self.context, h), True
-        yield "token_types.weight", (2, h), False
-        yield "token_embd_norm.weight", (h,), False
-        yield "token_embd_norm.bias", (h,), False
-        for layer in range(self.layers):
-            prefix = f"blk.{layer}"
-            for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
-                yield f"{prefix}.{part}.weight", (h, h), True
-                yield f"{prefix}.{part}.bias", (h,), False
-            yield f"{prefix}.attn_output_norm.weight", (h,), False
-            yield f"{prefix}.attn_output_norm.bias", (h,), False
-            yield f"{prefix}.ffn_up.weight", (f, h), True
-            yield f"{prefix}.ffn_up.bias", (f,), False
-            yield f"{prefix}.ffn_down.weight", (h, f), True
-            yield f"{prefix}.ffn_down.bias", (h,), False
-            yield f"{prefix}.layer_output_norm.weight", (h,), False
-            yield f"{prefix}.layer_output_norm.bias", (h,), False
+        shapes = bert_shapes(
+            hidden=self.hidden,
+            ffn=self.ffn,
+            vocab_size=self.vocab_size,
+            context=self.context,
+            layers=self.layers,
+            token_types=2,
+        )
+        for name, shape in shapes.items():
+            yield name, shape, len(shape) == 2 and name != "token_types.weight"
 
     def nbytes(self) -> int:
         """Bytes of tensor data the file will hold (the header adds a little more)."""

@@ -15,24 +15,6 @@ MODEL_PLACEHOLDER = "{model}"
 PIDS_LIMIT = 256
 
 
-class Verdict(str, enum.Enum):
-    """How a cell ended. Graceful verdicts are what a well-behaved workload may produce."""
-
-    PASS = "pass"
-    DEGRADED = "degraded"
-    REFUSED = "refused"
-    OOM = "oom"
-    CRASH = "crash"
-    TIMEOUT = "timeout"
-    WRONG = "wrong"
-    # The harness could not judge the cell (e.g. its unconstrained reference run failed).
-    ERROR = "error"
-
-    @property
-    def graceful(self) -> bool:
-        return self in (Verdict.PASS, Verdict.DEGRADED, Verdict.REFUSED)
-
-
 @dataclass(frozen=True)
 class Mount:
     """A host file or directory the cell sees read-only at `target` (an absolute path inside the cell).
@@ -57,13 +39,9 @@ class CellSpec:
     timeout: float = 300.0
     model: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict)
-    expect: frozenset[Verdict] = frozenset({Verdict.PASS, Verdict.DEGRADED, Verdict.REFUSED})
     # PyPI requirements the cell's Python needs beyond gguf-sandbox's own (the MCP SDK for `serve`):
     # the cgroup backend installs them into a separate cached venv, docker images must already have them.
     requirements: tuple[str, ...] = ()
-    # The workload's client runs on the host and talks to a process in the cell over its stdin/stdout
-    # (the `mcp` workload): the runner hands such a spec to that client instead of calling Sandbox.run.
-    host_side: bool = False
     # Extra host paths the argv names (`repro --mount`); matrix cells have none.
     mounts: tuple[Mount, ...] = ()
 

@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import IO
 
 import gguf_sandbox
+from gguf_sandbox import log
+from gguf_sandbox.sandbox.cgroup.control import remove_cgroup
+
+LOG = log.get(__name__)
 
 CGROUP = "cgroup"
 DOCKER = "docker"
@@ -158,8 +162,6 @@ GUARD = Guard()
 
 
 def _reap_cgroup(path: Path) -> str | None:
-    from gguf_sandbox.sandbox.placement import remove_cgroup
-
     if not path.exists():
         return None
     remove_cgroup(path)
@@ -198,7 +200,7 @@ def reap(registrations: Sequence[str]) -> list[str]:
             elif kind == DOCKER:
                 removed += _reap_docker(value)
         except Exception as error:  # one failure must not keep the others alive
-            print(f"[gguf-sandbox] reaper: {kind} {value}: {error}", file=sys.stderr)
+            LOG.warning("[gguf-sandbox] reaper: %s %s: %s", kind, value, error)
     return removed
 
 

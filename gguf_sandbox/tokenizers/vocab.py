@@ -12,7 +12,8 @@ import numpy as np
 from gguf.constants import GGUFValueType, Keys, TokenType
 
 from gguf_sandbox.errors import GGUFError
-from gguf_sandbox.gguf.reader import CHUNK_BYTES, LazyArray
+from gguf_sandbox.gguf.metadata import LazyArray
+from gguf_sandbox.gguf.window import CHUNK_BYTES
 
 # Far above any real vocabulary (the longest gemma-3 token is 48 bytes; 262,144 tokens take 2.3 MB).
 MAX_TOKEN_BYTES = 1 << 16

@@ -18,7 +18,8 @@ from gguf_sandbox.cli import main as cli_main
 from gguf_sandbox.embed.convert import convert
 from gguf_sandbox.embed.tokenizer import KEY_LOWERCASE, KEY_MAX_SEQ_LENGTH, WordPieceTokenizer
 from gguf_sandbox.errors import GGUFSandboxError
-from gguf_sandbox.gguf.reader import GGUFFile, LazyArray
+from gguf_sandbox.gguf.metadata import LazyArray
+from gguf_sandbox.gguf.reader import GGUFFile
 
 F32, F16 = GGMLQuantizationType.F32, GGMLQuantizationType.F16
 Q8_0, Q4_0 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0

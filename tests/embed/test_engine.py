@@ -20,9 +20,9 @@ from gguf.constants import GGMLQuantizationType
 
 from gguf_sandbox.budget import MemoryBudget
 from gguf_sandbox.embed import command
-from gguf_sandbox.embed import weights as weights_module
+from gguf_sandbox.embed import plan as plan_module
 from gguf_sandbox.embed.engine import Embedder
-from gguf_sandbox.embed.weights import PLAN_ORDER, PlanName, pass_bytes
+from gguf_sandbox.embed.plan import PLAN_ORDER, PlanName, pass_bytes
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.synth import SyntheticBert, vocabulary, write_synthetic_bert
 from tests.models import cached_synthetic
@@ -319,7 +319,7 @@ def test_a_host_too_small_for_float32_weights_does_not_count_quantized_as_degrad
         resident = opened.budget.in_use
     # A machine whose RAM holds the quantized weights and a pass, but not the float32 weights.
     ram = resident + pass_bytes(opened.config, opened.context_length) + 1
-    monkeypatch.setattr(weights_module, "physical_memory", lambda: ram)
+    monkeypatch.setattr(plan_module, "physical_memory", lambda: ram)
     with Embedder.open(small_model, plan="resident-quant", budget=MemoryBudget(UNLIMITED)) as opened:
         assert opened.preferred_plan == "resident-quant"
         assert not opened.degraded

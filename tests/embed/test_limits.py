@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from gguf_sandbox.sandbox.base import RunResult
-from gguf_sandbox.sandbox.cgroup import run_limited
+from gguf_sandbox.sandbox.cgroup.process import run_limited
 
 pytestmark = [pytest.mark.cgroup, pytest.mark.usefixtures("writable_cgroups")]
 

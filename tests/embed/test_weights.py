@@ -15,20 +15,19 @@ from gguf.constants import GGMLQuantizationType
 
 from gguf_sandbox.embed import bert
 from gguf_sandbox.embed.bert import BertConfig, TokenBatch
-from gguf_sandbox.embed.weights import (
+from gguf_sandbox.embed.plan import (
     PLAN_ORDER,
     Q8_KEPT_BYTES,
     ModelSizes,
     PlanName,
-    Q8Rows,
     TableMode,
     choose_plan,
-    load_weights,
     parse_plan,
     pass_bytes,
     preferred_plan,
-    read_config,
 )
+from gguf_sandbox.embed.shapes import read_config
+from gguf_sandbox.embed.weights import Q8Rows, load_weights
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile

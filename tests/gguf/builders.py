@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from gguf_sandbox.gguf.reader import GGUFFile, LazyArray
+from gguf_sandbox.gguf.metadata import LazyArray
+from gguf_sandbox.gguf.reader import GGUFFile
 
 # Struct codes of the fixed-size value types, from the GGUF spec (deliberately not the reader's table).
 STRUCT_CODES: Mapping[GGUFValueType, str] = MappingProxyType(

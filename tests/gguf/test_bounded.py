@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gguf_sandbox.gguf.reader import CHUNK_BYTES, GGUFFile, LazyArray
+from gguf_sandbox.gguf.metadata import LazyArray
+from gguf_sandbox.gguf.reader import GGUFFile
+from gguf_sandbox.gguf.window import CHUNK_BYTES
+from gguf_sandbox.sandbox.cgroup.placement import cgroups_writable
+from gguf_sandbox.sandbox.cgroup.process import run_limited
 
 memray = pytest.importorskip("memray", reason="memray records every allocation; pip install memray")
 
@@ -66,11 +70,10 @@ def test_allocation_records_catch_a_large_allocation(tmp_path: Path) -> None:
 
 @pytest.mark.cgroup
 def test_inspect_and_stream_300mb_model_in_64mb_cgroup(big_model: Path) -> None:
-    cgroup = pytest.importorskip("gguf_sandbox.sandbox.cgroup")
-    reason = cgroup.cgroups_writable()
+    reason = cgroups_writable()
     if reason:
         pytest.skip(reason)
-    inspect = cgroup.run_limited(
+    inspect = run_limited(
         [sys.executable, "-m", "gguf_sandbox", "inspect", "--json", str(big_model)],
         SIXTY_FOUR_MB,
         timeout=120,
@@ -79,7 +82,7 @@ def test_inspect_and_stream_300mb_model_in_64mb_cgroup(big_model: Path) -> None:
     assert not inspect.oom_kill_count
     assert len(json.loads(inspect.stdout)["tensors"]) > 10
 
-    streamed = cgroup.run_limited(
+    streamed = run_limited(
         [sys.executable, "-m", "gguf_sandbox", "workload", "stream", "--model", str(big_model)],
         SIXTY_FOUR_MB,
         timeout=300,
@@ -96,8 +99,7 @@ def test_inspect_and_stream_300mb_model_in_64mb_cgroup(big_model: Path) -> None:
 @pytest.mark.cgroup
 def test_naive_gguf_py_load_of_300mb_model_is_killed_in_64mb_cgroup(big_model: Path) -> None:
     """The control: what our reader avoids really does die under the same limit."""
-    cgroup = pytest.importorskip("gguf_sandbox.sandbox.cgroup")
-    reason = cgroup.cgroups_writable()
+    reason = cgroups_writable()
     if reason:
         pytest.skip(reason)
     # Owned copies, as a loader handing weights to a framework makes: an F32 "dequantize" alone is a view
@@ -107,6 +109,6 @@ def test_naive_gguf_py_load_of_300mb_model_is_killed_in_64mb_cgroup(big_model: P
         "r = gguf.GGUFReader(sys.argv[1])\n"
         "weights = [np.array(q.dequantize(t.data, t.tensor_type), copy=True) for t in r.tensors]\n"
     )
-    result = cgroup.run_limited([sys.executable, "-c", naive, str(big_model)], SIXTY_FOUR_MB, timeout=120)
+    result = run_limited([sys.executable, "-c", naive, str(big_model)], SIXTY_FOUR_MB, timeout=120)
     assert result.exit_code in (137, -9)
     assert result.oom_kill_count >= 1

@@ -17,7 +17,7 @@ import pytest
 from gguf_sandbox.budget import MemoryBudget
 from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
-from gguf_sandbox.sandbox.cgroup import run_limited
+from gguf_sandbox.sandbox.cgroup.process import run_limited
 from tests.gguf.hostile import CORPUS, EXIT_OK, EXIT_REFUSED
 
 MiB = 1 << 20

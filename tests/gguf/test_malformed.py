@@ -17,7 +17,8 @@ import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from gguf_sandbox.errors import GGUFError, UnsupportedTensorType
-from gguf_sandbox.gguf.reader import MAX_NESTED_ARRAYS, GGUFFile, LazyArray
+from gguf_sandbox.gguf.metadata import LazyArray
+from gguf_sandbox.gguf.reader import MAX_NESTED_ARRAYS, GGUFFile
 from tests.gguf import builders
 from tests.gguf.builders import KV, Arr, Spec, Str, Tensor
 

@@ -15,7 +15,8 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from gguf_sandbox.errors import GGUFError, GGUFSandboxError, UnsupportedTensorType
 from gguf_sandbox.gguf.dequant import SUPPORTED_TYPES
-from gguf_sandbox.gguf.reader import GGUFFile, LazyArray, TensorInfo
+from gguf_sandbox.gguf.metadata import LazyArray
+from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 from gguf_sandbox.gguf.synth import WRITABLE_TYPES, SyntheticBert, vocabulary, write_synthetic_bert
 from tests.gguf import builders
 

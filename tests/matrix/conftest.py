@@ -1,26 +1,29 @@
 """Collects one pytest test per matrix cell (ids = cell ids) and runs cells through their backends.
 
-Options: --matrix-file (default: the repo's matrix.yaml), --matrix-profile (default: ci; `none` = the
-whole matrix), --matrix-backend (repeatable; default: the matrix's backends), --matrix-results (also
-append outcomes to a JSONL file). Cells run in a child process or container under the limit, never in
-pytest: an OOM kills the cell, not the session.
+Cells run through the real runner (runner.MatrixRun), one per test. Options: --matrix-file (default: the
+repo's matrix.yaml), --matrix-profile (default: ci; `none` = the whole matrix), --matrix-backend
+(repeatable; default: the matrix's backends), --matrix-results (also append outcomes to a JSONL file). Cells
+run in a child process or container under the limit, never in pytest: an OOM kills the cell, not the
+session.
 """
 
 from __future__ import annotations
 
+import io
+import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
+from typing import TextIO, cast
 
 import pytest
 
 from gguf_sandbox.errors import GGUFSandboxError
-from gguf_sandbox.matrix import Cell, Matrix, expand_cells, load
-from gguf_sandbox.models import default_cache_dir, prepare
-from gguf_sandbox.results import CELL, REFERENCE, ResultStore
-from gguf_sandbox.runner import cell_fields, make_sandbox, reference_of, reference_spec, run_spec
-from gguf_sandbox.sandbox.base import Sandbox
-from gguf_sandbox.verdicts import Outcome, Reference
+from gguf_sandbox.matrix.expand import expand_cells
+from gguf_sandbox.matrix.load import load
+from gguf_sandbox.matrix.models import default_cache_dir, prepare
+from gguf_sandbox.matrix.results import SKIP, CellRecord, ResultStore
+from gguf_sandbox.matrix.runner import MatrixRun, make_sandbox
+from gguf_sandbox.matrix.schema import Cell, Matrix
 
 REPO = Path(__file__).resolve().parents[2]
 NO_PROFILE = "none"
@@ -76,70 +79,70 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     )
 
 
+class _Stderr(io.TextIOBase):
+    """The runner's progress lines, written to whatever sys.stderr is now (pytest captures it per test)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 class MatrixSession:
-    """Session-wide state: one sandbox per backend, availability, prepared models, reference results."""
+    """The real runner (runner.MatrixRun) over the collected cells, driven one cell per test."""
 
-    def __init__(self, matrix: Matrix, store: ResultStore | None) -> None:
-        self.matrix = matrix
-        self.store = store
-        self._sandboxes: dict[str, Sandbox] = {}
-        self._availability: dict[tuple[str, str], str | None] = {}
-        self._models: dict[str, Path | str] = {}
-        self._references: dict[str, Reference] = {}
+    def __init__(self, run: MatrixRun) -> None:
+        self.runner = run
+        self._index = {cell.cell_id: index for index, cell in enumerate(run.cells, start=1)}
+        self._prepared: str | None = None
 
-    def sandbox(self, name: str) -> Sandbox:
-        if name not in self._sandboxes:
-            self._sandboxes[name] = make_sandbox(name)
-        return self._sandboxes[name]
-
-    def skip_reason(self, cell: Cell) -> str | None:
-        key = (cell.spec.backend, cell.spec.python)
-        if key not in self._availability:
-            self._availability[key] = self.sandbox(cell.spec.backend).unavailable_reason(cell.spec.python)
-        return self._availability[key]
-
-    def model(self, name: str) -> Path:
-        if name not in self._models:
+    def run(self, cell: Cell) -> CellRecord:
+        """The cell run and recorded as `gguf-sandbox run` would (models prepared once, before the first)."""
+        if self._prepared is None:
             try:
-                self._models[name] = prepare(self.matrix.models[name], default_cache_dir())
+                self.runner.prepare_models()
+                self._prepared = ""
             except GGUFSandboxError as error:
-                self._models[name] = str(error)
-        found = self._models[name]
-        if isinstance(found, str):
-            pytest.fail(f"model {name} could not be prepared: {found}", pytrace=False)
-        return found
+                self._prepared = str(error)
+        if self._prepared:
+            pytest.fail(self._prepared, pytrace=False)
+        record = self.runner.run_cell(self._index[cell.cell_id], cell)
+        if record.kind == SKIP:
+            pytest.skip(
+                f"{cell.spec.backend} backend unavailable for Python {cell.spec.python}: {record.reason}"
+            )
+        return record
 
-    def reference(self, cell: Cell, sandbox: Sandbox) -> Reference:
-        twin = reference_spec(cell, self.matrix.reference_memory)
-        if twin.cell_id not in self._references:
-            outcome = run_spec(sandbox, twin)
-            self._references[twin.cell_id] = reference_of(outcome)
-            self._record({"kind": REFERENCE, "cell_id": twin.cell_id, **outcome.to_json()})
-        return self._references[twin.cell_id]
+    def failure(self, cell: Cell) -> str:
+        return self.runner.failures.get(cell.cell_id, f"cell {cell.cell_id}: not recorded")
 
-    def run(self, cell: Cell) -> Outcome:
-        reason = self.skip_reason(cell)
-        if reason is not None:
-            pytest.skip(f"{cell.spec.backend} backend unavailable for Python {cell.spec.python}: {reason}")
-        sandbox = self.sandbox(cell.spec.backend)
-        if cell.model is not None:
-            cell = replace(cell, spec=replace(cell.spec, model=self.model(cell.model)))
-        reference = self.reference(cell, sandbox) if cell.reference else None
-        outcome = run_spec(sandbox, cell.spec, reference, cell.repro, needs_report=cell.reports)
-        self._record({**cell_fields(cell), "kind": CELL, **outcome.to_json()})
-        return outcome
 
-    def _record(self, record: dict[str, object]) -> None:
-        if self.store is not None:
-            self.store.append(record)
+def _collected_cells(session: pytest.Session) -> list[Cell]:
+    """The cells of the tests that will run (after -k and deselection), in collection order."""
+    cells = []
+    for item in session.items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "matrix_cell" in callspec.params:
+            cells.append(callspec.params["matrix_cell"])
+    return cells
 
 
 @pytest.fixture(scope="session")
-def matrix_session(request: pytest.FixtureRequest) -> Iterator[MatrixSession]:
+def matrix_session(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MatrixSession]:
+    cells = _collected_cells(request.session)
     results = _option(request.config, "--matrix-results", None)
-    store = ResultStore.open(str(results), resume=True) if results else None
-    try:
-        yield MatrixSession(_matrix(request.config), store)
-    finally:
-        if store is not None:
-            store.close()
+    path = str(results) if results else str(tmp_path_factory.mktemp("matrix") / "results.jsonl")
+    with ResultStore.open(path, resume=True) as store:
+        yield MatrixSession(
+            MatrixRun(
+                matrix=_matrix(request.config),
+                cells=cells,
+                sandboxes={name: make_sandbox(name) for name in dict.fromkeys(c.spec.backend for c in cells)},
+                store=store,
+                prepare_model=lambda model: prepare(model, default_cache_dir()),
+                out=cast(TextIO, _Stderr()),
+            )
+        )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from gguf_sandbox.matrix import Cell
+from gguf_sandbox.matrix.schema import Cell
 from tests.matrix.conftest import MatrixSession
 
 
 def test_cell(matrix_cell: Cell, matrix_session: MatrixSession) -> None:
-    outcome = matrix_session.run(matrix_cell)
-    if outcome.verdict not in matrix_cell.spec.expect:
-        pytest.fail(outcome.failure_message(), pytrace=False)
+    record = matrix_session.run(matrix_cell)
+    if not record.ok:
+        pytest.fail(matrix_session.failure(matrix_cell), pytrace=False)

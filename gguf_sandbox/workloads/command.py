@@ -1,0 +1,83 @@
+"""`gguf-sandbox workload NAME`: the registry of named workloads (resolved lazily) and its command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+from gguf_sandbox import budget
+from gguf_sandbox.errors import BudgetExceeded, GGUFSandboxError
+from gguf_sandbox.workloads.report import EXIT_BAD_INPUT, EXIT_OK, EXIT_REFUSED, Report
+
+Workload = Callable[[Path, argparse.Namespace], Report]
+# Resolved only when run: a parse cell imports no engine, an embed cell no MCP client.
+WORKLOADS: Mapping[str, str] = MappingProxyType(
+    {
+        "parse": "gguf_sandbox.workloads.reader:parse",
+        "stream": "gguf_sandbox.workloads.reader:stream",
+        "embed": "gguf_sandbox.workloads.embed:embed",
+        "embed-concurrent": "gguf_sandbox.workloads.embed:embed_concurrent",
+        "mcp": "gguf_sandbox.workloads.mcp:local_workload",
+    }
+)
+
+
+def resolve(name: str) -> Workload:
+    """The function of workload `name` (imported now)."""
+    module, _, function = WORKLOADS[name].partition(":")
+    found: Workload = getattr(importlib.import_module(module), function)
+    return found
+
+
+DEFAULT_COUNTS = {"parse": 20, "stream": 1, "embed": 1000, "embed-concurrent": 400, "mcp": 1000}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(WORKLOADS), help="the workload")
+    parser.add_argument("--model", required=True, type=Path, help="the GGUF file")
+    parser.add_argument("--count", type=int, help="repetitions / embeddings (default per workload)")
+    parser.add_argument("--threads", type=int, default=8, help="callers for embed-concurrent")
+    parser.add_argument("--batch", type=int, default=1, help="texts per embed call")
+    parser.add_argument("--plan", default="auto", help="weight plan for embedding workloads")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.count is None:
+        args.count = DEFAULT_COUNTS[args.name]
+    if args.count < 1 or args.batch < 1 or args.threads < 1:
+        return _fail(EXIT_BAD_INPUT, "ValueError", "--count, --batch and --threads must be at least 1")
+    if not args.model.is_file():
+        return _fail(
+            EXIT_BAD_INPUT, "FileNotFoundError", f"model {args.model} does not exist; pass --model PATH"
+        )
+    try:
+        report = resolve(args.name)(args.model, args)
+    except BudgetExceeded as error:
+        return _fail(EXIT_REFUSED, "BudgetExceeded", str(error))
+    except GGUFSandboxError as error:
+        return _fail(EXIT_BAD_INPUT, type(error).__name__, str(error))
+    print(json.dumps(report.as_json()), flush=True)
+    return EXIT_OK
+
+
+def _fail(code: int, kind: str, message: str) -> int:
+    limit = budget.detect_limit()
+    print(
+        json.dumps(
+            {
+                "error": message,
+                "kind": kind,
+                "limit": limit.limit_bytes,
+                "limit_source": limit.source,
+                "peak_rss": budget.peak_rss(),
+            }
+        ),
+        flush=True,
+    )
+    print(f"gguf-sandbox workload: {kind}: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,45 @@
+"""The runnables' option tables (matrix/runnables.py) match the workload and control command lines."""
+
+from __future__ import annotations
+
+import argparse
+
+from gguf_sandbox.embed.plan import PlanName
+from gguf_sandbox.matrix.runnables import CONTROLS, PLAN_CHOICES, WORKLOADS, OptionKind
+from gguf_sandbox.workloads import command as workload_command
+from gguf_sandbox.workloads import controls
+
+
+def _options_of(parser: argparse.ArgumentParser, ignore: set[str]) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ignore}
+
+
+def test_workload_option_tables_match_the_workload_command_line() -> None:
+    parser = argparse.ArgumentParser()
+    workload_command.add_arguments(parser)
+    actions = _options_of(parser, {"help", "model"})
+    for name, runnable in WORKLOADS.items():
+        assert name in workload_command.WORKLOADS
+        assert set(runnable.options) == set(actions), name
+        for option, declared in runnable.options.items():
+            action = actions[option]
+            if declared.kind is OptionKind.INTEGER:
+                assert action.type is int, option
+            if declared.kind is OptionKind.CHOICE:
+                assert action.choices is None or set(action.choices) == set(declared.choices)
+            assert declared.default == action.default, option
+    assert set(WORKLOADS) == set(workload_command.WORKLOADS)
+    assert ("auto", *(plan.value for plan in PlanName)) == PLAN_CHOICES
+
+
+def test_control_option_tables_match_the_controls_command_line() -> None:
+    parser = controls.build_parser()
+    actions = _options_of(parser, {"help", "model"})
+    declared = {name: option for runnable in CONTROLS.values() for name, option in runnable.options.items()}
+    assert set(declared) == set(actions)
+    for name, option in declared.items():
+        kind = {OptionKind.SIZE: controls._size, OptionKind.INTEGER: int}[option.kind]
+        assert actions[name].type is kind, name
+        assert option.default == actions[name].default
+        controls.build_parser().parse_args(["alloc-bomb", f"--{name}", str(option.default)])
+    assert set(CONTROLS) == set(controls.CONTROLS)

@@ -1,0 +1,57 @@
+"""Tests for workloads/controls.py: sizes in the one grammar, no yaml imported, what each control does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gguf_sandbox.units import MIB
+from gguf_sandbox.workloads import controls
+from gguf_sandbox.workloads.embed import embed
+from tests.workloads.conftest import options
+
+
+def test_controls_read_sizes_in_the_one_grammar(capsys: pytest.CaptureFixture[str]) -> None:
+    args = controls.build_parser().parse_args(["alloc-bomb", "--step", "1MiB", "--max", "2m"])
+    assert (args.step, args.max) == (MIB, 2 * MIB)
+    for bad in ("64ib", "1e3", "-1m", "nan"):
+        with pytest.raises(SystemExit):
+            controls.build_parser().parse_args(["alloc-bomb", "--step", bad])
+    assert "is not a size" in capsys.readouterr().err
+
+
+def test_yaml_is_not_imported_by_controls() -> None:
+    code = "import sys, gguf_sandbox.controls; print('yaml' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_the_refusing_engine_refuses_like_a_budget() -> None:
+    done = control("refusing-engine")
+    assert done.returncode == 3
+    error = json.loads(done.stdout)
+    assert error["kind"] == "BudgetExceeded" and "available" in error["error"]
+
+
+def test_the_perturbed_engine_is_correct_unconstrained_and_wrong_under_a_limit(model: Path) -> None:
+    unconstrained = control("perturbed-engine", "--model", str(model), "--count", "8")
+    assert unconstrained.returncode == 0, unconstrained.stderr
+    report = json.loads(unconstrained.stdout)
+    assert report["perturbed"] is False
+    expected = embed(model, options(count=8, batch=1)).fingerprint
+    assert np.allclose(report["fingerprint"], expected, atol=1e-6)
+
+
+def control(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gguf_sandbox.controls", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
