@@ -320,7 +320,10 @@ def build_report(
     report.seconds = run.seconds
     sums = np.asarray([v.astype(np.float64).sum(axis=0) for v in run.vectors])
     finish_vectors(report, sums, check.vectors)
+    server = info.get("server") or {}
     report.extra = {
+        **({"python": server["python"]} if "python" in server else {}),
+        **({"versions": server["versions"]} if "versions" in server else {}),
         "calls": run.calls,
         "calls_by_phase": {name: len(values) for name, values in run.phase_latencies_s.items()},
         "latency_ms_by_phase": {
@@ -339,7 +342,8 @@ def build_report(
         "max_abs_diff": check.max_abs_diff,
         "tool_errors": [str(error) for error in run.tool_errors[:5]],
         "server": info.get("server"),
-        # The server's readings, not this client's: the client runs outside the limit.
+        # The server's readings, not this client's: the client runs outside the limit (and may run
+        # another Python with other packages: floors record what the cell ran).
         "peak_rss": memory.get("peak_rss_bytes"),
         "cgroup_limit": readings.get("cgroup_limit", memory.get("limit_bytes")),
         "cgroup_peak": readings.get("cgroup_peak", memory.get("peak_bytes")),

@@ -405,5 +405,13 @@ class EmbeddingService:
                 "version": __version__,
                 "protocol_versions": list(PROTOCOL_VERSIONS),
                 "python": platform.python_version(),
+                "versions": _versions(),
             },
         }
+
+
+def _versions() -> dict[str, str]:
+    # Imported here: serve reads this module before its floor check, and the report module imports numpy.
+    from gguf_sandbox.workloads.report import versions
+
+    return versions()
