@@ -114,17 +114,14 @@ class FloorTable:
                 return max(candidates, key=lambda f: f.floor)
         return None
 
-    def least_model_floor(self, workload: str, python: str) -> Floor | None:
-        """The floor below which `workload` cannot run whatever its model: the record of its least demanding
-        measured model (the highest over backends), on `python` when measured there, else on any Python."""
+    def lowest_floor(self, workload: str, python: str) -> Floor | None:
+        """The lowest floor recorded for `workload` on `python` (else on any Python), over models and
+        backends: below it the workload has never been seen to run. A gate read where the backend and
+        model are unknown (serve) must not refuse a cell that a floor measured for it lets run."""
         measured = self.for_workload(workload)
         for candidates in ([f for f in measured if f.python == python], list(measured)):
-            per_model: dict[str | None, Floor] = {}
-            for f in candidates:
-                if f.model not in per_model or f.floor > per_model[f.model].floor:
-                    per_model[f.model] = f
-            if per_model:
-                return min(per_model.values(), key=lambda f: f.floor)
+            if candidates:
+                return min(candidates, key=lambda f: f.floor)
         return None
 
     def for_workload(self, workload: str) -> tuple[Floor, ...]:

@@ -124,7 +124,7 @@ def test_the_shipped_floors_cover_every_python_of_the_promise(workload: str, pyt
     assert max(f.floor for f in measured) <= 64 * MIB, "the matrix promises every workload at 64m"
 
 
-def test_least_model_floor_is_the_cheapest_model_on_the_python_when_measured_there() -> None:
+def test_lowest_floor_is_over_models_and_backends_on_the_python_when_measured_there() -> None:
     def at(model: str, python: str, backend: str, mib: int) -> Floor:
         return Floor("mcp", model, python, backend, mib * MIB, None, MIB, 3)
 
@@ -136,6 +136,6 @@ def test_least_model_floor_is_the_cheapest_model_on_the_python_when_measured_the
             at("small", "3.12", "cgroup", 70),
         )
     )
-    assert table.least_model_floor("mcp", "3.11").floor == 54 * MIB  # type: ignore[union-attr]
-    assert table.least_model_floor("mcp", "3.13").floor == 70 * MIB  # type: ignore[union-attr]
-    assert table.least_model_floor("embed", "3.11") is None
+    assert table.lowest_floor("mcp", "3.11").floor == 50 * MIB  # type: ignore[union-attr]
+    assert table.lowest_floor("mcp", "3.13").floor == 50 * MIB  # type: ignore[union-attr]
+    assert table.lowest_floor("embed", "3.11") is None

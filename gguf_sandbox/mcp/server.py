@@ -69,10 +69,10 @@ RESPONSE_BYTES_PER_VALUE = RESPONSE_COPIES * MAX_NUMBER_CHARS
 
 
 def serve_floor() -> int:
-    """The limit below which `serve` refuses to start (bytes): the `mcp` workload's floor as `gguf-sandbox
-    floor --record` measured it (floors.json: 1000 embed calls with a cold page cache, on this Python when
-    measured there), 0 when none is recorded. The one place the floor is read from."""
-    recorded = load_floors().least_model_floor("mcp", f"{sys.version_info.major}.{sys.version_info.minor}")
+    """The limit below which `serve` refuses to start (bytes): the lowest `mcp` workload floor `gguf-sandbox
+    floor --record` measured (floors.json: 1000 embed calls with a cold page cache; on this Python when
+    measured there, over backends), 0 when none is recorded. The one place the floor is read from."""
+    recorded = load_floors().lowest_floor("mcp", f"{sys.version_info.major}.{sys.version_info.minor}")
     return recorded.floor if recorded is not None else 0
 
 
