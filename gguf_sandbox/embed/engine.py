@@ -79,6 +79,10 @@ class Embedder:
         self._closed = False
         self._active = 0
         self._state = threading.Condition()
+        # Forward passes running at once: no more than the CPUs can run. Every thread that has called
+        # into BLAS keeps a packing buffer of its own for good (OpenBLAS: a few MiB each), so 8 callers
+        # filled a 64 MiB cell that 2 fit in, and passes beyond the CPUs only wait inside BLAS anyway.
+        self._pass_slots = threading.BoundedSemaphore(max(1, len(os.sched_getaffinity(0))))
 
     @classmethod
     def open(
@@ -213,8 +217,11 @@ class Embedder:
             plan = self._weights.plan
             for work in self._passes(texts, plan):
                 nbytes = plan.pass_bytes(self.config, work.rows)
-                with self._budget.reserve_blocking(
-                    "embedding pass", nbytes, self._wait_s, cap=max(nbytes, self._budget.cap)
+                with (
+                    self._pass_slots,
+                    self._budget.reserve_blocking(
+                        "embedding pass", nbytes, self._wait_s, cap=max(nbytes, self._budget.cap)
+                    ),
                 ):
                     batch = TokenBatch.from_sequences(work.sequences, self._chunk_rows)
                     vectors = encode(self._weights, batch, plan.cap, unit_length=normalize)  # [k, dim]

@@ -221,6 +221,39 @@ def test_eight_threads_match_sequential_calls(minilm_shaped: Path) -> None:
         np.testing.assert_array_equal(alone, together)
 
 
+def test_no_more_passes_run_at_once_than_there_are_cpus(
+    minilm_shaped: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each thread that ever called BLAS keeps a packing buffer of its own: 8 concurrent passes held 8 of
+    them and starved a 64 MiB cell (tests/embed/test_limits.py has the real cell)."""
+    from gguf_sandbox.embed import engine
+
+    running, most = 0, 0
+    lock = threading.Lock()
+    real_encode = getattr(engine, "encode")  # noqa: B009 (the engine's own import, patched below)
+
+    def counting_encode(*args: Any, **kwargs: Any) -> np.ndarray:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return real_encode(*args, **kwargs)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(engine, "encode", counting_encode)
+    cpus = len(os.sched_getaffinity(0))
+    texts = synthetic_texts(64, seed=7, vocab_size=30522)
+    with (
+        Embedder.open(minilm_shaped, plan="resident-quant", budget=MemoryBudget(UNLIMITED)) as shared,
+        ThreadPoolExecutor(max_workers=cpus + 6) as pool,
+    ):
+        list(pool.map(lambda text: shared.embed([text]), texts))
+    assert 1 <= most <= cpus
+
+
 # -- real all-MiniLM-L6-v2 against sentence-transformers -----------------------------------------------------
 THRESHOLDS = {"f32": 0.99999, "f16": 0.9999, "q8_0": 0.999, "q4_0": 0.99}
 

@@ -43,6 +43,18 @@ def test_1000_minilm_q8_0_embeddings_in_64mb(minilm_gguf: Callable[[str], Path])
     assert result.peak_bytes is not None and result.peak_bytes <= 64 * MiB
 
 
+def test_eight_concurrent_callers_embed_in_64mb(minilm_gguf: Callable[[str], Path]) -> None:
+    """8 threads sharing one Embedder used to starve a 64 MiB cell (each kept a BLAS buffer; refused after
+    waiting 120 s for room); passes now run at most one per CPU."""
+    argv = [sys.executable, "-m", "gguf_sandbox", "workload", "embed-concurrent"]
+    argv += ["--model", str(minilm_gguf("q8_0")), "--count", "200", "--threads", "8"]
+    result = run_limited(argv, 64 * MiB, 600, env=ENV)
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert result.oom_kill_count == 0 and not result.oom_killed_flag
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["count"] == 200 and report["threads"] == 8
+
+
 def test_300mb_synthetic_bert_embeds_in_64mb_by_streaming(big_narrow_model: Path) -> None:
     assert big_narrow_model.stat().st_size >= 300 << 20
     result, report = _workload(big_narrow_model, 64 * MiB, "--count", "8", "--batch", "4")
