@@ -230,7 +230,7 @@ def test_no_more_passes_run_at_once_than_there_are_cpus(
 
     running, most = 0, 0
     lock = threading.Lock()
-    real_encode = getattr(engine, "encode")  # noqa: B009 (the engine's own import, patched below)
+    real_encode: Callable[..., np.ndarray] = getattr(engine, "encode")  # noqa: B009 (patched below)
 
     def counting_encode(*args: Any, **kwargs: Any) -> np.ndarray:
         nonlocal running, most
