@@ -195,6 +195,11 @@ def save_floors(table: FloorTable, path: Path = FLOORS_FILE) -> None:
             handle.write(text + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp makes it 0600; cells read the package's floors file as an unprivileged user (serve's
+        # gate runs as nobody in a jailed cgroup cell), so it gets a plain file's mode under the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o666 & ~umask)
         os.replace(staging, path)
     except OSError as error:
         Path(staging).unlink(missing_ok=True)

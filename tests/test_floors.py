@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,15 @@ def test_lowest_floor_is_over_models_and_backends_on_the_python_when_measured_th
     assert table.lowest_floor("mcp", "3.11").floor == 50 * MIB  # type: ignore[union-attr]
     assert table.lowest_floor("mcp", "3.13").floor == 50 * MIB  # type: ignore[union-attr]
     assert table.lowest_floor("embed", "3.11") is None
+
+
+def test_a_saved_floors_file_is_readable_by_every_user(tmp_path: Path) -> None:
+    """A jailed cgroup cell runs serve as nobody, and serve reads the floors file: mkstemp's 0600 made
+    it fail with FloorsError in every cell after a `floor --record`."""
+    target = tmp_path / "floors.json"
+    previous = os.umask(0o022)
+    try:
+        save_floors(FloorTable((floor(),)), target)
+    finally:
+        os.umask(previous)
+    assert target.stat().st_mode & 0o777 == 0o644
