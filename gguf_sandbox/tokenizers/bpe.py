@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING
 
 from gguf.constants import Keys
@@ -11,6 +10,7 @@ from gguf.constants import Keys
 from gguf_sandbox.errors import GGUFError
 from gguf_sandbox.tokenizers.attributes import partition_tokens
 from gguf_sandbox.tokenizers.base import PieceTokenizer
+from gguf_sandbox.tokenizers.merge import candidate_key, merge_symbols
 from gguf_sandbox.tokenizers.partition import MAX_PIECE_CHARS, PIECE_CHARS, Partitioner
 from gguf_sandbox.tokenizers.pretokenize import BPE_CUTTER, PreTokenizer, pre_tokenizer
 from gguf_sandbox.tokenizers.special import DEFAULTS, SpecialTokens, read_special_tokens
@@ -37,11 +37,6 @@ def _byte_chars() -> dict[int, str]:
 
 # str.translate table for a word decoded as Latin-1 (one character per byte).
 BYTE_TO_CHAR = _byte_chars()
-# A merge candidate on the heap is one int: merge rank, then left symbol, then the merged size in bytes
-# (llama.cpp orders by rank, then left position). Sizes and positions fit 21 bits: pieces are at most
-# partition.MAX_PIECE_CHARS code points, tokens at most vocab.MAX_TOKEN_BYTES.
-_FIELD = 21
-_MASK = (1 << _FIELD) - 1
 WORD_CACHE_ENTRIES = 1 << 12
 
 
@@ -103,41 +98,13 @@ class BPETokenizer(PieceTokenizer):
         if self._pre.ignore_merges and (whole := tokens.find(word)) >= 0:
             return [whole]
         starts = [index for index, byte in enumerate(word) if byte & 0xC0 != 0x80]
-        count = len(starts)
-        length = [stop - start for start, stop in zip(starts, [*starts[1:], len(word)], strict=True)]
-        following = [*range(1, count), -1]
-        preceding = list(range(-1, count - 1))
-        heap = [
-            key for left in range(count - 1) if (key := self._candidate(word, starts, length, left, left + 1))
-        ]
-        heapify(heap)
-        while heap:
-            key = heappop(heap)
-            left, size = (key >> _FIELD) & _MASK, key & _MASK
-            right = following[left]
-            # Stale when either side has changed since it was pushed (llama.cpp compares the texts).
-            if length[left] == 0 or right < 0 or length[left] + length[right] != size:
-                continue
-            length[left], length[right] = size, 0
-            after = following[right]
-            following[left] = after
-            if after >= 0:
-                preceding[after] = left
-                if key := self._candidate(word, starts, length, left, after):
-                    heappush(heap, key)
-            before = preceding[left]
-            if before >= 0 and (key := self._candidate(word, starts, length, before, left)):
-                heappush(heap, key)
         ids: list[int] = []
-        symbol = 0
-        while symbol >= 0:
-            text = word[starts[symbol] : starts[symbol] + length[symbol]]
+        for text in merge_symbols(word, starts, self._candidate):
             token = tokens.find(text)
             if token >= 0:
                 ids.append(token)
             else:  # llama.cpp then looks each byte up on its own; only ASCII ones can be found
                 ids.extend(found for byte in text if (found := tokens.find(bytes((byte,)))) >= 0)
-            symbol = following[symbol]
         return ids
 
     def _candidate(self, word: bytes, starts: list[int], length: list[int], left: int, right: int) -> int:
@@ -149,4 +116,4 @@ class BPETokenizer(PieceTokenizer):
         rank = self._merges.find(first + b" " + second)
         if rank < 0:
             return 0
-        return (rank << (2 * _FIELD)) | (left << _FIELD) | (len(first) + len(second))
+        return candidate_key(rank, left, len(first) + len(second))

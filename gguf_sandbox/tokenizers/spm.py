@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from array import array
 from collections.abc import Iterator
-from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +18,7 @@ from gguf.constants import GGUFValueType, Keys
 from gguf_sandbox.errors import GGUFError
 from gguf_sandbox.tokenizers.attributes import partition_tokens
 from gguf_sandbox.tokenizers.base import PieceTokenizer
+from gguf_sandbox.tokenizers.merge import candidate_key, merge_symbols
 from gguf_sandbox.tokenizers.partition import MAX_PIECE_CHARS, PIECE_CHARS, Cutter, Partitioner
 from gguf_sandbox.tokenizers.special import DEFAULTS, SpecialTokens, read_special_tokens
 from gguf_sandbox.tokenizers.vocab import StringTable, Vocabulary, load_vocabulary, number_array
@@ -27,10 +27,7 @@ if TYPE_CHECKING:
     from gguf_sandbox.gguf.reader import GGUFFile
 
 SPACE_MARK = "\u2581"
-# A merge candidate on the heap is one int: score rank (0 = highest score), then left symbol, then the
-# merged size in bytes: llama.cpp's order (score, then leftmost). See bpe.py for the field widths.
-_FIELD = 21
-_MASK = (1 << _FIELD) - 1
+# Merge candidates are ranked by score (rank 0 = highest score), then leftmost: llama.cpp's order.
 _NEVER = re.compile("(?!)")
 
 
@@ -99,41 +96,13 @@ class SPMTokenizer(PieceTokenizer):
             if ascii_only
             else [i for i, byte in enumerate(data) if byte & 0xC0 != 0x80]
         )
-        count = len(starts)
-        length = [stop - start for start, stop in zip(starts, [*starts[1:], len(data)], strict=True)]
-        following = [*range(1, count), -1]
-        preceding = list(range(-1, count - 1))
-        heap = [
-            key for left in range(count - 1) if (key := self._candidate(data, starts, length, left, left + 1))
-        ]
-        heapify(heap)
-        while heap:
-            key = heappop(heap)
-            left, size = (key >> _FIELD) & _MASK, key & _MASK
-            right = following[left]
-            # Stale when either side has changed since it was pushed (llama.cpp compares the sizes).
-            if length[left] == 0 or right < 0 or length[left] + length[right] != size:
-                continue
-            length[left], length[right] = size, 0
-            after = following[right]
-            following[left] = after
-            if after >= 0:
-                preceding[after] = left
-            before = preceding[left]
-            if before >= 0 and (key := self._candidate(data, starts, length, before, left)):
-                heappush(heap, key)
-            if after >= 0 and (key := self._candidate(data, starts, length, left, after)):
-                heappush(heap, key)
         ids: list[int] = []
-        symbol = 0 if count else -1
-        while symbol >= 0:
-            text = data[starts[symbol] : starts[symbol] + length[symbol]]
+        for text in merge_symbols(data, starts, self._candidate):
             token = tokens.find(text)
             if token >= 0:
                 ids.append(token)
             else:
                 ids.extend(self._byte_token(byte) for byte in text)
-            symbol = following[symbol]
         return ids
 
     def _candidate(self, data: bytes, starts: list[int], length: list[int], left: int, right: int) -> int:
@@ -142,7 +111,7 @@ class SPMTokenizer(PieceTokenizer):
         token = self._vocabulary.tokens.find(data[starts[left] : starts[left] + size])
         if token < 0:
             return 0
-        return (self._score_ranks[token] << (2 * _FIELD)) | (left << _FIELD) | size
+        return candidate_key(int(self._score_ranks[token]), left, size)
 
     def _byte_token(self, byte: int) -> int:
         token = self._byte_tokens[byte]
