@@ -84,8 +84,8 @@ class BertConfig:
             raise GGUFError(
                 f"BERT config: hidden size {self.hidden} is not divisible by {self.heads} attention heads"
             )
-        if self.pooling not in _POOLERS:
-            supported = ", ".join(p.name for p in _POOLERS)
+        if self.pooling not in POOLERS:
+            supported = ", ".join(p.name for p in POOLERS)
             raise GGUFError(
                 f"BERT config: pooling type {self.pooling.name} ({int(self.pooling)}) asks for one vector "
                 f"per token, which the engine does not produce: it returns one vector per text (supported: "
@@ -103,12 +103,14 @@ class BertConfig:
         """The widest activation row: the FFN intermediate or, for odd models, the hidden state."""
         return max(self.hidden, self.ffn)
 
-
-class BertWeights(Protocol):
-    """Where the forward pass gets its weights; every plan in weights.py implements this."""
-
     @property
-    def config(self) -> BertConfig: ...
+    def row_bytes(self) -> int:
+        """Activation bytes one token row needs at the peak of a layer (x, q, k, v, ctx or x, up, out)."""
+        return FLOAT_BYTES * (max(5 * self.hidden, 2 * self.hidden + self.ffn) + self.hidden)
+
+
+class Weights(Protocol):
+    """Where a forward pass gets its weights, by GGUF tensor name; every plan in weights.py implements it."""
 
     def vector(self, name: str) -> F32:
         """A 1-D tensor (bias, norm) as float32 [n]."""
@@ -126,7 +128,21 @@ class BertWeights(Protocol):
         ...
 
 
-def rows_per_chunk(config: BertConfig, cap: int = DEFAULT_CAP) -> int:
+class BertWeights(Weights, Protocol):
+    """The weights of a BERT model, with its config."""
+
+    @property
+    def config(self) -> BertConfig: ...
+
+
+class Widths(Protocol):
+    """What sizes activation chunks: the widest row of a layer (BertConfig, DecoderConfig)."""
+
+    @property
+    def widest(self) -> int: ...
+
+
+def rows_per_chunk(config: Widths, cap: int = DEFAULT_CAP) -> int:
     """How many token rows one activation chunk holds so that its widest array stays within `cap`.
 
     A multiple of ROW_ALIGN where the cap allows one, so padded chunks stay within it too.
@@ -259,16 +275,17 @@ def gelu(x: F32) -> F32:
     return x
 
 
-def linear(xs: Rows, weights: BertWeights, name: str, out_dim: int) -> Rows:
-    """x @ W.T + b per chunk; W [out, in] comes block by block, each used for every chunk, then dropped."""
+def linear(xs: Rows, weights: Weights, name: str, out_dim: int, *, bias: bool = True) -> Rows:
+    """x @ W.T (+ b) per chunk; W [out, in] comes block by block, each used for every chunk, then dropped."""
     ys = [np.empty((x.shape[0], out_dim), dtype=np.float32) for x in xs]  # [rows, out] per chunk
     for first, block in weights.blocks(f"{name}.weight"):  # block [block_rows, in]
         last = first + block.shape[0]
         for x, y in zip(xs, ys, strict=True):
             np.matmul(x, block.T, out=y[:, first:last])  # [rows, block_rows]
-    bias = weights.vector(f"{name}.bias")  # [out]
-    for y in ys:
-        np.add(y, bias, out=y)  # [rows, out]
+    if bias:
+        b = weights.vector(f"{name}.bias")  # [out]
+        for y in ys:
+            np.add(y, b, out=y)  # [rows, out]
     return ys
 
 
@@ -298,7 +315,7 @@ def embeddings(weights: BertWeights, batch: TokenBatch, cap: int = DEFAULT_CAP) 
     return xs
 
 
-def _gather(chunks: Rows, pieces: tuple[tuple[int, int, int], ...], columns: slice) -> F32:
+def gather(chunks: Rows, pieces: tuple[tuple[int, int, int], ...], columns: slice) -> F32:
     """The rows of one sequence (its pieces across chunks) restricted to `columns`: a view when possible."""
     if len(pieces) == 1:
         chunk, lo, hi = pieces[0]
@@ -321,8 +338,8 @@ def attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, *, heads: int, cap: 
         for h0 in range(0, heads, group):
             g = min(group, heads - h0)
             columns = slice(h0 * head_dim, (h0 + g) * head_dim)
-            keys = _gather(k, pieces, columns).reshape(length, g, head_dim).transpose(1, 2, 0)  # [g, d, L]
-            values = _gather(v, pieces, columns).reshape(length, g, head_dim).transpose(1, 0, 2)  # [g, L, d]
+            keys = gather(k, pieces, columns).reshape(length, g, head_dim).transpose(1, 2, 0)  # [g, d, L]
+            values = gather(v, pieces, columns).reshape(length, g, head_dim).transpose(1, 0, 2)  # [g, L, d]
             query_rows = max(1, min(length, cap // (FLOAT_BYTES * g * length)))
             # One scores buffer per group, reused by every query block (a new one would briefly double it).
             buffer = np.empty((g, query_rows, length), dtype=np.float32)  # [g, query_rows, L]
@@ -402,7 +419,7 @@ Pooler: TypeAlias = Callable[[Rows, tuple[tuple[int, int, int], ...]], "NDArray[
 
 
 # Pooling.NONE has no pooler: BertConfig refuses it.
-_POOLERS: dict[Pooling, Pooler] = {
+POOLERS: dict[Pooling, Pooler] = {
     Pooling.MEAN: _mean_rows,
     Pooling.CLS: _first_row,
     Pooling.LAST: _last_row,
@@ -411,7 +428,7 @@ _POOLERS: dict[Pooling, Pooler] = {
 
 def pool(x: Rows, batch: TokenBatch, pooling: Pooling) -> F32:
     """One vector per sequence: mean over its tokens, its [CLS] row or its last row."""
-    pooler = _POOLERS[pooling]
+    pooler = POOLERS[pooling]
     out = np.empty((batch.n_sequences, x[0].shape[1]), dtype=np.float32)  # [n, hidden]
     for index, pieces in enumerate(batch.pieces):
         out[index] = pooler(x, pieces)  # [hidden]

@@ -1,7 +1,8 @@
-"""The Embedder: texts in, unit-length BERT vectors out, inside the detected memory budget."""
+"""The Embedder: texts in, unit-length vectors out (BERT or decoder GGUFs), inside the detected budget."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -9,12 +10,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
 from gguf_sandbox.budget import MemoryBudget, Reservation
-from gguf_sandbox.embed.bert import F32, BertConfig, TokenBatch, aligned, encode, rows_per_chunk
+from gguf_sandbox.embed.architectures import Family, TextEncoder, family_of, sequence_limits
+from gguf_sandbox.embed.bert import F32, Pooling, TokenBatch, aligned, rows_per_chunk
+from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
 from gguf_sandbox.embed.plan import (
     DEFAULT_PASS_TOKENS,
     ModelSizes,
@@ -24,15 +27,16 @@ from gguf_sandbox.embed.plan import (
     describe,
     preferred_plan,
 )
-from gguf_sandbox.embed.shapes import read_config
-from gguf_sandbox.embed.tokenizer import WordPieceTokenizer, vocabulary_bytes
+from gguf_sandbox.embed.tokenizer import vocabulary_bytes
 from gguf_sandbox.embed.weights import PlannedWeights, load_weights
-from gguf_sandbox.errors import GGUFError
+from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.reader import GGUFFile
 
 DEFAULT_BATCH_SIZE: Final = 32
 # How long embed() waits for other callers of a shared budget to release room before it is refused.
 DEFAULT_WAIT_S: Final = 120.0
+# Poolings a caller may ask for instead of the file's (`--pooling`).
+POOLINGS: Final = tuple(p.name.lower() for p in Pooling if p is not Pooling.NONE)
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class _Pass:
 
 
 class Embedder:
-    """Embeds texts with a BERT GGUF under a MemoryBudget; thread-safe, callers queue for memory.
+    """Embeds texts with a GGUF model under a MemoryBudget; thread-safe, callers queue for memory.
 
     Open with Embedder.open(); use as a context manager or call close().
     """
@@ -58,23 +62,29 @@ class Embedder:
         self,
         *,
         gguf: GGUFFile,
-        tokenizer: WordPieceTokenizer,
+        family: Family,
+        tokenizer: TextEncoder,
         weights: PlannedWeights,
         sizes: ModelSizes,
+        preferred: PlanName,
+        full_length: int,
         budget: MemoryBudget,
         resident: Reservation,
         batch_size: int,
         wait_s: float = DEFAULT_WAIT_S,
     ) -> None:
         self._gguf = gguf
+        self._family = family
         self._tokenizer = tokenizer
         self._weights = weights
+        self._model: ModelConfig = weights.config
         self._sizes = sizes
         self._budget = budget
         self._resident = resident
         self._batch_size = batch_size
         self._wait_s = wait_s
-        self._preferred = preferred_plan(weights.config, sizes)
+        self._preferred = preferred
+        self._full_length = full_length
         self._chunk_rows = rows_per_chunk(weights.config, weights.plan.cap)
         self._closed = False
         self._active = 0
@@ -95,15 +105,20 @@ class Embedder:
         pass_tokens: int = DEFAULT_PASS_TOKENS,
         drop_cache: bool = False,
         wait_s: float = DEFAULT_WAIT_S,
+        pooling: str | None = None,
     ) -> Embedder:
         """Open `model_path`, pick a plan from `budget` (detected when None) and load its weights.
+
+        A decoder whose full-length pass (DEFAULT_SEQUENCE_LIMIT tokens) does not fit beside its weights
+        runs shorter texts instead, down to SHORTEST_SEQUENCE_LIMIT tokens (degraded). `pooling` (mean,
+        last or cls) replaces the file's pooling.
 
         `drop_cache` drops the file pages of every block or row read from the model once copied
         (POSIX_FADV_DONTNEED; off by default because it drops them for every process on the host and
         costs a re-read per pass when streaming): the process's peak is then its own working set. `wait_s`
         bounds how long embed() waits for room in a shared budget before raising BudgetExceeded.
         Raises BudgetExceeded when the vocabulary, or the requested plan (with "auto" every plan), does
-        not fit; GGUFError when the file is not a BERT GGUF the engine can run.
+        not fit; GGUFError when the file is not a GGUF the engine can run.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -111,17 +126,19 @@ class Embedder:
             raise ValueError(f"wait_s must be positive, got {wait_s}")
         gguf = GGUFFile.open(Path(model_path))
         try:
-            config = read_config(gguf)
-            tokenizer = _build_tokenizer(gguf, budget)
+            family = family_of(gguf)
+            layout = _with_pooling(family.read_layout(gguf), pooling)
+            tokenizer = _build_tokenizer(gguf, family, budget)
             # Detected after the tokenizer is built, so its vocabulary counts as already spent.
             budget = MemoryBudget.detect() if budget is None else budget
-            sizes = ModelSizes.of(gguf, config)
-            chosen = choose_plan(
-                config,
+            sizes = ModelSizes.of(gguf, layout)
+            full_length = layout.model.context_length
+            layout, chosen = _plan_for(
+                layout,
+                family,
                 sizes,
-                budget.available,
+                budget,
                 requested=plan,
-                cap=budget.cap,
                 pass_tokens=pass_tokens,
                 drop_cache=drop_cache,
             )
@@ -131,7 +148,7 @@ class Embedder:
                 what += f" ({chosen.cached_bytes:,} bytes of them in page cache)"
             resident = budget.reserve(what, held, cap=max(held, budget.cap))
             try:
-                weights = load_weights(gguf, config, chosen)
+                weights = load_weights(gguf, layout, chosen)
             except BaseException:
                 resident.release()
                 raise
@@ -141,9 +158,12 @@ class Embedder:
             raise
         return cls(
             gguf=gguf,
+            family=family,
             tokenizer=tokenizer,
             weights=weights,
             sizes=sizes,
+            preferred=preferred_plan(dataclasses.replace(layout.config, context_length=full_length), sizes),
+            full_length=full_length,
             budget=budget,
             resident=resident,
             batch_size=batch_size,
@@ -152,8 +172,13 @@ class Embedder:
 
     # -- what was chosen ------------------------------------------------------------------------------
     @property
-    def config(self) -> BertConfig:
+    def config(self) -> Any:
+        """The model's config as its forward pass runs it (BertConfig, DecoderConfig)."""
         return self._weights.config
+
+    @property
+    def architecture(self) -> str:
+        return self._gguf.architecture or "?"
 
     @property
     def plan(self) -> str:
@@ -166,15 +191,20 @@ class Embedder:
 
     @property
     def degraded(self) -> bool:
-        return self.plan != self.preferred_plan
+        """Running another plan than the unconstrained host would, or shorter texts than the model's."""
+        return self.plan != self.preferred_plan or self.context_length < self._full_length
 
     @property
     def plan_details(self) -> dict[str, object]:
-        return describe(self._weights.plan, self._sizes)
+        return {
+            **describe(self._weights.plan, self._sizes),
+            "sequence_limit": self.context_length,
+            "full_sequence_limit": self._full_length,
+        }
 
     @property
     def dimension(self) -> int:
-        return self.config.hidden
+        return self._model.hidden
 
     @property
     def model_name(self) -> str:
@@ -183,11 +213,11 @@ class Embedder:
 
     @property
     def context_length(self) -> int:
-        return self.config.context_length
+        return self._model.context_length
 
     @property
     def pooling(self) -> str:
-        return self.config.pooling.name.lower()
+        return self._model.pooling.name.lower()
 
     @property
     def batch_size(self) -> int:
@@ -199,11 +229,11 @@ class Embedder:
 
     # -- embedding ------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text` as the model sees them: [CLS] ... [SEP], cut to the context length."""
+        """Token ids of `text` as the model sees them ([CLS] … [SEP], or BOS/EOS per the file), cut to the
+        context length."""
         if not isinstance(text, str):
             raise TypeError(f"texts must be str, got {type(text).__name__}")
-        ids = self._tokenizer.encode(text)
-        return ids[: self.context_length] if len(ids) > self.context_length else ids
+        return self._tokenizer(text, self.context_length)
 
     def embed(self, texts: Sequence[str], *, normalize: bool = True) -> F32:
         """Vectors float32 [len(texts), dimension], in the order of `texts`; unit length unless `normalize`
@@ -224,7 +254,7 @@ class Embedder:
                     ),
                 ):
                     batch = TokenBatch.from_sequences(work.sequences, self._chunk_rows)
-                    vectors = encode(self._weights, batch, plan.cap, unit_length=normalize)  # [k, dim]
+                    vectors = self._family.encode(self._weights, batch, plan.cap, unit_length=normalize)
                 out[work.first : work.first + len(work.sequences)] = vectors
         return out
 
@@ -284,10 +314,53 @@ class Embedder:
         )
 
 
-def _build_tokenizer(gguf: GGUFFile, budget: MemoryBudget | None) -> WordPieceTokenizer:
+def _plan_for(
+    layout: ModelLayout,
+    family: Family,
+    sizes: ModelSizes,
+    budget: MemoryBudget,
+    *,
+    requested: str | PlanName,
+    pass_tokens: int,
+    drop_cache: bool,
+) -> tuple[ModelLayout, Plan]:
+    """The fastest plan at the longest sequence limit that fits, with the layout cut to that limit; the
+    refusal of the shortest limit when none fits."""
+    refusal: BudgetExceeded | None = None
+    for limit in sequence_limits(family, layout.model.context_length):
+        config = dataclasses.replace(layout.config, context_length=limit)
+        try:
+            plan = choose_plan(
+                config,
+                sizes,
+                budget.available,
+                requested=requested,
+                cap=budget.cap,
+                pass_tokens=pass_tokens,
+                drop_cache=drop_cache,
+            )
+        except BudgetExceeded as error:
+            refusal = error
+            continue
+        return dataclasses.replace(layout, config=config), plan
+    assert refusal is not None  # sequence_limits yields at least one limit
+    raise refusal
+
+
+def _with_pooling(layout: ModelLayout, pooling: str | None) -> ModelLayout:
+    """The layout with `pooling` (mean, last, cls) instead of the file's; None keeps the file's."""
+    if pooling is None:
+        return layout
+    if pooling not in POOLINGS:
+        raise GGUFError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    config = dataclasses.replace(layout.config, pooling=Pooling[pooling.upper()])
+    return dataclasses.replace(layout, config=config)
+
+
+def _build_tokenizer(gguf: GGUFFile, family: Family, budget: MemoryBudget | None) -> TextEncoder:
     """The file's tokenizer, refused with BudgetExceeded when its vocabulary cannot fit in memory."""
     needed = vocabulary_bytes(gguf)
     room = MemoryBudget.detect() if budget is None else budget
     # Held only while building: afterwards the vocabulary is part of what the budget measures as spent.
     with room.reserve(f"tokenizer vocabulary of {gguf.path.name}", needed, cap=max(needed, room.cap)):
-        return WordPieceTokenizer.from_gguf(gguf)
+        return family.tokenizer(gguf)

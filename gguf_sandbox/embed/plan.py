@@ -10,8 +10,8 @@ from typing import Final
 from gguf.constants import GGMLQuantizationType
 
 from gguf_sandbox.budget import physical_memory
-from gguf_sandbox.embed.bert import DEFAULT_CAP, FLOAT_BYTES, BertConfig, aligned
-from gguf_sandbox.embed.shapes import MATRICES, TABLES, expected_shapes
+from gguf_sandbox.embed.bert import DEFAULT_CAP, FLOAT_BYTES, aligned
+from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 
@@ -67,22 +67,13 @@ class Plan:
     # Page cache the plan keeps on purpose (streamed weights re-read every pass): the budget holds it.
     cached_bytes: int = 0
 
-    def pass_bytes(self, config: BertConfig, tokens: int) -> int:
+    def pass_bytes(self, config: ModelConfig, tokens: int) -> int:
         return pass_bytes(config, tokens, self.cap)
 
 
-def token_bytes(config: BertConfig) -> int:
-    """Activation bytes one token row needs at the peak of a layer (x, q, k, v, ctx or x, up, out)."""
-    return FLOAT_BYTES * (max(5 * config.hidden, 2 * config.hidden + config.ffn) + config.hidden)
-
-
-def pass_bytes(config: BertConfig, tokens: int, cap: int = DEFAULT_CAP) -> int:
+def pass_bytes(config: ModelConfig, tokens: int, cap: int = DEFAULT_CAP) -> int:
     """Working set of one forward pass over `tokens` token rows."""
-    return token_bytes(config) * tokens + TRANSIENT_CAPS * cap
-
-
-def is_matrix(name: str) -> bool:
-    return name.startswith("blk.") and name.endswith(".weight") and name.split(".")[2] in MATRICES
+    return config.row_bytes * tokens + TRANSIENT_CAPS * cap
 
 
 @dataclass(frozen=True)
@@ -98,16 +89,16 @@ class ModelSizes:
     quantized: bool  # some matrix is stored smaller than float32
 
     @classmethod
-    def of(cls, gguf: GGUFFile, config: BertConfig) -> ModelSizes:
+    def of(cls, gguf: GGUFFile, layout: ModelLayout) -> ModelSizes:
         vectors = tables_f32 = tables_raw = matrices_f32 = matrices_raw = matrices_kept = 0
         quantized = False
-        for name in expected_shapes(config):
+        for name in layout.shapes:
             info = gguf.tensor(name)
             decoded = info.n_elements * FLOAT_BYTES
-            if name in TABLES:
+            if name in layout.tables:
                 tables_f32 += decoded
                 tables_raw += info.nbytes
-            elif is_matrix(name):
+            elif name in layout.matrices:
                 matrices_f32 += decoded
                 matrices_raw += info.nbytes
                 matrices_kept += kept_bytes(info, gguf.byte_order)
@@ -127,7 +118,7 @@ class ModelSizes:
         return self.vectors + matrices + table
 
 
-def preferred_plan(config: BertConfig, sizes: ModelSizes, memory: int | None = None) -> PlanName:
+def preferred_plan(config: ModelConfig, sizes: ModelSizes, memory: int | None = None) -> PlanName:
     """The plan an unconstrained host runs for this model: auto's choice with `memory` bytes free.
 
     `memory` defaults to the machine's physical RAM, so a model whose float32 weights exceed it prefers
@@ -163,7 +154,7 @@ def parse_plan(plan: str | PlanName | None) -> PlanName | None:
 
 
 def choose_plan(
-    config: BertConfig,
+    config: ModelConfig,
     sizes: ModelSizes,
     available: int,
     *,
@@ -187,19 +178,19 @@ def choose_plan(
         for tables in PLAN_TABLES[name]:
             resident = sizes.resident(name, tables)
             room = available - resident - TRANSIENT_CAPS * cap
-            grown = room * PASS_SHARE[0] // PASS_SHARE[1] // token_bytes(config)
+            grown = room * PASS_SHARE[0] // PASS_SHARE[1] // config.row_bytes
             # Tables in memory save a pread per token row, little next to shrinking every pass.
             in_file = tables is PLAN_TABLES[name][-1]
-            if room // token_bytes(config) >= min_tokens and (in_file or grown >= pass_tokens):
+            if room // config.row_bytes >= min_tokens and (in_file or grown >= pass_tokens):
                 uncached, cached = drop_cache, 0
                 if name is PlanName.STREAMING and not drop_cache:
                     # Streamed weights that fit beside a minimal pass stay in page cache (passes grow only
                     # into what is left); larger ones are read uncached, every pass.
                     cached_room = room - sizes.matrices_raw
-                    uncached = cached_room // token_bytes(config) < min_tokens
+                    uncached = cached_room // config.row_bytes < min_tokens
                     if not uncached:
                         cached = sizes.matrices_raw
-                        grown = cached_room * PASS_SHARE[0] // PASS_SHARE[1] // token_bytes(config)
+                        grown = cached_room * PASS_SHARE[0] // PASS_SHARE[1] // config.row_bytes
                 tokens = max(min_tokens, min(pass_tokens, grown))
                 return Plan(name, tables, resident, int(tokens), cap, uncached, cached)
             needed = resident + pass_bytes(config, min_tokens, cap)

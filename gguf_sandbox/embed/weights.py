@@ -7,15 +7,15 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import numpy as np
 from gguf.constants import GGMLQuantizationType
 from numpy.typing import NDArray
 
-from gguf_sandbox.embed.bert import F32, FLOAT_BYTES, BertConfig, Ids
-from gguf_sandbox.embed.plan import Q8_BLOCK, Q8_BLOCK_BYTES, Plan, PlanName, TableMode, is_matrix, is_q8_0
-from gguf_sandbox.embed.shapes import TABLES, expected_shapes
+from gguf_sandbox.embed.bert import F32, FLOAT_BYTES, Ids
+from gguf_sandbox.embed.layout import ModelLayout
+from gguf_sandbox.embed.plan import Q8_BLOCK, Q8_BLOCK_BYTES, Plan, PlanName, TableMode, is_q8_0
 from gguf_sandbox.errors import BudgetExceeded, GGUFError, UnsupportedTensorType
 from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
@@ -272,11 +272,12 @@ class StreamMatrix:
 
 
 class PlannedWeights:
-    """The BertWeights of one plan: vectors always decoded; tables and matrices where the plan keeps them."""
+    """The weights of one plan, for any model's forward pass (bert.BertWeights, decoder.DecoderWeights):
+    vectors always decoded; tables and matrices where the plan keeps them."""
 
     def __init__(
         self,
-        config: BertConfig,
+        config: Any,
         plan: Plan,
         *,
         vectors: dict[str, F32],
@@ -292,7 +293,8 @@ class PlannedWeights:
         self._fd = fd
 
     @property
-    def config(self) -> BertConfig:
+    def config(self) -> Any:
+        """The model's config, as its forward pass reads it (BertConfig, DecoderConfig)."""
         return self._config
 
     def vector(self, name: str) -> F32:
@@ -373,7 +375,7 @@ def _matrix(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int) -> BlockSourc
     return StreamMatrix(gguf, info, plan.cap, fd, uncached=plan.uncached)
 
 
-def load_weights(gguf: GGUFFile, config: BertConfig, plan: Plan) -> PlannedWeights:
+def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan) -> PlannedWeights:
     """Build the plan's weights from an open file (which must stay open while they are used)."""
     try:
         fd = os.open(gguf.path, os.O_RDONLY)
@@ -385,11 +387,11 @@ def load_weights(gguf: GGUFFile, config: BertConfig, plan: Plan) -> PlannedWeigh
         vectors: dict[str, F32] = {}
         tables: dict[str, RowSource] = {}
         matrices: dict[str, BlockSource] = {}
-        for name in expected_shapes(config):
+        for name in layout.shapes:
             info = gguf.tensor(name)
-            if name in TABLES:
+            if name in layout.tables:
                 tables[name] = _table(gguf, info, plan, fd)
-            elif is_matrix(name):
+            elif name in layout.matrices:
                 matrices[name] = _matrix(gguf, info, plan, fd)
             else:
                 vectors[name] = np.concatenate(
@@ -400,4 +402,4 @@ def load_weights(gguf: GGUFFile, config: BertConfig, plan: Plan) -> PlannedWeigh
         raise
     # What the header parse and the tokenizer read (with readahead) is not needed again.
     _drop_cached(fd)
-    return PlannedWeights(config, plan, vectors=vectors, tables=tables, matrices=matrices, fd=fd)
+    return PlannedWeights(layout.config, plan, vectors=vectors, tables=tables, matrices=matrices, fd=fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import os
@@ -226,11 +227,11 @@ def test_no_more_passes_run_at_once_than_there_are_cpus(
 ) -> None:
     """Each thread that ever called BLAS keeps a packing buffer of its own: 8 concurrent passes held 8 of
     them and starved a 64 MiB cell (tests/embed/test_limits.py has the real cell)."""
-    from gguf_sandbox.embed import engine
+    from gguf_sandbox.embed import architectures, engine
 
     running, most = 0, 0
     lock = threading.Lock()
-    real_encode: Callable[..., np.ndarray] = getattr(engine, "encode")  # noqa: B009 (patched below)
+    real_encode: Callable[..., np.ndarray] = architectures.BERT.encode
 
     def counting_encode(*args: Any, **kwargs: Any) -> np.ndarray:
         nonlocal running, most
@@ -243,7 +244,8 @@ def test_no_more_passes_run_at_once_than_there_are_cpus(
             with lock:
                 running -= 1
 
-    monkeypatch.setattr(engine, "encode", counting_encode)
+    counting = dataclasses.replace(architectures.BERT, encode=counting_encode)
+    monkeypatch.setattr(engine, "family_of", lambda gguf: counting)
     cpus = len(os.sched_getaffinity(0))
     texts = synthetic_texts(64, seed=7, vocab_size=30522)
     with (

@@ -26,7 +26,7 @@ from gguf_sandbox.embed.plan import (
     pass_bytes,
     preferred_plan,
 )
-from gguf_sandbox.embed.shapes import read_config
+from gguf_sandbox.embed.shapes import read_config, read_layout
 from gguf_sandbox.embed.weights import Q8Rows, load_weights
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.dequant import dequantize
@@ -72,9 +72,9 @@ def embed_with(
     gguf: GGUFFile, plan_name: PlanName, tables: TableMode | None = None, *, uncached: bool = False
 ) -> np.ndarray:
     config = read_config(gguf)
-    plan = choose_plan(config, ModelSizes.of(gguf, config), UNLIMITED, requested=plan_name, cap=SMALL_CAP)
+    plan = choose_plan(config, ModelSizes.of(gguf, read_layout(gguf)), UNLIMITED, requested=plan_name, cap=SMALL_CAP)
     plan = dataclasses.replace(plan, tables=tables or plan.tables, uncached=uncached)
-    weights = load_weights(gguf, config, plan)
+    weights = load_weights(gguf, read_layout(gguf), plan)
     try:
         batch = TokenBatch.from_sequences(token_sequences(config), bert.rows_per_chunk(config, SMALL_CAP))
         return bert.encode(weights, batch, SMALL_CAP)
@@ -157,9 +157,9 @@ def test_table_rows_equal_the_readers_rows(q8: GGUFFile, mode: TableMode) -> Non
         TableMode.RAW: PlanName.RESIDENT_QUANT,
         TableMode.FILE: PlanName.STREAMING,
     }[mode]
-    plan = choose_plan(config, ModelSizes.of(q8, config), UNLIMITED, requested=name, cap=SMALL_CAP)
+    plan = choose_plan(config, ModelSizes.of(q8, read_layout(q8)), UNLIMITED, requested=name, cap=SMALL_CAP)
     plan = dataclasses.replace(plan, tables=mode)
-    weights = load_weights(q8, config, plan)
+    weights = load_weights(q8, read_layout(q8), plan)
     ids = np.array([299, 0, 5, 5, 128, 64, 63, 299], dtype=np.intp)
     try:
         got = weights.rows("token_embd.weight", ids)
@@ -199,7 +199,7 @@ def test_q8_rows_decode_bit_for_bit_like_dequantize(lo: int, hi: int) -> None:
 
 def test_resident_quant_keeps_q8_0_as_quants_and_float32_scales(q8: GGUFFile) -> None:
     config = read_config(q8)
-    sizes = ModelSizes.of(q8, config)
+    sizes = ModelSizes.of(q8, read_layout(q8))
     blocks = sizes.matrices_f32 // 4 // 32
     assert sizes.matrices_raw == blocks * 34
     assert sizes.matrices_kept == blocks * Q8_KEPT_BYTES
@@ -210,7 +210,7 @@ def test_resident_quant_keeps_q8_0_as_quants_and_float32_scales(q8: GGUFFile) ->
 # -- choosing ------------------------------------------------------------------------------------------------
 def test_chooser_prefers_f32_then_quant_then_streaming_as_memory_shrinks(q8: GGUFFile) -> None:
     config = read_config(q8)
-    sizes = ModelSizes.of(q8, config)
+    sizes = ModelSizes.of(q8, read_layout(q8))
     work = pass_bytes(config, config.context_length)
     f32_all = sizes.resident(PlanName.RESIDENT_F32, TableMode.F32)
     quant_file = sizes.resident(PlanName.RESIDENT_QUANT, TableMode.FILE)
@@ -244,7 +244,7 @@ def test_chooser_prefers_f32_then_quant_then_streaming_as_memory_shrinks(q8: GGU
 def test_chooser_skips_resident_quant_for_a_float32_file(models: dict[GGMLQuantizationType, Path]) -> None:
     with GGUFFile.open(models[GGMLQuantizationType.F32]) as gguf:
         config = read_config(gguf)
-        sizes = ModelSizes.of(gguf, config)
+        sizes = ModelSizes.of(gguf, read_layout(gguf))
     work = pass_bytes(config, config.context_length)
     just_short = sizes.resident(PlanName.RESIDENT_F32, TableMode.FILE) + work - 1
     assert choose_plan(config, sizes, just_short).name is PlanName.STREAMING
@@ -252,7 +252,7 @@ def test_chooser_skips_resident_quant_for_a_float32_file(models: dict[GGMLQuanti
 
 def test_a_requested_plan_that_does_not_fit_is_refused_with_a_hint(q8: GGUFFile) -> None:
     config = read_config(q8)
-    sizes = ModelSizes.of(q8, config)
+    sizes = ModelSizes.of(q8, read_layout(q8))
     available = sizes.resident(PlanName.RESIDENT_QUANT, TableMode.FILE) + pass_bytes(config, 512)
     with pytest.raises(BudgetExceeded, match=r"resident-f32.*--plan streaming"):
         choose_plan(config, sizes, available // 4, requested="resident-f32")
@@ -260,7 +260,7 @@ def test_a_requested_plan_that_does_not_fit_is_refused_with_a_hint(q8: GGUFFile)
 
 def test_pass_tokens_grow_with_the_budget_but_never_below_the_context(q8: GGUFFile) -> None:
     config = read_config(q8)
-    sizes = ModelSizes.of(q8, config)
+    sizes = ModelSizes.of(q8, read_layout(q8))
     small = choose_plan(config, sizes, 64 << 20, requested=PlanName.STREAMING, pass_tokens=10)
     large = choose_plan(config, sizes, 1 << 30, requested=PlanName.STREAMING, pass_tokens=100_000)
     assert small.max_tokens == config.context_length
@@ -291,9 +291,9 @@ def test_preferred_plan_is_what_this_models_auto_choice_would_be_with_all_of_ram
 ) -> None:
     with GGUFFile.open(models[GGMLQuantizationType.Q8_0]) as gguf:
         config = read_config(gguf)
-        q8_sizes = ModelSizes.of(gguf, config)
+        q8_sizes = ModelSizes.of(gguf, read_layout(gguf))
     with GGUFFile.open(models[GGMLQuantizationType.F32]) as gguf:
-        f32_sizes = ModelSizes.of(gguf, read_config(gguf))
+        f32_sizes = ModelSizes.of(gguf, read_layout(gguf))
     work = pass_bytes(config, config.context_length)
     f32_all = q8_sizes.resident(PlanName.RESIDENT_F32, TableMode.F32)
     quant = q8_sizes.resident(PlanName.RESIDENT_QUANT, TableMode.FILE)
@@ -307,7 +307,7 @@ def test_preferred_plan_is_what_this_models_auto_choice_would_be_with_all_of_ram
 
 def test_cached_streaming_holds_its_page_cache_and_drop_cache_reads_uncached(q8: GGUFFile) -> None:
     config = read_config(q8)
-    sizes = ModelSizes.of(q8, config)
+    sizes = ModelSizes.of(q8, read_layout(q8))
     roomy = 1 << 30
     cached = choose_plan(config, sizes, roomy, requested=PlanName.STREAMING)
     assert (cached.uncached, cached.cached_bytes) == (False, sizes.matrices_raw)
@@ -327,10 +327,10 @@ def test_a_failing_read_is_a_gguf_error(
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     config = read_config(q8)
-    plan = choose_plan(config, ModelSizes.of(q8, config), UNLIMITED, requested=plan_name, cap=SMALL_CAP)
+    plan = choose_plan(config, ModelSizes.of(q8, read_layout(q8)), UNLIMITED, requested=plan_name, cap=SMALL_CAP)
     plan = dataclasses.replace(plan, tables=TableMode.FILE)
     if plan_name is PlanName.STREAMING:
-        weights = load_weights(q8, config, plan)
+        weights = load_weights(q8, read_layout(q8), plan)
         monkeypatch.setattr(os, "pread", failing_pread)
         batch = TokenBatch.from_sequences(token_sequences(config), bert.rows_per_chunk(config, SMALL_CAP))
         with pytest.raises(
@@ -341,4 +341,4 @@ def test_a_failing_read_is_a_gguf_error(
         return
     monkeypatch.setattr(os, "pread", failing_pread)
     with pytest.raises(GGUFError, match="failed: Input/output error"):
-        load_weights(q8, config, plan)
+        load_weights(q8, read_layout(q8), plan)
