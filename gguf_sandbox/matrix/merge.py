@@ -139,7 +139,7 @@ def _content(record: Mapping[str, Any]) -> dict[str, Any]:
 def _conflict(cell_id: str, first: Located, second: Located) -> str:
     a, b = (CellRecord.from_json(item.record) for item in (first, second))
     said = f"{first.where} says {_said(a)}, {second.where} says {_said(b)}"
-    if _said(a) == _said(b):
+    if (a.kind, a.verdict) == (b.kind, b.verdict):
         keys = sorted(
             k
             for k in _content(first.record).keys() | _content(second.record).keys()
