@@ -35,6 +35,9 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     ),
     Subcommand("run", "gguf_sandbox.matrix.runner", "run the resource-limit matrix from matrix.yaml"),
     Subcommand(
+        "merge", "gguf_sandbox.matrix.merge", "join the results files of matrix shards into one results file"
+    ),
+    Subcommand(
         "repro", "gguf_sandbox.matrix.repro", "run one cell (a workload or any command) under a memory limit"
     ),
     Subcommand(

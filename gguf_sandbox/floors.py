@@ -9,14 +9,13 @@ reads the file inside a cell before it imports anything large.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from gguf_sandbox.atomic import write_atomic
 from gguf_sandbox.errors import GGUFSandboxError
 from gguf_sandbox.units import MIB
 
@@ -189,20 +188,9 @@ def save_floors(table: FloorTable, path: Path = FLOORS_FILE) -> None:
     text = json.dumps(
         {"version": SCHEMA_VERSION, "floors": [f.to_json() for f in table.floors]}, indent=2, sort_keys=True
     )
-    descriptor, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp makes it 0600; cells read the package's floors file as an unprivileged user (serve's
-        # gate runs as nobody in a jailed cgroup cell), so it gets a plain file's mode under the umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o666 & ~umask)
-        os.replace(staging, path)
+        write_atomic(path, (text + "\n").encode("utf-8"))
     except OSError as error:
-        Path(staging).unlink(missing_ok=True)
         raise FloorsError(f"{path}: cannot write the floors file ({error.strerror})") from error
 
 

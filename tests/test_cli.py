@@ -14,6 +14,7 @@ REQUIRED = {
     "embed": ["--model", "x.gguf"],
     "workload": ["parse", "--model", "x.gguf"],
     "run": [],
+    "merge": ["a.jsonl", "-o", "all.jsonl"],
     "repro": ["--python", "3.12", "--memory", "64m", "--workload", "parse"],
     "floor": ["--workload", "parse"],
     "images": ["build"],

@@ -53,6 +53,7 @@ class CellRecord:
     limit: int | None = None
     reason: str = ""
     fingerprint: str = ""
+    repro: str = ""  # the `gguf-sandbox repro …` line (absent from records written before it was kept)
 
     @property
     def ok(self) -> bool:
@@ -88,6 +89,7 @@ class CellRecord:
             limit=_field(data, "limit", int, None),
             reason=str(data.get("reason", "")),
             fingerprint=str(data.get("fingerprint", "")),
+            repro=str(data.get("repro") or ""),
         )
 
 
@@ -123,6 +125,7 @@ class Scan:
     damaged: tuple[Damage, ...]
     complete_bytes: int  # where the last complete line ends
     torn_bytes: int  # bytes after it: a line a killed writer left without its newline
+    lines: tuple[int, ...] = ()  # the line number of each record
 
     def report(self, path: Path, warn: Callable[[str], None]) -> None:
         """One line per damaged line (the first MAX_WARNINGS), then how many more."""
@@ -135,6 +138,7 @@ class Scan:
 def scan(path: Path, limit: int | None = None) -> Scan:
     """Read a results file line by line (stopping after about `limit` bytes), validating every record."""
     records: list[dict[str, Any]] = []
+    numbers: list[int] = []
     damaged: list[Damage] = []
     complete = torn = 0
     try:
@@ -157,11 +161,12 @@ def scan(path: Path, limit: int | None = None) -> Scan:
                 )
                 if record is not None:
                     records.append(record)
+                    numbers.append(number)
                 else:
                     damaged.append(Damage(number, problem))
     except OSError as error:
         raise GGUFSandboxError(f"results file {path}: cannot read ({error.strerror})") from None
-    return Scan(tuple(records), tuple(damaged), complete, torn)
+    return Scan(tuple(records), tuple(damaged), complete, torn, tuple(numbers))
 
 
 def _decode(line: bytes) -> tuple[dict[str, Any] | None, str]:
@@ -227,7 +232,7 @@ class ResultStore:
         path = Path(path)
         warn = warn or _to_stderr
         previous: list[dict[str, Any]] = []
-        if _check_ours(path, "--results"):
+        if check_ours(path, "--results"):
             if resume:
                 found = scan(path)
                 found.report(path, warn)
@@ -241,7 +246,7 @@ class ResultStore:
             elif path.stat().st_size > 0:
                 aside = path.with_name(path.name + ".prev")
                 if aside.exists() or aside.is_symlink():
-                    _check_ours(aside, "the previous results")
+                    check_ours(aside, "the previous results")
                 _rename(path, aside)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -304,7 +309,7 @@ class ResultStore:
         return {str(r["cell_id"]): r for r in self._records if r.get("kind") == REFERENCE}
 
 
-def _check_ours(path: Path, what: str) -> bool:
+def check_ours(path: Path, what: str) -> bool:
     """True when `path` is one of our results files, False when nothing is there; else refuse it."""
     try:
         mode = path.stat().st_mode
@@ -385,6 +390,8 @@ class Summary:
                 got = record.verdict.value if record.verdict else f"error ({record.reason})"
                 allowed = "|".join(sorted(v.value for v in record.expected))
                 lines.append(f"  {record.cell_id}: {got} (expected {allowed})")
+                if record.repro:
+                    lines.append(f"    reproduce: {record.repro}")
         else:
             lines.append("every decided cell is within its expect")
         return "\n".join(lines)

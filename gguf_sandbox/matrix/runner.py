@@ -16,14 +16,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from gguf_sandbox import __version__
 from gguf_sandbox.errors import GGUFSandboxError, MatrixError, SandboxError
 from gguf_sandbox.matrix.expand import expand_cells
 from gguf_sandbox.matrix.grid import cell_text, render_grids
+from gguf_sandbox.matrix.junit import write_junit
 from gguf_sandbox.matrix.load import load
 from gguf_sandbox.matrix.results import (
     CELL,
     ERROR,
     REFERENCE,
+    RUN,
     SKIP,
     CellRecord,
     ResultStore,
@@ -32,6 +35,7 @@ from gguf_sandbox.matrix.results import (
     summarize,
 )
 from gguf_sandbox.matrix.schema import GRACEFUL, Cell, Matrix, ModelDef
+from gguf_sandbox.matrix.shard import Shard, parse_shard, plan_shards, read_durations, take_shard
 from gguf_sandbox.matrix.verdicts import Outcome, Reference, Verdict, comparable, decide, parse_report
 from gguf_sandbox.sandbox.base import CellSpec, RunResult, Sandbox
 
@@ -103,6 +107,7 @@ def cell_fields(cell: Cell) -> dict[str, Any]:
         "model": cell.model,
         "expected": sorted(v.value for v in cell.expect),
         "fingerprint": cell_fingerprint(cell.spec),
+        "repro": cell.repro,
     }
 
 
@@ -357,38 +362,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grid", action="store_true", help="print the grids and summary of the --results file and exit"
     )
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run only part I of N of the selected cells, balanced by expected cost (CI runners)",
+    )
+    parser.add_argument(
+        "--durations",
+        metavar="RESULTS",
+        help="balance --shard by the seconds each cell took in this previous results file",
+    )
+    parser.add_argument("--junit", metavar="FILE", help="also write the cells as JUnit XML to FILE")
 
 
 def run(args: argparse.Namespace) -> int:
     from gguf_sandbox.matrix.models import default_cache_dir, prepare
 
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    if args.durations and shard is None:
+        raise MatrixError("--durations balances shards; give --shard I/N with it")
     if args.grid:
-        recorded = latest_cells(read_records(Path(args.results)))
+        records = read_records(Path(args.results))
+        recorded = latest_cells(records)
         if not recorded:
             raise GGUFSandboxError(f"--grid: {args.results} holds no cell records")
+        if args.junit:
+            write_junit(Path(args.junit), records)
         return 0 if report(recorded) else 1
+    durations = read_durations(Path(args.durations)) if args.durations else None
     matrix = load(args.matrix, profile=args.profile)
     if args.list:
         cells = expand_cells(matrix, backends=_listed_backends(args.backend, matrix), k=args.k)
-        for cell in cells:
+        for cell in _shard_of(matrix, cells, shard, durations):
             print(cell.cell_id)
         return 0
     sandboxes = {s.name: s for s in choose_backends(args.backend, matrix)}
-    cells = expand_cells(matrix, backends=list(sandboxes), k=args.k)
-    if not cells:
+    selected = expand_cells(matrix, backends=list(sandboxes), k=args.k)
+    if not selected:
         raise MatrixError(f"-k {args.k!r}: no cell of {args.matrix} matches; see `gguf-sandbox run --list`")
+    cells = _shard_of(matrix, selected, shard, durations)
     cache = default_cache_dir()
     backends_text = ", ".join(sandboxes)
     print(f"{len(cells)} cells on {backends_text} → {args.results}", flush=True)
     with ResultStore.open(args.results, resume=args.resume) as store:
+        # What merge needs to name missing cells: every cell selected before sharding, and which part ran.
         store.append(
             {
-                "kind": "run",
+                "kind": RUN,
                 "cell_id": "",
                 "matrix": str(args.matrix),
                 "profile": args.profile,
                 "backends": list(sandboxes),
                 "k": args.k,
+                "shard": str(shard) if shard else None,
+                "selected": [cell.cell_id for cell in selected],
+                "version": __version__,
             }
         )
         runner = MatrixRun(
@@ -410,8 +438,35 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             report(runner.records)
+            _write_junit(args.junit, store, cells)
             return INTERRUPTED_EXIT_CODE
+        _write_junit(args.junit, store, cells)
     return 0 if report(runner.records) else 1
+
+
+def _shard_of(
+    matrix: Matrix, cells: Sequence[Cell], shard: Shard | None, durations: Mapping[str, float] | None
+) -> list[Cell]:
+    """The cells of `shard` (all when None); the shards' estimated seconds go to stderr."""
+    if shard is None:
+        return list(cells)
+    plan = plan_shards(
+        matrix,
+        cells,
+        shard.count,
+        lambda cell: reference_spec(cell, matrix.reference_memory).cell_id,
+        durations,
+    )
+    print(plan.summary(shard), file=sys.stderr, flush=True)
+    return take_shard(cells, plan, shard)
+
+
+def _write_junit(path: str | None, store: ResultStore, cells: Sequence[Cell]) -> None:
+    """JUnit XML of this run's cells (on --resume, their latest records)."""
+    if path:
+        ids = {cell.cell_id for cell in cells}
+        records = store.records()
+        write_junit(Path(path), [r for r in records if r.get("cell_id") in ids or r.get("kind") == RUN])
 
 
 @contextlib.contextmanager

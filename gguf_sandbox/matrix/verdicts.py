@@ -137,6 +137,37 @@ class Outcome:
             lines.append(f"  reproduce: {self.repro}")
         return "\n".join(lines)
 
+    @classmethod
+    def from_json(
+        cls, data: Mapping[str, Any], *, repro: str = "", expected: frozenset[Verdict] = frozenset()
+    ) -> Outcome:
+        """The outcome a `cell` record holds (to_json's inverse, for messages about a results file): a field
+        of the wrong type reads as absent; ValueError when the verdict is no verdict."""
+        signals = data.get("oom")
+        oom: Mapping[str, Any] = signals if isinstance(signals, dict) else {}
+        report = data.get("report")
+        tail = data.get("log_tail")
+        return cls(
+            verdict=Verdict(data.get("verdict")),
+            reason=str(data.get("reason") or ""),
+            limit=_number(data.get("limit"), int) or 0,
+            peak=_number(data.get("peak"), int),
+            oom=OomSignals(
+                flag=oom.get("flag") is True,
+                counter=_number(oom.get("counter"), int) or 0,
+                sigkill=oom.get("sigkill") is True,
+                limit_reached=oom.get("limit_reached") is True,
+            ),
+            plan=data["plan"] if isinstance(data.get("plan"), str) else None,
+            exit_code=_number(data.get("exit_code"), int),
+            duration_s=float(_number(data.get("duration_s"), float) or 0.0),
+            log_tail=tuple(str(line) for line in tail) if isinstance(tail, list) else (),
+            report=report if isinstance(report, dict) else None,
+            cell_id=str(data.get("cell_id") or ""),
+            repro=repro,
+            expected=expected,
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "verdict": self.verdict.value,
@@ -155,6 +186,15 @@ class Outcome:
             "log_tail": list(self.log_tail),
             "report": dict(self.report) if self.report is not None else None,
         }
+
+
+def _number(value: Any, kind: type[int] | type[float]) -> Any:
+    """`value` when it is a finite number of `kind` (an int is a float too; a bool is neither), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if kind is int and not isinstance(value, int):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _mib(nbytes: int | None) -> str:

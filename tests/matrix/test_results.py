@@ -295,7 +295,9 @@ def test_grid_reads_what_it_can_and_says_what_it_skipped(
     path = tmp_path / "results.jsonl"
     damaged_store(path)
     capsys.readouterr()
-    code = runner.run(argparse.Namespace(grid=True, results=str(path)))
+    code = runner.run(
+        argparse.Namespace(grid=True, results=str(path), shard=None, durations=None, junit=None)
+    )
     out, err = capsys.readouterr()
     assert code == 1  # "first" is an oom outside its expect
     assert "2 cells: 1 oom, 1 pass" in out

