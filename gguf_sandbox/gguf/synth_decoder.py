@@ -311,8 +311,10 @@ NOMIC_CODE_CLASS = SyntheticDecoder(
 )
 
 
-def synthetic_decoder_for_size(target_bytes: int, base: SyntheticDecoder) -> SyntheticDecoder:
-    """`base` with the smallest layer count whose tensor data reaches `target_bytes`.
+def synthetic_decoder_for_size(
+    target_bytes: int, base: SyntheticDecoder, max_layers: int = 1 << 16
+) -> SyntheticDecoder:
+    """`base` with the smallest layer count whose tensor data reaches `target_bytes` (at most `max_layers`).
 
     Layers differ (attn_v and ffn_down hold more bits on some), so the count is bisected between what
     layers all as large as the dearest and all as small as the cheapest would need: a few walks over the
@@ -325,8 +327,11 @@ def synthetic_decoder_for_size(target_bytes: int, base: SyntheticDecoder) -> Syn
     fixed = size(0)
     costs = [base.layer_nbytes(sensitive) for sensitive in (False, True)]
     low, high = (max(1, -(-(target_bytes - fixed) // cost)) for cost in (max(costs), min(costs)))
+    if low > max_layers:
+        raise GGUFError(f"needs {low:,} layers or more, at most {max_layers:,} are allowed")
+    high = min(high, max_layers)
     layers = low + bisect.bisect_left(range(low, high + 1), target_bytes, key=size)
-    return replace(base, layers=layers, name=f"{base.name}-{target_bytes >> 20}m")
+    return replace(base, layers=min(layers, max_layers), name=f"{base.name}-{target_bytes >> 20}m")
 
 
 # ------------------------------------------------------------------------------------------------ write

@@ -149,6 +149,47 @@ CORPUS: dict[str, tuple[bytes, str]] = {
             ),
         ]
     },
+    **{
+        f"decoder-{name}": (
+            variant("  tiny: {synth", f"  dec: {{synthesize: {{{recipe}}}}}\n  tiny: {{synth"),
+            rf"^models\.dec\.synthesize{message}",
+        )
+        for name, recipe, message in [
+            ("arch", "architecture: gpt9", r"\.architecture: unknown architecture 'gpt9'"),
+            ("unknown-key", "architecture: qwen2, layer: 3", r"\.layer: unknown key; did you mean 'layers'"),
+            ("hidden-0", "architecture: qwen2, hidden: 0", r"\.hidden: expected a whole number from 32"),
+            (
+                "layers-2000",
+                "architecture: qwen2, layers: 2000",
+                r"\.layers: expected a whole number from 1 to 1,024",
+            ),
+            (
+                "size-and-layers",
+                "architecture: qwen2, size: 1m, layers: 2",
+                r": give 'size' .* or 'layers', not both",
+            ),
+            ("size-1t", "architecture: qwen2, size: 1t", r"\.size: size '1t' is out of range"),
+            (
+                "size-many-layers",
+                "architecture: qwen2, size: 16g, hidden: 32, ffn: 32, head_dim: 16",
+                r": needs [\d,]+ layers or more",
+            ),
+            ("gqa", "architecture: qwen2, kv_heads: 3", r": 4 query heads cannot share 3 KV heads"),
+            (
+                "k-quant-rows",
+                "architecture: qwen2, type: q4_k",
+                r": blk\.0\.attn_q\.weight: rows of 128 values are not whole Q4_K",
+            ),
+            ("type", "architecture: qwen2, type: iq2_xxs", r"\.type: unknown tensor type 'iq2_xxs'"),
+            ("vocab", "architecture: qwen2, vocab_size: 10", r": vocab_size 10 is too small"),
+            (
+                "bytes",
+                "architecture: qwen2, hidden: 16384, ffn: 65536, layers: 64, heads: 128, head_dim: 128",
+                r": makes [\d.,]+ GiB",
+            ),
+            ("seed-float", "architecture: qwen2, seed: 1.5", r"\.seed: expected a whole number"),
+        ]
+    },
     "args-count-negative": (
         variant("count: 10", "count: -5"),
         r"workloads\.embed\.args\.count: -5 is out of range",
