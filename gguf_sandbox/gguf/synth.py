@@ -15,6 +15,7 @@ from gguf.quants import quantize
 
 from gguf_sandbox.embed.shapes import bert_shapes
 from gguf_sandbox.errors import GGUFError
+from gguf_sandbox.gguf.writer import TensorPlan, write_streamed
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 WORD_START = "\u2581"  # llama.cpp marks WordPiece word starts with U+2581 and strips "##"
@@ -76,12 +77,10 @@ class SyntheticBert:
 
     def nbytes(self) -> int:
         """Bytes of tensor data the file will hold (the header adds a little more)."""
-        total = 0
-        for _, shape, is_matrix in self.tensor_shapes():
-            qtype = self.tensor_type if is_matrix else GGMLQuantizationType.F32
-            block_elements, block_bytes = GGML_QUANT_SIZES[qtype]
-            total += int(np.prod(shape)) // block_elements * block_bytes
-        return total
+        return sum(
+            TensorPlan(name, shape, self.tensor_type if is_matrix else GGMLQuantizationType.F32).nbytes
+            for name, shape, is_matrix in self.tensor_shapes()
+        )
 
 
 def synthetic_bert_for_size(
@@ -168,20 +167,15 @@ def write_synthetic_bert(path: str | Path, spec: SyntheticBert) -> Path:
     writer.add_mask_token_id(ids["[MASK]"])
 
     layout = list(spec.tensor_shapes())
-    for name, shape, is_matrix in layout:
-        qtype = spec.tensor_type if is_matrix else GGMLQuantizationType.F32
-        block_elements, block_bytes = GGML_QUANT_SIZES[qtype]
-        nbytes = int(np.prod(shape)) // block_elements * block_bytes
-        byte_shape = (*shape[:-1], shape[-1] // block_elements * block_bytes)
-        dtype = np.float32 if qtype is GGMLQuantizationType.F32 else np.uint8
-        stored_shape = byte_shape if dtype is np.uint8 else shape
-        writer.add_tensor_info(name, stored_shape, np.dtype(dtype), nbytes, qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for index, (name, shape, is_matrix) in enumerate(layout):
-        values = _tensor_values(spec, index, name, shape)
-        qtype = spec.tensor_type if is_matrix else GGMLQuantizationType.F32
-        writer.write_tensor_data(values if qtype is GGMLQuantizationType.F32 else quantize(values, qtype))
-    writer.close()
+    plans = [
+        TensorPlan(name, shape, spec.tensor_type if is_matrix else GGMLQuantizationType.F32)
+        for name, shape, is_matrix in layout
+    ]
+
+    def whole(index: int, plan: TensorPlan) -> Iterator[np.ndarray]:
+        # One tensor in memory at a time: the values are drawn whole, then quantized.
+        values = _tensor_values(spec, index, plan.name, plan.shape)
+        yield values if plan.qtype is GGMLQuantizationType.F32 else quantize(values, plan.qtype)
+
+    write_streamed(writer, plans, whole)
     return out

@@ -6,14 +6,14 @@ import contextlib
 import fcntl
 import importlib.util
 import os
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from gguf_sandbox.errors import GGUFSandboxError, MatrixError
 from gguf_sandbox.matrix.fields import MAX_NAME, MODEL_NAME_RE, as_mapping, entries_at, key_name, text_at
+from gguf_sandbox.matrix.packaged import MAX_PARTS, PACKAGE_NAME_RE, PackagePart, member_problem
 from gguf_sandbox.matrix.schema import CONVERT_TYPES, ModelDef, ModelKind
 from gguf_sandbox.matrix.sizes import size_at
 from gguf_sandbox.paths import cache_root, models_dir
@@ -58,6 +58,17 @@ def prepare(model: ModelDef, cache_dir: Path | None = None) -> Path:
         if not target.is_file():
             raise MatrixError(f"models.{model.name}.path: {target} does not exist; fix the path")
         return target
+    try:
+        return build_once(target, lambda partial: _BUILDERS[model.kind](model, partial))
+    except GGUFSandboxError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as error:
+        raise MatrixError(f"models.{model.name}: cannot prepare {model.describe()}: {error}") from error
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, made by `build(partial)` when missing: under a lock (concurrent callers wait and reuse it),
+    renamed into place only once complete, so an interrupted build never leaves a partial file behind."""
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,12 +77,8 @@ def prepare(model: ModelDef, cache_dir: Path | None = None) -> Path:
             return target
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         try:
-            _BUILDERS[model.kind](model, partial)
+            build(partial)
             os.replace(partial, target)
-        except GGUFSandboxError:
-            raise
-        except (OSError, ValueError, TypeError, KeyError, ImportError) as error:
-            raise MatrixError(f"models.{model.name}: cannot prepare {model.describe()}: {error}") from error
         finally:
             partial.unlink(missing_ok=True)
     return target
@@ -96,14 +103,25 @@ def _convert(model: ModelDef, out: Path) -> None:
 
 
 def _synthesize(model: ModelDef, out: Path) -> None:
+    # The recipe was checked when matrix.yaml was parsed (keys, ranges, and the size of what it makes).
+    if "architecture" in model.options:
+        from gguf_sandbox.gguf.synth_decoder import write_synthetic_decoder
+
+        write_synthetic_decoder(out, decoder_spec(model.options, model.name))
+        return
     from gguf_sandbox.gguf.synth import write_synthetic_bert
 
-    # The recipe was checked when matrix.yaml was parsed (keys, ranges, and the size of what it makes).
     write_synthetic_bert(out, synthetic_spec(model.options))
 
 
+def _packaged(model: ModelDef, out: Path) -> None:
+    from gguf_sandbox.matrix.packaged import write_packaged
+
+    write_packaged(model.options["parts"], out)
+
+
 _BUILDERS: Mapping[ModelKind, Callable[[ModelDef, Path], None]] = MappingProxyType(
-    {ModelKind.CONVERT: _convert, ModelKind.SYNTHESIZE: _synthesize}
+    {ModelKind.CONVERT: _convert, ModelKind.SYNTHESIZE: _synthesize, ModelKind.PACKAGED: _packaged}
 )
 
 
@@ -141,10 +159,33 @@ def _convert_options(value: object, where: str, base_dir: Path) -> Mapping[str, 
     if "dir" in body:
         directory = text_at(body["dir"], f"{where}.dir", "a checkpoint directory")
         return MappingProxyType({"dir": str((base_dir / directory).resolve()), "type": qtype})
-    package = text_at(body["package"], f"{where}.package", "a PyPI package name")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", package):
-        raise MatrixError(f"{where}.package: {show(package)} is not a PyPI package name")
-    return MappingProxyType({"package": package, "type": qtype})
+    return MappingProxyType({"package": _package_name(body["package"], f"{where}.package"), "type": qtype})
+
+
+def _package_name(value: object, where: str) -> str:
+    package = text_at(value, where, "a PyPI package name")
+    if not PACKAGE_NAME_RE.fullmatch(package):
+        raise MatrixError(f"{where}: {show(package)} is not a PyPI package name")
+    return package
+
+
+def _packaged_options(value: object, where: str, base_dir: Path) -> Mapping[str, Any]:
+    """One {package, file} mapping, or a list of them: files concatenated in order (a model in parts)."""
+    entries = value if isinstance(value, list) else [value]
+    if not entries or len(entries) > MAX_PARTS:
+        raise MatrixError(f"{where}: expected 1 to {MAX_PARTS} parts, got {len(entries):,}")
+    parts = []
+    for index, entry in enumerate(entries):
+        at = f"{where}[{index}]" if isinstance(value, list) else where
+        body = as_mapping(entry, at, ("package", "file"))
+        if "package" not in body or "file" not in body:
+            raise MatrixError(f"{at}: expected {{package: <PyPI package>, file: <path inside it>}}")
+        file = text_at(body["file"], f"{at}.file", "a path inside the package")
+        problem = member_problem(file)
+        if problem is not None:
+            raise MatrixError(f"{at}.file: {show(file)} {problem}")
+        parts.append(PackagePart(_package_name(body["package"], f"{at}.package"), file))
+    return MappingProxyType({"parts": tuple(parts)})
 
 
 # What `synthesize` takes, and the most it may make: a file our reader opens (tensors, layers) written in
@@ -173,22 +214,14 @@ def _synthesize_options(value: object, where: str, base_dir: Path) -> Mapping[st
     from gguf_sandbox.errors import GGUFError
     from gguf_sandbox.gguf.synth import WRITABLE_TYPES
 
+    if isinstance(value, Mapping) and "architecture" in value:
+        return _decoder_options(value, where)
     body = as_mapping(value, where, SYNTHESIZE_OPTIONS)
     if "size" not in body:
         raise MatrixError(f"{where}: expected a mapping with a 'size' (e.g. {{size: 320m}})")
     options: dict[str, Any] = {"size": size_at(body["size"], f"{where}.size", 1, MAX_SYNTHETIC_BYTES)}
-    for key, (low, high) in _SYNTHESIZE_INTEGERS.items():
-        if key in body:
-            number = body[key]
-            if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
-                raise MatrixError(
-                    f"{where}.{key}: expected a whole number from {low:,} to {high:,}, got {show(number)}"
-                )
-    types = sorted(t.name.lower() for t in WRITABLE_TYPES)
-    if "type" in body and (not isinstance(body["type"], str) or body["type"].lower() not in types):
-        raise MatrixError(
-            f"{where}.type: unknown tensor type {show(body['type'])}; choose one of {', '.join(types)}"
-        )
+    _check_integers(body, where, _SYNTHESIZE_INTEGERS)
+    _check_types(body, where, ("type",), WRITABLE_TYPES)
     # Kept as written (only size is normalized): the recipe's hash names the cached file.
     options.update({k: v for k, v in body.items() if k != "size"})
     try:
@@ -201,11 +234,102 @@ def _synthesize_options(value: object, where: str, base_dir: Path) -> Mapping[st
             f"{where}: makes {spec.layers:,} layers, at most {MAX_SYNTHETIC_LAYERS:,} are allowed "
             "(raise hidden or lower size)"
         )
-    if spec.nbytes() > MAX_SYNTHETIC_BYTES:
+    _check_nbytes(spec.nbytes(), where)
+    return MappingProxyType(options)
+
+
+def _check_integers(body: Mapping[str, Any], where: str, ranges: Mapping[str, tuple[int, int]]) -> None:
+    for key, (low, high) in ranges.items():
+        if key in body:
+            number = body[key]
+            if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+                raise MatrixError(
+                    f"{where}.{key}: expected a whole number from {low:,} to {high:,}, got {show(number)}"
+                )
+
+
+def _check_types(body: Mapping[str, Any], where: str, keys: tuple[str, ...], allowed: Iterable[Any]) -> None:
+    names = sorted(t.name.lower() for t in allowed)
+    for key in keys:
+        if key in body and (not isinstance(body[key], str) or body[key].lower() not in names):
+            raise MatrixError(
+                f"{where}.{key}: unknown tensor type {show(body[key])}; choose one of {', '.join(names)}"
+            )
+
+
+def _check_nbytes(nbytes: int, where: str) -> None:
+    if nbytes > MAX_SYNTHETIC_BYTES:
         raise MatrixError(
-            f"{where}: makes {spec.nbytes() / GIB:,.1f} GiB of tensors, at most "
+            f"{where}: makes {nbytes / GIB:,.1f} GiB of tensors, at most "
             f"{format_size(MAX_SYNTHETIC_BYTES)} (lower vocab_size, hidden or size)"
         )
+
+
+# A decoder recipe (`architecture:` given): gguf.synth_decoder's fields; `size` picks the layer count.
+DECODER_OPTIONS = (
+    "architecture", "size", "layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab_size",
+    "context_length", "type", "sensitive_type", "embedding_type", "seed",
+)  # fmt: skip
+_DECODER_INTEGERS: Mapping[str, tuple[int, int]] = MappingProxyType(
+    {
+        "layers": (1, MAX_SYNTHETIC_LAYERS),
+        "hidden": (32, 16384),
+        "heads": (1, 256),
+        "kv_heads": (1, 256),
+        "head_dim": (16, 1024),
+        "ffn": (32, 65536),
+        "vocab_size": (1, 1 << 20),
+        "context_length": (32, 1 << 20),
+        "seed": (0, (1 << 32) - 1),
+    }
+)
+_DECODER_TYPES = {
+    "type": "tensor_type",
+    "sensitive_type": "sensitive_type",
+    "embedding_type": "embedding_type",
+}
+
+
+def decoder_spec(options: Mapping[str, Any], name: str = "synthetic-decoder") -> Any:
+    """The SyntheticDecoder a validated decoder recipe makes."""
+    from gguf.constants import GGMLQuantizationType
+
+    from gguf_sandbox.gguf.synth_decoder import SyntheticDecoder, synthetic_decoder_for_size
+
+    fields: dict[str, Any] = {k: int(options[k]) for k in _DECODER_INTEGERS if k in options}
+    for key, field in _DECODER_TYPES.items():
+        if key in options:
+            fields[field] = GGMLQuantizationType[str(options[key]).upper()]
+    spec = SyntheticDecoder(architecture=str(options["architecture"]), name=name, **fields)
+    if "size" in options:
+        spec = synthetic_decoder_for_size(int(options["size"]), spec, MAX_SYNTHETIC_LAYERS)
+    return spec
+
+
+def _decoder_options(value: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    from gguf_sandbox.errors import GGUFError
+    from gguf_sandbox.gguf.synth_decoder import ARCHITECTURES
+    from gguf_sandbox.gguf.synth_quant import RANDOM_TYPES
+
+    body = as_mapping(value, where, DECODER_OPTIONS)
+    architecture = body["architecture"]
+    if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
+        raise MatrixError(
+            f"{where}.architecture: unknown architecture {show(architecture)}; choose one of "
+            f"{', '.join(ARCHITECTURES)} (or leave it out for a BERT)"
+        )
+    if "size" in body and "layers" in body:
+        raise MatrixError(f"{where}: give 'size' (the layer count that reaches it) or 'layers', not both")
+    _check_integers(body, where, _DECODER_INTEGERS)
+    _check_types(body, where, tuple(_DECODER_TYPES), RANDOM_TYPES)
+    options = dict(body)
+    if "size" in body:
+        options["size"] = size_at(body["size"], f"{where}.size", 1, MAX_SYNTHETIC_BYTES)
+    try:
+        spec = decoder_spec(options)
+    except GGUFError as error:
+        raise MatrixError(f"{where}: {error}") from None
+    _check_nbytes(spec.nbytes(), where)
     return MappingProxyType(options)
 
 
@@ -219,6 +343,7 @@ _MODEL_PARSERS: Mapping[ModelKind, Callable[[object, str, Path], Mapping[str, An
         ModelKind.CONVERT: _convert_options,
         ModelKind.SYNTHESIZE: _synthesize_options,
         ModelKind.PATH: _path_options,
+        ModelKind.PACKAGED: _packaged_options,
     }
 )
 

