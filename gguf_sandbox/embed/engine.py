@@ -16,7 +16,7 @@ import numpy as np
 
 from gguf_sandbox.budget import MemoryBudget, Reservation
 from gguf_sandbox.embed.architectures import Family, TextEncoder, family_of, sequence_limits
-from gguf_sandbox.embed.bert import F32, Pooling, TokenBatch, aligned, rows_per_chunk
+from gguf_sandbox.embed.bert import F32, POOLING_NAMES, Pooling, TokenBatch, aligned, rows_per_chunk
 from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
 from gguf_sandbox.embed.plan import (
     DEFAULT_PASS_TOKENS,
@@ -35,8 +35,6 @@ from gguf_sandbox.gguf.reader import GGUFFile
 DEFAULT_BATCH_SIZE: Final = 32
 # How long embed() waits for other callers of a shared budget to release room before it is refused.
 DEFAULT_WAIT_S: Final = 120.0
-# Poolings a caller may ask for instead of the file's (`--pooling`).
-POOLINGS: Final = tuple(p.name.lower() for p in Pooling if p is not Pooling.NONE)
 
 
 @dataclass(frozen=True)
@@ -351,8 +349,8 @@ def _with_pooling(layout: ModelLayout, pooling: str | None) -> ModelLayout:
     """The layout with `pooling` (mean, last, cls) instead of the file's; None keeps the file's."""
     if pooling is None:
         return layout
-    if pooling not in POOLINGS:
-        raise GGUFError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    if pooling not in POOLING_NAMES:
+        raise GGUFError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLING_NAMES)}")
     config = dataclasses.replace(layout.config, pooling=Pooling[pooling.upper()])
     return dataclasses.replace(layout, config=config)
 

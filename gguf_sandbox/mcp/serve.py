@@ -53,10 +53,14 @@ if TYPE_CHECKING:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="a BERT GGUF file")
+    parser.add_argument(
+        "--model", required=True, type=Path, help="a GGUF file (BERT, llama, qwen2, qwen3, gemma3)"
+    )
     parser.add_argument(
         "--plan", default="auto", help="weight plan (default: chosen from the detected memory limit)"
     )
+    # Checked by the engine (mean, last, cls), which is imported only after the floor check.
+    parser.add_argument("--pooling", help="pooling instead of the model's (mean, last, cls)")
     parser.add_argument(
         "--memory-floor",
         type=units.size_arg(minimum=0),
@@ -134,7 +138,7 @@ def release_import_cache() -> int:
     return count
 
 
-def _open_embedder(model: Path, plan: str, reserve: int) -> tuple[Embedder, Reservation]:
+def _open_embedder(model: Path, plan: str, reserve: int, pooling: str | None) -> tuple[Embedder, Reservation]:
     """The Embedder, opened on a budget that already holds the serving reservation, so that its plan and
     its largest pass leave that room (a pass that can never fit would otherwise wait forever)."""
     from gguf_sandbox.budget import MemoryBudget
@@ -143,7 +147,7 @@ def _open_embedder(model: Path, plan: str, reserve: int) -> tuple[Embedder, Rese
 
     # The smallest plan opens fast and detects the budget the way Embedder.open does: after the tokenizer
     # is built, so that its vocabulary counts as spent.
-    with Embedder.open(model, plan=PlanName.STREAMING.value) as probe:
+    with Embedder.open(model, plan=PlanName.STREAMING.value, pooling=pooling) as probe:
         detected = probe.budget
     memory = MemoryBudget(
         detected.limit, cap=detected.cap, baseline=detected.baseline, origin=detected.origin
@@ -154,7 +158,7 @@ def _open_embedder(model: Path, plan: str, reserve: int) -> tuple[Embedder, Rese
         cap=max(reserve, memory.cap),
     )
     try:
-        return Embedder.open(model, plan=plan, budget=memory), serving
+        return Embedder.open(model, plan=plan, budget=memory, pooling=pooling), serving
     except BaseException:
         serving.release()
         raise
@@ -167,7 +171,7 @@ def _open_service(
 
     with GGUFFile.open(args.model) as gguf:
         architecture = gguf.architecture or "unknown"
-    embedder, serving = _open_embedder(args.model, args.plan, serving_reserve(limits))
+    embedder, serving = _open_embedder(args.model, args.plan, serving_reserve(limits), args.pooling)
     try:
         return EmbeddingService(
             embedder, architecture=architecture, limit=limit, floor=floor, limits=limits, serving=serving

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=8, help="callers for embed-concurrent")
     parser.add_argument("--batch", type=int, default=1, help="texts per embed call")
     parser.add_argument("--plan", default="auto", help="weight plan for embedding workloads")
+    # Checked by the engine (mean, last, cls): choices here would import it into every cell.
+    parser.add_argument("--pooling", help="pooling instead of the model's (mean, last, cls)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,7 +17,13 @@ Opener = Callable[[Path, argparse.Namespace], Any]
 def _open_embedder(model: Path, options: argparse.Namespace) -> Any:
     from gguf_sandbox.embed.engine import Embedder
 
-    return Embedder.open(model, plan=options.plan, batch_size=options.batch)
+    return Embedder.open(model, plan=options.plan, batch_size=options.batch, pooling=options.pooling)
+
+
+def describe_engine(report: Report, embedder: Any) -> None:
+    """The engine's choices in the report: plan, preferred plan, degraded, pooling."""
+    report.plan, report.preferred_plan = embedder.plan, embedder.preferred_plan
+    report.degraded, report.pooling = embedder.degraded, embedder.pooling
 
 
 def embed(model: Path, options: argparse.Namespace, opener: Opener = _open_embedder) -> Report:
@@ -25,7 +31,7 @@ def embed(model: Path, options: argparse.Namespace, opener: Opener = _open_embed
     report = Report("embed", model.name, unit_name="embeddings")
     texts = corpus(options.count)
     with opener(model, options) as embedder:
-        report.plan, report.preferred_plan = embedder.plan, embedder.preferred_plan
+        describe_engine(report, embedder)
         start = time.perf_counter()
         for first in range(0, len(texts), options.batch):
             began = time.perf_counter()
@@ -48,7 +54,7 @@ def embed_concurrent(model: Path, options: argparse.Namespace, opener: Opener = 
     texts = corpus(options.count)
     batches = [texts[i : i + options.batch] for i in range(0, len(texts), options.batch)]
     with opener(model, options) as embedder:
-        report.plan, report.preferred_plan = embedder.plan, embedder.preferred_plan
+        describe_engine(report, embedder)
 
         def timed(batch: list[str]) -> tuple[float, list[float]]:
             began = time.perf_counter()

@@ -30,6 +30,8 @@ class Report:
     errors: int = 0
     plan: str | None = None
     preferred_plan: str | None = None
+    degraded: bool | None = None  # the engine's word (a shorter sequence limit is degraded too)
+    pooling: str | None = None
     latencies_s: list[float] = field(default_factory=list)
     units: float = 0.0  # what throughput counts: items, or MB for streaming
     unit_name: str = "items"
@@ -47,7 +49,10 @@ class Report:
             "python": platform.python_version(),
             "plan": self.plan,
             "preferred_plan": self.preferred_plan,
-            "degraded": self.plan is not None and self.plan != self.preferred_plan,
+            "degraded": self.degraded
+            if self.degraded is not None
+            else self.plan is not None and self.plan != self.preferred_plan,
+            "pooling": self.pooling,
             "count": self.count,
             "errors": self.errors,
             "latency_ms": {

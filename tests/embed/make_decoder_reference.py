@@ -5,6 +5,9 @@ numpy and llama_cpp only: gguf_sandbox is not importable there), after the test 
 
     /work/venvs/llama/bin/python tests/embed/make_decoder_reference.py
     /work/venvs/llama/bin/python tests/embed/make_decoder_reference.py --model qwen2=PATH --model qwen3=PATH
+    python tests/embed/dequantize_gguf.py MODEL.gguf MODEL-f32.gguf   # the main venv (gguf-py)
+    /work/venvs/llama/bin/python tests/embed/make_decoder_reference.py \
+        --exact NAME-f32=MODEL-f32.gguf@MODEL.gguf
 
 Without --model it records the two real models (smollm2, gemma3) from the cache; with --model it records
 only the models named and merges them into the existing fixture (same sentences, same llama-cpp-python
@@ -135,10 +138,16 @@ def _max_abs(a: Any, b: Any) -> float:
     return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
 
 
+# --exact runs: K and V kept in float32 (type_k/type_v 0 = GGML_TYPE_F32) instead of llama.cpp's f16.
+KV_F32 = os.environ.get("MAKE_DECODER_REFERENCE_KV") == "f32"
+
+
 def _llama(path: Path, pooling: int, verbose: bool = False) -> Any:
     from llama_cpp import Llama
 
+    kv = {"type_k": 0, "type_v": 0} if KV_F32 else {}
     return Llama(
+        **kv,
         model_path=str(path),
         embedding=True,
         pooling_type=pooling,
@@ -218,6 +227,7 @@ def record_model(path: Path, batch_check: bool) -> dict[str, Any]:
     if expected != POOLINGS:
         raise SystemExit(f"llama_cpp pooling constants changed: {expected}")
     entry: dict[str, Any] = {"file": path.name, "sha256": sha256(path), "llama_log": llama_log(path)}
+    entry["kv_cache"] = "f32" if KV_F32 else "f16"
     ids: dict[str, list[int]] = {}
     not_embeddable: dict[str, str] = {}
     vectors: dict[str, dict[str, list[float]]] = {label: {} for label, _ in SENTENCES}
@@ -249,7 +259,10 @@ def record_model(path: Path, batch_check: bool) -> dict[str, Any]:
                 vectors.pop(label, None)
                 continue
             if len(tokens) > N_CTX:
-                raise SystemExit(f"{label}: {len(tokens)} tokens, more than n_ctx {N_CTX}")
+                # llama.cpp refuses it (the engine cuts it to its sequence limit): nothing to compare.
+                not_embeddable[label] = f"{len(tokens)} tokens, more than n_ctx {N_CTX}"
+                vectors.pop(label, None)
+                continue
             vector, count = model.embed(text, return_count=True)
             if count != len(tokens):
                 raise SystemExit(f"{label}: embed() counted {count} tokens, tokenize() gave {len(tokens)}")
@@ -430,11 +443,12 @@ def build_reference(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_worker(path: Path, batch_check: bool) -> dict[str, Any]:
+def run_worker(path: Path, batch_check: bool, *, exact: bool = False) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(path)]
     if batch_check:
         command.append("--worker-batch-check")
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = {**os.environ, "MAKE_DECODER_REFERENCE_KV": "f32" if exact else "f16"}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise SystemExit(f"worker for {path} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -447,6 +461,14 @@ def parse_model(spec: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def parse_exact(spec: str) -> tuple[str, Path, Path]:
+    name, path = parse_model(spec)
+    f32, sep, source = str(path).partition("@")
+    if not sep or not f32 or not source:
+        raise argparse.ArgumentTypeError(f"expected NAME=F32_PATH@SOURCE_PATH, got {spec!r}")
+    return name, Path(f32), Path(source)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -454,6 +476,11 @@ def main() -> int:
     parser.add_argument(
         "--model", type=parse_model, action="append", default=[], metavar="NAME=PATH",
         help="record this model and merge it into the fixture (repeatable; default: smollm2 and gemma3)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--exact", type=parse_exact, action="append", default=[], metavar="NAME=F32_PATH@SOURCE_PATH",
+        help="record an all-F32 copy of SOURCE (tests/embed/dequantize_gguf.py) with a float32 KV cache: "
+        "llama.cpp without its quantized activations and f16 K/V, the engine's exact reference",
     )  # fmt: skip
     parser.add_argument("--fresh", action="store_true", help="start a new fixture instead of merging")
     parser.add_argument(
@@ -467,7 +494,10 @@ def main() -> int:
     if args.worker is not None:
         worker(args.worker, args.worker_batch_check)
         return 0
-    paths = dict(args.model) or {name: cache_dir() / file for name, file in DEFAULT_MODELS.items()}
+    exact = {name: (f32, source) for name, f32, source in args.exact}
+    paths = dict(args.model)
+    if not paths and not exact:
+        paths = {name: cache_dir() / file for name, file in DEFAULT_MODELS.items()}
     missing = [str(path) for path in paths.values() if not path.is_file()]
     if missing:
         raise SystemExit(
@@ -487,6 +517,10 @@ def main() -> int:
     for name, path in paths.items():
         print(f"{name}: {path}", flush=True)
         models[name] = run_worker(path, name in batch_check)
+    for name, (f32, source) in exact.items():
+        print(f"{name}: {f32} (all F32, from {source}), float32 KV cache", flush=True)
+        models[name] = run_worker(f32, batch_check=False, exact=True)
+        models[name]["dequantized_from"] = {"file": source.name, "sha256": sha256(source)}
     write_fixture(build_reference(models), args.output)
     print(f"wrote {args.output}: models {', '.join(models)}, {args.output.stat().st_size:,} bytes")
     return 0

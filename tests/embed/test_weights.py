@@ -72,7 +72,8 @@ def embed_with(
     gguf: GGUFFile, plan_name: PlanName, tables: TableMode | None = None, *, uncached: bool = False
 ) -> np.ndarray:
     config = read_config(gguf)
-    plan = choose_plan(config, ModelSizes.of(gguf, read_layout(gguf)), UNLIMITED, requested=plan_name, cap=SMALL_CAP)
+    sizes = ModelSizes.of(gguf, read_layout(gguf))
+    plan = choose_plan(config, sizes, UNLIMITED, requested=plan_name, cap=SMALL_CAP)
     plan = dataclasses.replace(plan, tables=tables or plan.tables, uncached=uncached)
     weights = load_weights(gguf, read_layout(gguf), plan)
     try:
@@ -198,7 +199,6 @@ def test_q8_rows_decode_bit_for_bit_like_dequantize(lo: int, hi: int) -> None:
 
 
 def test_resident_quant_keeps_q8_0_as_quants_and_float32_scales(q8: GGUFFile) -> None:
-    config = read_config(q8)
     sizes = ModelSizes.of(q8, read_layout(q8))
     blocks = sizes.matrices_f32 // 4 // 32
     assert sizes.matrices_raw == blocks * 34
@@ -327,7 +327,8 @@ def test_a_failing_read_is_a_gguf_error(
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     config = read_config(q8)
-    plan = choose_plan(config, ModelSizes.of(q8, read_layout(q8)), UNLIMITED, requested=plan_name, cap=SMALL_CAP)
+    sizes = ModelSizes.of(q8, read_layout(q8))
+    plan = choose_plan(config, sizes, UNLIMITED, requested=plan_name, cap=SMALL_CAP)
     plan = dataclasses.replace(plan, tables=TableMode.FILE)
     if plan_name is PlanName.STREAMING:
         weights = load_weights(q8, read_layout(q8), plan)

@@ -13,7 +13,7 @@ COUNT = 24
 
 
 def options(**overrides: Any) -> argparse.Namespace:
-    values = {"count": COUNT, "batch": 2, "threads": 4, "plan": "auto"}
+    values = {"count": COUNT, "batch": 2, "threads": 4, "plan": "auto", "pooling": None}
     return argparse.Namespace(**{**values, **overrides})
 
 

@@ -1,0 +1,230 @@
+"""The decoder forward pass's parts (rotary positions, causal and sliding-window masks), its config checks
+on hostile metadata, and the engine's decoder choices (pooling override, shorter texts in a small budget)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gguf_sandbox.budget import MemoryBudget
+from gguf_sandbox.embed import decoder, decoder_shapes
+from gguf_sandbox.embed.bert import TokenBatch, rows_per_chunk
+from gguf_sandbox.embed.decoder import DecoderConfig, RopeStyle, rotate
+from gguf_sandbox.embed.engine import Embedder
+from gguf_sandbox.embed.plan import ModelSizes, choose_plan
+from gguf_sandbox.embed.weights import PlannedWeights, load_weights
+from gguf_sandbox.errors import BudgetExceeded, GGUFError
+from gguf_sandbox.gguf.reader import GGUFFile
+from gguf_sandbox.gguf.synth_decoder import QWEN2_TINY, QWEN3_TINY
+from tests.models import cached_decoder
+
+UNLIMITED = 1 << 40
+
+
+@pytest.fixture(scope="module")
+def qwen2() -> Iterator[GGUFFile]:
+    with GGUFFile.open(cached_decoder(QWEN2_TINY)) as gguf:
+        yield gguf
+
+
+@pytest.fixture(scope="module")
+def weights(qwen2: GGUFFile) -> Iterator[PlannedWeights]:
+    layout = decoder_shapes.read_layout(qwen2)
+    plan = choose_plan(layout.config, ModelSizes.of(qwen2, layout), UNLIMITED, requested="resident-f32")
+    loaded = load_weights(qwen2, layout, plan)
+    yield loaded
+    loaded.close()
+
+
+class Reconfigured:
+    """Another config over the same weights (a test's view: causal off, a window, one layer)."""
+
+    def __init__(self, weights: PlannedWeights, **changes: Any) -> None:
+        self._weights = weights
+        self.config: DecoderConfig = dataclasses.replace(weights.config, **changes)
+
+    def vector(self, name: str) -> np.ndarray:
+        return self._weights.vector(name)
+
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        return self._weights.rows(name, ids)
+
+    def blocks(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
+        return self._weights.blocks(name)
+
+
+def hidden_rows(weights: Any, sequences: list[list[int]]) -> list[np.ndarray]:
+    """The last layer's output rows of each sequence (before the final norm and pooling)."""
+    batch = TokenBatch.from_sequences(sequences, rows_per_chunk(weights.config))
+    x = decoder.token_embeddings(weights, batch)
+    for layer in range(weights.config.layers):
+        x = decoder.feed_forward(decoder.self_attention(x, weights, layer, batch, 1 << 20), weights, layer)
+    rows = []
+    for pieces in batch.pieces:
+        rows.append(np.concatenate([x[chunk][lo:hi] for chunk, lo, hi in pieces]))
+    return rows
+
+
+TOKENS = [5, 300, 17, 4000, 42, 77, 901, 12, 3, 600, 250, 8]
+
+
+def test_causal_attention_leaves_earlier_rows_as_they_were(weights: PlannedWeights) -> None:
+    prefix, full = hidden_rows(weights, [TOKENS[:6], TOKENS])
+    np.testing.assert_allclose(full[:6], prefix, rtol=1e-5, atol=1e-5)
+
+
+def test_bidirectional_attention_lets_later_tokens_change_earlier_rows(weights: PlannedWeights) -> None:
+    """The check above can fail: without the causal mask the same rows differ."""
+    prefix, full = hidden_rows(Reconfigured(weights, causal=False), [TOKENS[:6], TOKENS])
+    assert np.abs(full[:6] - prefix).max() > 1e-3
+
+
+def test_a_sliding_window_sees_only_the_last_window_of_tokens(weights: PlannedWeights) -> None:
+    """One layer, window 3: row t depends on tokens t-2..t only, and rotary scores only on their distance,
+    so it equals the last row of those three tokens alone."""
+    window = Reconfigured(weights, layers=1, sliding_window=3, global_every=0)
+    full = hidden_rows(window, [TOKENS])[0]
+    for t in range(2, len(TOKENS)):
+        alone = hidden_rows(window, [TOKENS[t - 2 : t + 1]])[0]
+        np.testing.assert_allclose(full[t], alone[-1], rtol=1e-4, atol=1e-5)
+    unwindowed = hidden_rows(Reconfigured(weights, layers=1), [TOKENS])[0]
+    assert np.abs(unwindowed[-1] - full[-1]).max() > 1e-4
+
+
+def _config(rope: RopeStyle) -> DecoderConfig:
+    return DecoderConfig(
+        architecture="test",
+        vocab_size=8,
+        hidden=16,
+        layers=1,
+        heads=2,
+        kv_heads=1,
+        head_dim=8,
+        ffn=16,
+        context_length=16,
+        trained_context=16,
+        rms_eps=1e-6,
+        rope=rope,
+        rope_dims=8,
+        rope_base=10000.0,
+        activation=decoder.Activation.SILU,
+    )
+
+
+@pytest.mark.parametrize("style", list(RopeStyle))
+def test_rotary_positions_rotate_each_pair_by_position_times_frequency(style: RopeStyle) -> None:
+    config = _config(style)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    positions = np.arange(5)
+    cos, sin = decoder.rope_angles(positions, 8, 10000.0)
+    rotated = x.copy()
+    rotate(rotated, 2, config, cos, sin)
+    heads = x.reshape(5, 2, 8).astype(np.float64)
+    pairs = (
+        [(i, i + 4) for i in range(4)] if style is RopeStyle.NEOX else [(2 * i, 2 * i + 1) for i in range(4)]
+    )
+    expected = heads.copy()
+    for i, (a, b) in enumerate(pairs):
+        theta = positions[:, None] * 10000.0 ** (-2 * i / 8)
+        expected[..., a] = heads[..., a] * np.cos(theta) - heads[..., b] * np.sin(theta)
+        expected[..., b] = heads[..., b] * np.cos(theta) + heads[..., a] * np.sin(theta)
+    np.testing.assert_allclose(rotated.reshape(5, 2, 8), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(rotated[0], x[0])  # position 0 is not rotated
+
+
+# -- hostile metadata ------------------------------------------------------------------------------------
+class Patched:
+    """A real decoder file's reader with some metadata replaced (None removes a key)."""
+
+    def __init__(self, real: GGUFFile, **metadata: Any) -> None:
+        self._real = real
+        self._metadata = metadata
+        self.path = real.path
+        self.tensors = real.tensors
+        self.tensor = real.tensor
+
+    @property
+    def architecture(self) -> Any:
+        return self.get("general.architecture")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self._metadata:
+            value = self._metadata[key]
+            return default if value is None else value
+        return self._real.get(key, default)
+
+
+HOSTILE = {
+    "unknown architecture": ({"general.architecture": "mamba"}, "not a decoder the engine runs"),
+    "heads not sharing kv heads": ({"qwen2.attention.head_count_kv": 3}, "evenly"),
+    "zero heads": ({"qwen2.attention.head_count": 0}, "must be > 0"),
+    "missing hidden size": ({"qwen2.embedding_length": None}, "qwen2.embedding_length is missing"),
+    "a string for the layers": ({"qwen2.block_count": "2"}, "needs it as an integer"),
+    "more layers than tensors": ({"qwen2.block_count": 2**31}, "inconsistent or hostile"),
+    "fewer layers than tensors": ({"qwen2.block_count": 1}, "belongs to a layer past"),
+    "hidden size contradicting the tensors": ({"qwen2.embedding_length": 96}, "expected"),
+    "infinite rms epsilon": ({"qwen2.attention.layer_norm_rms_epsilon": float("inf")}, "finite positive"),
+    "negative rope base": ({"qwen2.rope.freq_base": -1.0}, "finite positive"),
+    "odd rope dimensions": ({"qwen2.rope.dimension_count": 7}, "must be even"),
+    "rope dimensions past the head": ({"qwen2.rope.dimension_count": 64}, "at most the head size"),
+    "yarn rope scaling": ({"qwen2.rope.scaling.type": "yarn"}, "rope scaling 'yarn' is not supported"),
+    "value length differing": ({"qwen2.attention.value_length": 16}, "differ"),
+    "causal as a number": ({"qwen2.attention.causal": 1}, "not a bool"),
+    "pooling NONE": ({"qwen2.pooling_type": 0}, "one vector per token"),
+    "unknown pooling": ({"qwen2.pooling_type": 9}, "not supported"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_metadata_is_one_clear_error(qwen2: GGUFFile, case: str) -> None:
+    metadata, message = HOSTILE[case]
+    with pytest.raises(GGUFError, match=message) as raised:
+        decoder_shapes.read_config(Patched(qwen2, **metadata))  # type: ignore[arg-type]
+    assert "\n" not in str(raised.value) and str(raised.value).startswith(qwen2.path.name)
+
+
+# -- the engine's decoder choices ------------------------------------------------------------------------
+def test_pooling_defaults_to_last_for_causal_models_and_can_be_overridden() -> None:
+    path = cached_decoder(QWEN3_TINY)
+    with Embedder.open(path) as last, Embedder.open(path, pooling="mean") as mean:
+        assert (last.pooling, mean.pooling) == ("last", "mean")
+        texts = ["a short text", "another, longer text with more words in it"]
+        assert not np.allclose(last.embed(texts), mean.embed(texts))
+    with pytest.raises(GGUFError, match="unknown pooling 'max'; choose one of mean, cls, last"):
+        Embedder.open(path, pooling="max")
+
+
+def test_an_empty_text_without_bos_is_refused_by_name() -> None:
+    with (
+        Embedder.open(cached_decoder(QWEN2_TINY)) as embedder,
+        pytest.raises(GGUFError, match="no tokens cannot be embedded"),
+    ):
+        embedder.embed(["fine", ""])
+
+
+def config_limit(gguf: GGUFFile) -> int:
+    return decoder_shapes.read_config(gguf).context_length
+
+
+def test_a_small_budget_runs_shorter_texts_degraded_rather_than_refusing(qwen2: GGUFFile) -> None:
+    path = Path(qwen2.path)
+    with Embedder.open(path, plan="streaming", budget=MemoryBudget(UNLIMITED)) as roomy:
+        full = roomy.context_length
+        assert full == config_limit(qwen2)
+    config = decoder_shapes.read_config(qwen2)
+    # Three caps of transients, the norms, and rows for a few hundred tokens: not a full-length pass.
+    room = (3 << 20) + (256 << 10) + config.row_bytes * 200
+    with Embedder.open(path, plan="streaming", budget=MemoryBudget(room)) as tight:
+        assert tight.context_length < full
+        assert tight.degraded and tight.plan_details["sequence_limit"] == tight.context_length
+        long_text = " ".join(["word"] * 2000)
+        assert len(tight.tokenize(long_text)) == tight.context_length
+        assert np.isfinite(tight.embed([long_text])).all()
+    with pytest.raises(BudgetExceeded):
+        Embedder.open(path, plan="streaming", budget=MemoryBudget(1 << 20))
