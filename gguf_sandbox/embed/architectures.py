@@ -12,10 +12,12 @@ from gguf_sandbox.embed.bert import F32, TokenBatch
 from gguf_sandbox.embed.decoder import SHORTEST_SEQUENCE_LIMIT
 from gguf_sandbox.embed.layout import ModelLayout
 from gguf_sandbox.embed.tokenizer import WordPieceTokenizer
+from gguf_sandbox.embed.tokenizer import vocabulary_bytes as wordpiece_bytes
 from gguf_sandbox.errors import GGUFError
 from gguf_sandbox.gguf.reader import GGUFFile
 from gguf_sandbox.tokenizers import Tokenizer
 from gguf_sandbox.tokenizers import from_gguf as decoder_tokenizer
+from gguf_sandbox.tokenizers import vocabulary_bytes as decoder_vocabulary_bytes
 
 
 class TextEncoder(Protocol):
@@ -38,6 +40,7 @@ class Family:
     read_layout: Callable[[GGUFFile], ModelLayout]
     tokenizer: Callable[[GGUFFile], TextEncoder]
     encode: Encode
+    vocabulary_bytes: Callable[[GGUFFile], int]  # what building the tokenizer needs at its peak
     # Tokens per text a plan may fall back to when the full length does not fit (BERT: none).
     shorter_limits: bool
 
@@ -66,9 +69,16 @@ def _decoder_vocabulary(gguf: GGUFFile) -> TextEncoder:
     return encode
 
 
-BERT: Final = Family("bert", shapes.read_layout, _wordpiece, bert.encode, shorter_limits=False)
+BERT: Final = Family(
+    "bert", shapes.read_layout, _wordpiece, bert.encode, wordpiece_bytes, shorter_limits=False
+)
 DECODER: Final = Family(
-    "decoder", decoder_shapes.read_layout, _decoder_vocabulary, decoder.encode, shorter_limits=True
+    "decoder",
+    decoder_shapes.read_layout,
+    _decoder_vocabulary,
+    decoder.encode,
+    decoder_vocabulary_bytes,
+    shorter_limits=True,
 )
 FAMILIES: Mapping[str, Family] = MappingProxyType(
     {"bert": BERT, **dict.fromkeys(decoder_shapes.ARCHITECTURES, DECODER)}

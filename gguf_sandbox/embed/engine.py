@@ -27,7 +27,6 @@ from gguf_sandbox.embed.plan import (
     describe,
     preferred_plan,
 )
-from gguf_sandbox.embed.tokenizer import vocabulary_bytes
 from gguf_sandbox.embed.weights import PlannedWeights, load_weights
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.reader import GGUFFile
@@ -357,7 +356,7 @@ def _with_pooling(layout: ModelLayout, pooling: str | None) -> ModelLayout:
 
 def _build_tokenizer(gguf: GGUFFile, family: Family, budget: MemoryBudget | None) -> TextEncoder:
     """The file's tokenizer, refused with BudgetExceeded when its vocabulary cannot fit in memory."""
-    needed = vocabulary_bytes(gguf)
+    needed = family.vocabulary_bytes(gguf)
     room = MemoryBudget.detect() if budget is None else budget
     # Held only while building: afterwards the vocabulary is part of what the budget measures as spent.
     with room.reserve(f"tokenizer vocabulary of {gguf.path.name}", needed, cap=max(needed, room.cap)):

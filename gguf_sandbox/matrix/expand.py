@@ -73,6 +73,8 @@ def _product(matrix: Matrix, backends: Sequence[str]) -> Iterable[dict[str, Any]
     for backend in backends:
         for python in matrix.pythons:
             for workload in matrix.workloads.values():
+                if not matrix.runs(workload):
+                    continue
                 for model in workload.models or (None,):
                     for memory in matrix.memory:
                         yield _axes(backend, python, memory, workload.name, model)
@@ -100,6 +102,8 @@ def _included(matrix: Matrix, backends: Sequence[str]) -> list[dict[str, Any]]:
                     continue
                 raise MatrixError(f"{where}.workload[{j}]: unknown workload {name!r}")
             workload = matrix.workloads[name]
+            if not matrix.runs(workload):
+                continue
             models: tuple[str | None, ...] = entry.axes.get("model", workload.models or (None,))
             for model in models:
                 if model is not None and model not in workload.models:

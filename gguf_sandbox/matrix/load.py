@@ -190,7 +190,17 @@ def _floors(path: Path) -> FloorTable:
         raise MatrixError(f"floors: {error}") from error
 
 
-_WORKLOAD_KEYS = ("workload", "control", "command", "args", "models", "timeout", "reference", "floor")
+_WORKLOAD_KEYS = (
+    "workload",
+    "control",
+    "command",
+    "args",
+    "models",
+    "timeout",
+    "reference",
+    "floor",
+    "default",
+)
 
 
 def _workloads(value: object, models: Mapping[str, ModelDef]) -> Mapping[str, WorkloadDef]:
@@ -245,8 +255,20 @@ def _workload(name: str, entry: object, where: str, models: Mapping[str, ModelDe
         raise MatrixError(f"{where}.reference: expected true or false, got {show(reference)}")
     timeout = timeout_at(body["timeout"], f"{where}.timeout") if "timeout" in body else None
     floor = size_at(body["floor"], f"{where}.floor") if "floor" in body else None
+    in_default = body.get("default", True)
+    if not isinstance(in_default, bool):
+        raise MatrixError(f"{where}.default: expected true or false, got {show(in_default)}")
     return WorkloadDef(
-        name, kind, target, args, model_names, timeout, reference, MappingProxyType(options), floor
+        name,
+        kind,
+        target,
+        args,
+        model_names,
+        timeout,
+        reference,
+        MappingProxyType(options),
+        floor,
+        in_default,
     )
 
 

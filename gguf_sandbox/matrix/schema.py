@@ -81,6 +81,8 @@ class WorkloadDef:
     options: Mapping[str, str] = field(default_factory=dict)
     # The smallest limit it promises to finish in (`floor:`); a measured floor below it takes over.
     floor: int | None = None
+    # False: only in the profiles that name it (`default: false`), e.g. a 4 GB model's cells.
+    in_default: bool = True
 
     def argv(self) -> tuple[str, ...]:
         """The argv after `python`, with MODEL_PLACEHOLDER where the model path goes."""
@@ -219,6 +221,10 @@ class Matrix:
             timeout=profile.timeout or self.timeout,
             profile=name,
         )
+
+    def runs(self, workload: WorkloadDef) -> bool:
+        """Whether cells of `workload` are in this matrix: `default: false` ones only in a profile."""
+        return workload.in_default or self.profile is not None
 
     def floor_for(self, axes: Mapping[str, Any]) -> int | None:
         """The cell's floor: the workload's measured floor (floors file), capped by its declared `floor:`.

@@ -313,8 +313,9 @@ def test_expand_returns_the_specs() -> None:
 def test_shipped_matrix_default_and_ci_profile() -> None:
     matrix = load(REPO / "matrix.yaml")
     cells = expand_cells(matrix, cache_dir=CACHE)
-    # parse and stream on two models; embed, embed-concurrent, mcp, the four controls on one (or none)
-    per_backend = 4 * 5 * (2 + 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1)
+    # parse and stream on four models; embed, embed-concurrent, mcp, the four controls on one (or none);
+    # embed-decoder on two models, Python 3.12 only; the `default: false` large entries nowhere
+    per_backend = 4 * 5 * (4 + 4 + 1 + 1 + 1 + 1 + 1 + 1 + 1) + 5 * 2
     floor_cells = [c for c in cells if c.memory_label not in ("64m", "96m", "128m", "256m", "512m")]
     assert len(cells) - len(floor_cells) == 2 * per_backend
     assert {c.spec.python for c in cells} == {"3.10", "3.11", "3.12", "3.13"}
@@ -349,7 +350,7 @@ def test_shipped_matrix_default_and_ci_profile() -> None:
     )
     ci = expand_cells(load(REPO / "matrix.yaml", profile="ci"), cache_dir=CACHE)
     plain_ci = [c for c in ci if c.memory_label in ("64m", "256m")]
-    assert len(plain_ci) == 2 * 4 * 2 * (2 + 1 + 1 + 1 + 1 + 1 + 1)
+    assert len(plain_ci) == 2 * 4 * 2 * (4 + 1 + 1 + 1 + 1 + 1 + 1)
     assert {c.workload for c in ci} == {
         "parse",
         "embed",
@@ -360,6 +361,18 @@ def test_shipped_matrix_default_and_ci_profile() -> None:
         "perturbed-engine",
     }
     assert {c.spec.argv[-2:] for c in ci if c.workload in ("embed", "mcp")} == {("--count", "100")}
+    assert not [c for c in cells if c.workload.endswith("-large")]
+    large = expand_cells(load(REPO / "matrix.yaml", profile="large"), cache_dir=CACHE)
+    assert {(c.workload, c.model) for c in large} == {
+        ("parse-large", "nomic_code_class"),
+        ("embed-large", "nomic_code_class"),
+    }
+    assert {c.cell_id for c in large if c.expect == finished} == {
+        f"{b}-py3.12-{m}-{w}-nomic_code_class"
+        for b in ("docker", "cgroup")
+        for w, limits in (("parse-large", ("64m", "128m", "256m")), ("embed-large", ("128m", "256m")))
+        for m in limits
+    }
 
 
 # --------------------------------------------------------------------------- floors and strict expectations

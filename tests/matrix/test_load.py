@@ -71,6 +71,10 @@ CORPUS: dict[str, tuple[bytes, str]] = {
     "timeout-negative": (variant("timeout: 5m", "timeout: -1"), r"^timeout: duration -1 is out of range"),
     "timeout-zero": (variant("timeout: 5m", "timeout: 0s"), r"^timeout: duration '0s' is out of range"),
     "timeout-years": (variant("timeout: 5m", "timeout: 100000h"), r"^timeout: .*at most 24h"),
+    "default-not-bool": (
+        variant("models: [tiny]}", "models: [tiny], default: 'no'}"),
+        r"workloads\.\w+\.default: expected true or false",
+    ),
     "workload-timeout-nan": (
         variant("models: [tiny]}", "models: [tiny], timeout: .nan}"),
         r"workloads\.embed\.timeout",
