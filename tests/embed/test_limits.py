@@ -13,6 +13,7 @@ import pytest
 
 from gguf_sandbox.sandbox.base import RunResult
 from gguf_sandbox.sandbox.cgroup.process import run_limited
+from tests.models import GEMMA3, SMOLLM2, packaged_gguf
 
 pytestmark = [pytest.mark.cgroup, pytest.mark.usefixtures("writable_cgroups")]
 
@@ -62,6 +63,20 @@ def test_300mb_synthetic_bert_embeds_in_64mb_by_streaming(big_narrow_model: Path
     assert result.oom_kill_count == 0
     assert report["plan"] == "streaming" and report["degraded"] is True
     assert report["count"] == 8
+    assert result.peak_bytes is not None and result.peak_bytes <= 64 * MiB
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_100_decoder_embeddings_in_64mb(name: str) -> None:
+    """SmolLM2 (94 MB, llama) and gemma-3-270m (241 MB, a 262,144-token vocabulary) stream in 64 MiB."""
+    found = packaged_gguf(SMOLLM2 if name == "smollm2" else GEMMA3)
+    if isinstance(found, str):
+        pytest.skip(found)
+    result, report = _workload(found, 64 * MiB, "--count", "100", "--batch", "10")
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert result.oom_kill_count == 0 and not result.oom_killed_flag
+    assert report["count"] == 100 and report["errors"] == 0
+    assert report["plan"] == "streaming" and report["degraded"] is True and report["pooling"] == "last"
     assert result.peak_bytes is not None and result.peak_bytes <= 64 * MiB
 
 
