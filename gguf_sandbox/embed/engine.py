@@ -200,6 +200,11 @@ class Embedder:
         }
 
     @property
+    def streamed_bytes(self) -> int:
+        """Bytes of weights read from the file by streaming passes so far (0 for resident plans)."""
+        return self._weights.streamed.total
+
+    @property
     def dimension(self) -> int:
         return self._model.hidden
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
@@ -255,19 +256,39 @@ class RawMatrix:
             yield from decoded_blocks(self.info, first, rows)
 
 
+class StreamedBytes:
+    """Bytes of weights read from the file by streaming passes so far (for reports: GB/s streamed)."""
+
+    def __init__(self) -> None:
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self._total += nbytes
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+
 class StreamMatrix:
     """A matrix read from the file block by block (the reader's blocks), decoded in pieces, every use."""
 
-    def __init__(self, gguf: GGUFFile, info: TensorInfo, cap: int, fd: int, *, uncached: bool) -> None:
+    def __init__(
+        self, gguf: GGUFFile, info: TensorInfo, cap: int, fd: int, *, uncached: bool, streamed: StreamedBytes
+    ) -> None:
         self._gguf = gguf
         self.info = info
         self._cap = cap
         self._fd = fd
         self._uncached = uncached
+        self._streamed = streamed
 
     def blocks(self) -> Iterator[tuple[int, F32]]:
         info, order = self.info, self._gguf.byte_order
         for first, raw in read_blocks(self._fd, info, self._cap, drop=self._uncached):
+            self._streamed.add(len(raw))
             yield from decoded_blocks(info, first, stored_rows(info, raw, order))
 
 
@@ -284,8 +305,10 @@ class PlannedWeights:
         tables: dict[str, RowSource],
         matrices: dict[str, BlockSource],
         fd: int,
+        streamed: StreamedBytes,
     ) -> None:
         self._config = config
+        self.streamed = streamed
         self.plan = plan
         self._vectors = vectors
         self._tables = tables
@@ -361,7 +384,7 @@ def _table(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int) -> RowSource:
     return FileTable(info, fd, gguf.byte_order, uncached=plan.uncached)
 
 
-def _matrix(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int) -> BlockSource:
+def _matrix(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int, streamed: StreamedBytes) -> BlockSource:
     if plan.name is PlanName.RESIDENT_F32:
         order = gguf.byte_order
         # One block at a time, so loading never holds a matrix twice.
@@ -372,7 +395,7 @@ def _matrix(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int) -> BlockSourc
             info,
             ((first, stored_rows(info, raw, order)) for first, raw in read_blocks(fd, info, plan.cap)),
         )
-    return StreamMatrix(gguf, info, plan.cap, fd, uncached=plan.uncached)
+    return StreamMatrix(gguf, info, plan.cap, fd, uncached=plan.uncached, streamed=streamed)
 
 
 def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan) -> PlannedWeights:
@@ -387,12 +410,13 @@ def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan) -> PlannedWeig
         vectors: dict[str, F32] = {}
         tables: dict[str, RowSource] = {}
         matrices: dict[str, BlockSource] = {}
+        streamed = StreamedBytes()
         for name in layout.shapes:
             info = gguf.tensor(name)
             if name in layout.tables:
                 tables[name] = _table(gguf, info, plan, fd)
             elif name in layout.matrices:
-                matrices[name] = _matrix(gguf, info, plan, fd)
+                matrices[name] = _matrix(gguf, info, plan, fd, streamed)
             else:
                 vectors[name] = np.concatenate(
                     [block.reshape(-1) for _, block in _f32_blocks(fd, info, plan.cap, gguf.byte_order)]
@@ -402,4 +426,6 @@ def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan) -> PlannedWeig
         raise
     # What the header parse and the tokenizer read (with readahead) is not needed again.
     _drop_cached(fd)
-    return PlannedWeights(layout.config, plan, vectors=vectors, tables=tables, matrices=matrices, fd=fd)
+    return PlannedWeights(
+        layout.config, plan, vectors=vectors, tables=tables, matrices=matrices, fd=fd, streamed=streamed
+    )

@@ -26,6 +26,14 @@ def describe_engine(report: Report, embedder: Any) -> None:
     report.degraded, report.pooling = embedder.degraded, embedder.pooling
 
 
+def describe_streaming(report: Report, embedder: Any) -> None:
+    """Weights read from the file while embedding, and at what rate (streaming plans)."""
+    streamed = int(getattr(embedder, "streamed_bytes", 0))
+    report.extra["streamed_bytes"] = streamed
+    if streamed and report.seconds:
+        report.extra["streamed_gb_per_s"] = round(streamed / report.seconds / 1e9, 3)
+
+
 def embed(model: Path, options: argparse.Namespace, opener: Opener = _open_embedder) -> Report:
     """Embed `count` sentences in batches of `batch`, one call per batch (`opener`: controls replace it)."""
     report = Report("embed", model.name, unit_name="embeddings")
@@ -42,6 +50,7 @@ def embed(model: Path, options: argparse.Namespace, opener: Opener = _open_embed
             if first == 0:
                 report.extra["dimension"] = int(vectors.shape[1])
         report.seconds = time.perf_counter() - start
+        describe_streaming(report, embedder)
     report.units = report.count
     return report
 

@@ -228,3 +228,15 @@ def test_a_small_budget_runs_shorter_texts_degraded_rather_than_refusing(qwen2: 
         assert np.isfinite(tight.embed([long_text])).all()
     with pytest.raises(BudgetExceeded):
         Embedder.open(path, plan="streaming", budget=MemoryBudget(1 << 20))
+
+
+def test_streaming_counts_the_weight_bytes_it_reads_and_resident_plans_read_none(qwen2: GGUFFile) -> None:
+    path = Path(qwen2.path)
+    layout = decoder_shapes.read_layout(qwen2)
+    matrices = ModelSizes.of(qwen2, layout).matrices_raw
+    with Embedder.open(path, plan="streaming", batch_size=1) as streaming:
+        streaming.embed(["one pass", "and a second"])
+        assert streaming.streamed_bytes == 2 * matrices
+    with Embedder.open(path, plan="resident-quant") as resident:
+        resident.embed(["no file reads"])
+        assert resident.streamed_bytes == 0
