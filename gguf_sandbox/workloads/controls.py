@@ -91,6 +91,7 @@ def perturbed_engine(args: argparse.Namespace) -> dict[str, Any]:
         def __init__(self, embedder: Embedder) -> None:
             self._embedder = embedder
             self.plan, self.preferred_plan = embedder.plan, embedder.preferred_plan
+            self.degraded, self.pooling = embedder.degraded, embedder.pooling
 
         def embed(self, texts: Sequence[str]) -> Any:
             vectors = self._embedder.embed(texts)
@@ -108,7 +109,7 @@ def perturbed_engine(args: argparse.Namespace) -> dict[str, Any]:
     def opener(model: Path, options: argparse.Namespace) -> Perturbed:
         return Perturbed(Embedder.open(model, plan=options.plan, batch_size=options.batch))
 
-    options = argparse.Namespace(count=args.count, batch=1, threads=1, plan="auto")
+    options = argparse.Namespace(count=args.count, batch=1, threads=1, plan="auto", pooling=None)
     report: dict[str, Any] = embed(Path(args.model), options, opener).as_json()
     report["perturbed"] = constrained
     return report

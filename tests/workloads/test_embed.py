@@ -26,6 +26,7 @@ class SwappingEmbedder:
         self._embedder = embedder
         self._swap = {first: second, second: first}
         self.plan, self.preferred_plan = embedder.plan, embedder.preferred_plan
+        self.degraded, self.pooling = embedder.degraded, embedder.pooling
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         return self._embedder.embed([self._swap.get(text, text) for text in texts])
