@@ -314,8 +314,8 @@ def test_shipped_matrix_default_and_ci_profile() -> None:
     matrix = load(REPO / "matrix.yaml")
     cells = expand_cells(matrix, cache_dir=CACHE)
     # parse and stream on four models; embed, embed-concurrent, mcp, the four controls on one (or none);
-    # embed-decoder on two models, Python 3.12 only; the `default: false` large entries nowhere
-    per_backend = 4 * 5 * (4 + 4 + 1 + 1 + 1 + 1 + 1 + 1 + 1) + 5 * 2
+    # embed-decoder and mcp-decoder on two models, Python 3.12 only; the `default: false` large entries nowhere
+    per_backend = 4 * 5 * (4 + 4 + 1 + 1 + 1 + 1 + 1 + 1 + 1) + 2 * 5 * 2
     floor_cells = [c for c in cells if c.memory_label not in ("64m", "96m", "128m", "256m", "512m")]
     assert len(cells) - len(floor_cells) == 2 * per_backend
     assert {c.spec.python for c in cells} == {"3.10", "3.11", "3.12", "3.13"}
@@ -329,7 +329,7 @@ def test_shipped_matrix_default_and_ci_profile() -> None:
         "perturbed-engine": {Verdict.WRONG},
     }
     for cell in cells:
-        assert cell.host_side == (cell.workload == "mcp")
+        assert cell.host_side == cell.workload.startswith("mcp")
         assert Verdict.REFUSED not in cell.expect or cell.workload in ("mcp", "embed", "refusing-engine")
         if cell.workload in controls:
             assert cell.expect == controls[cell.workload]
@@ -366,11 +366,16 @@ def test_shipped_matrix_default_and_ci_profile() -> None:
     assert {(c.workload, c.model) for c in large} == {
         ("parse-large", "nomic_code_class"),
         ("embed-large", "nomic_code_class"),
+        ("mcp-large", "nomic_code_class"),
     }
     assert {c.cell_id for c in large if c.expect == finished} == {
         f"{b}-py3.12-{m}-{w}-nomic_code_class"
         for b in ("docker", "cgroup")
-        for w, limits in (("parse-large", ("64m", "128m", "256m")), ("embed-large", ("128m", "256m")))
+        for w, limits in (
+            ("parse-large", ("64m", "128m", "256m")),
+            ("embed-large", ("128m", "256m")),
+            ("mcp-large", ("256m",)),
+        )
         for m in limits
     }
 
