@@ -314,7 +314,7 @@ def test_shipped_matrix_default_and_ci_profile() -> None:
     matrix = load(REPO / "matrix.yaml")
     cells = expand_cells(matrix, cache_dir=CACHE)
     # parse and stream on four models; embed, embed-concurrent, mcp, the four controls on one (or none);
-    # embed-decoder and mcp-decoder on two models, Python 3.12 only; the `default: false` large entries nowhere
+    # embed-decoder and mcp-decoder on two models, Python 3.12 only; `default: false` entries nowhere
     per_backend = 4 * 5 * (4 + 4 + 1 + 1 + 1 + 1 + 1 + 1 + 1) + 2 * 5 * 2
     floor_cells = [c for c in cells if c.memory_label not in ("64m", "96m", "128m", "256m", "512m")]
     assert len(cells) - len(floor_cells) == 2 * per_backend
