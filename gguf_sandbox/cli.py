@@ -38,6 +38,9 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "merge", "gguf_sandbox.matrix.merge", "join the results files of matrix shards into one results file"
     ),
     Subcommand(
+        "report", "gguf_sandbox.matrix.report", "write an HTML/PNG/Markdown report of matrix results files"
+    ),
+    Subcommand(
         "repro", "gguf_sandbox.matrix.repro", "run one cell (a workload or any command) under a memory limit"
     ),
     Subcommand(

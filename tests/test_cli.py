@@ -15,6 +15,7 @@ REQUIRED = {
     "workload": ["parse", "--model", "x.gguf"],
     "run": [],
     "merge": ["a.jsonl", "-o", "all.jsonl"],
+    "report": ["a.jsonl", "--output", "out"],
     "repro": ["--python", "3.12", "--memory", "64m", "--workload", "parse"],
     "floor": ["--workload", "parse"],
     "images": ["build"],

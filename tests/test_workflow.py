@@ -39,4 +39,9 @@ def test_shards_install_the_readme_main_job_line_and_merge_everything() -> None:
     assert jobs["shard"]["name"].endswith(f"/{len(strategy['shard'])}")
     merge_steps = " ".join(step.get("run", "") for step in jobs["merge"]["steps"])
     assert "gguf-sandbox merge shards/*.jsonl -o ALL.jsonl --junit junit.xml" in merge_steps
-    assert "GITHUB_STEP_SUMMARY" in merge_steps
+    assert "gguf-sandbox report ALL.jsonl --output report" in merge_steps
+    assert 'cat report/summary.md >> "$GITHUB_STEP_SUMMARY"' in merge_steps
+    uploads = [
+        step["with"]["path"] for step in jobs["merge"]["steps"] if "upload-artifact" in step.get("uses", "")
+    ]
+    assert "report" in uploads

@@ -373,6 +373,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="balance --shard by the seconds each cell took in this previous results file",
     )
     parser.add_argument("--junit", metavar="FILE", help="also write the cells as JUnit XML to FILE")
+    parser.add_argument(
+        "--report", metavar="DIR", help="also write the HTML/PNG/Markdown report of --results into DIR"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -388,7 +391,9 @@ def run(args: argparse.Namespace) -> int:
             raise GGUFSandboxError(f"--grid: {args.results} holds no cell records")
         if args.junit:
             write_junit(Path(args.junit), records)
-        return 0 if report(recorded) else 1
+        ok = report(recorded)
+        _write_report(args)
+        return 0 if ok else 1
     durations = read_durations(Path(args.durations)) if args.durations else None
     matrix = load(args.matrix, profile=args.profile)
     if args.list:
@@ -439,9 +444,20 @@ def run(args: argparse.Namespace) -> int:
             )
             report(runner.records)
             _write_junit(args.junit, store, cells)
+            _write_report(args)
             return INTERRUPTED_EXIT_CODE
         _write_junit(args.junit, store, cells)
-    return 0 if report(runner.records) else 1
+    ok = report(runner.records)
+    _write_report(args)
+    return 0 if ok else 1
+
+
+def _write_report(args: argparse.Namespace) -> None:
+    """`--report DIR`: the report of the whole results file (resumed cells too), and where it is."""
+    if args.report:
+        from gguf_sandbox.matrix.report import report_files
+
+        print(report_files([Path(args.results)], Path(args.report)).line(), flush=True)
 
 
 def _shard_of(

@@ -457,6 +457,20 @@ def test_cli_grid_renders_an_existing_results_file(
         runner.run(cli_args(tmp_path, grid=True, results=str(tmp_path / "empty.jsonl")))
 
 
+def test_cli_run_writes_the_report_and_says_where(
+    tmp_path: Path,
+    cli: dict[str, FakeSandbox],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("gguf_sandbox.matrix.report_png.pyplot", lambda: None)  # no PNGs: fast
+    assert runner.run(cli_args(tmp_path, k="py3.12", report=str(tmp_path / "rep"))) == 0
+    out = capsys.readouterr().out
+    assert f"report: {tmp_path / 'rep' / 'index.html'} (" in out
+    assert "cgroup-py3.12-64m-bomb" in (tmp_path / "rep" / "index.html").read_text()
+    assert (tmp_path / "rep" / "summary.md").is_file()
+
+
 def test_cli_rejects_a_k_that_selects_nothing(tmp_path: Path, cli: dict[str, FakeSandbox]) -> None:
     with pytest.raises(MatrixError, match="no cell of"):
         runner.run(cli_args(tmp_path, k="nothing-like-this"))

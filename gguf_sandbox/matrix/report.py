@@ -1,0 +1,80 @@
+"""`gguf-sandbox report`: results files → a directory with index.html, summary.md and PNG images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gguf_sandbox.atomic import write_atomic
+from gguf_sandbox.errors import GGUFSandboxError
+from gguf_sandbox.matrix.report_data import Report, load_report
+from gguf_sandbox.matrix.report_html import render_html
+from gguf_sandbox.matrix.report_md import render_summary
+
+INDEX = "index.html"
+SUMMARY = "summary.md"
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a report wrote, and why images are missing when they are."""
+
+    directory: Path
+    index: Path
+    summary: Path
+    images: tuple[Path, ...]
+    images_skipped: str = ""
+
+    def line(self) -> str:
+        images = f"{len(self.images)} PNG images" if not self.images_skipped else "no PNG images"
+        return f"report: {self.index} ({self.index.stat().st_size:,} bytes), {self.summary.name}, {images}"
+
+
+def write_report(report: Report, directory: Path, images: bool = True) -> Written:
+    """Write the report's files into `directory` (created; files of the same names replaced)."""
+    try:
+        if directory.exists() and not directory.is_dir():
+            raise GGUFSandboxError(f"--output {directory}: exists and is not a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        index, summary = directory / INDEX, directory / SUMMARY
+        write_atomic(index, render_html(report).encode("utf-8"))
+        write_atomic(summary, render_summary(report).encode("utf-8"))
+        if not images:
+            return Written(directory, index, summary, (), "not asked for")
+        from gguf_sandbox.matrix.report_png import INSTALL_HINT, pyplot, write_pngs
+
+        plt = pyplot()
+        if plt is None:
+            return Written(directory, index, summary, (), INSTALL_HINT)
+        return Written(directory, index, summary, tuple(write_pngs(report, directory, plt)))
+    except OSError as error:
+        raise GGUFSandboxError(f"--output {directory}: cannot write the report ({error.strerror})") from None
+
+
+def report_files(paths: Sequence[Path], directory: Path, floors: Path | None = None) -> Written:
+    """Read `paths` and write their report; the one entry point `report` and `run --report` share."""
+    written = write_report(load_report(paths, floors), directory)
+    if written.images_skipped:
+        print(f"gguf-sandbox report: {written.images_skipped}", file=sys.stderr)
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", metavar="RESULTS", help="results files of `run` or `merge`")
+    parser.add_argument("--output", "-o", required=True, metavar="DIR", help="directory for the report")
+    parser.add_argument(
+        "--floors",
+        metavar="FILE",
+        help="also show a floors table from FILE (floors.json, see `floor --record`)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    written = report_files(
+        [Path(p) for p in args.files], Path(args.output), Path(args.floors) if args.floors else None
+    )
+    print(written.line())
+    return 0

@@ -1,0 +1,234 @@
+"""Tests for matrix/report*.py and timeline.py: the HTML, summary.md, PNGs, the SVG timeline, the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gguf_sandbox.cli import main
+from gguf_sandbox.matrix.report import write_report
+from gguf_sandbox.matrix.report_data import load_report
+from gguf_sandbox.matrix.report_html import render_html
+from gguf_sandbox.matrix.report_md import MAX_SUMMARY_BYTES, render_summary
+from gguf_sandbox.matrix.timeline import parse_timeline, timeline_svg
+
+MIB = 1 << 20
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+LIMITS = [64, 96, 128]
+
+
+def cell(
+    python: str, mib: int, verdict: str = "pass", workload: str = "parse", **extra: Any
+) -> dict[str, Any]:
+    record = {
+        "kind": "cell",
+        "cell_id": f"cgroup-py{python}-{mib}m-{workload}",
+        "backend": "cgroup",
+        "python": python,
+        "memory": mib * MIB,
+        "memory_label": f"{mib}m",
+        "workload": workload,
+        "model": "minilm_q8_0",
+        "expected": ["pass", "degraded"],
+        "verdict": verdict,
+        "peak": mib * MIB // 2,
+        "limit": mib * MIB,
+        "duration_s": 1.5,
+        "oom": {"flag": verdict == "oom", "counter": 0, "sigkill": False, "limit_reached": False},
+        "plan": "stream",
+        "log_tail": ["line one"],
+        "repro": f"gguf-sandbox repro --python {python} --memory {mib}m --backend cgroup "
+        f"--workload {workload}",
+    }
+    return {**record, **extra}
+
+
+def write(path: Path, records: list[dict[str, Any]], tail: str = "") -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail, encoding="utf-8")
+    return path
+
+
+def header() -> dict[str, Any]:
+    return {"kind": "run", "cell_id": "", "backends": ["cgroup"], "version": "9.9", "matrix": "matrix.yaml"}
+
+
+def grid_records() -> list[dict[str, Any]]:
+    records = [header()] + [cell(p, m) for p in PYTHONS for m in LIMITS]
+    records[1] = cell("3.10", 64, "oom")  # outside expect
+    return records
+
+
+class Parsed(HTMLParser):
+    """Ids, outlined cells and the text of every <script> (there must be none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+        self.links: set[str] = set()
+        self.outside: list[str] = []
+        self.tags: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        self.tags.append(tag)
+        if found.get("id"):
+            self.ids.add(str(found["id"]))
+        if tag == "a" and str(found.get("href", "")).startswith("#"):
+            self.links.add(str(found["href"])[1:])
+        if tag == "td" and found.get("class") == "outside":
+            self.outside.append(str(found.get("title")))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parsed(html: str) -> Parsed:
+    parser = Parsed()
+    parser.feed(html)
+    parser.close()
+    return parser
+
+
+def test_html_has_every_cell_linked_and_marks_cells_outside_expect(tmp_path: Path) -> None:
+    report = load_report([write(tmp_path / "r.jsonl", grid_records())])
+    page = parsed(render_html(report))
+    ids = {c.record.cell_id for c in report.cells}
+    assert len(ids) == len(PYTHONS) * len(LIMITS)
+    anchors = {c.anchor for c in report.cells}
+    assert anchors <= page.ids and anchors <= page.links
+    assert page.outside == ["cgroup-py3.10-64m-parse"]
+    text = "".join(page.text)
+    assert all(cell_id in text for cell_id in ids)
+    assert "oom!" in text and "9.9" in text
+    assert "script" not in page.tags and "http" not in render_html(report).replace("http://www.w3.org", "")
+
+
+def test_hostile_strings_are_escaped_and_long_log_lines_cut(tmp_path: Path) -> None:
+    evil = "<script>alert(1)</script>"
+    records = [
+        header(),
+        cell("3.12", 64, "crash", cell_id=f"x{evil}", reason=evil, log_tail=[evil, "A" * 100_000], plan=evil),
+    ]
+    report = load_report([write(tmp_path / "r.jsonl", records)])
+    html = render_html(report)
+    assert "<script" not in html
+    assert "&lt;script&gt;" in html
+    assert "A" * 2_001 not in html and "more characters" in html
+    assert "<script" not in render_summary(report)
+
+
+def test_damaged_lines_are_skipped_with_a_warning(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    path = write(tmp_path / "r.jsonl", grid_records(), tail='not json\n{"torn": ')
+    report = load_report([path], warn=warnings.append)
+    assert len(report.cells) == len(PYTHONS) * len(LIMITS)
+    assert warnings == [f"results file {path}: line {len(grid_records()) + 1}: not JSON; skipped"]
+
+
+def test_summary_stays_under_its_bound_for_5000_cells(tmp_path: Path) -> None:
+    records = [header()] + [
+        cell(f"3.{i % 4 + 10}", 64 + i // 40, "oom", workload=f"w{i % 40}") for i in range(5_000)
+    ]
+    report = load_report([write(tmp_path / "r.jsonl", records)])
+    assert len(report.cells) == 5_000
+    summary = render_summary(report)
+    assert len(summary.encode("utf-8")) < MAX_SUMMARY_BYTES
+    assert "**Truncated**" in summary and "5000 cells: 5000 oom" in summary
+
+
+def test_summary_lists_outside_cells_with_their_repro(tmp_path: Path) -> None:
+    summary = render_summary(load_report([write(tmp_path / "r.jsonl", grid_records())]))
+    assert "### 1 outside expect" in summary
+    assert "gguf-sandbox repro --python 3.10 --memory 64m --backend cgroup --workload parse" in summary
+    assert "| py3.10 | **oom! 32/64M** | pass 48/96M | pass 64/128M |" in summary
+
+
+def test_old_records_get_a_rebuilt_repro_line(tmp_path: Path) -> None:
+    record = cell("3.11", 96)
+    del record["repro"]
+    report = load_report([write(tmp_path / "r.jsonl", [header(), record])])
+    assert report.cells[0].repro_rebuilt
+    assert report.cells[0].repro == (
+        "gguf-sandbox repro --python 3.11 --memory 96m --backend cgroup --workload parse --model minilm_q8_0"
+    )
+
+
+SAMPLES = [[0.0, 10 * MIB, 8 * MIB], [0.5, 40 * MIB, 30 * MIB], [1.0, 64 * MIB, 60 * MIB]]
+
+
+def test_timeline_svg_draws_usage_working_set_and_the_limit() -> None:
+    samples = parse_timeline(SAMPLES)
+    svg = timeline_svg(samples, 64 * MIB, title="t")
+    page = parsed(svg)
+    assert page.tags.count("polyline") == 2 and "line" in page.tags
+    assert 'class="limit"' in svg and "limit 64M" in svg
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, "x", [], [[0, 1]], [[0, 1, -1]], [[0, float("nan"), 1]], [[0, True, 1]], [[0, 1, 1]] * 5_001],
+    ids=["absent", "text", "empty", "short-sample", "negative", "nan", "bool", "too-many"],
+)
+def test_malformed_timelines_read_as_none(value: object) -> None:
+    assert parse_timeline(value) == ()
+
+
+def test_a_cell_with_a_timeline_shows_it(tmp_path: Path) -> None:
+    records = [header(), cell("3.12", 64, "oom", timeline=SAMPLES)]
+    html = render_html(load_report([write(tmp_path / "r.jsonl", records)]))
+    assert html.count("<svg") == 1 and 'class="limit"' in html
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+def test_pngs_are_written_per_grid_and_per_failed_timeline(tmp_path: Path) -> None:
+    records = [*grid_records(), cell("3.12", 64, "oom", workload="bomb", timeline=SAMPLES)]
+    records[-1]["cell_id"] = "c$x$-bomb"  # mathtext in a title must not break the picture
+    written = write_report(load_report([write(tmp_path / "r.jsonl", records)]), tmp_path / "out")
+    names = sorted(p.name for p in written.images)
+    assert names == [
+        "grid-bomb_minilm_q8_0_cgroup.png",
+        "grid-parse_minilm_q8_0_cgroup.png",
+        "timeline-c_x_-bomb.png",
+    ]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in written.images)
+    assert (tmp_path / "out" / "index.html").is_file() and (tmp_path / "out" / "summary.md").is_file()
+
+
+def test_without_matplotlib_html_and_summary_are_still_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("gguf_sandbox.matrix.report_png.pyplot", lambda: None)
+    path = write(tmp_path / "r.jsonl", grid_records())
+    assert main(["report", str(path), "--output", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["index.html", "summary.md"]
+    assert "pip install 'gguf-sandbox[report]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "empty", "headers-only"])
+def test_cli_refuses_bad_inputs_in_one_line(
+    tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "r.jsonl"
+    if case == "directory":
+        path.mkdir()
+    elif case == "empty":
+        path.write_text("")
+    elif case == "headers-only":
+        write(path, [header()])
+    assert main(["report", str(path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gguf-sandbox report: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_output_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path / "r.jsonl", grid_records())
+    (tmp_path / "out").write_text("x")
+    assert main(["report", str(path), "--output", str(tmp_path / "out")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
