@@ -330,12 +330,17 @@ def test_shipped_matrix_default_and_ci_profile() -> None:
     }
     for cell in cells:
         assert cell.host_side == cell.workload.startswith("mcp")
-        assert Verdict.REFUSED not in cell.expect or cell.workload in ("mcp", "embed", "refusing-engine")
+        assert Verdict.REFUSED not in cell.expect or cell.workload in (
+            "mcp",
+            "embed",
+            "embed-decoder",
+            "refusing-engine",
+        )
         if cell.workload in controls:
             assert cell.expect == controls[cell.workload]
         elif cell.workload == "naive-load":
             assert cell.expect == ({Verdict.PASS} if cell.spec.memory >= 512 << 20 else {Verdict.OOM})
-        elif cell.workload in ("embed", "embed-concurrent", "mcp"):
+        elif cell.workload in ("embed", "embed-concurrent", "mcp", "embed-decoder", "mcp-decoder"):
             axes = {"workload": cell.workload, "model": cell.model, "python": cell.spec.python}
             floor = matrix.floor_for({**axes, "backend": cell.spec.backend, "memory": cell.spec.memory})
             assert floor is not None
