@@ -2,6 +2,7 @@
 
 python bench/embed.py --model minilm-q8_0.gguf            # latency, batch-32 throughput, RSS
 python bench/embed.py --model minilm-q8_0.gguf --bisect   # + smallest cgroup limit completing 1000 embeddings
+python bench/embed.py --model SmolLM2-135M-Instruct.Q4_1.gguf   # a decoder: against llama.cpp only
 
 Where cgroups are writable, our streaming and auto plans are also measured inside a --limit-mb (64 MB)
 cgroup, swap off: the issue's "streaming p95 at 64 MB". Engines take turns over --rounds rounds so that
@@ -11,12 +12,26 @@ call, which such load blurs least.
 Every engine runs in its own fresh process (peers in their own venv's interpreter, --st-python and
 --llama-python), so RSS figures are per engine. This file is also that worker (`--worker ENGINE`) and
 imports only the standard library at the top, so a peer's interpreter can run it.
+
+Decoder rows (llama, qwen2, qwen3, gemma3 GGUFs; issue #12): our plans against llama-cpp-python on the
+same file, one thread each unless --threads says otherwise (OPENBLAS_NUM_THREADS/OMP_NUM_THREADS for us,
+n_threads/n_threads_batch for llama.cpp), both pooling alike: --pooling, by default the model's (last for
+a causal decoder unless the file states its pooling; the file's for BERT), llama.cpp with embedding=True
+and that pooling_type, n_ctx = n_batch = n_ubatch = 2048 so a batch of 32 texts is one decode (its row's
+note gives the largest batch's tokens). sentence-transformers is skipped (its checkpoint is MiniLM's),
+and so is --bisect (BERT only). Decoders are ~100x slower than MiniLM, so they run fewer calls
+(DECODER_WORK: 12 single texts and 3 batches of 32 over the rounds, after 2 single texts and a 4-text
+batch to warm up; the header prints the counts) and only streaming inside the --limit-mb cgroup.
+"cos/llama" is the smallest cosine of an engine's vectors to llama.cpp's over the first single texts
+(up to COMPARED_SINGLES) and the first timed batch: llama.cpp quantizes activations to the weights'
+block types, so expect ≥ 0.999 for SmolLM2 and ≥ 0.99 for gemma3, not 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -41,6 +56,28 @@ MB = 1 << 20
 BISECT_LOW_MB, BISECT_HIGH_MB, BISECT_STEP_MB = 48, 512, 4
 # Our plans measured again inside a memory cgroup of --limit-mb ("auto" shows what the budget picks there).
 LIMITED_PLANS = ("streaming", "auto")
+# llama.cpp's n_ctx = n_batch = n_ubatch per family: a decoder's batch of 32 bench texts (~700 tokens) is
+# one decode; BERT keeps MiniLM's 512, its training context.
+LLAMA_CONTEXT = {"bert": 512, "decoder": 2048}
+COMPARED_SINGLES = 8  # single-text vectors each worker returns for the cosine to llama.cpp
+DECODER_THREADS = 1  # issue #12 measures decoders one thread each
+
+
+@dataclass(frozen=True)
+class Work:
+    """Calls timed per engine over all rounds, and the warm-up each worker does before timing."""
+
+    singles: int
+    batches: int  # of BATCH texts
+    warm_singles: int
+    warm_batch: int  # texts in the one warm-up batch
+
+
+BERT_WORK = Work(singles=200, batches=10, warm_singles=5, warm_batch=BATCH)
+# A decoder single text takes ~0.3-1.5 s on one busy core and a batch of 32 ~5-10 s: a run stays < 10 min.
+DECODER_WORK = Work(singles=12, batches=3, warm_singles=2, warm_batch=4)
+# Inside the --limit-mb cgroup a decoder runs streaming only (auto's choice at 64 MB for SmolLM2 and gemma3).
+DECODER_LIMITED_PLANS = ("streaming",)
 
 
 # -- the sentences ------------------------------------------------------------------------------------
@@ -74,11 +111,11 @@ def sentences(count: int, seed: int = 7) -> list[str]:
 Embed = Callable[[list[str]], Any]
 
 
-def _ours(model: str, plan: str) -> tuple[Embed, str]:
+def _ours(model: str, plan: str, pooling: str) -> tuple[Embed, str]:
     sys.path.insert(0, str(REPO))
     from gguf_sandbox.embed.engine import Embedder
 
-    embedder = Embedder.open(model, plan=plan, batch_size=BATCH)
+    embedder = Embedder.open(model, plan=plan, batch_size=BATCH, pooling=pooling)
     if plan not in ("auto", embedder.plan):
         raise SystemExit(f"asked for {plan}, got {embedder.plan}")
     return embedder.embed, embedder.plan
@@ -91,24 +128,34 @@ def _sentence_transformers(hf_dir: str) -> Embed:
     return lambda texts: model.encode(texts, batch_size=BATCH, normalize_embeddings=True)
 
 
-def _llama(model: str) -> Embed:
-    from llama_cpp import Llama
+def _llama(model: str, pooling: str, n_ctx: int) -> tuple[Embed, Callable[[str], int]]:
+    """llama.cpp's embed function and its token count of a text (what embed() feeds it)."""
+    import llama_cpp
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count() or 1
-    llm = Llama(
-        model_path=model, embedding=True, n_ctx=512, n_batch=512, n_ubatch=512, verbose=False,
-        n_threads=threads, n_threads_batch=threads,
+    pooling_type = getattr(llama_cpp, f"LLAMA_POOLING_TYPE_{pooling.upper()}")
+    llm = llama_cpp.Llama(
+        model_path=model, embedding=True, pooling_type=pooling_type,
+        n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, verbose=False, n_threads=threads, n_threads_batch=threads,
     )  # fmt: skip
-    return lambda texts: llm.embed(texts, normalize=True)
+    return lambda texts: llm.embed(texts, normalize=True), lambda text: len(llm.tokenize(text.encode()))
 
 
-def _open_engine(engine: str, model: str, hf_dir: str) -> tuple[Embed, str]:
-    """The engine's embed function and what it runs (our plan as chosen, else the engine's name)."""
+def _open_engine(
+    engine: str, model: str, hf_dir: str, pooling: str, n_ctx: int
+) -> tuple[Embed, str, Callable[[str], int] | None]:
+    """The engine's embed function, what it runs (our plan as chosen, else the engine's name) and, for
+    llama.cpp, its token count of a text."""
     if engine == ST_ENGINE:
-        return _sentence_transformers(hf_dir), engine
+        return _sentence_transformers(hf_dir), engine, None
     if engine == LLAMA_ENGINE:
-        return _llama(model), engine
-    return _ours(model, engine)
+        embed, count_tokens = _llama(model, pooling, n_ctx)
+        return embed, engine, count_tokens
+    return *_ours(model, engine, pooling), None
+
+
+def _as_lists(vectors: Any) -> list[list[float]]:
+    return [[float(x) for x in vector] for vector in vectors]
 
 
 def _peak_rss() -> int:
@@ -122,40 +169,54 @@ def _peak_rss() -> int:
 
 
 def worker(
-    engine: str, model: str, hf_dir: str, *, singles: int, batches: int, limit_count: int
+    engine: str, model: str, hf_dir: str, work: Work, *, limit_count: int, pooling: str, n_ctx: int
 ) -> dict[str, Any]:
-    """Measure one engine; with limit_count, only embed that many sentences in batches (for bisection)."""
+    """Measure one engine; with limit_count, only embed that many sentences in batches (for bisection).
+
+    Returns the timings and the vectors of the first COMPARED_SINGLES single texts and the first timed batch.
+    """
     started = time.perf_counter()
-    embed, runs = _open_engine(engine, model, hf_dir)
+    embed, runs, count_tokens = _open_engine(engine, model, hf_dir, pooling, n_ctx)
     load_s = time.perf_counter() - started
     if limit_count:
         texts = sentences(limit_count)
         for first in range(0, limit_count, BATCH):
             embed(texts[first : first + BATCH])
         return {"engine": engine, "count": limit_count, "peak_rss": _peak_rss()}
-    texts = sentences(singles + 5)
-    for text in texts[:5]:
+    texts = sentences(work.singles + work.warm_singles)
+    for text in texts[: work.warm_singles]:
         embed([text])
-    latencies, cpu = [], []
-    for text in texts[5:]:
+    latencies: list[float] = []
+    cpu: list[float] = []
+    vectors: list[list[float]] = []
+    for text in texts[work.warm_singles :]:
         began, began_cpu = time.perf_counter(), time.process_time()
-        embed([text])
+        vector = embed([text])
         latencies.append(1000 * (time.perf_counter() - began))
         cpu.append(1000 * (time.process_time() - began_cpu))
-    corpus = sentences(BATCH * (batches + 1), seed=11)
-    embed(corpus[:BATCH])
+        if len(vectors) < COMPARED_SINGLES:
+            vectors += _as_lists(vector)
+    embed(sentences(work.warm_batch, seed=13))
+    corpus = sentences(BATCH * work.batches, seed=11)
     began = time.perf_counter()
-    for first in range(BATCH, len(corpus), BATCH):
-        embed(corpus[first : first + BATCH])
+    for first in range(0, len(corpus), BATCH):
+        batch = embed(corpus[first : first + BATCH])
+        if first == 0:
+            vectors += _as_lists(batch)
+    batch_s = time.perf_counter() - began
+    batches = [corpus[first : first + BATCH] for first in range(0, len(corpus), BATCH)]
+    tokens = max((sum(map(count_tokens, batch)) for batch in batches), default=0) if count_tokens else 0
     return {
         "engine": engine,
         "runs": runs,
         "load_s": load_s,
         "latencies_ms": latencies,
         "cpu_ms": cpu,
-        "batch_s": time.perf_counter() - began,
-        "batch_sentences": BATCH * batches,
+        "batch_s": batch_s,
+        "batch_sentences": len(corpus),
         "peak_rss": _peak_rss(),
+        "vectors": vectors,
+        "largest_batch_tokens": tokens,
     }
 
 
@@ -171,6 +232,7 @@ class Row:
     batch32_per_s: float | None = None
     peak_rss: int | None = None
     smallest_limit_mb: int | None = None
+    cos_llama: float | None = None  # smallest cosine of this engine's vectors to llama.cpp's
     note: str = ""
 
 
@@ -197,8 +259,12 @@ class Samples:
     runs: str = ""
     cgroup_peak: int = 0
     failure: str = ""
+    vectors: list[list[float]] = field(default_factory=list)  # the same texts every round: the first's
+    largest_batch_tokens: int = 0
 
     def add(self, result: dict[str, Any], cgroup_peak: int) -> None:
+        self.vectors = self.vectors or result["vectors"]
+        self.largest_batch_tokens = max(self.largest_batch_tokens, result["largest_batch_tokens"])
         self.latencies_ms += result["latencies_ms"]
         self.cpu_ms += result["cpu_ms"]
         self.batch_s += result["batch_s"]
@@ -207,11 +273,13 @@ class Samples:
         self.runs = result["runs"]
         self.cgroup_peak = max(self.cgroup_peak, cgroup_peak)
 
-    def row(self, engine: Engine, smallest_limit_mb: int | None) -> Row:
+    def row(self, engine: Engine, smallest_limit_mb: int | None, llama: list[list[float]], n_ctx: int) -> Row:
         if self.failure or not self.latencies_ms:
             return Row(engine.label, note=f"failed: {self.failure}")
         ordered = sorted(self.latencies_ms)
         note = f"plan {self.runs}; cgroup peak {self.cgroup_peak / MB:.1f} MB" if engine.limit_mb else ""
+        if engine.name == LLAMA_ENGINE:
+            note = f"n_ctx=n_batch=n_ubatch {n_ctx}; largest batch {self.largest_batch_tokens} tokens"
         return Row(
             engine.label,
             p50_ms=statistics.median(ordered),
@@ -220,8 +288,21 @@ class Samples:
             batch32_per_s=self.batch_sentences / self.batch_s if self.batch_s else None,
             peak_rss=self.peak_rss,
             smallest_limit_mb=smallest_limit_mb,
+            cos_llama=smallest_cosine(self.vectors, llama) if llama else None,
             note=note,
         )
+
+
+def smallest_cosine(vectors: Sequence[Sequence[float]], others: Sequence[Sequence[float]]) -> float:
+    """The smallest cosine between vectors[i] and others[i] (the same texts, two engines)."""
+    if len(vectors) != len(others):
+        raise ValueError(f"{len(vectors)} vectors against {len(others)}: not the same texts")
+
+    def cosine(a: Sequence[float], b: Sequence[float]) -> float:
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+    return min(cosine(a, b) for a, b in zip(vectors, others, strict=True))
 
 
 def _worker_argv(engine: Engine, args: argparse.Namespace, limit_count: int = 0) -> list[str]:
@@ -229,7 +310,8 @@ def _worker_argv(engine: Engine, args: argparse.Namespace, limit_count: int = 0)
     return [
         engine.python, str(Path(__file__).resolve()), "--worker", engine.name, "--model", str(args.model),
         "--hf-dir", str(args.hf_dir or ""), "--singles", str(singles), "--batches", str(batches),
-        "--limit-count", str(limit_count),
+        "--warm-singles", str(args.warm_singles), "--warm-batch", str(args.warm_batch),
+        "--pooling", args.pooling, "--n-ctx", str(args.n_ctx), "--limit-count", str(limit_count),
     ]  # fmt: skip
 
 
@@ -271,7 +353,8 @@ def _limited_engines(args: argparse.Namespace) -> tuple[list[Engine], list[Row]]
     """LIMITED_PLANS inside a --limit-mb cgroup (swap off); a note says why when cgroups are not writable."""
     from gguf_sandbox.sandbox.cgroup.placement import cgroups_writable
 
-    engines = [Engine(plan, sys.executable, args.limit_mb) for plan in LIMITED_PLANS]
+    plans = LIMITED_PLANS if args.family == "bert" else DECODER_LIMITED_PLANS
+    engines = [Engine(plan, sys.executable, args.limit_mb) for plan in plans]
     why = cgroups_writable()
     if why is not None:
         return [], [Row(engine.label, note=f"not run: {why}") for engine in engines]
@@ -306,7 +389,14 @@ def _engines(args: argparse.Namespace) -> tuple[list[Engine], list[Row]]:
     engines = [Engine(plan, sys.executable) for plan in args.plans]
     skipped = []
     st_python, llama_python = Path(args.st_python), Path(args.llama_python)
-    if st_python.exists() and args.hf_dir:
+    if args.family != "bert":
+        skipped.append(
+            Row(
+                ST_ENGINE,
+                note=f"not run: {args.architecture} is a decoder; its checkpoint here is MiniLM's (BERT)",
+            )
+        )
+    elif st_python.exists() and args.hf_dir:
         engines.append(Engine(ST_ENGINE, str(st_python)))
     else:
         skipped.append(Row(ST_ENGINE, note=f"not run: no interpreter at {st_python} or no --hf-dir"))
@@ -323,7 +413,8 @@ def _ratio(value: float | None, base: float | None) -> str:
 
 
 def _cell(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+    width = fmt.split(".", maxsplit=1)[0].rstrip("d")
+    return format("-", f">{width}") if value is None else format(value, fmt)
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -331,9 +422,11 @@ def format_table(rows: Sequence[Row]) -> str:
     llama_p50 = by_name.get(LLAMA_ENGINE, Row(LLAMA_ENGINE)).p50_ms
     st_rate = by_name.get(ST_ENGINE, Row(ST_ENGINE)).batch32_per_s
     llama_cpu = by_name.get(LLAMA_ENGINE, Row(LLAMA_ENGINE)).cpu_p50_ms
+    llama_rate = by_name.get(LLAMA_ENGINE, Row(LLAMA_ENGINE)).batch32_per_s
     header = (
         f"{'engine':22} {'p50 ms':>8} {'p95 ms':>8} {'p50/llama':>9} {'cpu p50':>8} {'/llama':>7} "
-        f"{'batch32/s':>10} {'/st':>7} {'peak RSS MB':>11} {'min limit MB':>12}  note"
+        f"{'batch32/s':>10} {'/llama':>7} {'/st':>7} {'peak RSS MB':>11} {'min limit MB':>12} "
+        f"{'cos/llama':>9}  note"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -342,8 +435,9 @@ def format_table(rows: Sequence[Row]) -> str:
             f"{row.engine:22} {_cell(row.p50_ms, '8.2f')} {_cell(row.p95_ms, '8.2f')} "
             f"{_ratio(row.p50_ms, llama_p50):>9} {_cell(row.cpu_p50_ms, '8.2f')} "
             f"{_ratio(row.cpu_p50_ms, llama_cpu):>7} {_cell(row.batch32_per_s, '10.1f')} "
-            f"{_ratio(row.batch32_per_s, st_rate):>7} {_cell(rss, '11.1f')} "
-            f"{_cell(row.smallest_limit_mb, '12d')}  {row.note}"
+            f"{_ratio(row.batch32_per_s, llama_rate):>7} {_ratio(row.batch32_per_s, st_rate):>7} "
+            f"{_cell(rss, '11.1f')} {_cell(row.smallest_limit_mb, '12d')} "
+            f"{_cell(row.cos_llama, '9.5f')}  {row.note}"
         )
     return "\n".join(lines)
 
@@ -367,11 +461,40 @@ def _default_model(hf_dir: str | None, folder: Path) -> Path:
     return out
 
 
+def _model_facts(model: Path) -> tuple[str, str, str]:
+    """The model's family (bert, decoder), architecture and the pooling our engine runs it with by default."""
+    from gguf_sandbox.embed.architectures import family_of
+    from gguf_sandbox.gguf.reader import GGUFFile
+
+    with GGUFFile.open(model) as gguf:
+        family = family_of(gguf)
+        pooling = family.read_layout(gguf).config.pooling.name.lower()
+        return family.name, gguf.architecture or "?", pooling
+
+
+def _settle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill the options whose defaults depend on the model: counts, threads, pooling, llama.cpp's n_ctx."""
+    args.family, args.architecture, file_pooling = _model_facts(args.model)
+    decoder = args.family != "bert"
+    if decoder and args.bisect:
+        parser.error(
+            "--bisect supports BERT models only (a decoder's 1000 embeddings take too long per step)"
+        )
+    work = DECODER_WORK if decoder else BERT_WORK
+    args.singles = work.singles if args.singles is None else args.singles
+    args.batches = work.batches if args.batches is None else args.batches
+    args.warm_singles, args.warm_batch = work.warm_singles, work.warm_batch
+    if args.threads is None:
+        args.threads = DECODER_THREADS if decoder else 0
+    args.pooling = args.pooling or file_pooling
+    args.n_ctx = LLAMA_CONTEXT["decoder" if decoder else "bert"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, help="BERT GGUF (default: MiniLM converted to Q8_0)")
+    parser.add_argument("--model", type=Path, help="BERT or decoder GGUF (default: MiniLM converted to Q8_0)")
     parser.add_argument(
         "--hf-dir", help="HF checkpoint dir for sentence-transformers (default: the package's)"
     )
@@ -383,10 +506,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--plans", nargs="*", default=list(OUR_PLANS), help="our plans to run (or auto)")
     parser.add_argument(
-        "--threads", type=int, default=0, help="threads for every engine (default: their own)"
+        "--threads", type=int, help="threads for every engine (default: 1 for decoders, else their own)"
     )
-    parser.add_argument("--singles", type=int, default=200, help="single-sentence calls timed")
-    parser.add_argument("--batches", type=int, default=10, help="batches of 32 timed")
+    parser.add_argument(
+        "--pooling", choices=("mean", "last", "cls"),
+        help="pooling for our engine and llama.cpp alike (default: the model's; last for decoders)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--singles", type=int, help=f"single-text calls timed (default {BERT_WORK.singles}, decoders "
+        f"{DECODER_WORK.singles})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batches", type=int, help=f"batches of 32 timed (default {BERT_WORK.batches}, decoders "
+        f"{DECODER_WORK.batches})",
+    )  # fmt: skip
     parser.add_argument(
         "--rounds", type=int, default=3, help="engines take turns this often (singles/batches split)"
     )
@@ -394,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--limit-mb", type=int, default=64, help="cgroup limit for the limited runs (0: skip them)"
     )
     parser.add_argument(
-        "--bisect", action="store_true", help="also bisect the smallest completing cgroup limit"
+        "--bisect", action="store_true", help="also bisect the smallest completing cgroup limit (BERT)"
     )
     parser.add_argument(
         "--bisect-count", type=int, default=1000, help="embeddings a bisection run must complete"
@@ -403,19 +536,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--limit-count", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--warm-singles", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--warm-batch", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--n-ctx", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
+        work = Work(args.singles, args.batches, args.warm_singles, args.warm_batch)
         result = worker(
-            args.worker, str(args.model), args.hf_dir,
-            singles=args.singles, batches=args.batches, limit_count=args.limit_count,
+            args.worker, str(args.model), args.hf_dir, work,
+            limit_count=args.limit_count, pooling=args.pooling, n_ctx=args.n_ctx,
         )  # fmt: skip
         print(json.dumps(result))
         return 0
     sys.path.insert(0, str(REPO))
+    started = time.perf_counter()
     args.hf_dir = args.hf_dir or _default_hf_dir(Path(args.st_python))
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as scratch:
         if args.model is None:
             args.model = _default_model(args.hf_dir, Path(scratch))
+        _settle(args, parser)
         engines, rows = _engines(args)
         if args.limit_mb:
             limited, skipped = _limited_engines(args)
@@ -431,17 +570,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     samples[engine].add(*_measure(engine, args))
                 except (RuntimeError, subprocess.TimeoutExpired) as error:
                     samples[engine].failure = str(error)
+        llama = next((samples[e].vectors for e in engines if e.name == LLAMA_ENGINE), [])
         measured: list[Row] = []
         for engine in engines:
             bisect = args.bisect and not engine.limit_mb and not samples[engine].failure
-            measured.append(samples[engine].row(engine, smallest_limit(engine, args) if bisect else None))
+            smallest = smallest_limit(engine, args) if bisect else None
+            measured.append(samples[engine].row(engine, smallest, llama, args.n_ctx))
     rows = measured + rows
     load = os.getloadavg()[0]
     threads = args.threads or "engine defaults"
     bisection = f"; bisection: {args.bisect_count} embeddings per run" if args.bisect else ""
+    compared = min(COMPARED_SINGLES, -(-args.singles // args.rounds))
+    per_round = f"{-(-args.singles // args.rounds)} single texts and {-(-args.batches // args.rounds)}"
     print(
-        f"model {args.model.name}; {os.cpu_count()} CPUs; threads {threads}; "
-        f"final load average {load:.1f}{bisection}"
+        f"model {args.model.name} ({args.architecture}, pooling {args.pooling}); {os.cpu_count()} CPUs; "
+        f"threads {threads}; final load average {load:.1f}{bisection}\n"
+        f"per engine and round ({args.rounds} rounds): {per_round} batches of {BATCH} timed, after "
+        f"{args.warm_singles} single texts and a {args.warm_batch}-text batch to warm up; "
+        f"cos/llama over {compared} single texts and the first batch; wall "
+        f"{time.perf_counter() - started:.0f} s"
     )
     print(format_table(rows))
     if args.json is not None:
