@@ -64,3 +64,16 @@ def test_our_errors_name_the_subcommand_even_with_a_command_after_dashes(
 def test_no_subcommand_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([]) == 2
     assert "COMMAND" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["parse", "stream", "mcp"])
+def test_workload_pooling_is_refused_where_it_would_be_ignored(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was silently ignored: `workload mcp --pooling mean` reported the model's pooling, exit 0.
+    assert cli.main(["workload", name, "--model", "x.gguf", "--pooling", "mean"]) == 4
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"gguf-sandbox workload: ValueError: --pooling applies to the embed and embed-concurrent workloads "
+        f"only, not {name}"
+    )

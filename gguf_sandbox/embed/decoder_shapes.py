@@ -144,6 +144,11 @@ def read_config(gguf: GGUFFile) -> DecoderConfig:
             raise GGUFError(f"key length {head_dim} and value length {value_dim} differ; not supported")
         trained = int_key(gguf, Keys.LLM.CONTEXT_LENGTH.format(arch=arch))
         window = int_key(gguf, Keys.Attention.SLIDING_WINDOW.format(arch=arch), 0)
+        if window < 0:
+            raise GGUFError(
+                f"metadata {Keys.Attention.SLIDING_WINDOW.format(arch=arch)} is {window}; a window is never "
+                f"negative (0: none)"
+            )
         causal = gguf.get(Keys.Attention.CAUSAL.format(arch=arch), True)
         if not isinstance(causal, bool):
             raise GGUFError(f"metadata {Keys.Attention.CAUSAL.format(arch=arch)} is {causal!r}, not a bool")
@@ -170,7 +175,7 @@ def read_config(gguf: GGUFFile) -> DecoderConfig:
             qk_norm=traits.qk_norm,
             post_norms=traits.post_norms,
             embedding_scale=math.sqrt(hidden) if traits.scale_embeddings else 1.0,
-            sliding_window=max(window, 0),
+            sliding_window=window,
             global_every=traits.global_every,
             local_rope_base=traits.local_rope_base,
         )
@@ -179,8 +184,19 @@ def read_config(gguf: GGUFFile) -> DecoderConfig:
     where = f"{arch}: hidden {config.hidden}, heads {config.heads}/{config.kv_heads} of {config.head_dim}"
     check_shapes(gguf, outer_shapes(config), where)
     check_layer_count(gguf, Keys.LLM.BLOCK_COUNT.format(arch=arch), config.layers, len(MATRICES) + 2)
+    expected: dict[str, tuple[int, ...]] = {}
     for layer in range(config.layers):
-        check_shapes(gguf, layer_shapes(config, layer), where)
+        shapes = layer_shapes(config, layer)
+        check_shapes(gguf, shapes, where)
+        expected |= shapes
+    # A layer tensor the graph does not read (a bias on one layer only, a k bias without a q bias) would be
+    # silently skipped: llama.cpp refuses such a file (wrong number of tensors), and so does the engine.
+    unread = next((name for name in gguf.tensors if name.startswith("blk.") and name not in expected), None)
+    if unread is not None:
+        raise GGUFError(
+            f"{gguf.path.name}: tensor {unread} is not one the {arch} graph reads ({where}); the file is "
+            f"inconsistent, re-convert it"
+        )
     return config
 
 

@@ -34,6 +34,8 @@ def resolve(name: str) -> Workload:
     return found
 
 
+# The workloads that open an Embedder with --pooling (the mcp workload's server runs the model's pooling).
+POOLING_WORKLOADS = ("embed", "embed-concurrent")
 DEFAULT_COUNTS = {"parse": 20, "stream": 1, "embed": 1000, "embed-concurrent": 400, "mcp": 1000}
 
 
@@ -53,6 +55,12 @@ def run(args: argparse.Namespace) -> int:
         args.count = DEFAULT_COUNTS[args.name]
     if args.count < 1 or args.batch < 1 or args.threads < 1:
         return _fail(EXIT_BAD_INPUT, "ValueError", "--count, --batch and --threads must be at least 1")
+    if args.pooling is not None and args.name not in POOLING_WORKLOADS:
+        return _fail(
+            EXIT_BAD_INPUT,
+            "ValueError",
+            f"--pooling applies to the {' and '.join(POOLING_WORKLOADS)} workloads only, not {args.name}",
+        )
     if not args.model.is_file():
         return _fail(
             EXIT_BAD_INPUT, "FileNotFoundError", f"model {args.model} does not exist; pass --model PATH"

@@ -4,6 +4,8 @@ on hostile metadata, and the engine's decoder choices (pooling override, shorter
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,6 +180,18 @@ HOSTILE = {
     "causal as a number": ({"qwen2.attention.causal": 1}, "not a bool"),
     "pooling NONE": ({"qwen2.pooling_type": 0}, "one vector per token"),
     "unknown pooling": ({"qwen2.pooling_type": 9}, "not supported"),
+    # Was read as 0 (no window): a hostile value passed for a valid one.
+    "negative sliding window": ({"qwen2.attention.sliding_window": -5}, "never negative"),
+    "zero kv heads": ({"qwen2.attention.head_count_kv": 0}, "kv_heads is 0"),
+    "zero rope dimensions": ({"qwen2.rope.dimension_count": 0}, "rope_dims is 0"),
+    "zero rope base": ({"qwen2.rope.freq_base": 0.0}, "finite positive"),
+    "NaN rope base": ({"qwen2.rope.freq_base": float("nan")}, "finite positive"),
+    "zero context": ({"qwen2.context_length": 0}, "context length must be positive"),
+    "negative key length": ({"qwen2.attention.key_length": -32, "qwen2.attention.value_length": -32}, "> 0"),
+    "huge key length": (
+        {"qwen2.attention.key_length": 2**40, "qwen2.attention.value_length": 2**40},
+        "expected",
+    ),
 }
 
 
@@ -187,6 +201,98 @@ def test_hostile_metadata_is_one_clear_error(qwen2: GGUFFile, case: str) -> None
     with pytest.raises(GGUFError, match=message) as raised:
         decoder_shapes.read_config(Patched(qwen2, **metadata))  # type: ignore[arg-type]
     assert "\n" not in str(raised.value) and str(raised.value).startswith(qwen2.path.name)
+
+
+def test_hostile_but_harmless_metadata_is_read_within_bounds(qwen2: GGUFFile) -> None:
+    huge = decoder_shapes.read_config(Patched(qwen2, **{"qwen2.context_length": 2**63}))  # type: ignore[arg-type]
+    assert huge.context_length == decoder.DEFAULT_SEQUENCE_LIMIT
+    bidirectional = decoder_shapes.read_config(
+        Patched(qwen2, **{"qwen2.attention.causal": False})  # type: ignore[arg-type]
+    )
+    assert (bidirectional.causal, bidirectional.pooling.name) == (False, "MEAN")
+
+
+# -- hostile tensors -------------------------------------------------------------------------------------
+def rewritten(source: Path, target: Path, tensors: dict[str, np.ndarray | None]) -> Path:
+    """A copy of `source` with tensors replaced (as F32), added, or dropped (None); metadata as it was."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.constants import GGMLQuantizationType
+
+    reader = GGUFReader(source)
+    writer = GGUFWriter(target, arch=str(reader.fields["general.architecture"].contents()))
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment"):
+            continue
+        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        if tensor.name not in tensors:
+            raw = GGMLQuantizationType(tensor.tensor_type)
+            writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=raw)
+    for name, array in tensors.items():
+        if array is not None:
+            writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def _nan_at(shape: tuple[int, ...]) -> np.ndarray:
+    array = np.full(shape, 0.01, dtype=np.float32)
+    array.flat[3] = np.nan
+    return array
+
+
+HOSTILE_TENSORS: dict[str, tuple[dict[str, np.ndarray | None], str]] = {
+    "q norm of the wrong length": (
+        {"blk.0.attn_q_norm.weight": np.ones(16)},
+        "has shape \\(16,\\), expected",
+    ),
+    "a missing ffn_gate": ({"blk.1.ffn_gate.weight": None}, "no tensor 'blk.1.ffn_gate.weight'"),
+    "a bias of the wrong size": ({"blk.0.attn_q.bias": np.zeros(7)}, "has shape \\(7,\\), expected"),
+    # Was skipped (attention_bias is read from blk.0.attn_q.bias): a silently different model.
+    "a bias the graph does not read": ({"blk.1.attn_k.bias": np.zeros(64)}, "not one the qwen3 graph reads"),
+    "a table short of the vocabulary": ({"token_embd.weight": np.zeros((3000, 64))}, "only 3,000 rows"),
+    "a NaN in a norm": ({"blk.0.attn_norm.weight": _nan_at((64,))}, "NaN or infinite"),
+    "a NaN in a matrix": ({"blk.1.attn_q.weight": _nan_at((128, 64))}, "NaN or infinite"),
+    "a NaN final norm": ({"output_norm.weight": _nan_at((64,))}, "NaN or infinite"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_TENSORS))
+def test_hostile_tensors_are_one_clear_error(tmp_path: Path, case: str) -> None:
+    tensors, message = HOSTILE_TENSORS[case]
+    path = rewritten(cached_decoder(QWEN3_TINY), tmp_path / "hostile.gguf", tensors)
+    with pytest.raises(GGUFError, match=message) as raised, Embedder.open(path) as embedder:
+        embedder.embed(["hello world"])
+    assert "\n" not in str(raised.value)
+
+
+def test_the_rewritten_copy_embeds_like_its_source(tmp_path: Path) -> None:
+    """The check above can fail: an untouched copy gives the same vectors."""
+    source = cached_decoder(QWEN3_TINY)
+    with Embedder.open(source) as a, Embedder.open(rewritten(source, tmp_path / "copy.gguf", {})) as b:
+        np.testing.assert_array_equal(a.embed(["hello world"]), b.embed(["hello world"]))
+
+
+def test_huge_and_odd_texts_are_cut_to_the_limit_quickly_and_concurrently() -> None:
+    with Embedder.open(cached_decoder(QWEN3_TINY)) as embedder:
+        texts = ["word " * 200_000, "a" * (1 << 20), "<|endoftext|><s></s><unk>" * 50, " \t\n"]
+        started = time.monotonic()
+        vectors = embedder.embed(texts)
+        assert time.monotonic() - started < 60 and np.isfinite(vectors).all()
+        assert len(embedder.tokenize(texts[0])) == embedder.context_length
+        results: list[np.ndarray] = []
+        threads = [
+            threading.Thread(target=lambda: results.append(embedder.embed(texts[2:]))) for _ in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(results) == 8 and all(np.array_equal(r, vectors[2:]) for r in results)
 
 
 # -- the engine's decoder choices ------------------------------------------------------------------------
