@@ -45,7 +45,9 @@ class Traits:
     qk_norm: bool = False
     post_norms: bool = False
     scale_embeddings: bool = False  # by sqrt(hidden)
-    global_every: int = 0  # sliding-window pattern when the file has a window (gemma3: 6)
+    # Sliding-window layers when the file names a window: every n-th layer global (gemma3: 6). 0: the
+    # architecture has none, and llama.cpp ignores a window key in its files (qwen2's HF config has one).
+    global_every: int = 0
     local_rope_base: float = 0.0  # rope base of sliding layers
 
 
@@ -175,7 +177,7 @@ def read_config(gguf: GGUFFile) -> DecoderConfig:
             qk_norm=traits.qk_norm,
             post_norms=traits.post_norms,
             embedding_scale=math.sqrt(hidden) if traits.scale_embeddings else 1.0,
-            sliding_window=window,
+            sliding_window=window if traits.global_every else 0,
             global_every=traits.global_every,
             local_rope_base=traits.local_rope_base,
         )

@@ -346,3 +346,10 @@ def test_streaming_counts_the_weight_bytes_it_reads_and_resident_plans_read_none
     with Embedder.open(path, plan="resident-quant") as resident:
         resident.embed(["no file reads"])
         assert resident.streamed_bytes == 0
+
+
+def test_a_window_key_in_an_architecture_without_sliding_layers_is_ignored_as_llama_cpp_does(
+    qwen2: GGUFFile,
+) -> None:
+    config = decoder_shapes.read_config(Patched(qwen2, **{"qwen2.attention.sliding_window": 4}))  # type: ignore[arg-type]
+    assert config.sliding_window == 0 and not any(config.slides(layer) for layer in range(config.layers))
