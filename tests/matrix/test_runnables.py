@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from gguf_sandbox.embed.bert import POOLING_NAMES
 from gguf_sandbox.embed.plan import PlanName
-from gguf_sandbox.matrix.runnables import CONTROLS, PLAN_CHOICES, WORKLOADS, OptionKind
+from gguf_sandbox.matrix.runnables import CONTROLS, PLAN_CHOICES, POOLING_CHOICES, WORKLOADS, OptionKind
 from gguf_sandbox.workloads import command as workload_command
 from gguf_sandbox.workloads import controls
 
@@ -30,6 +31,7 @@ def test_workload_option_tables_match_the_workload_command_line() -> None:
             assert declared.default == action.default, option
     assert set(WORKLOADS) == set(workload_command.WORKLOADS)
     assert ("auto", *(plan.value for plan in PlanName)) == PLAN_CHOICES
+    assert POOLING_NAMES == POOLING_CHOICES
 
 
 def test_control_option_tables_match_the_controls_command_line() -> None:
