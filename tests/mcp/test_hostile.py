@@ -275,8 +275,17 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(minilm_gguf: Callable[[str], Path]) -> Iterator[Served]:
-    """One server for the whole corpus, in a CORPUS_LIMIT cgroup."""
+    """One server for the whole corpus, in a CORPUS_LIMIT cgroup.
+
+    The package is byte-compiled first, as `pip install` leaves it: with PYTHONDONTWRITEBYTECODE (or a
+    fresh checkout) the server would compile ~100 modules inside its 64 MiB cell, and the heap that leaves
+    behind took the room the largest valid request needs (-32000, "no room to read it now").
+    """
+    import compileall
+
     from gguf_sandbox.sandbox.cgroup.attach import attach_limited
+
+    compileall.compile_dir(Path(gguf_sandbox.__file__).parent, quiet=1)
 
     argv = (sys.executable, "-m", "gguf_sandbox", "serve", "--model", str(minilm_gguf("q8_0")))
     with attach_limited(argv, CORPUS_LIMIT, 3600, env=_env()) as cell:
