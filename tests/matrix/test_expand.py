@@ -150,7 +150,7 @@ ERROR_CASES = [
         "profile-args-option",
         "profiles.small.args",
         {"embed": {"step": "1m"}},
-        r"profiles\.small\.args\.embed\.step: unknown option; allowed: batch, count, plan, threads",
+        r"profiles\.small\.args\.embed\.step: unknown option; allowed: batch, count, plan, pooling, threads",
     ),
     (
         "command-args",
