@@ -83,7 +83,7 @@ _SCALES: Mapping[GGMLQuantizationType, Callable[[np.ndarray, np.random.Generator
 _FLOATS: Mapping[GGMLQuantizationType, type[np.floating]] = MappingProxyType(
     {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 )
-RANDOM_TYPES = frozenset(_SCALES) | frozenset(_FLOATS)
+RANDOM_TYPES: frozenset[GGMLQuantizationType] = frozenset(_SCALES) | frozenset(_FLOATS)
 
 
 def random_pieces(

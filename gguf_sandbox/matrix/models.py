@@ -66,7 +66,7 @@ def prepare(model: ModelDef, cache_dir: Path | None = None) -> Path:
         raise MatrixError(f"models.{model.name}: cannot prepare {model.describe()}: {error}") from error
 
 
-def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+def build_once(target: Path, build: Callable[[Path], object]) -> Path:
     """`target`, made by `build(partial)` when missing: under a lock (concurrent callers wait and reuse it),
     renamed into place only once complete, so an interrupted build never leaves a partial file behind."""
     if target.is_file():

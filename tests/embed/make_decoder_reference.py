@@ -451,7 +451,8 @@ def run_worker(path: Path, batch_check: bool, *, exact: bool = False) -> dict[st
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise SystemExit(f"worker for {path} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def parse_model(spec: str) -> tuple[str, Path]:

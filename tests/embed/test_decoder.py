@@ -57,7 +57,8 @@ def model_file(name: str) -> Path:
 def cosines(ours: np.ndarray, theirs: list[list[float]]) -> np.ndarray:
     reference = np.asarray(theirs, dtype=np.float64)
     reference /= np.linalg.norm(reference, axis=1, keepdims=True)
-    return np.einsum("ij,ij->i", ours.astype(np.float64), reference)
+    cosine: np.ndarray = np.einsum("ij,ij->i", ours.astype(np.float64), reference)
+    return cosine
 
 
 @pytest.fixture(

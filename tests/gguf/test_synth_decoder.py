@@ -14,6 +14,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from gguf_sandbox.errors import GGUFError
 from gguf_sandbox.gguf.dequant import dequantize
+from gguf_sandbox.gguf.metadata import LazyArray
 from gguf_sandbox.gguf.reader import GGUFFile
 from gguf_sandbox.gguf.synth_decoder import (
     NOMIC_CODE_CLASS,
@@ -101,7 +102,8 @@ def test_metadata_llama_cpp_reads(written: dict[str, Path]) -> None:
         assert meta["qwen3.feed_forward_length"] == 192
         assert meta["qwen3.rope.freq_base"] == 1e6
         assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "qwen2"
-        assert len(meta["tokenizer.ggml.tokens"]) == QWEN3_TINY.vocab_size
+        tokens = meta["tokenizer.ggml.tokens"]
+        assert isinstance(tokens, LazyArray) and len(tokens) == QWEN3_TINY.vocab_size
     with GGUFFile.open(written["gemma3"]) as gguf:
         assert gguf.metadata["gemma3.attention.sliding_window"] == 512
 

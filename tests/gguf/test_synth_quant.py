@@ -17,7 +17,11 @@ def decoded(qtype: T, n: int, std: float, seed: tuple[int, ...] = (0,)) -> np.nd
     return dequantize(np.concatenate([p.reshape(-1).view(np.uint8) for p in pieces]), qtype)
 
 
-@pytest.mark.parametrize("qtype", sorted(RANDOM_TYPES, key=lambda t: t.name), ids=lambda t: t.name)
+def type_name(qtype: T) -> str:
+    return qtype.name
+
+
+@pytest.mark.parametrize("qtype", sorted(RANDOM_TYPES, key=str), ids=type_name)
 def test_decoded_values_have_the_asked_spread(qtype: T) -> None:
     values = decoded(qtype, 256 * 6000, 0.02)
     assert np.isfinite(values).all()

@@ -31,7 +31,7 @@ def cell(cell_id: str, verdict: str | None, expected: list[str], **extra: Any) -
     return {**record, **extra}
 
 
-RECORDS = [
+RECORDS: list[dict[str, Any]] = [
     {
         "kind": "run",
         "cell_id": "",

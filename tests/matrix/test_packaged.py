@@ -99,7 +99,7 @@ def test_a_file_of_an_installed_distribution_is_read_in_place(
     def no_pip(*args: object, **kwargs: object) -> subprocess.CompletedProcess[str]:
         raise AssertionError("an installed file must not be downloaded")
 
-    monkeypatch.setattr(packaged.subprocess, "run", no_pip)
+    monkeypatch.setattr(subprocess, "run", no_pip)
     out = tmp_path / "out.gguf"
     packaged.write_packaged([part], out)
     assert out.read_bytes() == (site / "fake_installed_model" / "m.gguf").read_bytes()
@@ -138,7 +138,7 @@ def test_a_hung_pip_is_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert command[-1] == "some-package" and "--no-deps" in command and "--only-binary=:all:" in command
         raise subprocess.TimeoutExpired(command, packaged.PIP_DOWNLOAD_SECONDS)
 
-    monkeypatch.setattr(packaged.subprocess, "run", hung)
+    monkeypatch.setattr(subprocess, "run", hung)
     with pytest.raises(MatrixError, match=r"pip download some-package: no wheel after 900 s"):
         packaged.download_wheel("some-package", tmp_path)
 

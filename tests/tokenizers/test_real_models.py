@@ -138,7 +138,7 @@ def test_a_missing_model_skips_with_the_pip_command(monkeypatch: pytest.MonkeyPa
         return subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found")
 
     monkeypatch.setenv("GGUF_SANDBOX_CACHE", str(tmp_path))
-    monkeypatch.setattr(packaged.subprocess, "run", offline)
+    monkeypatch.setattr(subprocess, "run", offline)
     monkeypatch.setattr(packaged, "installed_file", lambda part: None)
     reason = models.packaged_gguf(models.SMOLLM2)
     assert isinstance(reason, str)
