@@ -15,9 +15,10 @@ from gguf_sandbox.floors import FloorTable, load_floors
 from gguf_sandbox.matrix.expand import repro_command
 from gguf_sandbox.matrix.grid import Grid, grids
 from gguf_sandbox.matrix.results import CELL, ERROR, RUN, SKIP, CellRecord, check_ours, read_records
-from gguf_sandbox.matrix.timeline import Sample, parse_timeline
+from gguf_sandbox.matrix.timeline import parse_timeline
 from gguf_sandbox.matrix.verdicts import Verdict
 from gguf_sandbox.sandbox.base import CellSpec
+from gguf_sandbox.sandbox.sampling import Timeline
 
 # Colour by verdict: graceful ones green to blue, failures warm; the heatmaps (HTML and PNG) share them.
 VERDICT_COLOURS: Mapping[Verdict, str] = {
@@ -46,7 +47,7 @@ class ReportCell:
     anchor: str
     repro: str  # the record's repro line, else one rebuilt from its fields ("" for a cell without workload)
     repro_rebuilt: bool
-    timeline: tuple[Sample, ...]
+    timeline: Timeline
 
     @property
     def label(self) -> str:
@@ -164,7 +165,7 @@ def _cell(data: Mapping[str, Any], matrix: str | None, anchors: set[str]) -> Rep
         spec = CellSpec(record.cell_id, record.backend, record.python, record.memory, argv=())
         repro = repro_command(spec, record.workload, record.model, Path(matrix) if matrix else None)
         rebuilt = True
-    return ReportCell(record, data, anchor, repro, rebuilt, parse_timeline(data.get("timeline")))
+    return ReportCell(record, data, anchor, repro, rebuilt, parse_timeline(data))
 
 
 def _distinct(values: Any) -> str:

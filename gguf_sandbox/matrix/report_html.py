@@ -170,7 +170,7 @@ def _detail(cell: ReportCell) -> str:
     if tail:
         shown = [_cut(line, MAX_LOG_LINE) for line in tail[-MAX_LOG_LINES:]]
         parts.append(f"<p>last {len(shown)} log lines:</p><pre>{escape(chr(10).join(shown))}</pre>")
-    if cell.timeline:
+    if cell.timeline.samples:
         limit = record.limit or record.memory
         parts.append(timeline_svg(cell.timeline, limit, title=escape(f"memory of {record.cell_id}")))
     parts.append("</details>")

@@ -46,7 +46,7 @@ def write_pngs(report: Report, directory: Path, plt: Any) -> list[Path]:
             _heatmap(report, grid, _unique(f"grid-{slug(grid.name)}", names, index), directory, plt)
         )
     for cell in report.cells:
-        if cell.timeline and cell.failed:
+        if cell.timeline.samples and cell.failed:
             name = _unique(f"timeline-{slug(cell.record.cell_id)}", names, len(names))
             written.append(_timeline(cell, directory / f"{name}.png", plt))
     return written
@@ -102,12 +102,16 @@ def _timeline(cell: ReportCell, path: Path, plt: Any) -> Path:
     limit = record.limit or record.memory
     figure, axes = plt.subplots(figsize=(6.4, 2.6))
     try:
-        times = [s.t_s for s in cell.timeline]
-        axes.plot(times, [s.usage / MIB for s in cell.timeline], color=USAGE_COLOUR, label="usage")
+        samples = cell.timeline.samples
+        times = [s.t_s for s in samples]
+        axes.plot(times, [s.usage / MIB for s in samples], color=USAGE_COLOUR, label="usage")
         axes.plot(
-            times, [s.working_set / MIB for s in cell.timeline], color=WORKING_SET_COLOUR, label="working set"
+            times, [s.working_set / MIB for s in samples], color=WORKING_SET_COLOUR, label="working set"
         )
         axes.axhline(limit / MIB, color=LIMIT_COLOUR, linestyle="--", label=f"limit {limit / MIB:.0f}M")
+        kill = cell.timeline.oom_kill_s
+        if kill is not None:
+            axes.axvline(kill, color=LIMIT_COLOUR, linewidth=2, label=f"OOM kill {kill:.2f} s")
         axes.set_xlabel("seconds", fontsize=8)
         axes.set_ylabel("MiB", fontsize=8)
         axes.set_title(plain(f"{record.cell_id}: {cell.label}"), fontsize=8)

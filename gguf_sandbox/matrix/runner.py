@@ -38,6 +38,7 @@ from gguf_sandbox.matrix.schema import GRACEFUL, Cell, Matrix, ModelDef
 from gguf_sandbox.matrix.shard import Shard, parse_shard, plan_shards, read_durations, take_shard
 from gguf_sandbox.matrix.verdicts import Outcome, Reference, Verdict, comparable, decide, parse_report
 from gguf_sandbox.sandbox.base import CellSpec, RunResult, Sandbox
+from gguf_sandbox.sandbox.sampling import SampleWatcher
 
 # Backend name → "module:class"; imported only when chosen (docker pulls in the docker SDK).
 BACKENDS: Mapping[str, str] = {
@@ -59,7 +60,7 @@ class UnavailableSandbox:
     def unavailable_reason(self, python: str) -> str | None:
         return self.reason
 
-    def run(self, spec: CellSpec) -> RunResult:
+    def run(self, spec: CellSpec, *, watch: SampleWatcher | None = None) -> RunResult:
         raise SandboxError(f"backend {self.name} is unavailable: {self.reason}")
 
 

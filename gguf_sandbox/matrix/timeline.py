@@ -1,40 +1,36 @@
-"""A cell's memory timeline: read from its record's `timeline` field, drawn as an inline SVG."""
+"""A cell's memory timeline in a report: read from its record's `timeline` fields, drawn as an inline SVG."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-# A backend downsamples to ≤ 500 points; more than this in a record is damage, not a timeline.
-MAX_POINTS = 5_000
+from gguf_sandbox.sandbox.sampling import MAX_POINTS, MemorySample, Timeline
+
+# A backend writes ≤ MAX_POINTS points; ten times that in a record is damage, not a timeline.
+MAX_READ_POINTS = 10 * MAX_POINTS
 WIDTH, HEIGHT = 640, 220
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 56, 12, 12, 30
 MIB = 1 << 20
 USAGE_COLOUR, WORKING_SET_COLOUR, LIMIT_COLOUR = "#1f77b4", "#2ca02c", "#d62728"
 
 
-@dataclass(frozen=True)
-class Sample:
-    """Memory at one moment of a cell: seconds since it started, usage and working set in bytes."""
-
-    t_s: float
-    usage: int
-    working_set: int
-
-
-def parse_timeline(value: Any) -> tuple[Sample, ...]:
-    """The samples of a record's `timeline` ([[t_s, usage_bytes, working_set_bytes], …]), in time order;
-    () when the field is absent, too long, or any sample is not three finite non-negative numbers."""
-    if not isinstance(value, list) or not value or len(value) > MAX_POINTS:
-        return ()
+def parse_timeline(record: Mapping[str, Any]) -> Timeline:
+    """A record's `timeline` ([[t_s, usage_bytes, working_set_bytes], …], put in time order) and
+    `oom_kill_s`; no samples when the field is absent, too long, or any sample is not three finite
+    non-negative numbers, no kill moment when that is not one such number."""
+    value = record.get("timeline")
+    moment = record.get("oom_kill_s")
+    oom_kill_s = float(moment) if isinstance(moment, int | float) and _number(moment) else None
+    if not isinstance(value, list) or not value or len(value) > MAX_READ_POINTS:
+        return Timeline((), oom_kill_s)
     samples = []
     for item in value:
         if not isinstance(item, list) or len(item) != 3 or not all(_number(x) for x in item):
-            return ()
-        samples.append(Sample(float(item[0]), int(item[1]), int(item[2])))
-    return tuple(sorted(samples, key=lambda s: s.t_s))
+            return Timeline((), oom_kill_s)
+        samples.append(MemorySample(float(item[0]), int(item[1]), int(item[2])))
+    return Timeline(tuple(sorted(samples, key=lambda s: s.t_s)), oom_kill_s)
 
 
 def _number(value: object) -> bool:
@@ -47,12 +43,14 @@ def _number(value: object) -> bool:
     )
 
 
-def timeline_svg(samples: Sequence[Sample], limit: int, title: str = "") -> str:
-    """An SVG of usage and working set over time, with the limit as a red dashed line (labelled).
+def timeline_svg(timeline: Timeline, limit: int, title: str = "") -> str:
+    """An SVG of usage and working set over time, with the limit as a red dashed line and the moment of
+    an OOM kill as a red vertical line (both labelled).
 
     Everything in it is numbers and fixed words except `title`, which the caller must have escaped."""
+    samples = timeline.samples
     top_value = max([limit, *(s.usage for s in samples), *(s.working_set for s in samples), 1])
-    end = max([s.t_s for s in samples] or [0.0]) or 1.0
+    end = max([s.t_s for s in samples] + [timeline.oom_kill_s or 0.0]) or 1.0
     plot_w = WIDTH - MARGIN_LEFT - MARGIN_RIGHT
     plot_h = HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
 
@@ -89,6 +87,14 @@ def timeline_svg(samples: Sequence[Sample], limit: int, title: str = "") -> str:
             f'y2="{y(limit):.1f}" stroke="{LIMIT_COLOUR}" stroke-dasharray="6 3"/>'
             f'<text x="{WIDTH - MARGIN_RIGHT - 4}" y="{y(limit) - 4:.1f}" text-anchor="end" font-size="10" '
             f'fill="{LIMIT_COLOUR}">limit {limit / MIB:.0f}M</text>'
+        )
+    if timeline.oom_kill_s is not None:
+        at = x(timeline.oom_kill_s)
+        parts.append(
+            f'<line class="oom-kill" x1="{at:.1f}" x2="{at:.1f}" y1="{MARGIN_TOP}" '
+            f'y2="{HEIGHT - MARGIN_BOTTOM}" stroke="{LIMIT_COLOUR}" stroke-width="2"/>'
+            f'<text x="{at - 4:.1f}" y="{MARGIN_TOP + 24}" text-anchor="end" font-size="10" '
+            f'fill="{LIMIT_COLOUR}">OOM kill {timeline.oom_kill_s:.2f} s</text>'
         )
     for name, colour, values in (
         ("usage", USAGE_COLOUR, [(s.t_s, s.usage) for s in samples]),

@@ -27,7 +27,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gguf_sandbox.sandbox.base import RunResult
+from gguf_sandbox.sandbox.base import IsolationReport, RunResult
+from gguf_sandbox.sandbox.sampling import Timeline
 
 
 class Verdict(str, enum.Enum):
@@ -113,6 +114,8 @@ class Outcome:
     cell_id: str = ""
     repro: str = ""
     expected: frozenset[Verdict] = field(default_factory=frozenset)
+    timeline: Timeline = field(default_factory=Timeline)
+    isolation: IsolationReport | None = None
 
     def cell_text(self) -> str:
         """Grid text: `pass 41/64M`."""
@@ -185,6 +188,8 @@ class Outcome:
             "duration_s": round(self.duration_s, 3),
             "log_tail": list(self.log_tail),
             "report": dict(self.report) if self.report is not None else None,
+            **self.timeline.to_json(),
+            **({"isolation": self.isolation.to_json()} if self.isolation is not None else {}),
         }
 
 
@@ -283,6 +288,8 @@ def decide(
         cell_id=cell_id,
         repro=repro,
         expected=expected,
+        timeline=result.timeline,
+        isolation=result.isolation if result.isolation.held or result.isolation.missing else None,
     )
 
 

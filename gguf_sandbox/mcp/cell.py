@@ -25,6 +25,7 @@ from gguf_sandbox.mcp.client import (
     text_pool,
 )
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, AttachableSandbox, CellSpec, RunResult, Sandbox
+from gguf_sandbox.sandbox.sampling import SampleWatcher
 from gguf_sandbox.workloads import command as workload_command
 
 
@@ -47,11 +48,11 @@ def workload_options(argv: Sequence[str]) -> tuple[Path | None, McpOptions]:
     return model, McpOptions.from_namespace(parsed)
 
 
-def run_cell(sandbox: Sandbox, spec: CellSpec) -> RunResult:
+def run_cell(sandbox: Sandbox, spec: CellSpec, watch: SampleWatcher | None = None) -> RunResult:
     """Run a host-side `mcp` cell: the server in the cell, this process as its MCP client.
 
     The runner calls this instead of sandbox.run(spec) for a host-side cell (Cell.host_side). The
-    RunResult is the cell's (exit code, OOM signals, peak, samples), with the client's report or the
+    RunResult is the cell's (exit code, OOM signals, peak, timeline), with the client's report or the
     server's JSON error as stdout, so verdicts.decide applies unchanged. SandboxError when the harness
     cannot run it.
     """
@@ -72,7 +73,7 @@ def run_cell(sandbox: Sandbox, spec: CellSpec) -> RunResult:
     _, options = workload_options(spec.argv)
     inside = replace(spec, argv=server_argv(options.plan))
     pool = text_pool()
-    with sandbox.attach(inside) as cell:
+    with sandbox.attach(inside, watch=watch) as cell:
         run = anyio.run(drive, cell.command, cell.stderr, options, pool, spec.timeout)
         result = cell.finish(FINISH_GRACE_S)
     return _cell_result(run, result, options, spec.model, pool)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
+from gguf_sandbox.sandbox.sampling import SampleWatcher, Timeline
+
 # Token in CellSpec.argv replaced by the path at which the backend makes the model visible.
 MODEL_PLACEHOLDER = "{model}"
 # Tasks (processes and threads) one cell may have, on every backend.
@@ -93,7 +95,8 @@ class RunResult:
     duration_s: float
     stdout: str
     stderr: str
-    samples: tuple[tuple[float, int], ...] = ()
+    # Memory over the cell's life (usage, working set, the OOM moment), sampled by the backend.
+    timeline: Timeline = field(default_factory=Timeline)
     # Which isolation the cell had (empty when the backend does not say, e.g. a plain run_limited child).
     isolation: IsolationReport = IsolationReport()
 
@@ -112,8 +115,9 @@ class Sandbox(Protocol):
         """None when cells for this Python version can run here, else why not (used as a skip reason)."""
         ...
 
-    def run(self, spec: CellSpec) -> RunResult:
-        """Run the cell to completion or timeout; always clean up; never raise for the cell's own failure."""
+    def run(self, spec: CellSpec, *, watch: SampleWatcher | None = None) -> RunResult:
+        """Run the cell to completion or timeout; always clean up; never raise for the cell's own failure.
+        `watch` sees each memory sample as the backend takes it."""
         ...
 
 
@@ -149,7 +153,9 @@ class AttachedCell(Protocol):
 class AttachableSandbox(Sandbox, Protocol):
     """A backend that can also hand a cell's stdin/stdout to a client on the host (the `mcp` workload)."""
 
-    def attach(self, spec: CellSpec) -> AbstractContextManager[AttachedCell]:
+    def attach(
+        self, spec: CellSpec, *, watch: SampleWatcher | None = None
+    ) -> AbstractContextManager[AttachedCell]:
         """Prepare the cell for spec.argv and yield how to start it; everything is removed on exit.
 
         The wall-clock timeout runs from entry; a cell still running then is killed and reported timed out.

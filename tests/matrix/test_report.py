@@ -15,7 +15,8 @@ from gguf_sandbox.matrix.report import write_report
 from gguf_sandbox.matrix.report_data import load_report
 from gguf_sandbox.matrix.report_html import render_html
 from gguf_sandbox.matrix.report_md import MAX_SUMMARY_BYTES, render_summary
-from gguf_sandbox.matrix.timeline import parse_timeline, timeline_svg
+from gguf_sandbox.matrix.timeline import MAX_READ_POINTS, parse_timeline, timeline_svg
+from gguf_sandbox.sandbox.sampling import Timeline
 
 MIB = 1 << 20
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
@@ -163,20 +164,35 @@ SAMPLES = [[0.0, 10 * MIB, 8 * MIB], [0.5, 40 * MIB, 30 * MIB], [1.0, 64 * MIB, 
 
 
 def test_timeline_svg_draws_usage_working_set_and_the_limit() -> None:
-    samples = parse_timeline(SAMPLES)
-    svg = timeline_svg(samples, 64 * MIB, title="t")
+    svg = timeline_svg(parse_timeline({"timeline": SAMPLES}), 64 * MIB, title="t")
     page = parsed(svg)
-    assert page.tags.count("polyline") == 2 and "line" in page.tags
-    assert 'class="limit"' in svg and "limit 64M" in svg
+    assert page.tags.count("polyline") == 2 and page.tags.count("line") == 1
+    assert 'class="limit"' in svg and "limit 64M" in svg and "OOM kill" not in svg
+
+
+def test_timeline_svg_marks_the_oom_kill_moment() -> None:
+    timeline = parse_timeline({"timeline": SAMPLES, "oom_kill_s": 0.98})
+    assert timeline.oom_kill_s == 0.98
+    svg = timeline_svg(timeline, 64 * MIB)
+    assert parsed(svg).tags.count("line") == 2 and 'class="oom-kill"' in svg and "OOM kill 0.98 s" in svg
 
 
 @pytest.mark.parametrize(
     "value",
-    [None, "x", [], [[0, 1]], [[0, 1, -1]], [[0, float("nan"), 1]], [[0, True, 1]], [[0, 1, 1]] * 5_001],
+    [
+        None,
+        "x",
+        [],
+        [[0, 1]],
+        [[0, 1, -1]],
+        [[0, float("nan"), 1]],
+        [[0, True, 1]],
+        [[0, 1, 1]] * (MAX_READ_POINTS + 1),
+    ],
     ids=["absent", "text", "empty", "short-sample", "negative", "nan", "bool", "too-many"],
 )
 def test_malformed_timelines_read_as_none(value: object) -> None:
-    assert parse_timeline(value) == ()
+    assert parse_timeline({"timeline": value, "oom_kill_s": value}) == Timeline()
 
 
 def test_a_cell_with_a_timeline_shows_it(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import yaml
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.matrix import repro
 from gguf_sandbox.sandbox.base import CellSpec, Mount, RunResult
+from gguf_sandbox.sandbox.sampling import SampleWatcher
 
 MIB = 1 << 20
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +46,7 @@ class Recorder:
     def unavailable_reason(self, python: str) -> str | None:
         return None
 
-    def run(self, spec: CellSpec) -> RunResult:
+    def run(self, spec: CellSpec, *, watch: SampleWatcher | None = None) -> RunResult:
         self.specs.append(spec)
         values: dict[str, Any] = {
             "exit_code": 0,

@@ -25,6 +25,7 @@ from gguf_sandbox.matrix.load import parse
 from gguf_sandbox.matrix.results import ResultStore, read_records
 from gguf_sandbox.matrix.schema import Matrix, ModelDef
 from gguf_sandbox.sandbox.base import CellSpec, RunResult, Sandbox
+from gguf_sandbox.sandbox.sampling import SampleWatcher
 
 MIB = 1 << 20
 
@@ -84,7 +85,7 @@ class FakeSandbox:
     def unavailable_reason(self, python: str) -> str | None:
         return self.unavailable.get(python)
 
-    def run(self, spec: CellSpec) -> RunResult:
+    def run(self, spec: CellSpec, *, watch: SampleWatcher | None = None) -> RunResult:
         self.calls.append(spec)
         self.live.add(spec.cell_id)
         try:

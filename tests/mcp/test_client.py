@@ -37,6 +37,7 @@ from gguf_sandbox.mcp.client import (
 from gguf_sandbox.mcp.server import serve_floor
 from gguf_sandbox.mcp.session import PROTOCOL_VERSIONS
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec, RunResult
+from gguf_sandbox.sandbox.sampling import SampleWatcher
 
 MiB = 1 << 20
 MATRIX_ARGV = (
@@ -238,7 +239,7 @@ class _RunOnly:
     def unavailable_reason(self, python: str) -> str | None:
         return None
 
-    def run(self, spec: CellSpec) -> RunResult:
+    def run(self, spec: CellSpec, *, watch: SampleWatcher | None = None) -> RunResult:
         raise AssertionError("a host-side cell must not be run inside")
 
 

@@ -29,6 +29,7 @@ from gguf_sandbox.sandbox.isolation import (
     Jail,
     Tools,
 )
+from gguf_sandbox.sandbox.sampling import SampleWatcher
 
 # The outer shell stays outside the cgroup and records the exit status the caller's process handle keeps to
 # itself; the inner one writes the pid that enters the cell (a systemd scope is found through it), then execs
@@ -67,6 +68,7 @@ class LimitedCell:
         env: Mapping[str, str] | None,
         sample_interval: float,
         output_limit: int,
+        watch: SampleWatcher | None = None,
     ) -> None:
         self._placement = placement
         self._status = scratch / "status"
@@ -94,7 +96,7 @@ class LimitedCell:
         )
         self._timed_out = threading.Event()
         self._done = threading.Event()
-        self._sampler = Sampler(placement, self._started, sample_interval)
+        self._sampler = Sampler(placement, self._started, sample_interval, watch)
         self._watchdog = threading.Thread(
             target=self._watch, args=(timeout,), name="gguf-sandbox attach watchdog", daemon=True
         )
@@ -137,11 +139,11 @@ class LimitedCell:
         self._placement.kill_all()
         self._watchdog.join()
         duration = time.monotonic() - self._started
-        samples = self._sampler.stop()
+        timeline = self._sampler.stop()
         oom_kills = self._placement.oom_kills()
         peak = self._placement.peak()
-        if peak is None and samples:
-            peak = max(value for _, value in samples)
+        if peak is None:
+            peak = timeline.peak_usage
         notes = "".join(f"{NOTE_PREFIX}{note}\n" for note in (*self._placement.notes, *self.cell_chain.notes))
         self.stderr.flush()
         self.stderr.seek(0)
@@ -160,7 +162,7 @@ class LimitedCell:
             duration_s=duration,
             stdout="",
             stderr=notes + stderr,
-            samples=samples,
+            timeline=timeline,
             isolation=self.cell_chain.isolation,
         )
         failure = setup_failure(self._result.exit_code, stderr)
@@ -185,13 +187,14 @@ def attach_limited(
     output_limit: int = OUTPUT_LIMIT,
     pids_limit: int | None = None,
     jail: Jail | None = None,
+    watch: SampleWatcher | None = None,
 ) -> Iterator[LimitedCell]:
     """A fresh memory cgroup (swap off) for `argv`, which the caller starts with the yielded cell's command.
 
     The caller owns the process (its stdin/stdout, e.g. an MCP client's stdio transport) and calls
     finish() once it has ended for the exit code, peak and OOM signals. On exit everything left in the
     cgroup is killed and the cgroup removed; exit codes are those of `argv` (the wrapper adds none).
-    `pids_limit` and `jail` as for run_limited.
+    `pids_limit`, `jail` and `watch` as for run_limited.
     """
     if memory_bytes <= 0 or timeout <= 0 or not argv:
         raise ValueError(f"attach_limited: memory_bytes={memory_bytes}, timeout={timeout}, argv={argv!r}")
@@ -218,6 +221,7 @@ def attach_limited(
             env=env,
             sample_interval=sample_interval,
             output_limit=output_limit,
+            watch=watch,
         )
         try:
             yield cell

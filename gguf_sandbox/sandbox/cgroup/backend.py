@@ -21,6 +21,7 @@ from gguf_sandbox.sandbox.interpreters import Interpreter, find_interpreter, par
 from gguf_sandbox.sandbox.isolation import (
     Jail,
 )
+from gguf_sandbox.sandbox.sampling import SampleWatcher
 from gguf_sandbox.sandbox.venvs import RUNTIME_REQUIREMENTS, ensure_venv, package_root
 
 
@@ -124,18 +125,32 @@ class CgroupSandbox:
         mounted = tuple(mount.source for mount in spec.mounts)
         return argv, self.child_env(interpreter, spec.env), self.jail(interpreter, spec.model, mounted)
 
-    def run(self, spec: CellSpec) -> RunResult:
+    def run(self, spec: CellSpec, *, watch: SampleWatcher | None = None) -> RunResult:
         argv, env, jail = self._cell(spec)
         return run_limited(
-            argv, spec.memory, spec.timeout, env=env, root=self._root, pids_limit=PIDS_LIMIT, jail=jail
+            argv,
+            spec.memory,
+            spec.timeout,
+            env=env,
+            root=self._root,
+            pids_limit=PIDS_LIMIT,
+            jail=jail,
+            watch=watch,
         )
 
     @contextlib.contextmanager
-    def attach(self, spec: CellSpec) -> Iterator[LimitedCell]:
+    def attach(self, spec: CellSpec, *, watch: SampleWatcher | None = None) -> Iterator[LimitedCell]:
         """The cell as a command for a host-side client (AttachableSandbox); see attach_limited."""
         argv, env, jail = self._cell(spec)
         with attach_limited(
-            argv, spec.memory, spec.timeout, env=env, root=self._root, pids_limit=PIDS_LIMIT, jail=jail
+            argv,
+            spec.memory,
+            spec.timeout,
+            env=env,
+            root=self._root,
+            pids_limit=PIDS_LIMIT,
+            jail=jail,
+            watch=watch,
         ) as cell:
             yield cell
 

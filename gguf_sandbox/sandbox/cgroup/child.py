@@ -19,6 +19,7 @@ from gguf_sandbox.cgroupfs import (
     read_int,
     read_key,
     read_pids,
+    working_set_of,
 )
 from gguf_sandbox.errors import SandboxError
 from gguf_sandbox.sandbox.cgroup.control import (
@@ -174,6 +175,9 @@ class ChildCgroup:
 
     def usage(self) -> int | None:
         return read_int(self.path / self.files.usage)
+
+    def working_set(self) -> int | None:
+        return working_set_of(self.path, self.files)
 
     def peak(self) -> int | None:
         return read_int(self.path / self.files.peak)

@@ -34,6 +34,7 @@ from gguf_sandbox.sandbox.isolation import (
     jail_command,
     jail_support,
 )
+from gguf_sandbox.sandbox.sampling import SampleWatcher, Timeline, TimelineRecorder
 
 SAMPLE_INTERVAL = 0.05
 OUTPUT_LIMIT = 1 << 20
@@ -90,28 +91,31 @@ def setup_failure(exit_code: int | None, stderr: str) -> str | None:
 
 
 class Sampler(threading.Thread):
-    """Reads the cell's memory usage every `interval` seconds into (seconds since start, bytes)."""
+    """Reads the cell's usage, working set and OOM-kill count every `interval` seconds into a Timeline."""
 
-    def __init__(self, placement: Placement, started: float, interval: float) -> None:
+    def __init__(
+        self, placement: Placement, started: float, interval: float, watch: SampleWatcher | None = None
+    ) -> None:
         super().__init__(name="gguf-sandbox sampler", daemon=True)
         self._placement = placement
-        self._t0 = started
         self._interval = interval
         self._stop_event = threading.Event()
-        self.samples: list[tuple[float, int]] = []
+        self._recorder = TimelineRecorder(started, watch)
 
     def run(self) -> None:
-        while True:
-            value = self._placement.usage()
-            if value is not None:
-                self.samples.append((round(time.monotonic() - self._t0, 4), value))
-            if self._stop_event.wait(self._interval):
-                return
+        while not self._stop_event.is_set():
+            self._read()
+            self._stop_event.wait(self._interval)
+        self._read()  # once more at the end: an OOM kill just before it is counted by now
 
-    def stop(self) -> tuple[tuple[float, int], ...]:
+    def _read(self) -> None:
+        placement = self._placement
+        self._recorder.add(placement.usage(), placement.working_set(), placement.oom_kills())
+
+    def stop(self) -> Timeline:
         self._stop_event.set()
         self.join()
-        return tuple(self.samples)
+        return self._recorder.timeline()
 
 
 def _tail(stream: IO[bytes], limit: int) -> str:
@@ -139,12 +143,14 @@ def run_limited(
     output_limit: int = OUTPUT_LIMIT,
     pids_limit: int | None = None,
     jail: Jail | None = None,
+    watch: SampleWatcher | None = None,
 ) -> RunResult:
     """Run `argv` in a new memory cgroup limited to `memory_bytes` (swap off) for at most `timeout` s.
 
     The child's own failures (OOM kill, crash, timeout) are reported in the RunResult; SandboxError is
     raised only when the cgroup or the jail itself cannot be set up. The cgroup is removed in every case.
-    `pids_limit` caps its tasks; `jail` isolates it (then it runs in its own /tmp and `cwd` is refused).
+    `pids_limit` caps its tasks; `jail` isolates it (then it runs in its own /tmp and `cwd` is refused);
+    `watch` sees each memory sample as it is taken.
     """
     if memory_bytes <= 0 or timeout <= 0 or not argv:
         raise ValueError(f"run_limited: memory_bytes={memory_bytes}, timeout={timeout}, argv={argv!r}")
@@ -171,6 +177,7 @@ def run_limited(
             cwd=cwd,
             sample_interval=sample_interval,
             output_limit=output_limit,
+            watch=watch,
         )
     failure = setup_failure(result.exit_code, result.stderr)
     if failure is not None:
@@ -188,6 +195,7 @@ def _run_placed(
     cwd: Path | str | None,
     sample_interval: float,
     output_limit: int,
+    watch: SampleWatcher | None,
 ) -> RunResult:
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.monotonic()
@@ -204,7 +212,7 @@ def _run_placed(
         sampler: Sampler | None = None
         try:
             placement.attach(process.pid)
-            sampler = Sampler(placement, started, sample_interval)
+            sampler = Sampler(placement, started, sample_interval, watch)
             sampler.start()
             process.wait(max(timeout - (time.monotonic() - started), 0.001))
         except subprocess.TimeoutExpired:
@@ -216,13 +224,13 @@ def _run_placed(
                 placement.kill_all()
             process.wait()
             duration = time.monotonic() - started
-            samples = sampler.stop() if sampler is not None else ()
+            timeline = sampler.stop() if sampler is not None else Timeline()
         placement.kill_all()
         # Peak and OOM counter vanish with the cgroup: read them first.
         oom_kills = placement.oom_kills()
         peak = placement.peak()
-        if peak is None and samples:
-            peak = max(value for _, value in samples)
+        if peak is None:
+            peak = timeline.peak_usage
         notes = "".join(f"{NOTE_PREFIX}{note}\n" for note in (*placement.notes, *chain.notes))
         return RunResult(
             exit_code=process.returncode,
@@ -234,7 +242,7 @@ def _run_placed(
             duration_s=duration,
             stdout=_tail(out, output_limit),
             stderr=notes + _tail(err, output_limit),
-            samples=samples,
+            timeline=timeline,
             isolation=chain.isolation,
         )
 

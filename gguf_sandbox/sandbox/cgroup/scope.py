@@ -10,7 +10,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gguf_sandbox.cgroupfs import CGROUP_MOUNT, OOM_KILL_KEY, PROCS_FILE, V2, read_int, read_key
+from gguf_sandbox.cgroupfs import (
+    CGROUP_MOUNT,
+    OOM_KILL_KEY,
+    PROCS_FILE,
+    V2,
+    read_int,
+    read_key,
+    working_set_of,
+)
 from gguf_sandbox.sandbox.cgroup.child import SHELL
 from gguf_sandbox.sandbox.cgroup.control import kill_until_empty, unique_name
 
@@ -132,6 +140,9 @@ class SystemdScope:
     def usage(self) -> int | None:
         path = self._file(V2.usage)
         return None if path is None else read_int(path)
+
+    def working_set(self) -> int | None:
+        return None if self.path is None else working_set_of(self.path, V2)
 
     def _report(self) -> tuple[int | None, int] | None:
         try:

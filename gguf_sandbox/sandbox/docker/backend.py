@@ -39,6 +39,7 @@ from gguf_sandbox.sandbox.docker.probe import (
 )
 from gguf_sandbox.sandbox.isolation import DEADLINE_GRACE_S
 from gguf_sandbox.sandbox.reaper import DOCKER, GUARD, owner_gone, owner_token
+from gguf_sandbox.sandbox.sampling import SampleWatcher, TimelineRecorder
 from gguf_sandbox.signals import deferred_signals
 
 if TYPE_CHECKING:
@@ -220,15 +221,15 @@ class DockerSandbox:
         GUARD.watch(DOCKER, f"{OWNER_LABEL}={owner_token()}")
         return image, argv
 
-    def run(self, spec: CellSpec) -> RunResult:
+    def run(self, spec: CellSpec, *, watch: SampleWatcher | None = None) -> RunResult:
         image, argv = self._prepare(spec)
         errors = _engine_errors()
         try:
-            return self._run(spec, image, argv)
+            return self._run(spec, image, argv, watch)
         except errors as error:
             raise _engine_failure(spec, error) from error
 
-    def _run(self, spec: CellSpec, image: str, argv: list[str]) -> RunResult:
+    def _run(self, spec: CellSpec, image: str, argv: list[str], watch: SampleWatcher | None) -> RunResult:
         _disable_ryuk()
         from testcontainers.core.container import DockerContainer
 
@@ -242,12 +243,14 @@ class DockerSandbox:
         # One call: with_kwargs() replaces whatever an earlier call set.
         container.with_kwargs(**_hardened_kwargs(spec, run_id))
         try:
-            return self._run_started(spec, container, image)
+            return self._run_started(spec, container, image, watch)
         finally:
             with deferred_signals():
                 self._remove(container, run_id)
 
-    def _run_started(self, spec: CellSpec, container: Any, image: str) -> RunResult:
+    def _run_started(
+        self, spec: CellSpec, container: Any, image: str, watch: SampleWatcher | None
+    ) -> RunResult:
         started = time.monotonic()
         try:
             container.start()
@@ -272,7 +275,7 @@ class DockerSandbox:
         waiter = threading.Thread(target=self._wait_for_exit, args=(str(wrapped.id), exited), daemon=True)
         waiter.start()
 
-        samples: list[tuple[float, int]] = []
+        recorder = TimelineRecorder(started, watch)
         last = MemoryReading()
         timed_out = False
         deadline = started + spec.timeout
@@ -284,8 +287,7 @@ class DockerSandbox:
                     largest(last.peak, reading.peak),
                     largest(last.oom_kill, reading.oom_kill),
                 )
-                if reading.usage is not None:
-                    samples.append((round(time.monotonic() - started, 3), reading.usage))
+                recorder.add(reading.usage, reading.working_set, reading.oom_kill)
             if exited.wait(probe.interval):
                 break
             if time.monotonic() >= deadline:
@@ -300,23 +302,23 @@ class DockerSandbox:
         state = wrapped.attrs["State"]
         stdout_bytes, stderr_bytes = container.get_logs()
         stderr, report = parse_report(stderr_bytes.decode("utf-8", errors="replace"))
-        sampled_peak = max((usage for _, usage in samples), default=None)
+        timeline = recorder.timeline()
         return RunResult(
             exit_code=None if state.get("Running") else int(state["ExitCode"]),
             timed_out=timed_out,
             oom_killed_flag=bool(state.get("OOMKilled")),
             oom_kill_count=largest(report.oom_kill, last.oom_kill) or 0,
-            peak_bytes=largest(report.peak, last.peak, sampled_peak),
+            peak_bytes=largest(report.peak, last.peak, timeline.peak_usage),
             limit_bytes=spec.memory,
             duration_s=duration,
             stdout=stdout_bytes.decode("utf-8", errors="replace"),
             stderr=stderr,
-            samples=tuple(samples),
+            timeline=timeline,
             isolation=DOCKER_ISOLATION,
         )
 
     @contextlib.contextmanager
-    def attach(self, spec: CellSpec) -> Iterator[AttachedContainer]:
+    def attach(self, spec: CellSpec, *, watch: SampleWatcher | None = None) -> Iterator[AttachedContainer]:
         """The cell as a created, hardened container whose stdin/stdout `docker start -ai` attaches.
 
         Created (not started) with the same hardening as run() plus an open stdin that closes with the
@@ -366,7 +368,7 @@ class DockerSandbox:
                     f"cell {spec.cell_id}: the container lacks {', '.join(violations)}; refusing to run it"
                 )
             with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as stderr:
-                cell = AttachedContainer(created, spec, cli, stderr)
+                cell = AttachedContainer(created, spec, cli, stderr, watch)
                 try:
                     yield cell
                 finally:
@@ -410,7 +412,14 @@ class DockerSandbox:
 class AttachedContainer:
     """A created cell container a host-side client starts with `docker start -ai` (an AttachedCell)."""
 
-    def __init__(self, container: Container, spec: CellSpec, cli: str, stderr: IO[str]) -> None:
+    def __init__(
+        self,
+        container: Container,
+        spec: CellSpec,
+        cli: str,
+        stderr: IO[str],
+        watch: SampleWatcher | None = None,
+    ) -> None:
         self._container = container
         self._spec = spec
         self.stderr = stderr
@@ -418,7 +427,7 @@ class AttachedContainer:
         self._started = time.monotonic()
         self._done = threading.Event()
         self._timed_out = threading.Event()
-        self._samples: list[tuple[float, int]] = []
+        self._recorder = TimelineRecorder(self._started, watch)
         self._last = MemoryReading()
         self._result: RunResult | None = None
         self._watcher = threading.Thread(target=self._watch, name="gguf-sandbox attach watcher", daemon=True)
@@ -457,8 +466,7 @@ class AttachedContainer:
             largest(self._last.peak, reading.peak),
             largest(self._last.oom_kill, reading.oom_kill),
         )
-        if reading.usage is not None:
-            self._samples.append((round(time.monotonic() - self._started, 3), reading.usage))
+        self._recorder.add(reading.usage, reading.working_set, reading.oom_kill)
 
     def finish(self, grace: float = 5.0) -> RunResult:
         if self._result is not None:
@@ -479,19 +487,19 @@ class AttachedContainer:
         self.stderr.flush()
         self.stderr.seek(0)
         stderr, local_report = parse_report(self.stderr.read())
-        sampled_peak = max((usage for _, usage in self._samples), default=None)
+        timeline = self._recorder.timeline()
         never_started = state.get("Status") == "created" or not state
         self._result = RunResult(
             exit_code=None if never_started or state.get("Running") else int(state.get("ExitCode", -1)),
             timed_out=self._timed_out.is_set(),
             oom_killed_flag=bool(state.get("OOMKilled")),
             oom_kill_count=largest(report.oom_kill, local_report.oom_kill, self._last.oom_kill) or 0,
-            peak_bytes=largest(report.peak, local_report.peak, self._last.peak, sampled_peak),
+            peak_bytes=largest(report.peak, local_report.peak, self._last.peak, timeline.peak_usage),
             limit_bytes=self._spec.memory,
             duration_s=time.monotonic() - self._started,
             stdout="",
             stderr=stderr,
-            samples=tuple(self._samples),
+            timeline=timeline,
             isolation=DOCKER_ISOLATION,
         )
         return self._result

@@ -19,6 +19,7 @@ from gguf_sandbox.cgroupfs import (
     CgroupFiles,
     read_int,
     read_key,
+    working_set_of,
 )
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class MemoryReading:
     usage: int | None = None
     peak: int | None = None
     oom_kill: int | None = None
+    working_set: int | None = None
 
 
 class Probe(Protocol):
@@ -90,7 +92,8 @@ class HostCgroup:
         if usage is None:
             return None
         oom_kill = read_key(self.path / files.events, OOM_KILL_KEY)
-        return MemoryReading(usage, read_int(self.path / files.peak), oom_kill)
+        working_set = working_set_of(self.path, files)
+        return MemoryReading(usage, read_int(self.path / files.peak), oom_kill, working_set)
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,11 @@ class StatsProbe:
         memory = stats.get("memory_stats") or {}
         if "usage" not in memory:
             return None
-        return MemoryReading(int(memory["usage"]), memory.get("max_usage"), None)
+        usage = int(memory["usage"])
+        # As `docker stats` computes its figure: usage minus inactive file pages (v2 key, then v1's).
+        detail = memory.get("stats") or {}
+        inactive = detail.get("inactive_file", detail.get("total_inactive_file", 0))
+        return MemoryReading(usage, memory.get("max_usage"), None, max(usage - int(inactive), 0))
 
 
 def parse_report(stderr: str) -> tuple[str, MemoryReading]:

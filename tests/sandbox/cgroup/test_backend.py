@@ -89,11 +89,29 @@ def test_child_under_the_limit_exits_zero_with_peak_and_samples() -> None:
     assert (result.exit_code, result.stdout.strip()) == (0, str(20 * MiB))
     assert (result.oom_kill_count, result.oom_killed_flag, result.timed_out) == (0, False, False)
     assert result.peak_bytes is not None and 20 * MiB < result.peak_bytes < 64 * MiB
-    assert len(result.samples) >= 4
-    times = [t for t, _ in result.samples]
+    samples = result.timeline.samples
+    assert len(samples) >= 4
+    times = [s.t_s for s in samples]
     assert times == sorted(times) and times[-1] <= result.duration_s + 0.1
-    assert max(value for _, value in result.samples) >= 20 * MiB
-    assert all(value <= result.peak_bytes for _, value in result.samples)
+    assert max(s.usage for s in samples) >= 20 * MiB
+    assert all(s.usage <= result.peak_bytes for s in samples)
+    # The 20 MiB are anonymous memory: working set, not reclaimable cache.
+    assert max(s.working_set for s in samples) >= 20 * MiB
+    assert all(s.working_set <= s.usage for s in samples)
+    assert result.timeline.oom_kill_s is None
+
+
+def test_an_oom_kill_is_on_the_timeline_at_its_moment() -> None:
+    # A ramp of 1 MiB every 10 ms, so the samples (every 50 ms) see it climb to the limit.
+    code = (
+        "import time\nchunks = []\ntime.sleep(0.5)\nfor _ in range(200):\n"
+        "    chunks.append(bytearray(1 << 20)); chunks[-1][::4096] = b'x' * 256; time.sleep(0.01)"
+    )
+    result = run_limited(_py(code), 48 * MiB, timeout=30)
+    assert result.oom_kill_count >= 1
+    kill = result.timeline.oom_kill_s
+    assert kill is not None and 0.4 <= kill <= result.duration_s + 0.1
+    assert max(s.usage for s in result.timeline.samples) >= 40 * MiB
 
 
 def test_child_is_inside_its_cgroup_with_swap_off() -> None:

@@ -211,8 +211,11 @@ def test_memory_is_sampled_while_the_cell_runs(sandbox: DockerSandbox, no_leftov
     no_leftovers.append(spec.cell_id)
     result = sandbox.run(spec)
     assert result.exit_code == 0, result.stderr
-    assert len(result.samples) >= 3
-    assert max(usage for _, usage in result.samples) >= 20 * MIB
+    samples = result.timeline.samples
+    assert len(samples) >= 3
+    assert max(s.usage for s in samples) >= 20 * MIB
+    assert max(s.working_set for s in samples) >= 20 * MIB
+    assert all(s.working_set <= s.usage for s in samples)
     assert result.peak_bytes is not None and result.peak_bytes >= 24 * MIB
 
 
