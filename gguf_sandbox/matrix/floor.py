@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from typing import Any
 
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.floors import FLOORS_FILE, Floor, record_floor
+from gguf_sandbox.host import host_facts
 from gguf_sandbox.matrix.runner import run_spec
 from gguf_sandbox.matrix.schema import Cell
 from gguf_sandbox.matrix.sizes import cell_memory, size_at
@@ -305,10 +305,11 @@ class FloorContext:
         }
 
     def record(self, floor: Probe, versions: dict[str, str]) -> Floor:
+        host = host_facts()
         measured_on = {
             **versions,
-            "kernel": platform.release(),
-            "machine": platform.machine(),
+            "kernel": host["kernel"],
+            "machine": host["machine"],
             "cpus": str(os.cpu_count() or 0),
             "cold_caches": str(self.cold).lower(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),

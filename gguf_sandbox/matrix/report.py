@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gguf_sandbox.atomic import write_atomic
 from gguf_sandbox.errors import GGUFSandboxError
+from gguf_sandbox.matrix.junit import write_junit
 from gguf_sandbox.matrix.report_data import Report, load_report
 from gguf_sandbox.matrix.report_html import render_html
 from gguf_sandbox.matrix.report_md import render_summary
@@ -54,9 +55,15 @@ def write_report(report: Report, directory: Path, images: bool = True) -> Writte
         raise GGUFSandboxError(f"--output {directory}: cannot write the report ({error.strerror})") from None
 
 
-def report_files(paths: Sequence[Path], directory: Path, floors: Path | None = None) -> Written:
-    """Read `paths` and write their report; the one entry point `report` and `run --report` share."""
-    written = write_report(load_report(paths, floors), directory)
+def report_files(
+    paths: Sequence[Path], directory: Path, floors: Path | None = None, junit: Path | None = None
+) -> Written:
+    """Read `paths` and write their report (and `junit`, the cells as JUnit XML); the one entry point
+    `report` and `run --report` share."""
+    report = load_report(paths, floors)
+    written = write_report(report, directory)
+    if junit is not None:
+        write_junit(junit, [*report.headers, *(cell.data for cell in report.cells)])
     if written.images_skipped:
         print(f"gguf-sandbox report: {written.images_skipped}", file=sys.stderr)
     return written
@@ -70,11 +77,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="also show a floors table from FILE (floors.json, see `floor --record`)",
     )
+    parser.add_argument("--junit", metavar="FILE", help="also write the cells as JUnit XML to FILE")
 
 
 def run(args: argparse.Namespace) -> int:
     written = report_files(
-        [Path(p) for p in args.files], Path(args.output), Path(args.floors) if args.floors else None
+        [Path(p) for p in args.files],
+        Path(args.output),
+        Path(args.floors) if args.floors else None,
+        Path(args.junit) if args.junit else None,
     )
     print(written.line())
     return 0

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from gguf_sandbox import __version__
 from gguf_sandbox.errors import GGUFSandboxError, MatrixError, SandboxError
+from gguf_sandbox.host import host_facts
 from gguf_sandbox.matrix.expand import expand_cells
 from gguf_sandbox.matrix.grid import cell_text, render_grids
 from gguf_sandbox.matrix.junit import write_junit
@@ -409,7 +410,9 @@ def run(args: argparse.Namespace) -> int:
     cells = _shard_of(matrix, selected, shard, durations)
     cache = default_cache_dir()
     backends_text = ", ".join(sandboxes)
+    host = host_facts()
     print(f"{len(cells)} cells on {backends_text} → {args.results}", flush=True)
+    print("host: " + ", ".join(f"{key} {value}" for key, value in host.items()), flush=True)
     with ResultStore.open(args.results, resume=args.resume) as store:
         # What merge needs to name missing cells: every cell selected before sharding, and which part ran.
         store.append(
@@ -423,6 +426,7 @@ def run(args: argparse.Namespace) -> int:
                 "shard": str(shard) if shard else None,
                 "selected": [cell.cell_id for cell in selected],
                 "version": __version__,
+                "host": host,
             }
         )
         runner = MatrixRun(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,18 @@ def test_pngs_are_written_per_grid_and_per_failed_timeline(tmp_path: Path) -> No
     ]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in written.images)
     assert (tmp_path / "out" / "index.html").is_file() and (tmp_path / "out" / "summary.md").is_file()
+
+
+def test_cli_writes_junit_with_one_testcase_per_cell_of_every_file(tmp_path: Path) -> None:
+    first, second = grid_records()[:5], [header(), *grid_records()[5:]]
+    paths = [write(tmp_path / "a.jsonl", first), write(tmp_path / "b.jsonl", second)]
+    junit = tmp_path / "cells.xml"
+    assert main(["report", *map(str, paths), "--output", str(tmp_path / "out"), "--junit", str(junit)]) == 0
+    root = ET.parse(junit).getroot()
+    cases = root.findall("testsuite/testcase")
+    assert len(cases) == len(PYTHONS) * len(LIMITS)
+    failed = [case.get("name") for case in cases if case.find("failure") is not None]
+    assert failed == ["cgroup-py3.10-64m-parse"]
 
 
 def test_without_matplotlib_html_and_summary_are_still_written(

@@ -404,7 +404,11 @@ def test_cli_run_prints_grids_and_exits_zero(
     assert "8 cells on cgroup" in out  # auto: docker unavailable for every Python → cgroup
     assert "embed · tiny · cgroup" in out and "py3.12  pass 30/64M  pass 30/256M" in out
     assert "every decided cell is within its expect" in out
-    assert read_records(tmp_path / "r.jsonl")[0]["kind"] == "run"
+    header = read_records(tmp_path / "r.jsonl")[0]
+    assert header["kind"] == "run"
+    # The machine, for the report's metadata and for whoever reads a CI log.
+    assert set(header["host"]) >= {"name", "os", "kernel", "cpus", "memory", "cgroup", "python"}
+    assert f"host: name {header['host']['name']}, os " in out
 
 
 def test_cli_run_exits_one_when_a_cell_is_outside_expect(
