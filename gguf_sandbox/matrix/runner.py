@@ -23,6 +23,7 @@ from gguf_sandbox.matrix.expand import expand_cells
 from gguf_sandbox.matrix.grid import cell_text, render_grids
 from gguf_sandbox.matrix.junit import write_junit
 from gguf_sandbox.matrix.load import load
+from gguf_sandbox.matrix.progress import make_progress
 from gguf_sandbox.matrix.results import (
     CELL,
     ERROR,
@@ -36,7 +37,14 @@ from gguf_sandbox.matrix.results import (
     summarize,
 )
 from gguf_sandbox.matrix.schema import GRACEFUL, Cell, Matrix, ModelDef
-from gguf_sandbox.matrix.shard import Shard, parse_shard, plan_shards, read_durations, take_shard
+from gguf_sandbox.matrix.shard import (
+    Shard,
+    cell_estimate,
+    parse_shard,
+    plan_shards,
+    read_durations,
+    take_shard,
+)
 from gguf_sandbox.matrix.verdicts import Outcome, Reference, Verdict, comparable, decide, parse_report
 from gguf_sandbox.sandbox.base import CellSpec, RunResult, Sandbox
 from gguf_sandbox.sandbox.sampling import SampleWatcher
@@ -122,16 +130,17 @@ def run_spec(
     expect: frozenset[Verdict] = GRACEFUL,
     host_side: bool = False,
     needs_report: bool = True,
+    watch: SampleWatcher | None = None,
 ) -> Outcome:
     """Run one spec and decide it against `reference` (None: not compared), allowing the verdicts in
     `expect`; a `host_side` cell runs through its host-side client (mcp/cell.py). SandboxError propagates:
-    the harness, not the cell, failed."""
+    the harness, not the cell, failed. `watch` sees the cell's memory samples as they are taken."""
     if host_side:
         from gguf_sandbox.mcp.cell import run_cell
 
-        result = run_cell(sandbox, spec)
+        result = run_cell(sandbox, spec, watch)
     else:
-        result = sandbox.run(spec)
+        result = sandbox.run(spec, watch=watch)
     return decide(
         result,
         parse_report(result.stdout),
@@ -169,27 +178,6 @@ def reference_of(outcome: Outcome) -> Reference:
     return Reference(values)
 
 
-class Progress:
-    """One line per cell: `[ 3/40] id … verdict peak/limit (time)`, the start written before the run."""
-
-    def __init__(self, out: TextIO, total: int) -> None:
-        self.out = out
-        self.total = total
-        self.width = len(str(total))
-
-    def start(self, index: int, cell_id: str) -> None:
-        self.out.write(f"[{index:>{self.width}}/{self.total}] {cell_id} … ")
-        self.out.flush()
-
-    def finish(self, text: str) -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
-
-    def note(self, text: str) -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
-
-
 class MatrixRun:
     """Executes cells in order against their sandboxes, recording each before starting the next."""
 
@@ -209,7 +197,7 @@ class MatrixRun:
         self.sandboxes = sandboxes
         self.store = store
         self.prepare_model = prepare_model
-        self.progress = Progress(out, len(self.cells))
+        self.progress = make_progress(out, [cell_estimate(matrix, cell) for cell in self.cells])
         self.resume = resume
         self._availability: dict[tuple[str, str], str | None] = {}
         self._models: dict[str, Path] = {}
@@ -243,9 +231,12 @@ class MatrixRun:
     def execute(self) -> list[CellRecord]:
         """Prepare the models, then run every cell (KeyboardInterrupt propagates; what finished is already
         on disk). Cells recorded `error` are run again on --resume."""
-        self.prepare_models()
-        for index, cell in enumerate(self.cells, start=1):
-            self.records.append(self.run_cell(index, cell))
+        try:
+            self.prepare_models()
+            for index, cell in enumerate(self.cells, start=1):
+                self.records.append(self.run_cell(index, cell))
+        finally:
+            self.progress.close()
         return self.records
 
     def run_cell(self, index: int, cell: Cell) -> CellRecord:
@@ -262,7 +253,7 @@ class MatrixRun:
         ):
             record = replace(done, expected=cell.expect)
             self.progress.start(index, cell.cell_id)
-            self.progress.finish(f"{cell_text(record)} (resumed)")
+            self.progress.finish(f"{cell_text(record)} (resumed)", ran=False)
             return record
         return self._run_cell(index, cell)
 
@@ -271,14 +262,14 @@ class MatrixRun:
         reason = self._unavailable(spec.backend, spec.python)
         if reason is not None:
             self.progress.start(index, cell.cell_id)
-            return self._record(cell, {"kind": SKIP, "reason": reason}, f"skip ({reason})")
+            return self._record(cell, {"kind": SKIP, "reason": reason}, f"skip ({reason})", ran=False)
         spec = replace(spec, model=self._models[cell.model] if cell.model is not None else None)
         try:
             reference = self._reference(cell, spec) if cell.reference else None
         except SandboxError as error:
             self.progress.start(index, cell.cell_id)
             return self._record(cell, {"kind": ERROR, "reason": f"reference run: {error}"}, f"error: {error}")
-        self.progress.start(index, cell.cell_id)
+        self.progress.start(index, cell.cell_id, spec.memory)
         try:
             outcome = run_spec(
                 self.sandboxes[spec.backend],
@@ -288,6 +279,7 @@ class MatrixRun:
                 expect=cell.expect,
                 host_side=cell.host_side,
                 needs_report=cell.reports,
+                watch=self.progress.watch,
             )
         except SandboxError as error:
             return self._record(cell, {"kind": ERROR, "reason": str(error)}, f"error: {error}")
@@ -298,11 +290,11 @@ class MatrixRun:
             self.progress.note(self.failures[cell.cell_id])
         return record
 
-    def _record(self, cell: Cell, body: Mapping[str, Any], text: str) -> CellRecord:
+    def _record(self, cell: Cell, body: Mapping[str, Any], text: str, *, ran: bool = True) -> CellRecord:
         data = {**cell_fields(cell), **body}
         self.store.append(data)
         if text:
-            self.progress.finish(text)
+            self.progress.finish(text, ran=ran)
         record = CellRecord.from_json(data)
         if not record.ok and record.kind != CELL:
             self.failures[cell.cell_id] = (
@@ -324,7 +316,11 @@ class MatrixRun:
         if twin.cell_id not in self._references:
             self.progress.note(f"reference {twin.cell_id} (the cell unconstrained, for its vectors) …")
             outcome = run_spec(
-                self.sandboxes[spec.backend], twin, expect=REFERENCE_OK, host_side=cell.host_side
+                self.sandboxes[spec.backend],
+                twin,
+                expect=REFERENCE_OK,
+                host_side=cell.host_side,
+                watch=self.progress.watch,
             )
             reference = reference_of(outcome)
             self.store.append(

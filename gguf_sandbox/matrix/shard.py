@@ -174,7 +174,7 @@ def plan_shards(
     cell (or its reference), else the workload estimates — scaled by how the measured cells compare with
     their estimates, so measured and estimated cells are weighed alike."""
     measured = durations or {}
-    estimates = {cell.cell_id: _estimate(matrix, cell) for cell in cells}
+    estimates = {cell.cell_id: cell_estimate(matrix, cell) for cell in cells}
     known = [cell.cell_id for cell in cells if cell.cell_id in measured]
     scale = 1.0
     if known and sum(estimates[c] for c in known) > 0:
@@ -191,7 +191,8 @@ def plan_shards(
     return Plan(plan.shards, plan.seconds, source or "workload estimates")
 
 
-def _estimate(matrix: Matrix, cell: Cell) -> float:
+def cell_estimate(matrix: Matrix, cell: Cell) -> float:
+    """The expected seconds of `cell` from its workload's estimate."""
     return estimate_seconds(matrix.workloads[cell.workload], cell.spec.timeout)
 
 
