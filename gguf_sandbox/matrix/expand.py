@@ -159,7 +159,7 @@ def repro_command(spec: CellSpec, workload: str, model: str | None, matrix_path:
         "--backend",
         spec.backend,
     ]
-    if matrix_path is not None and matrix_path.name != "matrix.yaml":
+    if matrix_path is not None and matrix_path != Path("matrix.yaml"):
         words += ["--matrix", str(matrix_path)]
     words += ["--workload", workload]
     if model:

@@ -113,6 +113,12 @@ class Report:
         seconds = sum(_seconds(c.data.get("duration_s")) for c in self.cells)
         times = [t for r in (*self.headers, *(c.data for c in self.cells)) if (t := _seconds(r.get("time")))]
         span = f", {max(times) - min(times):.0f} s from first to last record" if len(times) > 1 else ""
+        for backend in dict.fromkeys(c.record.backend for c in self.cells):
+            cells = [c for c in self.cells if c.record.backend == backend]
+            described = dict.fromkeys(isolation_text(c.data.get("isolation")) for c in cells)
+            described.pop("", None)
+            if described:
+                rows.append((f"isolation ({backend})", " | ".join(described)))
         rows.append(("cells", f"{len(self.cells)} in {len(self.grids)} grids"))
         rows.append(("duration", f"{seconds:.0f} s in cells{span}"))
         return [(name, _cut(value)) for name, value in rows]
@@ -180,3 +186,15 @@ def _seconds(value: object) -> float:
 
 def _cut(text: str) -> str:
     return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+
+
+def isolation_text(value: Any) -> str:
+    """A record's `isolation` ({"held": [...], "missing": {property: why}}) as one line; "" when absent."""
+    if not isinstance(value, dict):
+        return ""
+    held = value.get("held")
+    missing = value.get("missing")
+    text = ", ".join(str(item) for item in held) if isinstance(held, list) else ""
+    if isinstance(missing, dict) and missing:
+        text += "; missing: " + "; ".join(f"{item} ({why})" for item, why in missing.items())
+    return text

@@ -6,7 +6,7 @@ from html import escape
 
 from gguf_sandbox.floors import FloorTable
 from gguf_sandbox.matrix.grid import LEGEND, Grid
-from gguf_sandbox.matrix.report_data import VERDICT_COLOURS, Report, ReportCell
+from gguf_sandbox.matrix.report_data import VERDICT_COLOURS, Report, ReportCell, isolation_text
 from gguf_sandbox.matrix.results import CELL
 from gguf_sandbox.matrix.timeline import timeline_svg
 from gguf_sandbox.matrix.verdicts import Outcome, peak_over_limit
@@ -158,6 +158,11 @@ def _detail(cell: ReportCell) -> str:
             ("exit code", str(outcome.exit_code)),
             ("duration", f"{outcome.duration_s:.1f} s"),
         ]
+        if cell.timeline.oom_kill_s is not None:
+            rows.append(("OOM kill at", f"{cell.timeline.oom_kill_s:.2f} s"))
+        isolation = isolation_text(cell.data.get("isolation"))
+        if isolation:
+            rows.append(("isolation", isolation))
         tail = outcome.log_tail
     table = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)
     parts = [

@@ -104,7 +104,8 @@ def _timeline(cell: ReportCell, path: Path, plt: Any) -> Path:
     try:
         samples = cell.timeline.samples
         times = [s.t_s for s in samples]
-        axes.plot(times, [s.usage / MIB for s in samples], color=USAGE_COLOUR, label="usage")
+        # Usage drawn wide underneath: where it equals the working set (anonymous memory) both show.
+        axes.plot(times, [s.usage / MIB for s in samples], color=USAGE_COLOUR, linewidth=3, label="usage")
         axes.plot(
             times, [s.working_set / MIB for s in samples], color=WORKING_SET_COLOUR, label="working set"
         )
@@ -115,7 +116,7 @@ def _timeline(cell: ReportCell, path: Path, plt: Any) -> Path:
         axes.set_xlabel("seconds", fontsize=8)
         axes.set_ylabel("MiB", fontsize=8)
         axes.set_title(plain(f"{record.cell_id}: {cell.label}"), fontsize=8)
-        axes.legend(fontsize=7, loc="lower right")
+        axes.legend(fontsize=7, loc="best")
         figure.tight_layout()
         figure.savefig(path, dpi=110)
     finally:
