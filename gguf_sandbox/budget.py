@@ -8,7 +8,10 @@ OOM-kills anything, so counting it as spent refused work that fits (and whether 
 page cache held). Active file pages, anonymous memory and kernel memory stay counted. Three refinements:
 
 - the baseline is re-measured when a reservation would not fit (the working set then, minus reservations
-  marked allocated), so pages that became reclaimable after detection count as room;
+  marked allocated), so pages that became reclaimable after detection count as room; if it still does
+  not fit, the C heap's free pages are given back to the kernel first (glibc `malloc_trim`: memory freed
+  by earlier requests stays in the process otherwise, and a long-running server would refuse a large
+  request for room it only holds on to) and the working set is read once more;
 - file pages the engine itself needs resident — a streaming plan's weights kept in page cache — are
   reserved explicitly by the engine (`Plan.cached_bytes`), so the room they take is never handed out;
 - `headroom` (8 MiB by default) is left for allocator slack, Python objects and transient page cache.
@@ -16,6 +19,8 @@ page cache held). Active file pages, anonymous memory and kernel memory stay cou
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import resource
 import sys
 import threading
@@ -50,6 +55,22 @@ class MemoryLimit:
     source: LimitSource
     cgroup_path: Path | None = None
     limited_by: Path | None = None
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc `malloc_trim(0)`); nothing elsewhere."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        function: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return None
+    return function
 
 
 def physical_memory() -> int:
@@ -194,6 +215,8 @@ class MemoryBudget:
         baseline: int = 0,
         origin: MemoryLimit | None = None,
         measure: Callable[[], int] | None = None,
+        *,
+        reclaim: Callable[[], None] | None = None,
     ) -> None:
         if limit < 0 or cap < 0 or baseline < 0:
             raise ValueError(f"MemoryBudget: limit={limit}, cap={cap}, baseline={baseline} must be >= 0")
@@ -202,6 +225,7 @@ class MemoryBudget:
         self.baseline = baseline
         self.origin = origin
         self._measure = measure
+        self._reclaim = reclaim
         self._in_use = 0
         self._allocated = 0
         self._peak = 0
@@ -218,7 +242,27 @@ class MemoryBudget:
         def measure() -> int:
             return working_set_at(origin)
 
-        return cls(limit, cap=cap, baseline=min(measure(), limit), origin=origin, measure=measure)
+        return cls(
+            limit,
+            cap=cap,
+            baseline=min(measure(), limit),
+            origin=origin,
+            measure=measure,
+            reclaim=release_free_heap,
+        )
+
+    def emptied(self) -> MemoryBudget:
+        """A budget like this one — limit, cap, origin, baseline, how it re-measures and reclaims — holding
+        no reservation."""
+        with self._room:
+            return MemoryBudget(
+                self.limit,
+                cap=self.cap,
+                baseline=self.baseline,
+                origin=self.origin,
+                measure=self._measure,
+                reclaim=self._reclaim,
+            )
 
     @property
     def in_use(self) -> int:
@@ -247,9 +291,17 @@ class MemoryBudget:
         return True
 
     def _fits(self, nbytes: int) -> bool:
-        """Whether `nbytes` fit now, re-measuring the baseline before saying no (lock held)."""
+        """Whether `nbytes` fit now, re-measuring the baseline before saying no — and once more after
+        giving free heap back to the kernel (lock held)."""
         if nbytes <= self._free():
             return True
+        if not self._remeasure():
+            return False
+        if nbytes <= self._free():
+            return True
+        if self._reclaim is None:
+            return False
+        self._reclaim()
         return self._remeasure() and nbytes <= self._free()
 
     def _limit_hint(self) -> str:

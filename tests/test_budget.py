@@ -12,7 +12,14 @@ import psutil
 import pytest
 
 from gguf_sandbox import budget
-from gguf_sandbox.budget import MemoryBudget, MemoryLimit, current_usage, detect_limit, peak_usage
+from gguf_sandbox.budget import (
+    MemoryBudget,
+    MemoryLimit,
+    current_usage,
+    detect_limit,
+    peak_usage,
+    release_free_heap,
+)
 from gguf_sandbox.errors import BudgetExceeded, GGUFSandboxError
 
 MiB = 1 << 20
@@ -406,6 +413,45 @@ def test_re_measuring_can_also_refuse_and_budgets_without_a_measure_never_do() -
     with pytest.raises(BudgetExceeded):
         fixed.reserve("batch", 45 * MiB)
     assert fixed.baseline == 20 * MiB
+
+
+def test_freed_heap_is_given_back_before_a_refusal() -> None:
+    # A long-running server: 30 MiB freed by earlier requests still sit in its heap until trimmed.
+    heap = {"live": 20 * MiB, "freed": 30 * MiB}
+    trims: list[int] = []
+
+    def trim() -> None:
+        trims.append(heap["freed"])
+        heap["freed"] = 0
+
+    memory = MemoryBudget(
+        64 * MiB, cap=64 * MiB, baseline=50 * MiB, measure=lambda: heap["live"] + heap["freed"], reclaim=trim
+    )
+    with memory.reserve("small", 10 * MiB):  # fits as it is: no trim
+        assert trims == []
+    with memory.reserve("large request line", 40 * MiB):
+        assert trims == [30 * MiB] and memory.baseline == 20 * MiB
+    heap["live"] = 60 * MiB  # and where a trim frees nothing, the refusal stands
+    with pytest.raises(BudgetExceeded):
+        memory.reserve("too large", 50 * MiB)
+    assert trims == [30 * MiB, 0]
+
+
+def test_release_free_heap_returns_freed_memory_to_the_kernel() -> None:
+    if budget._malloc_trim() is None:
+        pytest.skip("no glibc malloc_trim here")
+    # Many 100 KiB blocks (below the mmap threshold: they live in the heap) freed but for the last one,
+    # which pins the heap's top: only malloc_trim gives the pages below it back.
+    blocks = [bytearray(100 << 10) for _ in range(600)]
+    for block in blocks:
+        block[::4096] = b"x" * len(block[::4096])
+    keep = bytearray(1 << 10)
+    del blocks
+    before = psutil.Process().memory_info().rss
+    release_free_heap()
+    after = psutil.Process().memory_info().rss
+    assert before - after >= 30 * MiB, (before, after)
+    del keep
 
 
 def test_reserve_blocking_re_measures_when_woken() -> None:

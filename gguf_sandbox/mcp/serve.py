@@ -141,17 +141,13 @@ def release_import_cache() -> int:
 def _open_embedder(model: Path, plan: str, reserve: int, pooling: str | None) -> tuple[Embedder, Reservation]:
     """The Embedder, opened on a budget that already holds the serving reservation, so that its plan and
     its largest pass leave that room (a pass that can never fit would otherwise wait forever)."""
-    from gguf_sandbox.budget import MemoryBudget
     from gguf_sandbox.embed.engine import Embedder
     from gguf_sandbox.embed.plan import PlanName
 
     # The smallest plan opens fast and detects the budget the way Embedder.open does: after the tokenizer
     # is built, so that its vocabulary counts as spent.
     with Embedder.open(model, plan=PlanName.STREAMING.value, pooling=pooling) as probe:
-        detected = probe.budget
-    memory = MemoryBudget(
-        detected.limit, cap=detected.cap, baseline=detected.baseline, origin=detected.origin
-    )
+        memory = probe.budget.emptied()
     serving = memory.reserve(
         "serving MCP (the largest request line being parsed, texts of admitted calls)",
         reserve,

@@ -186,7 +186,9 @@ class EmbeddingService:
         self._pending_cap = pending_cap(limits)
         self._pending = 0
         self._pending_lock = threading.Lock()
-        self._line_room: list[Reservation] = []  # the reading thread's only
+        # The reading thread's only: room for a long line's bytes, and for parsing them.
+        self._line_read: list[Reservation] = []
+        self._line_room: list[Reservation] = []
         self.tools = (self._embed_spec(), self._model_info_spec())
         self.instructions = (
             f"Text embeddings from a GGUF model served inside a memory limit. Call `embed` with up to "
@@ -279,21 +281,38 @@ class EmbeddingService:
 
     # -- calls ----------------------------------------------------------------------------------------
     def line_room(self, nbytes: int) -> bool:
-        """Room to read `nbytes` more of a long request line, and to parse it, waiting a while for it."""
+        """Room to read `nbytes` more of a long request line, and to parse it, waiting a while for it.
+
+        The line asks for more only once what it was granted is full, so the bytes granted before are read
+        by now: they are marked allocated, and a re-measured working set (which holds them) does not count
+        them a second time beside their reservation.
+        """
         memory = self._embedder.budget
-        size = int(PARSE_COPIES * nbytes)
+        for read in self._line_read:
+            read.mark_allocated()
+        parsing = int((PARSE_COPIES - 1) * nbytes)
+        cap = max(nbytes, parsing, memory.cap)
         try:
-            room = memory.reserve_blocking(
-                "reading a long request line", size, LINE_ROOM_TIMEOUT_S, cap=max(size, memory.cap)
+            read = memory.reserve_blocking(
+                "reading a long request line", nbytes, LINE_ROOM_TIMEOUT_S, cap=cap
             )
         except BudgetExceeded:
             return False
-        self._line_room.append(room)
+        try:
+            parse = memory.reserve_blocking(
+                "parsing a long request line", parsing, LINE_ROOM_TIMEOUT_S, cap=cap
+            )
+        except BudgetExceeded:
+            read.release()
+            return False
+        self._line_read.append(read)
+        self._line_room.append(parse)
         return True
 
     def release_line_room(self) -> None:
-        while self._line_room:
-            self._line_room.pop().release()
+        for held in (self._line_read, self._line_room):
+            while held:
+                held.pop().release()
 
     def prepare(self, name: str, arguments: object) -> Prepared:
         """A reply now (model_info, every refusal), or the job computing an admitted embed call."""

@@ -139,6 +139,9 @@ class Expect:
     code: ErrorCode | None = None
     kind: str | None = None
     ping: bool = False
+    # A line longer than the fixed reservation reads into room the budget may not have (README: it gets
+    # -32000 "no room … retry later" then): either answer is the contract.
+    or_no_room: bool = False
 
 
 def check(replies: list[dict[str, Any]], expected: tuple[Expect, ...]) -> None:
@@ -149,6 +152,12 @@ def check(replies: list[dict[str, Any]], expected: tuple[Expect, ...]) -> None:
     for want in expected:
         reply = by_id[want.id]
         assert reply.get("jsonrpc") == "2.0", str(reply)[:300]
+        if want.or_no_room and "error" in reply:
+            error = reply["error"]
+            assert error["code"] == ERROR.OVERLOADED and "has no room to read it now" in error["message"], (
+                error
+            )
+            continue
         if want.code is not None:
             error = reply["error"]
             assert error["code"] == want.code and error["message"] and "\n" not in error["message"], error
@@ -254,12 +263,15 @@ CORPUS: dict[str, tuple[Callable[[], bytes], tuple[Expect, ...]]] = {
         tuple(Expect(3000 + i) for i in range(200)),
     ),
     # The largest request the limits allow, in its longest JSON form: every character outside the BMP,
-    # escaped as a surrogate pair. It must pass the line cap and be served.
-    "largest-valid-request": (
-        lambda: line(call(130, {"texts": ["\U0001f600" * MAX_CHARS] * MAX_TEXTS})),
-        (Expect(130),),
-    ),
+    # escaped as a surrogate pair. It passes the line cap; in 64 MiB it is within ~1 MiB of the budget
+    # (served, or -32000 when the server's baseline is a little higher); served for certain in 128 MiB
+    # (test_a_50mb_line_in_a_128mb_cell_…).
+    "largest-valid-request": (lambda: largest_valid_request(130), (Expect(130, or_no_room=True),)),
 }
+
+
+def largest_valid_request(request_id: int) -> bytes:
+    return line(call(request_id, {"texts": ["\U0001f600" * MAX_CHARS] * MAX_TEXTS}))
 
 
 def test_the_largest_valid_request_fits_the_line_cap() -> None:
@@ -320,7 +332,8 @@ def test_after_the_corpus_the_server_exits_cleanly_without_oom(served: Served) -
 def test_a_50mb_line_in_a_128mb_cell_is_refused_and_the_next_call_answered(
     minilm_gguf: Callable[[str], Path],
 ) -> None:
-    """The failure this file started from: the SDK's transport read and parsed the whole line (OOM kill)."""
+    """The failure this file started from: the SDK's transport read and parsed the whole line (OOM kill).
+    After it, the largest valid request is served (in 64 MiB it may be refused for room, see CORPUS)."""
     from gguf_sandbox.sandbox.cgroup.attach import attach_limited
 
     argv = (sys.executable, "-m", "gguf_sandbox", "serve", "--model", str(minilm_gguf("q8_0")))
@@ -335,8 +348,9 @@ def test_a_50mb_line_in_a_128mb_cell_is_refused_and_the_next_call_answered(
                 + b'["'
                 + b"x" * (50 * MiB)
                 + b'"]}}}\n'
-                + line(call(3, {"texts": ["hello"]})),
-                replies=3,
+                + line(call(3, {"texts": ["hello"]}))
+                + largest_valid_request(4),
+                replies=4,
             )
             code = client.close()
         except (BrokenPipeError, queue.Empty):
@@ -345,7 +359,7 @@ def test_a_50mb_line_in_a_128mb_cell_is_refused_and_the_next_call_answered(
             replies = []
         result = cell.finish(10)
     assert result.oom_kill_count == 0 and code == 0, f"exit {code}, OOM kills {result.oom_kill_count}"
-    assert sorted(reply["id"] for reply in replies) == [0, 2, 3]
+    assert sorted(reply["id"] for reply in replies) == [0, 2, 3, 4]
     replies.sort(key=lambda reply: int(reply["id"]))
     assert replies[1]["error"]["code"] == ErrorCode.INVALID_REQUEST
     assert "exceeds the limit" in replies[1]["error"]["message"]
@@ -353,4 +367,7 @@ def test_a_50mb_line_in_a_128mb_cell_is_refused_and_the_next_call_answered(
         replies[2]["result"]["isError"] is False
         and len(replies[2]["result"]["structuredContent"]["vectors"]) == 1
     )
+    largest = replies[3].get("result")
+    assert largest is not None and largest["isError"] is False, str(replies[3])[:500]
+    assert len(largest["structuredContent"]["vectors"]) == MAX_TEXTS
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
