@@ -37,6 +37,11 @@ class Timeline:
     samples: tuple[MemorySample, ...] = ()
     oom_kill_s: float | None = None
 
+    def killed_by_then(self, end_s: float) -> Timeline:
+        """This timeline for a cell the OOM killer struck: where no sample saw the counter rise (the
+        cgroup vanished with the cell, as a container's does), the kill is the moment it ended."""
+        return self if self.oom_kill_s is not None else Timeline(self.samples, round(end_s, 3))
+
     @property
     def peak_usage(self) -> int | None:
         return max((s.usage for s in self.samples), default=None)

@@ -87,3 +87,10 @@ def test_the_record_fields_are_plain_json() -> None:
         "timeline": [[0.05, 3 * MIB, 2 * MIB]],
         "oom_kill_s": None,
     }
+
+
+def test_a_kill_no_sample_saw_is_put_at_the_end() -> None:
+    seen = Timeline((MemorySample(0.1, MIB, MIB),), None)
+    assert seen.killed_by_then(1.2345) == Timeline(seen.samples, 1.234)  # rounded like samples
+    marked = Timeline(seen.samples, 0.5)
+    assert marked.killed_by_then(1.2) is marked

@@ -303,11 +303,14 @@ class DockerSandbox:
         stdout_bytes, stderr_bytes = container.get_logs()
         stderr, report = parse_report(stderr_bytes.decode("utf-8", errors="replace"))
         timeline = recorder.timeline()
+        oom_kills = largest(report.oom_kill, last.oom_kill) or 0
+        if oom_kills or state.get("OOMKilled"):
+            timeline = timeline.killed_by_then(duration)
         return RunResult(
             exit_code=None if state.get("Running") else int(state["ExitCode"]),
             timed_out=timed_out,
             oom_killed_flag=bool(state.get("OOMKilled")),
-            oom_kill_count=largest(report.oom_kill, last.oom_kill) or 0,
+            oom_kill_count=oom_kills,
             peak_bytes=largest(report.peak, last.peak, timeline.peak_usage),
             limit_bytes=spec.memory,
             duration_s=duration,
@@ -488,15 +491,19 @@ class AttachedContainer:
         self.stderr.seek(0)
         stderr, local_report = parse_report(self.stderr.read())
         timeline = self._recorder.timeline()
+        duration = time.monotonic() - self._started
+        oom_kills = largest(report.oom_kill, local_report.oom_kill, self._last.oom_kill) or 0
+        if oom_kills or state.get("OOMKilled"):
+            timeline = timeline.killed_by_then(duration)
         never_started = state.get("Status") == "created" or not state
         self._result = RunResult(
             exit_code=None if never_started or state.get("Running") else int(state.get("ExitCode", -1)),
             timed_out=self._timed_out.is_set(),
             oom_killed_flag=bool(state.get("OOMKilled")),
-            oom_kill_count=largest(report.oom_kill, local_report.oom_kill, self._last.oom_kill) or 0,
+            oom_kill_count=oom_kills,
             peak_bytes=largest(report.peak, local_report.peak, self._last.peak, timeline.peak_usage),
             limit_bytes=self._spec.memory,
-            duration_s=time.monotonic() - self._started,
+            duration_s=duration,
             stdout="",
             stderr=stderr,
             timeline=timeline,

@@ -177,6 +177,9 @@ def test_allocation_beyond_the_limit_is_oom_killed(sandbox: DockerSandbox, no_le
     assert "survived" not in result.stdout
     assert result.peak_bytes is not None and result.peak_bytes >= 0.9 * spec.memory
     assert result.limit_bytes == spec.memory
+    # The container's cgroup goes with it: the kill is on the timeline, at the latest when it ended.
+    kill = result.timeline.oom_kill_s
+    assert kill is not None and 0 < kill <= result.duration_s + 0.01
 
 
 @pytest.mark.docker
