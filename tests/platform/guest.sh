@@ -70,7 +70,8 @@ for _ in $(seq 120); do [ -S "/run/user/$uid/bus" ] && break; sleep 0.5; done
 fact user_manager "$(systemctl is-active "user@$uid.service") $(ls "/run/user/$uid" 2>/dev/null | tr '\n' ' ')"
 fact user_controllers "$(cat "/sys/fs/cgroup/user.slice/user-$uid.slice/user@$uid.service/cgroup.subtree_control" 2>/dev/null)"
 
-pytest_args=(-p no:cacheprovider -q -rs --color=no -o addopts="--strict-markers")
+# shellcheck disable=SC2206
+pytest_args=(-p no:cacheprovider -q -rs --color=no -o addopts="--strict-markers" $PYTEST_DESELECT)
 [ -n "$PYTEST_PATHS" ] && step pytest-root as_root_direct $venv/bin/python -m pytest "${pytest_args[@]}" $PYTEST_PATHS \
   --junitxml="$out/pytest-root.xml"
 [ -n "$PYTEST_USER_PATHS" ] && step pytest-user as_user $venv/bin/python -m pytest "${pytest_args[@]}" $PYTEST_USER_PATHS \

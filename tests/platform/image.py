@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -120,7 +121,7 @@ def install_inputs(pyproject: str, extras: Sequence[str]) -> str:
     edits elsewhere (tool settings, markers) keep the cached image; the whole text where tomllib is missing
     (Python 3.10)."""
     try:
-        import tomllib
+        tomllib = importlib.import_module("tomllib")
     except ImportError:
         return pyproject
     project = tomllib.loads(pyproject).get("project", {})

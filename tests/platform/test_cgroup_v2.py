@@ -28,13 +28,14 @@ REPO = Path(__file__).resolve().parents[2]
 def test_plan_env_is_shell_that_guest_sh_reads_back_verbatim(tmp_path: Path) -> None:
     chosen = [Selection("root", "cgroup-v2", "64m and (a or b)"), Selection("user", None, "it's")]
     script = tmp_path / "plan.env"
-    script.write_text(plan_env(chosen, ["tests/a.py", "tests/b"], []))
+    script.write_text(plan_env(chosen, ["tests/a.py", "tests/b"], [], ["t.py::a", "t.py::b"]))
     # The same expansion guest.sh uses: MATRIX_<NAME> into an argument array.
     shown = subprocess.run(
         [
             "bash",
             "-c",
-            f'. {shlex.quote(str(script))}; printf \'%s|\' "$PYTEST_PATHS" "$PYTEST_USER_PATHS";'
+            f". {shlex.quote(str(script))};"
+            ' printf \'%s|\' "$PYTEST_PATHS" "$PYTEST_USER_PATHS" "$PYTEST_DESELECT";'
             ' for name in $MATRIX_RUNS; do var="MATRIX_${name^^}"; eval "args=(${!var})";'
             " printf '[%s]' \"${args[@]}\"; printf '|'; done",
         ],
@@ -42,7 +43,14 @@ def test_plan_env_is_shell_that_guest_sh_reads_back_verbatim(tmp_path: Path) -> 
         text=True,
         check=True,
     ).stdout
-    assert shown == "tests/a.py tests/b||[--profile][cgroup-v2][-k][64m and (a or b)]|[-k][it's]|"
+    assert shown.split("|") == [
+        "tests/a.py tests/b",
+        "",
+        "--deselect=t.py::a --deselect=t.py::b",
+        "[--profile][cgroup-v2][-k][64m and (a or b)]",
+        "[-k][it's]",
+        "",
+    ]
 
 
 def test_empty_selections_are_left_out() -> None:

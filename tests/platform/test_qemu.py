@@ -45,8 +45,11 @@ def test_command_has_no_network_disks_in_order_and_two_serial_ports(tmp_path: Pa
 
 
 def test_accelerators(tmp_path: Path) -> None:
-    assert "tcg,thread=multi" in qemu_command(_machine(tmp_path, "tcg"))
+    tcg = qemu_command(_machine(tmp_path, "tcg"))
+    assert "tcg,thread=multi" in tcg
+    assert tcg[tcg.index("-cpu") + 1] == "max"
     assert qemu_command(_machine(tmp_path, "kvm"))[1:3] == ["-accel", "kvm"]
+    assert "-cpu" not in qemu_command(_machine(tmp_path, "kvm"))
     with pytest.raises(ValueError, match="accel"):
         qemu_command(_machine(tmp_path, "hvf"))
 
