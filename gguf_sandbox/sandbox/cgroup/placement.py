@@ -19,7 +19,12 @@ from gguf_sandbox.cgroupfs import (
 from gguf_sandbox.errors import SandboxError
 from gguf_sandbox.sandbox.cgroup.child import ChildCgroup, controllers, remove_stale_cgroups
 from gguf_sandbox.sandbox.cgroup.control import own_v1_cgroup, unique_name
-from gguf_sandbox.sandbox.cgroup.scope import SystemdScope, systemd_run, systemd_scope_command
+from gguf_sandbox.sandbox.cgroup.scope import (
+    SystemdScope,
+    systemd_run,
+    systemd_scope_command,
+    user_manager_env,
+)
 from gguf_sandbox.signals import deferred_signals
 
 PROBE_LIMIT = 64 << 20
@@ -133,8 +138,14 @@ def _could_enable_memory(parent: MemoryCgroup) -> bool:
 
 def _scope_reason(direct: str) -> str | None:
     """None when `systemd-run --scope` with MemoryMax works (the v2 fallback), else both reasons."""
+    user = os.geteuid() != 0
     command = systemd_scope_command(
-        unique_name(), PROBE_LIMIT, Path(os.devnull), ["true"], user=os.geteuid() != 0
+        unique_name(),
+        PROBE_LIMIT,
+        Path(os.devnull),
+        ["true"],
+        user=user,
+        manager_env=user_manager_env(os.environ, os.getuid()) if user else None,
     )
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)

@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gguf_sandbox.cgroupfs import (
@@ -32,6 +32,19 @@ _RUN_AND_REPORT = (
 )
 
 SCOPE_ATTACH_TIMEOUT = 10.0
+# What `systemd-run --user` finds the user's manager by. A jailed cell's environment is an allow-list
+# without them (systemd-run then fails: "Failed to connect to bus: No medium found"), so the scope command
+# sets them for systemd-run alone and the scope's shell drops them before the cell starts.
+USER_MANAGER_VARIABLES = ("XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS")
+
+
+def user_manager_env(environ: Mapping[str, str], uid: int) -> dict[str, str]:
+    """The variables `systemd-run --user` needs, from the runner's environment; XDG_RUNTIME_DIR defaults
+    to /run/user/UID (pam_systemd's), so a runner started without a login session (sudo -u, runuser,
+    cron) still reaches a lingering user manager."""
+    env = {name: environ[name] for name in USER_MANAGER_VARIABLES if environ.get(name)}
+    env.setdefault("XDG_RUNTIME_DIR", f"/run/user/{uid}")
+    return env
 
 
 def systemd_scope_command(
@@ -42,10 +55,21 @@ def systemd_scope_command(
     *,
     user: bool,
     pids_limit: int | None = None,
+    manager_env: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """systemd-run argv placing `argv` in a transient scope with MemoryMax=`limit` and swap off."""
+    """systemd-run argv placing `argv` in a transient scope with MemoryMax=`limit` and swap off.
+
+    `manager_env` (see user_manager_env) is set for systemd-run through env(1) and unset again by the
+    scope's shell, whatever environment the command is started with.
+    """
     tasks = ["-p", f"TasksMax={pids_limit}"] if pids_limit is not None else []
+    prefix: list[str] = []
+    shell = _RUN_AND_REPORT
+    if manager_env:
+        prefix = ["env", *(f"{name}={value}" for name, value in manager_env.items())]
+        shell = f"unset {' '.join(manager_env)}; {_RUN_AND_REPORT}"
     return [
+        *prefix,
         "systemd-run",
         *(["--user"] if user else []),
         "--scope",
@@ -63,7 +87,7 @@ def systemd_scope_command(
         "--",
         SHELL,
         "-c",
-        _RUN_AND_REPORT,
+        shell,
         "sh",
         str(report),
         *argv,
@@ -115,7 +139,13 @@ class SystemdScope:
 
     def command(self, argv: Sequence[str]) -> list[str]:
         return systemd_scope_command(
-            self.unit, self.limit, self.report, argv, user=self.user, pids_limit=self.pids_limit
+            self.unit,
+            self.limit,
+            self.report,
+            argv,
+            user=self.user,
+            pids_limit=self.pids_limit,
+            manager_env=user_manager_env(os.environ, os.getuid()) if self.user else None,
         )
 
     def attach(self, pid: int) -> None:
@@ -173,9 +203,14 @@ class SystemdScope:
         systemctl = shutil.which("systemctl")
         if systemctl is not None:
             command = [systemctl, *(["--user"] if self.user else []), "kill", "--signal=SIGKILL"]
+            env = {**os.environ, **user_manager_env(os.environ, os.getuid())} if self.user else None
             with contextlib.suppress(OSError, subprocess.SubprocessError):
                 subprocess.run(
-                    [*command, f"{self.unit}.scope"], capture_output=True, timeout=deadline, check=False
+                    [*command, f"{self.unit}.scope"],
+                    capture_output=True,
+                    timeout=deadline,
+                    check=False,
+                    env=env,
                 )
         if self.pid is not None:
             _kill_tree(self.pid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -44,6 +45,51 @@ def test_systemd_scope_command_sets_limit_and_swap_off(user: bool, tmp_path: Pat
     properties = {options[i + 1] for i, option in enumerate(options) if option == "-p"}
     assert properties == {f"MemoryMax={64 << 20}", "MemorySwapMax=0", "OOMPolicy=continue"}
     assert command[-2:] == ["python3", "-V"]
+
+
+def test_user_manager_env_comes_from_the_runner_or_defaults_to_the_runtime_dir() -> None:
+    assert scope_module.user_manager_env({}, 1000) == {"XDG_RUNTIME_DIR": "/run/user/1000"}
+    given = {"XDG_RUNTIME_DIR": "/run/user/7", "DBUS_SESSION_BUS_ADDRESS": "unix:path=/b", "HOME": "/h"}
+    assert scope_module.user_manager_env(given, 1000) == {
+        "XDG_RUNTIME_DIR": "/run/user/7",
+        "DBUS_SESSION_BUS_ADDRESS": "unix:path=/b",
+    }
+
+
+def test_user_scope_reaches_the_manager_from_a_jailed_environment(tmp_path: Path) -> None:
+    """A jailed cell starts with an allow-listed environment (no XDG_RUNTIME_DIR): systemd-run --user must
+    still get the variables that find the user's manager (found on cgroup v2: "Failed to connect to bus:
+    No medium found"), and the cell must not inherit them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    seen = tmp_path / "systemd-run.env"
+    fake = bin_dir / "systemd-run"
+    # Records its environment, then runs what follows "--" as the real one does in scope mode.
+    fake.write_text(f'#!/bin/sh\nenv > {seen}\nwhile [ "$1" != -- ]; do shift; done; shift; exec "$@"\n')
+    fake.chmod(0o755)
+    manager = scope_module.user_manager_env({"DBUS_SESSION_BUS_ADDRESS": "unix:path=/bus"}, 4242)
+    cell_env = tmp_path / "cell.env"
+    command = systemd_scope_command(
+        "u", 64 << 20, tmp_path / "report", ["sh", "-c", f"env > {cell_env}"], user=True, manager_env=manager
+    )
+    jailed = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    assert subprocess.run(command, env=jailed, check=False).returncode == 0
+    assert {"XDG_RUNTIME_DIR=/run/user/4242", "DBUS_SESSION_BUS_ADDRESS=unix:path=/bus"} <= set(
+        seen.read_text().splitlines()
+    )
+    assert not any(
+        line.startswith(("XDG_RUNTIME_DIR=", "DBUS_")) for line in cell_env.read_text().splitlines()
+    )
+
+
+def test_user_scope_placement_passes_the_manager_variables(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/55")
+    monkeypatch.setattr(os, "geteuid", lambda: 55)
+    command = scope_module.SystemdScope(Path("/"), 64 << 20, tmp_path / "r").command(["true"])
+    assert command[:2] == ["env", "XDG_RUNTIME_DIR=/run/user/55"]
+    assert "--user" in command
 
 
 @pytest.mark.parametrize(
