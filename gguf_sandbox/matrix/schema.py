@@ -19,6 +19,7 @@ from gguf_sandbox.matrix.runnables import ARGV_PREFIX, RUNNABLES, RunKind
 from gguf_sandbox.matrix.verdicts import Verdict
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec
 from gguf_sandbox.units import format_size
+from gguf_sandbox.workloads.report import SAMPLE_TEXTS
 
 SCHEMA_VERSION = 1
 GRACEFUL: frozenset[Verdict] = frozenset(v for v in Verdict if v.graceful)
@@ -96,6 +97,24 @@ class WorkloadDef:
         """Whether the runner drives this workload from the host (the `mcp` client) instead of running it."""
         runnable = RUNNABLES.get(self.kind, {}).get(self.target)
         return runnable is not None and runnable.host_side
+
+    @property
+    def peer(self) -> bool:
+        """Whether this entry runs a peer engine (llama.cpp, sentence-transformers, gguf-py)."""
+        runnable = RUNNABLES.get(self.kind, {}).get(self.target)
+        return runnable is not None and runnable.peer
+
+    def ours_argv(self) -> tuple[str, ...]:
+        """A peer's reference: our `embed` workload with the same options, with the same texts' vectors."""
+        return (
+            *ARGV_PREFIX[RunKind.WORKLOAD],
+            "embed",
+            "--model",
+            MODEL_PLACEHOLDER,
+            *self.args,
+            "--vectors",
+            str(SAMPLE_TEXTS),
+        )
 
     def with_options(self, overrides: Mapping[str, str]) -> WorkloadDef:
         """This entry with some options replaced (a profile's `args`)."""
@@ -271,6 +290,9 @@ class Cell:
     # The workload's client runs on the host and talks to a process in the cell over its stdin/stdout
     # (the `mcp` workload): the runner hands the cell to that client instead of calling Sandbox.run.
     host_side: bool = False
+    # A peer's reference is ours (`reference_argv`, run unconstrained), compared by cosine (`min_cosine`).
+    reference_argv: tuple[str, ...] | None = None
+    min_cosine: float | None = None
 
     @property
     def cell_id(self) -> str:
