@@ -9,6 +9,7 @@ reads the file inside a cell before it imports anything large.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -43,6 +44,10 @@ class Floor:
     repeat: int  # runs per probe; the floor is the smallest limit where all of them finished
     args: Mapping[str, str] = field(default_factory=dict)  # workload options it ran with
     measured_on: Mapping[str, str] = field(default_factory=dict)  # versions, kernel, date, cold caches
+    # What the runs at the floor reported: the workload's own seconds (slowest run), and for a peer the
+    # smallest cosine of its vectors to ours. None where not measured (older records).
+    seconds: float | None = None
+    cosine: float | None = None
 
     @property
     def key(self) -> tuple[str, str | None, str, str]:
@@ -52,6 +57,9 @@ class Floor:
         data: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         data["args"] = dict(self.args)
         data["measured_on"] = dict(self.measured_on)
+        for optional in ("seconds", "cosine"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
     @classmethod
@@ -70,6 +78,8 @@ class Floor:
                 repeat=_positive(data.get("repeat", 1), f"{where}.repeat"),
                 args=_strings(data.get("args", {}), f"{where}.args"),
                 measured_on=_strings(data.get("measured_on", {}), f"{where}.measured_on"),
+                seconds=_optional_number(data.get("seconds"), f"{where}.seconds"),
+                cosine=_optional_number(data.get("cosine"), f"{where}.cosine"),
             )
         except KeyError as missing:
             raise FloorsError(f"{where}: missing key {missing}") from None
@@ -86,6 +96,14 @@ def _positive(value: object, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise FloorsError(f"{where}: expected a positive integer, got {value!r}")
     return value
+
+
+def _optional_number(value: object, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise FloorsError(f"{where}: expected a finite number ≥ 0, got {value!r}")
+    return float(value)
 
 
 def _strings(value: object, where: str) -> Mapping[str, str]:

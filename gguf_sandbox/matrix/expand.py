@@ -8,13 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from gguf_sandbox.errors import MatrixError
-from gguf_sandbox.matrix.agreement import PEER_MIN_COSINE
 from gguf_sandbox.matrix.models import model_file
 from gguf_sandbox.matrix.runnables import RunKind
 from gguf_sandbox.matrix.schema import KNOWN_BACKENDS, Cell, FloorOffset, Matrix
 from gguf_sandbox.matrix.select import compile_k
 from gguf_sandbox.sandbox.base import CellSpec
-from gguf_sandbox.sandbox.wheelhouse import PEER_REQUIREMENTS
 from gguf_sandbox.units import format_size
 
 
@@ -135,7 +133,7 @@ def _cell(matrix: Matrix, axes: Mapping[str, Any], cache_dir: Path) -> Cell:
         argv=workload.argv(),
         timeout=matrix.timeout_for(workload),
         model=model_file(matrix.models[model_name], cache_dir) if model_name else None,
-        requirements=PEER_REQUIREMENTS if workload.peer else (),
+        requirements=workload.requirements,
     )
     return Cell(
         spec=spec,
@@ -147,8 +145,8 @@ def _cell(matrix: Matrix, axes: Mapping[str, Any], cache_dir: Path) -> Cell:
         reports=workload.kind is not RunKind.COMMAND,
         expect=matrix.expect_for(axes),
         host_side=workload.host_side,
-        reference_argv=workload.ours_argv() if workload.peer else None,
-        min_cosine=PEER_MIN_COSINE if workload.peer else None,
+        reference_argv=workload.reference_argv,
+        min_cosine=workload.min_cosine,
     )
 
 
