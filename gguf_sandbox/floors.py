@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -150,26 +150,48 @@ class FloorTable:
         return FloorTable(tuple(sorted([*kept, floor], key=_sort_key)))
 
 
-def markdown_table(table: FloorTable) -> str:
-    """The floors as the README shows them (tests/test_readme.py keeps the two equal)."""
+# The packages whose versions a floors table names (those a record measured with).
+TABLE_VERSIONS = ("python", "numpy", "gguf", "mcp", "llama-cpp-python", "torch", "sentence-transformers")
+
+
+def markdown_table(table: FloorTable, workloads: Collection[str] | None = None) -> str:
+    """The floors (of `workloads` only, when given) as the README shows them (tests/test_readme.py keeps
+    the two equal): the limit, the peak there, what the work took per 1000 texts and, for a peer, its
+    smallest cosine to ours."""
     rows = [
-        "| workload | model | Python | backend | floor | peak at the floor | probes | versions | measured |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workload | model | Python | backend | floor | peak at the floor | s / 1000 texts | cosine to ours "
+        "| probes | versions | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in table.floors:
+        if workloads is not None and f.workload not in workloads:
+            continue
         versions = ", ".join(
-            f"{name} {f.measured_on[name]}"
-            for name in ("python", "numpy", "gguf", "mcp")
-            if name in f.measured_on
+            f"{name} {f.measured_on[name]}" for name in TABLE_VERSIONS if name in f.measured_on
         )
         peak = f"{f.peak / MIB:.1f} MiB" if f.peak is not None else "—"
         args = " ".join(f"{name}={value}" for name, value in sorted(f.args.items()))
+        cosine = f"{f.cosine:.5f}" if f.cosine is not None else "—"
         rows.append(
             f"| {f.workload}{f' ({args})' if args else ''} | {f.model or '—'} | {f.python} | {f.backend} "
-            f"| {f.floor / MIB:g} MiB | {peak} | {f.resolution / MIB:g} MiB steps × {f.repeat} runs "
+            f"| {f.floor / MIB:g} MiB | {peak} | {_per_thousand(f)} | {cosine} "
+            f"| {f.resolution / MIB:g} MiB steps × {f.repeat} runs "
             f"| {versions} | {f.measured_on.get('date', '?')}, {f.measured_on.get('kernel', '?')} |"
         )
     return "\n".join(rows)
+
+
+def per_thousand(floor: Floor) -> float | None:
+    """Seconds the work at the floor took per 1000 texts (scaled from its `count`), None if not recorded."""
+    count = floor.args.get("count", "")
+    if floor.seconds is None or not count.isdigit() or int(count) == 0:
+        return None
+    return floor.seconds * 1000 / int(count)
+
+
+def _per_thousand(floor: Floor) -> str:
+    seconds = per_thousand(floor)
+    return "—" if seconds is None else f"{seconds:.1f}"
 
 
 def _sort_key(floor: Floor) -> tuple[str, str, tuple[int, ...], str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
-from gguf_sandbox.floors import FloorTable
+from gguf_sandbox.floors import FloorTable, per_thousand
 from gguf_sandbox.matrix.grid import LEGEND, Grid
 from gguf_sandbox.matrix.report_data import VERDICT_COLOURS, Report, ReportCell, isolation_text
 from gguf_sandbox.matrix.results import CELL
@@ -115,6 +115,10 @@ def _grid(report: Report, grid: Grid) -> str:
     )
 
 
+def _or_dash(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
 def _floors(table: FloorTable) -> str:
     rows = "".join(
         "<tr>"
@@ -127,6 +131,8 @@ def _floors(table: FloorTable) -> str:
                 f.backend,
                 format_size(f.floor),
                 format_size(f.peak) if f.peak else "?",
+                _or_dash(per_thousand(f), ".1f"),
+                _or_dash(f.cosine, ".5f"),
                 f"{f.repeat}× at {format_size(f.resolution)} steps",
             )
         )
@@ -134,7 +140,18 @@ def _floors(table: FloorTable) -> str:
         for f in table.floors
     )
     head = "".join(
-        f"<th>{h}</th>" for h in ("workload", "model", "Python", "backend", "floor", "peak", "probes")
+        f"<th>{h}</th>"
+        for h in (
+            "workload",
+            "model",
+            "Python",
+            "backend",
+            "floor",
+            "peak",
+            "s / 1000 texts",
+            "cosine to ours",
+            "probes",
+        )
     )
     return f'<h2>Floors</h2><table class="floors"><tr>{head}</tr>{rows}</table>'
 

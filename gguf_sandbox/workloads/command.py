@@ -87,13 +87,14 @@ def run(args: argparse.Namespace) -> int:
         return _fail(
             EXIT_BAD_INPUT,
             "ValueError",
-            f"--vectors takes 0 to {MAX_VECTORS} and applies to {', '.join(VECTOR_WORKLOADS)} only",
+            f"--vectors takes 0 to {MAX_VECTORS} and applies to the {_listed(VECTOR_WORKLOADS)} workloads "
+            "only",
         )
     if args.pooling is not None and args.name not in POOLING_WORKLOADS:
         return _fail(
             EXIT_BAD_INPUT,
             "ValueError",
-            f"--pooling applies to the {' and '.join(POOLING_WORKLOADS)} workloads only, not {args.name}",
+            f"--pooling applies to the {_listed(POOLING_WORKLOADS)} workloads only, not {args.name}",
         )
     if not args.model.is_file():
         return _fail(
@@ -107,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
         return _fail(EXIT_BAD_INPUT, type(error).__name__, str(error))
     print(json.dumps(report.as_json()), flush=True)
     return EXIT_OK
+
+
+def _listed(names: tuple[str, ...]) -> str:
+    """`a, b and c`."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _fail(code: int, kind: str, message: str) -> int:

@@ -133,7 +133,8 @@ def sample_indices(count: int, wanted: int) -> list[int]:
     """`wanted` text indices spread evenly over `count` texts (all of them when there are fewer)."""
     if wanted <= 0 or count <= 0:
         return []
-    return sorted({index * count // wanted for index in range(min(wanted, count))})
+    taken = min(wanted, count)
+    return [index * count // taken for index in range(taken)]
 
 
 def sample_vector(vector: np.ndarray) -> list[float]:
