@@ -154,17 +154,21 @@ class FloorTable:
 TABLE_VERSIONS = ("python", "numpy", "gguf", "mcp", "llama-cpp-python", "torch", "sentence-transformers")
 
 
-def markdown_table(table: FloorTable, workloads: Collection[str] | None = None) -> str:
-    """The floors (of `workloads` only, when given) as the README shows them (tests/test_readme.py keeps
-    the two equal): the limit, the peak there, what the work took per 1000 texts and, for a peer, its
-    smallest cosine to ours."""
+def markdown_table(
+    table: FloorTable, workloads: Collection[str] | None = None, pythons: Collection[str] | None = None
+) -> str:
+    """The floors (of `workloads` on `pythons` only, when given) as the README shows them
+    (tests/test_readme.py keeps the two equal): the limit, the peak there, what the work took per 1000
+    texts and, for a peer, its smallest cosine to ours."""
     rows = [
         "| workload | model | Python | backend | floor | peak at the floor | s / 1000 texts | cosine to ours "
         "| probes | versions | measured |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in table.floors:
-        if workloads is not None and f.workload not in workloads:
+        if (workloads is not None and f.workload not in workloads) or (
+            pythons is not None and f.python not in pythons
+        ):
             continue
         versions = ", ".join(
             f"{name} {f.measured_on[name]}" for name in TABLE_VERSIONS if name in f.measured_on
