@@ -153,7 +153,34 @@ def _floors(table: FloorTable) -> str:
             "probes",
         )
     )
-    return f'<h2>Floors</h2><table class="floors"><tr>{head}</tr>{rows}</table>'
+    return f'<h2>Floors</h2><table class="floors"><tr>{head}</tr>{rows}</table>{floors_svg(table)}'
+
+
+BAR_HEIGHT = 18
+LABEL_WIDTH = 360
+BAR_WIDTH = 420
+
+
+def floors_svg(table: FloorTable) -> str:
+    """A horizontal bar per floor, longest = the largest floor: how small a box each engine needs."""
+    if not table.floors:
+        return ""
+    largest = max(f.floor for f in table.floors)
+    bars = []
+    for row, f in enumerate(table.floors):
+        y = row * BAR_HEIGHT
+        width = max(1, round(BAR_WIDTH * f.floor / largest))
+        label = escape(f"{f.workload} {f.model or ''} py{f.python} {f.backend}")
+        bars.append(
+            f'<text x="{LABEL_WIDTH - 6}" y="{y + 13}" text-anchor="end">{label}</text>'
+            f'<rect x="{LABEL_WIDTH}" y="{y + 3}" width="{width}" height="{BAR_HEIGHT - 6}" fill="#4a7bb7"/>'
+            f'<text x="{LABEL_WIDTH + width + 4}" y="{y + 13}">{escape(format_size(f.floor))}</text>'
+        )
+    height = BAR_HEIGHT * len(table.floors)
+    return (
+        f'<svg class="floors" role="img" aria-label="floors" width="{LABEL_WIDTH + BAR_WIDTH + 60}" '
+        f'height="{height}" font-size="12" font-family="system-ui, sans-serif">{"".join(bars)}</svg>'
+    )
 
 
 def _detail(cell: ReportCell) -> str:
