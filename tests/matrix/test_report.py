@@ -275,14 +275,10 @@ def test_floors_show_as_a_table_and_a_bar_chart_with_the_peers_columns(tmp_path:
     report = load_report([write(tmp_path / "r.jsonl", grid_records())], tmp_path / "f.json")
     html = render_html(report)
     assert "<script" not in html and "cosine to ours" in html and "0.99967" in html and "12.5" in html
-    svg = ET.fromstring(
-        html[html.index('<svg class="floors"') : html.index("</svg>", html.index("floors")) + 6]
-    )
-    widths = [int(rect.get("width", "0")) for rect in svg.iter("{http://www.w3.org/2000/svg}rect")] or [
-        int(rect.get("width", "0")) for rect in svg.iter("rect")
-    ]
+    start = html.index('<svg class="floors"')
+    svg = ET.fromstring(html[start : html.index("</svg>", start) + len("</svg>")])
+    widths = [int(rect.get("width", "0")) for rect in svg.iter("rect")]
+    assert report.floors is not None
+    order = [f.workload for f in report.floors.floors]
     # One bar per floor, in the table's order, the largest floor longest.
-    assert (
-        len(widths) == 3
-        and max(widths) == widths[[f.workload for f in report.floors.floors].index("llama-cpp")]
-    )
+    assert len(widths) == 3 and max(widths) == widths[order.index("llama-cpp")]
