@@ -88,7 +88,8 @@ class WorkloadDef:
     # False: only in the profiles that name it (`default: false`), e.g. a 4 GB model's cells.
     in_default: bool = True
     # What its cells below their floor end with (`below_floor:`; None: graceful). A peer that is no bounded
-    # engine is OOM-killed there: [oom] says so, and near the floor a run may still finish (see expect_for).
+    # engine is OOM-killed there or thrashes to the timeout: [oom, timeout] says so, and near the floor a
+    # run may still finish (see expect_for).
     below_floor: frozenset[Verdict] | None = None
 
     def argv(self) -> tuple[str, ...]:

@@ -543,7 +543,8 @@ def test_the_peers_profile_of_the_repository_matrix() -> None:
     matrix = load(REPO / "matrix.yaml", profile="peers")
     peers = {w.name for w in matrix.workloads.values() if w.peer}
     assert peers == {"llama-cpp", "sentence-transformers", "gguf-py", "llama-cpp-smollm2"}
-    assert all(matrix.workloads[name].below_floor == frozenset({Verdict.OOM}) for name in peers)
+    below = frozenset({Verdict.OOM, Verdict.TIMEOUT})
+    assert all(matrix.workloads[name].below_floor == below for name in peers)
     assert matrix.pythons == ("3.12",)
     # Outside the profile no peer cell runs, and nothing is installed for the default matrix's cells.
     default = load(REPO / "matrix.yaml")
