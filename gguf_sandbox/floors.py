@@ -9,7 +9,8 @@ reads the file inside a cell before it imports anything large.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -43,6 +44,10 @@ class Floor:
     repeat: int  # runs per probe; the floor is the smallest limit where all of them finished
     args: Mapping[str, str] = field(default_factory=dict)  # workload options it ran with
     measured_on: Mapping[str, str] = field(default_factory=dict)  # versions, kernel, date, cold caches
+    # What the runs at the floor reported: the workload's own seconds (slowest run), and for a peer the
+    # smallest cosine of its vectors to ours. None where not measured (older records).
+    seconds: float | None = None
+    cosine: float | None = None
 
     @property
     def key(self) -> tuple[str, str | None, str, str]:
@@ -52,6 +57,9 @@ class Floor:
         data: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         data["args"] = dict(self.args)
         data["measured_on"] = dict(self.measured_on)
+        for optional in ("seconds", "cosine"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
     @classmethod
@@ -70,6 +78,8 @@ class Floor:
                 repeat=_positive(data.get("repeat", 1), f"{where}.repeat"),
                 args=_strings(data.get("args", {}), f"{where}.args"),
                 measured_on=_strings(data.get("measured_on", {}), f"{where}.measured_on"),
+                seconds=_optional_number(data.get("seconds"), f"{where}.seconds"),
+                cosine=_optional_number(data.get("cosine"), f"{where}.cosine"),
             )
         except KeyError as missing:
             raise FloorsError(f"{where}: missing key {missing}") from None
@@ -86,6 +96,14 @@ def _positive(value: object, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise FloorsError(f"{where}: expected a positive integer, got {value!r}")
     return value
+
+
+def _optional_number(value: object, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise FloorsError(f"{where}: expected a finite number ≥ 0, got {value!r}")
+    return float(value)
 
 
 def _strings(value: object, where: str) -> Mapping[str, str]:
@@ -132,26 +150,52 @@ class FloorTable:
         return FloorTable(tuple(sorted([*kept, floor], key=_sort_key)))
 
 
-def markdown_table(table: FloorTable) -> str:
-    """The floors as the README shows them (tests/test_readme.py keeps the two equal)."""
+# The packages whose versions a floors table names (those a record measured with).
+TABLE_VERSIONS = ("python", "numpy", "gguf", "mcp", "llama-cpp-python", "torch", "sentence-transformers")
+
+
+def markdown_table(
+    table: FloorTable, workloads: Collection[str] | None = None, pythons: Collection[str] | None = None
+) -> str:
+    """The floors (of `workloads` on `pythons` only, when given) as the README shows them
+    (tests/test_readme.py keeps the two equal): the limit, the peak there, what the work took per 1000
+    texts and, for a peer, its smallest cosine to ours."""
     rows = [
-        "| workload | model | Python | backend | floor | peak at the floor | probes | versions | measured |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workload | model | Python | backend | floor | peak at the floor | s / 1000 texts | cosine to ours "
+        "| probes | versions | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in table.floors:
+        if (workloads is not None and f.workload not in workloads) or (
+            pythons is not None and f.python not in pythons
+        ):
+            continue
         versions = ", ".join(
-            f"{name} {f.measured_on[name]}"
-            for name in ("python", "numpy", "gguf", "mcp")
-            if name in f.measured_on
+            f"{name} {f.measured_on[name]}" for name in TABLE_VERSIONS if name in f.measured_on
         )
         peak = f"{f.peak / MIB:.1f} MiB" if f.peak is not None else "—"
         args = " ".join(f"{name}={value}" for name, value in sorted(f.args.items()))
+        cosine = f"{f.cosine:.5f}" if f.cosine is not None else "—"
         rows.append(
             f"| {f.workload}{f' ({args})' if args else ''} | {f.model or '—'} | {f.python} | {f.backend} "
-            f"| {f.floor / MIB:g} MiB | {peak} | {f.resolution / MIB:g} MiB steps × {f.repeat} runs "
+            f"| {f.floor / MIB:g} MiB | {peak} | {_per_thousand(f)} | {cosine} "
+            f"| {f.resolution / MIB:g} MiB steps × {f.repeat} runs "
             f"| {versions} | {f.measured_on.get('date', '?')}, {f.measured_on.get('kernel', '?')} |"
         )
     return "\n".join(rows)
+
+
+def per_thousand(floor: Floor) -> float | None:
+    """Seconds the work at the floor took per 1000 texts (scaled from its `count`), None if not recorded."""
+    count = floor.args.get("count", "")
+    if floor.seconds is None or not count.isdigit() or int(count) == 0:
+        return None
+    return floor.seconds * 1000 / int(count)
+
+
+def _per_thousand(floor: Floor) -> str:
+    seconds = per_thousand(floor)
+    return "—" if seconds is None else f"{seconds:.1f}"
 
 
 def _sort_key(floor: Floor) -> tuple[str, str, tuple[int, ...], str]:

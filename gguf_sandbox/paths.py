@@ -42,6 +42,11 @@ def sources_dir(root: Path | None = None) -> Path:
     return (root or cache_root()) / "src"
 
 
+def wheels_dir(root: Path | None = None) -> Path:
+    """The wheelhouse: wheels built here from source once (llama-cpp-python), for every venv and image."""
+    return (root or cache_root()) / "wheels"
+
+
 def images_dir(root: Path | None = None) -> Path:
     """Inputs of Docker image builds: offline rootfs tarballs, build contexts, base recipes."""
     return (root or cache_root()) / "images"

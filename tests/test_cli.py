@@ -74,6 +74,6 @@ def test_workload_pooling_is_refused_where_it_would_be_ignored(
     assert cli.main(["workload", name, "--model", "x.gguf", "--pooling", "mean"]) == 4
     err = capsys.readouterr().err.strip()
     assert err == (
-        f"gguf-sandbox workload: ValueError: --pooling applies to the embed and embed-concurrent workloads "
-        f"only, not {name}"
+        f"gguf-sandbox workload: ValueError: --pooling applies to the embed, embed-concurrent, llama-cpp and "
+        f"gguf-py workloads only, not {name}"
     )

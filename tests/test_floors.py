@@ -152,3 +152,45 @@ def test_a_saved_floors_file_is_readable_by_every_user(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_floor_keeps_the_seconds_and_a_peers_cosine_and_older_records_load(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    peer = replace(floor(workload="llama-cpp", limit=110), seconds=12.5, cosine=0.99967)
+    path = tmp_path / "floors.json"
+    save_floors(FloorTable((peer, floor())), path)
+    saved = {entry["workload"]: entry for entry in json.loads(path.read_text())["floors"]}
+    # Records without them stay as they were written (no null keys).
+    assert {"seconds", "cosine"} <= set(saved["llama-cpp"]) and not {"seconds", "cosine"} & set(
+        saved["embed"]
+    )
+    loaded = load_floors(path)
+    assert loaded.find("llama-cpp", "minilm_q8_0", "3.12", "cgroup") == peer
+    assert loaded.find("embed", "minilm_q8_0", "3.12", "cgroup") == floor()
+
+
+@pytest.mark.parametrize("value", ["12", -1, True, float("inf")], ids=["text", "negative", "bool", "inf"])
+def test_a_damaged_seconds_or_cosine_is_one_clear_error(tmp_path: Path, value: object) -> None:
+    entry = {**floor().to_json(), "cosine": value}
+    (tmp_path / "floors.json").write_text(json.dumps({"version": 1, "floors": [entry]}))
+    with pytest.raises(FloorsError, match=r"floors\[0\]\.cosine: expected a finite number ≥ 0"):
+        load_floors(tmp_path / "floors.json")
+
+
+def test_the_table_shows_time_per_1000_texts_and_the_cosine_and_filters_workloads() -> None:
+    from dataclasses import replace
+
+    from gguf_sandbox.floors import markdown_table
+
+    peer = replace(floor(workload="llama-cpp", limit=110), seconds=12.5, cosine=0.99967)
+    decoder = replace(floor(workload="llama-cpp-smollm2"), seconds=4.0, args={"count": "100"})
+    table = FloorTable((peer, decoder, floor()))
+    lines = markdown_table(table).splitlines()
+    assert "| s / 1000 texts | cosine to ours |" in lines[0] and len(lines) == 5
+    row = next(line for line in lines if line.startswith("| llama-cpp (count=1000)"))
+    assert "| 110 MiB | 109.0 MiB | 12.5 | 0.99967 |" in row
+    assert "| 40.0 | — |" in next(line for line in lines if "smollm2" in line)
+    assert "| — | — |" in next(line for line in lines if line.startswith("| embed "))
+    only = markdown_table(table, workloads={"llama-cpp"}).splitlines()
+    assert len(only) == 3 and only[2] == row

@@ -133,6 +133,7 @@ def _cell(matrix: Matrix, axes: Mapping[str, Any], cache_dir: Path) -> Cell:
         argv=workload.argv(),
         timeout=matrix.timeout_for(workload),
         model=model_file(matrix.models[model_name], cache_dir) if model_name else None,
+        requirements=workload.requirements,
     )
     return Cell(
         spec=spec,
@@ -144,6 +145,8 @@ def _cell(matrix: Matrix, axes: Mapping[str, Any], cache_dir: Path) -> Cell:
         reports=workload.kind is not RunKind.COMMAND,
         expect=matrix.expect_for(axes),
         host_side=workload.host_side,
+        reference_argv=workload.reference_argv,
+        min_cosine=workload.min_cosine,
     )
 
 

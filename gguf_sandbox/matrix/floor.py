@@ -26,7 +26,7 @@ from gguf_sandbox.host import host_facts
 from gguf_sandbox.matrix.runner import run_spec
 from gguf_sandbox.matrix.schema import Cell
 from gguf_sandbox.matrix.sizes import cell_memory, size_at
-from gguf_sandbox.matrix.verdicts import Verdict
+from gguf_sandbox.matrix.verdicts import Reference, Verdict
 from gguf_sandbox.sandbox.base import Sandbox
 from gguf_sandbox.units import format_size
 
@@ -44,6 +44,8 @@ class Run:
     duration_s: float
     reason: str
     versions: dict[str, str] = field(default_factory=dict)
+    seconds: float | None = None  # the workload's own, from its report
+    cosine: float | None = None  # a peer's smallest cosine to ours
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,6 +53,8 @@ class Run:
             "peak": self.peak,
             "duration_s": round(self.duration_s, 3),
             "reason": self.reason,
+            **({"seconds": self.seconds} if self.seconds is not None else {}),
+            **({"cosine": self.cosine} if self.cosine is not None else {}),
         }
 
 
@@ -69,6 +73,18 @@ class Probe:
     def peak(self) -> int | None:
         peaks = [run.peak for run in self.runs if run.peak is not None]
         return max(peaks) if peaks else None
+
+    @property
+    def seconds(self) -> float | None:
+        """The slowest run's own seconds (what its report says the work took)."""
+        values = [run.seconds for run in self.runs if run.seconds is not None]
+        return max(values) if values else None
+
+    @property
+    def cosine(self) -> float | None:
+        """A peer's smallest cosine to ours over the runs."""
+        values = [run.cosine for run in self.runs if run.cosine is not None]
+        return min(values) if values else None
 
     def line(self) -> str:
         runs = "  ".join(f"{run.verdict.value} {_mib(run.peak)}" for run in self.runs)
@@ -150,7 +166,9 @@ class Prober:
         *,
         cold: bool,
         out: Callable[[str], None],
+        reference: Reference | None = None,
     ) -> None:
+        self.reference = reference
         self.sandbox = sandbox
         self.cell = cell
         self.repeat = repeat
@@ -173,6 +191,7 @@ class Prober:
             outcome = run_spec(
                 self.sandbox,
                 spec,
+                self.reference,
                 expect=self.cell.expect,
                 host_side=self.cell.host_side,
                 needs_report=self.cell.reports,
@@ -180,7 +199,17 @@ class Prober:
             versions = (outcome.report or {}).get("versions")
             if isinstance(versions, dict):
                 self.versions = {str(k): str(v) for k, v in versions.items()}
-            runs.append(Run(outcome.verdict, outcome.peak, outcome.duration_s, outcome.reason))
+            seconds = (outcome.report or {}).get("seconds")
+            runs.append(
+                Run(
+                    outcome.verdict,
+                    outcome.peak,
+                    outcome.duration_s,
+                    outcome.reason,
+                    seconds=float(seconds) if isinstance(seconds, int | float) else None,
+                    cosine=outcome.agreement.smallest if outcome.agreement is not None else None,
+                )
+            )
             if outcome.verdict not in FINISHED:
                 break
         done = Probe(limit, tuple(runs))
@@ -213,7 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gguf_sandbox.matrix.repro import request_cell
+    from gguf_sandbox.matrix.repro import reference_run, request_cell
 
     if args.repeat < 1:
         raise MatrixError("--repeat: at least 1")
@@ -235,7 +264,9 @@ def run(args: argparse.Namespace) -> int:
         f"{'warm' if args.warm else 'cold'} page cache"
     )
     started = time.monotonic()
-    prober = Prober(sandbox, cell, args.repeat, cold=not args.warm, out=say)
+    # A peer is compared with ours at every probe: a floor where its vectors go wrong is no floor.
+    reference = reference_run(sandbox, cell, request.matrix, say) if cell.min_cosine is not None else None
+    prober = Prober(sandbox, cell, args.repeat, cold=not args.warm, out=say, reference=reference)
     search = bisect(prober, low, high, resolution)
     elapsed = time.monotonic() - started
     runs = sum(len(p.runs) for p in search.probes)
@@ -290,6 +321,8 @@ class FloorContext:
         return {
             "floor": floor.limit if floor is not None else None,
             "peak": floor.peak if floor is not None else None,
+            "work_seconds": floor.seconds if floor is not None else None,
+            "cosine": floor.cosine if floor is not None else None,
             "verdict": floor.runs[-1].verdict.value if floor is not None else None,
             "workload": self.cell.workload,
             "model": self.cell.model,
@@ -325,6 +358,8 @@ class FloorContext:
             repeat=self.repeat,
             args=_workload_options(self.cell.spec.argv),
             measured_on=measured_on,
+            seconds=floor.seconds,
+            cosine=floor.cosine,
         )
 
 

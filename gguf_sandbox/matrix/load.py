@@ -26,7 +26,7 @@ from gguf_sandbox.matrix.fields import (
     sizes_at,
 )
 from gguf_sandbox.matrix.models import parse_models
-from gguf_sandbox.matrix.rules import parse_expect, parse_include, parse_pattern
+from gguf_sandbox.matrix.rules import parse_expect, parse_include, parse_pattern, verdicts_at
 from gguf_sandbox.matrix.runnables import RUNNABLES, RunKind, Runnable
 from gguf_sandbox.matrix.schema import (
     DEFAULT_REFERENCE_MEMORY,
@@ -200,6 +200,7 @@ _WORKLOAD_KEYS = (
     "reference",
     "floor",
     "default",
+    "below_floor",
 )
 
 
@@ -255,6 +256,7 @@ def _workload(name: str, entry: object, where: str, models: Mapping[str, ModelDe
         raise MatrixError(f"{where}.reference: expected true or false, got {show(reference)}")
     timeout = timeout_at(body["timeout"], f"{where}.timeout") if "timeout" in body else None
     floor = size_at(body["floor"], f"{where}.floor") if "floor" in body else None
+    below_floor = verdicts_at(body["below_floor"], f"{where}.below_floor") if "below_floor" in body else None
     in_default = body.get("default", True)
     if not isinstance(in_default, bool):
         raise MatrixError(f"{where}.default: expected true or false, got {show(in_default)}")
@@ -269,6 +271,7 @@ def _workload(name: str, entry: object, where: str, models: Mapping[str, ModelDe
         MappingProxyType(options),
         floor,
         in_default,
+        below_floor,
     )
 
 

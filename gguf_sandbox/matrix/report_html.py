@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
-from gguf_sandbox.floors import FloorTable
+from gguf_sandbox.floors import FloorTable, per_thousand
 from gguf_sandbox.matrix.grid import LEGEND, Grid
 from gguf_sandbox.matrix.report_data import VERDICT_COLOURS, Report, ReportCell, isolation_text
 from gguf_sandbox.matrix.results import CELL
@@ -115,6 +115,10 @@ def _grid(report: Report, grid: Grid) -> str:
     )
 
 
+def _or_dash(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
 def _floors(table: FloorTable) -> str:
     rows = "".join(
         "<tr>"
@@ -127,6 +131,8 @@ def _floors(table: FloorTable) -> str:
                 f.backend,
                 format_size(f.floor),
                 format_size(f.peak) if f.peak else "?",
+                _or_dash(per_thousand(f), ".1f"),
+                _or_dash(f.cosine, ".5f"),
                 f"{f.repeat}× at {format_size(f.resolution)} steps",
             )
         )
@@ -134,9 +140,47 @@ def _floors(table: FloorTable) -> str:
         for f in table.floors
     )
     head = "".join(
-        f"<th>{h}</th>" for h in ("workload", "model", "Python", "backend", "floor", "peak", "probes")
+        f"<th>{h}</th>"
+        for h in (
+            "workload",
+            "model",
+            "Python",
+            "backend",
+            "floor",
+            "peak",
+            "s / 1000 texts",
+            "cosine to ours",
+            "probes",
+        )
     )
-    return f'<h2>Floors</h2><table class="floors"><tr>{head}</tr>{rows}</table>'
+    return f'<h2>Floors</h2><table class="floors"><tr>{head}</tr>{rows}</table>{floors_svg(table)}'
+
+
+BAR_HEIGHT = 18
+LABEL_WIDTH = 360
+BAR_WIDTH = 420
+
+
+def floors_svg(table: FloorTable) -> str:
+    """A horizontal bar per floor, longest = the largest floor: how small a box each engine needs."""
+    if not table.floors:
+        return ""
+    largest = max(f.floor for f in table.floors)
+    bars = []
+    for row, f in enumerate(table.floors):
+        y = row * BAR_HEIGHT
+        width = max(1, round(BAR_WIDTH * f.floor / largest))
+        label = escape(f"{f.workload} {f.model or ''} py{f.python} {f.backend}")
+        bars.append(
+            f'<text x="{LABEL_WIDTH - 6}" y="{y + 13}" text-anchor="end">{label}</text>'
+            f'<rect x="{LABEL_WIDTH}" y="{y + 3}" width="{width}" height="{BAR_HEIGHT - 6}" fill="#4a7bb7"/>'
+            f'<text x="{LABEL_WIDTH + width + 4}" y="{y + 13}">{escape(format_size(f.floor))}</text>'
+        )
+    height = BAR_HEIGHT * len(table.floors)
+    return (
+        f'<svg class="floors" role="img" aria-label="floors" width="{LABEL_WIDTH + BAR_WIDTH + 60}" '
+        f'height="{height}" font-size="12" font-family="system-ui, sans-serif">{"".join(bars)}</svg>'
+    )
 
 
 def _detail(cell: ReportCell) -> str:

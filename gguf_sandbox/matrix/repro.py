@@ -18,6 +18,7 @@ import re
 import shlex
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -138,7 +139,7 @@ def request_cell(args: argparse.Namespace, memory: int) -> CellRequest:
 def run(args: argparse.Namespace) -> int:
     request = request_cell(args, cell_memory(args.memory, "--memory"))
     cell, sandbox = request.cell, request.sandbox
-    reference = _reference(sandbox, cell, request.matrix) if args.reference else None
+    reference = reference_run(sandbox, cell, request.matrix) if args.reference else None
     print(f"{cell.cell_id} on {sandbox.name} …", flush=True)
     outcome = run_spec(
         sandbox,
@@ -303,6 +304,7 @@ def _workload_cell(
         argv=workload.argv(),
         timeout=timeout or default_timeout,
         model=model.path if model else None,
+        requirements=workload.requirements,
     )
     matrix_path = matrix.path if matrix is not None else None
     repro = repro_command(spec, workload.name, args.model, matrix_path)
@@ -317,6 +319,8 @@ def _workload_cell(
         repro=repro,
         expect=expect,
         host_side=workload.host_side,
+        reference_argv=workload.reference_argv,
+        min_cosine=workload.min_cosine,
     )
 
 
@@ -343,17 +347,19 @@ def _workload_model(matrix: Matrix | None, name: str | None, workload: WorkloadD
     return _model_choice(matrix, name)
 
 
-def _reference(sandbox: Sandbox, cell: Cell, matrix: Matrix | None) -> Reference | None:
+def reference_run(
+    sandbox: Sandbox, cell: Cell, matrix: Matrix | None, say: Callable[[str], None] | None = None
+) -> Reference | None:
+    """What the cell is compared with: its unconstrained twin's values (a peer's: ours), run now."""
+    say = say or (lambda line: print(line, flush=True))
     if not cell.reference:
-        print("(no reference comparison: this workload reports no vectors)")
+        say("(no reference comparison: this workload reports no vectors)")
         return None
     memory = matrix.reference_memory if matrix is not None else 2 << 30
     spec = replace(reference_spec(cell, memory), model=cell.spec.model)
-    print(f"{spec.cell_id} (unconstrained reference) …", flush=True)
+    say(f"{spec.cell_id} (unconstrained reference) …")
     outcome = run_spec(sandbox, spec, expect=REFERENCE_OK, host_side=cell.host_side)
-    reference = reference_of(outcome)
+    reference = replace(reference_of(outcome), min_cosine=cell.min_cosine)
     if reference.failure is not None:
-        print(
-            f"reference run: {outcome.cell_text()} — the cell cannot be judged\n{outcome.failure_message()}"
-        )
+        say(f"reference run: {outcome.cell_text()} — the cell cannot be judged\n{outcome.failure_message()}")
     return reference

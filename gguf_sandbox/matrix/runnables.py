@@ -10,6 +10,7 @@ from types import MappingProxyType
 
 from gguf_sandbox import units
 from gguf_sandbox.units import GIB, KIB, TIB, UnitError, format_size
+from gguf_sandbox.workloads.report import MAX_VECTORS
 
 
 class RunKind(str, enum.Enum):
@@ -77,7 +78,14 @@ _WORKLOAD_OPTIONS: Mapping[str, Option] = MappingProxyType(
         "batch": Option(OptionKind.INTEGER, 1, 1, 4096),
         "plan": Option(OptionKind.CHOICE, "auto", choices=PLAN_CHOICES),
         "pooling": Option(OptionKind.CHOICE, None, choices=POOLING_CHOICES),
+        # Whole vectors of N texts in the report (embed and the peers; the command refuses it elsewhere).
+        "vectors": Option(OptionKind.INTEGER, None, 0, MAX_VECTORS),
     }
+)
+
+# A peer embeds the corpus like `embed`: how many texts, how many per call, which pooling.
+_PEER_OPTIONS: Mapping[str, Option] = MappingProxyType(
+    {name: _WORKLOAD_OPTIONS[name] for name in ("count", "batch", "pooling", "vectors")}
 )
 
 _BOMB_OPTIONS: Mapping[str, Option] = MappingProxyType(
@@ -102,6 +110,9 @@ class Runnable:
     checks_vectors: bool = False
     # Its client runs on the host and drives a server started inside the cell (CellSpec.host_side).
     host_side: bool = False
+    # A peer engine (workloads/peers.py): runs where the peers are installed, and its vectors are compared
+    # by cosine with ours — the `embed` workload with the same options, unconstrained (its reference).
+    peer: bool = False
 
 
 WORKLOADS: Mapping[str, Runnable] = MappingProxyType(
@@ -111,6 +122,10 @@ WORKLOADS: Mapping[str, Runnable] = MappingProxyType(
         "embed": Runnable(_WORKLOAD_OPTIONS, needs_model=True, checks_vectors=True),
         "embed-concurrent": Runnable(_WORKLOAD_OPTIONS, needs_model=True, checks_vectors=True),
         "mcp": Runnable(_WORKLOAD_OPTIONS, needs_model=True, checks_vectors=True, host_side=True),
+        **{
+            name: Runnable(_PEER_OPTIONS, needs_model=True, checks_vectors=True, peer=True)
+            for name in ("llama-cpp", "sentence-transformers", "gguf-py")
+        },
     }
 )
 

@@ -160,7 +160,7 @@ def reference_spec(cell: Cell, memory: int) -> CellSpec:
     """
     if not cell.reference:
         raise MatrixError(f"cell {cell.cell_id}: it compares no vectors, so it has no reference run")
-    twin = replace(cell.spec, memory=memory)
+    twin = replace(cell.spec, memory=memory, argv=cell.reference_argv or cell.spec.argv)
     model = f"-{cell.model}" if cell.model else ""
     key = f"{twin.backend}-py{twin.python}-ref-{cell.workload}{model}-{cell_fingerprint(twin)}"
     return replace(twin, cell_id=key)
@@ -334,12 +334,13 @@ class MatrixRun:
             if reference.failure is not None:
                 self.progress.note(f"reference {twin.cell_id}: {outcome.cell_text()} — {outcome.reason}")
             self._references[twin.cell_id] = reference
-        return self._references[twin.cell_id]
+        return replace(self._references[twin.cell_id], min_cosine=cell.min_cosine)
 
 
 def _finish_text(record: CellRecord, outcome: Outcome) -> str:
     status = "" if record.ok else "  UNEXPECTED"
-    return f"{cell_text(record)} ({outcome.duration_s:.1f}s){status}"
+    agreed = f", cos {outcome.agreement.smallest:.5f}" if outcome.agreement is not None else ""
+    return f"{cell_text(record)} ({outcome.duration_s:.1f}s{agreed}){status}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,10 +15,13 @@ from typing import Any
 
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.floors import FloorTable
+from gguf_sandbox.matrix.agreement import PEER_MIN_COSINE
 from gguf_sandbox.matrix.runnables import ARGV_PREFIX, RUNNABLES, RunKind
 from gguf_sandbox.matrix.verdicts import Verdict
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, CellSpec
+from gguf_sandbox.sandbox.wheelhouse import PEER_REQUIREMENTS
 from gguf_sandbox.units import format_size
+from gguf_sandbox.workloads.report import SAMPLE_TEXTS
 
 SCHEMA_VERSION = 1
 GRACEFUL: frozenset[Verdict] = frozenset(v for v in Verdict if v.graceful)
@@ -29,6 +32,7 @@ GRACEFUL: frozenset[Verdict] = frozenset(v for v in Verdict if v.graceful)
 # below it (measured: mcp on docker, Python 3.12, degraded at 54m with a floor of 62m).
 FINISHED: frozenset[Verdict] = frozenset({Verdict.PASS, Verdict.DEGRADED})
 BELOW_FLOOR: frozenset[Verdict] = GRACEFUL
+NEAR_FLOOR_MIN = 4 << 20
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_REFERENCE_MEMORY = 2 << 30
 KNOWN_BACKENDS = ("docker", "cgroup")
@@ -83,6 +87,10 @@ class WorkloadDef:
     floor: int | None = None
     # False: only in the profiles that name it (`default: false`), e.g. a 4 GB model's cells.
     in_default: bool = True
+    # What its cells below their floor end with (`below_floor:`; None: graceful). A peer that is no bounded
+    # engine is OOM-killed there or thrashes to the timeout: [oom, timeout] says so, and near the floor a
+    # run may still finish (see expect_for).
+    below_floor: frozenset[Verdict] | None = None
 
     def argv(self) -> tuple[str, ...]:
         """The argv after `python`, with MODEL_PLACEHOLDER where the model path goes."""
@@ -96,6 +104,38 @@ class WorkloadDef:
         """Whether the runner drives this workload from the host (the `mcp` client) instead of running it."""
         runnable = RUNNABLES.get(self.kind, {}).get(self.target)
         return runnable is not None and runnable.host_side
+
+    @property
+    def peer(self) -> bool:
+        """Whether this entry runs a peer engine (llama.cpp, sentence-transformers, gguf-py)."""
+        runnable = RUNNABLES.get(self.kind, {}).get(self.target)
+        return runnable is not None and runnable.peer
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """What its cells install beyond the runtime requirements: the peers, for a peer."""
+        return PEER_REQUIREMENTS if self.peer else ()
+
+    @property
+    def min_cosine(self) -> float | None:
+        """A peer's vectors must agree with ours to this cosine (None: not a peer)."""
+        return PEER_MIN_COSINE if self.peer else None
+
+    @property
+    def reference_argv(self) -> tuple[str, ...] | None:
+        """A peer's reference: our `embed` workload with the same options, with the same texts' vectors
+        (None: the cell's own argv, unconstrained)."""
+        if not self.peer:
+            return None
+        return (
+            *ARGV_PREFIX[RunKind.WORKLOAD],
+            "embed",
+            "--model",
+            MODEL_PLACEHOLDER,
+            *self.args,
+            "--vectors",
+            str(SAMPLE_TEXTS),
+        )
 
     def with_options(self, overrides: Mapping[str, str]) -> WorkloadDef:
         """This entry with some options replaced (a profile's `args`)."""
@@ -244,7 +284,13 @@ class Matrix:
         """Allowed verdicts of the cell with these axes: the last matching rule, else graceful (refused,
         pass, degraded) below the cell's floor and the default (pass|degraded) at or above it."""
         floor = self.floor_for(axes)
-        verdicts = BELOW_FLOOR if floor is not None and axes["memory"] < floor else self.expect_default
+        verdicts = self.expect_default
+        if floor is not None and axes["memory"] < floor:
+            entry = self.workloads.get(axes["workload"])
+            declared = entry.below_floor if entry is not None else None
+            verdicts = BELOW_FLOOR if declared is None else declared
+            if declared is not None and floor - axes["memory"] <= near_floor(floor):
+                verdicts |= FINISHED
         for rule in self.expect_rules:
             if rule.match.matches(axes):
                 verdicts = rule.verdicts
@@ -271,10 +317,19 @@ class Cell:
     # The workload's client runs on the host and talks to a process in the cell over its stdin/stdout
     # (the `mcp` workload): the runner hands the cell to that client instead of calling Sandbox.run.
     host_side: bool = False
+    # A peer's reference is ours (`reference_argv`, run unconstrained), compared by cosine (`min_cosine`).
+    reference_argv: tuple[str, ...] | None = None
+    min_cosine: float | None = None
 
     @property
     def cell_id(self) -> str:
         return self.spec.cell_id
+
+
+def near_floor(floor: int) -> int:
+    """How far below a measured floor a run may still finish (a floor is where every repeat finished; the
+    two measurements of one floor differ by up to 4 MiB): max(4 MiB, floor / 16)."""
+    return max(NEAR_FLOOR_MIN, floor // 16)
 
 
 def version_key(text: str) -> tuple[int, ...]:

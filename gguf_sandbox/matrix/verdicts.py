@@ -12,7 +12,9 @@ The rule, in order (the first that applies decides):
             ERROR when that reference run failed or either side carries nothing to compare (a cell that
             cannot be judged never passes by accident); WRONG when the vectors differ (compared on
             `fingerprint` — floats, within FINGERPRINT_TOL — when the report has one, else on `checksum`
-            exactly; see comparable()). Then DEGRADED when the report says `degraded: true`, else PASS.
+            exactly; see comparable()); a peer, compared with ours, is WRONG when the cosine of its
+            `vectors` to ours falls below the reference's min_cosine (agreement.py).
+            Then DEGRADED when the report says `degraded: true`, else PASS.
 4. exit 3   REFUSED when stdout or stderr carries the JSON error ({"error": …, "kind": …});
             CRASH when it does not (a bare exit 3 is not a graceful refusal).
 5. anything else (tracebacks, other signals, SIGKILL below the limit) → CRASH.
@@ -25,10 +27,14 @@ import json
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gguf_sandbox.sandbox.base import IsolationReport, RunResult
 from gguf_sandbox.sandbox.sampling import Timeline
+
+if TYPE_CHECKING:
+    # Imported where used: the mcp workload reads reports with this module inside a cell.
+    from gguf_sandbox.matrix.agreement import Agreement
 
 
 class Verdict(str, enum.Enum):
@@ -60,10 +66,14 @@ FINGERPRINT_TOL = 1e-4
 
 @dataclass(frozen=True)
 class Reference:
-    """What a cell's unconstrained twin produced: the values to compare with, or why there are none."""
+    """What a cell's unconstrained twin produced: the values to compare with, or why there are none.
+
+    With `min_cosine` the twin is ours and the cell a peer: their `vectors` are compared by cosine.
+    """
 
     values: object = None
     failure: str | None = None
+    min_cosine: float | None = None
 
     @classmethod
     def failed(cls, why: str) -> Reference:
@@ -116,6 +126,8 @@ class Outcome:
     expected: frozenset[Verdict] = field(default_factory=frozenset)
     timeline: Timeline = field(default_factory=Timeline)
     isolation: IsolationReport | None = None
+    # A peer's vectors against ours (None: not a peer, or nothing to compare).
+    agreement: Agreement | None = None
 
     def cell_text(self) -> str:
         """Grid text: `pass 41/64M`."""
@@ -169,6 +181,7 @@ class Outcome:
             cell_id=str(data.get("cell_id") or ""),
             repro=repro,
             expected=expected,
+            agreement=_agreement_of(data.get("cosine_to_ours")),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -190,7 +203,16 @@ class Outcome:
             "report": dict(self.report) if self.report is not None else None,
             **self.timeline.to_json(),
             **({"isolation": self.isolation.to_json()} if self.isolation is not None else {}),
+            **({"cosine_to_ours": self.agreement.to_json()} if self.agreement is not None else {}),
         }
+
+
+def _agreement_of(data: object) -> Agreement | None:
+    if data is None:
+        return None
+    from gguf_sandbox.matrix.agreement import Agreement
+
+    return Agreement.from_json(data)
 
 
 def _number(value: Any, kind: type[int] | type[float]) -> Any:
@@ -228,9 +250,13 @@ def parse_report(stdout: str, required: Collection[str] = ()) -> dict[str, Any] 
 
 
 def comparable(report: Mapping[str, Any] | None) -> object:
-    """What a report offers for the reference comparison: its fingerprint floats, else its checksum."""
+    """What a report offers for the reference comparison: its whole vectors of some texts (ours, for the
+    peers compared with it), else its fingerprint floats, else its checksum."""
     if report is None:
         return None
+    vectors = report.get("vectors")
+    if isinstance(vectors, dict) and vectors:
+        return vectors
     fingerprint = report.get("fingerprint")
     if isinstance(fingerprint, list) and fingerprint:
         return fingerprint
@@ -272,7 +298,12 @@ def decide(
         sigkill=result.killed_by_sigkill,
         limit_reached=peak is not None and limit > 0 and peak >= limit - limit_slack(limit),
     )
-    verdict, reason = _verdict(result, report, reference, signals, needs_report)
+    agreed = None
+    if reference is not None and reference.min_cosine is not None:
+        from gguf_sandbox.matrix.agreement import agreement
+
+        agreed = agreement(comparable(report), reference.values)
+    verdict, reason = _verdict(result, report, reference, signals, needs_report, agreed=agreed)
     plan = report.get("plan") if report is not None else None
     return Outcome(
         verdict=verdict,
@@ -290,6 +321,7 @@ def decide(
         expected=expected,
         timeline=result.timeline,
         isolation=result.isolation if result.isolation.held or result.isolation.missing else None,
+        agreement=agreed,
     )
 
 
@@ -299,6 +331,8 @@ def _verdict(
     reference: Reference | None,
     signals: OomSignals,
     needs_report: bool,
+    *,
+    agreed: Agreement | None = None,
 ) -> tuple[Verdict, str]:
     if signals.kernel_kill:
         return Verdict.OOM, "the kernel OOM-killed a process in the cell"
@@ -309,7 +343,7 @@ def _verdict(
     if result.exit_code == 0:
         if report is None and not needs_report:
             return Verdict.PASS, "exit 0 (a command: no report is expected)"
-        return _finished(report, reference)
+        return _finished(report, reference, agreed)
     if result.exit_code == REFUSAL_EXIT_CODE:
         error = _refusal(report, result.stderr)
         if error is not None:
@@ -320,9 +354,13 @@ def _verdict(
     return Verdict.CRASH, f"exit code {result.exit_code}"
 
 
-def _finished(report: Mapping[str, Any] | None, reference: Reference | None) -> tuple[Verdict, str]:
+def _finished(
+    report: Mapping[str, Any] | None, reference: Reference | None, agreed: Agreement | None = None
+) -> tuple[Verdict, str]:
     if report is None:
         return Verdict.CRASH, "exit 0 without a JSON report on stdout"
+    if reference is not None and reference.min_cosine is not None:
+        return _agreeing(reference, agreed)
     if reference is not None:
         actual = comparable(report)
         if reference.failure is not None:
@@ -340,6 +378,20 @@ def _finished(report: Mapping[str, Any] | None, reference: Reference | None) -> 
         preferred = report.get("preferred_plan")
         return Verdict.DEGRADED, f"finished on plan {report.get('plan')!r} instead of {preferred!r}"
     return Verdict.PASS, "finished"
+
+
+def _agreeing(reference: Reference, agreed: Agreement | None) -> tuple[Verdict, str]:
+    """A peer's verdict against ours: PASS when its vectors agree to min_cosine, else WRONG (or ERROR)."""
+    if reference.failure is not None:
+        return Verdict.ERROR, f"cannot be judged: {reference.failure}"
+    if agreed is None:
+        return (
+            Verdict.ERROR,
+            "cannot be judged: the peer and ours carry no vectors of common texts to compare",
+        )
+    if reference.min_cosine is not None and agreed.smallest < reference.min_cosine:
+        return Verdict.WRONG, f"vectors differ from ours: {agreed.describe()} < {reference.min_cosine}"
+    return Verdict.PASS, f"finished; {agreed.describe()}"
 
 
 def _difference(actual: object, reference: object) -> str:

@@ -41,8 +41,9 @@ class CellSpec:
     timeout: float = 300.0
     model: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict)
-    # PyPI requirements the cell's Python needs beyond gguf-sandbox's own (the MCP SDK for `serve`):
-    # the cgroup backend installs them into a separate cached venv, docker images must already have them.
+    # PyPI requirements the cell's Python needs beyond gguf-sandbox's own (the peers of a peer cell): the
+    # cgroup backend installs them into a separate cached venv, docker runs the cell in the peers' image;
+    # both take source-only packages from the wheelhouse (sandbox/wheelhouse.py).
     requirements: tuple[str, ...] = ()
     # Extra host paths the argv names (`repro --mount`); matrix cells have none.
     mounts: tuple[Mount, ...] = ()

@@ -72,8 +72,10 @@ def ensure_venv(
     base: Interpreter,
     requirements: Sequence[str] = RUNTIME_REQUIREMENTS,
     cache: Path | None = None,
+    find_links: Sequence[Path] = (),
 ) -> Interpreter:
-    """The venv interpreter for `base` with `requirements` installed; built once, shared across processes."""
+    """The venv interpreter for `base` with `requirements` installed; built once, shared across processes.
+    `find_links`: directories of wheels pip takes first (the wheelhouse of wheels compiled here)."""
     root = venvs_dir(cache)
     root.mkdir(parents=True, exist_ok=True)
     key = _digest(base.version, str(base.path), *sorted(requirements))
@@ -98,6 +100,7 @@ def ensure_venv(
                         "install",
                         "--quiet",
                         "--disable-pip-version-check",
+                        *(word for link in find_links for word in ("--find-links", str(link))),
                         *requirements,
                     ],
                     env,

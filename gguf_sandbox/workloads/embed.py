@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gguf_sandbox.workloads.corpus import corpus
-from gguf_sandbox.workloads.report import Report, text_fingerprints
+from gguf_sandbox.workloads.report import Report, sample_indices, sample_vector, text_fingerprints
 
 Opener = Callable[[Path, argparse.Namespace], Any]
 
@@ -34,10 +34,16 @@ def describe_streaming(report: Report, embedder: Any) -> None:
         report.extra["streamed_gb_per_s"] = round(streamed / report.seconds / 1e9, 3)
 
 
-def embed(model: Path, options: argparse.Namespace, opener: Opener = _open_embedder) -> Report:
-    """Embed `count` sentences in batches of `batch`, one call per batch (`opener`: controls replace it)."""
-    report = Report("embed", model.name, unit_name="embeddings")
+def embed(
+    model: Path, options: argparse.Namespace, opener: Opener = _open_embedder, name: str = "embed"
+) -> Report:
+    """Embed `count` sentences in batches of `batch`, one call per batch (`opener`: controls and peers
+    replace it). With `vectors` N the report carries the whole vectors of N texts spread over the corpus
+    (`vectors`: {text index: unit vector}), which the harness compares with ours by cosine."""
+    report = Report(name, model.name, unit_name="embeddings")
     texts = corpus(options.count)
+    sampled = sample_indices(len(texts), getattr(options, "vectors", None) or 0)
+    samples: dict[str, list[float]] = {}
     with opener(model, options) as embedder:
         describe_engine(report, embedder)
         start = time.perf_counter()
@@ -49,9 +55,14 @@ def embed(model: Path, options: argparse.Namespace, opener: Opener = _open_embed
             report.fingerprint += text_fingerprints(vectors)
             if first == 0:
                 report.extra["dimension"] = int(vectors.shape[1])
+            for index in sampled:
+                if first <= index < first + len(vectors):
+                    samples[str(index)] = sample_vector(vectors[index - first])
         report.seconds = time.perf_counter() - start
         describe_streaming(report, embedder)
     report.units = report.count
+    if sampled:
+        report.extra["vectors"] = samples
     return report
 
 

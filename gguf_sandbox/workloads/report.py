@@ -18,6 +18,13 @@ EXIT_REFUSED = 3
 EXIT_BAD_INPUT = 4
 FINGERPRINT_DIMS = 16
 FINGERPRINT_DECIMALS = 7
+# Whole vectors a report carries when asked (`--vectors N`), for the cosine of a peer's vectors to ours:
+# texts spread evenly over the corpus, unit length, 6 decimals (a cosine error below 1e-9).
+SAMPLE_TEXTS = 8
+MAX_VECTORS = 64  # whole vectors one report line may carry: 64 × 4096 dimensions stay a few MB
+SAMPLE_DECIMALS = 6
+# The engines a report names the versions of, read from metadata (nothing is imported).
+VERSIONED = ("numpy", "gguf", "mcp", "llama-cpp-python", "torch", "sentence-transformers", "transformers")
 
 
 @dataclass
@@ -81,7 +88,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata
 
     found = {"python": platform.python_version()}
-    for name in ("numpy", "gguf", "mcp"):
+    for name in VERSIONED:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -120,3 +127,19 @@ def finish_vectors(report: Report, batch_sums: np.ndarray, count: int) -> None:
     mean = batch_sums.sum(axis=0, keepdims=True) / max(count, 1)
     report.fingerprint = fingerprint(mean)
     report.checksum = hashlib.sha256(np.round(mean, 4).tobytes()).hexdigest()[:16]
+
+
+def sample_indices(count: int, wanted: int) -> list[int]:
+    """`wanted` text indices spread evenly over `count` texts (all of them when there are fewer)."""
+    if wanted <= 0 or count <= 0:
+        return []
+    taken = min(wanted, count)
+    return [index * count // taken for index in range(taken)]
+
+
+def sample_vector(vector: np.ndarray) -> list[float]:
+    """One vector as a report carries it: unit length, SAMPLE_DECIMALS decimals."""
+    values = vector.astype(np.float64)
+    norm = float(np.linalg.norm(values))
+    unit = values / norm if norm > 0 else values
+    return [round(float(v), SAMPLE_DECIMALS) for v in unit]

@@ -478,3 +478,75 @@ def test_a_matrix_names_its_own_floors_file(tmp_path: Path) -> None:
     doc["floors"] = "absent.json"
     with pytest.raises(MatrixError, match=r"floors: .*absent.json: no such file"):
         parse(doc, base_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def peer_doc() -> dict[str, Any]:
+    doc = base_doc()
+    doc["workloads"]["llama"] = {
+        "workload": "llama-cpp",
+        "args": {"count": 10, "batch": 2},
+        "models": ["tiny"],
+        "below_floor": ["oom"],
+    }
+    return doc
+
+
+def test_peer_cells_install_the_peers_and_are_compared_with_ours_by_cosine() -> None:
+    from gguf_sandbox.matrix.agreement import PEER_MIN_COSINE
+    from gguf_sandbox.sandbox.wheelhouse import PEER_REQUIREMENTS
+
+    cells = {c.cell_id: c for c in expand_cells(build(peer_doc()), cache_dir=CACHE)}
+    peer, ours = cells["cgroup-py3.11-64m-llama-tiny"], cells["cgroup-py3.11-64m-embed-tiny"]
+    assert peer.spec.requirements == PEER_REQUIREMENTS and ours.spec.requirements == ()
+    assert peer.spec.argv[3] == "llama-cpp" and peer.reference and peer.min_cosine == PEER_MIN_COSINE
+    assert ours.reference_argv is None and ours.min_cosine is None
+    twin = reference_spec(peer, 2 << 30)
+    # The peer's twin is our embed workload, same options, unconstrained, carrying 8 texts' vectors.
+    assert twin.argv == (
+        *("-m", "gguf_sandbox", "workload", "embed", "--model", MODEL_PLACEHOLDER),
+        *("--count", "10", "--batch", "2", "--vectors", "8"),
+    )
+    assert twin.memory == 2 << 30 and twin.requirements == PEER_REQUIREMENTS
+    assert reference_spec(ours, 2 << 30).argv == ours.spec.argv
+
+
+def test_a_peer_below_its_measured_floor_is_expected_to_be_oom_killed() -> None:
+    doc = peer_doc()
+    doc["memory"] = ["64m", "96m", "128m", "256m"]
+    matrix = floored(doc, Floor("llama", "tiny", "3.11", "cgroup", size_at("100m", "t"), None, 1 << 20, 2))
+    expects = {c.cell_id: c.expect for c in expand_cells(matrix, backends=["cgroup"], cache_dir=CACHE)}
+    assert expects["cgroup-py3.11-64m-llama-tiny"] == {Verdict.OOM}
+    # 4 MiB below the floor (within max(4m, floor/16)) a run may still finish.
+    assert expects["cgroup-py3.11-96m-llama-tiny"] == {Verdict.OOM} | FINISHED
+    assert expects["cgroup-py3.11-128m-llama-tiny"] == FINISHED
+    # Ours declares no below_floor: below a floor it stays graceful (never an OOM kill).
+    ours = floored(doc, floor("embed", "100m"))
+    cells = {c.cell_id: c.expect for c in expand_cells(ours, backends=["cgroup"], cache_dir=CACHE)}
+    assert cells["cgroup-py3.11-64m-embed-tiny"] == GRACEFUL
+
+
+def test_a_peer_takes_no_plan_or_threads_and_below_floor_takes_verdicts() -> None:
+    doc = peer_doc()
+    doc["workloads"]["llama"]["args"]["plan"] = "streaming"
+    with pytest.raises(MatrixError, match=r"workloads\.llama\.args\.plan: unknown option"):
+        build(doc)
+    doc = peer_doc()
+    doc["workloads"]["llama"]["below_floor"] = ["dead"]
+    with pytest.raises(MatrixError, match=r"workloads\.llama\.below_floor\[0\]: unknown verdict 'dead'"):
+        build(doc)
+
+
+def test_the_peers_profile_of_the_repository_matrix() -> None:
+    matrix = load(REPO / "matrix.yaml", profile="peers")
+    peers = {w.name for w in matrix.workloads.values() if w.peer}
+    assert peers == {"llama-cpp", "sentence-transformers", "gguf-py", "llama-cpp-smollm2"}
+    below = frozenset({Verdict.OOM, Verdict.TIMEOUT})
+    assert all(matrix.workloads[name].below_floor == below for name in peers)
+    assert matrix.pythons == ("3.12",)
+    # Outside the profile no peer cell runs, and nothing is installed for the default matrix's cells.
+    default = load(REPO / "matrix.yaml")
+    cells = expand_cells(default, backends=["cgroup"], cache_dir=CACHE)
+    assert cells and not any(c.spec.requirements or c.min_cosine for c in cells)

@@ -261,3 +261,24 @@ def test_cli_refuses_an_output_that_is_a_file(tmp_path: Path, capsys: pytest.Cap
     (tmp_path / "out").write_text("x")
     assert main(["report", str(path), "--output", str(tmp_path / "out")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_floors_show_as_a_table_and_a_bar_chart_with_the_peers_columns(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from gguf_sandbox.floors import Floor, FloorTable, save_floors
+
+    evil = "<script>x</script>"
+    ours = Floor("embed", "minilm_q8_0", "3.12", "cgroup", 58 * MIB, 58 * MIB, MIB, 2, {"count": "1000"})
+    peer = replace(ours, workload="llama-cpp", floor=110 * MIB, seconds=12.5, cosine=0.99967)
+    save_floors(FloorTable((ours, peer, replace(ours, workload=evil, floor=7 * MIB))), tmp_path / "f.json")
+    report = load_report([write(tmp_path / "r.jsonl", grid_records())], tmp_path / "f.json")
+    html = render_html(report)
+    assert "<script" not in html and "cosine to ours" in html and "0.99967" in html and "12.5" in html
+    start = html.index('<svg class="floors"')
+    svg = ET.fromstring(html[start : html.index("</svg>", start) + len("</svg>")])
+    widths = [int(rect.get("width", "0")) for rect in svg.iter("rect")]
+    assert report.floors is not None
+    order = [f.workload for f in report.floors.floors]
+    # One bar per floor, in the table's order, the largest floor longest.
+    assert len(widths) == 3 and max(widths) == widths[order.index("llama-cpp")]

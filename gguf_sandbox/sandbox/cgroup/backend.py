@@ -23,6 +23,7 @@ from gguf_sandbox.sandbox.isolation import (
 )
 from gguf_sandbox.sandbox.sampling import SampleWatcher
 from gguf_sandbox.sandbox.venvs import RUNTIME_REQUIREMENTS, ensure_venv, package_root
+from gguf_sandbox.sandbox.wheelhouse import ensure_wheels
 
 
 def substitute_model(argv: Sequence[str], model: Path | None) -> tuple[str, ...]:
@@ -92,7 +93,14 @@ class CgroupSandbox:
         key = (python, tuple(requirements))
         with self._lock:
             if key not in self._venvs:
-                venv = ensure_venv(base, (*RUNTIME_REQUIREMENTS, *requirements), cache=self._cache)
+                # Peer cells: wheels PyPI has only as source come from the wheelhouse (compiled once).
+                links = ensure_wheels(base.path, python, requirements, self._cache) if requirements else None
+                venv = ensure_venv(
+                    base,
+                    (*RUNTIME_REQUIREMENTS, *requirements),
+                    cache=self._cache,
+                    find_links=(links,) if links is not None and links.is_dir() else (),
+                )
                 _compile_package(venv)
                 self._venvs[key] = venv
             return self._venvs[key]

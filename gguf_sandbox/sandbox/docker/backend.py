@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from gguf_sandbox.sandbox.base import (
 from gguf_sandbox.sandbox.docker.context import find_project_dir
 from gguf_sandbox.sandbox.docker.engine import engine_client
 from gguf_sandbox.sandbox.docker.images import SANDBOX_UID, build_image
+from gguf_sandbox.sandbox.docker.peer_images import build_peer_image
 from gguf_sandbox.sandbox.docker.probe import (
     CELL_WRAPPER,
     SAMPLE_INTERVAL_S,
@@ -183,7 +184,7 @@ class DockerSandbox:
 
     def __init__(self, project_dir: Path | None = None) -> None:
         self._project_dir = project_dir
-        self._images: dict[str, str] = {}
+        self._images: dict[tuple[str, tuple[str, ...]], str] = {}
         self._client: docker.DockerClient | None = None
         self.swept: list[str] = []
 
@@ -194,12 +195,18 @@ class DockerSandbox:
             self.swept = remove_stale_containers(self._client)
         return self._client
 
-    def image_for(self, python: str) -> str:
-        """The cell image for `python`, built or refreshed once per sandbox object."""
-        if python not in self._images:
+    def image_for(self, python: str, requirements: Sequence[str] = ()) -> str:
+        """The cell image for `python` (with `requirements`: the peers' image), built or refreshed once per
+        sandbox object."""
+        key = (python, tuple(requirements))
+        if key not in self._images:
             project = find_project_dir(self._project_dir)
-            self._images[python] = build_image(python, project, client=self._engine()).tag
-        return self._images[python]
+            if requirements:
+                build = build_peer_image(python, project, requirements, client=self._engine())
+            else:
+                build = build_image(python, project, client=self._engine())
+            self._images[key] = build.tag
+        return self._images[key]
 
     def unavailable_reason(self, python: str) -> str | None:
         try:
@@ -214,7 +221,7 @@ class DockerSandbox:
 
     def _prepare(self, spec: CellSpec) -> tuple[str, list[str]]:
         """The image and argv of a cell, and the reaper told about this process's containers."""
-        image = self.image_for(spec.python)
+        image = self.image_for(spec.python, spec.requirements)
         argv = container_argv(spec)
         if spec.model is not None and not spec.model.exists():
             raise SandboxError(f"cell {spec.cell_id}: model {spec.model} does not exist")

