@@ -1,4 +1,5 @@
-"""The GitHub workflow (matrix.yml): actionlint passes, and it installs what the README says."""
+"""The GitHub workflow (matrix.yml): actionlint (or, where it cannot install, GitHub's workflow schema)
+passes, and it installs what the README says."""
 
 from __future__ import annotations
 
@@ -25,6 +26,29 @@ def test_actionlint_passes() -> None:
         [actionlint, str(WORKFLOW)], capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def validate_against_schema(workflow: Path) -> subprocess.CompletedProcess[str]:
+    checker = shutil.which("check-jsonschema")
+    if checker is None:
+        pytest.skip("check-jsonschema is not installed (the lint extra)")
+    command = [checker, "--builtin-schema", "vendor.github-workflows", str(workflow)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_workflow_matches_githubs_schema() -> None:
+    done = validate_against_schema(WORKFLOW)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_schema_check_catches_a_misspelt_key(tmp_path: Path) -> None:
+    broken = tmp_path / "matrix.yml"
+    broken.write_text(
+        WORKFLOW.read_text(encoding="utf-8").replace("runs-on:", "runs_on:", 1), encoding="utf-8"
+    )
+    done = validate_against_schema(broken)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "runs_on" in done.stdout
 
 
 def test_shards_install_the_readme_main_job_line_and_merge_everything() -> None:
