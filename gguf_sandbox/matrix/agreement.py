@@ -35,10 +35,17 @@ class Agreement:
         """The agreement a record holds, or None when it holds none (or a damaged one)."""
         if not isinstance(data, Mapping):
             return None
-        values = [data.get(key) for key in ("min", "mean", "texts")]
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        smallest, mean, texts = (data.get(key) for key in ("min", "mean", "texts"))
+        if not (_cosine(smallest) and _cosine(mean)):
             return None
-        return cls(float(values[0]), float(values[1]), int(values[2]))  # type: ignore[arg-type]
+        if isinstance(texts, bool) or not isinstance(texts, int) or not 0 < texts <= MAX_TEXTS:
+            return None
+        return cls(float(smallest), float(mean), texts)  # type: ignore[arg-type]
+
+
+def _cosine(value: object) -> bool:
+    """Whether `value` is a number a cosine can be (finite, from -1 to 1)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and -1.0 <= value <= 1.0
 
 
 def sampled_vectors(value: object) -> dict[str, list[float]] | None:
@@ -57,6 +64,13 @@ def sampled_vectors(value: object) -> dict[str, list[float]] | None:
     return out
 
 
+def _scaled(vector: list[float]) -> list[float]:
+    """`vector` divided by its largest magnitude: its squares and products can neither overflow (a NaN
+    cosine) nor underflow (a zero norm), whatever the report's scale."""
+    largest = max(abs(x) for x in vector)
+    return [x / largest for x in vector] if largest > 0 else vector
+
+
 def agreement(actual: object, reference: object) -> Agreement | None:
     """Cosines of `actual`'s vectors to `reference`'s over their common texts; None when either carries
     none, they share no text, or a pair differs in dimension or has a zero vector."""
@@ -66,11 +80,12 @@ def agreement(actual: object, reference: object) -> Agreement | None:
     common = sorted(set(ours) & set(theirs))
     cosines = []
     for key in common:
-        a, b = theirs[key], ours[key]
+        a, b = _scaled(theirs[key]), _scaled(ours[key])
         norms = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
         if len(a) != len(b) or norms == 0:
             return None
-        cosines.append(sum(x * y for x, y in zip(a, b, strict=True)) / norms)
+        cosine = sum(x * y for x, y in zip(a, b, strict=True)) / norms
+        cosines.append(min(1.0, max(-1.0, cosine)))
     if not cosines:
         return None
     return Agreement(min(cosines), sum(cosines) / len(cosines), len(cosines))

@@ -105,3 +105,51 @@ def test_a_report_with_vectors_offers_them_for_comparison() -> None:
 def test_a_damaged_recorded_cosine_reads_as_none() -> None:
     assert Agreement.from_json({"min": "high", "mean": 1.0, "texts": 2}) is None
     assert Agreement.from_json([1.0]) is None
+
+
+@pytest.mark.parametrize(
+    ("vectors", "verdict"),
+    [
+        ({"0": [1.7e308, 1.7e308]}, Verdict.WRONG),
+        ({"0": [1e-200, 1e-200]}, Verdict.WRONG),
+        ({"0": [1.2e308, 1.6e308]}, Verdict.PASS),
+    ],
+    ids=["overflowing-products", "underflowing-squares", "overflowing-but-agreeing"],
+)
+def test_the_scale_of_a_hostile_report_gives_the_true_cosine_never_nan(
+    vectors: dict[str, list[float]], verdict: Verdict
+) -> None:
+    # A NaN cosine compares below nothing: taken for agreement, a wrong peer passed.
+    ours = {"0": [0.6, 0.8]}
+    found = agreement(vectors, ours)
+    x, y = vectors["0"]
+    expected = (0.6 * x / y + 0.8) / math.hypot(x / y, 1.0)
+    assert found is not None and found.smallest == pytest.approx(expected, abs=1e-12)
+    assert judge(vectors, Reference(ours, min_cosine=PEER_MIN_COSINE)).verdict is verdict
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"min": math.nan, "mean": 1.0, "texts": 2},
+        {"min": 1.0, "mean": math.inf, "texts": 2},
+        {"min": 5.0, "mean": 1.0, "texts": 2},
+        {"min": 1.0, "mean": 1.0, "texts": math.inf},
+        {"min": 1.0, "mean": 1.0, "texts": 2.5},
+        {"min": 1.0, "mean": 1.0, "texts": -3},
+        {"min": 1.0, "mean": 1.0, "texts": 10**400},
+    ],
+    ids=[
+        "nan-min",
+        "inf-mean",
+        "cosine-above-one",
+        "inf-texts",
+        "fractional-texts",
+        "negative-texts",
+        "huge-texts",
+    ],
+)
+def test_a_hostile_recorded_cosine_reads_as_none(data: dict[str, object]) -> None:
+    assert Agreement.from_json(data) is None
+    record = judge(OURS, Reference(OURS, min_cosine=PEER_MIN_COSINE)).to_json()
+    assert Outcome.from_json({**record, "cosine_to_ours": data}).agreement is None
