@@ -9,7 +9,6 @@ reads the file inside a cell before it imports anything large.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,6 +23,10 @@ FLOORS_FILE = Path(__file__).with_name("floors.json")
 SCHEMA_VERSION = 1
 # A floors file is a few kilobytes; anything far larger is not one (and is not read whole).
 MAX_FILE_BYTES = 4 << 20
+# Bounds of a record's numbers: a limit or peak beyond 1 PiB, or work lasting beyond ~32 years, is no
+# measurement (and would overflow the table's arithmetic: 10**400 bytes has no float in MiB).
+MAX_BYTES = 1 << 50
+MAX_SECONDS = 1e9
 
 
 class FloorsError(GGUFSandboxError):
@@ -70,16 +73,16 @@ class Floor:
             floor = cls(
                 workload=_text(data["workload"], f"{where}.workload"),
                 model=None if data.get("model") is None else _text(data["model"], f"{where}.model"),
-                python=_text(data["python"], f"{where}.python"),
+                python=_python(data["python"], f"{where}.python"),
                 backend=_text(data["backend"], f"{where}.backend"),
-                floor=_positive(data["floor"], f"{where}.floor"),
-                peak=None if data.get("peak") is None else _positive(data["peak"], f"{where}.peak"),
-                resolution=_positive(data.get("resolution", 1 << 20), f"{where}.resolution"),
+                floor=_size(data["floor"], f"{where}.floor"),
+                peak=None if data.get("peak") is None else _size(data["peak"], f"{where}.peak"),
+                resolution=_size(data.get("resolution", 1 << 20), f"{where}.resolution"),
                 repeat=_positive(data.get("repeat", 1), f"{where}.repeat"),
                 args=_strings(data.get("args", {}), f"{where}.args"),
                 measured_on=_strings(data.get("measured_on", {}), f"{where}.measured_on"),
-                seconds=_optional_number(data.get("seconds"), f"{where}.seconds"),
-                cosine=_optional_number(data.get("cosine"), f"{where}.cosine"),
+                seconds=_optional_number(data.get("seconds"), f"{where}.seconds", MAX_SECONDS),
+                cosine=_optional_number(data.get("cosine"), f"{where}.cosine", 1.0),
             )
         except KeyError as missing:
             raise FloorsError(f"{where}: missing key {missing}") from None
@@ -92,17 +95,34 @@ def _text(value: object, where: str) -> str:
     return value
 
 
+def _python(value: object, where: str) -> str:
+    text = _text(value, where)
+    parts = text.split(".")
+    if not 2 <= len(parts) <= 3 or not all(p.isascii() and p.isdigit() and len(p) <= 4 for p in parts):
+        raise FloorsError(f"{where}: expected a Python version such as 3.12, got {text[:40]!r}")
+    return text
+
+
 def _positive(value: object, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise FloorsError(f"{where}: expected a positive integer, got {value!r}")
     return value
 
 
-def _optional_number(value: object, where: str) -> float | None:
+def _size(value: object, where: str) -> int:
+    size = _positive(value, where)
+    if size > MAX_BYTES:
+        raise FloorsError(
+            f"{where}: expected a positive integer ≤ {MAX_BYTES:,}, got a {len(str(size))}-digit one"
+        )
+    return size
+
+
+def _optional_number(value: object, where: str, maximum: float) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise FloorsError(f"{where}: expected a finite number ≥ 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= maximum:
+        raise FloorsError(f"{where}: expected a finite number ≥ 0 and ≤ {maximum:g}, got {value!r}")
     return float(value)
 
 
@@ -188,7 +208,12 @@ def markdown_table(
 def per_thousand(floor: Floor) -> float | None:
     """Seconds the work at the floor took per 1000 texts (scaled from its `count`), None if not recorded."""
     count = floor.args.get("count", "")
-    if floor.seconds is None or not count.isdigit() or int(count) == 0:
+    # isdigit() alone admits '²' (which int() refuses) and 5,000 digits (over int()'s limit).
+    if (
+        floor.seconds is None
+        or not (count.isascii() and count.isdigit() and len(count) <= 12)
+        or int(count) == 0
+    ):
         return None
     return floor.seconds * 1000 / int(count)
 

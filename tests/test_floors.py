@@ -194,3 +194,54 @@ def test_the_table_shows_time_per_1000_texts_and_the_cosine_and_filters_workload
     assert "| — | — |" in next(line for line in lines if line.startswith("| embed "))
     only = markdown_table(table, workloads={"llama-cpp"}).splitlines()
     assert len(only) == 3 and only[2] == row
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"python": "3.²"}, r"floors\[0\]\.python: expected a Python version such as 3.12, got '3.²'"),
+        ({"python": "3." + "1" * 5000}, r"floors\[0\]\.python: expected a Python version"),
+        (
+            {"floor": 10**400},
+            r"floors\[0\]\.floor: expected a positive integer ≤ [\d,]+, got a 401-digit one",
+        ),
+        ({"peak": 10**400}, r"floors\[0\]\.peak: expected a positive integer ≤"),
+        ({"resolution": 10**400}, r"floors\[0\]\.resolution: expected a positive integer ≤"),
+        ({"seconds": 1e308}, r"floors\[0\]\.seconds: expected a finite number ≥ 0 and ≤ 1e\+09, got 1e\+308"),
+        ({"cosine": 5.0}, r"floors\[0\]\.cosine: expected a finite number ≥ 0 and ≤ 1, got 5.0"),
+    ],
+    ids=[
+        "superscript-python",
+        "huge-python",
+        "huge-floor",
+        "huge-peak",
+        "huge-resolution",
+        "huge-seconds",
+        "cosine",
+    ],
+)
+def test_hostile_numbers_are_one_clear_error_not_a_traceback_later(
+    tmp_path: Path, override: dict[str, object], message: str
+) -> None:
+    # Loaded, each of these crashed (or printed inf) where the table or the report computed with it.
+    (tmp_path / "floors.json").write_text(
+        json.dumps({"version": 1, "floors": [{**floor().to_json(), **override}]})
+    )
+    with pytest.raises(FloorsError, match=message) as error:
+        load_floors(tmp_path / "floors.json")
+    assert "\n" not in str(error.value) and len(str(error.value)) < 300
+
+
+@pytest.mark.parametrize(
+    "count",
+    ["²", "9" * 5000, "٣", "0", "-5", ""],
+    ids=["superscript", "huge", "arabic", "zero", "negative", "empty"],
+)
+def test_a_hostile_count_gives_no_time_per_1000_texts(count: str) -> None:
+    from dataclasses import replace
+
+    from gguf_sandbox.floors import markdown_table, per_thousand
+
+    hostile = replace(floor(), seconds=2.0, args={"count": count})
+    assert per_thousand(hostile) is None
+    assert "| — | — |" in markdown_table(FloorTable((hostile,))).splitlines()[-1]
