@@ -254,9 +254,12 @@ def load_floors(path: Path = FLOORS_FILE) -> FloorTable:
 
 def save_floors(table: FloorTable, path: Path = FLOORS_FILE) -> None:
     """Write the table atomically (a reader never sees half a file)."""
-    text = json.dumps(
-        {"version": SCHEMA_VERSION, "floors": [f.to_json() for f in table.floors]}, indent=2, sort_keys=True
-    )
+    data = {"version": SCHEMA_VERSION, "floors": [f.to_json() for f in table.floors]}
+    try:
+        # NaN or inf written would make the whole file unreadable (load_floors refuses them).
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError as error:
+        raise FloorsError(f"{path}: not written, a floor holds a number JSON has not ({error})") from None
     try:
         write_atomic(path, (text + "\n").encode("utf-8"))
     except OSError as error:

@@ -14,14 +14,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from gguf_sandbox.errors import MatrixError
-from gguf_sandbox.floors import FLOORS_FILE, Floor, record_floor
+from gguf_sandbox.floors import FLOORS_FILE, MAX_SECONDS, Floor, record_floor
 from gguf_sandbox.host import host_facts
 from gguf_sandbox.matrix.runner import run_spec
 from gguf_sandbox.matrix.schema import Cell
@@ -199,14 +199,13 @@ class Prober:
             versions = (outcome.report or {}).get("versions")
             if isinstance(versions, dict):
                 self.versions = {str(k): str(v) for k, v in versions.items()}
-            seconds = (outcome.report or {}).get("seconds")
             runs.append(
                 Run(
                     outcome.verdict,
                     outcome.peak,
                     outcome.duration_s,
                     outcome.reason,
-                    seconds=float(seconds) if isinstance(seconds, int | float) else None,
+                    seconds=_work_seconds(outcome.report),
                     cosine=outcome.agreement.smallest if outcome.agreement is not None else None,
                 )
             )
@@ -215,6 +214,15 @@ class Prober:
         done = Probe(limit, tuple(runs))
         self.out(done.line())
         return done
+
+
+def _work_seconds(report: Mapping[str, Any] | None) -> float | None:
+    """The seconds a report says its work took, when a number a floors file holds: the report is untrusted,
+    and NaN, inf, a bool or 10**400 recorded would leave a floors file no one reads back."""
+    seconds = (report or {}).get("seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds <= MAX_SECONDS:
+        return None
+    return float(seconds)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

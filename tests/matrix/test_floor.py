@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from gguf_sandbox.errors import MatrixError
-from gguf_sandbox.floors import load_floors
-from gguf_sandbox.matrix.floor import FINISHED, Probe, Run, bisect
+from gguf_sandbox.floors import Floor, FloorsError, FloorTable, load_floors, record_floor, save_floors
+from gguf_sandbox.matrix.expand import expand_cells
+from gguf_sandbox.matrix.floor import FINISHED, FloorContext, Probe, Prober, Run, bisect
 from gguf_sandbox.matrix.verdicts import Verdict
 
 MIB = 1 << 20
@@ -173,3 +176,37 @@ def test_the_recorded_mcp_floor_still_holds() -> None:
         f"the mcp floor moved above the recorded {recorded.floor >> 20} MiB: {done.stderr}"
     )
     assert json.loads(done.stdout)["floor"] <= recorded.floor
+
+
+@pytest.mark.parametrize(
+    "seconds",
+    [math.nan, math.inf, -1.0, True, 10**400, "12"],
+    ids=["nan", "inf", "negative", "bool", "huge-int", "text"],
+)
+def test_a_hostile_reports_seconds_never_reach_the_floors_file(tmp_path: Path, seconds: object) -> None:
+    """A run's report is untrusted: its seconds were recorded as given, and a NaN left a floors file that
+    load_floors (every run, serve) refused afterwards — or 10**400 ended the probe in an OverflowError."""
+    from tests.matrix.test_runner import FakeSandbox, build, finished, report
+
+    cell = next(
+        c
+        for c in expand_cells(build(tmp_path), backends=["cgroup"], cache_dir=tmp_path)
+        if c.workload == "embed"
+    )
+    sandbox = FakeSandbox("cgroup", behave=lambda spec: finished(spec, report(seconds=seconds)))
+    prober = Prober(sandbox, cell, 1, cold=False, out=lambda line: None)
+    probe = prober(cell.spec.memory)
+    assert probe.finished and probe.seconds is None
+    context = FloorContext(cell, "3.11", "cgroup", MIB, 1, cold=False)
+    record_floor(context.record(probe, {}), tmp_path / "floors.json")
+    (recorded,) = load_floors(tmp_path / "floors.json").floors
+    assert recorded.seconds is None and recorded.floor == cell.spec.memory
+
+
+def test_a_floor_with_a_number_json_lacks_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "floors.json"
+    good = Floor("embed", "m", "3.12", "cgroup", 64 * MIB, None, MIB, 1)
+    save_floors(FloorTable((good,)), path)
+    with pytest.raises(FloorsError, match=r"not written, a floor holds a number JSON has not"):
+        record_floor(replace(good, workload="llama-cpp", seconds=math.nan), path)
+    assert load_floors(path).floors == (good,)
