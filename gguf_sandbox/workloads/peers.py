@@ -78,7 +78,9 @@ class LlamaCpp(PeerEmbedder):
 
     def __init__(self, model: Path, pooling: str | None) -> None:
         llama_cpp = _require("llama_cpp", "llama-cpp-python")
-        self.pooling = pooling or _model_pooling(model)
+        # Our reader checks the file and --pooling first: llama.cpp's parser is not for hostile files, and
+        # an unknown pooling is no LLAMA_POOLING_TYPE_* of llama_cpp.
+        self.pooling = _model_pooling(model, pooling)
         self._llm = llama_cpp.Llama(
             model_path=str(model),
             embedding=True,
@@ -175,10 +177,13 @@ class GgufPy(PeerEmbedder):
         from gguf_sandbox.gguf.reader import GGUFFile
 
         gguf = _require("gguf", "gguf")
-        reader = gguf.GGUFReader(str(model))
+        # Our bounded reader checks the file first: GGUFReader ends a truncated or unreadable one in a
+        # traceback of its own.
         ours = GGUFFile.open(model)
         family = family_of(ours)
         layout = _with_pooling(family.read_layout(ours), pooling)
+        self._tokenize = family.tokenizer(ours)
+        reader = gguf.GGUFReader(str(model))
         arrays = {
             tensor.name: np.array(
                 gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32, copy=True
@@ -187,7 +192,6 @@ class GgufPy(PeerEmbedder):
             if tensor.name in layout.shapes
         }
         self._weights = DenseWeights(layout.config, arrays)
-        self._tokenize = family.tokenizer(ours)
         self._encode = family.encode
         self._cap = DEFAULT_CAP
         self._chunk_rows = rows_per_chunk(layout.config, DEFAULT_CAP)
@@ -203,13 +207,16 @@ class GgufPy(PeerEmbedder):
         return vectors.astype(np.float32, copy=False)
 
 
-def _model_pooling(model: Path) -> str:
-    """The pooling our engine would use for the file (its stated pooling, else mean/last by family)."""
+def _model_pooling(model: Path, pooling: str | None = None) -> str:
+    """The pooling our engine would use for the file (`pooling`, else its stated pooling, else mean/last by
+    family), the file read and checked by our reader on the way."""
     from gguf_sandbox.embed.architectures import family_of
+    from gguf_sandbox.embed.engine import _with_pooling
     from gguf_sandbox.gguf.reader import GGUFFile
 
-    gguf = GGUFFile.open(model)
-    return str(family_of(gguf).read_layout(gguf).config.pooling.name.lower())
+    with GGUFFile.open(model) as gguf:
+        layout = _with_pooling(family_of(gguf).read_layout(gguf), pooling)
+    return str(layout.config.pooling.name.lower())
 
 
 def llama_cpp(model: Path, options: argparse.Namespace) -> Report:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from gguf_sandbox.workloads.peers import (
     sentence_transformers,
 )
 from gguf_sandbox.workloads.report import SAMPLE_TEXTS, sample_indices, sample_vector
+from tests.gguf.hostile import CORPUS
 from tests.workloads.conftest import COUNT, options
 
 
@@ -127,3 +131,72 @@ def test_peer_options_that_mean_nothing_are_refused(
     assert cli.main(["workload", *argv[:1], "--model", "x.gguf", *argv[1:]]) == 4
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    folder = tmp_path_factory.mktemp("hostile")
+    return lambda entry_id: CORPUS[entry_id].make(folder)
+
+
+# The hostile corpus's entries a 64 MB cell refuses (huge-vocabulary) need that cell: a peer bounds nothing.
+UNBOUNDED = ("huge-vocabulary",)
+
+
+@pytest.mark.parametrize("entry_id", [e for e in CORPUS if e not in UNBOUNDED])
+def test_gguf_py_answers_the_hostile_corpus_as_workload_embed_does(
+    hostile: Callable[[str], Path], entry_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Our reader checks the file before gguf-py's GGUFReader sees it: GGUFReader ended a truncated file
+    in a ValueError traceback (cannot reshape), /proc/self/mem in an OSError one."""
+    entry = CORPUS[entry_id]
+    argv = ["workload", "gguf-py", "--model", str(hostile(entry_id)), "--count", "2"]
+    assert cli.main(argv) == entry.exits[2]
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(entry.message, err), err
+
+
+class FakeLlama:
+    """llama_cpp.Llama that must never be handed the file."""
+
+    def __init__(self, **kwargs: object) -> None:
+        raise AssertionError(f"llama.cpp was handed {kwargs.get('model_path')}")
+
+
+@pytest.fixture
+def fake_llama_cpp(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = types.ModuleType("llama_cpp")
+    module.Llama = FakeLlama  # type: ignore[attr-defined]
+    for name in ("NONE", "MEAN", "CLS", "LAST", "RANK"):
+        setattr(module, f"LLAMA_POOLING_TYPE_{name}", name)
+    monkeypatch.setitem(sys.modules, "llama_cpp", module)
+
+
+@pytest.mark.usefixtures("fake_llama_cpp")
+@pytest.mark.parametrize(
+    ("entry_id", "pooling", "message"),
+    [
+        (None, "bogus", r"unknown pooling 'bogus'; choose one of mean, cls, last"),
+        (None, "none", r"unknown pooling 'none'"),
+        ("truncated", "mean", CORPUS["truncated"].message),
+        ("nested-arrays", "mean", CORPUS["nested-arrays"].message),
+        ("eio-source", None, CORPUS["eio-source"].message),
+    ],
+    ids=["unknown-pooling", "pooling-none", "truncated", "nested-arrays", "eio-source"],
+)
+def test_llama_cpp_gets_only_files_and_poolings_our_reader_accepts(
+    model: Path,
+    hostile: Callable[[str], Path],
+    *,
+    entry_id: str | None,
+    pooling: str | None,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--pooling bogus ended in an AttributeError traceback (no LLAMA_POOLING_TYPE_BOGUS), and with any
+    --pooling a hostile file went straight to llama.cpp's own parser."""
+    path = model if entry_id is None else hostile(entry_id)
+    argv = ["workload", "llama-cpp", "--model", str(path), "--count", "2"]
+    assert cli.main([*argv, *(["--pooling", pooling] if pooling else [])]) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
