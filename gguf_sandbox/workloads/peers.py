@@ -94,7 +94,7 @@ class LlamaCpp(PeerEmbedder):
         )
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self._llm.embed(list(texts), normalize=True), dtype=np.float32)
+        return _finite(np.asarray(self._llm.embed(list(texts), normalize=True), dtype=np.float32))
 
     def close(self) -> None:
         self._llm.close()
@@ -125,7 +125,15 @@ class SentenceTransformers(PeerEmbedder):
             convert_to_numpy=True,
             show_progress_bar=False,
         )
-        return np.asarray(vectors, dtype=np.float32)
+        return _finite(np.asarray(vectors, dtype=np.float32))
+
+
+def _finite(vectors: np.ndarray) -> np.ndarray:
+    """A peer's vectors, or GGUFError when one holds NaN or infinity (corrupt weights): like ours, a peer's
+    NaN must not become a report's output (nor a cosine)."""
+    from gguf_sandbox.embed.bert import require_finite
+
+    return require_finite(vectors)
 
 
 def checkpoint_dir(package: str = CHECKPOINT_PACKAGE) -> Path:

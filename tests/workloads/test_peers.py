@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
@@ -200,3 +201,27 @@ def test_llama_cpp_gets_only_files_and_poolings_our_reader_accepts(
     assert cli.main([*argv, *(["--pooling", pooling] if pooling else [])]) == 4
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+class NanLlama:
+    """llama_cpp.Llama of a file whose weights are NaN (llama.cpp computes on them)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        del kwargs
+
+    def embed(self, texts: list[str], normalize: bool) -> list[list[float]]:
+        return [[math.nan, 0.5] for _ in texts]
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_peers_nan_vectors_are_one_line_not_output(
+    model: Path, fake_llama_cpp: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """llama.cpp on the corpus's nan-weights file printed a report of NaN fingerprints and vectors, exit 0."""
+    monkeypatch.setattr(sys.modules["llama_cpp"], "Llama", NanLlama)
+    assert cli.main(["workload", "llama-cpp", "--model", str(model), "--count", "2"]) == 4
+    out, err = capsys.readouterr()
+    assert "NaN" not in out.replace("NaN or infinite", "")
+    assert len(err.strip().splitlines()) == 1 and "produced NaN or infinite values" in err
