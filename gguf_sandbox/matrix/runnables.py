@@ -10,7 +10,7 @@ from types import MappingProxyType
 
 from gguf_sandbox import units
 from gguf_sandbox.units import GIB, KIB, TIB, UnitError, format_size
-from gguf_sandbox.workloads.report import MAX_VECTORS
+from gguf_sandbox.workloads.report import MAX_BATCH, MAX_COUNT, MAX_THREADS, MAX_VECTORS
 
 
 class RunKind(str, enum.Enum):
@@ -73,9 +73,9 @@ PLAN_CHOICES = ("auto", "resident-f32", "resident-quant", "streaming")
 POOLING_CHOICES = ("mean", "cls", "last")
 _WORKLOAD_OPTIONS: Mapping[str, Option] = MappingProxyType(
     {
-        "count": Option(OptionKind.INTEGER, None, 1, 1_000_000),
-        "threads": Option(OptionKind.INTEGER, 8, 1, 256),
-        "batch": Option(OptionKind.INTEGER, 1, 1, 4096),
+        "count": Option(OptionKind.INTEGER, None, 1, MAX_COUNT),
+        "threads": Option(OptionKind.INTEGER, 8, 1, MAX_THREADS),
+        "batch": Option(OptionKind.INTEGER, 1, 1, MAX_BATCH),
         "plan": Option(OptionKind.CHOICE, "auto", choices=PLAN_CHOICES),
         "pooling": Option(OptionKind.CHOICE, None, choices=POOLING_CHOICES),
         # Whole vectors of N texts in the report (embed and the peers; the command refuses it elsewhere).

@@ -16,6 +16,9 @@ from gguf_sandbox.workloads.report import (
     EXIT_BAD_INPUT,
     EXIT_OK,
     EXIT_REFUSED,
+    MAX_BATCH,
+    MAX_COUNT,
+    MAX_THREADS,
     MAX_VECTORS,
     SAMPLE_TEXTS,
     Report,
@@ -81,8 +84,14 @@ def run(args: argparse.Namespace) -> int:
         args.count = DEFAULT_COUNTS[args.name]
     if args.vectors is None:
         args.vectors = SAMPLE_TEXTS if args.name in PEER_WORKLOADS else 0
-    if args.count < 1 or args.batch < 1 or args.threads < 1:
-        return _fail(EXIT_BAD_INPUT, "ValueError", "--count, --batch and --threads must be at least 1")
+    if not (
+        1 <= args.count <= MAX_COUNT and 1 <= args.batch <= MAX_BATCH and 1 <= args.threads <= MAX_THREADS
+    ):
+        return _fail(
+            EXIT_BAD_INPUT,
+            "ValueError",
+            f"--count takes 1 to {MAX_COUNT:,}, --batch 1 to {MAX_BATCH:,} and --threads 1 to {MAX_THREADS}",
+        )
     if not 0 <= args.vectors <= MAX_VECTORS or (args.vectors and args.name not in VECTOR_WORKLOADS):
         return _fail(
             EXIT_BAD_INPUT,

@@ -22,6 +22,11 @@ FINGERPRINT_DECIMALS = 7
 # texts spread evenly over the corpus, unit length, 6 decimals (a cosine error below 1e-9).
 SAMPLE_TEXTS = 8
 MAX_VECTORS = 64  # whole vectors one report line may carry: 64 × 4096 dimensions stay a few MB
+# The largest options a workload runs with (the matrix's cells are bounded the same, matrix/runnables.py):
+# the corpus is built whole before the work starts, so --count 10**11 would be hours of building it first.
+MAX_COUNT = 1_000_000
+MAX_BATCH = 4096
+MAX_THREADS = 256
 SAMPLE_DECIMALS = 6
 # The engines a report names the versions of, read from metadata (nothing is imported).
 VERSIONED = ("numpy", "gguf", "mcp", "llama-cpp-python", "torch", "sentence-transformers", "transformers")

@@ -123,8 +123,22 @@ def test_a_missing_peer_is_one_line_with_exit_4(model: Path, tmp_path: Path) -> 
         (["llama-cpp", "--vectors", "65"], "--vectors takes 0 to 64 and applies to the embed, llama-cpp"),
         (["parse", "--vectors", "2"], "--vectors takes 0 to 64"),
         (["gguf-py", "--vectors", "-1"], "--vectors takes 0 to 64"),
+        # The corpus was built whole first: --count 10**11 ran for hours (or until the OOM killer).
+        (["gguf-py", "--count", "100000000000"], "--count takes 1 to 1,000,000, --batch 1 to 4,096"),
+        (["llama-cpp", "--count", "-5"], "--count takes 1 to 1,000,000"),
+        (["sentence-transformers", "--batch", "100000000"], "--batch 1 to 4,096"),
+        (["embed-concurrent", "--threads", "1000000"], "--threads 1 to 256"),
     ],
-    ids=["st-pooling", "too-many-vectors", "vectors-on-parse", "negative-vectors"],
+    ids=[
+        "st-pooling",
+        "too-many-vectors",
+        "vectors-on-parse",
+        "negative-vectors",
+        "huge-count",
+        "negative-count",
+        "huge-batch",
+        "huge-threads",
+    ],
 )
 def test_peer_options_that_mean_nothing_are_refused(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
