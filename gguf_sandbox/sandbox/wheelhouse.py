@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def find_wheel(directory: Path, requirement: str, python: str) -> Path | None:
         parts = wheel.name[: -len(".whl")].split("-")
         matches = len(parts) >= 5 and parts[0].lower() == name and parts[1] == version
         if matches and set(parts[-3].split(".")) & tags:
+            # Reused as it is by every venv and image: junk under a wheel's name must not pass for one.
+            if not (wheel.is_file() and zipfile.is_zipfile(wheel)):
+                raise SandboxError(
+                    f"wheelhouse: {wheel} is no wheel (not a zip archive: a damaged copy or another "
+                    "program's file); remove it and it is built again"
+                )
             return wheel
     return None
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,17 @@ from gguf_sandbox.sandbox.wheelhouse import (
 PYPROJECT = Path(gguf_sandbox.__file__).resolve().parent.parent / "pyproject.toml"
 LLAMA = "llama-cpp-python==0.3.36"
 PYTHON = Path("/opt/python3.12/bin/python3.12")
+
+
+def zip_bytes() -> bytes:
+    """An archive as small as a wheel can be (what find_wheel checks a wheel is)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("llama_cpp/__init__.py", "")
+    return buffer.getvalue()
+
+
+WHEEL = zip_bytes()
 
 
 @pytest.mark.skipif(not PYPROJECT.is_file(), reason="not running from the source tree")
@@ -60,7 +73,7 @@ def test_the_build_command_compiles_one_wheel_without_dependencies(tmp_path: Pat
 def test_a_wheel_is_reused_only_for_the_pythons_it_installs_on(
     tmp_path: Path, name: str, python: str, found: bool
 ) -> None:
-    (tmp_path / name).write_bytes(b"")
+    (tmp_path / name).write_bytes(WHEEL)
     assert (find_wheel(tmp_path, LLAMA, python) is not None) is found
 
 
@@ -83,7 +96,7 @@ class FakePip:
         assert kwargs["env"]["CMAKE_BUILD_PARALLEL_LEVEL"]
         if self.returncode == 0:
             directory = Path(command[command.index("--wheel-dir") + 1])
-            (directory / self.wheel).write_bytes(b"wheel")
+            (directory / self.wheel).write_bytes(WHEEL)
         return subprocess.CompletedProcess(command, self.returncode, "", "CMake Error: no compiler\n")
 
 
@@ -121,3 +134,26 @@ def test_the_real_command_runs_pip(tmp_path: Path) -> None:
     command = wheel_command(Path(sys.executable), LLAMA, tmp_path)
     done = subprocess.run([*command[:4], "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0 and "--no-binary" in done.stdout and "--wheel-dir" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "junk",
+    ["empty", "truncated", "directory"],
+)
+def test_junk_under_a_wheels_name_is_one_error_never_reused(tmp_path: Path, junk: str) -> None:
+    """Junk named as the wheel was 'reused' as it was: pip failed on it in every venv and image build later,
+    and a directory made the peer image's hash fail with IsADirectoryError."""
+    wheel = tmp_path / "wheels" / "llama_cpp_python-0.3.36-cp312-cp312-linux_x86_64.whl"
+    wheel.parent.mkdir()
+    if junk == "directory":
+        wheel.mkdir()
+    else:
+        wheel.write_bytes(WHEEL[: len(WHEEL) // 2] if junk == "truncated" else b"")
+    pip = FakePip()
+    with pytest.raises(
+        SandboxError, match=r"is no wheel \(not a zip archive.*remove it and it is built again"
+    ):
+        ensure_wheels(PYTHON, "3.12", (LLAMA,), tmp_path, log=lambda line: None, runner=pip)
+    assert pip.calls == [] and wheel.exists()
+    # Another Python's wheels are no concern of this one.
+    assert find_wheel(wheel.parent, LLAMA, "3.11") is None
