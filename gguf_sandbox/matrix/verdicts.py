@@ -269,6 +269,11 @@ def checksums_match(actual: object, reference: object) -> bool:
         return math.isclose(actual, reference, rel_tol=FINGERPRINT_TOL, abs_tol=FINGERPRINT_TOL)
     if isinstance(actual, list) and isinstance(reference, list):
         return len(actual) == len(reference) and all(map(checksums_match, actual, reference))
+    if isinstance(actual, Mapping) and isinstance(reference, Mapping):
+        # Whole vectors of some texts (our workload's --vectors): each within tolerance, as a fingerprint.
+        return actual.keys() == reference.keys() and all(
+            checksums_match(actual[k], reference[k]) for k in actual
+        )
     return actual == reference
 
 
@@ -404,6 +409,13 @@ def _difference(actual: object, reference: object) -> str:
         ]
         shown = ", ".join(f"[{i}] {actual[i]!r} vs {reference[i]!r}" for i in differing[:3])
         return f"{len(differing)} of {len(actual)} differ, e.g. {shown}"
+    if isinstance(actual, Mapping) and isinstance(reference, Mapping):
+        if actual.keys() != reference.keys():
+            return f"vectors of other texts than the reference's ({len(actual)} against {len(reference)})"
+        texts = [k for k in actual if not checksums_match(actual[k], reference[k])]
+        first = texts[0]
+        example = _difference(actual[first], reference[first])
+        return f"the vectors of {len(texts)} of {len(actual)} texts, e.g. text {first}: {example}"
     return f"{actual!r} vs {reference!r}"
 
 

@@ -253,3 +253,19 @@ def test_outcome_json_round_trips_the_evidence() -> None:
     assert data["verdict"] == "pass"
     assert data["oom"] == {"flag": False, "counter": 0, "sigkill": False, "limit_reached": False}
     assert json.loads(json.dumps(data)) == data
+
+
+def test_our_own_vectors_are_compared_within_the_fingerprint_tolerance() -> None:
+    """An `embed` cell with `vectors: N` in its args offers whole vectors for the comparison with its twin:
+    they were compared exactly, so a plan's last-digit difference (1e-6) was a WRONG cell."""
+    reference = {"0": [0.6, 0.8], "5": [1.0, 0.0]}
+    near = {"0": [0.600001, 0.799999], "5": [1.0, 0.0]}
+    assert checksums_match(near, reference)
+    report = {"workload": "embed", "vectors": near, "fingerprint": [0.6, 1.0]}
+    result = RunResult(0, False, False, 0, 30 << 20, 64 << 20, 1.0, json.dumps(report), "")
+    assert decide(result, report, Reference(reference)).verdict is Verdict.PASS
+    far = {**near, "5": [0.0, 1.0]}
+    outcome = decide(result, {**report, "vectors": far}, Reference(reference))
+    assert outcome.verdict is Verdict.WRONG
+    assert "the vectors of 1 of 2 texts, e.g. text 5: 2 of 2 differ" in outcome.reason
+    assert not checksums_match({"0": [0.6, 0.8]}, reference)
