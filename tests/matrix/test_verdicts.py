@@ -216,6 +216,9 @@ def test_parse_report_takes_the_last_json_object_line() -> None:
     assert parse_report(stdout) == {"b": 2}
     assert parse_report("no report\n") is None
     assert parse_report('{"broken": \n') is None
+    # Nested past json's recursion limit: a RecursionError ended the whole matrix run.
+    deep = '{"vectors": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert parse_report(f'{{"b": 2}}\n{deep}\n') == {"b": 2}
 
 
 def test_comparable_prefers_the_fingerprint() -> None:
