@@ -241,7 +241,7 @@ def load_floors(path: Path = FLOORS_FILE) -> FloorTable:
         raise FloorsError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes; not a floors file")
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise FloorsError(f"{path}: not a JSON floors file ({error})") from error
     if not isinstance(data, Mapping) or data.get("version") != SCHEMA_VERSION:
         raise FloorsError(f"{path}: expected {{'version': {SCHEMA_VERSION}, 'floors': [...]}}")

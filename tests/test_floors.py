@@ -70,6 +70,7 @@ def test_an_absent_file_holds_no_floors(tmp_path: Path) -> None:
         (b'{"version": 2, "floors": []}', "expected"),
         (b'{"version": 1, "floors": {}}', "'floors' must be a list"),
         (b'{"version": 1, "floors": [{"workload": "embed"}]}', "missing key"),
+        (b'{"version": 1, "floors": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "not a JSON floors file"),
         (
             b'{"version": 1, "floors": [{"workload": "e", "python": "3.12", "backend": "c", "floor": -1}]}',
             r"floors\[0\]\.floor: expected a positive integer",
@@ -79,7 +80,17 @@ def test_an_absent_file_holds_no_floors(tmp_path: Path) -> None:
             "expected a positive integer",
         ),
     ],
-    ids=["utf8", "json", "list", "version", "floors-map", "missing", "negative", "bool"],
+    ids=[
+        "utf8",
+        "json",
+        "list",
+        "version",
+        "floors-map",
+        "missing",
+        "nested-100000-deep",
+        "negative",
+        "bool",
+    ],
 )
 def test_damaged_files_are_one_clear_error(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "floors.json"

@@ -177,7 +177,7 @@ def _decode(line: bytes) -> tuple[dict[str, Any] | None, str]:
         return None, f"not UTF-8 (byte 0x{line[error.start]:02x} at column {error.start + 1})"
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past json's limit
         return None, "not JSON"
     if not isinstance(value, dict):
         return None, f"a JSON {type(value).__name__}, not a record"

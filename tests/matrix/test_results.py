@@ -248,6 +248,8 @@ DAMAGED_LINES = [
         b'{"kind": "cell", "cell_id": "w", "expected": "pass"}\n',
         "line 9: a malformed cell record ('expected'",
     ),
+    # Nested past json's recursion limit: a RecursionError ended report, merge and --resume.
+    (b'{"kind": "cell", "cell_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "line 10: not JSON"),
 ]
 
 
