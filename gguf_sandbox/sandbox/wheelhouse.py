@@ -118,7 +118,12 @@ def ensure_wheels(
     locks.mkdir(parents=True, exist_ok=True)
     with open(locks / "wheelhouse.lock", "w") as lock:
         # One build at a time, machine-wide: a second runner waits here and then finds the wheel.
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Minutes without a word would look like a hang.
+            log(f"wheelhouse: another process is compiling into {directory}; waiting for it …")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         for requirement in wanted:
             found = find_wheel(directory, requirement, version)
             if found is not None:

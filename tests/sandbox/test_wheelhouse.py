@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -157,3 +160,25 @@ def test_junk_under_a_wheels_name_is_one_error_never_reused(tmp_path: Path, junk
     assert pip.calls == [] and wheel.exists()
     # Another Python's wheels are no concern of this one.
     assert find_wheel(wheel.parent, LLAMA, "3.11") is None
+
+
+def test_a_second_build_waits_for_the_first_says_so_and_reuses_its_wheel(tmp_path: Path) -> None:
+    """Two runners at once: the second waited on the lock for the first's ~10 min build without a word."""
+    (tmp_path / "locks").mkdir()
+    lines: list[str] = []
+    pip = FakePip()
+    with open(tmp_path / "locks" / "wheelhouse.lock", "w") as first:
+        fcntl.flock(first, fcntl.LOCK_EX)  # the first runner, compiling
+        second = threading.Thread(
+            target=ensure_wheels,
+            args=(PYTHON, "3.12", (LLAMA,), tmp_path),
+            kwargs={"log": lines.append, "runner": pip},
+        )
+        second.start()
+        deadline = time.monotonic() + 30
+        while not lines and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lines and "another process is compiling into" in lines[0] and "waiting" in lines[0]
+        (tmp_path / "wheels" / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl").write_bytes(WHEEL)
+    second.join(30)
+    assert not second.is_alive() and pip.calls == [] and "reused" in lines[-1]
