@@ -10,6 +10,7 @@ from types import MappingProxyType
 
 from gguf_sandbox import units
 from gguf_sandbox.units import GIB, KIB, TIB, UnitError, format_size
+from gguf_sandbox.workloads.command import PEER_WORKLOADS, POOLING_WORKLOADS, VECTOR_WORKLOADS
 from gguf_sandbox.workloads.report import MAX_BATCH, MAX_COUNT, MAX_THREADS, MAX_VECTORS
 
 
@@ -78,15 +79,27 @@ _WORKLOAD_OPTIONS: Mapping[str, Option] = MappingProxyType(
         "batch": Option(OptionKind.INTEGER, 1, 1, MAX_BATCH),
         "plan": Option(OptionKind.CHOICE, "auto", choices=PLAN_CHOICES),
         "pooling": Option(OptionKind.CHOICE, None, choices=POOLING_CHOICES),
-        # Whole vectors of N texts in the report (embed and the peers; the command refuses it elsewhere).
+        # Whole vectors of N texts in the report (embed and the peers only: see _options_of).
         "vectors": Option(OptionKind.INTEGER, None, 0, MAX_VECTORS),
     }
 )
 
 # A peer embeds the corpus like `embed`: how many texts, how many per call, which pooling.
-_PEER_OPTIONS: Mapping[str, Option] = MappingProxyType(
-    {name: _WORKLOAD_OPTIONS[name] for name in ("count", "batch", "pooling", "vectors")}
-)
+_PEER_OPTIONS = ("count", "batch", "pooling", "vectors")
+
+
+def _options_of(workload: str, names: tuple[str, ...] = tuple(_WORKLOAD_OPTIONS)) -> Mapping[str, Option]:
+    """The options the `workload` command takes for it: --pooling and --vectors only where it applies them
+    (elsewhere the command refuses them, and every such cell would end as a crash at run time)."""
+    return MappingProxyType(
+        {
+            name: _WORKLOAD_OPTIONS[name]
+            for name in names
+            if (name != "pooling" or workload in POOLING_WORKLOADS)
+            and (name != "vectors" or workload in VECTOR_WORKLOADS)
+        }
+    )
+
 
 _BOMB_OPTIONS: Mapping[str, Option] = MappingProxyType(
     {
@@ -117,14 +130,14 @@ class Runnable:
 
 WORKLOADS: Mapping[str, Runnable] = MappingProxyType(
     {
-        "parse": Runnable(_WORKLOAD_OPTIONS, needs_model=True),
-        "stream": Runnable(_WORKLOAD_OPTIONS, needs_model=True),
-        "embed": Runnable(_WORKLOAD_OPTIONS, needs_model=True, checks_vectors=True),
-        "embed-concurrent": Runnable(_WORKLOAD_OPTIONS, needs_model=True, checks_vectors=True),
-        "mcp": Runnable(_WORKLOAD_OPTIONS, needs_model=True, checks_vectors=True, host_side=True),
+        "parse": Runnable(_options_of("parse"), needs_model=True),
+        "stream": Runnable(_options_of("stream"), needs_model=True),
+        "embed": Runnable(_options_of("embed"), needs_model=True, checks_vectors=True),
+        "embed-concurrent": Runnable(_options_of("embed-concurrent"), needs_model=True, checks_vectors=True),
+        "mcp": Runnable(_options_of("mcp"), needs_model=True, checks_vectors=True, host_side=True),
         **{
-            name: Runnable(_PEER_OPTIONS, needs_model=True, checks_vectors=True, peer=True)
-            for name in ("llama-cpp", "sentence-transformers", "gguf-py")
+            name: Runnable(_options_of(name, _PEER_OPTIONS), needs_model=True, checks_vectors=True, peer=True)
+            for name in PEER_WORKLOADS
         },
     }
 )
