@@ -84,8 +84,10 @@ _WORKLOAD_OPTIONS: Mapping[str, Option] = MappingProxyType(
     }
 )
 
-# A peer embeds the corpus like `embed`: how many texts, how many per call, which pooling.
+# A peer embeds the corpus like `embed`: how many texts, how many per call, which pooling, and the whole
+# vectors of how many texts — at least one: they are how it is judged (by cosine to ours).
 _PEER_OPTIONS = ("count", "batch", "pooling", "vectors")
+_PEER_VECTORS = Option(OptionKind.INTEGER, None, 1, MAX_VECTORS)
 
 
 def _options_of(workload: str, names: tuple[str, ...] = tuple(_WORKLOAD_OPTIONS)) -> Mapping[str, Option]:
@@ -136,7 +138,12 @@ WORKLOADS: Mapping[str, Runnable] = MappingProxyType(
         "embed-concurrent": Runnable(_options_of("embed-concurrent"), needs_model=True, checks_vectors=True),
         "mcp": Runnable(_options_of("mcp"), needs_model=True, checks_vectors=True, host_side=True),
         **{
-            name: Runnable(_options_of(name, _PEER_OPTIONS), needs_model=True, checks_vectors=True, peer=True)
+            name: Runnable(
+                MappingProxyType({**_options_of(name, _PEER_OPTIONS), "vectors": _PEER_VECTORS}),
+                needs_model=True,
+                checks_vectors=True,
+                peer=True,
+            )
             for name in PEER_WORKLOADS
         },
     }

@@ -127,15 +127,9 @@ class WorkloadDef:
         (None: the cell's own argv, unconstrained)."""
         if not self.peer:
             return None
-        return (
-            *ARGV_PREFIX[RunKind.WORKLOAD],
-            "embed",
-            "--model",
-            MODEL_PLACEHOLDER,
-            *self.args,
-            "--vectors",
-            str(SAMPLE_TEXTS),
-        )
+        # The peer's own `vectors:` when given (else both carry SAMPLE_TEXTS): the same texts on both sides.
+        vectors = () if "vectors" in self.options else ("--vectors", str(SAMPLE_TEXTS))
+        return (*ARGV_PREFIX[RunKind.WORKLOAD], "embed", "--model", MODEL_PLACEHOLDER, *self.args, *vectors)
 
     def with_options(self, overrides: Mapping[str, str]) -> WorkloadDef:
         """This entry with some options replaced (a profile's `args`)."""

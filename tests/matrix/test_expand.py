@@ -550,3 +550,19 @@ def test_the_peers_profile_of_the_repository_matrix() -> None:
     default = load(REPO / "matrix.yaml")
     cells = expand_cells(default, backends=["cgroup"], cache_dir=CACHE)
     assert cells and not any(c.spec.requirements or c.min_cosine for c in cells)
+
+
+def test_a_peers_own_vectors_are_its_references_too_and_it_carries_at_least_one() -> None:
+    """vectors: 3 on a peer gave ours `--vectors 3 --vectors 8` (8 texts) against the peer's 3: one text in
+    common judged the peer; vectors: 0 left every peer cell an error (nothing to judge it by)."""
+    doc = peer_doc()
+    doc["workloads"]["llama"]["args"]["vectors"] = 3
+    peer = next(c for c in expand_cells(build(doc), cache_dir=CACHE) if c.workload == "llama")
+    twin = reference_spec(peer, 2 << 30)
+    assert twin.argv.count("--vectors") == 1 and twin.argv[-2:] == ("--vectors", "3")
+    assert peer.spec.argv[-2:] == ("--vectors", "3")
+    doc["workloads"]["llama"]["args"]["vectors"] = 0
+    with pytest.raises(
+        MatrixError, match=r"workloads\.llama\.args\.vectors: 0 is out of range: give a whole number from 1"
+    ):
+        build(doc)
