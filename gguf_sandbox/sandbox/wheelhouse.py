@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from gguf_sandbox.errors import SandboxError
-from gguf_sandbox.paths import locks_dir, wheels_dir
+from gguf_sandbox.paths import CACHE_VARIABLE, locks_dir, wheels_dir
 
 # What peer cells install beyond the runtime requirements; kept equal to pyproject.toml's `peers` extra (a
 # test checks it). torch==2.13.0 is whatever build the index offers for the Python (PyPI's Linux wheels are
@@ -113,23 +113,30 @@ def ensure_wheels(
     wanted = [r for r in requirements if r in SOURCE_BUILT]
     if not wanted:
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    locks = locks_dir(cache)
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / "wheelhouse.lock", "w") as lock:
-        # One build at a time, machine-wide: a second runner waits here and then finds the wheel.
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            # Minutes without a word would look like a hang.
-            log(f"wheelhouse: another process is compiling into {directory}; waiting for it …")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        for requirement in wanted:
-            found = find_wheel(directory, requirement, version)
-            if found is not None:
-                log(f"wheelhouse: {found.name} (built before, reused)")
-                continue
-            _build(python, version, requirement, directory, log=log, runner=runner)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        locks = locks_dir(cache)
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / "wheelhouse.lock", "w") as lock:
+            # One build at a time, machine-wide: a second runner waits here and then finds the wheel.
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                # Minutes without a word would look like a hang.
+                log(f"wheelhouse: another process is compiling into {directory}; waiting for it …")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            for requirement in wanted:
+                found = find_wheel(directory, requirement, version)
+                if found is not None:
+                    log(f"wheelhouse: {found.name} (built before, reused)")
+                    continue
+                _build(python, version, requirement, directory, log=log, runner=runner)
+    except OSError as error:
+        # A file where the cache's wheels or locks directory goes, a read-only cache, a full disk.
+        raise SandboxError(
+            f"wheelhouse {directory}: {error}; hint: the cache (${CACHE_VARIABLE}) must be a writable "
+            "directory"
+        ) from None
     return directory
 
 

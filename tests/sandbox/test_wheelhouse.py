@@ -182,3 +182,15 @@ def test_a_second_build_waits_for_the_first_says_so_and_reuses_its_wheel(tmp_pat
         (tmp_path / "wheels" / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl").write_bytes(WHEEL)
     second.join(30)
     assert not second.is_alive() and pip.calls == [] and "reused" in lines[-1]
+
+
+@pytest.mark.parametrize("junk", ["wheels", "locks"])
+def test_a_file_where_the_wheelhouse_goes_is_one_error(tmp_path: Path, junk: str) -> None:
+    """A file where the wheels (or locks) directory goes escaped as a FileExistsError, not the SandboxError
+    a runner records for the cell."""
+    (tmp_path / junk).write_text("not a directory\n")
+    with pytest.raises(
+        SandboxError, match=r"^wheelhouse .*wheels: \[Errno \d+\] .*must be a writable directory"
+    ):
+        ensure_wheels(PYTHON, "3.12", (LLAMA,), tmp_path, log=lambda line: None, runner=FakePip())
+    assert (tmp_path / junk).read_text() == "not a directory\n"
