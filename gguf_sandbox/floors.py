@@ -27,6 +27,8 @@ MAX_FILE_BYTES = 4 << 20
 # measurement (and would overflow the table's arithmetic: 10**400 bytes has no float in MiB).
 MAX_BYTES = 1 << 50
 MAX_SECONDS = 1e9
+# A cosine is at most 1; records written before cosines were clamped may hold 1 + a rounding error.
+MAX_COSINE = 1.0 + 1e-9
 
 
 class FloorsError(GGUFSandboxError):
@@ -82,7 +84,7 @@ class Floor:
                 args=_strings(data.get("args", {}), f"{where}.args"),
                 measured_on=_strings(data.get("measured_on", {}), f"{where}.measured_on"),
                 seconds=_optional_number(data.get("seconds"), f"{where}.seconds", MAX_SECONDS),
-                cosine=_optional_number(data.get("cosine"), f"{where}.cosine", 1.0),
+                cosine=_optional_number(data.get("cosine"), f"{where}.cosine", MAX_COSINE),
             )
         except KeyError as missing:
             raise FloorsError(f"{where}: missing key {missing}") from None

@@ -256,3 +256,10 @@ def test_a_hostile_count_gives_no_time_per_1000_texts(count: str) -> None:
     hostile = replace(floor(), seconds=2.0, args={"count": count})
     assert per_thousand(hostile) is None
     assert "| — | — |" in markdown_table(FloorTable((hostile,))).splitlines()[-1]
+
+
+def test_a_cosine_a_rounding_error_above_1_still_loads(tmp_path: Path) -> None:
+    """Records written before cosines were clamped may hold one: they must not make the file unreadable."""
+    entry = {**floor().to_json(), "cosine": 1.0000000000000002}
+    (tmp_path / "floors.json").write_text(json.dumps({"version": 1, "floors": [entry]}))
+    assert load_floors(tmp_path / "floors.json").floors[0].cosine == 1.0000000000000002
