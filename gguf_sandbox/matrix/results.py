@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from gguf_sandbox import log
 from gguf_sandbox.errors import GGUFSandboxError
-from gguf_sandbox.matrix.verdicts import Verdict
+from gguf_sandbox.matrix.verdicts import MAX_SIZE, Verdict
 from gguf_sandbox.signals import deferred_signals
 
 LOG = log.get(__name__)
@@ -79,18 +79,26 @@ class CellRecord:
             cell_id=_field(data, "cell_id", str),
             backend=str(data.get("backend", "")),
             python=str(data.get("python", "")),
-            memory=_field(data, "memory", int, 0),
+            memory=_size(data, "memory", 0),
             memory_label=str(data.get("memory_label", "")),
             workload=str(data.get("workload", "")),
             model=_field(data, "model", str, None),
             expected=frozenset(Verdict(v) for v in expected),
             verdict=Verdict(verdict) if verdict else None,
-            peak=_field(data, "peak", int, None),
-            limit=_field(data, "limit", int, None),
+            peak=_size(data, "peak", None),
+            limit=_size(data, "limit", None),
             reason=str(data.get("reason", "")),
             fingerprint=str(data.get("fingerprint", "")),
             repro=str(data.get("repro") or ""),
         )
+
+
+def _size(data: Mapping[str, Any], key: str, default: int | None) -> int | None:
+    """data[key] when a size from 0 to MAX_SIZE bytes, else `default` when absent; ValueError otherwise."""
+    value: int | None = _field(data, key, int, default)
+    if value is not None and not 0 <= value <= MAX_SIZE:
+        raise ValueError(f"{key!r} is {'negative' if value < 0 else 'over 1 EiB'}, not a size in bytes")
+    return value
 
 
 _T = TypeVar("_T")

@@ -62,6 +62,9 @@ LIMIT_SLACK_MIN = 1 << 20
 LIMIT_SLACK_FRACTION = 1 / 64
 # Plans may differ by ~1e-6 per vector element; a broken forward pass differs by orders more.
 FINGERPRINT_TOL = 1e-4
+# The largest memory size a report or record may state (1 EiB): beyond it a size is damage, and 10**400
+# bytes has no float in MiB for a grid to show.
+MAX_SIZE = 1 << 60
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,8 @@ def _number(value: Any, kind: type[int] | type[float]) -> Any:
         return None
     if kind is int and not isinstance(value, int):
         return None
+    if isinstance(value, int):  # always finite, but math.isfinite(10**400) raises OverflowError
+        return value if abs(value) <= MAX_SIZE else None
     return value if math.isfinite(value) else None
 
 
@@ -429,5 +434,8 @@ def _refusal(report: Mapping[str, Any] | None, stderr: str) -> str | None:
 
 
 def _report_int(report: Mapping[str, Any] | None, key: str) -> int | None:
+    """A size the report states (cgroup_peak), when one from 0 to MAX_SIZE: the report is untrusted."""
     value = report.get(key) if report is not None else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return (
+        value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SIZE else None
+    )

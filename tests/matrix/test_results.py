@@ -250,7 +250,17 @@ DAMAGED_LINES = [
     ),
     # Nested past json's recursion limit: a RecursionError ended report, merge and --resume.
     (b'{"kind": "cell", "cell_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "line 10: not JSON"),
+    # 10**400 bytes: report and the grid ended in an OverflowError (no float in MiB) showing it.
+    (
+        b'{"kind": "cell", "cell_id": "v", "peak": 1' + b"0" * 400 + b"}\n",
+        "line 11: a malformed cell record ('peak' is over 1 EiB, not a size in bytes)",
+    ),
 ]
+
+
+def test_a_negative_size_is_a_malformed_record() -> None:
+    with pytest.raises(ValueError, match=r"'limit' is negative, not a size in bytes"):
+        CellRecord.from_json(record(limit=-5))
 
 
 def damaged_store(path: Path) -> None:

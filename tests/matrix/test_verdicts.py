@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from gguf_sandbox.matrix.verdicts import (
+    Outcome,
     Reference,
     Verdict,
     checksums_match,
@@ -272,3 +273,15 @@ def test_our_own_vectors_are_compared_within_the_fingerprint_tolerance() -> None
     assert outcome.verdict is Verdict.WRONG
     assert "the vectors of 1 of 2 texts, e.g. text 5: 2 of 2 differ" in outcome.reason
     assert not checksums_match({"0": [0.6, 0.8]}, reference)
+
+
+@pytest.mark.parametrize("peak", [10**400, -1, 2**61], ids=["10^400", "negative", "over-1-EiB"])
+def test_a_reports_hostile_cgroup_peak_is_no_peak(peak: int) -> None:
+    """Where the backend measured no peak the report's cgroup_peak stood in as given: 10**400 ended the
+    run's grid line (peak in MiB) in an OverflowError, and Outcome.from_json in another (math.isfinite)."""
+    report = {"workload": "embed", "fingerprint": [1.0], "cgroup_peak": peak}
+    result = RunResult(0, False, False, 0, None, 64 << 20, 1.0, json.dumps(report), "")
+    outcome = decide(result, report, None)
+    assert outcome.peak is None and outcome.cell_text() == "pass ?/64M"
+    if peak > 0:  # a record's negative peak is refused where results are read (CellRecord)
+        assert Outcome.from_json({**outcome.to_json(), "peak": peak}).peak is None
