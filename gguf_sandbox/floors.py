@@ -23,9 +23,9 @@ FLOORS_FILE = Path(__file__).with_name("floors.json")
 SCHEMA_VERSION = 1
 # A floors file is a few kilobytes; anything far larger is not one (and is not read whole).
 MAX_FILE_BYTES = 4 << 20
-# Bounds of a record's numbers: a limit or peak beyond 1 PiB, or work lasting beyond ~32 years, is no
-# measurement (and would overflow the table's arithmetic: 10**400 bytes has no float in MiB).
-MAX_BYTES = 1 << 50
+# Bounds of a record's numbers: a limit or peak beyond 1 EiB (as results records), or work lasting beyond
+# ~32 years, is no measurement (and would overflow the table's arithmetic: 10**400 bytes has no float in MiB).
+MAX_BYTES = 1 << 60
 MAX_SECONDS = 1e9
 # A cosine is at most 1; records written before cosines were clamped may hold 1 + a rounding error.
 MAX_COSINE = 1.0 + 1e-9
@@ -257,6 +257,10 @@ def load_floors(path: Path = FLOORS_FILE) -> FloorTable:
 def save_floors(table: FloorTable, path: Path = FLOORS_FILE) -> None:
     """Write the table atomically (a reader never sees half a file)."""
     data = {"version": SCHEMA_VERSION, "floors": [f.to_json() for f in table.floors]}
+    for index, entry in enumerate(data["floors"]):
+        # What load_floors would refuse (a peak of 0 a report claimed) is never written: the file stays
+        # readable.
+        Floor.from_json(entry, f"{path.name}: not written, floors[{index}]")
     try:
         # NaN or inf written would make the whole file unreadable (load_floors refuses them).
         text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)

@@ -207,6 +207,11 @@ def test_a_floor_with_a_number_json_lacks_leaves_the_file_as_it_was(tmp_path: Pa
     path = tmp_path / "floors.json"
     good = Floor("embed", "m", "3.12", "cgroup", 64 * MIB, None, MIB, 1)
     save_floors(FloorTable((good,)), path)
-    with pytest.raises(FloorsError, match=r"not written, a floor holds a number JSON has not"):
+    with pytest.raises(FloorsError, match=r"not written, floors\[1\]\.seconds: expected a finite number"):
         record_floor(replace(good, workload="llama-cpp", seconds=math.nan), path)
+    # A peak of 0 (a report's cgroup_peak stands in where the backend measured none) load_floors refuses.
+    with pytest.raises(
+        FloorsError, match=r"not written, floors\[1\]\.peak: expected a positive integer, got 0"
+    ):
+        record_floor(replace(good, workload="mcp", peak=0), path)
     assert load_floors(path).floors == (good,)
