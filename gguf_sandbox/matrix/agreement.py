@@ -56,9 +56,7 @@ def sampled_vectors(value: object) -> dict[str, list[float]] | None:
     for key, vector in value.items():
         if not isinstance(key, str) or not isinstance(vector, list) or not 0 < len(vector) <= MAX_DIMENSION:
             return None
-        if not all(
-            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in vector
-        ):
+        if not all(_finite(x) for x in vector):
             return None
         out[key] = [float(x) for x in vector]
     return out
@@ -69,6 +67,16 @@ def _scaled(vector: list[float]) -> list[float]:
     cosine) nor underflow (a zero norm), whatever the report's scale."""
     largest = max(abs(x) for x in vector)
     return [x / largest for x in vector] if largest > 0 else vector
+
+
+def _finite(value: object) -> bool:
+    """Whether `value` is a number with a finite float (JSON's 10**400 is an int no float holds)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def agreement(actual: object, reference: object) -> Agreement | None:

@@ -52,6 +52,7 @@ def test_identical_vectors_agree_to_one_and_a_turn_gives_its_cosine() -> None:
         {"0": [1.0, 0.0]},
         {"9": [1.0, 0.0, 0.0]},
         {str(i): [1.0] for i in range(65)},
+        {"0": [10**400, 0.0, 0.0]},
     ],
     ids=[
         "none",
@@ -66,6 +67,7 @@ def test_identical_vectors_agree_to_one_and_a_turn_gives_its_cosine() -> None:
         "other-dimension",
         "no-common-text",
         "too-many",
+        "int-beyond-float",
     ],
 )
 def test_hostile_or_unmatched_vectors_give_no_agreement(vectors: object) -> None:
@@ -73,6 +75,8 @@ def test_hostile_or_unmatched_vectors_give_no_agreement(vectors: object) -> None
 
 
 def test_sampled_vectors_are_checked_before_use() -> None:
+    # JSON's 10**400 is an int no float holds: math.isfinite raised OverflowError, ending the whole run.
+    assert sampled_vectors({"0": [1.0, 10**400]}) is None
     assert sampled_vectors({"0": [1, 2.5]}) == {"0": [1.0, 2.5]}
     assert sampled_vectors({0: [1.0]}) is None
 
