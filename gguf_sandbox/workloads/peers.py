@@ -41,7 +41,9 @@ def _require(module: str, package: str) -> Any:
 
     try:
         return importlib.import_module(module)
-    except ImportError as error:
+    except (ImportError, OSError, RuntimeError) as error:
+        # OSError, RuntimeError: installed, but its native library does not load (torch's libgomp missing;
+        # llama_cpp's "Failed to load shared library").
         raise PeerUnavailable(
             f"{module} cannot be imported ({error}); install the peers: pip install 'gguf-sandbox[peers]'"
             f" (the matrix's peer cells get {package} from their venv or image)"

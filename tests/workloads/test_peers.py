@@ -270,3 +270,35 @@ def test_sentence_transformers_takes_a_gguf_of_its_checkpoint(
     # Past the model check, the missing torch is what stops it here.
     assert cli.main(["workload", "sentence-transformers", "--model", str(model), "--count", "2"]) == 4
     assert "torch cannot be imported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("module", "raised"),
+    [
+        (
+            "llama_cpp",
+            "RuntimeError(\"Failed to load shared library 'libllama.so': libgomp.so.1: cannot open\")",
+        ),
+        ("torch", "OSError('libgomp.so.1: cannot open shared object file')"),
+    ],
+    ids=["llama-cpp-runtime-error", "torch-os-error"],
+)
+def test_a_peer_whose_native_library_does_not_load_is_one_line(
+    model: Path,
+    tmp_path: Path,
+    *,
+    module: str,
+    raised: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Installed but broken (a wheel whose libgomp is missing): the import raised RuntimeError or OSError,
+    not ImportError, and the workload ended in a traceback."""
+    (tmp_path / f"{module}.py").write_text(f"raise {raised}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    workload = {"llama_cpp": "llama-cpp", "torch": "sentence-transformers"}[module]
+    assert cli.main(["workload", workload, "--model", str(model), "--count", "2"]) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"PeerUnavailable: {module} cannot be imported" in err
+    assert "libgomp.so.1" in err
