@@ -84,17 +84,20 @@ class LlamaCpp(PeerEmbedder):
         # Our reader checks the file and --pooling first: llama.cpp's parser is not for hostile files, and
         # an unknown pooling is no LLAMA_POOLING_TYPE_* of llama_cpp.
         self.pooling = _model_pooling(model, pooling)
-        self._llm = llama_cpp.Llama(
-            model_path=str(model),
-            embedding=True,
-            pooling_type=getattr(llama_cpp, f"LLAMA_POOLING_TYPE_{self.pooling.upper()}"),
-            n_ctx=LLAMA_CONTEXT,
-            n_batch=LLAMA_CONTEXT,
-            n_ubatch=LLAMA_CONTEXT,
-            n_threads=PEER_THREADS,
-            n_threads_batch=PEER_THREADS,
-            verbose=False,
-        )
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(model),
+                embedding=True,
+                pooling_type=getattr(llama_cpp, f"LLAMA_POOLING_TYPE_{self.pooling.upper()}"),
+                n_ctx=LLAMA_CONTEXT,
+                n_batch=LLAMA_CONTEXT,
+                n_ubatch=LLAMA_CONTEXT,
+                n_threads=PEER_THREADS,
+                n_threads_batch=PEER_THREADS,
+                verbose=False,
+            )
+        except ValueError as error:  # llama-cpp-python's "Failed to load model from file: …"
+            raise GGUFError(f"llama.cpp cannot load {model.name} ({error}), though our reader can") from None
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return _finite(np.asarray(self._llm.embed(list(texts), normalize=True), dtype=np.float32))

@@ -302,3 +302,20 @@ def test_a_peer_whose_native_library_does_not_load_is_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"PeerUnavailable: {module} cannot be imported" in err
     assert "libgomp.so.1" in err
+
+
+class RefusingLlama:
+    """llama_cpp.Llama on a file llama.cpp does not load (an architecture or type it lacks)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        raise ValueError(f"Failed to load model from file: {kwargs['model_path']}")
+
+
+def test_a_file_llama_cpp_does_not_load_is_one_line(
+    model: Path, fake_llama_cpp: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """llama-cpp-python raises ValueError for a file it does not load: the workload ended in a traceback."""
+    monkeypatch.setattr(sys.modules["llama_cpp"], "Llama", RefusingLlama)
+    assert cli.main(["workload", "llama-cpp", "--model", str(model), "--count", "2"]) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"GGUFError: llama.cpp cannot load {model.name}" in err
