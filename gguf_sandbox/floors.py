@@ -256,8 +256,9 @@ def load_floors(path: Path = FLOORS_FILE) -> FloorTable:
 
 def save_floors(table: FloorTable, path: Path = FLOORS_FILE) -> None:
     """Write the table atomically (a reader never sees half a file)."""
-    data = {"version": SCHEMA_VERSION, "floors": [f.to_json() for f in table.floors]}
-    for index, entry in enumerate(data["floors"]):
+    entries = [f.to_json() for f in table.floors]
+    data = {"version": SCHEMA_VERSION, "floors": entries}
+    for index, entry in enumerate(entries):
         # What load_floors would refuse (a peak of 0 a report claimed) is never written: the file stays
         # readable.
         Floor.from_json(entry, f"{path.name}: not written, floors[{index}]")

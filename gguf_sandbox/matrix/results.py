@@ -93,7 +93,7 @@ class CellRecord:
         )
 
 
-def _size(data: Mapping[str, Any], key: str, default: int | None) -> int | None:
+def _size(data: Mapping[str, Any], key: str, default: int | None) -> Any:
     """data[key] when a size from 0 to MAX_SIZE bytes, else `default` when absent; ValueError otherwise."""
     value: int | None = _field(data, key, int, default)
     if value is not None and not 0 <= value <= MAX_SIZE:
