@@ -1,7 +1,7 @@
 """Control workloads the matrix must catch: what naive code does, run so that the harness sees it die.
 
-`python -m gguf_sandbox.controls naive-load --model M`  loads M with gguf-py's GGUFReader and keeps
-    every tensor dequantized to float32 in memory (what a naive loader does);
+`python -m gguf_sandbox.controls naive-load --model M`  reads M into memory and keeps every tensor
+    dequantized to float32 (what a naive loader does; gguf-py's GGUFReader gives the layout);
 `python -m gguf_sandbox.controls alloc-bomb [--step 16m] [--max 4g]`  touches memory in steps;
 `python -m gguf_sandbox.controls refusing-engine`  refuses like a budget would, at every limit;
 `python -m gguf_sandbox.controls perturbed-engine --model M [--count N]`  embeds like the embed workload,
@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gguf_sandbox import budget, units
+
+if TYPE_CHECKING:  # numpy is imported by the controls that use it, not by the others
+    import numpy as np
+    from numpy.typing import NDArray
 
 PAGE = 4096
 # argparse type for --step/--max: the units grammar (16m, 4g), at least a page.
@@ -30,22 +35,46 @@ _size = units.size_arg(minimum=PAGE)
 
 
 def naive_load(args: argparse.Namespace) -> dict[str, Any]:
-    """GGUFReader + dequantize every tensor into an owned float32 array, all kept alive."""
-    import numpy as np
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    reader = GGUFReader(args.model)
-    loaded = {}
-    for tensor in reader.tensors:
-        values = dequantize(tensor.data, tensor.tensor_type)
-        loaded[tensor.name] = np.array(values, dtype=np.float32, copy=True)
+    """The naive loader's report: how many tensors it holds as float32, and their bytes."""
+    loaded = load_naively(args.model)
     return {
         "model": args.model,
         "plan": "naive",
         "count": len(loaded),
         "loaded_bytes": sum(int(v.nbytes) for v in loaded.values()),
     }
+
+
+def load_naively(model: str) -> dict[str, NDArray[np.float32]]:
+    """Read the whole file into a buffer, then keep every tensor dequantized to float32, all alive.
+
+    The data is read into one zero-filled buffer of the file's size, as a loader that materializes
+    the model does; gguf-py's GGUFReader gives the layout. The zero fill grows the cell's anonymous
+    memory before the first byte is read, so where the model cannot fit the kernel OOM-kills at once.
+    Copying from GGUFReader's memory map (or read() into a fresh buffer) grew it while reading
+    instead: near the limit the kernel kept evicting and re-reading the page cache the copy came from
+    (and the interpreter's code pages) for minutes before the OOM kill, so the same cell ended `oom`
+    in 2 s or thrashed to its timeout depending on what the page cache held.
+    """
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    contents = bytearray(os.path.getsize(model))
+    with open(model, "rb") as file:
+        if file.readinto(contents) != len(contents):
+            raise SystemExit(f"naive-load: {model} changed size while it was read")
+    # After the read: GGUFReader's field objects alone take ~60 MB on a 30k vocabulary, and a cell
+    # that thrashes there (64m) never reaches the load this control exists to show.
+    reader = GGUFReader(model)
+    loaded = {}
+    for tensor in reader.tensors:
+        stored = np.frombuffer(
+            contents, dtype=tensor.data.dtype, count=tensor.data.size, offset=int(tensor.data_offset)
+        ).reshape(tensor.data.shape)
+        # float32 tensors stay views of `contents` (already what a naive loader holds); others are decoded.
+        loaded[tensor.name] = np.asarray(dequantize(stored, tensor.tensor_type), dtype=np.float32)
+    return loaded
 
 
 def alloc_bomb(args: argparse.Namespace) -> dict[str, Any]:

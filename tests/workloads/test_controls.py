@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,23 @@ def control(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=300,
         check=False,
     )
+
+
+def test_the_naive_loader_holds_what_gguf_py_dequantizes_from_one_read_of_the_file(model: Path) -> None:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    loaded = controls.load_naively(str(model))
+    tensors = GGUFReader(model).tensors
+    assert list(loaded) == [tensor.name for tensor in tensors]
+    for tensor in tensors:
+        held = loaded[tensor.name]
+        # Nothing held is backed by the file's memory map: a map's pages are reclaimable page cache.
+        assert held.dtype == np.float32 and not isinstance(memory_owner(held), mmap.mmap)
+        assert np.array_equal(held, dequantize(tensor.data, tensor.tensor_type))
+
+
+def memory_owner(array: np.ndarray) -> object:
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array.base
