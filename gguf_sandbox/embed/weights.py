@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -15,9 +14,10 @@ from gguf.constants import GGMLQuantizationType
 from numpy.typing import NDArray
 
 from gguf_sandbox.embed.bert import F32, FLOAT_BYTES, Ids
+from gguf_sandbox.embed.file_reads import advise, drop_cached, pread, read_blocks
 from gguf_sandbox.embed.layout import ModelLayout
 from gguf_sandbox.embed.plan import Q8_BLOCK, Q8_BLOCK_BYTES, Plan, PlanName, TableMode, is_q8_0
-from gguf_sandbox.errors import BudgetExceeded, GGUFError, UnsupportedTensorType
+from gguf_sandbox.errors import GGUFError, UnsupportedTensorType
 from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 
@@ -39,16 +39,6 @@ def decode(info: TensorInfo, raw: bytes | NDArray[np.uint8], byte_order: str) ->
             )
         return np.frombuffer(raw, dtype=swapped).astype(np.float32)
     return dequantize(raw, info.type, what=info.name)
-
-
-def rows_per_block(info: TensorInfo, cap: int) -> int:
-    """Rows per stored weight block: the reader's iter_rows boundaries (quantized plans decode in pieces)."""
-    rows = cap // (info.row_len * FLOAT_BYTES)
-    if rows == 0:
-        raise BudgetExceeded(
-            f"one row of {info.name}", info.row_len * FLOAT_BYTES, cap, "raise the single-allocation cap"
-        )
-    return rows
 
 
 class StoredRows(Protocol):
@@ -188,17 +178,6 @@ class RawTable:
         return decode(self.info, raw.reshape(-1), self._order).reshape(ids.size, self.info.row_len)
 
 
-def _pread(fd: int, length: int, offset: int, what: str) -> bytes:
-    """os.pread whose failures (EIO from a failing disk, ...) are GGUFErrors naming what was read."""
-    try:
-        return os.pread(fd, length, offset)
-    except OSError as error:
-        raise GGUFError(
-            f"{what}: reading {length:,} bytes at offset {offset:,} failed: {error.strerror or error}; "
-            f"the file or its disk is failing"
-        ) from None
-
-
 class FileTable:
     """A table left in the file: each distinct row is read with one pread (positional, so thread-safe)."""
 
@@ -213,11 +192,9 @@ class FileTable:
         unique, inverse = np.unique(ids, return_inverse=True)
         size, base = self.info.row_nbytes, self.info.offset
         name = self.info.name
-        raw = b"".join(_pread(self._fd, size, base + row * size, name) for row in unique.tolist())
+        raw = b"".join(pread(self._fd, size, base + row * size, name) for row in unique.tolist())
         if self._uncached:
-            _drop_cached(
-                self._fd, base + int(unique[0]) * size, (int(unique[-1]) - int(unique[0]) + 1) * size
-            )
+            drop_cached(self._fd, base + int(unique[0]) * size, (int(unique[-1]) - int(unique[0]) + 1) * size)
         if len(raw) != size * unique.size:
             raise GGUFError(f"{self.info.name}: short read of {unique.size} rows; the file shrank while open")
         decoded = decode(self.info, raw, self._order).reshape(unique.size, self.info.row_len)
@@ -337,38 +314,6 @@ class PlannedWeights:
             self._fd = -1
 
 
-def _advise(fd: int, advice: str, offset: int = 0, length: int = 0) -> None:
-    """posix_fadvise where the platform has it; advice only, so a file system refusing it is no error."""
-    if hasattr(os, "posix_fadvise"):
-        # Ignored advice costs page cache, not correctness.
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, offset, length, getattr(os, advice))
-
-
-def _drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
-    """Drop cached pages of the file once copied: page cache counts toward a cgroup's limit and its peak."""
-    _advise(fd, "POSIX_FADV_DONTNEED", offset, length)
-
-
-def read_blocks(fd: int, info: TensorInfo, cap: int, *, drop: bool = True) -> Iterator[tuple[int, bytes]]:
-    """(first_row, raw bytes) of the tensor's row blocks — iter_rows' boundaries — leaving no page cache.
-
-    `fd` must be advised POSIX_FADV_RANDOM: the reader's descriptor reads ahead up to read_ahead_kb (often
-    megabytes) into page cache, which a cgroup counts; each block's pages are dropped once copied (unless
-    `drop` is false: streamed weights that fit stay cached).
-    """
-    per_block = rows_per_block(info, cap)
-    for first in range(0, info.n_rows, per_block):
-        rows = min(per_block, info.n_rows - first)
-        offset, length = info.offset + first * info.row_nbytes, rows * info.row_nbytes
-        raw = _pread(fd, length, offset, info.name)
-        if len(raw) != length:
-            raise GGUFError(f"{info.name}: short read at offset {offset:,}; the file shrank while open")
-        if drop:
-            _drop_cached(fd, offset, length)
-        yield first, raw
-
-
 def _f32_blocks(fd: int, info: TensorInfo, cap: int, order: str) -> Iterator[tuple[int, F32]]:
     """(first_row, float32 [rows, row_len]) blocks, read and decoded one at a time."""
     for first, raw in read_blocks(fd, info, cap):
@@ -406,7 +351,7 @@ def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan) -> PlannedWeig
         raise GGUFError(f"cannot reopen {gguf.path} to read its weights: {error.strerror or error}") from None
     try:
         # Our reads are whole blocks or random rows: readahead would only fill the page cache.
-        _advise(fd, "POSIX_FADV_RANDOM")
+        advise(fd, "POSIX_FADV_RANDOM")
         vectors: dict[str, F32] = {}
         tables: dict[str, RowSource] = {}
         matrices: dict[str, BlockSource] = {}
@@ -425,7 +370,7 @@ def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan) -> PlannedWeig
         os.close(fd)
         raise
     # What the header parse and the tokenizer read (with readahead) is not needed again.
-    _drop_cached(fd)
+    drop_cached(fd)
     return PlannedWeights(
         layout.config, plan, vectors=vectors, tables=tables, matrices=matrices, fd=fd, streamed=streamed
     )
