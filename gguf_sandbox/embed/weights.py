@@ -14,7 +14,7 @@ from gguf.constants import GGMLQuantizationType
 from numpy.typing import NDArray
 
 from gguf_sandbox.embed.bert import F32, FLOAT_BYTES, Ids
-from gguf_sandbox.embed.file_reads import advise, drop_cached, pread, read_blocks
+from gguf_sandbox.embed.file_reads import advise, drop_cached, pread, read_blocks, read_columns
 from gguf_sandbox.embed.layout import ModelLayout
 from gguf_sandbox.embed.plan import Q8_BLOCK, Q8_BLOCK_BYTES, Plan, PlanName, TableMode, is_q8_0
 from gguf_sandbox.errors import GGUFError, UnsupportedTensorType
@@ -136,9 +136,31 @@ class RowSource(Protocol):
 
 
 class BlockSource(Protocol):
-    """A weight matrix as row blocks."""
+    """A weight matrix as row blocks; a slab of its rows or columns as blocks of that slab."""
 
     def blocks(self) -> Iterator[tuple[int, F32]]: ...
+
+    def row_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        """Rows [lo, hi) as (first_row, float32 [rows, in]) blocks."""
+        ...
+
+    def column_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        """Columns [lo, hi) of every row as (first_row, float32 [rows, hi - lo]) blocks."""
+        ...
+
+
+def _rows_of(blocks: Iterable[tuple[int, F32]], lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+    """Rows [lo, hi) of row blocks, as views."""
+    for first, block in blocks:
+        start, end = max(first, lo), min(first + block.shape[0], hi)
+        if start < end:
+            yield start, block[start - first : end - first]
+
+
+def _columns_of(blocks: Iterable[tuple[int, F32]], lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+    """Columns [lo, hi) of row blocks, as views."""
+    for first, block in blocks:
+        yield first, block[:, lo:hi]
 
 
 def _check_ids(info: TensorInfo, ids: Ids) -> None:
@@ -220,6 +242,12 @@ class F32Matrix:
     def blocks(self) -> Iterator[tuple[int, F32]]:
         yield 0, self._weight
 
+    def row_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        return _rows_of(self.blocks(), lo, hi)
+
+    def column_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        return _columns_of(self.blocks(), lo, hi)
+
 
 class RawMatrix:
     """A matrix kept quantized (Q8_0 split, other types as stored); each block is decoded when used."""
@@ -231,6 +259,15 @@ class RawMatrix:
     def blocks(self) -> Iterator[tuple[int, F32]]:
         for first, rows in self._blocks:
             yield from decoded_blocks(self.info, first, rows)
+
+    def row_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        for first, rows in self._blocks:
+            start, end = max(first, lo), min(first + rows.n_rows, hi)
+            if start < end:
+                yield start, rows.decode(start - first, end - first)
+
+    def column_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        return _columns_of(self.blocks(), lo, hi)
 
 
 class StreamedBytes:
@@ -267,6 +304,21 @@ class StreamMatrix:
         for first, raw in read_blocks(self._fd, info, self._cap, drop=self._uncached):
             self._streamed.add(len(raw))
             yield from decoded_blocks(info, first, stored_rows(info, raw, order))
+
+    def row_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        info, order = self.info, self._gguf.byte_order
+        for first, raw in read_blocks(self._fd, info, self._cap, drop=self._uncached, lo=lo, hi=hi):
+            self._streamed.add(len(raw))
+            yield from decoded_blocks(info, first, stored_rows(info, raw, order))
+
+    def column_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        """Columns [lo, hi) read row by row (one pread each), decoded in pieces of about DECODE_BYTES and
+        of at most hi - lo rows."""
+        info, order = self.info, self._gguf.byte_order
+        rows = max(1, min(hi - lo, DECODE_BYTES // ((hi - lo) * FLOAT_BYTES)))
+        for first, raw in read_columns(self._fd, info, lo, hi, rows, drop=self._uncached):
+            self._streamed.add(len(raw))
+            yield first, decode(info, raw, order).reshape(-1, hi - lo)
 
 
 class PlannedWeights:
@@ -305,6 +357,12 @@ class PlannedWeights:
 
     def blocks(self, name: str) -> Iterator[tuple[int, F32]]:
         return self._matrices[name].blocks()
+
+    def row_slab(self, name: str, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        return self._matrices[name].row_slab(lo, hi)
+
+    def column_slab(self, name: str, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        return self._matrices[name].column_slab(lo, hi)
 
     def close(self) -> None:
         """Drop the weights and close the file handle used for row reads."""
