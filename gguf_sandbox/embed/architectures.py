@@ -43,6 +43,8 @@ class Family:
     vocabulary_bytes: Callable[[GGUFFile], int]  # what building the tokenizer needs at its peak
     # Tokens per text a plan may fall back to when the full length does not fit (BERT: none).
     shorter_limits: bool
+    # The config a streaming pass runs, from the config of the others (decoders: FFN slabs).
+    streaming_config: Callable[[Any], Any] = lambda config: config
 
 
 def _wordpiece(gguf: GGUFFile) -> TextEncoder:
@@ -79,6 +81,7 @@ DECODER: Final = Family(
     decoder.encode,
     decoder_vocabulary_bytes,
     shorter_limits=True,
+    streaming_config=decoder.slabbed,
 )
 FAMILIES: Mapping[str, Family] = MappingProxyType(
     {"bert": BERT, **dict.fromkeys(decoder_shapes.ARCHITECTURES, DECODER)}

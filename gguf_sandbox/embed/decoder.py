@@ -8,7 +8,9 @@ chunk of rows (rows_per_chunk keeps it within the cap) or a block of attention s
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Final, Protocol
@@ -41,6 +43,9 @@ from gguf_sandbox.errors import GGUFError
 DEFAULT_SEQUENCE_LIMIT: Final = 1024
 # A plan may shorten the limit down to this when a full-length pass does not fit the budget.
 SHORTEST_SEQUENCE_LIMIT: Final = 64
+# FFN slabs are whole multiples of this many intermediate columns: every GGML block size divides it
+# (K-quants 256, the legacy quants 32, floats 1), so a slab's columns of ffn_down are whole stored blocks.
+SLAB_ALIGN: Final = 256
 GELU_TANH_COEFFICIENT: Final = np.float32(0.044715)
 _SQRT_2_OVER_PI: Final = np.float32(math.sqrt(2.0 / math.pi))
 
@@ -88,6 +93,8 @@ class DecoderConfig:
     # Every n-th layer is global, the others slide (gemma3: 6); 0 with a window: every layer slides.
     global_every: int = 0
     local_rope_base: float = 0.0  # rope base of sliding layers (gemma3: 10,000); 0: rope_base
+    # Intermediate columns per feed-forward slab (see slabbed()); 0: the whole width at once.
+    ffn_slab: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn", "rope_dims"):
@@ -111,6 +118,8 @@ class DecoderConfig:
                 f"{self.architecture} config: pooling type {self.pooling.name} asks for one vector per "
                 f"token; the engine returns one vector per text (supported: {supported})"
             )
+        if not 0 <= self.ffn_slab <= self.ffn:
+            raise GGUFError(f"{self.architecture} config: ffn_slab {self.ffn_slab} is not 0 to {self.ffn}")
         for name in ("rms_eps", "rope_base", "embedding_scale"):
             if not 0 < getattr(self, name) < math.inf:
                 raise GGUFError(f"{self.architecture} config: {name} {getattr(self, name)!r} must be > 0")
@@ -125,17 +134,23 @@ class DecoderConfig:
 
     @property
     def widest(self) -> int:
-        """The widest activation row of a layer: the FFN intermediate or the attention's queries."""
-        return max(self.hidden, self.ffn, self.query_width)
+        """The widest activation row of a layer: the FFN intermediate (or its slab) or the queries."""
+        return max(self.hidden, self.ffn_slab or self.ffn, self.query_width)
+
+    @property
+    def attention_row(self) -> int:
+        """Floats one token row holds at the peak of self_attention."""
+        h, q, kv = self.hidden, self.query_width, self.kv_width
+        # x + normed + q, k, v; then x + q, k, v + ctx; then x + ctx + out
+        return max(2 * h + q + 2 * kv, h + 2 * q + 2 * kv, h + q + h)
 
     @property
     def row_bytes(self) -> int:
         """Activation bytes one token row needs at the peak of a layer (see self_attention, feed_forward)."""
-        h, q, kv, f = self.hidden, self.query_width, self.kv_width, self.ffn
-        # x + normed + q, k, v; then x + q, k, v + ctx; then x + ctx + out
-        attention = max(2 * h + q + 2 * kv, h + 2 * q + 2 * kv, h + q + h)
-        ffn = max(2 * h + 2 * f, h + f + h)  # x + normed + gate + up, then x + gate + out
-        return FLOAT_BYTES * max(attention, ffn)
+        h, f, s = self.hidden, self.ffn, self.ffn_slab
+        # x + normed + out + a slab's gate and up; whole: x + normed + gate + up, then x + gate + out
+        ffn = 3 * h + 2 * s if s else max(2 * h + 2 * f, h + f + h)
+        return FLOAT_BYTES * max(self.attention_row, ffn)
 
     def slides(self, layer: int) -> bool:
         """Whether `layer` attends only within the sliding window (llama.cpp's swa pattern)."""
@@ -152,6 +167,33 @@ class DecoderWeights(Weights, Protocol):
 
     @property
     def config(self) -> DecoderConfig: ...
+
+    def row_slab(self, name: str, lo: int, hi: int) -> Iterable[tuple[int, F32]]:
+        """Rows [lo, hi) of a 2-D weight [out, in] as (first_row, float32 [rows, in]) blocks."""
+        ...
+
+    def column_slab(self, name: str, lo: int, hi: int) -> Iterable[tuple[int, F32]]:
+        """Columns [lo, hi) of a 2-D weight [out, in] as (first_row, float32 [rows, hi - lo]) blocks."""
+        ...
+
+
+def slab_width(config: DecoderConfig) -> int:
+    """Intermediate columns per FFN slab: as wide as the row attention holds anyway allows, in whole
+    SLAB_ALIGN columns (at least one), at most the whole width."""
+    spare = (config.attention_row - 3 * config.hidden) // 2
+    return min(config.ffn, max(SLAB_ALIGN, spare - spare % SLAB_ALIGN))
+
+
+def slabbed(config: DecoderConfig) -> DecoderConfig:
+    """The config of a pass that runs the feed-forward slab by slab (streaming plans), when that holds
+    fewer bytes per token row; else `config`.
+
+    A streamed weight is read from the file every time it is used: a pass applies each slab's weights to
+    all its rows, and slabs keep the rows small enough that a whole batch fits one pass (with a 7B-class
+    ffn of 18,944, a token row needs 47 KB instead of 180 KB).
+    """
+    candidate = dataclasses.replace(config, ffn_slab=slab_width(config))
+    return candidate if candidate.row_bytes < config.row_bytes else config
 
 
 def rms_norm(x: F32, weight: F32, eps: float) -> F32:
@@ -326,19 +368,63 @@ def activate(gate: F32, up: F32, activation: Activation) -> F32:
     return gate
 
 
-def feed_forward(x: Rows, weights: DecoderWeights, layer: int) -> Rows:
-    """Pre-norm gated MLP; post-norm (gemma3) and the residual added."""
+def gated_mlp(h: Rows, weights: DecoderWeights, prefix: str) -> Rows:
+    """act(h Wg^T) * (h Wu^T) Wd^T over the whole intermediate width at once."""
     config = weights.config
-    prefix = f"blk.{layer}"
-    h = normed(x, weights.vector(f"{prefix}.ffn_norm.weight"), config.rms_eps)  # [rows, hidden] per chunk
     gate = linear(h, weights, f"{prefix}.ffn_gate", config.ffn, bias=False)  # [rows, ffn] per chunk
     up = linear(h, weights, f"{prefix}.ffn_up", config.ffn, bias=False)  # [rows, ffn] per chunk
-    del h
     for g, u in zip(gate, up, strict=True):
         activate(g, u, config.activation)  # [rows, ffn]
     del up
-    out = linear(gate, weights, f"{prefix}.ffn_down", config.hidden, bias=False)  # [rows, hidden]
-    del gate
+    return linear(gate, weights, f"{prefix}.ffn_down", config.hidden, bias=False)  # [rows, hidden]
+
+
+def _slab_product(h: Rows, blocks: Iterable[tuple[int, F32]], lo: int, width: int) -> Rows:
+    """h @ W[lo:lo + width].T per chunk, W's rows coming as (first_row, [rows, in]) blocks."""
+    ys = [np.empty((x.shape[0], width), dtype=np.float32) for x in h]  # [rows, width] per chunk
+    for first, block in blocks:  # block [block_rows, in]
+        columns = slice(first - lo, first - lo + block.shape[0])
+        for x, y in zip(h, ys, strict=True):
+            np.matmul(x, block.T, out=y[:, columns])  # [rows, block_rows]
+    return ys
+
+
+def slabbed_mlp(h: Rows, weights: DecoderWeights, prefix: str) -> Rows:
+    """gated_mlp one slab of ffn_slab intermediate columns at a time, accumulated into the output.
+
+    Each slab's gate and up rows and down columns are read once and applied to every chunk before the next
+    slab: a streamed pass reads each weight once, and no row holds more than a slab of the intermediate.
+    """
+    config = weights.config
+    out = [np.zeros((x.shape[0], config.hidden), dtype=np.float32) for x in h]  # [rows, hidden] per chunk
+    for lo in range(0, config.ffn, config.ffn_slab):
+        hi = min(lo + config.ffn_slab, config.ffn)
+        gate = _slab_product(h, weights.row_slab(f"{prefix}.ffn_gate.weight", lo, hi), lo, hi - lo)
+        up = _slab_product(h, weights.row_slab(f"{prefix}.ffn_up.weight", lo, hi), lo, hi - lo)
+        for g, u in zip(gate, up, strict=True):
+            activate(g, u, config.activation)  # [rows, slab]
+        for first, block in weights.column_slab(f"{prefix}.ffn_down.weight", lo, hi):  # [block_rows, slab]
+            # up's spent buffers hold each product before it is added: pieces of at most `slab` rows.
+            for start in range(0, block.shape[0], hi - lo):
+                piece = block[start : start + hi - lo]  # [n, slab]
+                columns = slice(first + start, first + start + piece.shape[0])
+                for g, u, y in zip(gate, up, out, strict=True):
+                    rows = g.shape[0]
+                    product = u.reshape(-1)[: rows * piece.shape[0]].reshape(rows, -1)  # [rows, n]
+                    np.add(y[:, columns], np.matmul(g, piece.T, out=product), out=y[:, columns])
+        del gate, up
+    return out
+
+
+def feed_forward(x: Rows, weights: DecoderWeights, layer: int) -> Rows:
+    """Pre-norm gated MLP (whole, or slab by slab when the config says so); post-norm (gemma3) and the
+    residual added."""
+    config = weights.config
+    prefix = f"blk.{layer}"
+    h = normed(x, weights.vector(f"{prefix}.ffn_norm.weight"), config.rms_eps)  # [rows, hidden] per chunk
+    mlp = slabbed_mlp if config.ffn_slab else gated_mlp
+    out = mlp(h, weights, prefix)  # [rows, hidden] per chunk
+    del h
     return _residual(out, x, weights, f"{prefix}.post_ffw_norm.weight")
 
 
@@ -364,7 +450,9 @@ def encode(
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         x = token_embeddings(weights, batch, cap)  # [padded, hidden] per chunk
         for layer in range(config.layers):
-            x = feed_forward(self_attention(x, weights, layer, batch, cap), weights, layer)
+            # One statement each, so no layer's input outlives the sublayer that consumes it.
+            x = self_attention(x, weights, layer, batch, cap)
+            x = feed_forward(x, weights, layer)
         final = weights.vector("output_norm.weight")  # [hidden]
         for chunk in x:
             rms_norm(chunk, final, config.rms_eps)

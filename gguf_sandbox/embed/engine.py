@@ -331,6 +331,7 @@ def _plan_for(
     refusal: BudgetExceeded | None = None
     for limit in sequence_limits(family, layout.model.context_length):
         config = dataclasses.replace(layout.config, context_length=limit)
+        streaming = family.streaming_config(config)
         try:
             plan = choose_plan(
                 config,
@@ -340,11 +341,13 @@ def _plan_for(
                 cap=budget.cap,
                 pass_tokens=pass_tokens,
                 drop_cache=drop_cache,
+                streaming=streaming,
             )
         except BudgetExceeded as error:
             refusal = error
             continue
-        return dataclasses.replace(layout, config=config), plan
+        chosen = streaming if plan.name is PlanName.STREAMING else config
+        return dataclasses.replace(layout, config=chosen), plan
     assert refusal is not None  # sequence_limits yields at least one limit
     raise refusal
 

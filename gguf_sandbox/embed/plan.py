@@ -162,47 +162,50 @@ def choose_plan(
     cap: int = DEFAULT_CAP,
     pass_tokens: int = DEFAULT_PASS_TOKENS,
     drop_cache: bool = False,
+    streaming: ModelConfig | None = None,
 ) -> Plan:
     """The fastest plan whose resident weights plus one full-context pass fit in `available` bytes.
 
     With `requested`, only that plan is considered. With `drop_cache`, every block or row read from the
     file has its pages dropped once copied (POSIX_FADV_DONTNEED): the process's peak is then its own
-    working set, at the cost of re-reading streamed weights from disk every pass. Raises BudgetExceeded
-    when nothing fits.
+    working set, at the cost of re-reading streamed weights from disk every pass. `streaming` is the
+    config a streaming pass runs, when it differs from `config` (a decoder's FFN slabs: smaller rows).
+    Raises BudgetExceeded when nothing fits.
     """
     wanted = parse_plan(requested)
     # A full-context sequence, its chunks padded to ROW_ALIGN.
     min_tokens = aligned(config.context_length)
-    smallest: tuple[int, PlanName] | None = None
+    smallest: tuple[int, PlanName, ModelConfig] | None = None
     for name in _candidates(sizes, wanted):
+        runs = streaming if streaming is not None and name is PlanName.STREAMING else config
         for tables in PLAN_TABLES[name]:
             resident = sizes.resident(name, tables)
             room = available - resident - TRANSIENT_CAPS * cap
-            grown = room * PASS_SHARE[0] // PASS_SHARE[1] // config.row_bytes
+            grown = room * PASS_SHARE[0] // PASS_SHARE[1] // runs.row_bytes
             # Tables in memory save a pread per token row, little next to shrinking every pass.
             in_file = tables is PLAN_TABLES[name][-1]
-            if room // config.row_bytes >= min_tokens and (in_file or grown >= pass_tokens):
+            if room // runs.row_bytes >= min_tokens and (in_file or grown >= pass_tokens):
                 uncached, cached = drop_cache, 0
                 if name is PlanName.STREAMING and not drop_cache:
                     # Streamed weights that fit beside a minimal pass stay in page cache (passes grow only
                     # into what is left); larger ones are read uncached, every pass.
                     cached_room = room - sizes.matrices_raw
-                    uncached = cached_room // config.row_bytes < min_tokens
+                    uncached = cached_room // runs.row_bytes < min_tokens
                     if not uncached:
                         cached = sizes.matrices_raw
-                        grown = cached_room * PASS_SHARE[0] // PASS_SHARE[1] // config.row_bytes
+                        grown = cached_room * PASS_SHARE[0] // PASS_SHARE[1] // runs.row_bytes
                 tokens = max(min_tokens, min(pass_tokens, grown))
                 return Plan(name, tables, resident, int(tokens), cap, uncached, cached)
-            needed = resident + pass_bytes(config, min_tokens, cap)
+            needed = resident + pass_bytes(runs, min_tokens, cap)
             if smallest is None or needed < smallest[0]:
-                smallest = (needed, name)
-    needed, name = smallest if smallest is not None else (0, PlanName.STREAMING)
+                smallest = (needed, name, runs)
+    needed, name, runs = smallest if smallest is not None else (0, PlanName.STREAMING, config)
     raise BudgetExceeded(
         f"embedding plan {name.value}" + ("" if wanted else " (the smallest plan)"),
         needed,
         max(available, 0),
         f"it keeps {sizes.resident(name, PLAN_TABLES[name][-1]):,} bytes of weights and needs "
-        f"{pass_bytes(config, min_tokens, cap):,} for a {min_tokens}-token pass; raise the memory limit"
+        f"{pass_bytes(runs, min_tokens, cap):,} for a {min_tokens}-token pass; raise the memory limit"
         + ("" if wanted is None or wanted is PlanName.STREAMING else " or use --plan streaming / auto"),
     )
 

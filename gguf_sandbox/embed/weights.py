@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -15,9 +14,10 @@ from gguf.constants import GGMLQuantizationType
 from numpy.typing import NDArray
 
 from gguf_sandbox.embed.bert import F32, FLOAT_BYTES, Ids
+from gguf_sandbox.embed.file_reads import advise, drop_cached, pread, read_blocks, read_columns
 from gguf_sandbox.embed.layout import ModelLayout
 from gguf_sandbox.embed.plan import Q8_BLOCK, Q8_BLOCK_BYTES, Plan, PlanName, TableMode, is_q8_0
-from gguf_sandbox.errors import BudgetExceeded, GGUFError, UnsupportedTensorType
+from gguf_sandbox.errors import GGUFError, UnsupportedTensorType
 from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 
@@ -39,16 +39,6 @@ def decode(info: TensorInfo, raw: bytes | NDArray[np.uint8], byte_order: str) ->
             )
         return np.frombuffer(raw, dtype=swapped).astype(np.float32)
     return dequantize(raw, info.type, what=info.name)
-
-
-def rows_per_block(info: TensorInfo, cap: int) -> int:
-    """Rows per stored weight block: the reader's iter_rows boundaries (quantized plans decode in pieces)."""
-    rows = cap // (info.row_len * FLOAT_BYTES)
-    if rows == 0:
-        raise BudgetExceeded(
-            f"one row of {info.name}", info.row_len * FLOAT_BYTES, cap, "raise the single-allocation cap"
-        )
-    return rows
 
 
 class StoredRows(Protocol):
@@ -146,9 +136,31 @@ class RowSource(Protocol):
 
 
 class BlockSource(Protocol):
-    """A weight matrix as row blocks."""
+    """A weight matrix as row blocks; a slab of its rows or columns as blocks of that slab."""
 
     def blocks(self) -> Iterator[tuple[int, F32]]: ...
+
+    def row_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        """Rows [lo, hi) as (first_row, float32 [rows, in]) blocks."""
+        ...
+
+    def column_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        """Columns [lo, hi) of every row as (first_row, float32 [rows, hi - lo]) blocks."""
+        ...
+
+
+def _rows_of(blocks: Iterable[tuple[int, F32]], lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+    """Rows [lo, hi) of row blocks, as views."""
+    for first, block in blocks:
+        start, end = max(first, lo), min(first + block.shape[0], hi)
+        if start < end:
+            yield start, block[start - first : end - first]
+
+
+def _columns_of(blocks: Iterable[tuple[int, F32]], lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+    """Columns [lo, hi) of row blocks, as views."""
+    for first, block in blocks:
+        yield first, block[:, lo:hi]
 
 
 def _check_ids(info: TensorInfo, ids: Ids) -> None:
@@ -188,17 +200,6 @@ class RawTable:
         return decode(self.info, raw.reshape(-1), self._order).reshape(ids.size, self.info.row_len)
 
 
-def _pread(fd: int, length: int, offset: int, what: str) -> bytes:
-    """os.pread whose failures (EIO from a failing disk, ...) are GGUFErrors naming what was read."""
-    try:
-        return os.pread(fd, length, offset)
-    except OSError as error:
-        raise GGUFError(
-            f"{what}: reading {length:,} bytes at offset {offset:,} failed: {error.strerror or error}; "
-            f"the file or its disk is failing"
-        ) from None
-
-
 class FileTable:
     """A table left in the file: each distinct row is read with one pread (positional, so thread-safe)."""
 
@@ -213,11 +214,9 @@ class FileTable:
         unique, inverse = np.unique(ids, return_inverse=True)
         size, base = self.info.row_nbytes, self.info.offset
         name = self.info.name
-        raw = b"".join(_pread(self._fd, size, base + row * size, name) for row in unique.tolist())
+        raw = b"".join(pread(self._fd, size, base + row * size, name) for row in unique.tolist())
         if self._uncached:
-            _drop_cached(
-                self._fd, base + int(unique[0]) * size, (int(unique[-1]) - int(unique[0]) + 1) * size
-            )
+            drop_cached(self._fd, base + int(unique[0]) * size, (int(unique[-1]) - int(unique[0]) + 1) * size)
         if len(raw) != size * unique.size:
             raise GGUFError(f"{self.info.name}: short read of {unique.size} rows; the file shrank while open")
         decoded = decode(self.info, raw, self._order).reshape(unique.size, self.info.row_len)
@@ -243,6 +242,12 @@ class F32Matrix:
     def blocks(self) -> Iterator[tuple[int, F32]]:
         yield 0, self._weight
 
+    def row_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        return _rows_of(self.blocks(), lo, hi)
+
+    def column_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        return _columns_of(self.blocks(), lo, hi)
+
 
 class RawMatrix:
     """A matrix kept quantized (Q8_0 split, other types as stored); each block is decoded when used."""
@@ -254,6 +259,15 @@ class RawMatrix:
     def blocks(self) -> Iterator[tuple[int, F32]]:
         for first, rows in self._blocks:
             yield from decoded_blocks(self.info, first, rows)
+
+    def row_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        for first, rows in self._blocks:
+            start, end = max(first, lo), min(first + rows.n_rows, hi)
+            if start < end:
+                yield start, rows.decode(start - first, end - first)
+
+    def column_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        return _columns_of(self.blocks(), lo, hi)
 
 
 class StreamedBytes:
@@ -290,6 +304,21 @@ class StreamMatrix:
         for first, raw in read_blocks(self._fd, info, self._cap, drop=self._uncached):
             self._streamed.add(len(raw))
             yield from decoded_blocks(info, first, stored_rows(info, raw, order))
+
+    def row_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        info, order = self.info, self._gguf.byte_order
+        for first, raw in read_blocks(self._fd, info, self._cap, drop=self._uncached, lo=lo, hi=hi):
+            self._streamed.add(len(raw))
+            yield from decoded_blocks(info, first, stored_rows(info, raw, order))
+
+    def column_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        """Columns [lo, hi) read row by row (one pread each), decoded in pieces of about DECODE_BYTES and
+        of at most hi - lo rows."""
+        info, order = self.info, self._gguf.byte_order
+        rows = max(1, min(hi - lo, DECODE_BYTES // ((hi - lo) * FLOAT_BYTES)))
+        for first, raw in read_columns(self._fd, info, lo, hi, rows, drop=self._uncached):
+            self._streamed.add(len(raw))
+            yield first, decode(info, raw, order).reshape(-1, hi - lo)
 
 
 class PlannedWeights:
@@ -329,44 +358,18 @@ class PlannedWeights:
     def blocks(self, name: str) -> Iterator[tuple[int, F32]]:
         return self._matrices[name].blocks()
 
+    def row_slab(self, name: str, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        return self._matrices[name].row_slab(lo, hi)
+
+    def column_slab(self, name: str, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        return self._matrices[name].column_slab(lo, hi)
+
     def close(self) -> None:
         """Drop the weights and close the file handle used for row reads."""
         self._vectors, self._tables, self._matrices = {}, {}, {}
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _advise(fd: int, advice: str, offset: int = 0, length: int = 0) -> None:
-    """posix_fadvise where the platform has it; advice only, so a file system refusing it is no error."""
-    if hasattr(os, "posix_fadvise"):
-        # Ignored advice costs page cache, not correctness.
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, offset, length, getattr(os, advice))
-
-
-def _drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
-    """Drop cached pages of the file once copied: page cache counts toward a cgroup's limit and its peak."""
-    _advise(fd, "POSIX_FADV_DONTNEED", offset, length)
-
-
-def read_blocks(fd: int, info: TensorInfo, cap: int, *, drop: bool = True) -> Iterator[tuple[int, bytes]]:
-    """(first_row, raw bytes) of the tensor's row blocks — iter_rows' boundaries — leaving no page cache.
-
-    `fd` must be advised POSIX_FADV_RANDOM: the reader's descriptor reads ahead up to read_ahead_kb (often
-    megabytes) into page cache, which a cgroup counts; each block's pages are dropped once copied (unless
-    `drop` is false: streamed weights that fit stay cached).
-    """
-    per_block = rows_per_block(info, cap)
-    for first in range(0, info.n_rows, per_block):
-        rows = min(per_block, info.n_rows - first)
-        offset, length = info.offset + first * info.row_nbytes, rows * info.row_nbytes
-        raw = _pread(fd, length, offset, info.name)
-        if len(raw) != length:
-            raise GGUFError(f"{info.name}: short read at offset {offset:,}; the file shrank while open")
-        if drop:
-            _drop_cached(fd, offset, length)
-        yield first, raw
 
 
 def _f32_blocks(fd: int, info: TensorInfo, cap: int, order: str) -> Iterator[tuple[int, F32]]:
@@ -406,7 +409,7 @@ def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan) -> PlannedWeig
         raise GGUFError(f"cannot reopen {gguf.path} to read its weights: {error.strerror or error}") from None
     try:
         # Our reads are whole blocks or random rows: readahead would only fill the page cache.
-        _advise(fd, "POSIX_FADV_RANDOM")
+        advise(fd, "POSIX_FADV_RANDOM")
         vectors: dict[str, F32] = {}
         tables: dict[str, RowSource] = {}
         matrices: dict[str, BlockSource] = {}
@@ -425,7 +428,7 @@ def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan) -> PlannedWeig
         os.close(fd)
         raise
     # What the header parse and the tokenizer read (with readahead) is not needed again.
-    _drop_cached(fd)
+    drop_cached(fd)
     return PlannedWeights(
         layout.config, plan, vectors=vectors, tables=tables, matrices=matrices, fd=fd, streamed=streamed
     )
