@@ -11,9 +11,11 @@ from typing import Final, Protocol, TypeAlias
 import numpy as np
 from numpy.typing import NDArray
 
+from gguf_sandbox.embed.gelu import GELU_STEP, erf, gelu
 from gguf_sandbox.errors import GGUFError
 
 F32: TypeAlias = NDArray[np.float32]
+__all__ = ["GELU_STEP", "erf", "gelu"]  # re-exported: the GELU the forward pass applies lives in gelu.py
 Ids: TypeAlias = NDArray[np.intp]
 # Activations of a batch: its token rows split into chunks, one array [chunk_rows, width] per chunk.
 Rows: TypeAlias = list[F32]
@@ -24,29 +26,6 @@ FLOAT_BYTES: Final = 4
 # much as a whole panel, so activation chunks get zero rows up to a multiple of this. A 19-token sentence
 # padded to 20 rows has its products ~20% faster; the padding never reaches attention or pooling.
 ROW_ALIGN: Final = 4
-# GELU is evaluated in slices of this many elements: its ~10 temporaries stay in L2 and far below the cap.
-GELU_STEP: Final = 1 << 15
-# Numerical Recipes' erfcc (Chebyshev fit): erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z/2), with a
-# fractional error below 1.2e-7 for every z >= 0. Coefficients of P, constant term first.
-ERFC_COEFFICIENTS: Final = (
-    -1.26551223,
-    1.00002368,
-    0.37409196,
-    0.09678418,
-    -0.18628806,
-    0.27886807,
-    -1.13520398,
-    1.48851587,
-    -0.82215223,
-    0.17087277,
-)
-_ERFC_F32: Final = tuple(np.float32(c) for c in ERFC_COEFFICIENTS)
-# erf(z) = z * sum_n c_n z^(2n), c_n = 2/sqrt(pi) (-1)^n / (n! (2n + 1)); highest power first for polyval.
-_ERF_SERIES: Final = tuple(
-    np.float32(2.0 / math.sqrt(math.pi) * (-1) ** n / (math.factorial(n) * (2 * n + 1)))
-    for n in reversed(range(8))
-)
-_INV_SQRT2: Final = np.float32(1.0 / math.sqrt(2.0))
 
 
 class Pooling(IntEnum):
@@ -225,53 +204,6 @@ def layer_norm(x: F32, gamma: F32, beta: F32, eps: float) -> F32:
     x *= variance[:, None]  # [rows, hidden]
     x *= gamma  # [rows, hidden]
     x += beta  # [rows, hidden]
-    return x
-
-
-def erfc_nonneg(z: F32, out: F32) -> F32:
-    """erfc(z) for z >= 0 into `out` (same shape as z), to a fractional error of about 1.2e-7."""
-    t = np.multiply(z, np.float32(0.5))  # [n]
-    t += np.float32(1.0)  # [n]
-    np.reciprocal(t, out=t)  # [n] t = 1 / (1 + z/2)
-    np.multiply(t, _ERFC_F32[-1], out=out)  # [n]
-    for coefficient in _ERFC_F32[-2:0:-1]:
-        out += coefficient  # [n]
-        out *= t  # [n]
-    out += _ERFC_F32[0]  # [n] P(t)
-    z2 = np.multiply(z, z)  # [n]
-    out -= z2  # [n] -z^2 + P(t)
-    np.exp(out, out=out)  # [n]
-    out *= t  # [n] erfc(z)
-    return out
-
-
-def erf(x: F32) -> F32:
-    """erf(x) as a new float32 array, absolute error about 1e-7 (numpy has no erf; scipy is not a dep)."""
-    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)  # [n]
-    out = np.empty_like(flat)  # [n]
-    for lo in range(0, flat.size, GELU_STEP):
-        part = flat[lo : lo + GELU_STEP]  # [step]
-        erfc_nonneg(np.abs(part), out[lo : lo + GELU_STEP])  # [step] erfc(|x|)
-    np.subtract(np.float32(1.0), out, out=out)  # [n] erf(|x|)
-    np.copysign(out, flat, out=out)  # [n]
-    # Near 0, 1 - erfc cancels; the Maclaurin series is exact to float32 there.
-    small = np.abs(flat) < np.float32(0.5)  # [n]
-    z = flat[small]  # [k]
-    out[small] = z * np.polyval(_ERF_SERIES, z * z).astype(np.float32)  # [k]
-    return out.reshape(np.shape(x))
-
-
-def gelu(x: F32) -> F32:
-    """The exact (erf) GELU, in place: x * Phi(x) = max(x, 0) - |x| * erfc(|x| / sqrt 2) / 2."""
-    flat = x.reshape(-1)  # [n] (a view: x is C-contiguous)
-    for lo in range(0, flat.size, GELU_STEP):
-        part = flat[lo : lo + GELU_STEP]  # [step]
-        magnitude = np.abs(part)  # [step] |x|
-        tail = erfc_nonneg(np.multiply(magnitude, _INV_SQRT2), np.empty_like(part))  # [step]
-        tail *= magnitude  # [step]
-        tail *= np.float32(0.5)  # [step] |x| * Phi(-|x|)
-        np.maximum(part, np.float32(0.0), out=part)  # [step]
-        part -= tail  # [step]
     return x
 
 
