@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gguf_sandbox.embed.gelu import GELU_STEP, erf, gelu
+from gguf_sandbox.embed.threads import current_pool, spans
 from gguf_sandbox.errors import GGUFError
 
 F32: TypeAlias = NDArray[np.float32]
@@ -19,6 +21,8 @@ __all__ = ["GELU_STEP", "erf", "gelu"]  # re-exported: the GELU the forward pass
 Ids: TypeAlias = NDArray[np.intp]
 # Activations of a batch: its token rows split into chunks, one array [chunk_rows, width] per chunk.
 Rows: TypeAlias = list[F32]
+# What a product task applies to its output columns in place before it ends (GELU).
+Epilogue: TypeAlias = Callable[[F32], object]
 
 DEFAULT_CAP: Final = 1 << 20
 FLOAT_BYTES: Final = 4
@@ -26,6 +30,8 @@ FLOAT_BYTES: Final = 4
 # much as a whole panel, so activation chunks get zero rows up to a multiple of this. A 19-token sentence
 # padded to 20 rows has its products ~20% faster; the padding never reaches attention or pooling.
 ROW_ALIGN: Final = 4
+# Output columns of a product are split across threads at multiples of this (a 64-byte line of floats).
+COLUMN_ALIGN: Final = 16
 
 
 class Pooling(IntEnum):
@@ -207,17 +213,66 @@ def layer_norm(x: F32, gamma: F32, beta: F32, eps: float) -> F32:
     return x
 
 
-def linear(xs: Rows, weights: Weights, name: str, out_dim: int, *, bias: bool = True) -> Rows:
-    """x @ W.T (+ b) per chunk; W [out, in] comes block by block, each used for every chunk, then dropped."""
-    ys = [np.empty((x.shape[0], out_dim), dtype=np.float32) for x in xs]  # [rows, out] per chunk
+def _product(
+    x: F32,
+    block: F32,
+    y: F32,
+    columns: slice,
+    *,
+    bias: F32 | None,
+    residual: F32 | None,
+    after: Epilogue | None,
+) -> None:
+    """y[:, columns] = after(x @ block.T (+ bias) (+ residual)): one task, every step on the same columns."""
+    out = y[:, columns]  # [rows, span]
+    np.matmul(x, block.T, out=out)  # [rows, span]
+    if bias is not None:
+        out += bias[columns]  # [rows, span]
+    if residual is not None:
+        out += residual[:, columns]  # [rows, span]
+    if after is not None:
+        after(out)  # [rows, span]
+
+
+def linear(
+    xs: Rows,
+    weights: Weights,
+    name: str,
+    out_dim: int,
+    *,
+    bias: bool = True,
+    residual: Rows | None = None,
+    after: Epilogue | None = None,
+    out: Rows | None = None,
+) -> Rows:
+    """x @ W.T (+ b) (+ residual), then `after` in place, per chunk, into `out` (new arrays when None).
+
+    W [out, in] comes block by block, each used for every chunk, then dropped. Each block's products are
+    split into tasks by chunk and, when chunks are fewer than twice the pool's threads, by output-column
+    spans too; bias, residual and `after` (an elementwise function: GELU) run inside each task, on columns
+    that are still in cache.
+    """
+    pool = current_pool()
+    ys = out if out is not None else [np.empty((x.shape[0], out_dim), dtype=np.float32) for x in xs]
+    b = weights.vector(f"{name}.bias") if bias else None  # [out]
+    residuals: Sequence[F32 | None] = residual if residual is not None else [None] * len(xs)
+    parts = -(-2 * pool.threads // len(xs)) if pool.threads > 1 else 1  # column spans per chunk
     for first, block in weights.blocks(f"{name}.weight"):  # block [block_rows, in]
-        last = first + block.shape[0]
-        for x, y in zip(xs, ys, strict=True):
-            np.matmul(x, block.T, out=y[:, first:last])  # [rows, block_rows]
-    if bias:
-        b = weights.vector(f"{name}.bias")  # [out]
-        for y in ys:
-            np.add(y, b, out=y)  # [rows, out]
+        tasks = [
+            functools.partial(
+                _product,
+                x,
+                block[lo:hi],
+                y,
+                slice(first + lo, first + hi),
+                bias=b,
+                residual=r,
+                after=after,
+            )
+            for x, y, r in zip(xs, ys, residuals, strict=True)
+            for lo, hi in spans(block.shape[0], parts, COLUMN_ALIGN)
+        ]
+        pool.run(tasks)
     return ys
 
 
@@ -255,56 +310,98 @@ def gather(chunks: Rows, pieces: tuple[tuple[int, int, int], ...], columns: slic
     return np.concatenate([chunks[chunk][lo:hi, columns] for chunk, lo, hi in pieces])  # [length, width]
 
 
-def attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, *, heads: int, cap: int = DEFAULT_CAP) -> Rows:
-    """softmax(q k^T / sqrt(d)) v per sequence and head, in query-row blocks so scores stay within the cap."""
-    hidden = q[0].shape[1]
-    head_dim = hidden // heads
+def _attend(
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    ctx: Rows,
+    *,
+    pieces: tuple[tuple[int, int, int], ...],
+    heads: tuple[int, int],
+    head_dim: int,
+    cap: int,
+) -> None:
+    """ctx of one sequence for heads [h0, h1), in head groups whose gathered K, V and scores stay in `cap`."""
+    length = sum(hi - lo for _, lo, hi in pieces)
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    ctx = [np.empty_like(chunk) for chunk in q]  # [padded, hidden] per chunk
+    first_head, last_head = heads
+    # Heads per group: a gathered K or V of the group, [length, group * head_dim], stays within the cap.
+    group = max(1, min(last_head - first_head, cap // (FLOAT_BYTES * length * head_dim)))
+    for h0 in range(first_head, last_head, group):
+        g = min(group, last_head - h0)
+        columns = slice(h0 * head_dim, (h0 + g) * head_dim)
+        keys = gather(k, pieces, columns).reshape(length, g, head_dim).transpose(1, 2, 0)  # [g, d, L]
+        values = gather(v, pieces, columns).reshape(length, g, head_dim).transpose(1, 0, 2)  # [g, L, d]
+        query_rows = max(1, min(length, cap // (FLOAT_BYTES * g * length)))
+        # One scores buffer per group, reused by every query block (a new one would briefly double it).
+        buffer = np.empty((g, query_rows, length), dtype=np.float32)  # [g, query_rows, L]
+        for chunk, lo, hi in pieces:
+            for r0 in range(lo, hi, query_rows):
+                r1 = min(r0 + query_rows, hi)
+                queries = q[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
+                scores = np.matmul(queries, keys, out=buffer[:, : r1 - r0])  # [g, n, L]
+                scores *= scale  # [g, n, L]
+                scores -= np.maximum.reduce(scores, axis=2, keepdims=True)  # [g, n, L]
+                np.exp(scores, out=scores)  # [g, n, L]
+                scores /= np.add.reduce(scores, axis=2, keepdims=True)  # [g, n, L]
+                out = ctx[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
+                np.matmul(scores, values, out=out)  # [g, n, d]
+
+
+def attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, *, heads: int, cap: int = DEFAULT_CAP) -> Rows:
+    """softmax(q k^T / sqrt(d)) v per sequence and head, in query-row blocks so scores stay within the cap.
+
+    One task per sequence and head span: a sequence's heads are split across the pool's threads when there
+    are fewer sequences than threads.
+    """
+    pool = current_pool()
+    head_dim = q[0].shape[1] // heads
+    ctx = [np.empty((chunk.shape[0], heads * head_dim), dtype=np.float32) for chunk in q]  # per chunk
     for padded, (first, last) in zip(ctx, batch.chunks, strict=True):
         padded[last - first :] = 0  # padding rows: no sequence writes them
-    for pieces in batch.pieces:
-        length = sum(hi - lo for _, lo, hi in pieces)
-        # Heads per group: a gathered K or V of the group, [length, group * head_dim], stays within the cap.
-        group = max(1, min(heads, cap // (FLOAT_BYTES * length * head_dim)))
-        for h0 in range(0, heads, group):
-            g = min(group, heads - h0)
-            columns = slice(h0 * head_dim, (h0 + g) * head_dim)
-            keys = gather(k, pieces, columns).reshape(length, g, head_dim).transpose(1, 2, 0)  # [g, d, L]
-            values = gather(v, pieces, columns).reshape(length, g, head_dim).transpose(1, 0, 2)  # [g, L, d]
-            query_rows = max(1, min(length, cap // (FLOAT_BYTES * g * length)))
-            # One scores buffer per group, reused by every query block (a new one would briefly double it).
-            buffer = np.empty((g, query_rows, length), dtype=np.float32)  # [g, query_rows, L]
-            for chunk, lo, hi in pieces:
-                for r0 in range(lo, hi, query_rows):
-                    r1 = min(r0 + query_rows, hi)
-                    queries = q[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
-                    scores = np.matmul(queries, keys, out=buffer[:, : r1 - r0])  # [g, n, L]
-                    scores *= scale  # [g, n, L]
-                    scores -= np.maximum.reduce(scores, axis=2, keepdims=True)  # [g, n, L]
-                    np.exp(scores, out=scores)  # [g, n, L]
-                    scores /= np.add.reduce(scores, axis=2, keepdims=True)  # [g, n, L]
-                    out = ctx[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
-                    np.matmul(scores, values, out=out)  # [g, n, d]
+    parts = -(-pool.threads // batch.n_sequences)  # head spans per sequence
+    work = [(pieces, span) for pieces in batch.pieces for span in spans(heads, parts)]
+    # Tasks running at once share the cap, so their gathered K, V and scores together stay within what one
+    # serial pass holds (plan.TRANSIENT_CAPS).
+    share = cap // min(pool.threads, len(work))
+    pool.run(
+        [
+            functools.partial(_attend, q, k, v, ctx, pieces=pieces, heads=span, head_dim=head_dim, cap=share)
+            for pieces, span in work
+        ]
+    )
     return ctx
 
 
+def _layer_norms(ys: Rows, weights: BertWeights, name: str) -> None:
+    """Layer norm of every chunk in place, chunks spread over the pool."""
+    gamma = weights.vector(f"{name}.weight")  # [hidden]
+    beta = weights.vector(f"{name}.bias")  # [hidden]
+    eps = weights.config.layer_norm_eps
+    current_pool().run([functools.partial(layer_norm, y, gamma, beta, eps) for y in ys])
+
+
 def self_attention(x: Rows, weights: BertWeights, layer: int, batch: TokenBatch, cap: int) -> Rows:
-    """Multi-head self-attention with its output projection, residual and layer norm (post-LN BERT)."""
+    """Multi-head self-attention with its output projection, residual and layer norm (post-LN BERT).
+
+    Q, K and V are written side by side into one [rows, 3 hidden] array per chunk (one allocation, and
+    attention reads them as column views).
+    """
     config = weights.config
     prefix = f"blk.{layer}"
-    q = linear(x, weights, f"{prefix}.attn_q", config.hidden)  # [rows, hidden] per chunk
-    k = linear(x, weights, f"{prefix}.attn_k", config.hidden)  # [rows, hidden] per chunk
-    v = linear(x, weights, f"{prefix}.attn_v", config.hidden)  # [rows, hidden] per chunk
+    hidden = config.hidden
+    qkv = [np.empty((chunk.shape[0], 3 * hidden), dtype=np.float32) for chunk in x]  # [rows, 3h] per chunk
+    for index, part in enumerate(("attn_q", "attn_k", "attn_v")):
+        views = [chunk[:, index * hidden : (index + 1) * hidden] for chunk in qkv]  # [rows, hidden]
+        linear(x, weights, f"{prefix}.{part}", hidden, out=views)
+    q = [chunk[:, :hidden] for chunk in qkv]  # [rows, hidden] per chunk
+    k = [chunk[:, hidden : 2 * hidden] for chunk in qkv]  # [rows, hidden] per chunk
+    v = [chunk[:, 2 * hidden :] for chunk in qkv]  # [rows, hidden] per chunk
     ctx = attention(q, k, v, batch, heads=config.heads, cap=cap)  # [rows, hidden] per chunk
-    del q, k, v
-    out = linear(ctx, weights, f"{prefix}.attn_output", config.hidden)  # [rows, hidden] per chunk
+    del q, k, v, qkv
+    out = linear(ctx, weights, f"{prefix}.attn_output", hidden, residual=x)  # [rows, hidden] per chunk
     del ctx
-    gamma = weights.vector(f"{prefix}.attn_output_norm.weight")  # [hidden]
-    beta = weights.vector(f"{prefix}.attn_output_norm.bias")  # [hidden]
-    for residual, y in zip(x, out, strict=True):
-        np.add(y, residual, out=y)  # [rows, hidden]
-        layer_norm(y, gamma, beta, config.layer_norm_eps)  # [rows, hidden]
+    _layer_norms(out, weights, f"{prefix}.attn_output_norm")  # [rows, hidden] per chunk
     return out
 
 
@@ -312,16 +409,10 @@ def feed_forward(x: Rows, weights: BertWeights, layer: int) -> Rows:
     """GELU MLP with residual and layer norm."""
     config = weights.config
     prefix = f"blk.{layer}"
-    up = linear(x, weights, f"{prefix}.ffn_up", config.ffn)  # [rows, ffn] per chunk
-    for chunk in up:
-        gelu(chunk)  # [rows, ffn]
-    out = linear(up, weights, f"{prefix}.ffn_down", config.hidden)  # [rows, hidden] per chunk
+    up = linear(x, weights, f"{prefix}.ffn_up", config.ffn, after=gelu)  # [rows, ffn] per chunk
+    out = linear(up, weights, f"{prefix}.ffn_down", config.hidden, residual=x)  # [rows, hidden] per chunk
     del up
-    gamma = weights.vector(f"{prefix}.layer_output_norm.weight")  # [hidden]
-    beta = weights.vector(f"{prefix}.layer_output_norm.bias")  # [hidden]
-    for residual, y in zip(x, out, strict=True):
-        np.add(y, residual, out=y)  # [rows, hidden]
-        layer_norm(y, gamma, beta, config.layer_norm_eps)  # [rows, hidden]
+    _layer_norms(out, weights, f"{prefix}.layer_output_norm")  # [rows, hidden] per chunk
     return out
 
 
