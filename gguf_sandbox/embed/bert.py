@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -23,6 +24,10 @@ Ids: TypeAlias = NDArray[np.intp]
 Rows: TypeAlias = list[F32]
 # What a product task applies to its output columns in place before it ends (GELU).
 Epilogue: TypeAlias = Callable[[F32], object]
+# Decodes one piece of a quantized matrix, into the flat float32 scratch it is given when its type allows.
+Decoder: TypeAlias = Callable[[F32 | None], F32]
+# A piece of a stored weight block: (first output row, rows, its decoder).
+Part: TypeAlias = tuple[int, int, Decoder]
 
 DEFAULT_CAP: Final = 1 << 20
 FLOAT_BYTES: Final = 4
@@ -32,6 +37,10 @@ FLOAT_BYTES: Final = 4
 ROW_ALIGN: Final = 4
 # Output columns of a product are split across threads at multiples of this (a 64-byte line of floats).
 COLUMN_ALIGN: Final = 16
+# Each compute thread decodes quantized weight pieces into one scratch buffer of this size, kept for the
+# thread's life: no fresh array (and no page faults) per piece.
+SCRATCH_BYTES: Final = 1 << 19
+_thread_scratch = threading.local()
 
 
 class Pooling(IntEnum):
@@ -226,6 +235,30 @@ def _product(
     """y[:, columns] = after(x @ block.T (+ bias) (+ residual)): one task, every step on the same columns."""
     out = y[:, columns]  # [rows, span]
     np.matmul(x, block.T, out=out)  # [rows, span]
+    _epilogue(out, columns, bias, residual, after)
+
+
+def _scratch() -> F32:
+    """This thread's decode scratch (float32, SCRATCH_BYTES), allocated at its first use."""
+    buffer: F32 | None = getattr(_thread_scratch, "buffer", None)
+    if buffer is None:
+        buffer = _thread_scratch.buffer = np.empty(SCRATCH_BYTES // FLOAT_BYTES, dtype=np.float32)
+    return buffer
+
+
+def _decoded_product(xs: Rows, ys: Rows, part: Part) -> None:
+    """One piece of a quantized matrix decoded into this thread's scratch, then multiplied for every chunk."""
+    first, count, decode = part
+    fits = count * xs[0].shape[1] * FLOAT_BYTES <= SCRATCH_BYTES
+    block = decode(_scratch() if fits else None)  # [count, in]
+    for x, y in zip(xs, ys, strict=True):
+        np.matmul(x, block.T, out=y[:, first : first + count])  # [rows, count]
+
+
+def _epilogue(
+    out: F32, columns: slice, bias: F32 | None, residual: F32 | None, after: Epilogue | None
+) -> None:
+    """Bias, residual and `after` on columns of one chunk's product, in place."""
     if bias is not None:
         out += bias[columns]  # [rows, span]
     if residual is not None:
@@ -256,6 +289,23 @@ def linear(
     ys = out if out is not None else [np.empty((x.shape[0], out_dim), dtype=np.float32) for x in xs]
     b = weights.vector(f"{name}.bias") if bias else None  # [out]
     residuals: Sequence[F32 | None] = residual if residual is not None else [None] * len(xs)
+    stored = getattr(weights, "parts", None)
+    pieces = stored(f"{name}.weight") if stored is not None else None
+    if pieces is not None:
+        # A quantized matrix: each task decodes a piece of a stored block and multiplies every chunk by it;
+        # then one task per chunk applies bias, residual and `after` to all its columns (per piece, those
+        # ~16 numpy calls would cost more than the product for a short text).
+        for block_parts in pieces:
+            pool.run([functools.partial(_decoded_product, xs, ys, part) for part in block_parts])
+        if b is not None or residual is not None or after is not None:
+            every = slice(0, out_dim)
+            pool.run(
+                [
+                    functools.partial(_epilogue, y, every, b, r, after)
+                    for y, r in zip(ys, residuals, strict=True)
+                ]
+            )
+        return ys
     parts = -(-2 * pool.threads // len(xs)) if pool.threads > 1 else 1  # column spans per chunk
     for first, block in weights.blocks(f"{name}.weight"):  # block [block_rows, in]
         tasks = [
