@@ -92,18 +92,19 @@ WORDS = (
 # fmt: on
 
 
-def sentences(count: int, seed: int = 7) -> list[str]:
-    """Deterministic English-ish sentences of 6 to 24 words (typical single-sentence queries)."""
+def sentences(count: int, seed: int = 7, words: int = 0) -> list[str]:
+    """Deterministic English-ish sentences of 6 to 24 words (typical single-sentence queries), or of exactly
+    `words` words when given (--words: 4 make ~8 tokens, 400 the 512-token limit)."""
     state = seed
     out = []
     for index in range(count):
         state = (state * 6364136223846793005 + 1442695040888963407) % (1 << 64)
-        length = 6 + (state >> 33) % 19
-        words = []
+        length = words or 6 + (state >> 33) % 19
+        chosen = []
         for _ in range(length):
             state = (state * 6364136223846793005 + 1442695040888963407) % (1 << 64)
-            words.append(WORDS[(state >> 33) % len(WORDS)])
-        out.append(f"{index}: " + " ".join(words) + ".")
+            chosen.append(WORDS[(state >> 33) % len(WORDS)])
+        out.append(f"{index}: " + " ".join(chosen) + ".")
     return out
 
 
@@ -115,7 +116,10 @@ def _ours(model: str, plan: str, pooling: str) -> tuple[Embed, str]:
     sys.path.insert(0, str(REPO))
     from gguf_sandbox.embed.engine import Embedder
 
-    embedder = Embedder.open(model, plan=plan, batch_size=BATCH, pooling=pooling)
+    # --threads reaches every engine as OPENBLAS_NUM_THREADS; ours runs that many pool threads (BLAS itself
+    # single-threaded), by default as many as the CPUs it may use.
+    threads = int(os.environ.get("OPENBLAS_NUM_THREADS", "0")) or None
+    embedder = Embedder.open(model, plan=plan, batch_size=BATCH, pooling=pooling, threads=threads)
     if plan not in ("auto", embedder.plan):
         raise SystemExit(f"asked for {plan}, got {embedder.plan}")
     return embedder.embed, embedder.plan
@@ -169,7 +173,15 @@ def _peak_rss() -> int:
 
 
 def worker(
-    engine: str, model: str, hf_dir: str, work: Work, *, limit_count: int, pooling: str, n_ctx: int
+    engine: str,
+    model: str,
+    hf_dir: str,
+    work: Work,
+    *,
+    limit_count: int,
+    pooling: str,
+    n_ctx: int,
+    words: int = 0,
 ) -> dict[str, Any]:
     """Measure one engine; with limit_count, only embed that many sentences in batches (for bisection).
 
@@ -183,7 +195,7 @@ def worker(
         for first in range(0, limit_count, BATCH):
             embed(texts[first : first + BATCH])
         return {"engine": engine, "count": limit_count, "peak_rss": _peak_rss()}
-    texts = sentences(work.singles + work.warm_singles)
+    texts = sentences(work.singles + work.warm_singles, words=words)
     for text in texts[: work.warm_singles]:
         embed([text])
     latencies: list[float] = []
@@ -196,8 +208,8 @@ def worker(
         cpu.append(1000 * (time.process_time() - began_cpu))
         if len(vectors) < COMPARED_SINGLES:
             vectors += _as_lists(vector)
-    embed(sentences(work.warm_batch, seed=13))
-    corpus = sentences(BATCH * work.batches, seed=11)
+    embed(sentences(work.warm_batch, seed=13, words=words))
+    corpus = sentences(BATCH * work.batches, seed=11, words=words)
     began = time.perf_counter()
     for first in range(0, len(corpus), BATCH):
         batch = embed(corpus[first : first + BATCH])
@@ -312,6 +324,7 @@ def _worker_argv(engine: Engine, args: argparse.Namespace, limit_count: int = 0)
         "--hf-dir", str(args.hf_dir or ""), "--singles", str(singles), "--batches", str(batches),
         "--warm-singles", str(args.warm_singles), "--warm-batch", str(args.warm_batch),
         "--pooling", args.pooling, "--n-ctx", str(args.n_ctx), "--limit-count", str(limit_count),
+        "--words", str(args.words),
     ]  # fmt: skip
 
 
@@ -533,6 +546,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--bisect-count", type=int, default=1000, help="embeddings a bisection run must complete"
     )
     parser.add_argument("--bisect-timeout", type=float, default=600.0, help="seconds per bisection run")
+    parser.add_argument(
+        "--words", type=int, default=0,
+        help="texts of exactly this many words (4: ~8 tokens, 400: 512) instead of 6-24 (~25 tokens)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--limit-count", type=int, default=0, help=argparse.SUPPRESS)
@@ -541,15 +558,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-ctx", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
+        # `python bench/embed.py` puts bench/ first on sys.path, where bench/tokenizers.py would shadow the
+        # `tokenizers` package sentence-transformers imports (HF's): a worker imports no bench module.
+        here = Path(__file__).resolve().parent
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
         work = Work(args.singles, args.batches, args.warm_singles, args.warm_batch)
         result = worker(
             args.worker, str(args.model), args.hf_dir, work,
-            limit_count=args.limit_count, pooling=args.pooling, n_ctx=args.n_ctx,
+            limit_count=args.limit_count, pooling=args.pooling, n_ctx=args.n_ctx, words=args.words,
         )  # fmt: skip
         print(json.dumps(result))
         return 0
     sys.path.insert(0, str(REPO))
     started = time.perf_counter()
+    start_load = os.getloadavg()[0]
     args.hf_dir = args.hf_dir or _default_hf_dir(Path(args.st_python))
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as scratch:
         if args.model is None:
@@ -584,7 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_round = f"{-(-args.singles // args.rounds)} single texts and {-(-args.batches // args.rounds)}"
     print(
         f"model {args.model.name} ({args.architecture}, pooling {args.pooling}); {os.cpu_count()} CPUs; "
-        f"threads {threads}; final load average {load:.1f}{bisection}\n"
+        f"threads {threads}; texts {f'of {args.words} words' if args.words else 'of 6-24 words'}; "
+        f"load average {start_load:.1f} at start, {load:.1f} at end{bisection}\n"
         f"per engine and round ({args.rounds} rounds): {per_round} batches of {BATCH} timed, after "
         f"{args.warm_singles} single texts and a {args.warm_batch}-text batch to warm up; "
         f"cos/llama over {compared} single texts and the first batch; wall "

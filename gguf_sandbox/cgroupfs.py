@@ -1,4 +1,5 @@
-"""The cgroup filesystem: each version's memory files, reading them, our own cgroup, the working set."""
+"""The cgroup filesystem: each version's memory files, reading them, our own cgroup, the working set, the
+CPU quota."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ KILL_FILE = "cgroup.kill"  # v2 only: writing 1 kills everything in the cgroup
 SWAPPINESS = "memory.swappiness"
 OOM_GROUP = "memory.oom.group"
 OOM_KILL_KEY = "oom_kill"  # the counter of OOM kills in the events file of either version
+# The CPU bandwidth limit: v2's "QUOTA PERIOD" (QUOTA "max" when unlimited), v1's two files (quota -1).
+V2_CPU_MAX = "cpu.max"
+V1_CPU_MOUNT = "cpu"  # the v1 cpu controller's directory under CGROUP_MOUNT (often a link to cpu,cpuacct)
+V1_CPU_QUOTA = "cpu.cfs_quota_us"
+V1_CPU_PERIOD = "cpu.cfs_period_us"
 
 
 @dataclass(frozen=True)
@@ -186,3 +192,49 @@ def own_memory_cgroup(root: Path = Path("/")) -> MemoryCgroup | None:
         if directory is not None:
             return MemoryCgroup("cgroup2", directory, mount_base)
     return None
+
+
+def _v2_quota(directory: Path) -> float | None:
+    """CPUs one v2 cgroup's cpu.max allows (quota / period); None when unlimited, absent or unreadable."""
+    try:
+        words = (directory / V2_CPU_MAX).read_text().split()
+    except OSError:
+        return None
+    if len(words) != 2 or words[0] == "max":
+        return None
+    try:
+        quota, period = int(words[0]), int(words[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _v1_quota(directory: Path) -> float | None:
+    """CPUs one v1 cgroup's cfs quota allows (quota / period); None when unlimited (-1) or absent."""
+    try:
+        quota = int((directory / V1_CPU_QUOTA).read_text().split()[0])
+        period = int((directory / V1_CPU_PERIOD).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cpu_quota(root: Path = Path("/")) -> float | None:
+    """How many CPUs our cgroup's CPU bandwidth limit allows (e.g. 1.5), the smallest along its ancestors;
+    None when no quota applies (or no cgroup is found). A v1 cpu controller wins, as for memory."""
+    paths = _read_proc_cgroup(root)
+    mount_base = root / CGROUP_MOUNT
+    if "cpu" in paths:
+        mount = mount_base / V1_CPU_MOUNT
+        directory = _resolve(mount, paths["cpu"])
+        read = _v1_quota
+    elif "" in paths and (mount_base / CONTROLLERS_FILE).is_file():
+        mount = mount_base
+        directory = _resolve(mount_base, paths[""])
+        read = _v2_quota
+    else:
+        return None
+    if directory is None:
+        return None
+    quotas = [q for q in map(read, ancestors(directory, mount)) if q is not None]
+    return min(quotas, default=None)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -11,12 +13,21 @@ from typing import Final, Protocol, TypeAlias
 import numpy as np
 from numpy.typing import NDArray
 
+from gguf_sandbox.embed.gelu import GELU_STEP, erf, gelu
+from gguf_sandbox.embed.threads import current_pool, spans
 from gguf_sandbox.errors import GGUFError
 
 F32: TypeAlias = NDArray[np.float32]
+__all__ = ["GELU_STEP", "erf", "gelu"]  # re-exported: the GELU the forward pass applies lives in gelu.py
 Ids: TypeAlias = NDArray[np.intp]
 # Activations of a batch: its token rows split into chunks, one array [chunk_rows, width] per chunk.
 Rows: TypeAlias = list[F32]
+# What a product task applies to its output columns in place before it ends (GELU).
+Epilogue: TypeAlias = Callable[[F32], object]
+# Decodes one piece of a quantized matrix, into the flat float32 scratch it is given when its type allows.
+Decoder: TypeAlias = Callable[[F32 | None], F32]
+# A piece of a stored weight block: (first output row, rows, its decoder).
+Part: TypeAlias = tuple[int, int, Decoder]
 
 DEFAULT_CAP: Final = 1 << 20
 FLOAT_BYTES: Final = 4
@@ -24,29 +35,12 @@ FLOAT_BYTES: Final = 4
 # much as a whole panel, so activation chunks get zero rows up to a multiple of this. A 19-token sentence
 # padded to 20 rows has its products ~20% faster; the padding never reaches attention or pooling.
 ROW_ALIGN: Final = 4
-# GELU is evaluated in slices of this many elements: its ~10 temporaries stay in L2 and far below the cap.
-GELU_STEP: Final = 1 << 15
-# Numerical Recipes' erfcc (Chebyshev fit): erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z/2), with a
-# fractional error below 1.2e-7 for every z >= 0. Coefficients of P, constant term first.
-ERFC_COEFFICIENTS: Final = (
-    -1.26551223,
-    1.00002368,
-    0.37409196,
-    0.09678418,
-    -0.18628806,
-    0.27886807,
-    -1.13520398,
-    1.48851587,
-    -0.82215223,
-    0.17087277,
-)
-_ERFC_F32: Final = tuple(np.float32(c) for c in ERFC_COEFFICIENTS)
-# erf(z) = z * sum_n c_n z^(2n), c_n = 2/sqrt(pi) (-1)^n / (n! (2n + 1)); highest power first for polyval.
-_ERF_SERIES: Final = tuple(
-    np.float32(2.0 / math.sqrt(math.pi) * (-1) ** n / (math.factorial(n) * (2 * n + 1)))
-    for n in reversed(range(8))
-)
-_INV_SQRT2: Final = np.float32(1.0 / math.sqrt(2.0))
+# Output columns of a product are split across threads at multiples of this (a 64-byte line of floats).
+COLUMN_ALIGN: Final = 16
+# Each compute thread decodes quantized weight pieces into one scratch buffer of this size, kept for the
+# thread's life: no fresh array (and no page faults) per piece.
+SCRATCH_BYTES: Final = 1 << 19
+_thread_scratch = threading.local()
 
 
 class Pooling(IntEnum):
@@ -228,64 +222,107 @@ def layer_norm(x: F32, gamma: F32, beta: F32, eps: float) -> F32:
     return x
 
 
-def erfc_nonneg(z: F32, out: F32) -> F32:
-    """erfc(z) for z >= 0 into `out` (same shape as z), to a fractional error of about 1.2e-7."""
-    t = np.multiply(z, np.float32(0.5))  # [n]
-    t += np.float32(1.0)  # [n]
-    np.reciprocal(t, out=t)  # [n] t = 1 / (1 + z/2)
-    np.multiply(t, _ERFC_F32[-1], out=out)  # [n]
-    for coefficient in _ERFC_F32[-2:0:-1]:
-        out += coefficient  # [n]
-        out *= t  # [n]
-    out += _ERFC_F32[0]  # [n] P(t)
-    z2 = np.multiply(z, z)  # [n]
-    out -= z2  # [n] -z^2 + P(t)
-    np.exp(out, out=out)  # [n]
-    out *= t  # [n] erfc(z)
-    return out
+def _product(
+    x: F32,
+    block: F32,
+    y: F32,
+    columns: slice,
+    *,
+    bias: F32 | None,
+    residual: F32 | None,
+    after: Epilogue | None,
+) -> None:
+    """y[:, columns] = after(x @ block.T (+ bias) (+ residual)): one task, every step on the same columns."""
+    out = y[:, columns]  # [rows, span]
+    np.matmul(x, block.T, out=out)  # [rows, span]
+    _epilogue(out, columns, bias, residual, after)
 
 
-def erf(x: F32) -> F32:
-    """erf(x) as a new float32 array, absolute error about 1e-7 (numpy has no erf; scipy is not a dep)."""
-    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)  # [n]
-    out = np.empty_like(flat)  # [n]
-    for lo in range(0, flat.size, GELU_STEP):
-        part = flat[lo : lo + GELU_STEP]  # [step]
-        erfc_nonneg(np.abs(part), out[lo : lo + GELU_STEP])  # [step] erfc(|x|)
-    np.subtract(np.float32(1.0), out, out=out)  # [n] erf(|x|)
-    np.copysign(out, flat, out=out)  # [n]
-    # Near 0, 1 - erfc cancels; the Maclaurin series is exact to float32 there.
-    small = np.abs(flat) < np.float32(0.5)  # [n]
-    z = flat[small]  # [k]
-    out[small] = z * np.polyval(_ERF_SERIES, z * z).astype(np.float32)  # [k]
-    return out.reshape(np.shape(x))
+def _scratch() -> F32:
+    """This thread's decode scratch (float32, SCRATCH_BYTES), allocated at its first use."""
+    buffer: F32 | None = getattr(_thread_scratch, "buffer", None)
+    if buffer is None:
+        buffer = _thread_scratch.buffer = np.empty(SCRATCH_BYTES // FLOAT_BYTES, dtype=np.float32)
+    return buffer
 
 
-def gelu(x: F32) -> F32:
-    """The exact (erf) GELU, in place: x * Phi(x) = max(x, 0) - |x| * erfc(|x| / sqrt 2) / 2."""
-    flat = x.reshape(-1)  # [n] (a view: x is C-contiguous)
-    for lo in range(0, flat.size, GELU_STEP):
-        part = flat[lo : lo + GELU_STEP]  # [step]
-        magnitude = np.abs(part)  # [step] |x|
-        tail = erfc_nonneg(np.multiply(magnitude, _INV_SQRT2), np.empty_like(part))  # [step]
-        tail *= magnitude  # [step]
-        tail *= np.float32(0.5)  # [step] |x| * Phi(-|x|)
-        np.maximum(part, np.float32(0.0), out=part)  # [step]
-        part -= tail  # [step]
-    return x
+def _decoded_product(xs: Rows, ys: Rows, part: Part) -> None:
+    """One piece of a quantized matrix decoded into this thread's scratch, then multiplied for every chunk."""
+    first, count, decode = part
+    fits = count * xs[0].shape[1] * FLOAT_BYTES <= SCRATCH_BYTES
+    block = decode(_scratch() if fits else None)  # [count, in]
+    for x, y in zip(xs, ys, strict=True):
+        np.matmul(x, block.T, out=y[:, first : first + count])  # [rows, count]
 
 
-def linear(xs: Rows, weights: Weights, name: str, out_dim: int, *, bias: bool = True) -> Rows:
-    """x @ W.T (+ b) per chunk; W [out, in] comes block by block, each used for every chunk, then dropped."""
-    ys = [np.empty((x.shape[0], out_dim), dtype=np.float32) for x in xs]  # [rows, out] per chunk
+def _epilogue(
+    out: F32, columns: slice, bias: F32 | None, residual: F32 | None, after: Epilogue | None
+) -> None:
+    """Bias, residual and `after` on columns of one chunk's product, in place."""
+    if bias is not None:
+        out += bias[columns]  # [rows, span]
+    if residual is not None:
+        out += residual[:, columns]  # [rows, span]
+    if after is not None:
+        after(out)  # [rows, span]
+
+
+def linear(
+    xs: Rows,
+    weights: Weights,
+    name: str,
+    out_dim: int,
+    *,
+    bias: bool = True,
+    residual: Rows | None = None,
+    after: Epilogue | None = None,
+    out: Rows | None = None,
+) -> Rows:
+    """x @ W.T (+ b) (+ residual), then `after` in place, per chunk, into `out` (new arrays when None).
+
+    W [out, in] comes block by block, each used for every chunk, then dropped. Each block's products are
+    split into tasks by chunk and, when chunks are fewer than twice the pool's threads, by output-column
+    spans too; bias, residual and `after` (an elementwise function: GELU) run inside each task, on columns
+    that are still in cache.
+    """
+    pool = current_pool()
+    ys = out if out is not None else [np.empty((x.shape[0], out_dim), dtype=np.float32) for x in xs]
+    b = weights.vector(f"{name}.bias") if bias else None  # [out]
+    residuals: Sequence[F32 | None] = residual if residual is not None else [None] * len(xs)
+    stored = getattr(weights, "parts", None)
+    pieces = stored(f"{name}.weight") if stored is not None else None
+    if pieces is not None:
+        # A quantized matrix: each task decodes a piece of a stored block and multiplies every chunk by it;
+        # then one task per chunk applies bias, residual and `after` to all its columns (per piece, those
+        # ~16 numpy calls would cost more than the product for a short text).
+        for block_parts in pieces:
+            pool.run([functools.partial(_decoded_product, xs, ys, part) for part in block_parts])
+        if b is not None or residual is not None or after is not None:
+            every = slice(0, out_dim)
+            pool.run(
+                [
+                    functools.partial(_epilogue, y, every, b, r, after)
+                    for y, r in zip(ys, residuals, strict=True)
+                ]
+            )
+        return ys
+    parts = -(-2 * pool.threads // len(xs)) if pool.threads > 1 else 1  # column spans per chunk
     for first, block in weights.blocks(f"{name}.weight"):  # block [block_rows, in]
-        last = first + block.shape[0]
-        for x, y in zip(xs, ys, strict=True):
-            np.matmul(x, block.T, out=y[:, first:last])  # [rows, block_rows]
-    if bias:
-        b = weights.vector(f"{name}.bias")  # [out]
-        for y in ys:
-            np.add(y, b, out=y)  # [rows, out]
+        tasks = [
+            functools.partial(
+                _product,
+                x,
+                block[lo:hi],
+                y,
+                slice(first + lo, first + hi),
+                bias=b,
+                residual=r,
+                after=after,
+            )
+            for x, y, r in zip(xs, ys, residuals, strict=True)
+            for lo, hi in spans(block.shape[0], parts, COLUMN_ALIGN)
+        ]
+        pool.run(tasks)
     return ys
 
 
@@ -323,56 +360,98 @@ def gather(chunks: Rows, pieces: tuple[tuple[int, int, int], ...], columns: slic
     return np.concatenate([chunks[chunk][lo:hi, columns] for chunk, lo, hi in pieces])  # [length, width]
 
 
-def attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, *, heads: int, cap: int = DEFAULT_CAP) -> Rows:
-    """softmax(q k^T / sqrt(d)) v per sequence and head, in query-row blocks so scores stay within the cap."""
-    hidden = q[0].shape[1]
-    head_dim = hidden // heads
+def _attend(
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    ctx: Rows,
+    *,
+    pieces: tuple[tuple[int, int, int], ...],
+    heads: tuple[int, int],
+    head_dim: int,
+    cap: int,
+) -> None:
+    """ctx of one sequence for heads [h0, h1), in head groups whose gathered K, V and scores stay in `cap`."""
+    length = sum(hi - lo for _, lo, hi in pieces)
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    ctx = [np.empty_like(chunk) for chunk in q]  # [padded, hidden] per chunk
+    first_head, last_head = heads
+    # Heads per group: a gathered K or V of the group, [length, group * head_dim], stays within the cap.
+    group = max(1, min(last_head - first_head, cap // (FLOAT_BYTES * length * head_dim)))
+    for h0 in range(first_head, last_head, group):
+        g = min(group, last_head - h0)
+        columns = slice(h0 * head_dim, (h0 + g) * head_dim)
+        keys = gather(k, pieces, columns).reshape(length, g, head_dim).transpose(1, 2, 0)  # [g, d, L]
+        values = gather(v, pieces, columns).reshape(length, g, head_dim).transpose(1, 0, 2)  # [g, L, d]
+        query_rows = max(1, min(length, cap // (FLOAT_BYTES * g * length)))
+        # One scores buffer per group, reused by every query block (a new one would briefly double it).
+        buffer = np.empty((g, query_rows, length), dtype=np.float32)  # [g, query_rows, L]
+        for chunk, lo, hi in pieces:
+            for r0 in range(lo, hi, query_rows):
+                r1 = min(r0 + query_rows, hi)
+                queries = q[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
+                scores = np.matmul(queries, keys, out=buffer[:, : r1 - r0])  # [g, n, L]
+                scores *= scale  # [g, n, L]
+                scores -= np.maximum.reduce(scores, axis=2, keepdims=True)  # [g, n, L]
+                np.exp(scores, out=scores)  # [g, n, L]
+                scores /= np.add.reduce(scores, axis=2, keepdims=True)  # [g, n, L]
+                out = ctx[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
+                np.matmul(scores, values, out=out)  # [g, n, d]
+
+
+def attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, *, heads: int, cap: int = DEFAULT_CAP) -> Rows:
+    """softmax(q k^T / sqrt(d)) v per sequence and head, in query-row blocks so scores stay within the cap.
+
+    One task per sequence and head span: a sequence's heads are split across the pool's threads when there
+    are fewer sequences than threads.
+    """
+    pool = current_pool()
+    head_dim = q[0].shape[1] // heads
+    ctx = [np.empty((chunk.shape[0], heads * head_dim), dtype=np.float32) for chunk in q]  # per chunk
     for padded, (first, last) in zip(ctx, batch.chunks, strict=True):
         padded[last - first :] = 0  # padding rows: no sequence writes them
-    for pieces in batch.pieces:
-        length = sum(hi - lo for _, lo, hi in pieces)
-        # Heads per group: a gathered K or V of the group, [length, group * head_dim], stays within the cap.
-        group = max(1, min(heads, cap // (FLOAT_BYTES * length * head_dim)))
-        for h0 in range(0, heads, group):
-            g = min(group, heads - h0)
-            columns = slice(h0 * head_dim, (h0 + g) * head_dim)
-            keys = gather(k, pieces, columns).reshape(length, g, head_dim).transpose(1, 2, 0)  # [g, d, L]
-            values = gather(v, pieces, columns).reshape(length, g, head_dim).transpose(1, 0, 2)  # [g, L, d]
-            query_rows = max(1, min(length, cap // (FLOAT_BYTES * g * length)))
-            # One scores buffer per group, reused by every query block (a new one would briefly double it).
-            buffer = np.empty((g, query_rows, length), dtype=np.float32)  # [g, query_rows, L]
-            for chunk, lo, hi in pieces:
-                for r0 in range(lo, hi, query_rows):
-                    r1 = min(r0 + query_rows, hi)
-                    queries = q[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
-                    scores = np.matmul(queries, keys, out=buffer[:, : r1 - r0])  # [g, n, L]
-                    scores *= scale  # [g, n, L]
-                    scores -= np.maximum.reduce(scores, axis=2, keepdims=True)  # [g, n, L]
-                    np.exp(scores, out=scores)  # [g, n, L]
-                    scores /= np.add.reduce(scores, axis=2, keepdims=True)  # [g, n, L]
-                    out = ctx[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
-                    np.matmul(scores, values, out=out)  # [g, n, d]
+    parts = -(-pool.threads // batch.n_sequences)  # head spans per sequence
+    work = [(pieces, span) for pieces in batch.pieces for span in spans(heads, parts)]
+    # Tasks running at once share the cap, so their gathered K, V and scores together stay within what one
+    # serial pass holds (plan.TRANSIENT_CAPS).
+    share = cap // min(pool.threads, len(work))
+    pool.run(
+        [
+            functools.partial(_attend, q, k, v, ctx, pieces=pieces, heads=span, head_dim=head_dim, cap=share)
+            for pieces, span in work
+        ]
+    )
     return ctx
 
 
+def _layer_norms(ys: Rows, weights: BertWeights, name: str) -> None:
+    """Layer norm of every chunk in place, chunks spread over the pool."""
+    gamma = weights.vector(f"{name}.weight")  # [hidden]
+    beta = weights.vector(f"{name}.bias")  # [hidden]
+    eps = weights.config.layer_norm_eps
+    current_pool().run([functools.partial(layer_norm, y, gamma, beta, eps) for y in ys])
+
+
 def self_attention(x: Rows, weights: BertWeights, layer: int, batch: TokenBatch, cap: int) -> Rows:
-    """Multi-head self-attention with its output projection, residual and layer norm (post-LN BERT)."""
+    """Multi-head self-attention with its output projection, residual and layer norm (post-LN BERT).
+
+    Q, K and V are written side by side into one [rows, 3 hidden] array per chunk (one allocation, and
+    attention reads them as column views).
+    """
     config = weights.config
     prefix = f"blk.{layer}"
-    q = linear(x, weights, f"{prefix}.attn_q", config.hidden)  # [rows, hidden] per chunk
-    k = linear(x, weights, f"{prefix}.attn_k", config.hidden)  # [rows, hidden] per chunk
-    v = linear(x, weights, f"{prefix}.attn_v", config.hidden)  # [rows, hidden] per chunk
+    hidden = config.hidden
+    qkv = [np.empty((chunk.shape[0], 3 * hidden), dtype=np.float32) for chunk in x]  # [rows, 3h] per chunk
+    for index, part in enumerate(("attn_q", "attn_k", "attn_v")):
+        views = [chunk[:, index * hidden : (index + 1) * hidden] for chunk in qkv]  # [rows, hidden]
+        linear(x, weights, f"{prefix}.{part}", hidden, out=views)
+    q = [chunk[:, :hidden] for chunk in qkv]  # [rows, hidden] per chunk
+    k = [chunk[:, hidden : 2 * hidden] for chunk in qkv]  # [rows, hidden] per chunk
+    v = [chunk[:, 2 * hidden :] for chunk in qkv]  # [rows, hidden] per chunk
     ctx = attention(q, k, v, batch, heads=config.heads, cap=cap)  # [rows, hidden] per chunk
-    del q, k, v
-    out = linear(ctx, weights, f"{prefix}.attn_output", config.hidden)  # [rows, hidden] per chunk
+    del q, k, v, qkv
+    out = linear(ctx, weights, f"{prefix}.attn_output", hidden, residual=x)  # [rows, hidden] per chunk
     del ctx
-    gamma = weights.vector(f"{prefix}.attn_output_norm.weight")  # [hidden]
-    beta = weights.vector(f"{prefix}.attn_output_norm.bias")  # [hidden]
-    for residual, y in zip(x, out, strict=True):
-        np.add(y, residual, out=y)  # [rows, hidden]
-        layer_norm(y, gamma, beta, config.layer_norm_eps)  # [rows, hidden]
+    _layer_norms(out, weights, f"{prefix}.attn_output_norm")  # [rows, hidden] per chunk
     return out
 
 
@@ -380,16 +459,10 @@ def feed_forward(x: Rows, weights: BertWeights, layer: int) -> Rows:
     """GELU MLP with residual and layer norm."""
     config = weights.config
     prefix = f"blk.{layer}"
-    up = linear(x, weights, f"{prefix}.ffn_up", config.ffn)  # [rows, ffn] per chunk
-    for chunk in up:
-        gelu(chunk)  # [rows, ffn]
-    out = linear(up, weights, f"{prefix}.ffn_down", config.hidden)  # [rows, hidden] per chunk
+    up = linear(x, weights, f"{prefix}.ffn_up", config.ffn, after=gelu)  # [rows, ffn] per chunk
+    out = linear(up, weights, f"{prefix}.ffn_down", config.hidden, residual=x)  # [rows, hidden] per chunk
     del up
-    gamma = weights.vector(f"{prefix}.layer_output_norm.weight")  # [hidden]
-    beta = weights.vector(f"{prefix}.layer_output_norm.bias")  # [hidden]
-    for residual, y in zip(x, out, strict=True):
-        np.add(y, residual, out=y)  # [rows, hidden]
-        layer_norm(y, gamma, beta, config.layer_norm_eps)  # [rows, hidden]
+    _layer_norms(out, weights, f"{prefix}.layer_output_norm")  # [rows, hidden] per chunk
     return out
 
 

@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
     parser.add_argument("--precision", type=int, default=7, help="decimals per vector component (default 7)")
     parser.add_argument(
+        "--threads",
+        type=int,
+        help="threads per forward pass (default: the CPUs the process may use — affinity and cgroup CPU "
+        "quota; more than that are not started)",
+    )
+    parser.add_argument(
         "--drop-page-cache",
         action="store_true",
         help="drop the model's file pages once read (POSIX_FADV_DONTNEED): the process's peak is its own "
@@ -183,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         print("gguf-sandbox embed: error: --batch-size must be at least 1", file=sys.stderr)
         return EXIT_USAGE
+    if args.threads is not None and args.threads < 1:
+        print("gguf-sandbox embed: error: --threads must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
     if args.input is None and not args.texts:
         print("gguf-sandbox embed: error: no texts; pass TEXT arguments or --input FILE", file=sys.stderr)
         return EXIT_USAGE
@@ -198,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             drop_cache=args.drop_page_cache,
             pooling=args.pooling,
+            threads=args.threads,
         ) as embedder:
             _write_document(embedder, _batches(_chain(first, texts), args.batch_size), args.precision)
     except BudgetExceeded as error:

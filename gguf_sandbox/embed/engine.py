@@ -27,6 +27,7 @@ from gguf_sandbox.embed.plan import (
     describe,
     preferred_plan,
 )
+from gguf_sandbox.embed.threads import ComputePool, single_threaded_blas, usable_cpus, use_pool
 from gguf_sandbox.embed.weights import PlannedWeights, load_weights
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.reader import GGUFFile
@@ -68,6 +69,7 @@ class Embedder:
         budget: MemoryBudget,
         resident: Reservation,
         batch_size: int,
+        threads: int,
         wait_s: float = DEFAULT_WAIT_S,
     ) -> None:
         self._gguf = gguf
@@ -90,6 +92,9 @@ class Embedder:
         # into BLAS keeps a packing buffer of its own for good (OpenBLAS: a few MiB each), so 8 callers
         # filled a 64 MiB cell that 2 fit in, and passes beyond the CPUs only wait inside BLAS anyway.
         self._pass_slots = threading.BoundedSemaphore(max(1, len(os.sched_getaffinity(0))))
+        # Each pass splits its products and attention over this pool; BLAS itself stays single-threaded.
+        single_threaded_blas()
+        self._pool = ComputePool(threads)
 
     @classmethod
     def open(
@@ -103,6 +108,7 @@ class Embedder:
         drop_cache: bool = False,
         wait_s: float = DEFAULT_WAIT_S,
         pooling: str | None = None,
+        threads: int | None = None,
     ) -> Embedder:
         """Open `model_path`, pick a plan from `budget` (detected when None) and load its weights.
 
@@ -114,6 +120,8 @@ class Embedder:
         (POSIX_FADV_DONTNEED; off by default because it drops them for every process on the host and
         costs a re-read per pass when streaming): the process's peak is then its own working set. `wait_s`
         bounds how long embed() waits for room in a shared budget before raising BudgetExceeded.
+        `threads` is how many threads a forward pass runs on (None: the CPUs the process may use, its
+        affinity cut to its cgroup's CPU quota; never more than that).
         Raises BudgetExceeded when the vocabulary, or the requested plan (with "auto" every plan), does
         not fit; GGUFError when the file is not a GGUF the engine can run.
         """
@@ -121,6 +129,9 @@ class Embedder:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not wait_s > 0:
             raise ValueError(f"wait_s must be positive, got {wait_s}")
+        cpus = usable_cpus()
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
         gguf = GGUFFile.open(Path(model_path))
         try:
             family = family_of(gguf)
@@ -164,6 +175,7 @@ class Embedder:
             budget=budget,
             resident=resident,
             batch_size=batch_size,
+            threads=cpus if threads is None else min(threads, cpus),
             wait_s=wait_s,
         )
 
@@ -222,6 +234,11 @@ class Embedder:
         return self._model.pooling.name.lower()
 
     @property
+    def threads(self) -> int:
+        """Threads a forward pass runs on."""
+        return self._pool.threads
+
+    @property
     def batch_size(self) -> int:
         return self._batch_size
 
@@ -256,7 +273,8 @@ class Embedder:
                     ),
                 ):
                     batch = TokenBatch.from_sequences(work.sequences, self._chunk_rows)
-                    vectors = self._family.encode(self._weights, batch, plan.cap, unit_length=normalize)
+                    with use_pool(self._pool):
+                        vectors = self._family.encode(self._weights, batch, plan.cap, unit_length=normalize)
                 out[work.first : work.first + len(work.sequences)] = vectors
         return out
 
@@ -297,6 +315,7 @@ class Embedder:
                 return
             self._closed = True
             self._state.wait_for(lambda: self._active == 0)
+        self._pool.close()
         self._weights.close()
         self._gguf.close()
         self._resident.release()

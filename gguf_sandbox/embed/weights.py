@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -13,7 +14,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType
 from numpy.typing import NDArray
 
-from gguf_sandbox.embed.bert import F32, FLOAT_BYTES, Ids
+from gguf_sandbox.embed.bert import F32, FLOAT_BYTES, Decoder, Ids
 from gguf_sandbox.embed.file_reads import advise, drop_cached, pread, read_blocks, read_columns
 from gguf_sandbox.embed.layout import ModelLayout
 from gguf_sandbox.embed.plan import Q8_BLOCK, Q8_BLOCK_BYTES, Plan, PlanName, TableMode, is_q8_0
@@ -47,8 +48,9 @@ class StoredRows(Protocol):
     @property
     def n_rows(self) -> int: ...
 
-    def decode(self, lo: int, hi: int) -> F32:
-        """Rows [lo, hi) as float32 [hi - lo, row_len]."""
+    def decode(self, lo: int, hi: int, out: F32 | None = None) -> F32:
+        """Rows [lo, hi) as float32 [hi - lo, row_len]; into the front of `out` (flat scratch) when the type
+        decodes in place (Q8_0), else a new array."""
         ...
 
 
@@ -64,7 +66,7 @@ class RawRows:
     def n_rows(self) -> int:
         return self.data.size // self.info.row_nbytes
 
-    def decode(self, lo: int, hi: int) -> F32:
+    def decode(self, lo: int, hi: int, out: F32 | None = None) -> F32:
         size = self.info.row_nbytes
         return decode(self.info, self.data[lo * size : hi * size], self.byte_order).reshape(hi - lo, -1)
 
@@ -96,13 +98,16 @@ class Q8Rows:
     def n_rows(self) -> int:
         return int(self.quants.shape[0]) * Q8_BLOCK // self.row_len
 
-    def decode(self, lo: int, hi: int) -> F32:
+    def decode(self, lo: int, hi: int, out: F32 | None = None) -> F32:
         per_row = self.row_len // Q8_BLOCK
         first, last = lo * per_row, hi * per_row
-        out = np.empty((last - first, Q8_BLOCK), dtype=np.float32)  # [blocks, 32]
-        np.copyto(out, self.quants[first:last])  # [blocks, 32] exact: every int8 is a float32
-        out *= self.scales[first:last]  # [blocks, 32]
-        return out.reshape(hi - lo, self.row_len)
+        if out is None:
+            blocks = np.empty((last - first, Q8_BLOCK), dtype=np.float32)  # [blocks, 32]
+        else:
+            blocks = out[: (last - first) * Q8_BLOCK].reshape(last - first, Q8_BLOCK)  # [blocks, 32]
+        np.copyto(blocks, self.quants[first:last])  # [blocks, 32] exact: every int8 is a float32
+        blocks *= self.scales[first:last]  # [blocks, 32]
+        return blocks.reshape(hi - lo, self.row_len)
 
 
 def stored_rows(info: TensorInfo, raw: bytes | NDArray[np.uint8], order: str) -> StoredRows:
@@ -110,6 +115,21 @@ def stored_rows(info: TensorInfo, raw: bytes | NDArray[np.uint8], order: str) ->
     if is_q8_0(info, order):
         return Q8Rows.of(raw, info.row_len)
     return RawRows(info, np.frombuffer(raw, dtype=np.uint8), order)
+
+
+def piece_bounds(info: TensorInfo, count: int) -> list[tuple[int, int]]:
+    """Row ranges of `count` stored rows that decode to about DECODE_BYTES each (at most 1.5x): each piece
+    costs a fixed ~20 us of numpy calls, so no sliver of a few rows gets a piece of its own."""
+    pieces = max(1, round(count * info.row_len * FLOAT_BYTES / DECODE_BYTES))
+    return list(pairwise(count * k // pieces for k in range(pieces + 1)))
+
+
+def stored_parts(info: TensorInfo, first: int, rows: StoredRows) -> list[tuple[int, int, Decoder]]:
+    """A stored block as pieces any thread may decode (into its own scratch): (first_row, rows, decode)."""
+    return [
+        (first + lo, hi - lo, functools.partial(rows.decode, lo, hi))
+        for lo, hi in piece_bounds(info, rows.n_rows)
+    ]
 
 
 def decoded_blocks(info: TensorInfo, first: int, rows: StoredRows) -> Iterator[tuple[int, F32]]:
@@ -120,12 +140,7 @@ def decoded_blocks(info: TensorInfo, first: int, rows: StoredRows) -> Iterator[t
     products are the same up to BLAS's choice of kernel for a piece's last columns (vectors differ from
     resident-f32's by ~1e-7).
     """
-    count = rows.n_rows
-    # Equal pieces of about DECODE_BYTES (at most 1.5x): each piece costs a fixed ~20 us of numpy calls, so
-    # no sliver of a few rows gets a piece of its own.
-    pieces = max(1, round(count * info.row_len * FLOAT_BYTES / DECODE_BYTES))
-    bounds = [count * k // pieces for k in range(pieces + 1)]
-    for lo, hi in pairwise(bounds):
+    for lo, hi in piece_bounds(info, rows.n_rows):
         yield first + lo, rows.decode(lo, hi)
 
 
@@ -255,6 +270,7 @@ class RawMatrix:
     def __init__(self, info: TensorInfo, blocks: Iterable[tuple[int, StoredRows]]) -> None:
         self.info = info
         self._blocks = list(blocks)
+        self._parts = [stored_parts(info, first, rows) for first, rows in self._blocks]
 
     def blocks(self) -> Iterator[tuple[int, F32]]:
         for first, rows in self._blocks:
@@ -268,6 +284,9 @@ class RawMatrix:
 
     def column_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
         return _columns_of(self.blocks(), lo, hi)
+
+    def parts(self) -> Iterator[list[tuple[int, int, Decoder]]]:
+        return iter(self._parts)
 
 
 class StreamedBytes:
@@ -320,6 +339,12 @@ class StreamMatrix:
             self._streamed.add(len(raw))
             yield first, decode(info, raw, order).reshape(-1, hi - lo)
 
+    def parts(self) -> Iterator[list[tuple[int, int, Decoder]]]:
+        info, order = self.info, self._gguf.byte_order
+        for first, raw in read_blocks(self._fd, info, self._cap, drop=self._uncached):
+            self._streamed.add(len(raw))
+            yield stored_parts(info, first, stored_rows(info, raw, order))
+
 
 class PlannedWeights:
     """The weights of one plan, for any model's forward pass (bert.BertWeights, decoder.DecoderWeights):
@@ -363,6 +388,12 @@ class PlannedWeights:
 
     def column_slab(self, name: str, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
         return self._matrices[name].column_slab(lo, hi)
+
+    def parts(self, name: str) -> Iterator[list[tuple[int, int, Decoder]]] | None:
+        """A quantized matrix's stored blocks as pieces for the compute pool's threads to decode (bert.Parts);
+        None for matrices kept decoded (resident-f32: use blocks())."""
+        matrix = self._matrices[name]
+        return matrix.parts() if isinstance(matrix, RawMatrix | StreamMatrix) else None
 
     def close(self) -> None:
         """Drop the weights and close the file handle used for row reads."""

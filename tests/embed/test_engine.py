@@ -21,9 +21,11 @@ from gguf.constants import GGMLQuantizationType
 
 from gguf_sandbox.budget import MemoryBudget
 from gguf_sandbox.embed import command
+from gguf_sandbox.embed import engine as engine_module
 from gguf_sandbox.embed import plan as plan_module
 from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.embed.plan import PLAN_ORDER, PlanName, pass_bytes
+from gguf_sandbox.embed.threads import usable_cpus
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.synth import SyntheticBert, vocabulary, write_synthetic_bert
 from tests.models import cached_synthetic
@@ -323,6 +325,40 @@ def test_embed_command_without_texts_fails(small_model: Path, capsys: pytest.Cap
     command.add_arguments(parser)
     assert command.run(parser.parse_args(["--model", str(small_model)])) == 2
     assert "no texts" in capsys.readouterr().err
+
+
+def test_embed_command_refuses_zero_threads(small_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    assert command.run(parser.parse_args(["--model", str(small_model), "--threads", "0", "ab"])) == 2
+    assert "--threads" in capsys.readouterr().err
+
+
+# -- threads: a pass split over the compute pool gives the serial pass's vectors ---------------------------
+@pytest.mark.parametrize("plan", PLAN_ORDER, ids=lambda p: p.value)
+def test_vectors_do_not_depend_on_the_thread_count(
+    minilm_shaped: Path, plan: PlanName, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "usable_cpus", lambda: 8)  # a pool of 3 even on a 1-CPU runner
+    texts = [" ".join(["ab"] * 600), *synthetic_texts(9, seed=8, vocab_size=30522)]
+    results = []
+    for threads in (1, 2, 3):
+        with Embedder.open(
+            minilm_shaped, plan=plan, budget=MemoryBudget(UNLIMITED), threads=threads
+        ) as opened:
+            results.append((opened.embed(texts), opened.embed(texts[1:2])))
+    for batch, single in results[1:]:
+        assert np.abs(batch - results[0][0]).max() <= 1e-6
+        assert np.abs(single - results[0][1]).max() <= 1e-6
+
+
+def test_threads_never_exceed_the_usable_cpus(small_model: Path) -> None:
+    with Embedder.open(small_model, budget=MemoryBudget(UNLIMITED), threads=10_000) as opened:
+        assert opened.threads == usable_cpus()
+    with Embedder.open(small_model, budget=MemoryBudget(UNLIMITED), threads=1) as opened:
+        assert opened.threads == 1
+    with pytest.raises(ValueError, match="threads"):
+        Embedder.open(small_model, budget=MemoryBudget(UNLIMITED), threads=0)
 
 
 # -- hardening: bounded waits, the preferred plan, page cache, failing reads -----------------------------

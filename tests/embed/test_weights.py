@@ -343,3 +343,15 @@ def test_a_failing_read_is_a_gguf_error(
     monkeypatch.setattr(os, "pread", failing_pread)
     with pytest.raises(GGUFError, match="failed: Input/output error"):
         load_weights(q8, read_layout(q8), plan)
+
+
+def test_q8_rows_decode_into_scratch_gives_the_same_rows() -> None:
+    rng = np.random.default_rng(5)
+    blocks = np.zeros((24, 34), dtype=np.uint8)
+    blocks[:, :2] = np.frombuffer(rng.uniform(0.01, 0.1, 24).astype("<f2").tobytes(), np.uint8).reshape(24, 2)
+    blocks[:, 2:] = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+    rows = Q8Rows.of(blocks.tobytes(), 64)  # 12 rows of 64
+    scratch = np.full(4096, np.nan, dtype=np.float32)
+    into = rows.decode(3, 9, scratch)
+    np.testing.assert_array_equal(into, rows.decode(3, 9))
+    assert np.shares_memory(into, scratch)

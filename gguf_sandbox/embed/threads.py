@@ -1,0 +1,181 @@
+"""The compute pool: a forward pass's pieces on the CPUs the process may use, each with single-threaded BLAS.
+
+OpenBLAS's own threads spin between calls and split even a 25-token product in two, which costs more than it
+gains on small GEMMs (issue #15: 2 BLAS threads were slower than 1 for a sentence). The engine instead splits
+its work itself — output columns of a product, sequences and heads of attention — into tasks that a few
+threads run, each calling single-threaded BLAS: numpy releases the GIL inside matmul, exp and the like.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import itertools
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Final
+
+from gguf_sandbox.cgroupfs import cpu_quota
+
+Task = Callable[[], object]
+# How numpy's bundled OpenBLAS builds name their thread setting: plain, 64-bit-integer and scipy-openblas.
+BLAS_THREAD_SETTERS: Final = (
+    "openblas_set_num_threads",
+    "openblas_set_num_threads64_",
+    "scipy_openblas_set_num_threads64_",
+    "scipy_openblas_set_num_threads",
+)
+
+
+def usable_cpus(root: Path = Path("/")) -> int:
+    """CPUs this process may run on: its affinity mask, cut to its cgroup's CPU quota (rounded down), ≥ 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota(root)
+    if quota is not None:
+        cpus = min(cpus, int(quota))
+    return max(1, cpus)
+
+
+def _loaded_blas_libraries() -> list[str]:
+    """Paths of the OpenBLAS libraries mapped into this process (numpy's bundled one once numpy is loaded)."""
+    try:
+        text = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    paths = {line.split()[-1] for line in text.splitlines() if "openblas" in line.rsplit("/", 1)[-1].lower()}
+    return sorted(p for p in paths if p.startswith("/"))
+
+
+@functools.cache
+def single_threaded_blas() -> bool:
+    """Set numpy's OpenBLAS to one thread at run time (ctypes), once per process; True when it was set.
+
+    False where numpy links another BLAS or the library exports no known setter: nothing changes then.
+    """
+    for path in _loaded_blas_libraries():
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol in BLAS_THREAD_SETTERS:
+            setter = getattr(library, symbol, None)
+            if setter is not None:
+                setter.argtypes = [ctypes.c_int]
+                setter.restype = None
+                setter(1)
+                return True
+    return False
+
+
+class _Batch:
+    """Tasks handed out one at a time to whichever thread asks next; done when each has finished."""
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        self._tasks = tasks
+        self._next = itertools.count()  # next() on a count is atomic under the GIL
+        self._left = len(tasks)
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+
+    def drain(self) -> None:
+        while (index := next(self._next)) < len(self._tasks):
+            try:
+                self._tasks[index]()
+            except BaseException as error:  # re-raised in the caller by run()
+                self.error = self.error or error
+            with self._lock:
+                self._left -= 1
+                if self._left == 0:
+                    self._done.set()
+
+    def wait(self) -> None:
+        """Wait until every task has finished, then drop them (and the arrays they reference): a helper
+        that takes this batch off the queue later finds nothing to do."""
+        self._done.wait()
+        self._tasks = ()
+
+
+class ComputePool:
+    """`threads` threads for a forward pass: the caller's own plus threads - 1 helpers (daemons).
+
+    run() hands a list of independent tasks to the caller and the helpers and returns when all have
+    finished; a task may itself call run() (the caller drains what no helper took). With one thread
+    every task runs in the caller, in order.
+    """
+
+    def __init__(self, threads: int) -> None:
+        if threads < 1:
+            raise ValueError(f"a compute pool needs at least 1 thread, got {threads}")
+        self.threads = threads
+        self._jobs: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._helpers = [
+            threading.Thread(target=self._help, name=f"gguf-compute-{n}", daemon=True)
+            for n in range(threads - 1)
+        ]
+        for helper in self._helpers:
+            helper.start()
+
+    def _help(self) -> None:
+        while True:
+            batch = self._jobs.get()
+            if batch is None:
+                return
+            batch.drain()
+            del batch  # its arrays are the caller's to free: hold no reference while idle
+
+    def run(self, tasks: Sequence[Task]) -> None:
+        """Run every task (on up to `threads` threads at once); the first exception a task raised, if any."""
+        if len(tasks) <= 1 or not self._helpers:
+            for task in tasks:
+                task()
+            return
+        batch = _Batch(tasks)
+        for _ in range(min(len(self._helpers), len(tasks) - 1)):
+            self._jobs.put(batch)
+        batch.drain()
+        batch.wait()
+        if batch.error is not None:
+            raise batch.error
+
+    def close(self) -> None:
+        """Stop the helpers once they finish what they run."""
+        helpers, self._helpers = self._helpers, []
+        for _ in helpers:
+            self._jobs.put(None)
+        for helper in helpers:
+            helper.join()
+
+
+SERIAL: Final = ComputePool(1)
+_current: ContextVar[ComputePool] = ContextVar("compute_pool", default=SERIAL)
+
+
+def current_pool() -> ComputePool:
+    """The pool the running forward pass splits its work over (SERIAL outside use_pool())."""
+    return _current.get()
+
+
+@contextmanager
+def use_pool(pool: ComputePool) -> Iterator[ComputePool]:
+    """Run the forward passes inside the block on `pool` (per thread and context: concurrent callers may
+    each use their own)."""
+    token = _current.set(pool)
+    try:
+        yield pool
+    finally:
+        _current.reset(token)
+
+
+def spans(total: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """[0, total) cut into at most `parts` near-equal consecutive spans whose inner bounds are multiples of
+    `align` (none empty)."""
+    units = -(-total // align)
+    parts = max(1, min(parts, units))
+    bounds = [min(total, (units * k // parts) * align) for k in range(parts + 1)]
+    return [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
