@@ -246,6 +246,9 @@ def test_rapid_growth_of_small_reservations_stopped_at_limit() -> None:
             granted[index] += 1
             if memory.in_use > limit:
                 overshoot.append(memory.in_use)
+            # Give the others the GIL: on a loaded host one thread could take all 2,048 chunks in
+            # its time slices and the contention this test is about would never happen.
+            time.sleep(0)
 
     threads = [threading.Thread(target=grow, args=(i,)) for i in range(n_threads)]
     for thread in threads:
