@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,3 +22,14 @@ def load_reference() -> dict[str, Any]:
 def minilm_reference() -> dict[str, Any]:
     """tests/embed/fixtures/minilm_reference.json: sentences, HF ids, sentence-transformers vectors."""
     return load_reference()
+
+
+def traced_peak(run: Callable[[], object]) -> int:
+    """Bytes Python allocated at most while `run()` ran, above what was allocated before it."""
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        run()
+        return tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()

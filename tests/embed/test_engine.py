@@ -9,7 +9,6 @@ import json
 import os
 import re
 import threading
-import tracemalloc
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,7 @@ from gguf_sandbox.embed.plan import PLAN_ORDER, PlanName, pass_bytes
 from gguf_sandbox.embed.threads import usable_cpus
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.synth import SyntheticBert, vocabulary, write_synthetic_bert
+from tests.embed.conftest import traced_peak
 from tests.models import cached_synthetic
 
 CAP = 1 << 20
@@ -189,13 +189,7 @@ def test_traced_peak_of_a_pass_stays_within_its_reservation(minilm_shaped: Path)
         with Embedder.open(minilm_shaped, plan=plan, budget=MemoryBudget(UNLIMITED), batch_size=32) as opened:
             opened.embed(texts)
             tokens = max(sum(len(opened.tokenize(t)) for t in texts[:32]), len(opened.tokenize(texts[-1])))
-            tracemalloc.start()
-            try:
-                baseline = tracemalloc.get_traced_memory()[0]
-                opened.embed(texts)
-                peak = tracemalloc.get_traced_memory()[1] - baseline
-            finally:
-                tracemalloc.stop()
+            peak = traced_peak(lambda: opened.embed(texts))
             reserved = pass_bytes(opened.config, tokens)
             assert peak <= reserved, f"{plan.value}: traced peak {peak:,} over the reserved {reserved:,}"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from gguf_sandbox.embed.weights import PlannedWeights, load_weights
 from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile
 from gguf_sandbox.gguf.synth_decoder import NOMIC_CODE_CLASS, QWEN2_TINY, QWEN3_TINY, SyntheticDecoder
+from tests.embed.conftest import traced_peak
 from tests.models import cached_decoder
 
 UNLIMITED = 1 << 40
@@ -209,12 +209,6 @@ def test_no_allocation_over_the_cap_and_the_pass_within_its_reservation(wide: Pa
         assert len(sizes) > 1000, "memray saw too few allocations to mean anything"
         assert max(sizes) <= DEFAULT_CAP, f"an allocation of {max(sizes):,} bytes"
         tokens = sum(aligned(len(opened.tokenize(t))) for t in texts)
-        tracemalloc.start()
-        try:
-            baseline = tracemalloc.get_traced_memory()[0]
-            opened.embed(texts)
-            peak = tracemalloc.get_traced_memory()[1] - baseline
-        finally:
-            tracemalloc.stop()
+        peak = traced_peak(lambda: opened.embed(texts))
         reserved = pass_bytes(opened.config, tokens)
         assert peak <= reserved, f"traced peak {peak:,} over the reserved {reserved:,}"
