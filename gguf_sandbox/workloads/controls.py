@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from gguf_sandbox import budget, units
+from gguf_sandbox.errors import GGUFError, GGUFSandboxError
 
 if TYPE_CHECKING:  # numpy is imported by the controls that use it, not by the others
     import numpy as np
@@ -60,10 +60,16 @@ def load_naively(model: str) -> dict[str, NDArray[np.float32]]:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    contents = bytearray(os.path.getsize(model))
+    from gguf_sandbox.gguf.reader import GGUFFile
+
+    # Our bounded reader checks the file first: gguf-py ends a missing, empty, truncated or foreign file
+    # (or a directory) in a traceback, where a control must give one line like every workload.
+    with GGUFFile.open(model) as checked:
+        size = checked.file_size
+    contents = bytearray(size)
     with open(model, "rb") as file:
-        if file.readinto(contents) != len(contents):
-            raise SystemExit(f"naive-load: {model} changed size while it was read")
+        if file.readinto(contents) != size:
+            raise GGUFError(f"{model} changed size while it was read")
     # After the read: GGUFReader's field objects alone take ~60 MB on a 30k vocabulary, and a cell
     # that thrashes there (64m) never reaches the load this control exists to show.
     reader = GGUFReader(model)
@@ -178,6 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ControlRefusal as refusal:
         print(json.dumps({"error": str(refusal), "kind": "BudgetExceeded"}), flush=True)
         return REFUSED_EXIT_CODE
+    except GGUFSandboxError as error:
+        from gguf_sandbox.workloads.report import EXIT_BAD_INPUT
+
+        print(json.dumps({"error": str(error), "kind": type(error).__name__}), flush=True)
+        return EXIT_BAD_INPUT
     report.setdefault("preferred_plan", report["plan"])
     report.setdefault("degraded", False)
     report.setdefault("errors", 0)

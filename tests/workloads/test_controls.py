@@ -76,3 +76,23 @@ def memory_owner(array: np.ndarray) -> object:
     while isinstance(array.base, np.ndarray):
         array = array.base
     return array.base
+
+
+@pytest.mark.parametrize("hostile", ["missing", "directory", "empty", "foreign", "truncated"])
+def test_a_model_naive_load_cannot_read_is_one_json_line_and_exit_4(
+    hostile: str, model: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / f"{hostile}.gguf"
+    if hostile == "directory":
+        path.mkdir()
+    elif hostile == "empty":
+        path.write_bytes(b"")
+    elif hostile == "foreign":
+        path.write_bytes(b"\x00not a gguf file at all")
+    elif hostile == "truncated":
+        path.write_bytes(model.read_bytes()[:100_000])
+    done = control("naive-load", "--model", str(path))
+    assert done.returncode == 4, done.stderr
+    assert "Traceback" not in done.stderr
+    error = json.loads(done.stdout)
+    assert error["kind"] == "GGUFError" and error["error"] and "\n" not in error["error"]
