@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Final, Protocol, TypeAlias
@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gguf_sandbox.embed.gelu import GELU_STEP, erf, gelu
-from gguf_sandbox.embed.threads import current_pool, spans
+from gguf_sandbox.embed.threads import Task, current_pool, spans
 from gguf_sandbox.errors import GGUFError
 
 F32: TypeAlias = NDArray[np.float32]
@@ -37,6 +37,13 @@ FLOAT_BYTES: Final = 4
 ROW_ALIGN: Final = 4
 # Output columns of a product are split across threads at multiples of this (a 64-byte line of floats).
 COLUMN_ALIGN: Final = 16
+# A product task smaller than this many multiply-adds (~40 µs of single-threaded BLAS here) gains less from
+# another thread than handing it over costs: a 25-token text's 384-wide products cut four ways made two
+# threads slower than one (issue #15). Smaller products are cut into fewer, larger tasks.
+MIN_TASK_MACS: Final = 1 << 21
+# Tasks a product aims for per thread: a batch's ~5 chunks as 5 tasks kept one of 2 threads idle a fifth of
+# the time; cut into 10 (and chunks of unequal size spread over more tasks) the threads end together.
+TASKS_PER_THREAD: Final = 4
 # Each compute thread decodes quantized weight pieces into one scratch buffer of this size, kept for the
 # thread's life: no fresh array (and no page faults) per piece.
 SCRATCH_BYTES: Final = 1 << 19
@@ -267,6 +274,69 @@ def _epilogue(
         after(out)  # [rows, span]
 
 
+def column_parts(xs: Rows, columns: int, threads: int) -> int:
+    """Output-column spans per chunk for the products of `xs` by a block of `columns` output rows: about
+    TASKS_PER_THREAD tasks per thread in all, none below MIN_TASK_MACS (so at least one per chunk)."""
+    if threads == 1:
+        return 1
+    wanted = -(-TASKS_PER_THREAD * threads // len(xs))
+    macs_per_chunk = sum(int(x.shape[0]) for x in xs) * int(xs[0].shape[1]) * columns // len(xs)
+    return max(1, min(wanted, macs_per_chunk // MIN_TASK_MACS))
+
+
+@dataclass(frozen=True)
+class _LinearWork:
+    """A product's tasks: `runs` (one list per weight block, produced as the blocks are read) and then
+    `epilogues` (bias, residual and `after` per chunk, when the runs do not apply them themselves)."""
+
+    runs: Iterator[list[Task]]
+    epilogues: list[Task]
+
+
+def _linear_work(
+    xs: Rows,
+    ys: Rows,
+    weights: Weights,
+    name: str,
+    *,
+    bias: bool,
+    residual: Rows | None,
+    after: Epilogue | None,
+) -> _LinearWork:
+    """The tasks of ys = after(xs @ W.T (+ b) (+ residual)) for the current pool."""
+    threads = current_pool().threads
+    b = weights.vector(f"{name}.bias") if bias else None  # [out]
+    residuals: Sequence[F32 | None] = residual if residual is not None else [None] * len(xs)
+    stored = getattr(weights, "parts", None)
+    pieces = stored(f"{name}.weight") if stored is not None else None
+    if pieces is not None:
+        # A quantized matrix: each task decodes a piece of a stored block and multiplies every chunk by it;
+        # then one task per chunk applies bias, residual and `after` to all its columns (per piece, those
+        # ~16 numpy calls would cost more than the product for a short text).
+        every = slice(0, ys[0].shape[1])
+        runs: Iterator[list[Task]] = (
+            [functools.partial(_decoded_product, xs, ys, part) for part in parts] for parts in pieces
+        )
+        if b is None and residual is None and after is None:
+            return _LinearWork(runs, [])
+        epilogues: list[Task] = [
+            functools.partial(_epilogue, y, every, b, r, after) for y, r in zip(ys, residuals, strict=True)
+        ]
+        return _LinearWork(runs, epilogues)
+
+    def block_tasks(first: int, block: F32) -> list[Task]:  # block [block_rows, in]
+        parts = column_parts(xs, block.shape[0], threads)
+        return [
+            functools.partial(
+                _product, x, block[lo:hi], y, slice(first + lo, first + hi), bias=b, residual=r, after=after
+            )
+            for x, y, r in zip(xs, ys, residuals, strict=True)
+            for lo, hi in spans(block.shape[0], parts, COLUMN_ALIGN)
+        ]
+
+    return _LinearWork((block_tasks(first, block) for first, block in weights.blocks(f"{name}.weight")), [])
+
+
 def linear(
     xs: Rows,
     weights: Weights,
@@ -281,49 +351,38 @@ def linear(
     """x @ W.T (+ b) (+ residual), then `after` in place, per chunk, into `out` (new arrays when None).
 
     W [out, in] comes block by block, each used for every chunk, then dropped. Each block's products are
-    split into tasks by chunk and, when chunks are fewer than twice the pool's threads, by output-column
-    spans too; bias, residual and `after` (an elementwise function: GELU) run inside each task, on columns
-    that are still in cache.
+    split into tasks by chunk and, when chunks are too few to keep the pool's threads busy, by output-column
+    spans too (column_parts); bias, residual and `after` (an elementwise function: GELU) run inside each
+    task, on columns that are still in cache.
     """
     pool = current_pool()
     ys = out if out is not None else [np.empty((x.shape[0], out_dim), dtype=np.float32) for x in xs]
-    b = weights.vector(f"{name}.bias") if bias else None  # [out]
-    residuals: Sequence[F32 | None] = residual if residual is not None else [None] * len(xs)
-    stored = getattr(weights, "parts", None)
-    pieces = stored(f"{name}.weight") if stored is not None else None
-    if pieces is not None:
-        # A quantized matrix: each task decodes a piece of a stored block and multiplies every chunk by it;
-        # then one task per chunk applies bias, residual and `after` to all its columns (per piece, those
-        # ~16 numpy calls would cost more than the product for a short text).
-        for block_parts in pieces:
-            pool.run([functools.partial(_decoded_product, xs, ys, part) for part in block_parts])
-        if b is not None or residual is not None or after is not None:
-            every = slice(0, out_dim)
-            pool.run(
-                [
-                    functools.partial(_epilogue, y, every, b, r, after)
-                    for y, r in zip(ys, residuals, strict=True)
-                ]
-            )
-        return ys
-    parts = -(-2 * pool.threads // len(xs)) if pool.threads > 1 else 1  # column spans per chunk
-    for first, block in weights.blocks(f"{name}.weight"):  # block [block_rows, in]
-        tasks = [
-            functools.partial(
-                _product,
-                x,
-                block[lo:hi],
-                y,
-                slice(first + lo, first + hi),
-                bias=b,
-                residual=r,
-                after=after,
-            )
-            for x, y, r in zip(xs, ys, residuals, strict=True)
-            for lo, hi in spans(block.shape[0], parts, COLUMN_ALIGN)
-        ]
+    work = _linear_work(xs, ys, weights, name, bias=bias, residual=residual, after=after)
+    for tasks in work.runs:
         pool.run(tasks)
+    pool.run(work.epilogues)
     return ys
+
+
+def linears(xs: Rows, weights: Weights, outputs: Sequence[tuple[str, Rows]]) -> None:
+    """Several products of the same input with their biases (Q, K and V), each into its output rows.
+
+    When every matrix is held in memory (weights.held: the resident plans), all their tasks go to the pool
+    at once: a 25-token text's three 384-wide products are each too small to share between threads, but
+    together keep two busy. Streamed matrices are read one after the other (linear() each), so no more
+    than one block is held at a time.
+    """
+    held = getattr(weights, "held", None)
+    if held is None or not all(held(f"{name}.weight") for name, _ in outputs):
+        for name, ys in outputs:
+            linear(xs, weights, name, ys[0].shape[1], out=ys)
+        return
+    works = [
+        _linear_work(xs, ys, weights, name, bias=True, residual=None, after=None) for name, ys in outputs
+    ]
+    pool = current_pool()
+    pool.run([task for work in works for tasks in work.runs for task in tasks])
+    pool.run([task for work in works for task in work.epilogues])
 
 
 def embeddings(weights: BertWeights, batch: TokenBatch, cap: int = DEFAULT_CAP) -> Rows:
@@ -441,9 +500,14 @@ def self_attention(x: Rows, weights: BertWeights, layer: int, batch: TokenBatch,
     prefix = f"blk.{layer}"
     hidden = config.hidden
     qkv = [np.empty((chunk.shape[0], 3 * hidden), dtype=np.float32) for chunk in x]  # [rows, 3h] per chunk
-    for index, part in enumerate(("attn_q", "attn_k", "attn_v")):
-        views = [chunk[:, index * hidden : (index + 1) * hidden] for chunk in qkv]  # [rows, hidden]
-        linear(x, weights, f"{prefix}.{part}", hidden, out=views)
+    linears(
+        x,
+        weights,
+        [
+            (f"{prefix}.{part}", [chunk[:, index * hidden : (index + 1) * hidden] for chunk in qkv])
+            for index, part in enumerate(("attn_q", "attn_k", "attn_v"))
+        ],
+    )
     q = [chunk[:, :hidden] for chunk in qkv]  # [rows, hidden] per chunk
     k = [chunk[:, hidden : 2 * hidden] for chunk in qkv]  # [rows, hidden] per chunk
     v = [chunk[:, 2 * hidden :] for chunk in qkv]  # [rows, hidden] per chunk

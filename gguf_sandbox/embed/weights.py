@@ -389,6 +389,11 @@ class PlannedWeights:
     def column_slab(self, name: str, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
         return self._matrices[name].column_slab(lo, hi)
 
+    def held(self, name: str) -> bool:
+        """Whether a matrix is held in memory (resident plans), so that handing out its blocks reads nothing
+        and holds nothing new: a pass may then line up the tasks of several matrices at once."""
+        return isinstance(self._matrices[name], F32Matrix | RawMatrix)
+
     def parts(self, name: str) -> Iterator[list[tuple[int, int, Decoder]]] | None:
         """A quantized matrix's stored blocks as pieces for the compute pool's threads to decode (bert.Parts);
         None for matrices kept decoded (resident-f32: use blocks())."""

@@ -207,6 +207,24 @@ def test_resident_quant_keeps_q8_0_as_quants_and_float32_scales(q8: GGUFFile) ->
     assert quant == sizes.resident(PlanName.STREAMING, TableMode.FILE) + sizes.matrices_kept
 
 
+@pytest.mark.parametrize(
+    ("plan_name", "held"),
+    [(PlanName.RESIDENT_F32, True), (PlanName.RESIDENT_QUANT, True), (PlanName.STREAMING, False)],
+    ids=lambda p: p.value if isinstance(p, PlanName) else str(p),
+)
+def test_only_resident_plans_say_their_matrices_are_held(
+    q8: GGUFFile, plan_name: PlanName, held: bool
+) -> None:
+    """held() lets a pass line up several matrices' tasks at once: true only where that reads nothing."""
+    layout = read_layout(q8)
+    plan = choose_plan(read_config(q8), ModelSizes.of(q8, layout), UNLIMITED, requested=plan_name)
+    weights = load_weights(q8, layout, plan)
+    try:
+        assert {weights.held(name) for name in layout.matrices} == {held}
+    finally:
+        weights.close()
+
+
 # -- choosing ------------------------------------------------------------------------------------------------
 def test_chooser_prefers_f32_then_quant_then_streaming_as_memory_shrinks(q8: GGUFFile) -> None:
     config = read_config(q8)
