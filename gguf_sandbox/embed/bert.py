@@ -461,15 +461,21 @@ def attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, *, heads: int, cap: 
     """softmax(q k^T / sqrt(d)) v per sequence and head, in query-row blocks so scores stay within the cap.
 
     One task per sequence and head span: a sequence's heads are split across the pool's threads when there
-    are fewer sequences than threads.
+    are fewer sequences than threads and its scores and context (2 L^2 d multiply-adds per head) are worth
+    handing over (MIN_TASK_MACS): a 25-token text's attention is ~0.5M for all heads.
     """
     pool = current_pool()
     head_dim = q[0].shape[1] // heads
     ctx = [np.empty((chunk.shape[0], heads * head_dim), dtype=np.float32) for chunk in q]  # per chunk
     for padded, (first, last) in zip(ctx, batch.chunks, strict=True):
         padded[last - first :] = 0  # padding rows: no sequence writes them
-    parts = -(-pool.threads // batch.n_sequences)  # head spans per sequence
-    work = [(pieces, span) for pieces in batch.pieces for span in spans(heads, parts)]
+    wanted = -(-pool.threads // batch.n_sequences)  # head spans per sequence
+    lengths = np.diff(batch.starts).tolist()
+    work = [
+        (pieces, span)
+        for pieces, length in zip(batch.pieces, lengths, strict=True)
+        for span in spans(heads, max(1, min(wanted, 2 * length * length * heads * head_dim // MIN_TASK_MACS)))
+    ]
     # Tasks running at once share the cap, so their gathered K, V and scores together stay within what one
     # serial pass holds (plan.TRANSIENT_CAPS).
     share = cap // min(pool.threads, len(work))

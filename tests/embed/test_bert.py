@@ -403,3 +403,23 @@ def test_q_k_v_products_equal_three_linears(weights_class: type[DictWeights]) ->
         assert pool.handoffs == 1
     else:
         assert pool.handoffs >= len(names)
+
+
+@pytest.mark.parametrize(("length", "shared"), [(25, False), (256, True)], ids=["sentence", "long-text"])
+def test_attention_shares_a_sequence_between_threads_only_when_worth_it(length: int, shared: bool) -> None:
+    config = BertConfig(vocab_size=10, hidden=384, layers=1, heads=12, ffn=1536, context_length=512)
+    rng = np.random.default_rng(3)
+    batch = TokenBatch.from_sequences([list(range(length))], bert.rows_per_chunk(config))
+    q, k, v = (
+        [rng.standard_normal((hi - lo, 384)).astype(np.float32) for lo, hi in batch.chunks] for _ in "qkv"
+    )
+    serial = bert.attention(q, k, v, batch, heads=12)
+    pool = CountingPool(2)
+    try:
+        with use_pool(pool):
+            split = bert.attention(q, k, v, batch, heads=12)
+    finally:
+        pool.close()
+    assert pool.handoffs == int(shared)
+    for got, want in zip(split, serial, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
