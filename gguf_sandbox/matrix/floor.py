@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.floors import FLOORS_FILE, MAX_SECONDS, Floor, record_floor
@@ -58,6 +58,10 @@ class Run:
         }
 
 
+# How much of a failing run's reason a probe's line shows.
+REASON_CHARS: Final = 200
+
+
 @dataclass(frozen=True)
 class Probe:
     """All runs at one limit; it finished when every run did (a failing run ends the probe early)."""
@@ -87,8 +91,15 @@ class Probe:
         return min(values) if values else None
 
     def line(self) -> str:
+        """The limit, finished or failed, each run's verdict and peak; for a failed probe, why (its failing
+        run's reason, first line): a refusal near a floor says which reservation did not fit."""
         runs = "  ".join(f"{run.verdict.value} {_mib(run.peak)}" for run in self.runs)
-        return f"  {format_size(self.limit):>6}  {'finished' if self.finished else 'failed  '}  {runs}"
+        line = f"  {format_size(self.limit):>6}  {'finished' if self.finished else 'failed  '}  {runs}"
+        failing = next((run for run in self.runs if run.verdict not in FINISHED), None)
+        if failing is None or not failing.reason.strip():
+            return line
+        why = failing.reason.strip().splitlines()[0]
+        return f"{line}  ({why[: REASON_CHARS - 1] + '…' if len(why) > REASON_CHARS else why})"
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -79,6 +79,18 @@ def test_a_probe_finishes_only_when_every_run_did() -> None:
     assert {Verdict.PASS, Verdict.DEGRADED} == FINISHED
 
 
+def test_a_failed_probes_line_says_why_in_one_line() -> None:
+    refusal = "BudgetExceeded: the pass (12.0 MiB) does not fit beside the weights\nTraceback (most recent …"
+    finished = Run(Verdict.DEGRADED, 50 << 20, 1.0, "finished on plan 'streaming' instead of 'resident-f32'")
+    line = Probe(52 << 20, (finished, Run(Verdict.REFUSED, 51 << 20, 1.0, refusal))).line()
+    assert "failed" in line and "\n" not in line
+    assert line.endswith("(BudgetExceeded: the pass (12.0 MiB) does not fit beside the weights)")
+    long = Probe(52 << 20, (Run(Verdict.OOM, None, 1.0, "x" * 1000),)).line()
+    assert long.endswith("…)") and len(long) < 300
+    # A finished probe needs no reason, even when its runs carry one (degraded: which plan).
+    assert "(" not in Probe(52 << 20, (finished,)).line().split("M", 1)[1]
+
+
 def floor_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gguf_sandbox", "floor", *args],
