@@ -15,6 +15,7 @@ from tests.platform.cgroup_v2 import (
     K_USER,
     PROFILE,
     Selection,
+    kvm_problem,
     models_key,
     plan_env,
     selections,
@@ -146,3 +147,10 @@ def test_summary_fails_with_the_reason(
     (tmp_path / "console.log").write_text("booting\n")
     assert summarize(_outcome(guest, killed), tmp_path, [Selection("root", "ci", "x")], host=True) == 1
     assert problem in capsys.readouterr().out
+
+
+def test_kvm_on_a_pvm_host_is_refused_with_a_hint(tmp_path: Path) -> None:
+    module = tmp_path / "kvm_pvm"
+    assert kvm_problem(module) is None
+    module.mkdir()
+    assert "--accel tcg" in (kvm_problem(module) or "")
