@@ -8,9 +8,9 @@ from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 from gguf_sandbox.embed import bert, decoder, decoder_shapes, shapes
-from gguf_sandbox.embed.bert import F32, TokenBatch
 from gguf_sandbox.embed.decoder import SHORTEST_SEQUENCE_LIMIT
 from gguf_sandbox.embed.layout import ModelLayout
+from gguf_sandbox.embed.rows import F32, TokenBatch
 from gguf_sandbox.embed.tokenizer import WordPieceTokenizer
 from gguf_sandbox.embed.tokenizer import vocabulary_bytes as wordpiece_bytes
 from gguf_sandbox.errors import GGUFError

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final, Protocol, TypeAlias
 
@@ -14,40 +13,21 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gguf_sandbox.embed.gelu import GELU_STEP, erf, gelu
-from gguf_sandbox.embed.threads import Task, current_pool, spans
+from gguf_sandbox.embed.linear import MIN_TASK_MACS, Weights, linear, linears
+from gguf_sandbox.embed.rows import (
+    DEFAULT_CAP,
+    F32,
+    FLOAT_BYTES,
+    Rows,
+    TokenBatch,
+    gather,
+    padded_rows,
+    rows_per_chunk,
+)
+from gguf_sandbox.embed.threads import current_pool, spans
 from gguf_sandbox.errors import GGUFError
 
-F32: TypeAlias = NDArray[np.float32]
 __all__ = ["GELU_STEP", "erf", "gelu"]  # re-exported: the GELU the forward pass applies lives in gelu.py
-Ids: TypeAlias = NDArray[np.intp]
-# Activations of a batch: its token rows split into chunks, one array [chunk_rows, width] per chunk.
-Rows: TypeAlias = list[F32]
-# What a product task applies to its output columns in place before it ends (GELU).
-Epilogue: TypeAlias = Callable[[F32], object]
-# Decodes one piece of a quantized matrix, into the flat float32 scratch it is given when its type allows.
-Decoder: TypeAlias = Callable[[F32 | None], F32]
-# A piece of a stored weight block: (first output row, rows, its decoder).
-Part: TypeAlias = tuple[int, int, Decoder]
-
-DEFAULT_CAP: Final = 1 << 20
-FLOAT_BYTES: Final = 4
-# BLAS multiplies in panels of 4 rows (OpenBLAS's sgemm kernels here): 1-3 leftover rows cost about as
-# much as a whole panel, so activation chunks get zero rows up to a multiple of this. A 19-token sentence
-# padded to 20 rows has its products ~20% faster; the padding never reaches attention or pooling.
-ROW_ALIGN: Final = 4
-# Output columns of a product are split across threads at multiples of this (a 64-byte line of floats).
-COLUMN_ALIGN: Final = 16
-# A product task smaller than this many multiply-adds (~40 µs of single-threaded BLAS here) gains less from
-# another thread than handing it over costs: a 25-token text's 384-wide products cut four ways made two
-# threads slower than one (issue #15). Smaller products are cut into fewer, larger tasks.
-MIN_TASK_MACS: Final = 1 << 21
-# Tasks a product aims for per thread: a batch's ~5 chunks as 5 tasks kept one of 2 threads idle a fifth of
-# the time; cut into 10 (and chunks of unequal size spread over more tasks) the threads end together.
-TASKS_PER_THREAD: Final = 4
-# Each compute thread decodes quantized weight pieces into one scratch buffer of this size, kept for the
-# thread's life: no fresh array (and no page faults) per piece.
-SCRATCH_BYTES: Final = 1 << 19
-_thread_scratch = threading.local()
 
 
 class Pooling(IntEnum):
@@ -110,105 +90,11 @@ class BertConfig:
         return FLOAT_BYTES * (max(5 * self.hidden, 2 * self.hidden + self.ffn) + self.hidden)
 
 
-class Weights(Protocol):
-    """Where a forward pass gets its weights, by GGUF tensor name; every plan in weights.py implements it."""
-
-    def vector(self, name: str) -> F32:
-        """A 1-D tensor (bias, norm) as float32 [n]."""
-        ...
-
-    def rows(self, name: str, ids: Ids) -> F32:
-        """Rows `ids` of an embedding table as float32 [len(ids), row_len]."""
-        ...
-
-    def blocks(self, name: str) -> Iterable[tuple[int, F32]]:
-        """A 2-D weight [out, in] as (first_row, float32 [rows, in]) blocks in row order.
-
-        Blocks decoded for the call stay within the cap; weights held resident may come as one block.
-        """
-        ...
-
-
 class BertWeights(Weights, Protocol):
     """The weights of a BERT model, with its config."""
 
     @property
     def config(self) -> BertConfig: ...
-
-
-class Widths(Protocol):
-    """What sizes activation chunks: the widest row of a layer (BertConfig, DecoderConfig)."""
-
-    @property
-    def widest(self) -> int: ...
-
-
-def rows_per_chunk(config: Widths, cap: int = DEFAULT_CAP) -> int:
-    """How many token rows one activation chunk holds so that its widest array stays within `cap`.
-
-    A multiple of ROW_ALIGN where the cap allows one, so padded chunks stay within it too.
-    """
-    rows = max(1, cap // (FLOAT_BYTES * config.widest))
-    return rows - rows % ROW_ALIGN if rows >= ROW_ALIGN else rows
-
-
-def aligned(rows: int) -> int:
-    """`rows` rounded up to a multiple of ROW_ALIGN."""
-    return -(-rows // ROW_ALIGN) * ROW_ALIGN
-
-
-def padded_rows(rows: int, limit: int) -> int:
-    """Rows of an activation chunk holding `rows` tokens: aligned, but never past `limit` (the cap's)."""
-    return max(rows, min(aligned(rows), limit))
-
-
-@dataclass(frozen=True)
-class TokenBatch:
-    """Token rows of several sequences laid end to end (no padding), cut into chunks of whole sequences.
-
-    A sequence longer than a chunk is cut into chunk-sized pieces; every other sequence lies in one chunk.
-    """
-
-    ids: Ids  # [T] token ids
-    positions: Ids  # [T] position of each row inside its sequence
-    starts: Ids  # [n + 1] row where each sequence starts; starts[-1] == T
-    chunks: tuple[tuple[int, int], ...]  # (first_row, end_row) of each chunk, covering [0, T)
-    pieces: tuple[tuple[tuple[int, int, int], ...], ...] = field(repr=False)  # per sequence: (chunk, lo, hi)
-
-    @classmethod
-    def from_sequences(cls, sequences: Sequence[Sequence[int]], chunk_rows: int) -> TokenBatch:
-        if not sequences:
-            raise ValueError("TokenBatch needs at least one sequence")
-        lengths = [len(s) for s in sequences]
-        if min(lengths) == 0:
-            raise ValueError("TokenBatch: every sequence needs at least one token (the tokenizer adds [CLS])")
-        starts = np.zeros(len(sequences) + 1, dtype=np.intp)
-        np.cumsum(lengths, out=starts[1:])
-        ids = np.fromiter((t for s in sequences for t in s), dtype=np.intp, count=int(starts[-1]))
-        positions = np.arange(int(starts[-1]), dtype=np.intp) - np.repeat(starts[:-1], lengths)
-        chunks: list[tuple[int, int]] = []
-        pieces: list[tuple[tuple[int, int, int], ...]] = []
-        for first, length in zip(starts[:-1].tolist(), lengths, strict=True):
-            if chunks and chunks[-1][1] - chunks[-1][0] + length <= chunk_rows:
-                chunks[-1] = (chunks[-1][0], first + length)
-                begin = first - chunks[-1][0]
-                pieces.append(((len(chunks) - 1, begin, begin + length),))
-                continue
-            own: list[tuple[int, int, int]] = []
-            for lo in range(first, first + length, chunk_rows):
-                hi = min(lo + chunk_rows, first + length)
-                chunks.append((lo, hi))
-                own.append((len(chunks) - 1, 0, hi - lo))
-            pieces.append(tuple(own))
-        return cls(ids, positions, starts, tuple(chunks), tuple(pieces))
-
-    @property
-    def n_sequences(self) -> int:
-        return len(self.pieces)
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.starts[-1])
 
 
 def layer_norm(x: F32, gamma: F32, beta: F32, eps: float) -> F32:
@@ -227,162 +113,6 @@ def layer_norm(x: F32, gamma: F32, beta: F32, eps: float) -> F32:
     x *= gamma  # [rows, hidden]
     x += beta  # [rows, hidden]
     return x
-
-
-def _product(
-    x: F32,
-    block: F32,
-    y: F32,
-    columns: slice,
-    *,
-    bias: F32 | None,
-    residual: F32 | None,
-    after: Epilogue | None,
-) -> None:
-    """y[:, columns] = after(x @ block.T (+ bias) (+ residual)): one task, every step on the same columns."""
-    out = y[:, columns]  # [rows, span]
-    np.matmul(x, block.T, out=out)  # [rows, span]
-    _epilogue(out, columns, bias, residual, after)
-
-
-def _scratch() -> F32:
-    """This thread's decode scratch (float32, SCRATCH_BYTES), allocated at its first use."""
-    buffer: F32 | None = getattr(_thread_scratch, "buffer", None)
-    if buffer is None:
-        buffer = _thread_scratch.buffer = np.empty(SCRATCH_BYTES // FLOAT_BYTES, dtype=np.float32)
-    return buffer
-
-
-def _decoded_product(xs: Rows, ys: Rows, part: Part) -> None:
-    """One piece of a quantized matrix decoded into this thread's scratch, then multiplied for every chunk."""
-    first, count, decode = part
-    fits = count * xs[0].shape[1] * FLOAT_BYTES <= SCRATCH_BYTES
-    block = decode(_scratch() if fits else None)  # [count, in]
-    for x, y in zip(xs, ys, strict=True):
-        np.matmul(x, block.T, out=y[:, first : first + count])  # [rows, count]
-
-
-def _epilogue(
-    out: F32, columns: slice, bias: F32 | None, residual: F32 | None, after: Epilogue | None
-) -> None:
-    """Bias, residual and `after` on columns of one chunk's product, in place."""
-    if bias is not None:
-        out += bias[columns]  # [rows, span]
-    if residual is not None:
-        out += residual[:, columns]  # [rows, span]
-    if after is not None:
-        after(out)  # [rows, span]
-
-
-def column_parts(xs: Rows, columns: int, threads: int) -> int:
-    """Output-column spans per chunk for the products of `xs` by a block of `columns` output rows: about
-    TASKS_PER_THREAD tasks per thread in all, none below MIN_TASK_MACS (so at least one per chunk)."""
-    if threads == 1:
-        return 1
-    wanted = -(-TASKS_PER_THREAD * threads // len(xs))
-    macs_per_chunk = sum(int(x.shape[0]) for x in xs) * int(xs[0].shape[1]) * columns // len(xs)
-    return max(1, min(wanted, macs_per_chunk // MIN_TASK_MACS))
-
-
-@dataclass(frozen=True)
-class _LinearWork:
-    """A product's tasks: `runs` (one list per weight block, produced as the blocks are read) and then
-    `epilogues` (bias, residual and `after` per chunk, when the runs do not apply them themselves)."""
-
-    runs: Iterator[list[Task]]
-    epilogues: list[Task]
-
-
-def _linear_work(
-    xs: Rows,
-    ys: Rows,
-    weights: Weights,
-    name: str,
-    *,
-    bias: bool,
-    residual: Rows | None,
-    after: Epilogue | None,
-) -> _LinearWork:
-    """The tasks of ys = after(xs @ W.T (+ b) (+ residual)) for the current pool."""
-    threads = current_pool().threads
-    b = weights.vector(f"{name}.bias") if bias else None  # [out]
-    residuals: Sequence[F32 | None] = residual if residual is not None else [None] * len(xs)
-    stored = getattr(weights, "parts", None)
-    pieces = stored(f"{name}.weight") if stored is not None else None
-    if pieces is not None:
-        # A quantized matrix: each task decodes a piece of a stored block and multiplies every chunk by it;
-        # then one task per chunk applies bias, residual and `after` to all its columns (per piece, those
-        # ~16 numpy calls would cost more than the product for a short text).
-        every = slice(0, ys[0].shape[1])
-        runs: Iterator[list[Task]] = (
-            [functools.partial(_decoded_product, xs, ys, part) for part in parts] for parts in pieces
-        )
-        if b is None and residual is None and after is None:
-            return _LinearWork(runs, [])
-        epilogues: list[Task] = [
-            functools.partial(_epilogue, y, every, b, r, after) for y, r in zip(ys, residuals, strict=True)
-        ]
-        return _LinearWork(runs, epilogues)
-
-    def block_tasks(first: int, block: F32) -> list[Task]:  # block [block_rows, in]
-        parts = column_parts(xs, block.shape[0], threads)
-        return [
-            functools.partial(
-                _product, x, block[lo:hi], y, slice(first + lo, first + hi), bias=b, residual=r, after=after
-            )
-            for x, y, r in zip(xs, ys, residuals, strict=True)
-            for lo, hi in spans(block.shape[0], parts, COLUMN_ALIGN)
-        ]
-
-    return _LinearWork((block_tasks(first, block) for first, block in weights.blocks(f"{name}.weight")), [])
-
-
-def linear(
-    xs: Rows,
-    weights: Weights,
-    name: str,
-    out_dim: int,
-    *,
-    bias: bool = True,
-    residual: Rows | None = None,
-    after: Epilogue | None = None,
-    out: Rows | None = None,
-) -> Rows:
-    """x @ W.T (+ b) (+ residual), then `after` in place, per chunk, into `out` (new arrays when None).
-
-    W [out, in] comes block by block, each used for every chunk, then dropped. Each block's products are
-    split into tasks by chunk and, when chunks are too few to keep the pool's threads busy, by output-column
-    spans too (column_parts); bias, residual and `after` (an elementwise function: GELU) run inside each
-    task, on columns that are still in cache.
-    """
-    pool = current_pool()
-    ys = out if out is not None else [np.empty((x.shape[0], out_dim), dtype=np.float32) for x in xs]
-    work = _linear_work(xs, ys, weights, name, bias=bias, residual=residual, after=after)
-    for tasks in work.runs:
-        pool.run(tasks)
-    pool.run(work.epilogues)
-    return ys
-
-
-def linears(xs: Rows, weights: Weights, outputs: Sequence[tuple[str, Rows]]) -> None:
-    """Several products of the same input with their biases (Q, K and V), each into its output rows.
-
-    When every matrix is held in memory (weights.held: the resident plans), all their tasks go to the pool
-    at once: a 25-token text's three 384-wide products are each too small to share between threads, but
-    together keep two busy. Streamed matrices are read one after the other (linear() each), so no more
-    than one block is held at a time.
-    """
-    held = getattr(weights, "held", None)
-    if held is None or not all(held(f"{name}.weight") for name, _ in outputs):
-        for name, ys in outputs:
-            linear(xs, weights, name, ys[0].shape[1], out=ys)
-        return
-    works = [
-        _linear_work(xs, ys, weights, name, bias=True, residual=None, after=None) for name, ys in outputs
-    ]
-    pool = current_pool()
-    pool.run([task for work in works for tasks in work.runs for task in tasks])
-    pool.run([task for work in works for task in work.epilogues])
 
 
 def embeddings(weights: BertWeights, batch: TokenBatch, cap: int = DEFAULT_CAP) -> Rows:
@@ -409,14 +139,6 @@ def embeddings(weights: BertWeights, batch: TokenBatch, cap: int = DEFAULT_CAP) 
             tokens += type_row  # [rows, hidden]
         xs.append(layer_norm(x, gamma, beta, config.layer_norm_eps))
     return xs
-
-
-def gather(chunks: Rows, pieces: tuple[tuple[int, int, int], ...], columns: slice) -> F32:
-    """The rows of one sequence (its pieces across chunks) restricted to `columns`: a view when possible."""
-    if len(pieces) == 1:
-        chunk, lo, hi = pieces[0]
-        return chunks[chunk][lo:hi, columns]  # [length, width]
-    return np.concatenate([chunks[chunk][lo:hi, columns] for chunk, lo, hi in pieces])  # [length, width]
 
 
 def _attend(

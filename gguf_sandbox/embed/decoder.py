@@ -17,22 +17,17 @@ from typing import Final, Protocol
 
 import numpy as np
 
-from gguf_sandbox.embed.bert import (
+from gguf_sandbox.embed.bert import POOLERS, Pooling, normalize, pool, require_finite
+from gguf_sandbox.embed.linear import Weights, linear
+from gguf_sandbox.embed.rows import (
     DEFAULT_CAP,
     F32,
     FLOAT_BYTES,
-    POOLERS,
     Ids,
-    Pooling,
     Rows,
     TokenBatch,
-    Weights,
     gather,
-    linear,
-    normalize,
     padded_rows,
-    pool,
-    require_finite,
     rows_per_chunk,
 )
 from gguf_sandbox.errors import GGUFError

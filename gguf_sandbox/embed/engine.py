@@ -16,7 +16,7 @@ import numpy as np
 
 from gguf_sandbox.budget import MemoryBudget, Reservation
 from gguf_sandbox.embed.architectures import Family, TextEncoder, family_of, sequence_limits
-from gguf_sandbox.embed.bert import F32, POOLING_NAMES, Pooling, TokenBatch, aligned, rows_per_chunk
+from gguf_sandbox.embed.bert import POOLING_NAMES, Pooling
 from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
 from gguf_sandbox.embed.plan import (
     DEFAULT_PASS_TOKENS,
@@ -27,6 +27,7 @@ from gguf_sandbox.embed.plan import (
     describe,
     preferred_plan,
 )
+from gguf_sandbox.embed.rows import F32, TokenBatch, aligned, rows_per_chunk
 from gguf_sandbox.embed.threads import ComputePool, single_threaded_blas, usable_cpus, use_pool
 from gguf_sandbox.embed.weights import PlannedWeights, load_weights
 from gguf_sandbox.errors import BudgetExceeded, GGUFError

@@ -11,7 +11,7 @@ from typing import Final
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES
 
-from gguf_sandbox.embed.bert import FLOAT_BYTES
+from gguf_sandbox.embed.rows import FLOAT_BYTES
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.reader import TensorInfo
 

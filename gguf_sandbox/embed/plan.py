@@ -10,8 +10,8 @@ from typing import Final
 from gguf.constants import GGMLQuantizationType
 
 from gguf_sandbox.budget import physical_memory
-from gguf_sandbox.embed.bert import DEFAULT_CAP, FLOAT_BYTES, aligned
 from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
+from gguf_sandbox.embed.rows import DEFAULT_CAP, FLOAT_BYTES, aligned
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 

@@ -14,10 +14,11 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType
 from numpy.typing import NDArray
 
-from gguf_sandbox.embed.bert import F32, FLOAT_BYTES, Decoder, Ids
 from gguf_sandbox.embed.file_reads import advise, drop_cached, pread, read_blocks, read_columns
 from gguf_sandbox.embed.layout import ModelLayout
+from gguf_sandbox.embed.linear import Decoder
 from gguf_sandbox.embed.plan import Q8_BLOCK, Q8_BLOCK_BYTES, Plan, PlanName, TableMode, is_q8_0
+from gguf_sandbox.embed.rows import F32, FLOAT_BYTES, Ids
 from gguf_sandbox.errors import GGUFError, UnsupportedTensorType
 from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo

@@ -213,8 +213,8 @@ class GgufPy(PeerEmbedder):
 
     def __init__(self, model: Path, pooling: str | None) -> None:
         from gguf_sandbox.embed.architectures import family_of
-        from gguf_sandbox.embed.bert import DEFAULT_CAP, rows_per_chunk
         from gguf_sandbox.embed.engine import _with_pooling
+        from gguf_sandbox.embed.rows import DEFAULT_CAP, rows_per_chunk
         from gguf_sandbox.gguf.reader import GGUFFile
 
         gguf = _require("gguf", "gguf")
@@ -240,7 +240,7 @@ class GgufPy(PeerEmbedder):
         self.pooling = layout.config.pooling.name.lower()
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        from gguf_sandbox.embed.bert import TokenBatch
+        from gguf_sandbox.embed.rows import TokenBatch
 
         sequences = [self._tokenize(text, self._limit) for text in texts]
         batch = TokenBatch.from_sequences(sequences, self._chunk_rows)

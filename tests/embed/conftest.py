@@ -1,14 +1,17 @@
-"""The sentence-transformers reference for all-MiniLM-L6-v2 (the model fixtures are in tests/conftest.py)."""
+"""The sentence-transformers reference for all-MiniLM-L6-v2, and helpers the engine tests share: a pass's
+traced peak, a compute pool that counts its hand-offs (the model fixtures are in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from gguf_sandbox.embed.threads import ComputePool, Task
 
 REFERENCE = Path(__file__).parent / "fixtures" / "minilm_reference.json"
 
@@ -33,3 +36,15 @@ def traced_peak(run: Callable[[], object]) -> int:
         return tracemalloc.get_traced_memory()[1] - baseline
     finally:
         tracemalloc.stop()
+
+
+class CountingPool(ComputePool):
+    """A compute pool that counts its hand-offs: run() calls with more than one task."""
+
+    def __init__(self, threads: int) -> None:
+        super().__init__(threads)
+        self.handoffs = 0
+
+    def run(self, tasks: Sequence[Task]) -> None:
+        self.handoffs += len(tasks) > 1
+        super().run(tasks)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from numpy.typing import NDArray
 
 from gguf_sandbox.embed import bert
-from gguf_sandbox.embed.bert import BertConfig, Pooling, TokenBatch
-from gguf_sandbox.embed.threads import ComputePool, Task, use_pool
+from gguf_sandbox.embed.bert import BertConfig, Pooling
+from gguf_sandbox.embed.rows import F32, ROW_ALIGN, Ids, TokenBatch, padded_rows, rows_per_chunk
+from gguf_sandbox.embed.threads import use_pool
 from gguf_sandbox.errors import GGUFError
+from tests.embed.conftest import CountingPool
 
 F64 = NDArray[np.float64]
 SMALL = BertConfig(vocab_size=97, hidden=48, layers=2, heads=4, ffn=96, context_length=80)
@@ -56,13 +58,13 @@ class DictWeights:
     def config(self) -> BertConfig:
         return self._config
 
-    def vector(self, name: str) -> bert.F32:
+    def vector(self, name: str) -> F32:
         return self._tensors[name]
 
-    def rows(self, name: str, ids: bert.Ids) -> bert.F32:
+    def rows(self, name: str, ids: Ids) -> F32:
         return self._tensors[name][ids]
 
-    def blocks(self, name: str) -> Iterator[tuple[int, bert.F32]]:
+    def blocks(self, name: str) -> Iterator[tuple[int, F32]]:
         matrix = self._tensors[name]
         for first in range(0, matrix.shape[0], self._block_rows):
             yield first, matrix[first : first + self._block_rows]
@@ -200,23 +202,23 @@ def test_token_batch_chunks_cover_every_row_once(lengths: list[int], chunk_rows:
     ],
 )
 def test_padded_rows_align_without_passing_the_limit(rows: int, limit: int, expected: int) -> None:
-    assert bert.padded_rows(rows, limit) == expected
+    assert padded_rows(rows, limit) == expected
 
 
 def test_chunks_are_aligned_and_their_padded_rows_stay_within_the_cap() -> None:
     for cap in (1 << 20, 8192, 4 * 96 * 4, 1000):
-        rows = bert.rows_per_chunk(SMALL, cap)
+        rows = rows_per_chunk(SMALL, cap)
         assert rows * SMALL.widest * 4 <= cap or rows == 1
-        assert rows % bert.ROW_ALIGN == 0 or rows < bert.ROW_ALIGN
+        assert rows % ROW_ALIGN == 0 or rows < ROW_ALIGN
 
 
 def test_padding_rows_change_no_vector(monkeypatch: pytest.MonkeyPatch) -> None:
     tensors = random_weights(SMALL, seed=6)
     weights = DictWeights(SMALL, tensors, 16)
     seqs = sequences(SMALL, [1, 6, 19, 3, 41])
-    batch = TokenBatch.from_sequences(seqs, bert.rows_per_chunk(SMALL))
+    batch = TokenBatch.from_sequences(seqs, rows_per_chunk(SMALL))
     padded = bert.encode(weights, batch)
-    monkeypatch.setattr(bert, "ROW_ALIGN", 1)
+    monkeypatch.setattr("gguf_sandbox.embed.rows.ROW_ALIGN", 1)
     unpadded = bert.encode(weights, batch)
     assert np.isfinite(padded).all()
     assert np.abs(padded - unpadded).max() <= 1e-6
@@ -256,7 +258,7 @@ def test_non_finite_weights_end_in_gguf_error_not_in_a_vector(poison: float) -> 
     tensors = random_weights(SMALL, seed=6)
     tensors["blk.1.ffn_down.bias"][3] = poison
     weights = DictWeights(SMALL, tensors, 16)
-    batch = TokenBatch.from_sequences(sequences(SMALL, [5, 9]), bert.rows_per_chunk(SMALL))
+    batch = TokenBatch.from_sequences(sequences(SMALL, [5, 9]), rows_per_chunk(SMALL))
     with pytest.raises(GGUFError, match="NaN or infinite"):
         bert.encode(weights, batch)
 
@@ -276,7 +278,7 @@ def test_encode_matches_naive_float64(pooling: Pooling, cap: int, block_rows: in
     tensors = random_weights(config)
     weights = DictWeights(config, tensors, block_rows)
     seqs = sequences(config, [1, 6, 33, 80, 2, 17])
-    batch = TokenBatch.from_sequences(seqs, bert.rows_per_chunk(config, cap))
+    batch = TokenBatch.from_sequences(seqs, rows_per_chunk(config, cap))
     got = bert.encode(weights, batch, cap)
     expected = np.stack([naive_bert(config, tensors, s) for s in seqs])
     assert got.dtype == np.float32
@@ -290,7 +292,7 @@ def test_encode_is_independent_of_blocking() -> None:
     results = []
     for cap in (1 << 20, 8192, 1536):
         weights = DictWeights(SMALL, tensors, max(1, cap // (SMALL.hidden * 4)))
-        batch = TokenBatch.from_sequences(seqs, bert.rows_per_chunk(SMALL, cap))
+        batch = TokenBatch.from_sequences(seqs, rows_per_chunk(SMALL, cap))
         results.append(bert.encode(weights, batch, cap))
     assert np.abs(results[0] - results[1]).max() <= 1e-6
     assert np.abs(results[0] - results[2]).max() <= 1e-6
@@ -300,7 +302,7 @@ def test_a_sequence_embeds_the_same_alone_and_in_a_batch() -> None:
     tensors = random_weights(SMALL, seed=4)
     weights = DictWeights(SMALL, tensors, 16)
     seqs = sequences(SMALL, [12, 30, 5])
-    rows = bert.rows_per_chunk(SMALL)
+    rows = rows_per_chunk(SMALL)
     together = bert.encode(weights, TokenBatch.from_sequences(seqs, rows))
     alone = np.stack([bert.encode(weights, TokenBatch.from_sequences([s], rows))[0] for s in seqs])
     assert np.abs(together - alone).max() <= 1e-6
@@ -312,7 +314,7 @@ def test_attention_temporaries_stay_within_the_cap_at_512_tokens() -> None:
 
     config = BertConfig(vocab_size=10, hidden=384, layers=1, heads=12, ffn=1536, context_length=512)
     rng = np.random.default_rng(5)
-    chunk_rows = bert.rows_per_chunk(config)
+    chunk_rows = rows_per_chunk(config)
     batch = TokenBatch.from_sequences([list(range(512))], chunk_rows)
     q, k, v = (
         [rng.standard_normal((hi - lo, 384)).astype(np.float32) for lo, hi in batch.chunks] for _ in "qkv"
@@ -330,86 +332,11 @@ def test_attention_temporaries_stay_within_the_cap_at_512_tokens() -> None:
     assert peak <= ctx_bytes + 3 * (1 << 20) + (64 << 10)
 
 
-# -- how a product is cut into tasks for the compute pool ---------------------------------------------------
-def _chunks(*rows: int, width: int = 384) -> list[NDArray[np.float32]]:
-    return [np.zeros((r, width), dtype=np.float32) for r in rows]
-
-
-def test_one_thread_never_cuts_a_product() -> None:
-    assert bert.column_parts(_chunks(168, 168, 100), 1536, threads=1) == 1
-
-
-@pytest.mark.parametrize(
-    ("rows", "columns"),
-    [((28,), 384), ((28,), 1536), ((8,), 384), ((168, 168, 168, 168, 60), 384), ((512,), 1536)],
-    ids=["sentence-q", "sentence-ffn", "8-tokens", "batch-5-chunks", "long-text"],
-)
-@pytest.mark.parametrize("threads", [2, 3, 8])
-def test_tasks_keep_every_thread_busy_and_none_is_too_small(
-    rows: tuple[int, ...], columns: int, threads: int
-) -> None:
-    xs = _chunks(*rows)
-    parts = bert.column_parts(xs, columns, threads)
-    macs = sum(rows) * 384 * columns
-    tasks = len(xs) * parts
-    # Each task worth handing over, and as many as the work allows up to TASKS_PER_THREAD per thread.
-    assert parts == 1 or macs // tasks >= bert.MIN_TASK_MACS
-    assert tasks >= min(bert.TASKS_PER_THREAD * threads, max(len(xs), macs // bert.MIN_TASK_MACS))
-
-
-def test_a_sentence_product_too_small_to_share_stays_whole() -> None:
-    # 8 tokens x 384 x 384: ~1.2M multiply-adds, less than one task's worth.
-    assert bert.column_parts(_chunks(8), 384, threads=2) == 1
-
-
-class HeldWeights(DictWeights):
-    """DictWeights that say every matrix is held in memory (as the resident plans do)."""
-
-    def held(self, name: str) -> bool:
-        return name in self._tensors
-
-
-class CountingPool(ComputePool):
-    """A compute pool that counts its hand-offs: run() calls with more than one task."""
-
-    def __init__(self, threads: int) -> None:
-        super().__init__(threads)
-        self.handoffs = 0
-
-    def run(self, tasks: Sequence[Task]) -> None:
-        self.handoffs += len(tasks) > 1
-        super().run(tasks)
-
-
-@pytest.mark.parametrize("weights_class", [DictWeights, HeldWeights], ids=["read-in-turn", "held"])
-def test_q_k_v_products_equal_three_linears(weights_class: type[DictWeights]) -> None:
-    rng = np.random.default_rng(11)
-    weights = weights_class(SMALL, random_weights(SMALL, 11), 16)
-    xs = [rng.standard_normal((rows, SMALL.hidden)).astype(np.float32) for rows in (28, 9)]
-    names = [f"blk.0.{part}" for part in ("attn_q", "attn_k", "attn_v")]
-    expected = [bert.linear(xs, weights, name, SMALL.hidden) for name in names]
-    pool = CountingPool(3)
-    try:
-        with use_pool(pool):
-            outs = [[np.empty_like(x) for x in xs] for _ in names]
-            bert.linears(xs, weights, list(zip(names, outs, strict=True)))
-    finally:
-        pool.close()
-    for got, want in zip(outs, expected, strict=True):
-        for g, w in zip(got, want, strict=True):
-            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
-    # Held matrices: one hand-off for the three products; read in turn: at least one per matrix.
-    if weights_class is HeldWeights:
-        assert pool.handoffs == 1
-    else:
-        assert pool.handoffs >= len(names)
-
-
 @pytest.mark.parametrize(("length", "shared"), [(25, False), (256, True)], ids=["sentence", "long-text"])
 def test_attention_shares_a_sequence_between_threads_only_when_worth_it(length: int, shared: bool) -> None:
     config = BertConfig(vocab_size=10, hidden=384, layers=1, heads=12, ffn=1536, context_length=512)
     rng = np.random.default_rng(3)
-    batch = TokenBatch.from_sequences([list(range(length))], bert.rows_per_chunk(config))
+    batch = TokenBatch.from_sequences([list(range(length))], rows_per_chunk(config))
     q, k, v = (
         [rng.standard_normal((hi - lo, 384)).astype(np.float32) for lo, hi in batch.chunks] for _ in "qkv"
     )

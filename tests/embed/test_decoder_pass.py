@@ -15,10 +15,10 @@ import pytest
 
 from gguf_sandbox.budget import MemoryBudget
 from gguf_sandbox.embed import decoder, decoder_shapes
-from gguf_sandbox.embed.bert import TokenBatch, rows_per_chunk
 from gguf_sandbox.embed.decoder import DecoderConfig, RopeStyle, rotate
 from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.embed.plan import ModelSizes, choose_plan
+from gguf_sandbox.embed.rows import TokenBatch, rows_per_chunk
 from gguf_sandbox.embed.weights import PlannedWeights, load_weights
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.reader import GGUFFile

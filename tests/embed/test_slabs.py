@@ -14,10 +14,10 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gguf_sandbox.budget import MemoryBudget
 from gguf_sandbox.embed import decoder, decoder_shapes
-from gguf_sandbox.embed.bert import DEFAULT_CAP, TokenBatch, aligned, rows_per_chunk
 from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.embed.file_reads import read_columns
 from gguf_sandbox.embed.plan import PLAN_ORDER, ModelSizes, PlanName, choose_plan, pass_bytes
+from gguf_sandbox.embed.rows import DEFAULT_CAP, TokenBatch, aligned, rows_per_chunk
 from gguf_sandbox.embed.weights import PlannedWeights, load_weights
 from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile

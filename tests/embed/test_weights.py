@@ -14,7 +14,7 @@ from gguf import GGUFWriter
 from gguf.constants import GGMLQuantizationType
 
 from gguf_sandbox.embed import bert
-from gguf_sandbox.embed.bert import BertConfig, TokenBatch
+from gguf_sandbox.embed.bert import BertConfig
 from gguf_sandbox.embed.plan import (
     PLAN_ORDER,
     Q8_KEPT_BYTES,
@@ -26,6 +26,7 @@ from gguf_sandbox.embed.plan import (
     pass_bytes,
     preferred_plan,
 )
+from gguf_sandbox.embed.rows import TokenBatch, rows_per_chunk
 from gguf_sandbox.embed.shapes import read_config, read_layout
 from gguf_sandbox.embed.weights import Q8Rows, load_weights
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
@@ -77,7 +78,7 @@ def embed_with(
     plan = dataclasses.replace(plan, tables=tables or plan.tables, uncached=uncached)
     weights = load_weights(gguf, read_layout(gguf), plan)
     try:
-        batch = TokenBatch.from_sequences(token_sequences(config), bert.rows_per_chunk(config, SMALL_CAP))
+        batch = TokenBatch.from_sequences(token_sequences(config), rows_per_chunk(config, SMALL_CAP))
         return bert.encode(weights, batch, SMALL_CAP)
     finally:
         weights.close()
@@ -351,7 +352,7 @@ def test_a_failing_read_is_a_gguf_error(
     if plan_name is PlanName.STREAMING:
         weights = load_weights(q8, read_layout(q8), plan)
         monkeypatch.setattr(os, "pread", failing_pread)
-        batch = TokenBatch.from_sequences(token_sequences(config), bert.rows_per_chunk(config, SMALL_CAP))
+        batch = TokenBatch.from_sequences(token_sequences(config), rows_per_chunk(config, SMALL_CAP))
         with pytest.raises(
             GGUFError, match=r"reading [\d,]+ bytes at offset [\d,]+ failed: Input/output error"
         ):

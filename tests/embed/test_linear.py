@@ -1,0 +1,75 @@
+"""Products of activation rows by weight matrices: how they are cut into tasks for the compute pool, and
+several products lined up in one hand-off."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from gguf_sandbox.embed import linear
+from gguf_sandbox.embed.threads import use_pool
+from tests.embed.conftest import CountingPool
+from tests.embed.test_bert import SMALL, DictWeights, random_weights
+
+
+def _chunks(*rows: int, width: int = 384) -> list[NDArray[np.float32]]:
+    return [np.zeros((r, width), dtype=np.float32) for r in rows]
+
+
+def test_one_thread_never_cuts_a_product() -> None:
+    assert linear.column_parts(_chunks(168, 168, 100), 1536, threads=1) == 1
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns"),
+    [((28,), 384), ((28,), 1536), ((8,), 384), ((168, 168, 168, 168, 60), 384), ((512,), 1536)],
+    ids=["sentence-q", "sentence-ffn", "8-tokens", "batch-5-chunks", "long-text"],
+)
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_tasks_keep_every_thread_busy_and_none_is_too_small(
+    rows: tuple[int, ...], columns: int, threads: int
+) -> None:
+    xs = _chunks(*rows)
+    parts = linear.column_parts(xs, columns, threads)
+    macs = sum(rows) * 384 * columns
+    tasks = len(xs) * parts
+    # Each task worth handing over, and as many as the work allows up to TASKS_PER_THREAD per thread.
+    assert parts == 1 or macs // tasks >= linear.MIN_TASK_MACS
+    assert tasks >= min(linear.TASKS_PER_THREAD * threads, max(len(xs), macs // linear.MIN_TASK_MACS))
+
+
+def test_a_sentence_product_too_small_to_share_stays_whole() -> None:
+    # 8 tokens x 384 x 384: ~1.2M multiply-adds, less than one task's worth.
+    assert linear.column_parts(_chunks(8), 384, threads=2) == 1
+
+
+class HeldWeights(DictWeights):
+    """DictWeights that say every matrix is held in memory (as the resident plans do)."""
+
+    def held(self, name: str) -> bool:
+        return name in self._tensors
+
+
+@pytest.mark.parametrize("weights_class", [DictWeights, HeldWeights], ids=["read-in-turn", "held"])
+def test_q_k_v_products_equal_three_linears(weights_class: type[DictWeights]) -> None:
+    rng = np.random.default_rng(11)
+    weights = weights_class(SMALL, random_weights(SMALL, 11), 16)
+    xs = [rng.standard_normal((rows, SMALL.hidden)).astype(np.float32) for rows in (28, 9)]
+    names = [f"blk.0.{part}" for part in ("attn_q", "attn_k", "attn_v")]
+    expected = [linear.linear(xs, weights, name, SMALL.hidden) for name in names]
+    pool = CountingPool(3)
+    try:
+        with use_pool(pool):
+            outs = [[np.empty_like(x) for x in xs] for _ in names]
+            linear.linears(xs, weights, list(zip(names, outs, strict=True)))
+    finally:
+        pool.close()
+    for got, want in zip(outs, expected, strict=True):
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    # Held matrices: one hand-off for the three products; read in turn: at least one per matrix.
+    if weights_class is HeldWeights:
+        assert pool.handoffs == 1
+    else:
+        assert pool.handoffs >= len(names)
