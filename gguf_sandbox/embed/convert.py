@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import secrets
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,19 @@ from gguf_sandbox.errors import GGUFSandboxError
 ARCH = MODEL_ARCH.BERT
 ARCH_NAME = MODEL_ARCH_NAMES[ARCH]
 SAFETENSORS = "model.safetensors"
+# Every file of the checkpoint convert reads besides the pooling config (whose folder modules.json names).
+CHECKPOINT_FILES = (
+    "config.json",
+    SAFETENSORS,
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "modules.json",
+    "sentence_bert_config.json",
+)
+# The first bytes of every GGUF file: an existing `out` that starts otherwise is not ours to replace.
+GGUF_MAGIC = b"GGUF"
 # Architectures llama.cpp converts as BertModel that carry no extra head we would have to map.
 BERT_ARCHITECTURES = frozenset({"BertModel", "BertForMaskedLM"})
 REQUIRED_HPARAMS = (
@@ -158,13 +174,17 @@ class Vocabulary:
 def convert(hf_dir: Path, out: Path, out_type: str = "f16", *, name: str | None = None) -> None:
     """Write `out` as a llama.cpp-style GGUF of the BERT checkpoint in `hf_dir`, weights as `out_type`.
 
-    Tensors are read one at a time and streamed to the file; a failure leaves no partial `out`.
+    `out` must be absent or an earlier GGUF (anything else is refused, never replaced). Tensors are read one
+    at a time and streamed to the file; a failure leaves no partial `out`.
     """
     hf_dir, out = Path(hf_dir), Path(out)
     spec = OUT_TYPES.get(str(out_type).lower())
     if spec is None:
         raise GGUFSandboxError(f"unknown output type {out_type!r}; choose one of {', '.join(OUT_TYPES)}")
+    _require_directory(hf_dir)
     config = _read_config(hf_dir)
+    inputs = _input_files(hf_dir)
+    _check_out(out, hf_dir, inputs)
     hparams = _hparams(config, hf_dir)
     vocabulary = _vocabulary(hf_dir, hparams)
     weights = hf_dir / SAFETENSORS
@@ -176,7 +196,7 @@ def convert(hf_dir: Path, out: Path, out_type: str = "f16", *, name: str | None 
     )
     for tensor in plan:
         writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes, tensor.qtype)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    partial = _create_partial(out)
     try:
         writer.write_header_to_file(path=partial)
         writer.write_kv_data_to_file()
@@ -184,11 +204,98 @@ def convert(hf_dir: Path, out: Path, out_type: str = "f16", *, name: str | None 
         for data in _tensor_data(weights, plan):
             writer.write_tensor_data(data)
         writer.close()
-        partial.replace(out)
+        # Again: the conversion took a while, and what is at `out` now is what the rename replaces.
+        _check_out(out, hf_dir, inputs)
+        os.replace(partial, out)
+    except OSError as error:
+        _discard(writer, partial)
+        raise GGUFSandboxError(f"cannot write {out}: {_strerror(error)}") from error
     except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
+        _discard(writer, partial)
         raise
+
+
+# -- output ----------------------------------------------------------------------------------------------
+def _check_out(out: Path, hf_dir: Path, inputs: tuple[Path, ...]) -> None:
+    """Refuse an `out` whose replacement would lose something: a device, a directory, a checkpoint file,
+    any file that is not an earlier GGUF; or a path in a directory that does not exist."""
+    hint = "remove it or choose another path"
+    try:
+        status: os.stat_result | None = out.lstat()
+    except FileNotFoundError:
+        status = None
+    except OSError as error:
+        raise GGUFSandboxError(f"{out}: cannot inspect the output path ({_strerror(error)})") from error
+    if status is None and not out.parent.is_dir():
+        raise GGUFSandboxError(
+            f"{out}: directory {out.parent} does not exist; create it or choose another path"
+        )
+    try:
+        checkpoint, directory = hf_dir.resolve(), out.parent.resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop before Python 3.13
+        raise GGUFSandboxError(f"{out}: cannot resolve the output path ({error})") from error
+    if directory == checkpoint or checkpoint in directory.parents:
+        raise GGUFSandboxError(
+            f"{out} is inside the checkpoint directory {hf_dir}, whose files are being read; "
+            f"write the GGUF file elsewhere"
+        )
+    if status is None:
+        return
+    if not stat.S_ISREG(status.st_mode):
+        raise GGUFSandboxError(f"{out} exists and is {_file_kind(status.st_mode)}, not a GGUF file; {hint}")
+    for path in inputs:
+        try:
+            source = path.stat()
+        except OSError:
+            continue  # absent (or unreadable, which convert reports when it reads it): not `out`
+        if (source.st_dev, source.st_ino) == (status.st_dev, status.st_ino):
+            raise GGUFSandboxError(f"{out} is the checkpoint's {path.name} (the same file); {hint}")
+    try:
+        with out.open("rb") as handle:
+            magic = handle.read(len(GGUF_MAGIC))
+    except OSError as error:
+        raise GGUFSandboxError(
+            f"{out}: cannot read the existing file ({_strerror(error)}); {hint}"
+        ) from error
+    if magic != GGUF_MAGIC:
+        raise GGUFSandboxError(f"{out} exists and is not a GGUF file (it would be replaced); {hint}")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def _create_partial(out: Path) -> Path:
+    """A new empty file next to `out` (O_EXCL: never an existing one), which GGUFWriter then fills."""
+    # Cut the name so that the partial's stays within NAME_MAX (255) whenever `out`'s does.
+    partial = out.with_name(f".{out.name[:200]}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+    try:
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+    except OSError as error:
+        raise GGUFSandboxError(f"cannot write {out}: {_strerror(error)}") from error
+    return partial
+
+
+def _discard(writer: GGUFWriter, partial: Path) -> None:
+    # Closing flushes what is buffered, which fails again on a full disk: the file goes anyway.
+    with contextlib.suppress(OSError):
+        writer.close()
+    with contextlib.suppress(OSError):
+        partial.unlink(missing_ok=True)
+
+
+def _strerror(error: OSError) -> str:
+    """`[Errno 28] No space left on device: 'path'` as `path: No space left on device`."""
+    reason = error.strerror or str(error)
+    return f"{error.filename}: {reason}" if error.filename is not None else reason
 
 
 # -- inputs ----------------------------------------------------------------------------------------------
@@ -206,14 +313,25 @@ def _optional_json(path: Path) -> dict[str, Any] | None:
     return _read_json(path, "fix or remove the file") if path.is_file() else None
 
 
-def _read_config(hf_dir: Path) -> dict[str, Any]:
-    hint = "pass the directory that holds config.json, model.safetensors and vocab.txt"
+CHECKPOINT_HINT = "pass the directory that holds config.json, model.safetensors and vocab.txt"
+
+
+def _require_directory(hf_dir: Path) -> None:
     if not hf_dir.is_dir():
-        raise GGUFSandboxError(f"{hf_dir} is not a directory; {hint}")
+        raise GGUFSandboxError(f"{hf_dir} is not a directory; {CHECKPOINT_HINT}")
+
+
+def _input_files(hf_dir: Path) -> tuple[Path, ...]:
+    return (*(hf_dir / name for name in CHECKPOINT_FILES), _pooling_dir(hf_dir) / "config.json")
+
+
+def _read_config(hf_dir: Path) -> dict[str, Any]:
     path = hf_dir / "config.json"
     if not path.is_file():
-        raise GGUFSandboxError(f"{hf_dir} is not a Hugging Face checkpoint: config.json is missing; {hint}")
-    config = _read_json(path, hint)
+        raise GGUFSandboxError(
+            f"{hf_dir} is not a Hugging Face checkpoint: config.json is missing; {CHECKPOINT_HINT}"
+        )
+    config = _read_json(path, CHECKPOINT_HINT)
     architectures = config.get("architectures") or []
     model_type = config.get("model_type")
     if not (BERT_ARCHITECTURES & set(architectures)) and not (not architectures and model_type == "bert"):
@@ -365,16 +483,19 @@ def _vocabulary(hf_dir: Path, hparams: BertHParams) -> Vocabulary:
     return Vocabulary(tokens, token_types, lowercase, strip, PRE_TOKENIZER_BY_HASH.get(digest, "default"))
 
 
-def _pooling_type(hf_dir: Path) -> PoolingType:
-    """The sentence-transformers Pooling module's mode (modules.json, else 1_Pooling/); mean if none."""
-    pooling_dir = hf_dir / "1_Pooling"
+def _pooling_dir(hf_dir: Path) -> Path:
+    """The sentence-transformers Pooling module's folder: modules.json's, else 1_Pooling/."""
     modules = hf_dir / "modules.json"
     if modules.is_file():
         loaded = json.loads(modules.read_text(encoding="utf-8"))
         for module in loaded if isinstance(loaded, list) else []:
             if isinstance(module, dict) and module.get("type") == "sentence_transformers.models.Pooling":
-                pooling_dir = hf_dir / str(module.get("path", ""))
-                break
+                return hf_dir / str(module.get("path", ""))
+    return hf_dir / "1_Pooling"
+
+
+def _pooling_type(pooling_dir: Path) -> PoolingType:
+    """The mode of the Pooling module in `pooling_dir`; mean if there is none."""
     pooling = _optional_json(pooling_dir / "config.json")
     if pooling is None:
         return PoolingType.MEAN
@@ -419,7 +540,7 @@ def _add_metadata(
     writer.add_head_count(hparams.num_attention_heads)
     writer.add_layer_norm_eps(hparams.layer_norm_eps)
     writer.add_causal_attention(False)
-    writer.add_pooling_type(_pooling_type(hf_dir))
+    writer.add_pooling_type(_pooling_type(_pooling_dir(hf_dir)))
 
     writer.add_token_type_count(hparams.type_vocab_size)
     writer.add_tokenizer_model("bert")
@@ -571,7 +692,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HF_DIR",
         help="checkpoint directory: config.json, model.safetensors, vocab.txt (+ sentence-transformers)",
     )
-    parser.add_argument("out", type=Path, metavar="OUT.gguf", help="GGUF file to write (replaced if present)")
+    parser.add_argument(
+        "out",
+        type=Path,
+        metavar="OUT.gguf",
+        help="GGUF file to write, outside HF_DIR (an earlier GGUF is replaced, any other file refused)",
+    )
     parser.add_argument(
         "--type",
         dest="out_type",

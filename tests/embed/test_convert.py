@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGMLQuantizationType, LlamaFileType, PoolingType, TokenType
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -380,6 +383,9 @@ def _write(name: str, text: str) -> Callable[[Path], None]:
     return write
 
 
+# What an earlier conversion left at OUT (only its GGUF magic matters): the one kind of file convert replaces.
+EARLIER_GGUF = b"GGUF earlier output"
+
 BAD_INPUTS: dict[str, tuple[Callable[[Path], None], str]] = {
     "no-config": (_without("config.json"), "config.json is missing"),
     "config-not-json": (_write("config.json", "{not json"), "not valid JSON"),
@@ -426,10 +432,10 @@ def test_bad_checkpoint_is_a_clear_error_and_leaves_no_file(tmp_path: Path, labe
     break_it(source)
     out = tmp_path / "out" / "model.gguf"
     out.parent.mkdir()
-    out.write_bytes(b"previous contents")
+    out.write_bytes(EARLIER_GGUF)
     with pytest.raises(GGUFSandboxError, match=message):
         convert(source, out, "q8_0")
-    assert out.read_bytes() == b"previous contents"
+    assert out.read_bytes() == EARLIER_GGUF
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
 
 
@@ -446,3 +452,126 @@ def test_bad_arguments(
 ) -> None:
     with pytest.raises(GGUFSandboxError, match=message):
         convert(make_source(tmp_path), tmp_path / "x.gguf", out_type)
+
+
+# -- hostile OUT: refused in one line (exit 2), nothing replaced, no partial file left ---------------------
+def _mknod_null(path: Path) -> None:
+    """A character device like /dev/null (1, 3), made in the test's own directory — never a real /dev path."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("mknod of a character device needs root (CAP_MKNOD)")
+
+
+def _regular(content: bytes) -> Callable[[Path, Path], Path]:
+    def make(tmp_path: Path, source: Path) -> Path:
+        out = tmp_path / "out.gguf"
+        out.write_bytes(content)
+        return out
+
+    return make
+
+
+def _node(kind: str) -> Callable[[Path, Path], Path]:
+    def make(tmp_path: Path, source: Path) -> Path:
+        out = tmp_path / "out.gguf"
+        if kind == "device":
+            _mknod_null(out)
+        elif kind == "fifo":
+            os.mkfifo(out)
+        elif kind == "directory":
+            out.mkdir()
+            (out / "keep.txt").write_text("mine", encoding="utf-8")
+        else:  # a symlink to an earlier GGUF: replacing it would silently change what the link was
+            (tmp_path / "target.gguf").write_bytes(EARLIER_GGUF)
+            out.symlink_to(tmp_path / "target.gguf")
+        return out
+
+    return make
+
+
+def _checkpoint_file(name: str) -> Callable[[Path, Path], Path]:
+    def pick(tmp_path: Path, source: Path) -> Path:
+        return source / name
+
+    return pick
+
+
+def _linked_input(tmp_path: Path, source: Path) -> Path:
+    """OUT outside HF_DIR but the very file HF_DIR's tokenizer_config.json links to (starting as a GGUF)."""
+    out = tmp_path / "shared.gguf"
+    out.write_bytes(EARLIER_GGUF)
+    (source / "tokenizer_config.json").symlink_to(out)
+    return out
+
+
+HOSTILE_OUT: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
+    "device-node": (_node("device"), "is a character device, not a GGUF file; remove it or choose another"),
+    "fifo": (_node("fifo"), "is a named pipe, not a GGUF file"),
+    "directory": (_node("directory"), "is a directory, not a GGUF file"),
+    "symlink": (_node("symlink"), "is a symbolic link, not a GGUF file"),
+    "not-gguf": (_regular(b"my notes"), "exists and is not a GGUF file (it would be replaced); remove it"),
+    "empty-file": (_regular(b""), "exists and is not a GGUF file"),
+    "checkpoint-weights": (_checkpoint_file("model.safetensors"), "inside the checkpoint directory"),
+    "checkpoint-config": (_checkpoint_file("config.json"), "inside the checkpoint directory"),
+    "new-file-in-checkpoint": (_checkpoint_file("model.gguf"), "write the GGUF file elsewhere"),
+    "linked-input": (_linked_input, "is the checkpoint's tokenizer_config.json (the same file)"),
+    "missing-directory": (lambda tmp, source: tmp / "nowhere" / "out.gguf", "nowhere does not exist"),
+}
+
+
+def _snapshot(path: Path) -> tuple[int, int, bytes | None, list[str]]:
+    """What OUT is: its type, inode, bytes (regular files) and entries (directories)."""
+    status = path.lstat()
+    data = path.read_bytes() if stat.S_ISREG(status.st_mode) else None
+    entries = sorted(p.name for p in path.iterdir()) if stat.S_ISDIR(status.st_mode) else []
+    return stat.S_IFMT(status.st_mode), status.st_ino, data, entries
+
+
+@pytest.mark.parametrize("label", list(HOSTILE_OUT))
+def test_hostile_out_is_refused_and_left_alone(
+    tmp_path: Path, label: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_out, message = HOSTILE_OUT[label]
+    source = write_tiny(tmp_path / "src")
+    out = make_out(tmp_path, source)
+    before = _snapshot(out) if os.path.lexists(out) else None
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    sources = {p.name: p.read_bytes() for p in source.iterdir()}
+    assert cli_main(["convert", str(source), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gguf-sandbox convert: error: ")
+    assert message in err
+    assert (_snapshot(out) if os.path.lexists(out) else None) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing  # no partial file
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == sources
+
+
+def test_an_earlier_gguf_is_replaced(tmp_path: Path) -> None:
+    source = write_tiny(tmp_path / "src")
+    out = tmp_path / "out.gguf"
+    out.write_bytes(EARLIER_GGUF)
+    convert(source, out, "f32")
+    with GGUFFile.open(out) as gguf_file:
+        assert set(gguf_file.tensors) == expected_names(2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf", "src"]
+
+
+def test_a_write_error_is_one_line_and_leaves_no_partial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A full disk mid-write: the path and strerror in one line, the earlier GGUF kept, the partial gone."""
+    source = write_tiny(tmp_path / "src")
+    out = tmp_path / "out" / "model.gguf"
+    out.parent.mkdir()
+    out.write_bytes(EARLIER_GGUF)
+
+    def disk_full(self: GGUFWriter, tensor: np.ndarray) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(GGUFWriter, "write_tensor_data", disk_full)
+    assert cli_main(["convert", str(source), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"gguf-sandbox convert: error: cannot write {out}: No space left on device\n"
+    assert out.read_bytes() == EARLIER_GGUF
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
