@@ -56,6 +56,13 @@ CHECKPOINT_FILES = (
     "modules.json",
     "sentence_bert_config.json",
 )
+# Bytes read at most from a JSON file (real ones: config.json ~1 KB, tokenizer.json of a 250k-token
+# vocabulary ~17 MB): parsed JSON can take 20 times its size in memory.
+MAX_JSON_BYTES = 4 << 20
+MAX_TOKENIZER_JSON_BYTES = 32 << 20
+# vocab.txt: LaBSE's 501,153 tokens take 5 MB.
+MAX_VOCAB_TXT_BYTES = 32 << 20
+DEFAULT_LAYER_NORM_EPS = 1e-12  # BertConfig's
 # The first bytes of every GGUF file: an existing `out` that starts otherwise is not ours to replace.
 GGUF_MAGIC = b"GGUF"
 # Architectures llama.cpp converts as BertModel that carry no extra head we would have to map.
@@ -299,21 +306,78 @@ def _strerror(error: OSError) -> str:
 
 
 # -- inputs ----------------------------------------------------------------------------------------------
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def _read_capped(path: Path, limit: int, what: str) -> bytes:
+    """The whole file, refused beyond `limit` bytes (read no further: a size on disk can lie, /proc's do)."""
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as error:
+        raise GGUFSandboxError(f"{path}: cannot read it ({_strerror(error)}); {what}") from error
+    if len(data) > limit:
+        raise GGUFSandboxError(f"{path} is larger than {limit >> 20} MiB, far beyond a real one; {what}")
+    return data
+
+
+def _decode(path: Path, data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise GGUFSandboxError(
+            f"{path}: not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start}); {what}"
+        ) from error
+
+
+def _read_json(path: Path, what: str, limit: int = MAX_JSON_BYTES, kind: type = dict) -> Any:
+    """The JSON value in `path`, which must be a `kind` (object or array); any flaw is one line."""
+    text = _decode(path, _read_capped(path, limit, what), what)
+    try:
+        loaded = json.loads(text)
     except json.JSONDecodeError as error:
         raise GGUFSandboxError(f"{path}: not valid JSON ({error}); {what}") from error
-    if not isinstance(loaded, dict):
-        raise GGUFSandboxError(f"{path}: expected a JSON object, found {type(loaded).__name__}; {what}")
+    except ValueError as error:  # an integer longer than int() converts (sys.get_int_max_str_digits)
+        raise GGUFSandboxError(f"{path}: holds a number too long to read; {what}") from error
+    except RecursionError as error:
+        raise GGUFSandboxError(f"{path}: JSON nested too deeply to read; {what}") from error
+    if not isinstance(loaded, kind):
+        raise GGUFSandboxError(f"{path}: expected {_json_type(kind)}, found {_shown(loaded)}; {what}")
     return loaded
 
 
-def _optional_json(path: Path) -> dict[str, Any] | None:
-    return _read_json(path, "fix or remove the file") if path.is_file() else None
+def _optional_json(path: Path, limit: int = MAX_JSON_BYTES) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = _read_json(path, FIX_HINT, limit) if path.is_file() else None
+    return found
+
+
+def _json_type(kind: type) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "true or false", int: "an integer"}
+    return names.get(kind, "a number" if kind is float else kind.__name__)
+
+
+def _shown(value: object) -> str:
+    """A JSON value for a one-line message: scalars as written (cut short), containers by their kind."""
+    if isinstance(value, (dict, list)):
+        return _json_type(type(value))
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return _clip(repr(value))  # a str's repr escapes newlines; json.loads refused ints too long for repr
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _field(path: Path, data: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    """data[key] when it is a `kind` (true/false is no number here), `default` when absent or null."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
+        return value
+    raise GGUFSandboxError(f"{path}: {key} is {_shown(value)}, expected {_json_type(kind)}; {FIX_HINT}")
 
 
 CHECKPOINT_HINT = "pass the directory that holds config.json, model.safetensors and vocab.txt"
+FIX_HINT = "fix or remove the file"
 
 
 def _require_directory(hf_dir: Path) -> None:
@@ -331,11 +395,13 @@ def _read_config(hf_dir: Path) -> dict[str, Any]:
         raise GGUFSandboxError(
             f"{hf_dir} is not a Hugging Face checkpoint: config.json is missing; {CHECKPOINT_HINT}"
         )
-    config = _read_json(path, CHECKPOINT_HINT)
-    architectures = config.get("architectures") or []
-    model_type = config.get("model_type")
+    config: dict[str, Any] = _read_json(path, CHECKPOINT_HINT)
+    architectures = _field(path, config, "architectures", list) or []
+    if not all(isinstance(name, str) for name in architectures):
+        raise GGUFSandboxError(f"{path}: architectures must be an array of strings; {FIX_HINT}")
+    model_type = _field(path, config, "model_type", str)
     if not (BERT_ARCHITECTURES & set(architectures)) and not (not architectures and model_type == "bert"):
-        described = ", ".join(map(str, architectures)) or f"model_type {model_type!r}"
+        described = _clip(", ".join(architectures)) if architectures else f"model_type {_shown(model_type)}"
         raise GGUFSandboxError(
             f"{path}: architecture {described} is not a BERT encoder; only "
             f"{', '.join(sorted(BERT_ARCHITECTURES))} checkpoints (model_type 'bert') can be converted"
@@ -344,23 +410,24 @@ def _read_config(hf_dir: Path) -> dict[str, Any]:
 
 
 def _hparams(config: Mapping[str, Any], hf_dir: Path) -> BertHParams:
-    missing = [key for key in REQUIRED_HPARAMS if not isinstance(config.get(key), int)]
+    path = hf_dir / "config.json"
+    missing = [key for key in REQUIRED_HPARAMS if not _is_int(config.get(key))]
     if missing:
         raise GGUFSandboxError(
-            f"{hf_dir / 'config.json'}: missing or non-integer {', '.join(missing)}; a BERT config.json "
+            f"{path}: missing or non-integer {', '.join(missing)}; a BERT config.json "
             f"defines {', '.join(REQUIRED_HPARAMS)}"
         )
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     if heads <= 0 or hidden % heads:
         raise GGUFSandboxError(
-            f"{hf_dir / 'config.json'}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+            f"{path}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
         )
-    if config.get("position_embedding_type", "absolute") != "absolute":
+    positions = _field(path, config, "position_embedding_type", str, "absolute")
+    if positions != "absolute":
         raise GGUFSandboxError(
-            f"{hf_dir / 'config.json'}: position_embedding_type {config['position_embedding_type']!r} is not "
-            f"supported; llama.cpp's bert architecture has absolute position embeddings only"
+            f"{path}: position_embedding_type {_shown(positions)} is not supported; llama.cpp's bert "
+            f"architecture has absolute position embeddings only"
         )
-    eps = config.get("layer_norm_eps", config.get("layer_norm_epsilon", 1e-12))
     return BertHParams(
         hidden_size=hidden,
         num_hidden_layers=config["num_hidden_layers"],
@@ -368,9 +435,29 @@ def _hparams(config: Mapping[str, Any], hf_dir: Path) -> BertHParams:
         intermediate_size=config["intermediate_size"],
         max_position_embeddings=config["max_position_embeddings"],
         vocab_size=config["vocab_size"],
-        type_vocab_size=int(config.get("type_vocab_size", 1)),
-        layer_norm_eps=float(eps),
+        type_vocab_size=_field(path, config, "type_vocab_size", int, 1),
+        layer_norm_eps=_layer_norm_eps(path, config),
     )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _layer_norm_eps(path: Path, config: Mapping[str, Any]) -> float:
+    """layer_norm_eps as the float32 GGUF stores: finite and > 0 (`embed` refuses any other)."""
+    key = next((k for k in ("layer_norm_eps", "layer_norm_epsilon") if k in config), "layer_norm_eps")
+    value = config.get(key, DEFAULT_LAYER_NORM_EPS)
+    number = np.float32(np.nan)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError), np.errstate(over="ignore"):  # 1e400 or a 400-digit int
+            number = np.float32(float(value))
+    if not 0 < number < np.inf:
+        raise GGUFSandboxError(
+            f"{path}: {key} is {_shown(value)}; it must be a finite positive number that float32 can hold "
+            f"(BERT's is {DEFAULT_LAYER_NORM_EPS})"
+        )
+    return float(number)
 
 
 def _model_name(hf_dir: Path) -> str:
@@ -384,7 +471,7 @@ def _special_tokens(hf_dir: Path) -> tuple[set[str], set[str]]:
     """(special, other added) token strings, as HF's added_tokens_decoder would mark them."""
     special: set[str] = set()
     added: set[str] = set()
-    tokenizer_json = _optional_json(hf_dir / "tokenizer.json") or {}
+    tokenizer_json = _optional_json(hf_dir / "tokenizer.json", MAX_TOKENIZER_JSON_BYTES) or {}
     for entry in tokenizer_json.get("added_tokens") or []:
         if isinstance(entry, dict) and isinstance(entry.get("content"), str):
             (special if entry.get("special") else added).add(entry["content"])
@@ -432,7 +519,7 @@ def _lowercase_options(hf_dir: Path) -> tuple[bool, bool | None]:
             for child in normalizer.get("normalizers") or []:
                 parse(child)
 
-    parse((_optional_json(hf_dir / "tokenizer.json") or {}).get("normalizer"))
+    parse((_optional_json(hf_dir / "tokenizer.json", MAX_TOKENIZER_JSON_BYTES) or {}).get("normalizer"))
     config = _optional_json(hf_dir / "tokenizer_config.json") or {}
     lowercase = found.get("lowercase", config.get("do_lower_case", True))
     strip = found.get("strip_accents", config.get("strip_accents"))
@@ -446,15 +533,19 @@ def _vocabulary(hf_dir: Path, hparams: BertHParams) -> Vocabulary:
             f"{hf_dir}: vocab.txt is missing; a BERT checkpoint needs its WordPiece vocabulary "
             f"(vocab.txt, one token per line)"
         )
-    words = path.read_text(encoding="utf-8").split("\n")
+    what = "a BERT vocab.txt holds one token per line, in UTF-8"
+    data = _read_capped(path, MAX_VOCAB_TXT_BYTES, what)
+    # Counted before splitting: a file of short lines would make a list far larger than the file.
+    count = data.count(b"\n") + (bool(data) and not data.endswith(b"\n"))
+    if count > hparams.vocab_size:
+        raise GGUFSandboxError(
+            f"{path} has {count} tokens but config.json says vocab_size {hparams.vocab_size}; "
+            f"the files belong to different models"
+        )
+    words = _decode(path, data, what).split("\n")
     if words and words[-1] == "":
         words.pop()
     words = [word.rstrip("\r") for word in words]
-    if len(words) > hparams.vocab_size:
-        raise GGUFSandboxError(
-            f"{path} has {len(words)} tokens but config.json says vocab_size {hparams.vocab_size}; "
-            f"the files belong to different models"
-        )
     special, added = _special_tokens(hf_dir)
     present = [token for token in ("[CLS]", "[SEP]", "[UNK]") if token in words]
     if len(present) < 3:
@@ -487,8 +578,7 @@ def _pooling_dir(hf_dir: Path) -> Path:
     """The sentence-transformers Pooling module's folder: modules.json's, else 1_Pooling/."""
     modules = hf_dir / "modules.json"
     if modules.is_file():
-        loaded = json.loads(modules.read_text(encoding="utf-8"))
-        for module in loaded if isinstance(loaded, list) else []:
+        for module in _read_json(modules, FIX_HINT, kind=list):
             if isinstance(module, dict) and module.get("type") == "sentence_transformers.models.Pooling":
                 return hf_dir / str(module.get("path", ""))
     return hf_dir / "1_Pooling"

@@ -454,6 +454,88 @@ def test_bad_arguments(
         convert(make_source(tmp_path), tmp_path / "x.gguf", out_type)
 
 
+# -- hostile inputs: one line through the CLI (exit 2), OUT and the checkpoint untouched --------------------
+def _write_bytes(name: str, data: bytes) -> Callable[[Path], None]:
+    def write(directory: Path) -> None:
+        (directory / name).write_bytes(data)
+
+    return write
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+HOSTILE_INPUTS: dict[str, tuple[Callable[[Path], None], str]] = {
+    # config.json: unreadable as JSON
+    "config-not-utf8": (
+        _write_bytes("config.json", b'{"model_type": "bert\xff"}'),
+        "not UTF-8 text (byte 0xff",
+    ),
+    "config-5000-digit-int": (_write("config.json", '{"vocab_size": ' + "9" * 5000 + "}"), "number too long"),
+    "config-deep-nesting": (_write("config.json", DEEP), "nested too deeply"),
+    "config-an-array": (_write("config.json", "[]"), "expected an object, found an array"),
+    "config-huge": (_write("config.json", '{"x": "' + "x" * (5 << 20) + '"}'), "larger than 4 MiB"),
+    # config.json: fields of the wrong type
+    "architectures-a-number": (_config(architectures=5), "architectures is 5, expected an array"),
+    "architectures-of-numbers": (_config(architectures=[5]), "architectures must be an array of strings"),
+    "model-type-an-array": (_config(architectures=None, model_type=["bert"]), "model_type is an array"),
+    "hidden-size-true": (_config(hidden_size=True), "non-integer hidden_size"),
+    "type-vocab-size-float": (_config(type_vocab_size=2.0), "type_vocab_size is 2.0, expected an integer"),
+    "position-type-a-number": (_config(position_embedding_type=1), "position_embedding_type is 1, expected"),
+    "layer-norm-eps-string": (_config(layer_norm_eps="x"), "layer_norm_eps is 'x'; it must be a finite"),
+    "layer-norm-eps-null": (_config(layer_norm_eps=None), "layer_norm_eps is null"),
+    "layer-norm-eps-true": (_config(layer_norm_eps=True), "layer_norm_eps is true"),
+    "layer-norm-eps-nan": (_config(layer_norm_eps=float("nan")), "layer_norm_eps is nan; it must be"),
+    "layer-norm-eps-inf": (_config(layer_norm_eps=float("inf")), "layer_norm_eps is inf"),
+    "layer-norm-eps-negative": (_config(layer_norm_eps=-1e-5), "layer_norm_eps is -1e-05"),
+    "layer-norm-eps-zero": (_config(layer_norm_eps=0), "layer_norm_eps is 0"),
+    "layer-norm-eps-below-float32": (_config(layer_norm_eps=1e-50), "float32 can hold"),
+    "layer-norm-eps-above-float32": (_config(layer_norm_eps=1e39), "float32 can hold"),
+    "layer-norm-eps-400-digits": (_config(layer_norm_eps=10**400), "float32 can hold"),
+    "layer-norm-epsilon-string": (
+        _config(layer_norm_eps=None, layer_norm_epsilon="1e-12"),
+        "layer_norm_eps is null",  # layer_norm_eps wins when present, as in HF configs
+    ),
+    # vocab.txt and the other files
+    "vocab-not-utf8": (
+        _write_bytes("vocab.txt", b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n\xfe\n"),
+        "vocab.txt: not UTF-8",
+    ),
+    "vocab-huge": (_write_bytes("vocab.txt", b"a\n" * (17 << 20)), "larger than 32 MiB"),
+    "vocab-many-short-lines": (_write_bytes("vocab.txt", b"\n" * 100), "has 100 tokens but config.json says"),
+    "modules-an-object": (_write("modules.json", "{}"), "modules.json: expected an array, found an object"),
+    "tokenizer-json-deep": (_write("tokenizer.json", DEEP), "tokenizer.json: JSON nested too deeply"),
+    "tokenizer-config-not-utf8": (_write_bytes("tokenizer_config.json", b'{"\x80": 1}'), "not UTF-8"),
+    "special-tokens-map-bad-json": (_write("special_tokens_map.json", "{"), "not valid JSON"),
+    "sentence-bert-config-long-int": (
+        _write("sentence_bert_config.json", '{"max_seq_length": ' + "1" * 5000 + "}"),
+        "number too long",
+    ),
+    "pooling-config-an-array": (_write("1_Pooling/config.json", "[1]"), "expected an object, found an array"),
+}
+
+
+@pytest.mark.parametrize("label", list(HOSTILE_INPUTS))
+def test_hostile_input_is_one_line_and_changes_nothing(
+    tmp_path: Path, label: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    break_it, message = HOSTILE_INPUTS[label]
+    source = write_tiny(tmp_path / "src")
+    (source / "1_Pooling").mkdir()
+    break_it(source)
+    inputs = {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
+    out = tmp_path / "out" / "model.gguf"
+    out.parent.mkdir()
+    out.write_bytes(EARLIER_GGUF)
+    assert cli_main(["convert", str(source), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gguf-sandbox convert: error: "), err[:500]
+    assert len(err) < 1000
+    assert message in err
+    assert out.read_bytes() == EARLIER_GGUF
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
+    assert {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()} == inputs
+
+
 # -- hostile OUT: refused in one line (exit 2), nothing replaced, no partial file left ---------------------
 def _mknod_null(path: Path) -> None:
     """A character device like /dev/null (1, 3), made in the test's own directory — never a real /dev path."""
