@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator, Mapping
@@ -63,6 +64,9 @@ MAX_TOKENIZER_JSON_BYTES = 32 << 20
 # vocab.txt: LaBSE's 501,153 tokens take 5 MB.
 MAX_VOCAB_TXT_BYTES = 32 << 20
 DEFAULT_LAYER_NORM_EPS = 1e-12  # BertConfig's
+CHECKPOINT_HINT = "pass the directory that holds config.json, model.safetensors and vocab.txt"
+FIX_HINT = "fix or remove the file"
+CONFIG_HINT = "fix the file"  # config.json cannot be removed
 # The first bytes of every GGUF file: an existing `out` that starts otherwise is not ours to replace.
 GGUF_MAGIC = b"GGUF"
 # Architectures llama.cpp converts as BertModel that carry no extra head we would have to map.
@@ -75,6 +79,22 @@ REQUIRED_HPARAMS = (
     "max_position_embeddings",
     "vocab_size",
 )
+# Upper bounds far above any released BERT encoder (BERT-large: 1,024 wide, 16 heads, 24 layers, 4,096 ffn,
+# 512 positions; LaBSE: 501,153 tokens) that keep what is sized by them small — the token list (~70 bytes a
+# token), the tensor-name map (~35 KB a layer) — and every count within the uint32 GGUF stores it in.
+HPARAM_LIMITS: Mapping[str, int] = MappingProxyType(
+    {
+        "hidden_size": 1 << 16,
+        "num_hidden_layers": 256,
+        "num_attention_heads": 1 << 10,
+        "intermediate_size": 1 << 18,
+        "max_position_embeddings": 1 << 20,
+        "vocab_size": 1 << 21,
+        "type_vocab_size": 1 << 10,
+    }
+)
+WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+LAYER_TENSOR = re.compile(r"encoder\.layer\.(\d+)\.")
 # Checkpoint tensors llama.cpp drops for an embedding model (the MLM/NSP heads, the pooler).
 DROPPED_PREFIXES = ("cls.predictions", "cls.seq_relationship")
 DROPPED_NAMES = frozenset({"embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias"})
@@ -154,6 +174,15 @@ class BertHParams:
 
 
 @dataclass(frozen=True)
+class SourceTensor:
+    """A tensor of model.safetensors as its header describes it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: F32, F16, I64, ...
+
+
+@dataclass(frozen=True)
 class PlannedTensor:
     """One output tensor: where it comes from and how it is stored."""
 
@@ -193,9 +222,11 @@ def convert(hf_dir: Path, out: Path, out_type: str = "f16", *, name: str | None 
     inputs = _input_files(hf_dir)
     _check_out(out, hf_dir, inputs)
     hparams = _hparams(config, hf_dir)
-    vocabulary = _vocabulary(hf_dir, hparams)
     weights = hf_dir / SAFETENSORS
-    plan = _plan_tensors(weights, hparams, spec)
+    tensors = _read_header(weights)
+    _check_counts(hparams, tensors, hf_dir)
+    vocabulary = _vocabulary(hf_dir, hparams)
+    plan = _plan_tensors(weights, tensors, hparams, spec)
 
     writer = GGUFWriter(path=None, arch=ARCH_NAME)
     _add_metadata(
@@ -366,18 +397,16 @@ def _clip(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _field(path: Path, data: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
+def _field(
+    path: Path, data: Mapping[str, Any], key: str, kind: type, default: Any = None, *, hint: str = FIX_HINT
+) -> Any:
     """data[key] when it is a `kind` (true/false is no number here), `default` when absent or null."""
     value = data.get(key)
     if value is None:
         return default
     if isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
         return value
-    raise GGUFSandboxError(f"{path}: {key} is {_shown(value)}, expected {_json_type(kind)}; {FIX_HINT}")
-
-
-CHECKPOINT_HINT = "pass the directory that holds config.json, model.safetensors and vocab.txt"
-FIX_HINT = "fix or remove the file"
+    raise GGUFSandboxError(f"{path}: {key} is {_shown(value)}, expected {_json_type(kind)}; {hint}")
 
 
 def _require_directory(hf_dir: Path) -> None:
@@ -396,10 +425,10 @@ def _read_config(hf_dir: Path) -> dict[str, Any]:
             f"{hf_dir} is not a Hugging Face checkpoint: config.json is missing; {CHECKPOINT_HINT}"
         )
     config: dict[str, Any] = _read_json(path, CHECKPOINT_HINT)
-    architectures = _field(path, config, "architectures", list) or []
+    architectures = _field(path, config, "architectures", list, hint=CONFIG_HINT) or []
     if not all(isinstance(name, str) for name in architectures):
-        raise GGUFSandboxError(f"{path}: architectures must be an array of strings; {FIX_HINT}")
-    model_type = _field(path, config, "model_type", str)
+        raise GGUFSandboxError(f"{path}: architectures must be an array of strings; {CONFIG_HINT}")
+    model_type = _field(path, config, "model_type", str, hint=CONFIG_HINT)
     if not (BERT_ARCHITECTURES & set(architectures)) and not (not architectures and model_type == "bert"):
         described = _clip(", ".join(architectures)) if architectures else f"model_type {_shown(model_type)}"
         raise GGUFSandboxError(
@@ -417,12 +446,20 @@ def _hparams(config: Mapping[str, Any], hf_dir: Path) -> BertHParams:
             f"{path}: missing or non-integer {', '.join(missing)}; a BERT config.json "
             f"defines {', '.join(REQUIRED_HPARAMS)}"
         )
+    type_vocab_size = _field(path, config, "type_vocab_size", int, 1, hint=CONFIG_HINT)
+    counts = {**{key: config[key] for key in REQUIRED_HPARAMS}, "type_vocab_size": type_vocab_size}
+    for key, value in counts.items():
+        limit = HPARAM_LIMITS[key]
+        if not 1 <= value <= limit:
+            raise GGUFSandboxError(
+                f"{path}: {key} {_shown(value)} is out of range; a BERT encoder's is 1 to {limit:,}"
+            )
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    if heads <= 0 or hidden % heads:
+    if hidden % heads:
         raise GGUFSandboxError(
             f"{path}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
         )
-    positions = _field(path, config, "position_embedding_type", str, "absolute")
+    positions = _field(path, config, "position_embedding_type", str, "absolute", hint=CONFIG_HINT)
     if positions != "absolute":
         raise GGUFSandboxError(
             f"{path}: position_embedding_type {_shown(positions)} is not supported; llama.cpp's bert "
@@ -435,7 +472,7 @@ def _hparams(config: Mapping[str, Any], hf_dir: Path) -> BertHParams:
         intermediate_size=config["intermediate_size"],
         max_position_embeddings=config["max_position_embeddings"],
         vocab_size=config["vocab_size"],
-        type_vocab_size=_field(path, config, "type_vocab_size", int, 1),
+        type_vocab_size=type_vocab_size,
         layer_norm_eps=_layer_norm_eps(path, config),
     )
 
@@ -701,19 +738,60 @@ def _tensor_type(name: str, shape: tuple[int, ...], spec: OutType) -> GGMLQuanti
     return qtype if shape[-1] % block == 0 else GGMLQuantizationType.F16
 
 
-def _plan_tensors(weights: Path, hparams: BertHParams, spec: OutType) -> list[PlannedTensor]:
-    """Every output tensor, named, shaped and typed, from the safetensors header alone."""
+def _read_header(weights: Path) -> list[SourceTensor]:
+    """The tensors model.safetensors holds, from its header alone (safetensors checks it against the size)."""
     if not weights.is_file():
         others = sorted(p.name for p in weights.parent.glob("*.safetensors")) + sorted(
             p.name for p in weights.parent.glob("pytorch_model*.bin")
         )
-        found = f" (found {', '.join(others)})" if others else ""
+        found = f" (found {_clip(', '.join(others), 200)})" if others else ""
         raise GGUFSandboxError(
             f"{weights} is missing{found}; only a single-file model.safetensors can be converted — "
             f"re-save the model with safetensors (no torch is used here)"
         )
     from safetensors import safe_open
 
+    try:
+        with safe_open(str(weights), framework="numpy") as handle:
+            views = ((name, handle.get_slice(name)) for name in handle.keys())  # noqa: SIM118 (not a mapping)
+            return [
+                SourceTensor(name, tuple(int(d) for d in v.get_shape()), v.get_dtype()) for name, v in views
+            ]
+    except Exception as error:  # safetensors raises its own types for a corrupt header
+        raise GGUFSandboxError(
+            f"{weights}: cannot read safetensors header ({_clip(str(error), 200)}); is the file complete?"
+        ) from error
+
+
+def _check_counts(hparams: BertHParams, tensors: list[SourceTensor], hf_dir: Path) -> None:
+    """config.json's vocab_size, hidden_size and num_hidden_layers against the tensors the weights hold,
+    before anything is sized by them (the token list, the tensor-name map)."""
+    config, weights = hf_dir / "config.json", hf_dir / SAFETENSORS
+    disagree = "the weights and config.json belong to different models"
+    shapes = {tensor.name.removeprefix("bert."): tensor.shape for tensor in tensors}
+    embedding = shapes.get(WORD_EMBEDDINGS)
+    if embedding is None:
+        raise GGUFSandboxError(
+            f"{weights} has no {WORD_EMBEDDINGS}; the checkpoint is incomplete or not a BERT encoder"
+        )
+    if embedding != (hparams.vocab_size, hparams.hidden_size):
+        raise GGUFSandboxError(
+            f"{config}: vocab_size {hparams.vocab_size} and hidden_size {hparams.hidden_size}, but "
+            f"{weights}'s {WORD_EMBEDDINGS} has shape {_clip(str(list(embedding)))}; {disagree}"
+        )
+    layers = {match[1] for name in shapes if (match := LAYER_TENSOR.match(name))}
+    if layers != {str(layer) for layer in range(hparams.num_hidden_layers)}:
+        numbers = _clip(", ".join(sorted(layers, key=lambda number: (len(number), number))))
+        raise GGUFSandboxError(
+            f"{config}: num_hidden_layers {hparams.num_hidden_layers}, but {weights} holds "
+            f"{len(layers)} encoder layer(s) ({numbers or 'none'}); {disagree}"
+        )
+
+
+def _plan_tensors(
+    weights: Path, tensors: list[SourceTensor], hparams: BertHParams, spec: OutType
+) -> list[PlannedTensor]:
+    """Every output tensor, named, shaped and typed, from the safetensors header alone."""
     tensor_map = get_tensor_name_map(ARCH, hparams.num_hidden_layers)
     expected = bert_shapes(
         hidden=hparams.hidden_size,
@@ -724,37 +802,27 @@ def _plan_tensors(weights: Path, hparams: BertHParams, spec: OutType) -> list[Pl
         token_types=hparams.type_vocab_size,
     )
     plan: list[PlannedTensor] = []
-    try:
-        with safe_open(str(weights), framework="numpy") as handle:
-            for source in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                name = _gguf_name(source, tensor_map)
-                if name is None:
-                    continue
-                view = handle.get_slice(source)
-                shape = tuple(int(d) for d in view.get_shape())
-                if view.get_dtype() not in ("F32", "F16", "F64"):
-                    raise GGUFSandboxError(
-                        f"{weights}: tensor {source!r} is {view.get_dtype()}; only F32/F16/F64 checkpoints "
-                        f"can be converted without torch"
-                    )
-                want = expected.get(name)
-                if want is None:
-                    raise GGUFSandboxError(
-                        f"{weights}: tensor {source!r} maps to llama.cpp's {name}, which a plain BERT "
-                        f"encoder lacks; classification heads are not supported, convert the base encoder"
-                    )
-                if shape != want:
-                    raise GGUFSandboxError(
-                        f"{weights}: tensor {source!r} ({name}) has shape {list(shape)}, config.json implies "
-                        f"{list(want)}; the weights and config.json disagree"
-                    )
-                plan.append(PlannedTensor(source, name, shape, _tensor_type(name, shape, spec)))
-    except GGUFSandboxError:
-        raise
-    except Exception as error:  # safetensors raises its own types for a corrupt header
-        raise GGUFSandboxError(
-            f"{weights}: cannot read safetensors header ({error}); is the file complete?"
-        ) from error
+    for source in tensors:
+        name = _gguf_name(source.name, tensor_map)
+        if name is None:
+            continue
+        if source.dtype not in ("F32", "F16", "F64"):
+            raise GGUFSandboxError(
+                f"{weights}: tensor {source.name!r} is {source.dtype}; only F32/F16/F64 checkpoints "
+                f"can be converted without torch"
+            )
+        want = expected.get(name)
+        if want is None:
+            raise GGUFSandboxError(
+                f"{weights}: tensor {source.name!r} maps to llama.cpp's {name}, which a plain BERT "
+                f"encoder lacks; classification heads are not supported, convert the base encoder"
+            )
+        if source.shape != want:
+            raise GGUFSandboxError(
+                f"{weights}: tensor {source.name!r} ({name}) has shape {_clip(str(list(source.shape)))}, "
+                f"config.json implies {list(want)}; the weights and config.json disagree"
+            )
+        plan.append(PlannedTensor(source.name, name, source.shape, _tensor_type(name, source.shape, spec)))
     missing = sorted(set(expected) - {tensor.name for tensor in plan})
     if missing:
         raise GGUFSandboxError(

@@ -23,6 +23,7 @@ from gguf_sandbox.embed.tokenizer import KEY_LOWERCASE, KEY_MAX_SEQ_LENGTH, Word
 from gguf_sandbox.errors import GGUFSandboxError
 from gguf_sandbox.gguf.metadata import LazyArray
 from gguf_sandbox.gguf.reader import GGUFFile
+from tests.embed.conftest import traced_peak
 
 F32, F16 = GGMLQuantizationType.F32, GGMLQuantizationType.F16
 Q8_0, Q4_0 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0
@@ -495,6 +496,38 @@ HOSTILE_INPUTS: dict[str, tuple[Callable[[Path], None], str]] = {
         _config(layer_norm_eps=None, layer_norm_epsilon="1e-12"),
         "layer_norm_eps is null",  # layer_norm_eps wins when present, as in HF configs
     ),
+    # config.json's counts: bounded, and checked against model.safetensors before anything is sized by them
+    "vocab-size-10**15": (_config(vocab_size=10**15), "vocab_size 1000000000000000 is out of range; a BERT"),
+    "layers-10**9": (_config(num_hidden_layers=10**9), "num_hidden_layers 1000000000 is out of range"),
+    "layers-1e9": (_config(num_hidden_layers=1e9), "non-integer num_hidden_layers"),
+    "hidden-size-negative": (_config(hidden_size=-64), "hidden_size -64 is out of range"),
+    "heads-zero": (_config(num_attention_heads=0), "num_attention_heads 0 is out of range"),
+    "type-vocab-size-zero": (_config(type_vocab_size=0), "type_vocab_size 0 is out of range"),
+    "positions-2**40": (
+        _config(max_position_embeddings=2**40),
+        "max_position_embeddings 1099511627776 is out",
+    ),
+    "vocab-size-not-the-tensors": (
+        _config(vocab_size=2_000_000),
+        "vocab_size 2000000 and hidden_size 64, but ",  # then model.safetensors's shape [9, 64]
+    ),
+    "layers-not-the-tensors": (
+        _config(num_hidden_layers=200),
+        "holds 2 encoder layer(s) (0, 1); the weights",
+    ),
+    "fewer-layers-in-config": (_config(num_hidden_layers=1), "num_hidden_layers 1, but"),
+    "layers-numbered-oddly": (
+        _tensors(
+            lambda t: t.update(
+                {k.replace("layer.1.", "layer.7."): t.pop(k) for k in list(t) if "layer.1." in k}
+            )
+        ),
+        "holds 2 encoder layer(s) (0, 7)",
+    ),
+    "no-word-embeddings": (
+        _tensors(lambda t: t.pop("embeddings.word_embeddings.weight")),
+        "has no embeddings.word_embeddings.weight",
+    ),
     # vocab.txt and the other files
     "vocab-not-utf8": (
         _write_bytes("vocab.txt", b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n\xfe\n"),
@@ -534,6 +567,19 @@ def test_hostile_input_is_one_line_and_changes_nothing(
     assert out.read_bytes() == EARLIER_GGUF
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
     assert {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()} == inputs
+
+
+def test_counts_are_checked_before_anything_is_sized_by_them(tmp_path: Path) -> None:
+    """vocab_size 2,000,000 is within bounds but not what the weights hold: refused before the padding
+    loop would make 2 million token strings (~150 MB)."""
+    source = write_tiny(tmp_path / "src")
+    _config(vocab_size=2_000_000)(source)
+
+    def run() -> None:
+        with pytest.raises(GGUFSandboxError, match="vocab_size 2000000"):
+            convert(source, tmp_path / "out.gguf")
+
+    assert traced_peak(run) < 5 << 20
 
 
 # -- hostile OUT: refused in one line (exit 2), nothing replaced, no partial file left ---------------------
