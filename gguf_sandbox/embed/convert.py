@@ -63,6 +63,7 @@ MAX_JSON_BYTES = 4 << 20
 MAX_TOKENIZER_JSON_BYTES = 32 << 20
 # vocab.txt: LaBSE's 501,153 tokens take 5 MB.
 MAX_VOCAB_TXT_BYTES = 32 << 20
+READ_CHUNK = 1 << 20
 DEFAULT_LAYER_NORM_EPS = 1e-12  # BertConfig's
 CHECKPOINT_HINT = "pass the directory that holds config.json, model.safetensors and vocab.txt"
 FIX_HINT = "fix or remove the file"
@@ -339,14 +340,19 @@ def _strerror(error: OSError) -> str:
 # -- inputs ----------------------------------------------------------------------------------------------
 def _read_capped(path: Path, limit: int, what: str) -> bytes:
     """The whole file, refused beyond `limit` bytes (read no further: a size on disk can lie, /proc's do)."""
+    chunks: list[bytes] = []
+    size = 0
     try:
-        with path.open("rb") as handle:
-            data = handle.read(limit + 1)
+        # In chunks: read(n) allocates n bytes before it reads, whatever the file holds.
+        with path.open("rb", buffering=0) as handle:
+            while size <= limit and (chunk := handle.read(min(READ_CHUNK, limit + 1 - size))):
+                chunks.append(chunk)
+                size += len(chunk)
     except OSError as error:
         raise GGUFSandboxError(f"{path}: cannot read it ({_strerror(error)}); {what}") from error
-    if len(data) > limit:
+    if size > limit:
         raise GGUFSandboxError(f"{path} is larger than {limit >> 20} MiB, far beyond a real one; {what}")
-    return data
+    return b"".join(chunks)
 
 
 def _decode(path: Path, data: bytes, what: str) -> str:
