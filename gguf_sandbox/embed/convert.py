@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import stat
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,16 @@ LAYER_TENSOR = re.compile(r"encoder\.layer\.(\d+)\.")
 DROPPED_PREFIXES = ("cls.predictions", "cls.seq_relationship")
 DROPPED_NAMES = frozenset({"embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias"})
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# The tokenizer_config.json / special_tokens_map.json fields that name a special token.
+SPECIAL_TOKEN_KEYS = (
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+    "bos_token",
+    "eos_token",
+)
 # llama.cpp names a WordPiece vocabulary's pre-tokenizer by hashing its ids for this text (the table
 # in get_vocab_base_pre; with duplicate hashes the last entry wins). llama.cpp ignores it for "bert".
 PRE_TOKENIZER_CHECK_TEXT = (
@@ -226,12 +237,20 @@ def convert(hf_dir: Path, out: Path, out_type: str = "f16", *, name: str | None 
     weights = hf_dir / SAFETENSORS
     tensors = _read_header(weights)
     _check_counts(hparams, tensors, hf_dir)
-    vocabulary = _vocabulary(hf_dir, hparams)
+    files = _tokenizer_files(hf_dir)
+    vocabulary = _vocabulary(hf_dir, hparams, files)
     plan = _plan_tensors(weights, tensors, hparams, spec)
 
     writer = GGUFWriter(path=None, arch=ARCH_NAME)
     _add_metadata(
-        writer, hf_dir, hparams=hparams, vocabulary=vocabulary, spec=spec, name=name or _model_name(hf_dir)
+        writer,
+        hf_dir,
+        config=config,
+        hparams=hparams,
+        files=files,
+        vocabulary=vocabulary,
+        spec=spec,
+        name=_name(name, hf_dir),
     )
     for tensor in plan:
         writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes, tensor.qtype)
@@ -503,52 +522,146 @@ def _layer_norm_eps(path: Path, config: Mapping[str, Any]) -> float:
     return float(number)
 
 
-def _model_name(hf_dir: Path) -> str:
+def _name(name: str | None, hf_dir: Path) -> str:
+    """general.name: --name (UTF-8, as GGUF strings are), else the checkpoint's folder name."""
+    if name:
+        _require_utf8("--name", name, "pass a name in UTF-8")
+        return name
     resolved = hf_dir.resolve()
     # A model shipped inside a Python package often sits in a folder called "model".
-    return resolved.parent.name if resolved.name == "model" and resolved.parent.name else resolved.name
+    folder = resolved.parent.name if resolved.name == "model" and resolved.parent.name else resolved.name
+    return folder.encode("utf-8", "replace").decode("utf-8")  # bytes of a non-UTF-8 name become "?"
 
 
 # -- vocabulary ------------------------------------------------------------------------------------------
-def _special_tokens(hf_dir: Path) -> tuple[set[str], set[str]]:
+@dataclass(frozen=True)
+class AddedToken:
+    """An entry of added_tokens (tokenizer.json) or added_tokens_decoder (tokenizer_config.json)."""
+
+    content: str
+    special: bool
+    id: int | None  # None in added_tokens_decoder, which keys entries by id
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """The checkpoint's tokenizer files, read once and checked where convert and SpecialVocab look."""
+
+    tokenizer: Mapping[str, Any] | None  # tokenizer.json; None when absent (SpecialVocab tells the two apart)
+    config: Mapping[str, Any] | None  # tokenizer_config.json
+    # tokenizer.json's added_tokens, then tokenizer_config.json's added_tokens_decoder
+    added: tuple[AddedToken, ...]
+    named: frozenset[str]  # the tokens tokenizer_config.json and special_tokens_map.json name special
+
+
+def _tokenizer_files(hf_dir: Path) -> TokenizerFiles:
+    tokenizer_path, config_path = hf_dir / "tokenizer.json", hf_dir / "tokenizer_config.json"
+    tokenizer = _optional_json(tokenizer_path, MAX_TOKENIZER_JSON_BYTES)
+    config = _optional_json(config_path)
+    special_map_path = hf_dir / "special_tokens_map.json"
+    special_map = _optional_json(special_map_path) or {}
+    added = [
+        _added_token(tokenizer_path, f"added_tokens[{index}]", entry, with_id=True)
+        for index, entry in enumerate(_field(tokenizer_path, tokenizer or {}, "added_tokens", list, []))
+    ]
+    decoder = _field(config_path, config or {}, "added_tokens_decoder", dict, {})
+    added += [
+        _added_token(config_path, f"added_tokens_decoder[{_clip(repr(key))}]", entry, with_id=False)
+        for key, entry in decoder.items()
+    ]
+    for key in ("normalizer", "post_processor"):
+        _field(tokenizer_path, tokenizer or {}, key, dict)
+    _check_chat_template(config_path, config or {})
+    named = {
+        content
+        for path, data in ((config_path, config or {}), (special_map_path, special_map))
+        for key in SPECIAL_TOKEN_KEYS
+        if (content := _token_content(path, data, key)) is not None
+    }
+    return TokenizerFiles(tokenizer, config, tuple(added), frozenset(named))
+
+
+def _added_token(path: Path, where: str, entry: object, *, with_id: bool) -> AddedToken:
+    if not isinstance(entry, dict):
+        raise GGUFSandboxError(f"{path}: {where} is {_shown(entry)}, expected an object; {FIX_HINT}")
+    content = _field(path, entry, "content", str)
+    if content is None:
+        raise GGUFSandboxError(f"{path}: {where} has no content; {FIX_HINT}")
+    token_id = _field(path, entry, "id", int) if with_id else None
+    if with_id and (token_id is None or token_id < 0):
+        raise GGUFSandboxError(
+            f"{path}: {where} has id {_shown(token_id)}, expected a token id ≥ 0; {FIX_HINT}"
+        )
+    return AddedToken(content, _field(path, entry, "special", bool, False), token_id)
+
+
+def _token_content(path: Path, data: Mapping[str, Any], key: str) -> str | None:
+    """A `*_token` field: its string, or an AddedToken object's content; None when absent."""
+    value = data.get(key)
+    content: str | None = (
+        _field(path, value, "content", str) if isinstance(value, dict) else _field(path, data, key, str)
+    )
+    return content
+
+
+def _check_chat_template(path: Path, config: Mapping[str, Any]) -> None:
+    """SpecialVocab copies chat_template into the GGUF: a string, or an array of {name, template}."""
+    value = config.get("chat_template")
+    if value is None:
+        return
+    if isinstance(value, str):
+        templates = [value]
+    elif isinstance(value, list) and all(
+        isinstance(choice, dict) and all(isinstance(choice.get(part), str) for part in ("name", "template"))
+        for choice in value
+    ):
+        templates = [choice["template"] for choice in value]
+    else:
+        raise GGUFSandboxError(
+            f"{path}: chat_template is {_shown(value)}, expected a string or an array of {{name, template}} "
+            f"objects; {FIX_HINT}"
+        )
+    for template in templates:
+        _require_utf8(f"{path}: chat_template", template, FIX_HINT)
+
+
+def _require_utf8(where: str, text: str, hint: str) -> None:
+    """GGUF strings are UTF-8: a lone surrogate (JSON's "\\ud800", a non-UTF-8 argument) has no encoding."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise GGUFSandboxError(
+            f"{where} holds {text[error.start]!r} at {error.start}, which UTF-8 cannot encode; {hint}"
+        ) from error
+
+
+def _special_tokens(files: TokenizerFiles) -> tuple[set[str], set[str]]:
     """(special, other added) token strings, as HF's added_tokens_decoder would mark them."""
     special: set[str] = set()
     added: set[str] = set()
-    tokenizer_json = _optional_json(hf_dir / "tokenizer.json", MAX_TOKENIZER_JSON_BYTES) or {}
-    for entry in tokenizer_json.get("added_tokens") or []:
-        if isinstance(entry, dict) and isinstance(entry.get("content"), str):
-            (special if entry.get("special") else added).add(entry["content"])
-    for config_name in ("tokenizer_config.json", "special_tokens_map.json"):
-        config = _optional_json(hf_dir / config_name) or {}
-        for key in (
-            "unk_token",
-            "sep_token",
-            "pad_token",
-            "cls_token",
-            "mask_token",
-            "bos_token",
-            "eos_token",
-        ):
-            value = config.get(key)
-            content = value.get("content") if isinstance(value, dict) else value
-            if isinstance(content, str):
-                special.add(content)
-        for entry in (config.get("added_tokens_decoder") or {}).values():
-            if isinstance(entry, dict) and isinstance(entry.get("content"), str):
-                (special if entry.get("special") else added).add(entry["content"])
+    for entry in files.added:
+        (special if entry.special else added).add(entry.content)
+    special |= files.named
     if not special:
         special.update(SPECIAL_TOKENS)
     return special, added - special
 
 
-def _lowercase_options(hf_dir: Path) -> tuple[bool, bool | None]:
+def _lowercase_options(hf_dir: Path, files: TokenizerFiles) -> tuple[bool, bool | None]:
     """(lowercase, strip_accents) from tokenizer.json's normalizer as llama.cpp's SpecialVocab reads it,
     else tokenizer_config.json; BERT's defaults (lower-case; strip accents when lower-casing) otherwise."""
+    path = hf_dir / "tokenizer.json"
     found: dict[str, bool | None] = {}
-
-    def parse(normalizer: Any) -> None:
+    # Depth first, in file order, without recursion: a Sequence can nest as deep as JSON does.
+    pending = [(files.tokenizer or {}).get("normalizer")]
+    while pending:
+        normalizer = pending.pop()
+        if normalizer is None:
+            continue
         if not isinstance(normalizer, dict):
-            return
+            raise GGUFSandboxError(
+                f"{path}: a normalizer is {_shown(normalizer)}, expected an object; {FIX_HINT}"
+            )
         kind = normalizer.get("type")
         if kind == "Lowercase":
             found["lowercase"] = True
@@ -557,19 +670,16 @@ def _lowercase_options(hf_dir: Path) -> tuple[bool, bool | None]:
         elif kind == "BertNormalizer":
             for key in ("lowercase", "strip_accents"):
                 if key in normalizer:
-                    found[key] = normalizer[key]
+                    found[key] = _field(path, normalizer, key, bool)
         elif kind == "Sequence":
-            for child in normalizer.get("normalizers") or []:
-                parse(child)
-
-    parse((_optional_json(hf_dir / "tokenizer.json", MAX_TOKENIZER_JSON_BYTES) or {}).get("normalizer"))
-    config = _optional_json(hf_dir / "tokenizer_config.json") or {}
-    lowercase = found.get("lowercase", config.get("do_lower_case", True))
-    strip = found.get("strip_accents", config.get("strip_accents"))
-    return bool(lowercase), None if strip is None else bool(strip)
+            pending.extend(reversed(_field(path, normalizer, "normalizers", list, [])))
+    config_path, config = hf_dir / "tokenizer_config.json", files.config or {}
+    lowercase = found.get("lowercase", _field(config_path, config, "do_lower_case", bool, True))
+    strip = found.get("strip_accents", _field(config_path, config, "strip_accents", bool))
+    return bool(lowercase), strip
 
 
-def _vocabulary(hf_dir: Path, hparams: BertHParams) -> Vocabulary:
+def _vocabulary(hf_dir: Path, hparams: BertHParams, files: TokenizerFiles) -> Vocabulary:
     path = hf_dir / "vocab.txt"
     if not path.is_file():
         raise GGUFSandboxError(
@@ -589,7 +699,7 @@ def _vocabulary(hf_dir: Path, hparams: BertHParams) -> Vocabulary:
     if words and words[-1] == "":
         words.pop()
     words = [word.rstrip("\r") for word in words]
-    special, added = _special_tokens(hf_dir)
+    special, added = _special_tokens(files)
     present = [token for token in ("[CLS]", "[SEP]", "[UNK]") if token in words]
     if len(present) < 3:
         raise GGUFSandboxError(
@@ -609,7 +719,7 @@ def _vocabulary(hf_dir: Path, hparams: BertHParams) -> Vocabulary:
     for index in range(len(words), hparams.vocab_size):
         tokens.append(WORD_START + f"[PAD{index}]")
         token_types.append(TokenType.UNUSED)
-    lowercase, strip = _lowercase_options(hf_dir)
+    lowercase, strip = _lowercase_options(hf_dir, files)
     checker = WordPieceTokenizer.from_vocab(
         words, options=TokenizerOptions(lowercase=lowercase, strip_accents=strip, max_length=1 << 20)
     )
@@ -620,16 +730,28 @@ def _vocabulary(hf_dir: Path, hparams: BertHParams) -> Vocabulary:
 def _pooling_dir(hf_dir: Path) -> Path:
     """The sentence-transformers Pooling module's folder: modules.json's, else 1_Pooling/."""
     modules = hf_dir / "modules.json"
-    if modules.is_file():
-        for module in _read_json(modules, FIX_HINT, kind=list):
-            if isinstance(module, dict) and module.get("type") == "sentence_transformers.models.Pooling":
-                return hf_dir / str(module.get("path", ""))
+    if not modules.is_file():
+        return hf_dir / "1_Pooling"
+    for index, module in enumerate(_read_json(modules, FIX_HINT, kind=list)):
+        if not isinstance(module, dict):
+            raise GGUFSandboxError(
+                f"{modules}: entry {index} is {_shown(module)}, expected an object; {FIX_HINT}"
+            )
+        if _field(modules, module, "type", str) == "sentence_transformers.models.Pooling":
+            folder = Path(_field(modules, module, "path", str, ""))
+            if folder.is_absolute() or ".." in folder.parts:
+                raise GGUFSandboxError(
+                    f"{modules}: the Pooling module's path {_shown(str(folder))} leaves the checkpoint "
+                    f"directory; a module's path is relative to it"
+                )
+            return hf_dir / folder
     return hf_dir / "1_Pooling"
 
 
 def _pooling_type(pooling_dir: Path) -> PoolingType:
     """The mode of the Pooling module in `pooling_dir`; mean if there is none."""
-    pooling = _optional_json(pooling_dir / "config.json")
+    path = pooling_dir / "config.json"
+    pooling = _optional_json(path)
     if pooling is None:
         return PoolingType.MEAN
     modes = (
@@ -638,18 +760,22 @@ def _pooling_type(pooling_dir: Path) -> PoolingType:
         ("pooling_mode_lasttoken", PoolingType.LAST),
     )
     for key, pooling_type in modes:
-        if pooling.get(key):
+        if _field(path, pooling, key, bool, False):
             return pooling_type
     raise GGUFSandboxError(
-        f"{pooling_dir / 'config.json'}: only mean, CLS and last-token pooling can be expressed in GGUF "
+        f"{path}: only mean, CLS and last-token pooling can be expressed in GGUF "
         f"(llama.cpp's pooling_type); this model uses another mode"
     )
 
 
 def _max_seq_length(hf_dir: Path) -> int | None:
-    config = _optional_json(hf_dir / "sentence_bert_config.json") or {}
-    value = config.get("max_seq_length")
-    return value if isinstance(value, int) and value >= 2 else None
+    path = hf_dir / "sentence_bert_config.json"
+    value: int | None = _field(path, _optional_json(path) or {}, "max_seq_length", int)
+    if value is not None and value < 2:
+        raise GGUFSandboxError(
+            f"{path}: max_seq_length {value} leaves no room for [CLS] and [SEP]; it must be at least 2"
+        )
+    return value
 
 
 # -- header ----------------------------------------------------------------------------------------------
@@ -657,7 +783,9 @@ def _add_metadata(
     writer: GGUFWriter,
     hf_dir: Path,
     *,
+    config: Mapping[str, Any],
     hparams: BertHParams,
+    files: TokenizerFiles,
     vocabulary: Vocabulary,
     spec: OutType,
     name: str,
@@ -680,14 +808,7 @@ def _add_metadata(
     writer.add_tokenizer_pre(vocabulary.pre)
     writer.add_token_list(vocabulary.tokens)
     writer.add_token_types(vocabulary.token_types)
-    special_vocab = SpecialVocab(hf_dir, n_vocab=len(vocabulary.tokens))
-    _complete_special_ids(special_vocab, vocabulary.tokens)
-    # gguf-py has no key for some roles (cls: llama.cpp reads [CLS] from bos); leave them out quietly.
-    for role in [
-        role for role in special_vocab.special_token_ids if not hasattr(writer, f"add_{role}_token_id")
-    ]:
-        del special_vocab.special_token_ids[role]
-    special_vocab.add_to_gguf(writer, quiet=True)
+    _add_special_tokens(writer, hf_dir, config=config, files=files, tokens=vocabulary.tokens)
 
     # llama.cpp's BertNormalizer keys (newer gguf-py writes them from tokenizer.json), then our own
     # sentence-transformers truncation length, which llama.cpp ignores.
@@ -697,6 +818,65 @@ def _add_metadata(
     max_seq_length = _max_seq_length(hf_dir)
     if max_seq_length is not None:
         writer.add_uint32(KEY_MAX_SEQ_LENGTH, min(max_seq_length, hparams.max_position_embeddings))
+
+
+def _add_special_tokens(
+    writer: GGUFWriter,
+    hf_dir: Path,
+    *,
+    config: Mapping[str, Any],
+    files: TokenizerFiles,
+    tokens: list[str],
+) -> None:
+    """Special token ids and add_*_token flags as gguf-py's SpecialVocab finds them — run on copies of the
+    checked fields only: on the checkpoint it would read any chat_template.jinja whole and fail on
+    fields of another type (a negative id, a string for an object) with a traceback."""
+    staged: dict[str, object] = {"config.json": _token_ids(hf_dir / "config.json", config)}
+    if files.tokenizer is not None:
+        # Only what SpecialVocab reads (load_merges is off): added_tokens and post_processor.
+        added = [
+            {"id": t.id, "content": t.content, "special": t.special} for t in files.added if t.id is not None
+        ]
+        staged["tokenizer.json"] = {
+            "added_tokens": added,
+            "post_processor": files.tokenizer.get("post_processor"),
+        }
+    if files.config is not None:
+        staged["tokenizer_config.json"] = files.config
+    try:
+        with tempfile.TemporaryDirectory(prefix="gguf-sandbox-convert-") as staging:
+            for file_name, content in staged.items():
+                Path(staging, file_name).write_text(json.dumps(content), encoding="utf-8")
+            special_vocab = SpecialVocab(staging, n_vocab=len(tokens))
+    except OSError as error:
+        raise GGUFSandboxError(
+            f"cannot copy the tokenizer fields to a temporary directory: {_strerror(error)}; set TMPDIR"
+        ) from error
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError, RecursionError) as error:
+        raise GGUFSandboxError(
+            f"{hf_dir}: gguf-py cannot read the special tokens of tokenizer.json/tokenizer_config.json "
+            f"({type(error).__name__}: {_clip(str(error), 200)}); {FIX_HINT}"
+        ) from error
+    _complete_special_ids(special_vocab, tokens)
+    # gguf-py has no key for some roles (cls: llama.cpp reads [CLS] from bos); leave them out quietly.
+    for role in [
+        role for role in special_vocab.special_token_ids if not hasattr(writer, f"add_{role}_token_id")
+    ]:
+        del special_vocab.special_token_ids[role]
+    special_vocab.add_to_gguf(writer, quiet=True)
+
+
+def _token_ids(path: Path, config: Mapping[str, Any]) -> dict[str, int | None]:
+    """config.json's `*_token_id` fields, which SpecialVocab reads: each a token id ≥ 0, or null."""
+    ids: dict[str, int | None] = {}
+    for key in (key for key in config if key.endswith("_token_id")):
+        value = _field(path, config, key, int, hint=CONFIG_HINT)
+        if value is not None and value < 0:
+            raise GGUFSandboxError(
+                f"{path}: {key} is {value}, expected a token id ≥ 0 or null; {CONFIG_HINT}"
+            )
+        ids[key] = value
+    return ids
 
 
 def _complete_special_ids(special_vocab: SpecialVocab, tokens: list[str]) -> None:
@@ -875,5 +1055,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     convert(args.hf_dir, args.out, args.out_type, name=args.name)
-    print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes, {args.out_type})")
+    # A path's non-UTF-8 bytes as \xNN: a UTF-8 stdout cannot print them as they are.
+    shown = os.fsencode(args.out).decode("utf-8", "backslashreplace")
+    print(f"wrote {shown} ({args.out.stat().st_size:,} bytes, {args.out_type})")
     return 0

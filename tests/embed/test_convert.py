@@ -6,6 +6,8 @@ import errno
 import json
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -463,7 +465,12 @@ def _write_bytes(name: str, data: bytes) -> Callable[[Path], None]:
     return write
 
 
+def _json(name: str, content: object) -> Callable[[Path], None]:
+    return _write(name, json.dumps(content))
+
+
 DEEP = "[" * 100_000 + "]" * 100_000
+POOLING = "sentence_transformers.models.Pooling"
 
 HOSTILE_INPUTS: dict[str, tuple[Callable[[Path], None], str]] = {
     # config.json: unreadable as JSON
@@ -544,6 +551,93 @@ HOSTILE_INPUTS: dict[str, tuple[Callable[[Path], None], str]] = {
         "number too long",
     ),
     "pooling-config-an-array": (_write("1_Pooling/config.json", "[1]"), "expected an object, found an array"),
+    # fields of the tokenizer and sentence-transformers files, of the wrong type
+    "added-tokens-a-number": (_json("tokenizer.json", {"added_tokens": 5}), "added_tokens is 5, expected an"),
+    "added-token-a-number": (
+        _json("tokenizer.json", {"added_tokens": [5]}),
+        "added_tokens[0] is 5, expected",
+    ),
+    "added-token-content-a-number": (
+        _json("tokenizer.json", {"added_tokens": [{"id": 1, "content": 5}]}),
+        "content is 5, expected a string",
+    ),
+    "added-token-negative-id": (
+        _json("tokenizer.json", {"added_tokens": [{"id": -1, "content": "[UNK]"}]}),
+        "added_tokens[0] has id -1, expected a token id ≥ 0",
+    ),
+    "added-token-special-a-string": (
+        _json("tokenizer.json", {"added_tokens": [{"id": 1, "content": "[UNK]", "special": "yes"}]}),
+        "special is 'yes', expected true or false",
+    ),
+    "added-tokens-decoder-an-array": (
+        _json("tokenizer_config.json", {"added_tokens_decoder": []}),
+        "added_tokens_decoder is an array, expected an object",
+    ),
+    "special-token-a-number": (
+        _json("tokenizer_config.json", {"cls_token": 5}),
+        "cls_token is 5, expected a",
+    ),
+    "special-token-content-a-number": (
+        _json("special_tokens_map.json", {"sep_token": {"content": 5}}),
+        "special_tokens_map.json: content is 5, expected a string",
+    ),
+    "do-lower-case-a-string": (
+        _json("tokenizer_config.json", {"do_lower_case": "false"}),
+        "do_lower_case is 'false', expected true or false",
+    ),
+    "strip-accents-a-number": (_json("tokenizer_config.json", {"strip_accents": 0}), "strip_accents is 0"),
+    "normalizer-a-string": (
+        _json("tokenizer.json", {"normalizer": "x"}),
+        "normalizer is 'x', expected an obj",
+    ),
+    "normalizers-a-number": (
+        _json("tokenizer.json", {"normalizer": {"type": "Sequence", "normalizers": 5}}),
+        "normalizers is 5, expected an array",
+    ),
+    "normalizers-of-numbers": (
+        _json("tokenizer.json", {"normalizer": {"type": "Sequence", "normalizers": [5]}}),
+        "a normalizer is 5, expected an object",
+    ),
+    "bert-normalizer-lowercase-a-string": (
+        _json("tokenizer.json", {"normalizer": {"type": "BertNormalizer", "lowercase": "yes"}}),
+        "lowercase is 'yes', expected true or false",
+    ),
+    "post-processor-a-string": (_json("tokenizer.json", {"post_processor": "x"}), "post_processor is 'x'"),
+    "post-processor-template-of-numbers": (
+        _json("tokenizer.json", {"post_processor": {"type": "TemplateProcessing", "single": [5, 6]}}),
+        "gguf-py cannot read the special tokens of tokenizer.json/tokenizer_config.json (AttributeError: ",
+    ),
+    "chat-template-a-number": (
+        _json("tokenizer_config.json", {"chat_template": 5}),
+        "chat_template is 5, expected a string or an array of {name, template} objects",
+    ),
+    "chat-template-lone-surrogate": (
+        _write("tokenizer_config.json", '{"chat_template": "x\\ud800"}'),
+        "chat_template holds '\\ud800' at 1, which UTF-8 cannot encode",
+    ),
+    "config-token-id-negative": (_config(pad_token_id=-1), "pad_token_id is -1, expected a token id ≥ 0"),
+    "config-token-id-true": (_config(pad_token_id=True), "pad_token_id is true, expected an integer"),
+    "config-token-id-a-list": (_config(eos_token_id=[1, 2]), "eos_token_id is an array, expected an integer"),
+    "modules-entry-a-number": (_json("modules.json", [5]), "modules.json: entry 0 is 5, expected an object"),
+    "modules-type-a-number": (_json("modules.json", [{"type": 5}]), "type is 5, expected a string"),
+    "modules-path-a-number": (_json("modules.json", [{"type": POOLING, "path": 5}]), "path is 5, expected"),
+    "modules-path-escapes": (
+        _json("modules.json", [{"type": POOLING, "path": "../../etc"}]),
+        "the Pooling module's path '../../etc' leaves the checkpoint directory",
+    ),
+    "modules-path-absolute": (
+        _json("modules.json", [{"type": POOLING, "path": "/etc"}]),
+        "leaves the checkp",
+    ),
+    "pooling-mode-a-string": (
+        _json("1_Pooling/config.json", {"pooling_mode_mean_tokens": "true"}),
+        "pooling_mode_mean_tokens is 'true', expected true or false",
+    ),
+    "max-seq-length-a-string": (
+        _json("sentence_bert_config.json", {"max_seq_length": "256"}),
+        "max_seq_length is '256', expected an integer",
+    ),
+    "max-seq-length-one": (_json("sentence_bert_config.json", {"max_seq_length": 1}), "leaves no room"),
 }
 
 
@@ -580,6 +674,70 @@ def test_counts_are_checked_before_anything_is_sized_by_them(tmp_path: Path) -> 
             convert(source, tmp_path / "out.gguf")
 
     assert traced_peak(run) < 5 << 20
+
+
+def test_chat_template_files_are_not_read(tmp_path: Path) -> None:
+    """gguf-py's SpecialVocab reads chat_template.jinja whole; convert runs it on checked copies only, so a
+    256 MiB (sparse) template next to a tokenizer_config.json costs nothing."""
+    source = write_tiny(tmp_path / "src")
+    (source / "tokenizer_config.json").write_text(json.dumps({"cls_token": "[CLS]"}), encoding="utf-8")
+    with (source / "chat_template.jinja").open("wb") as handle:
+        handle.truncate(256 << 20)
+
+    def run() -> None:
+        convert(source, tmp_path / "out.gguf", "f32")
+
+    assert traced_peak(run) < 16 << 20
+    with GGUFFile.open(tmp_path / "out.gguf") as gguf_file:
+        assert "tokenizer.chat_template" not in gguf_file.metadata
+        assert gguf_file.metadata["tokenizer.ggml.bos_token_id"] == 2
+
+
+@pytest.mark.parametrize(
+    ("normalizers", "lowercase"),
+    [
+        ([{"type": "Lowercase"}, {"type": "BertNormalizer", "lowercase": False}], False),
+        ([{"type": "BertNormalizer", "lowercase": False}, {"type": "Lowercase"}], True),
+        ([{"type": "Sequence", "normalizers": [{"type": "BertNormalizer", "lowercase": False}]}], False),
+    ],
+    ids=["later-bert-normalizer-wins", "later-lowercase-wins", "nested-sequence"],
+)
+def test_normalizer_sequences_are_read_in_order(
+    tmp_path: Path, normalizers: list[dict[str, Any]], lowercase: bool
+) -> None:
+    source = write_tiny(tmp_path / "src")
+    tokenizer = {"normalizer": {"type": "Sequence", "normalizers": normalizers}}
+    (source / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    convert(source, tmp_path / "out.gguf", "f32")
+    with GGUFFile.open(tmp_path / "out.gguf") as gguf_file:
+        assert gguf_file.metadata[KEY_LOWERCASE] is lowercase
+
+
+def test_name_must_be_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = write_tiny(tmp_path / "src")
+    assert cli_main(["convert", str(source), str(tmp_path / "out.gguf"), "--name", "x\udcff"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "gguf-sandbox convert: error: --name holds '\\udcff' at 1, which UTF-8 cannot encode; "
+        "pass a name in UTF-8\n"
+    )
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_non_utf8_paths_convert_and_print(tmp_path: Path) -> None:
+    """A folder and OUT named with a non-UTF-8 byte: general.name gets "?" for it, the report \\xe9."""
+    source = write_tiny(Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9")))
+    out = os.fsdecode(bytes(tmp_path) + b"/out\xe9.gguf")
+    done = subprocess.run(
+        [sys.executable, "-m", "gguf_sandbox", "convert", str(source), out, "--type", "f32"],
+        capture_output=True,
+        check=False,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert done.stdout.startswith(b"wrote " + bytes(tmp_path) + b"/out\\xe9.gguf (")
+    with GGUFFile.open(Path(out)) as gguf_file:
+        assert gguf_file.metadata["general.name"] == "caf?"
 
 
 # -- hostile OUT: refused in one line (exit 2), nothing replaced, no partial file left ---------------------
