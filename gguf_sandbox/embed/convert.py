@@ -1024,7 +1024,14 @@ def _tensor_data(weights: Path, plan: list[PlannedTensor]) -> Iterator[np.ndarra
 
     with safe_open(str(weights), framework="numpy") as handle:
         for tensor in plan:
-            data = np.ascontiguousarray(handle.get_tensor(tensor.source), dtype=np.float32)
+            with np.errstate(over="ignore"):  # an F64 value beyond float32 becomes inf, refused below
+                data = np.ascontiguousarray(handle.get_tensor(tensor.source), dtype=np.float32)
+            # NaN propagates through min and max and ±inf shows in them: two passes, no temporary array.
+            if data.size and not (np.isfinite(data.min()) and np.isfinite(data.max())):
+                raise GGUFSandboxError(
+                    f"{weights}: tensor {tensor.source!r} holds NaN or infinite values (or F64 values beyond "
+                    f"float32); the checkpoint is corrupt"
+                )
             yield quantize(data, tensor.qtype)
 
 

@@ -375,6 +375,13 @@ def _tensors(change: Callable[[dict[str, np.ndarray]], object]) -> Callable[[Pat
     return rewrite
 
 
+def _set(name: str, value: float) -> Callable[[dict[str, np.ndarray]], None]:
+    def change(tensors: dict[str, np.ndarray]) -> None:
+        tensors[name][0, 5] = value
+
+    return change
+
+
 def _pytorch_only(directory: Path) -> None:
     (directory / "model.safetensors").rename(directory / "pytorch_model.bin")
 
@@ -419,6 +426,14 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], None], str]] = {
     "int-weights": (
         _tensors(lambda t: t.update({"embeddings.LayerNorm.bias": np.zeros(64, np.int32)})),
         "only F32/F16/F64",
+    ),
+    "weights-nan": (_tensors(_set("encoder.layer.1.output.dense.weight", np.nan)), "holds NaN or infinite"),
+    "weights-inf": (_tensors(_set("embeddings.word_embeddings.weight", -np.inf)), "holds NaN or infinite"),
+    "weights-f64-beyond-float32": (
+        _tensors(
+            lambda t: t.update({"embeddings.LayerNorm.bias": np.full(64, 1e300, np.float64)}),
+        ),
+        "holds NaN or infinite values .or F64 values beyond float32.",
     ),
     "cls-pooling-unsupported": (
         _write("1_Pooling/config.json", '{"pooling_mode_max_tokens": true}'),
