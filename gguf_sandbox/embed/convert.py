@@ -280,14 +280,13 @@ def _check_out(out: Path, hf_dir: Path, inputs: tuple[Path, ...]) -> None:
     hint = "remove it or choose another path"
     try:
         status: os.stat_result | None = out.lstat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the parent's problem, named below
         status = None
     except OSError as error:
         raise GGUFSandboxError(f"{out}: cannot inspect the output path ({_strerror(error)})") from error
     if status is None and not out.parent.is_dir():
-        raise GGUFSandboxError(
-            f"{out}: directory {out.parent} does not exist; create it or choose another path"
-        )
+        problem = "is not a directory" if os.path.lexists(out.parent) else "does not exist"
+        raise GGUFSandboxError(f"{out}: {out.parent} {problem}; create the directory or choose another path")
     try:
         checkpoint, directory = hf_dir.resolve(), out.parent.resolve()
     except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop before Python 3.13
@@ -316,7 +315,7 @@ def _check_out(out: Path, hf_dir: Path, inputs: tuple[Path, ...]) -> None:
             f"{out}: cannot read the existing file ({_strerror(error)}); {hint}"
         ) from error
     if magic != GGUF_MAGIC:
-        raise GGUFSandboxError(f"{out} exists and is not a GGUF file (it would be replaced); {hint}")
+        raise GGUFSandboxError(f"{out} exists and is not a GGUF file, so convert will not replace it; {hint}")
 
 
 def _file_kind(mode: int) -> str:
@@ -333,7 +332,7 @@ def _file_kind(mode: int) -> str:
 
 def _create_partial(out: Path) -> Path:
     """A new empty file next to `out` (O_EXCL: never an existing one), which GGUFWriter then fills."""
-    # Cut the name so that the partial's stays within NAME_MAX (255) whenever `out`'s does.
+    # `out`'s name cut to 200 characters: with the pid and the random part it stays within NAME_MAX (255).
     partial = out.with_name(f".{out.name[:200]}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     try:
         os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))

@@ -798,6 +798,11 @@ def _checkpoint_file(name: str) -> Callable[[Path, Path], Path]:
     return pick
 
 
+def _under_a_file(tmp_path: Path, source: Path) -> Path:
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    return tmp_path / "notes.txt" / "out.gguf"
+
+
 def _linked_input(tmp_path: Path, source: Path) -> Path:
     """OUT outside HF_DIR but the very file HF_DIR's tokenizer_config.json links to (starting as a GGUF)."""
     out = tmp_path / "shared.gguf"
@@ -811,13 +816,17 @@ HOSTILE_OUT: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "fifo": (_node("fifo"), "is a named pipe, not a GGUF file"),
     "directory": (_node("directory"), "is a directory, not a GGUF file"),
     "symlink": (_node("symlink"), "is a symbolic link, not a GGUF file"),
-    "not-gguf": (_regular(b"my notes"), "exists and is not a GGUF file (it would be replaced); remove it"),
+    "not-gguf": (
+        _regular(b"my notes"),
+        "exists and is not a GGUF file, so convert will not replace it; remove it",
+    ),
     "empty-file": (_regular(b""), "exists and is not a GGUF file"),
     "checkpoint-weights": (_checkpoint_file("model.safetensors"), "inside the checkpoint directory"),
     "checkpoint-config": (_checkpoint_file("config.json"), "inside the checkpoint directory"),
     "new-file-in-checkpoint": (_checkpoint_file("model.gguf"), "write the GGUF file elsewhere"),
     "linked-input": (_linked_input, "is the checkpoint's tokenizer_config.json (the same file)"),
-    "missing-directory": (lambda tmp, source: tmp / "nowhere" / "out.gguf", "nowhere does not exist"),
+    "missing-directory": (lambda tmp, source: tmp / "nowhere" / "out.gguf", "nowhere does not exist; create"),
+    "file-as-directory": (_under_a_file, "notes.txt is not a directory; create the directory or choose"),
 }
 
 
@@ -856,6 +865,14 @@ def test_an_earlier_gguf_is_replaced(tmp_path: Path) -> None:
     with GGUFFile.open(out) as gguf_file:
         assert set(gguf_file.tensors) == expected_names(2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf", "src"]
+
+
+def test_an_out_name_of_255_bytes_converts(tmp_path: Path) -> None:
+    """The partial file's name (".NAME.PID.RANDOM.partial") must fit NAME_MAX too."""
+    source = write_tiny(tmp_path / "src")
+    out = tmp_path / ("x" * 250 + ".gguf")
+    convert(source, out, "f32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, "src"])
 
 
 def test_a_write_error_is_one_line_and_leaves_no_partial(
