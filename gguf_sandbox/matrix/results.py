@@ -6,7 +6,6 @@ import contextlib
 import itertools
 import json
 import os
-import stat
 import threading
 import time
 from collections import Counter
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gguf_sandbox import log
+from gguf_sandbox.atomic import check_replaceable
 from gguf_sandbox.errors import GGUFSandboxError
 from gguf_sandbox.matrix.verdicts import MAX_SIZE, Verdict
 from gguf_sandbox.signals import deferred_signals
@@ -319,28 +319,8 @@ class ResultStore:
 
 def check_ours(path: Path, what: str) -> bool:
     """True when `path` is one of our results files, False when nothing is there; else refuse it."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise GGUFSandboxError(
-                f"{what} {path}: a dangling symbolic link; remove it or choose another path"
-            ) from None
-        return False
-    except OSError as error:
-        raise GGUFSandboxError(f"{what} {path}: cannot inspect it ({error.strerror})") from None
-    if stat.S_ISDIR(mode):
-        raise GGUFSandboxError(
-            f"{what} {path}: is a directory; give a file path such as {path / 'results.jsonl'}"
-        )
-    if not stat.S_ISREG(mode):
-        raise GGUFSandboxError(f"{what} {path}: not a regular file; give a path for a results file")
-    if not is_results_file(path):
-        raise GGUFSandboxError(
-            f"{what} {path}: exists and is not a gguf-sandbox results file (no record in its first "
-            f"{OWNERSHIP_PROBE_BYTES >> 20} MiB); left untouched — choose another path or remove it"
-        )
-    return True
+    kind = f"a gguf-sandbox results file (a record in its first {OWNERSHIP_PROBE_BYTES >> 20} MiB)"
+    return check_replaceable(path, what, kind, is_results_file, file_name="results.jsonl")
 
 
 def _rename(path: Path, aside: Path) -> None:

@@ -184,3 +184,15 @@ def test_a_failed_write_leaves_nothing_behind(
     assert main(["merge", *map(str, shards), "-o", str(tmp_path / "all.jsonl")]) == 2
     assert "cannot write (No space left on device)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl"]
+
+
+def test_junit_is_refused_before_the_merge_is_written_when_it_would_replace_results(
+    shards: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "all.jsonl"
+    assert main(["merge", *map(str, shards), "-o", str(out), "--junit", str(out)]) == 2
+    assert "is the merged results file" in capsys.readouterr().err and not out.exists()
+    first = shards[0].read_bytes()
+    assert main(["merge", *map(str, shards), "-o", str(out), "--junit", str(shards[0])]) == 2
+    assert "not a gguf-sandbox JUnit file" in capsys.readouterr().err
+    assert shards[0].read_bytes() == first and not out.exists()
