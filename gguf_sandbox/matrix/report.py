@@ -44,8 +44,8 @@ def write_report(report: Report, directory: Path, images: bool = True) -> Writte
     try:
         directory.mkdir(parents=True, exist_ok=True)
         index, summary = directory / INDEX, directory / SUMMARY
-        write_atomic(index, render_html(report).encode("utf-8"))
-        write_atomic(summary, render_summary(report).encode("utf-8"))
+        write_atomic(index, render_html(report).encode("utf-8", "backslashreplace"))
+        write_atomic(summary, render_summary(report).encode("utf-8", "backslashreplace"))
         if not images:
             return Written(directory, index, summary, (), "not asked for")
         from gguf_sandbox.matrix.report_png import INSTALL_HINT, pyplot, write_pngs

@@ -340,3 +340,13 @@ def test_junit_never_replaces_what_is_not_a_junit_file_and_nothing_is_written(
         assert junit.read_text() == "my notes\n"
     if target == "fifo":
         assert stat.S_ISFIFO(junit.stat().st_mode)
+
+
+def test_lone_surrogates_in_a_results_file_are_shown_as_replacement_characters(tmp_path: Path) -> None:
+    # JSON's "\ud800" escapes make strings UTF-8, HTML and fonts cannot hold: the report crashed on them.
+    records = grid_records()
+    records[1] = {**records[1], "reason": "bad \ud800 byte", "workload": "w\udcff"}
+    path = write(tmp_path / "r.jsonl", records)
+    assert main(["report", str(path), "--output", str(tmp_path / "out")]) == 0
+    html = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert "bad \ufffd byte" in html and "w\ufffd" in html
