@@ -24,7 +24,8 @@ SCHEMA_VERSION = 1
 # A floors file is a few kilobytes; anything far larger is not one (and is not read whole).
 MAX_FILE_BYTES = 4 << 20
 # Bounds of a record's numbers: a limit or peak beyond 1 EiB (as results records), or work lasting beyond
-# ~32 years, is no measurement (and would overflow the table's arithmetic: 10**400 bytes has no float in MiB).
+# ~32 years (as a results record's duration, for --durations), is no measurement (and would overflow the
+# table's arithmetic: 10**400 bytes has no float in MiB).
 MAX_BYTES = 1 << 60
 MAX_SECONDS = 1e9
 # A cosine is at most 1; records written before cosines were clamped may hold 1 + a rounding error.

@@ -24,6 +24,8 @@ from gguf_sandbox.matrix.results import (
     SKIP,
     CellRecord,
     check_ours,
+    escaped,
+    has_control,
     scan,
     summarize,
 )
@@ -91,6 +93,8 @@ def _check_header(item: Located) -> None:
         raise GGUFSandboxError(f"{item.where}: run header: 'selected' is not a list of cell ids")
     if len(selected) > MAX_SELECTED:
         raise GGUFSandboxError(f"{item.where}: run header: {len(selected):,} selected cells is too many")
+    if any(has_control(cell_id) for cell_id in selected):  # merge prints the ones no file has
+        raise GGUFSandboxError(f"{item.where}: run header: a selected cell id has control characters")
 
 
 def merge(paths: Sequence[Path]) -> Merged:
@@ -151,7 +155,7 @@ def _conflict(cell_id: str, first: Located, second: Located) -> str:
 
 
 def _said(record: CellRecord) -> str:
-    return f"{cell_text(record)}{f' ({record.reason[:80]})' if record.kind != CELL else ''}"
+    return f"{cell_text(record)}{f' ({escaped(record.reason[:80])})' if record.kind != CELL else ''}"
 
 
 def write_merged(path: Path, merged: Merged) -> None:
