@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -76,7 +77,16 @@ def _parser_for(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def _utf8_output() -> None:
+    """Our JSON (embed, tokenize, inspect --json) is UTF-8 whatever the locale or PYTHONIOENCODING says: a
+    latin-1 stdout made a text with a euro sign a traceback. What UTF-8 cannot hold is escaped, not fatal."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(encoding="utf-8", errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _utf8_output()
     for variable in BLAS_THREAD_VARIABLES:
         os.environ.setdefault(variable, "1")  # before any subcommand imports numpy
     args_list = list(sys.argv[1:] if argv is None else argv)

@@ -24,11 +24,14 @@ SCHEMA_VERSION = 1
 # A floors file is a few kilobytes; anything far larger is not one (and is not read whole).
 MAX_FILE_BYTES = 4 << 20
 # Bounds of a record's numbers: a limit or peak beyond 1 EiB (as results records), or work lasting beyond
-# ~32 years, is no measurement (and would overflow the table's arithmetic: 10**400 bytes has no float in MiB).
+# ~32 years (as a results record's duration, for --durations), is no measurement (and would overflow the
+# table's arithmetic: 10**400 bytes has no float in MiB).
 MAX_BYTES = 1 << 60
 MAX_SECONDS = 1e9
 # A cosine is at most 1; records written before cosines were clamped may hold 1 + a rounding error.
 MAX_COSINE = 1.0 + 1e-9
+# A name or fact (workload, model, an argument, a version) longer than this is no measurement's.
+MAX_TEXT_CHARS = 200
 
 
 class FloorsError(GGUFSandboxError):
@@ -93,12 +96,29 @@ class Floor:
 
 def _text(value: object, where: str) -> str:
     if not isinstance(value, str) or not value:
-        raise FloorsError(f"{where}: expected a non-empty string, got {value!r}")
+        raise FloorsError(f"{where}: expected a non-empty string, got {_shown(value)}")
+    _printable(value, where)
     return value
 
 
+def _printable(text: str, where: str) -> None:
+    """Names and facts go into tables, reports and images: no control characters or lone surrogates."""
+    if len(text) > MAX_TEXT_CHARS or not text.isprintable():
+        raise FloorsError(
+            f"{where}: expected printable text of at most {MAX_TEXT_CHARS} characters, got {_shown(text)}"
+        )
+
+
+def _shown(value: object) -> str:
+    """A value as an error message quotes it: repr, cut."""
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
 def _python(value: object, where: str) -> str:
-    text = _text(value, where)
+    if not isinstance(value, str) or not value:
+        raise FloorsError(f"{where}: expected a non-empty string, got {_shown(value)}")
+    text = value
     parts = text.split(".")
     if not 2 <= len(parts) <= 3 or not all(p.isascii() and p.isdigit() and len(p) <= 4 for p in parts):
         raise FloorsError(f"{where}: expected a Python version such as 3.12, got {text[:40]!r}")
@@ -131,7 +151,11 @@ def _optional_number(value: object, where: str, maximum: float) -> float | None:
 def _strings(value: object, where: str) -> Mapping[str, str]:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise FloorsError(f"{where}: expected an object of strings")
-    return MappingProxyType({k: str(v) for k, v in value.items()})
+    strings = {k: str(v) for k, v in value.items()}
+    for key, text in strings.items():
+        _printable(key, where)
+        _printable(text, f"{where}.{key}")
+    return MappingProxyType(strings)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
+from gguf import GGUFWriter
 
 from gguf_sandbox import cli
 
@@ -77,3 +85,26 @@ def test_workload_pooling_is_refused_where_it_would_be_ignored(
         f"gguf-sandbox workload: ValueError: --pooling applies to the embed, embed-concurrent, llama-cpp and "
         f"gguf-py workloads only, not {name}"
     )
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "ascii"])
+def test_output_is_utf8_whatever_pythonioencoding_says(tmp_path: Path, encoding: str) -> None:
+    # A latin-1 stdout made `embed "€ …"` a traceback: JSON leaves as UTF-8, as RFC 8259 has it.
+    path = tmp_path / "euro.gguf"
+    writer = GGUFWriter(str(path), "bert")
+    writer.add_name("€uro ☃")
+    writer.add_tensor("t", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+    done = subprocess.run(
+        [sys.executable, "-m", "gguf_sandbox", "inspect", "--json", str(path)],
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    assert json.loads(done.stdout.decode("utf-8"))["metadata"]["general.name"] == "€uro ☃"

@@ -263,3 +263,19 @@ def test_a_cosine_a_rounding_error_above_1_still_loads(tmp_path: Path) -> None:
     entry = {**floor().to_json(), "cosine": 1.0000000000000002}
     (tmp_path / "floors.json").write_text(json.dumps({"version": 1, "floors": [entry]}))
     assert load_floors(tmp_path / "floors.json").floors[0].cosine == 1.0000000000000002
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"workload": "a\ud800"}, {"model": "m\x1b[31m"}, {"backend": "x" * 201}, {"args": {"count": "1\n2"}}],
+    ids=["surrogate", "escape-sequence", "long", "newline-in-args"],
+)
+def test_names_that_tables_and_images_cannot_show_are_refused(
+    tmp_path: Path, override: dict[str, object]
+) -> None:
+    (tmp_path / "floors.json").write_text(
+        json.dumps({"version": 1, "floors": [{**floor().to_json(), **override}]})
+    )
+    with pytest.raises(FloorsError, match="expected printable text of at most 200 characters") as error:
+        load_floors(tmp_path / "floors.json")
+    assert "\n" not in str(error.value) and len(str(error.value)) < 300

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import os
 import sys
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,10 @@ EXIT_BAD_INPUT: Final = 4
 MAX_LINE_BYTES: Final = 1 << 16
 # A batch also ends once its texts hold this many characters, so long lines never pile up in memory.
 MAX_BATCH_CHARS: Final = 1 << 18
+# Decimals a component may be rounded to: 0 or fewer round a unit vector's components to 0 (or ±1), and
+# 17 digits already hold every float exactly.
+MIN_PRECISION: Final = 1
+MAX_PRECISION: Final = 17
 # A long line's rest is skipped in reads of this many bytes.
 SKIP_BYTES: Final = 1 << 16
 
@@ -60,7 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--input", type=Path, help="a file of texts, one per line ('-' for stdin)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
-    parser.add_argument("--precision", type=int, default=7, help="decimals per vector component (default 7)")
+    parser.add_argument(
+        "--precision",
+        type=int,
+        default=7,
+        help=f"decimals per vector component, {MIN_PRECISION}–{MAX_PRECISION} (default 7)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -128,6 +138,19 @@ def _lines(stream: IO[bytes], name: str) -> Iterator[str]:
             yield text
 
 
+def _check_argument_texts(texts: list[str]) -> None:
+    """Refuse TEXT arguments that are not UTF-8, as --input lines are (before any output: the document
+    must not stop half-written). Python hands such bytes over as lone surrogates."""
+    for number, text in enumerate(texts, 1):
+        try:
+            os.fsencode(text).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InputError(
+                f"TEXT argument {number} is not valid UTF-8 ({error.reason} at byte {error.start}); convert "
+                f"it to UTF-8"
+            ) from None
+
+
 def _skip_rest_of_line(stream: IO[bytes]) -> int:
     """Read and drop the rest of the current line, a bounded piece at a time; the bytes dropped."""
     skipped = 0
@@ -192,9 +215,20 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         print("gguf-sandbox embed: error: --threads must be at least 1", file=sys.stderr)
         return EXIT_USAGE
+    if not MIN_PRECISION <= args.precision <= MAX_PRECISION:
+        print(
+            f"gguf-sandbox embed: error: --precision must be {MIN_PRECISION}–{MAX_PRECISION} decimals",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if args.input is None and not args.texts:
         print("gguf-sandbox embed: error: no texts; pass TEXT arguments or --input FILE", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        _check_argument_texts(args.texts)
+    except InputError as error:
+        print(f"gguf-sandbox embed: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     texts = _texts(args)
     try:
         first = next(texts, None)

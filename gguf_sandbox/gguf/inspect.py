@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import Counter
 from typing import Any
@@ -27,7 +28,7 @@ def summarize(gguf: GGUFFile) -> dict[str, Any]:
                 "head": [_jsonable(v) for v in value[:ARRAY_PREVIEW]],
             }
         else:
-            metadata[key] = value
+            metadata[key] = _jsonable(value)
     tensors = [_tensor_entry(info) for info in gguf.tensors.values()]
     return {
         "path": str(gguf.path),
@@ -44,7 +45,11 @@ def summarize(gguf: GGUFFile) -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
-    return f"<array of {len(value)}>" if isinstance(value, LazyArray) else value
+    if isinstance(value, LazyArray):
+        return f"<array of {len(value)}>"
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # JSON has no NaN or Infinity: "nan", "inf", "-inf" as strings
+    return value
 
 
 def _tensor_entry(info: TensorInfo) -> dict[str, Any]:
@@ -143,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"gguf-sandbox inspect: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.json:
-        json.dump(summary, sys.stdout, indent=2, ensure_ascii=False)
+        json.dump(summary, sys.stdout, indent=2, ensure_ascii=False, allow_nan=False)
         sys.stdout.write("\n")
     else:
         print(render_text(summary))

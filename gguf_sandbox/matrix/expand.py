@@ -10,7 +10,7 @@ from typing import Any
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.matrix.models import model_file
 from gguf_sandbox.matrix.runnables import RunKind
-from gguf_sandbox.matrix.schema import KNOWN_BACKENDS, Cell, FloorOffset, Matrix
+from gguf_sandbox.matrix.schema import KNOWN_BACKENDS, Cell, FloorOffset, Matrix, WorkloadDef
 from gguf_sandbox.matrix.select import compile_k
 from gguf_sandbox.sandbox.base import CellSpec
 from gguf_sandbox.units import format_size
@@ -18,8 +18,40 @@ from gguf_sandbox.units import format_size
 
 def cell_id(backend: str, python: str, memory: int, workload: str, model: str | None) -> str:
     """`docker-py3.12-64m-embed-minilm_q8_0` (the model part is omitted for model-less workloads)."""
-    parts = [backend, f"py{python}", format_size(memory), workload]
-    return "-".join([*parts, model] if model else parts)
+    return "-".join([backend, f"py{python}", format_size(memory), _tail(workload, model)])
+
+
+def _tail(workload: str, model: str | None) -> str:
+    """The part of a cell id after its memory: `embed-minilm_q8_0`, or `bomb` without a model."""
+    return f"{workload}-{model}" if model else workload
+
+
+def check_cell_ids(workloads: Iterable[WorkloadDef]) -> None:
+    """Refuse workloads whose cells would share ids, as workload `embed` on model `tiny` and a model-less
+    workload `embed-tiny` do: results, --resume and merge know a cell only by its id.
+
+    Backend, Python and memory label hold no '-', so two cells share an id exactly when their tails are
+    equal; this checks every workload of every profile, whatever a run selects.
+    """
+    owners: dict[str, tuple[str, str | None]] = {}
+    for workload in workloads:
+        for model in workload.models or (None,):
+            pair = (workload.name, model)
+            earlier = owners.setdefault(_tail(*pair), pair)
+            if earlier != pair:
+                raise _same_id(f"…-{_tail(*pair)}", earlier, pair)
+
+
+def _same_id(ids: str, first: tuple[str, str | None], second: tuple[str, str | None]) -> MatrixError:
+    return MatrixError(
+        f"workloads: {_pair(first)} and {_pair(second)} give the same cell ids ({ids}); "
+        "rename one of the workloads"
+    )
+
+
+def _pair(pair: tuple[str, str | None]) -> str:
+    workload, model = pair
+    return f"{workload!r} on model {model!r}" if model else f"{workload!r} (no model)"
 
 
 def expand_cells(
@@ -38,18 +70,24 @@ def expand_cells(
         if name not in KNOWN_BACKENDS:
             raise MatrixError(f"backend {name!r}: unknown; known: {', '.join(KNOWN_BACKENDS)}")
     selector = compile_k(k) if k else None
-    seen: set[str] = set()
     axes_list = [
         axes for axes in _product(matrix, chosen_backends) if not any(p.matches(axes) for p in matrix.exclude)
     ]
     axes_list += _included(matrix, chosen_backends)
+    owners: dict[str, tuple[str, str | None]] = {}
     cells = []
     for axes in axes_list:
         cell = _cell(matrix, axes, cache)
-        if cell.cell_id in seen or (selector is not None and not selector(cell.cell_id)):
-            continue
-        seen.add(cell.cell_id)
-        cells.append(cell)
+        pair = (cell.workload, cell.model)
+        earlier = owners.get(cell.cell_id)
+        if earlier is None:
+            owners[cell.cell_id] = pair
+        elif earlier != pair:  # load() refuses such workloads; a Matrix built otherwise must not lose a cell
+            raise _same_id(cell.cell_id, earlier, pair)
+        else:
+            continue  # an include entry naming a cell of the product or of an earlier entry: the same cell
+        if selector is None or selector(cell.cell_id):
+            cells.append(cell)
     return cells
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from gguf_sandbox.atomic import write_atomic
+from gguf_sandbox.atomic import check_replaceable, write_atomic
 from gguf_sandbox.errors import GGUFSandboxError
 from gguf_sandbox.matrix.grid import cell_text
 from gguf_sandbox.matrix.results import CELL, ERROR, RUN, SKIP, CellRecord
@@ -19,6 +19,9 @@ SUITE_NAME = "gguf-sandbox matrix"
 # What XML 1.0 cannot hold at all, escaped or not (control characters, lone surrogates, U+FFFE/U+FFFF):
 # log tails carry whatever a crashing cell printed.
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# How much of an existing file is read to tell whether it is a JUnit document of ours (its first element
+# names the suite within the first few hundred bytes).
+OWNERSHIP_PROBE_BYTES = 4096
 # Run-header fields shown as the suite's properties, when the runs recorded them.
 HEADER_PROPERTIES = ("version", "matrix", "profile", "k", "shard")
 
@@ -62,8 +65,23 @@ def junit_bytes(records: Iterable[Mapping[str, Any]]) -> bytes:
     return text + b"\n"
 
 
+def is_junit_file(path: Path) -> bool:
+    """Whether an existing regular file is a JUnit document we wrote (or empty): the only file --junit
+    replaces."""
+    with path.open("rb") as handle:
+        head = handle.read(OWNERSHIP_PROBE_BYTES)
+    return not head or (head.startswith(b"<?xml") and f'name="{SUITE_NAME}"'.encode() in head)
+
+
+def check_junit_path(path: Path) -> None:
+    """Refuse a --junit path holding anything but a JUnit file of ours (checked before a run starts too)."""
+    check_replaceable(path, "--junit", "a gguf-sandbox JUnit file", is_junit_file, file_name="junit.xml")
+
+
 def write_junit(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    """Write the JUnit XML of `records` to `path` atomically; a one-line error when it cannot."""
+    """Write the JUnit XML of `records` to `path` atomically, replacing only nothing or a JUnit file of
+    ours; a one-line error when it cannot."""
+    check_junit_path(path)
     try:
         write_atomic(path, junit_bytes(records))
     except OSError as error:

@@ -9,6 +9,7 @@ from types import MappingProxyType
 
 from gguf_sandbox.errors import MatrixError
 from gguf_sandbox.floors import FLOORS_FILE, FloorsError, FloorTable, load_floors
+from gguf_sandbox.matrix.expand import check_cell_ids
 from gguf_sandbox.matrix.fields import (
     MAX_LIST,
     MAX_NAME,
@@ -136,6 +137,7 @@ def parse(
     backends = backends_at(root.get("backends", list(KNOWN_BACKENDS)), "backends")
     models = parse_models(root.get("models", {}), base_dir or Path.cwd())
     workloads = _workloads(required_key(root, "workloads", "matrix"), models)
+    check_cell_ids(workloads.values())
     default, rules = parse_expect(root.get("expect", {}))
     profiles = _profiles(root.get("profiles", {}), workloads)
     matrix = Matrix(

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gguf_sandbox.atomic import write_atomic
+from gguf_sandbox.atomic import path_argument, write_atomic
 from gguf_sandbox.errors import GGUFSandboxError
 from gguf_sandbox.matrix.grid import cell_text
-from gguf_sandbox.matrix.junit import write_junit
+from gguf_sandbox.matrix.junit import check_junit_path, write_junit
 from gguf_sandbox.matrix.results import (
     CELL,
     ERROR,
@@ -23,6 +24,8 @@ from gguf_sandbox.matrix.results import (
     SKIP,
     CellRecord,
     check_ours,
+    escaped,
+    has_control,
     scan,
     summarize,
 )
@@ -90,6 +93,8 @@ def _check_header(item: Located) -> None:
         raise GGUFSandboxError(f"{item.where}: run header: 'selected' is not a list of cell ids")
     if len(selected) > MAX_SELECTED:
         raise GGUFSandboxError(f"{item.where}: run header: {len(selected):,} selected cells is too many")
+    if any(has_control(cell_id) for cell_id in selected):  # merge prints the ones no file has
+        raise GGUFSandboxError(f"{item.where}: run header: a selected cell id has control characters")
 
 
 def merge(paths: Sequence[Path]) -> Merged:
@@ -150,7 +155,7 @@ def _conflict(cell_id: str, first: Located, second: Located) -> str:
 
 
 def _said(record: CellRecord) -> str:
-    return f"{cell_text(record)}{f' ({record.reason[:80]})' if record.kind != CELL else ''}"
+    return f"{cell_text(record)}{f' ({escaped(record.reason[:80])})' if record.kind != CELL else ''}"
 
 
 def write_merged(path: Path, merged: Merged) -> None:
@@ -183,11 +188,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.files]
+    output = path_argument(args.output, "-o")
+    junit = path_argument(args.junit, "--junit") if args.junit is not None else None
+    if junit is not None:
+        if os.path.abspath(junit) == os.path.abspath(output):
+            raise GGUFSandboxError(f"--junit {junit}: is the merged results file (-o); give another path")
+        check_junit_path(junit)
     merged = merge(paths)
-    output = Path(args.output)
     write_merged(output, merged)
-    if args.junit:
-        write_junit(Path(args.junit), merged.records)
+    if junit is not None:
+        write_junit(junit, merged.records)
     counts = summarize(merged.cells)
     verdicts = ", ".join(f"{n} {v}" for v, n in sorted(counts.verdicts.items())) or "none decided"
     print(

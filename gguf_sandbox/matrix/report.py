@@ -8,15 +8,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf_sandbox.atomic import write_atomic
+from gguf_sandbox.atomic import check_replaceable, path_argument, starts_with, write_atomic
 from gguf_sandbox.errors import GGUFSandboxError
-from gguf_sandbox.matrix.junit import write_junit
+from gguf_sandbox.matrix.junit import check_junit_path, write_junit
 from gguf_sandbox.matrix.report_data import Report, load_report
 from gguf_sandbox.matrix.report_html import render_html
 from gguf_sandbox.matrix.report_md import render_summary
 
 INDEX = "index.html"
 SUMMARY = "summary.md"
+# What a report's own files hold near their start: only such files are replaced by the next report (a
+# user's index.html in the directory given is not).
+INDEX_MARKER = b"<title>gguf-sandbox matrix report</title>"
+SUMMARY_MARKER = b"## gguf-sandbox matrix report"
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,12 @@ class Written:
 
 def write_report(report: Report, directory: Path, images: bool = True) -> Written:
     """Write the report's files into `directory` (created; files of the same names replaced)."""
+    check_report_directory(directory)
     try:
-        if directory.exists() and not directory.is_dir():
-            raise GGUFSandboxError(f"--output {directory}: exists and is not a directory")
         directory.mkdir(parents=True, exist_ok=True)
         index, summary = directory / INDEX, directory / SUMMARY
-        write_atomic(index, render_html(report).encode("utf-8"))
-        write_atomic(summary, render_summary(report).encode("utf-8"))
+        write_atomic(index, render_html(report).encode("utf-8", "backslashreplace"))
+        write_atomic(summary, render_summary(report).encode("utf-8", "backslashreplace"))
         if not images:
             return Written(directory, index, summary, (), "not asked for")
         from gguf_sandbox.matrix.report_png import INSTALL_HINT, pyplot, write_pngs
@@ -55,11 +58,27 @@ def write_report(report: Report, directory: Path, images: bool = True) -> Writte
         raise GGUFSandboxError(f"--output {directory}: cannot write the report ({error.strerror})") from None
 
 
+def check_report_directory(directory: Path) -> None:
+    """Refuse, before anything is written, a report directory that is a file, or whose index.html or
+    summary.md is not a report's (the PNG images' names, grid-* and timeline-*, are the report's own)."""
+    try:
+        if directory.exists() and not directory.is_dir():
+            raise GGUFSandboxError(f"--output {directory}: exists and is not a directory")
+    except OSError as error:
+        raise GGUFSandboxError(f"--output {directory}: cannot inspect it ({error.strerror})") from None
+    for name, marker in ((INDEX, INDEX_MARKER), (SUMMARY, SUMMARY_MARKER)):
+        kind = f"a gguf-sandbox report's {name}"
+        check_replaceable(directory / name, "--output", kind, starts_with(marker), file_name=name)
+
+
 def report_files(
     paths: Sequence[Path], directory: Path, floors: Path | None = None, junit: Path | None = None
 ) -> Written:
     """Read `paths` and write their report (and `junit`, the cells as JUnit XML); the one entry point
     `report` and `run --report` share."""
+    check_report_directory(directory)
+    if junit is not None:
+        check_junit_path(junit)
     report = load_report(paths, floors)
     written = write_report(report, directory)
     if junit is not None:
@@ -83,9 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     written = report_files(
         [Path(p) for p in args.files],
-        Path(args.output),
-        Path(args.floors) if args.floors else None,
-        Path(args.junit) if args.junit else None,
+        path_argument(args.output, "--output"),
+        path_argument(args.floors, "--floors") if args.floors is not None else None,
+        path_argument(args.junit, "--junit") if args.junit is not None else None,
     )
     print(written.line())
     return 0

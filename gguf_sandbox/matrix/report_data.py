@@ -36,6 +36,8 @@ HARNESS_ERROR_COLOUR = "#b0b0b0"
 MISSING_COLOUR = "#ffffff"
 # Metadata values and reasons come from files: long ones are cut, never trusted to be short.
 MAX_TEXT = 300
+# A lone surrogate: what a JSON \\udXXX escape can put into a str, and UTF-8 and fonts cannot hold.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,29 @@ class Report:
         return [(name, _cut(value)) for name, value in rows]
 
 
+def displayable(record: dict[str, Any]) -> dict[str, Any]:
+    """A record with every lone surrogate in its strings (JSON's "\\ud800" escapes) replaced by U+FFFD:
+    HTML and Markdown are written as UTF-8, which cannot hold them, and fonts cannot draw them. Walked with
+    a stack, not recursion: a record nests as deep as the JSON reader allowed."""
+    root: list[Any] = [record]
+    pending: list[tuple[Any, Any]] = [(root, 0)]
+    while pending:
+        container, key = pending.pop()
+        value = container[key]
+        if isinstance(value, str):
+            container[key] = _SURROGATE.sub("\ufffd", value)
+        elif isinstance(value, dict):
+            copy = {_SURROGATE.sub("\ufffd", name): item for name, item in value.items()}
+            container[key] = copy
+            pending.extend((copy, name) for name, item in copy.items() if isinstance(item, str | dict | list))
+        elif isinstance(value, list):
+            items = list(value)
+            container[key] = items
+            pending.extend((items, i) for i, item in enumerate(items) if isinstance(item, str | dict | list))
+    fixed: dict[str, Any] = root[0]
+    return fixed
+
+
 def load_report(
     paths: Sequence[Path], floors: Path | None = None, warn: Callable[[str], None] | None = None
 ) -> Report:
@@ -136,7 +161,7 @@ def load_report(
         if not check_ours(path, "report"):
             raise GGUFSandboxError(f"report {path}: no such results file")
         matrix: str | None = None
-        for record in read_records(path, warn):
+        for record in map(displayable, read_records(path, warn)):
             if record["kind"] == RUN:
                 headers.append(record)
                 matrix = str(record["matrix"]) if isinstance(record.get("matrix"), str) else None

@@ -46,7 +46,7 @@ def render_summary(report: Report, limit: int = MAX_SUMMARY_BYTES) -> str:
     out: list[str] = []
     size = 0
     for index, block in enumerate(blocks):
-        cost = len(block.encode("utf-8")) + 2
+        cost = len(block.encode("utf-8", "backslashreplace")) + 2
         if size + cost > limit - NOTE_RESERVE:
             out.append(
                 f"**Truncated**: {len(blocks) - index} more blocks (of {len(blocks)}) do not fit the "

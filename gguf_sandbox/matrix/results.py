@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import json
 import os
-import stat
+import re
 import threading
 import time
 from collections import Counter
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gguf_sandbox import log
+from gguf_sandbox.atomic import check_replaceable
 from gguf_sandbox.errors import GGUFSandboxError
 from gguf_sandbox.matrix.verdicts import MAX_SIZE, Verdict
 from gguf_sandbox.signals import deferred_signals
@@ -33,6 +34,9 @@ MAX_RECORD_BYTES = 16 << 20
 # Whether a file is ours is decided by its first MiB: one valid record there.
 OWNERSHIP_PROBE_BYTES = 1 << 20
 MAX_WARNINGS = 10
+# C0, DEL and C1: in a cell id or another name the grid prints, they would drive the terminal that reads it
+# (clear it, retitle it, hide a line). No record we write has them there; free text is escaped when shown.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -74,15 +78,17 @@ class CellRecord:
         expected = data.get("expected", ())
         if not isinstance(expected, list | tuple):
             raise ValueError(f"'expected' is {type(expected).__name__}, not a list of verdicts")
+        model = _field(data, "model", str, None)
+        _check_plain(model, "model")
         return cls(
             kind=_field(data, "kind", str),
             cell_id=_field(data, "cell_id", str),
-            backend=str(data.get("backend", "")),
-            python=str(data.get("python", "")),
+            backend=_name(data, "backend"),
+            python=_name(data, "python"),
             memory=_size(data, "memory", 0),
-            memory_label=str(data.get("memory_label", "")),
-            workload=str(data.get("workload", "")),
-            model=_field(data, "model", str, None),
+            memory_label=_name(data, "memory_label"),
+            workload=_name(data, "workload"),
+            model=model,
             expected=frozenset(Verdict(v) for v in expected),
             verdict=Verdict(verdict) if verdict else None,
             peak=_size(data, "peak", None),
@@ -99,6 +105,28 @@ def _size(data: Mapping[str, Any], key: str, default: int | None) -> Any:
     if value is not None and not 0 <= value <= MAX_SIZE:
         raise ValueError(f"{key!r} is {'negative' if value < 0 else 'over 1 EiB'}, not a size in bytes")
     return value
+
+
+def _name(data: Mapping[str, Any], key: str) -> str:
+    """str(data[key]), '' when absent: a name grids print, so ValueError when it has control characters."""
+    text = str(data.get(key, ""))
+    _check_plain(text, key)
+    return text
+
+
+def _check_plain(text: str | None, key: str) -> None:
+    if text is not None and has_control(text):
+        raise ValueError(f"{key!r} has control characters")
+
+
+def has_control(text: str) -> bool:
+    """Whether `text` holds a control character (C0, DEL, C1)."""
+    return _CONTROL.search(text) is not None
+
+
+def escaped(text: str) -> str:
+    """`text` with each control character written as its escape (`\\x1b`, `\\n`): safe on a terminal."""
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
 
 
 _T = TypeVar("_T")
@@ -193,6 +221,8 @@ def _decode(line: bytes) -> tuple[dict[str, Any] | None, str]:
         return None, f"unknown kind {str(value.get('kind'))[:40]!r}"
     if not isinstance(value.get("cell_id"), str):
         return None, "a record without a cell_id"
+    if has_control(value["cell_id"]):
+        return None, "a cell_id with control characters"
     if value["kind"] in (CELL, SKIP, ERROR):
         try:
             CellRecord.from_json(value)
@@ -319,28 +349,8 @@ class ResultStore:
 
 def check_ours(path: Path, what: str) -> bool:
     """True when `path` is one of our results files, False when nothing is there; else refuse it."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise GGUFSandboxError(
-                f"{what} {path}: a dangling symbolic link; remove it or choose another path"
-            ) from None
-        return False
-    except OSError as error:
-        raise GGUFSandboxError(f"{what} {path}: cannot inspect it ({error.strerror})") from None
-    if stat.S_ISDIR(mode):
-        raise GGUFSandboxError(
-            f"{what} {path}: is a directory; give a file path such as {path / 'results.jsonl'}"
-        )
-    if not stat.S_ISREG(mode):
-        raise GGUFSandboxError(f"{what} {path}: not a regular file; give a path for a results file")
-    if not is_results_file(path):
-        raise GGUFSandboxError(
-            f"{what} {path}: exists and is not a gguf-sandbox results file (no record in its first "
-            f"{OWNERSHIP_PROBE_BYTES >> 20} MiB); left untouched — choose another path or remove it"
-        )
-    return True
+    kind = f"a gguf-sandbox results file (a record in its first {OWNERSHIP_PROBE_BYTES >> 20} MiB)"
+    return check_replaceable(path, what, kind, is_results_file, file_name="results.jsonl")
 
 
 def _rename(path: Path, aside: Path) -> None:
@@ -390,16 +400,17 @@ class Summary:
         if self.skipped:
             reasons = Counter(r.reason for r in self.skipped)
             lines.append(
-                f"{len(self.skipped)} skipped: " + "; ".join(f"{n}× {why}" for why, n in reasons.items())
+                f"{len(self.skipped)} skipped: "
+                + "; ".join(f"{n}× {escaped(why)}" for why, n in reasons.items())
             )
         if self.unexpected:
             lines.append(f"{len(self.unexpected)} outside expect:")
             for record in self.unexpected:
-                got = record.verdict.value if record.verdict else f"error ({record.reason})"
+                got = record.verdict.value if record.verdict else f"error ({escaped(record.reason)})"
                 allowed = "|".join(sorted(v.value for v in record.expected))
                 lines.append(f"  {record.cell_id}: {got} (expected {allowed})")
                 if record.repro:
-                    lines.append(f"    reproduce: {record.repro}")
+                    lines.append(f"    reproduce: {escaped(record.repro)}")
         else:
             lines.append("every decided cell is within its expect")
         return "\n".join(lines)

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -17,11 +18,12 @@ from types import FrameType
 from typing import Any, TextIO
 
 from gguf_sandbox import __version__
+from gguf_sandbox.atomic import path_argument
 from gguf_sandbox.errors import GGUFSandboxError, MatrixError, SandboxError
 from gguf_sandbox.host import host_facts
 from gguf_sandbox.matrix.expand import expand_cells
 from gguf_sandbox.matrix.grid import cell_text, render_grids
-from gguf_sandbox.matrix.junit import write_junit
+from gguf_sandbox.matrix.junit import check_junit_path, write_junit
 from gguf_sandbox.matrix.load import load
 from gguf_sandbox.matrix.progress import make_progress
 from gguf_sandbox.matrix.results import (
@@ -381,6 +383,7 @@ def run(args: argparse.Namespace) -> int:
     from gguf_sandbox.matrix.models import default_cache_dir, prepare
 
     shard = parse_shard(args.shard) if args.shard is not None else None
+    _check_outputs(args)
     if args.durations and shard is None:
         raise MatrixError("--durations balances shards; give --shard I/N with it")
     if args.grid:
@@ -452,6 +455,21 @@ def run(args: argparse.Namespace) -> int:
     ok = report(runner.records)
     _write_report(args)
     return 0 if ok else 1
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse --junit and --report paths that could not be written, or would replace what is not ours,
+    before any cell runs (not hours later); --junit must not be the results file."""
+    results = path_argument(args.results, "--results")
+    if args.junit is not None:
+        junit = path_argument(args.junit, "--junit")
+        if os.path.abspath(junit) == os.path.abspath(results):
+            raise GGUFSandboxError(f"--junit {junit}: is the results file; give another path")
+        check_junit_path(junit)
+    if args.report is not None:
+        from gguf_sandbox.matrix.report import check_report_directory
+
+        check_report_directory(path_argument(args.report, "--report"))
 
 
 def _write_report(args: argparse.Namespace) -> None:

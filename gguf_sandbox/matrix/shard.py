@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from gguf_sandbox import log
 from gguf_sandbox.errors import GGUFSandboxError, MatrixError
-from gguf_sandbox.matrix.results import CELL, REFERENCE, read_records
+from gguf_sandbox.floors import MAX_SECONDS
+from gguf_sandbox.matrix.results import CELL, REFERENCE, scan
 from gguf_sandbox.matrix.runnables import RUNNABLES, RunKind
 from gguf_sandbox.matrix.schema import Cell, Matrix, WorkloadDef
+from gguf_sandbox.units import show
 from gguf_sandbox.workloads.command import DEFAULT_COUNTS
+
+LOG = log.get(__name__)
 
 # More runners than this is a typo, not a CI setup (GitHub caps a job matrix at 256 jobs).
 MAX_SHARDS = 256
@@ -97,19 +101,45 @@ def _count(workload: WorkloadDef) -> int:
     return DEFAULT_COUNTS.get(workload.target, 0)
 
 
-def read_durations(path: Path) -> dict[str, float]:
-    """Cell and reference id → the seconds its latest record in a previous results file took."""
+def read_durations(path: Path, warn: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Cell and reference id → the seconds its latest record in a previous results file took.
+
+    A duration no run took (NaN, negative, beyond MAX_SECONDS, not a number) is left out and its cell
+    estimated, said in one line through `warn`: a `1e308` placed every cell in one shard.
+    """
     if not path.is_file():
         raise GGUFSandboxError(f"--durations {path}: no such results file; give a previous run's --results")
+    say = warn or LOG.warning
+    found = scan(path)
+    found.report(path, say)
     durations: dict[str, float] = {}
-    for record in read_records(path):
+    left_out: list[tuple[int, object]] = []
+    for record, line in zip(found.records, found.lines, strict=True):
         seconds = record.get("duration_s")
-        if record.get("kind") not in (CELL, REFERENCE) or isinstance(seconds, bool):
+        if record.get("kind") not in (CELL, REFERENCE) or seconds is None:
             continue
-        if isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0:
-            durations[str(record["cell_id"])] = float(seconds)
+        # Compared before any float(): 10**400 is an int no float holds, and NaN fails both comparisons.
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 0 <= seconds <= MAX_SECONDS
+        ):
+            left_out.append((line, seconds))
+            continue
+        durations[str(record["cell_id"])] = float(seconds)
+    bad = ""
+    if left_out:
+        line, seconds = left_out[0]
+        bad = (
+            f"{len(left_out)} duration{'s' if len(left_out) > 1 else ''} not from 0 to {MAX_SECONDS:,.0f} s "
+            f"(the first on line {line}: {show(seconds, 40)})"
+        )
     if not durations:
-        raise GGUFSandboxError(f"--durations {path}: no cell record in it has a duration")
+        raise GGUFSandboxError(
+            f"--durations {path}: no cell record in it has a duration" + (f"; {bad}" if bad else "")
+        )
+    if bad:
+        say(f"--durations {path}: {bad} left out; those cells are estimated")
     return durations
 
 
@@ -181,10 +211,13 @@ def plan_shards(
         scale = sum(measured[c] for c in known) / sum(estimates[c] for c in known)
     jobs = []
     for cell in cells:
-        seconds = measured.get(cell.cell_id, estimates[cell.cell_id] * scale)
+        # Capped like the measured durations: whatever the scale, no job costs more than MAX_SECONDS and no
+        # shard's sum nears inf (at inf every job ties and the first shard takes them all).
+        estimated = min(MAX_SECONDS, estimates[cell.cell_id] * scale)
+        seconds = measured.get(cell.cell_id, estimated)
         reference = reference_id(cell) if cell.reference else None
         # A reference runs the cell's workload unconstrained: about as long as the cell when it finishes.
-        reference_seconds = measured.get(reference, estimates[cell.cell_id] * scale) if reference else 0.0
+        reference_seconds = measured.get(reference, estimated) if reference else 0.0
         jobs.append(Job(cell.cell_id, seconds, reference, reference_seconds))
     source = f"durations of {len(known)} of {len(cells)} cells, estimates for the rest" if measured else ""
     plan = partition(jobs, count)

@@ -65,6 +65,8 @@ MAX_NUMBER_CHARS = 24
 # JSON and their join at once: two copies. tests/test_mcp_server.py measures the peak of building and
 # writing one.
 RESPONSE_COPIES = 2
+# Bytes per character of a str holding any character beyond U+FFFF (PEP 393's widest form).
+UCS4_BYTES = 4
 RESPONSE_BYTES_PER_VALUE = RESPONSE_COPIES * MAX_NUMBER_CHARS
 
 
@@ -93,7 +95,14 @@ def line_cap(limits: ServeLimits) -> int:
 def pending_cap(limits: ServeLimits) -> int:
     """Bytes of texts admitted embed calls may hold at once: one call per worker at the limits, each text
     as large as Python can make `max_chars` characters (4 bytes each). Smaller calls admit many more."""
-    return EMBED_WORKERS * limits.max_texts * sys.getsizeof(chr(0x10FFFF) * limits.max_chars)
+    return EMBED_WORKERS * limits.max_texts * widest_string_bytes(limits.max_chars)
+
+
+def widest_string_bytes(chars: int) -> int:
+    """sys.getsizeof of a `chars`-character string of 4-byte characters, computed rather than built (a
+    --max-chars of 10^9 must not allocate 4 GB to find out it is too large)."""
+    one = sys.getsizeof(chr(0x10FFFF))
+    return one + UCS4_BYTES * (chars - 1)
 
 
 def serving_reserve(limits: ServeLimits) -> int:

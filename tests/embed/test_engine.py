@@ -478,6 +478,26 @@ def test_unreadable_input_is_exit_4_in_one_line(
     assert captured.err.count("\n") == 1 and re.search(message, captured.err), captured.err
 
 
+def test_a_text_argument_that_is_not_utf8_is_exit_4_before_any_output(
+    small_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    undecodable = os.fsdecode(b"ok \xff")  # what Python makes of such bytes in argv
+    assert run_command(["--model", str(small_model), "fine", undecodable]) == 4
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "TEXT argument 2 is not valid UTF-8 (invalid start byte at byte 3)" in captured.err
+    assert captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("precision", ["-1", "0", "18"])
+def test_a_precision_that_would_round_vectors_away_is_exit_2(
+    small_model: Path, capsys: pytest.CaptureFixture[str], precision: str
+) -> None:
+    assert run_command(["--model", str(small_model), "--precision", precision, "ab"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--precision must be 1–17 decimals" in captured.err
+
+
 def test_non_finite_vectors_are_exit_4_and_never_printed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -265,6 +267,47 @@ def test_include_duplicates_are_dropped() -> None:
     doc["include"] = [{"workload": "bomb", "memory": "64m"}]
     cell_ids = ids(build(doc))
     assert len(cell_ids) == len(set(cell_ids)) == 32
+
+
+def test_include_naming_every_cell_again_changes_nothing() -> None:
+    doc = base_doc()
+    doc["include"] = [{"workload": ["parse", "embed", "bomb"]}, {"workload": "embed", "model": "tiny"}]
+    assert ids(build(doc)) == ids(build())
+
+
+# Workload `embed` on model `tiny` and workload `embed-tiny` both gave `…-embed-tiny`: one was dropped.
+SAME_ID = r"^workloads: 'embed' on model 'tiny' and 'embed-tiny' \(no model\) give the same cell ids"
+
+
+def test_two_workloads_with_the_same_cell_ids_are_refused() -> None:
+    doc = base_doc()
+    doc["workloads"]["embed-tiny"] = {"command": ["-c", "import sys; sys.exit(1)"]}
+    with pytest.raises(MatrixError, match=SAME_ID + r" \(…-embed-tiny\); rename one"):
+        build(doc)
+
+
+def test_a_profile_cannot_hide_two_workloads_with_the_same_cell_ids() -> None:
+    doc = base_doc()
+    doc["workloads"]["embed-tiny"] = {"command": ["-c", "pass"], "default": False}
+    doc["profiles"]["other"] = {"workloads": ["embed-tiny"]}
+    with pytest.raises(MatrixError, match=SAME_ID):
+        build(doc)
+
+
+def test_a_workload_whose_name_ends_in_another_model_is_no_clash() -> None:
+    doc = base_doc()
+    doc["workloads"]["parse-tinyx"] = {"command": ["-c", "pass"]}
+    assert "cgroup-py3.11-64m-parse-tinyx" in ids(build(doc))
+
+
+def test_expansion_never_drops_a_cell_that_shares_an_id() -> None:
+    clash = base_doc()
+    clash["workloads"] = {"embed-tiny": {"command": ["-c", "import sys; sys.exit(1)"]}}
+    clash["profiles"] = {}
+    matrix = build()
+    merged = replace(matrix, workloads=MappingProxyType({**matrix.workloads, **build(clash).workloads}))
+    with pytest.raises(MatrixError, match=SAME_ID + r" \(cgroup-py3\.11-64m-embed-tiny\)"):
+        expand_cells(merged, cache_dir=CACHE)
 
 
 def test_include_rejects_unknown_workloads() -> None:

@@ -6,6 +6,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from gguf_sandbox.errors import GGUFSandboxError
 from gguf_sandbox.matrix.junit import junit_bytes, write_junit, xml_text
 
 MIB = 1 << 20
@@ -106,3 +109,17 @@ def test_xml_text_keeps_what_xml_can_hold() -> None:
 def test_no_records_is_an_empty_suite() -> None:
     root = parse(junit_bytes([]))
     assert root.get("tests") == "0" and root.find("testsuite/testcase") is None
+
+
+def test_junit_replaces_only_nothing_an_empty_file_or_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "cells.xml"
+    path.write_bytes(b"")
+    write_junit(path, RECORDS)
+    write_junit(path, RECORDS)  # its own file again
+    assert ET.parse(path).getroot().tag == "testsuites"
+    other = tmp_path / "other.xml"
+    other.write_bytes(b"<?xml version='1.0'?>\n<testsuites name=\"pytest\"/>\n")
+    with pytest.raises(GGUFSandboxError, match=r"other\.xml: exists and is not a gguf-sandbox JUnit file"):
+        write_junit(other, RECORDS)
+    with pytest.raises(GGUFSandboxError, match=r"is a directory; give a file path such as .*junit\.xml"):
+        write_junit(tmp_path, RECORDS)

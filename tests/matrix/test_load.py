@@ -235,6 +235,10 @@ CORPUS: dict[str, tuple[bytes, str]] = {
     "long-key": (VALID.encode() + b"? " + b"x" * 5000 + b"\n: 1\n", r"^matrix\.'x{20,}…: unknown key"),
     "newline-key": (VALID.encode() + b'"a\\nb": 1\n', r"^matrix\.'a\\nb': unknown key"),
     "version-true": (VALID.replace("version: 1", "version: true").encode(), r"^version: unsupported"),
+    "same-cell-ids": (
+        VALID.encode() + b"  embed-tiny: {command: ['-c', 'import sys; sys.exit(1)']}\n",
+        r"^workloads: 'embed' on model 'tiny' and 'embed-tiny' \(no model\) give the same cell ids",
+    ),
 }
 
 

@@ -121,6 +121,19 @@ def test_a_conflicting_record_is_refused_naming_the_cell_and_both_files(
         merge([shards[0], same_verdict])
 
 
+def test_a_conflict_shows_the_reasons_control_characters_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = write(
+        tmp_path / "a.jsonl", header("1/2"), cell(CELLS[0], kind="error", reason="backend\x1b[2J down\r\n")
+    )
+    b = write(tmp_path / "b.jsonl", header("2/2"), cell(CELLS[0], kind="error", reason="other"))
+    assert main(["merge", str(a), str(b), "-o", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error! (backend\\x1b[2J down\\r\\n)" in err
+    assert not results.has_control(err.rstrip("\n"))
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -135,8 +148,24 @@ def test_a_conflicting_record_is_refused_naming_the_cell_and_both_files(
         (b'{"kind": "run", "cell_id": ""}\n{"kind": "cell", "cell_id": "x"', ":2: a torn last line"),
         (b"", ": holds no records"),
         (b"[1, 2]\n", ":1: a JSON list, not a record"),
+        (
+            b'{"kind": "run", "cell_id": "", "selected": ["a\\u001b[2J"]}\n',
+            ":1: run header: a selected cell id has control characters",
+        ),
+        (b'{"kind": "cell", "cell_id": "a\\u0007"}\n', ":1: a cell_id with control characters"),
     ],
-    ids=["not-json", "wrong-type", "selected-str", "selected-ints", "not-utf8", "torn", "empty", "list"],
+    ids=[
+        "not-json",
+        "wrong-type",
+        "selected-str",
+        "selected-ints",
+        "not-utf8",
+        "torn",
+        "empty",
+        "list",
+        "selected-control",
+        "cell-id-control",
+    ],
 )
 def test_hostile_results_files_are_one_line_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, message: str
@@ -184,3 +213,15 @@ def test_a_failed_write_leaves_nothing_behind(
     assert main(["merge", *map(str, shards), "-o", str(tmp_path / "all.jsonl")]) == 2
     assert "cannot write (No space left on device)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl"]
+
+
+def test_junit_is_refused_before_the_merge_is_written_when_it_would_replace_results(
+    shards: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "all.jsonl"
+    assert main(["merge", *map(str, shards), "-o", str(out), "--junit", str(out)]) == 2
+    assert "is the merged results file" in capsys.readouterr().err and not out.exists()
+    first = shards[0].read_bytes()
+    assert main(["merge", *map(str, shards), "-o", str(out), "--junit", str(shards[0])]) == 2
+    assert "not a gguf-sandbox JUnit file" in capsys.readouterr().err
+    assert shards[0].read_bytes() == first and not out.exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import stat
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
@@ -282,3 +284,69 @@ def test_floors_show_as_a_table_and_a_bar_chart_with_the_peers_columns(tmp_path:
     order = [f.workload for f in report.floors.floors]
     # One bar per floor, in the table's order, the largest floor longest.
     assert len(widths) == 3 and max(widths) == widths[order.index("llama-cpp")]
+
+
+@pytest.mark.parametrize("name", ["index.html", "summary.md"])
+def test_a_users_file_in_the_report_directory_is_not_replaced(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path / "r.jsonl", grid_records())
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / name).write_text("<p>my own page</p>\n")
+    assert main(["report", str(path), "--output", str(tmp_path / "site")]) == 2
+    err = capsys.readouterr().err
+    assert f"{name}: exists and is not a gguf-sandbox report's {name}; left untouched" in err
+    assert [p.name for p in (tmp_path / "site").iterdir()] == [name]
+    assert (tmp_path / "site" / name).read_text() == "<p>my own page</p>\n"
+
+
+def test_a_second_report_replaces_the_first(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.jsonl", grid_records())
+    for _ in range(2):
+        assert (
+            main(["report", str(path), "--output", str(tmp_path / "out"), "--junit", str(tmp_path / "j.xml")])
+            == 0
+        )
+
+
+@pytest.mark.parametrize(
+    "option", [["--output", ""], ["--output", "out", "--junit", ""], ["--output", "out", "--floors", ""]]
+)
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory(
+    tmp_path: Path, option: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path / "r.jsonl", grid_records())
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(path), *option]) == 2
+    assert "an empty path" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
+
+
+@pytest.mark.parametrize("target", ["results", "notes", "fifo"])
+def test_junit_never_replaces_what_is_not_a_junit_file_and_nothing_is_written(
+    tmp_path: Path, target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path / "r.jsonl", grid_records())
+    junit = {"results": path, "notes": tmp_path / "notes.txt", "fifo": tmp_path / "pipe"}[target]
+    if target == "notes":
+        junit.write_text("my notes\n")
+    elif target == "fifo":
+        os.mkfifo(junit)  # opening it to write would wait for a reader forever
+    before = path.read_bytes()
+    assert main(["report", str(path), "--output", str(tmp_path / "out"), "--junit", str(junit)]) == 2
+    assert "--junit" in capsys.readouterr().err
+    assert path.read_bytes() == before and not (tmp_path / "out").exists()
+    if target == "notes":
+        assert junit.read_text() == "my notes\n"
+    if target == "fifo":
+        assert stat.S_ISFIFO(junit.stat().st_mode)
+
+
+def test_lone_surrogates_in_a_results_file_are_shown_as_replacement_characters(tmp_path: Path) -> None:
+    # JSON's "\ud800" escapes make strings UTF-8, HTML and fonts cannot hold: the report crashed on them.
+    records = grid_records()
+    records[1] = {**records[1], "reason": "bad \ud800 byte", "workload": "w\udcff"}
+    path = write(tmp_path / "r.jsonl", records)
+    assert main(["report", str(path), "--output", str(tmp_path / "out")]) == 0
+    html = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert "bad \ufffd byte" in html and "w\ufffd" in html

@@ -132,6 +132,21 @@ def test_summary_counts_and_lists_unexpected_cells() -> None:
     assert summarize([CellRecord.from_json(record())]).ok
 
 
+def test_free_text_is_shown_with_its_control_characters_escaped() -> None:
+    cells = latest_cells(
+        [
+            record("a", kind=SKIP, verdict=None, reason="no\x1b[2J Python"),
+            record("b", kind="error", verdict=None, reason="model\r\nm: missing\x07"),
+            record("c", verdict="oom", repro="gguf-sandbox repro --matrix 'x\ny\x9b'"),
+        ]
+    )
+    text = summarize(cells).render()
+    assert "1× no\\x1b[2J Python" in text
+    assert "b: error (model\\r\\nm: missing\\x07)" in text
+    assert "reproduce: gguf-sandbox repro --matrix 'x\\ny\\x9b'" in text
+    assert not results.has_control(text.replace("\n", ""))
+
+
 def test_grid_rows_are_pythons_columns_are_limits() -> None:
     rows = []
     for python in ("3.10", "3.12", "3.11"):
@@ -256,6 +271,59 @@ DAMAGED_LINES = [
         "line 11: a malformed cell record ('peak' is over 1 EiB, not a size in bytes)",
     ),
 ]
+
+
+# Control characters in what the grid prints reached the terminal raw: they clear it, retitle it, hide lines.
+CONTROL_LINES = [
+    (b'{"kind": "cell", "cell_id": "u\\u001b[2J"}\n', "a cell_id with control characters"),
+    (b'{"kind": "reference", "cell_id": "r\\r"}\n', "a cell_id with control characters"),
+    (
+        b'{"kind": "cell", "cell_id": "t", "workload": "w\\u001b]0;owned\\u0007"}\n',
+        "a malformed cell record ('workload' has control characters)",
+    ),
+    (b'{"kind": "skip", "cell_id": "s", "model": "m\\u009b2J"}\n', "a malformed skip record ('model' has"),
+    (b'{"kind": "cell", "cell_id": "q", "backend": "cgroup\\n"}\n', "a malformed cell record ('backend' has"),
+    (b'{"kind": "cell", "cell_id": "p", "python": "3.12\\u007f"}\n', "a malformed cell record ('python' has"),
+    (
+        b'{"kind": "error", "cell_id": "o", "memory_label": "\\b"}\n',
+        "a malformed error record ('memory_label'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    CONTROL_LINES,
+    ids=["cell-id", "reference-id", "workload", "model-c1", "backend", "python-del", "memory-label"],
+)
+def test_names_with_control_characters_are_damaged_lines(tmp_path: Path, line: bytes, message: str) -> None:
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(json.dumps(record("a")).encode() + b"\n" + line)
+    warnings: list[str] = []
+    assert [r["cell_id"] for r in read_records(path, warn=warnings.append)] == ["a"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"results file {path}: line 2: {message}")
+    assert not results.has_control(warnings[0])
+
+
+def test_grid_never_prints_a_control_character_from_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "results.jsonl"
+    hostile = [
+        record("cgroup-py3.11-64m-x\x1b[2J\x07\rEVIL", verdict="oom"),
+        record("b", backend="cg\x1b[31m", workload="w\x1b]0;t\x07"),
+        record("c", verdict="oom", reason="r\x1b", repro="x\ny"),
+        record("d", kind="error", verdict=None, reason="\x1b[2Jgone"),
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in hostile))
+    code = runner.run(
+        argparse.Namespace(grid=True, results=str(path), shard=None, durations=None, junit=None, report=None)
+    )
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert not results.has_control(out.replace("\n", "")) and not results.has_control(err.replace("\n", ""))
+    assert "line 1: a cell_id with control characters" in err and "line 2: a malformed cell record" in err
+    assert "reproduce: x\\ny" in out and "d: error (\\x1b[2Jgone)" in out
 
 
 def test_a_negative_size_is_a_malformed_record() -> None:

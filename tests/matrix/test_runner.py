@@ -638,3 +638,33 @@ def test_list_with_auto_builds_nothing(
     monkeypatch.setattr(runner, "_engine_answers", lambda: answers)
     assert runner.run(cli_args(tmp_path, list=True, k="64m and bomb and py3.11")) == 0
     assert capsys.readouterr().out.split() == [f"{listed}-py3.11-64m-bomb"]
+
+
+@pytest.mark.parametrize("target", ["notes", "results", "report-index", "empty"])
+def test_cli_refuses_junit_and_report_paths_before_any_cell_runs(
+    tmp_path: Path, cli: dict[str, FakeSandbox], target: str
+) -> None:
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("<p>mine</p>\n")
+    overrides = {
+        "notes": {"junit": str(tmp_path / "notes.txt")},
+        "results": {"junit": str(tmp_path / "r.jsonl")},
+        "report-index": {"report": str(tmp_path / "site")},
+        "empty": {"junit": ""},
+    }[target]
+    with pytest.raises(GGUFSandboxError, match=r"--junit|--output|--report"):
+        runner.run(cli_args(tmp_path, k="py3.12", **overrides))
+    assert cli["cgroup"].calls == [] and not (tmp_path / "r.jsonl").exists()
+    assert (tmp_path / "notes.txt").read_text() == "my notes\n"
+    assert (tmp_path / "site" / "index.html").read_text() == "<p>mine</p>\n"
+
+
+def test_cli_grid_never_writes_junit_over_its_results_file(
+    tmp_path: Path, cli: dict[str, FakeSandbox]
+) -> None:
+    assert runner.run(cli_args(tmp_path, k="py3.12")) == 0
+    before = (tmp_path / "r.jsonl").read_bytes()
+    with pytest.raises(GGUFSandboxError, match="is the results file"):
+        runner.run(cli_args(tmp_path, grid=True, junit=str(tmp_path / "r.jsonl")))
+    assert (tmp_path / "r.jsonl").read_bytes() == before

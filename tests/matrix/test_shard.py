@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from gguf_sandbox.cli import main
 from gguf_sandbox.errors import GGUFSandboxError, MatrixError
+from gguf_sandbox.floors import MAX_SECONDS
 from gguf_sandbox.matrix.expand import expand_cells
 from gguf_sandbox.matrix.load import load
 from gguf_sandbox.matrix.runner import reference_spec
@@ -146,3 +148,56 @@ def test_durations_files_are_checked(tmp_path: Path) -> None:
     with bad.open("a") as handle:
         handle.write('{"kind": "reference", "cell_id": "r", "duration_s": 2.5}\n')
     assert read_durations(bad) == {"r": 2.5}
+
+
+def _durations_file(path: Path, seconds: list[object]) -> Path:
+    path.write_text(
+        "".join(
+            json.dumps({"kind": "cell", "cell_id": f"c{i}", "memory": 1, "duration_s": s}) + "\n"
+            for i, s in enumerate(seconds)
+        )
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "seconds",
+    [1e308, MAX_SECONDS * 2, 10**400, -1e-9, "12"],
+    ids=["1e308", "over-max", "int-no-float-holds", "negative", "text"],
+)
+def test_durations_no_run_took_are_a_one_line_error(tmp_path: Path, seconds: object) -> None:
+    path = _durations_file(tmp_path / "hostile.jsonl", [seconds] * 3)
+    with pytest.raises(GGUFSandboxError) as caught:
+        read_durations(path)
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 300, message
+    assert "no cell record in it has a duration; 3 durations not from 0 to 1,000,000,000 s" in message
+    assert "(the first on line 1: " in message
+
+
+def test_a_duration_no_run_took_is_left_out_in_one_line(tmp_path: Path) -> None:
+    path = _durations_file(tmp_path / "some.jsonl", [3.0, 1e308, MAX_SECONDS, float("inf")])
+    warnings: list[str] = []
+    assert read_durations(path, warnings.append) == {"c0": 3.0, "c2": MAX_SECONDS}
+    assert warnings == [
+        f"--durations {path}: 2 durations not from 0 to 1,000,000,000 s (the first on line 2: 1e+308) left "
+        "out; those cells are estimated"
+    ]
+
+
+def test_the_longest_durations_still_balance_and_sum_finite(default: tuple[Matrix, list[Cell]]) -> None:
+    matrix, cells = default
+    measured = {cell.cell_id: MAX_SECONDS for cell in cells[::2]}
+    plan = plan_shards(matrix, cells, 3, reference_id(matrix), measured)  # type: ignore[arg-type]
+    assert all(seconds < float("inf") for seconds in plan.seconds)
+    assert max(plan.seconds) <= min(plan.seconds) * 1.2
+
+
+def test_run_list_shard_with_hostile_durations_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _durations_file(tmp_path / "hostile.jsonl", [1e308] * 3)
+    argv = ["run", "--list", "--shard", "1/3", "--durations", str(path), str(REPO / "matrix.yaml")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not from 0 to 1,000,000,000 s" in err and "Traceback" not in err

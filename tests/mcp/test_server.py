@@ -680,3 +680,18 @@ def test_100_concurrent_embed_calls_answer_correctly_within_the_memory_limit(
     assert memory["limit_bytes"] == limit
     assert memory["budget_peak_bytes"] <= room
     assert result.peak_bytes is not None and result.peak_bytes <= limit
+
+
+@pytest.mark.parametrize("chars", [1, 2, 3, 1000, MAX_CHARS])
+def test_the_widest_string_size_is_computed_as_python_builds_it(chars: int) -> None:
+    assert mcp_server.widest_string_bytes(chars) == sys.getsizeof("\U0001f600" * chars)
+
+
+def test_a_huge_max_chars_is_sized_without_building_the_string() -> None:
+    tracemalloc.start()
+    try:
+        cap = mcp_server.pending_cap(ServeLimits(max_texts=1, max_chars=10**12))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert cap > 4 * 10**12 and peak < 1 << 16
