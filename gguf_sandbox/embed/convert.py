@@ -9,7 +9,6 @@ import json
 import os
 import re
 import secrets
-import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from gguf.constants import (
 from gguf.quants import quant_shape_to_byte_shape, quantize
 from gguf.tensor_mapping import get_tensor_name_map
 
+from gguf_sandbox.atomic import check_replaceable, path_argument
 from gguf_sandbox.embed.shapes import bert_shapes
 from gguf_sandbox.embed.tokenizer import (
     CONTINUATION,
@@ -43,6 +43,7 @@ from gguf_sandbox.embed.tokenizer import (
     WordPieceTokenizer,
 )
 from gguf_sandbox.errors import GGUFSandboxError
+from gguf_sandbox.gguf.reader import MAGIC
 
 ARCH = MODEL_ARCH.BERT
 ARCH_NAME = MODEL_ARCH_NAMES[ARCH]
@@ -69,8 +70,6 @@ DEFAULT_LAYER_NORM_EPS = 1e-12  # BertConfig's
 CHECKPOINT_HINT = "pass the directory that holds config.json, model.safetensors and vocab.txt"
 FIX_HINT = "fix or remove the file"
 CONFIG_HINT = "fix the file"  # config.json cannot be removed
-# The first bytes of every GGUF file: an existing `out` that starts otherwise is not ours to replace.
-GGUF_MAGIC = b"GGUF"
 # Architectures llama.cpp converts as BertModel that carry no extra head we would have to map.
 BERT_ARCHITECTURES = frozenset({"BertModel", "BertForMaskedLM"})
 REQUIRED_HPARAMS = (
@@ -222,8 +221,9 @@ class Vocabulary:
 def convert(hf_dir: Path, out: Path, out_type: str = "f16", *, name: str | None = None) -> None:
     """Write `out` as a llama.cpp-style GGUF of the BERT checkpoint in `hf_dir`, weights as `out_type`.
 
-    `out` must be absent or an earlier GGUF (anything else is refused, never replaced). Tensors are read one
-    at a time and streamed to the file; a failure leaves no partial `out`.
+    `out` must be absent or an earlier GGUF, and no file of the checkpoint (anything else is refused, never
+    replaced); it may be inside `hf_dir`. Tensors are read one at a time and streamed to the file; a
+    failure leaves no partial `out`.
     """
     hf_dir, out = Path(hf_dir), Path(out)
     spec = OUT_TYPES.get(str(out_type).lower())
@@ -232,7 +232,7 @@ def convert(hf_dir: Path, out: Path, out_type: str = "f16", *, name: str | None 
     _require_directory(hf_dir)
     config = _read_config(hf_dir)
     inputs = _input_files(hf_dir)
-    _check_out(out, hf_dir, inputs)
+    _check_out(out, inputs)
     hparams = _hparams(config, hf_dir)
     weights = hf_dir / SAFETENSORS
     tensors = _read_header(weights)
@@ -263,7 +263,7 @@ def convert(hf_dir: Path, out: Path, out_type: str = "f16", *, name: str | None 
             writer.write_tensor_data(data)
         writer.close()
         # Again: the conversion took a while, and what is at `out` now is what the rename replaces.
-        _check_out(out, hf_dir, inputs)
+        _check_out(out, inputs)
         os.replace(partial, out)
     except OSError as error:
         _discard(writer, partial)
@@ -274,60 +274,58 @@ def convert(hf_dir: Path, out: Path, out_type: str = "f16", *, name: str | None 
 
 
 # -- output ----------------------------------------------------------------------------------------------
-def _check_out(out: Path, hf_dir: Path, inputs: tuple[Path, ...]) -> None:
-    """Refuse an `out` whose replacement would lose something: a device, a directory, a checkpoint file,
-    any file that is not an earlier GGUF; or a path in a directory that does not exist."""
-    hint = "remove it or choose another path"
-    try:
-        status: os.stat_result | None = out.lstat()
-    except (FileNotFoundError, NotADirectoryError):  # the parent's problem, named below
-        status = None
-    except OSError as error:
-        raise GGUFSandboxError(f"{out}: cannot inspect the output path ({_strerror(error)})") from error
-    if status is None and not out.parent.is_dir():
+def _check_out(out: Path, inputs: tuple[Path, ...]) -> None:
+    """Refuse an `out` whose replacement would lose something: a file the checkpoint is read from, a link,
+    and whatever atomic.check_replaceable refuses (a directory, a device, any file but a GGUF); or a path in
+    a directory that does not exist. A new file inside HF_DIR is fine: llama.cpp's converter writes there."""
+    if not out.parent.is_dir():
         problem = "is not a directory" if os.path.lexists(out.parent) else "does not exist"
-        raise GGUFSandboxError(f"{out}: {out.parent} {problem}; create the directory or choose another path")
-    try:
-        checkpoint, directory = hf_dir.resolve(), out.parent.resolve()
-    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop before Python 3.13
-        raise GGUFSandboxError(f"{out}: cannot resolve the output path ({error})") from error
-    if directory == checkpoint or checkpoint in directory.parents:
         raise GGUFSandboxError(
-            f"{out} is inside the checkpoint directory {hf_dir}, whose files are being read; "
-            f"write the GGUF file elsewhere"
+            f"OUT {out}: {out.parent} {problem}; create the directory or choose another path"
         )
-    if status is None:
-        return
-    if not stat.S_ISREG(status.st_mode):
-        raise GGUFSandboxError(f"{out} exists and is {_file_kind(status.st_mode)}, not a GGUF file; {hint}")
-    for path in inputs:
-        try:
-            source = path.stat()
-        except OSError:
-            continue  # absent (or unreadable, which convert reports when it reads it): not `out`
-        if (source.st_dev, source.st_ino) == (status.st_dev, status.st_ino):
-            raise GGUFSandboxError(f"{out} is the checkpoint's {path.name} (the same file); {hint}")
-    try:
-        with out.open("rb") as handle:
-            magic = handle.read(len(GGUF_MAGIC))
-    except OSError as error:
+    source = _checkpoint_file(out, inputs)
+    if source is not None:
         raise GGUFSandboxError(
-            f"{out}: cannot read the existing file ({_strerror(error)}); {hint}"
-        ) from error
-    if magic != GGUF_MAGIC:
-        raise GGUFSandboxError(f"{out} exists and is not a GGUF file, so convert will not replace it; {hint}")
+            f"OUT {out}: is the checkpoint's {source.name}, which convert reads; choose another path"
+        )
+    if check_replaceable(out, "OUT", "a GGUF file", _is_gguf, file_name="model.gguf") and out.is_symlink():
+        # os.replace would put the GGUF where the link was, silently changing what the link's users see.
+        raise GGUFSandboxError(
+            f"OUT {out}: is a symbolic link; convert replaces a GGUF file itself, never a link — "
+            f"remove it or choose another path"
+        )
 
 
-def _file_kind(mode: int) -> str:
-    kinds = (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISFIFO, "a named pipe"),
-        (stat.S_ISSOCK, "a socket"),
+def _checkpoint_file(out: Path, inputs: tuple[Path, ...]) -> Path | None:
+    """The input `out` is: the same file (a hard link, a link's target), or, for an optional file that is
+    absent, the same name in the same directory (a GGUF written as tokenizer.json would be read next time)."""
+    out_status, parent_status = _status(out), _status(out.parent)
+    for path in inputs:
+        same_place = path.name == out.name and _same_file(parent_status, _status(path.parent))
+        if same_place or _same_file(out_status, _status(path)):
+            return path
+    return None
+
+
+def _status(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:  # absent or unreadable: not a file convert reads (it reports those when it reads them)
+        return None
+
+
+def _same_file(first: os.stat_result | None, second: os.stat_result | None) -> bool:
+    return (
+        first is not None
+        and second is not None
+        and (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
     )
-    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def _is_gguf(path: Path) -> bool:
+    """An earlier conversion's output: the GGUF magic first (an empty file is not one)."""
+    with path.open("rb") as handle:
+        return handle.read(len(MAGIC)) == MAGIC
 
 
 def _create_partial(out: Path) -> Path:
@@ -1038,15 +1036,14 @@ def _tensor_data(weights: Path, plan: list[PlannedTensor]) -> Iterator[np.ndarra
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "hf_dir",
-        type=Path,
         metavar="HF_DIR",
         help="checkpoint directory: config.json, model.safetensors, vocab.txt (+ sentence-transformers)",
     )
     parser.add_argument(
         "out",
-        type=Path,
         metavar="OUT.gguf",
-        help="GGUF file to write, outside HF_DIR (an earlier GGUF is replaced, any other file refused)",
+        help="GGUF file to write, e.g. HF_DIR/model.gguf (an earlier GGUF is replaced; any other file and "
+        "the checkpoint's own files are refused)",
     )
     parser.add_argument(
         "--type",
@@ -1060,8 +1057,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    convert(args.hf_dir, args.out, args.out_type, name=args.name)
+    out = path_argument(args.out, "OUT")
+    convert(path_argument(args.hf_dir, "HF_DIR"), out, args.out_type, name=args.name)
     # A path's non-UTF-8 bytes as \xNN: a UTF-8 stdout cannot print them as they are.
-    shown = os.fsencode(args.out).decode("utf-8", "backslashreplace")
-    print(f"wrote {shown} ({args.out.stat().st_size:,} bytes, {args.out_type})")
+    shown = os.fsencode(out).decode("utf-8", "backslashreplace")
+    print(f"wrote {shown} ({out.stat().st_size:,} bytes, {args.out_type})")
     return 0

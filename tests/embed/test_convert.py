@@ -811,20 +811,42 @@ def _linked_input(tmp_path: Path, source: Path) -> Path:
     return out
 
 
+def _dangling_link(tmp_path: Path, source: Path) -> Path:
+    out = tmp_path / "out.gguf"
+    out.symlink_to(tmp_path / "gone.gguf")
+    return out
+
+
+def _in_checkpoint(name: str, content: bytes) -> Callable[[Path, Path], Path]:
+    def make(tmp_path: Path, source: Path) -> Path:
+        out = source / name
+        out.write_bytes(content)
+        return out
+
+    return make
+
+
 HOSTILE_OUT: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
-    "device-node": (_node("device"), "is a character device, not a GGUF file; remove it or choose another"),
-    "fifo": (_node("fifo"), "is a named pipe, not a GGUF file"),
-    "directory": (_node("directory"), "is a directory, not a GGUF file"),
-    "symlink": (_node("symlink"), "is a symbolic link, not a GGUF file"),
+    "device-node": (_node("device"), "out.gguf: not a regular file; give the path of a GGUF file"),
+    "fifo": (_node("fifo"), "out.gguf: not a regular file; give the path of a GGUF file"),
+    "directory": (_node("directory"), "out.gguf: is a directory; give a file path such as "),
+    "symlink": (_node("symlink"), "out.gguf: is a symbolic link; convert replaces a GGUF file itself"),
+    "dangling-symlink": (_dangling_link, "out.gguf: a dangling symbolic link; remove it or choose another"),
     "not-gguf": (
         _regular(b"my notes"),
-        "exists and is not a GGUF file, so convert will not replace it; remove it",
+        "out.gguf: exists and is not a GGUF file; left untouched — choose another path or remove it",
     ),
     "empty-file": (_regular(b""), "exists and is not a GGUF file"),
-    "checkpoint-weights": (_checkpoint_file("model.safetensors"), "inside the checkpoint directory"),
-    "checkpoint-config": (_checkpoint_file("config.json"), "inside the checkpoint directory"),
-    "new-file-in-checkpoint": (_checkpoint_file("model.gguf"), "write the GGUF file elsewhere"),
-    "linked-input": (_linked_input, "is the checkpoint's tokenizer_config.json (the same file)"),
+    "checkpoint-weights": (
+        _checkpoint_file("model.safetensors"),
+        "is the checkpoint's model.safetensors, which convert reads; choose another path",
+    ),
+    "checkpoint-config": (_checkpoint_file("config.json"), "is the checkpoint's config.json, which convert"),
+    # Absent, but convert (and transformers) would read a GGUF written there as the tokenizer next time.
+    "absent-checkpoint-file": (_checkpoint_file("tokenizer.json"), "is the checkpoint's tokenizer.json"),
+    "checkpoint-directory": (lambda tmp, source: source, "src: is a directory; give a file path such as "),
+    "not-gguf-in-checkpoint": (_in_checkpoint("README.md", b"# my model"), "exists and is not a GGUF file"),
+    "linked-input": (_linked_input, "is the checkpoint's tokenizer_config.json, which convert reads"),
     "missing-directory": (lambda tmp, source: tmp / "nowhere" / "out.gguf", "nowhere does not exist; create"),
     "file-as-directory": (_under_a_file, "notes.txt is not a directory; create the directory or choose"),
 }
@@ -865,6 +887,40 @@ def test_an_earlier_gguf_is_replaced(tmp_path: Path) -> None:
     with GGUFFile.open(out) as gguf_file:
         assert set(gguf_file.tensors) == expected_names(2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf", "src"]
+
+
+def test_a_new_file_inside_the_checkpoint_is_written_and_then_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`convert minilm/ minilm/model.gguf`, as llama.cpp's converter writes into the model directory; a second
+    run replaces that GGUF. The checkpoint's own files are left as they were."""
+    source = write_tiny(tmp_path / "minilm")
+    inputs = {p.name: p.read_bytes() for p in source.iterdir()}
+    out = source / "model.gguf"
+    for out_type in ("f32", "q8_0"):
+        assert cli_main(["convert", str(source), str(out), "--type", out_type]) == 0
+        assert capsys.readouterr().err == ""
+        with GGUFFile.open(out) as gguf_file:
+            assert gguf_file.metadata["general.file_type"] == FILE_TYPE[out_type]
+            assert gguf_file.metadata["general.name"] == "minilm"
+    assert sorted(p.name for p in source.iterdir()) == sorted([*inputs, "model.gguf"])
+    assert {p.name: p.read_bytes() for p in source.iterdir() if p.name != "model.gguf"} == inputs
+
+
+@pytest.mark.parametrize("argv", [["", "out.gguf"], ["src", ""]], ids=["hf-dir", "out"])
+def test_an_empty_path_is_refused(
+    tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty argument is no path ("" would be the current directory)."""
+    write_tiny(tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    assert cli_main(["convert", *argv]) == 2
+    what = "HF_DIR" if argv[0] == "" else "OUT"
+    assert capsys.readouterr().err == (
+        f"gguf-sandbox convert: error: {what}: an empty path; give a file or directory name\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
 def test_an_out_name_of_255_bytes_converts(tmp_path: Path) -> None:
