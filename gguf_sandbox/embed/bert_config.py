@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import numpy as np
-
 from gguf_sandbox.embed.checkpoint_reads import clip, json_field, read_json, shown
+from gguf_sandbox.embed.layout import positive_float32
 from gguf_sandbox.errors import GGUFSandboxError
 
 DEFAULT_LAYER_NORM_EPS = 1e-12  # BertConfig's
@@ -128,13 +126,10 @@ def _layer_norm_eps(path: Path, config: Mapping[str, Any]) -> float:
     """layer_norm_eps as the float32 GGUF stores: finite and > 0 (`embed` refuses any other)."""
     key = next((k for k in ("layer_norm_eps", "layer_norm_epsilon") if k in config), "layer_norm_eps")
     value = config.get(key, DEFAULT_LAYER_NORM_EPS)
-    number = np.float32(np.nan)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        with contextlib.suppress(OverflowError), np.errstate(over="ignore"):  # 1e400 or a 400-digit int
-            number = np.float32(float(value))
-    if not 0 < number < np.inf:
+    number = positive_float32(value)
+    if number is None:
         raise GGUFSandboxError(
             f"{path}: {key} is {shown(value)}; it must be a finite positive number that float32 can hold "
             f"(BERT's is {DEFAULT_LAYER_NORM_EPS})"
         )
-    return float(number)
+    return number

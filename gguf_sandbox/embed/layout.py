@@ -72,16 +72,26 @@ def int_key(gguf: GGUFFile, key: str, default: int | None = None) -> int:
 def float_key(gguf: GGUFFile, key: str, default: float) -> float:
     """A finite positive number as float32 holds it, else a GGUFError naming the key."""
     value = gguf.get(key, default)
-    number = np.float32(np.nan)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        with np.errstate(over="ignore"):  # GGUF numbers are at most 64 bits: float() cannot overflow
-            number = np.float32(float(value))
-    if not 0 < number < np.inf:
+    number = positive_float32(value)
+    if number is None:
         raise GGUFError(
             f"{gguf.path.name}: metadata {key} is {value!r}; it must be a finite positive number that "
             f"float32 can hold (e.g. {default})"
         )
-    return float(number)
+    return number
+
+
+def positive_float32(value: object) -> float | None:
+    """`value` as float32 holds it when it is a finite positive number there (an epsilon, a scale), else
+    None: true/false, NaN, ±inf, ≤ 0, or beyond float32 either way (1e-50 becomes 0, 1e39 inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        with np.errstate(over="ignore"):
+            number = np.float32(float(value))
+    except OverflowError:  # an int beyond float64, such as JSON's 10**400
+        return None
+    return float(number) if 0 < number < np.inf else None
 
 
 def read_pooling(gguf: GGUFFile, arch: str, default: Pooling) -> Pooling:
