@@ -13,6 +13,8 @@ import pytest
 
 from gguf_sandbox.embed.threads import ComputePool, Task
 
+# Its checks are shared by the converter's test modules: pytest explains a failed assert there too.
+pytest.register_assert_rewrite("tests.embed.tiny_checkpoint")
 REFERENCE = Path(__file__).parent / "fixtures" / "minilm_reference.json"
 
 
