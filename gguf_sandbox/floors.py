@@ -17,7 +17,7 @@ from typing import Any
 
 from gguf_sandbox.atomic import write_atomic
 from gguf_sandbox.errors import GGUFSandboxError
-from gguf_sandbox.units import MIB
+from gguf_sandbox.units import MIB, show
 
 FLOORS_FILE = Path(__file__).with_name("floors.json")
 SCHEMA_VERSION = 1
@@ -96,7 +96,7 @@ class Floor:
 
 def _text(value: object, where: str) -> str:
     if not isinstance(value, str) or not value:
-        raise FloorsError(f"{where}: expected a non-empty string, got {_shown(value)}")
+        raise FloorsError(f"{where}: expected a non-empty string, got {show(value)}")
     _printable(value, where)
     return value
 
@@ -105,19 +105,13 @@ def _printable(text: str, where: str) -> None:
     """Names and facts go into tables, reports and images: no control characters or lone surrogates."""
     if len(text) > MAX_TEXT_CHARS or not text.isprintable():
         raise FloorsError(
-            f"{where}: expected printable text of at most {MAX_TEXT_CHARS} characters, got {_shown(text)}"
+            f"{where}: expected printable text of at most {MAX_TEXT_CHARS} characters, got {show(text)}"
         )
-
-
-def _shown(value: object) -> str:
-    """A value as an error message quotes it: repr, cut."""
-    shown = repr(value)
-    return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 def _python(value: object, where: str) -> str:
     if not isinstance(value, str) or not value:
-        raise FloorsError(f"{where}: expected a non-empty string, got {_shown(value)}")
+        raise FloorsError(f"{where}: expected a non-empty string, got {show(value)}")
     text = value
     parts = text.split(".")
     if not 2 <= len(parts) <= 3 or not all(p.isascii() and p.isdigit() and len(p) <= 4 for p in parts):

@@ -104,7 +104,11 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def show(value: object, limit: int = 60) -> str:
-    """repr() cut to a readable length: an error message stays one short line whatever the input."""
-    text = repr(value)
+def clip(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters, so that an error message stays one short line whatever the input."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def show(value: object, limit: int = 60) -> str:
+    """repr() cut to a readable length (clip)."""
+    return clip(repr(value), limit)

@@ -8,9 +8,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from gguf_sandbox.embed.checkpoint_reads import clip, json_field, read_json, shown
+from gguf_sandbox.embed.checkpoint_reads import json_field, read_json, shown
 from gguf_sandbox.embed.layout import positive_float32
 from gguf_sandbox.errors import GGUFSandboxError
+from gguf_sandbox.units import clip
 
 DEFAULT_LAYER_NORM_EPS = 1e-12  # BertConfig's
 CHECKPOINT_HINT = "pass the directory that holds config.json, model.safetensors and vocab.txt"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gguf_sandbox.errors import GGUFSandboxError
+from gguf_sandbox.units import show
 
 # Bytes read at most from a JSON file (a real config.json takes ~1 KB; tokenizer.json has a cap of its own):
 # parsed JSON can take 20 times its size in memory.
@@ -77,12 +78,7 @@ def shown(value: object) -> str:
         return _json_type(type(value))
     if value is None or isinstance(value, bool):
         return json.dumps(value)
-    return clip(repr(value))  # a str's repr escapes newlines; json.loads refused ints too long for repr
-
-
-def clip(text: str, limit: int = 60) -> str:
-    """`text` cut to `limit` characters, so that a message stays one short line."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return show(value)  # a str's repr escapes newlines; json.loads refused ints too long for repr
 
 
 def json_field(

@@ -15,10 +15,10 @@ from gguf.quants import quant_shape_to_byte_shape, quantize
 from gguf.tensor_mapping import get_tensor_name_map
 
 from gguf_sandbox.embed.bert_config import BertHParams
-from gguf_sandbox.embed.checkpoint_reads import clip
 from gguf_sandbox.embed.convert_types import OutType, tensor_type
 from gguf_sandbox.embed.shapes import bert_shapes
 from gguf_sandbox.errors import GGUFSandboxError
+from gguf_sandbox.units import clip
 
 ARCH = MODEL_ARCH.BERT
 SAFETENSORS = "model.safetensors"

@@ -18,7 +18,6 @@ from gguf.constants import TokenType
 from gguf_sandbox.embed.bert_config import CONFIG_HINT, BertHParams
 from gguf_sandbox.embed.checkpoint_reads import (
     FIX_HINT,
-    clip,
     decode,
     json_field,
     optional_json,
@@ -36,6 +35,7 @@ from gguf_sandbox.embed.tokenizer import (
     WordPieceTokenizer,
 )
 from gguf_sandbox.errors import GGUFSandboxError
+from gguf_sandbox.units import clip, show
 
 # Bytes read at most from tokenizer.json, which takes ~17 MB for a 250k-token vocabulary.
 MAX_TOKENIZER_JSON_BYTES = 32 << 20
@@ -113,7 +113,7 @@ def read_tokenizer_files(hf_dir: Path) -> TokenizerFiles:
     ]
     decoder = json_field(config_path, config or {}, "added_tokens_decoder", dict, {})
     added += [
-        _added_token(config_path, f"added_tokens_decoder[{clip(repr(key))}]", entry, with_id=False)
+        _added_token(config_path, f"added_tokens_decoder[{show(key)}]", entry, with_id=False)
         for key, entry in decoder.items()
     ]
     for key in ("normalizer", "post_processor"):
