@@ -89,6 +89,11 @@ class BertConfig:
         """Activation bytes one token row needs at the peak of a layer (x, q, k, v, ctx or x, up, out)."""
         return FLOAT_BYTES * (max(5 * self.hidden, 2 * self.hidden + self.ffn) + self.hidden)
 
+    @property
+    def column_slabs(self) -> tuple[int, int]:
+        """A BERT pass reads its weights by rows only."""
+        return (0, 0)
+
 
 class BertWeights(Weights, Protocol):
     """The weights of a BERT model, with its config."""

@@ -11,7 +11,7 @@ from typing import Final
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES
 
-from gguf_sandbox.embed.rows import FLOAT_BYTES
+from gguf_sandbox.embed.rows import DECODE_BYTES, FLOAT_BYTES
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.reader import TensorInfo
 
@@ -56,6 +56,13 @@ def drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
     advise(fd, "POSIX_FADV_DONTNEED", offset, length)
 
 
+def drop_touched(fd: int, offset: int, length: int) -> None:
+    """Drop every page holding a byte of [offset, offset + length), the partial pages at its ends too:
+    for bytes read for the last time (a neighbour still needing such a page reads it again)."""
+    start = offset - offset % PAGE
+    drop_cached(fd, start, offset + length - start + (-(offset + length)) % PAGE)
+
+
 def read_blocks(
     fd: int, info: TensorInfo, cap: int, *, drop: bool = True, lo: int = 0, hi: int | None = None
 ) -> Iterator[tuple[int, bytes]]:
@@ -75,7 +82,13 @@ def read_blocks(
         if len(raw) != length:
             raise GGUFError(f"{info.name}: short read at offset {offset:,}; the file shrank while open")
         if drop:
-            drop_cached(fd, offset, length)
+            # The next block starts in this block's last page: that page is dropped after it; the last
+            # block drops every page it touched.
+            if first + rows < end:
+                start, stop = offset - offset % PAGE, (offset + length) // PAGE * PAGE
+                drop_cached(fd, start, stop - start)
+            else:
+                drop_touched(fd, offset, length)
         yield first, raw
 
 
@@ -114,7 +127,26 @@ def read_columns(
             _drop_read_pages(fd, row_starts[first:last], start, end)
         yield first, raw
     if drop and hi == info.row_len:
-        drop_cached(fd, info.offset, info.nbytes)
+        drop_touched(fd, info.offset, info.nbytes)
+
+
+def column_piece_rows(columns: int) -> int:
+    """Rows per piece of a column slab `columns` wide: about DECODE_BYTES decoded, at most `columns` rows."""
+    return max(1, min(columns, DECODE_BYTES // (columns * FLOAT_BYTES)))
+
+
+def column_read_cache(rows: int, columns: int) -> int:
+    """The most page cache a pass holds while reading an `rows`-row tensor's columns in slabs `columns`
+    wide (read_columns with drop; 0 when nothing is read by columns).
+
+    Per row: the page shared with the previous row (read by the first slab, needed again by the last)
+    and the page the next slab starts in. Besides: the piece being read and the one asked ahead, each
+    row of them spanning at most float32 bytes of its columns and one page more.
+    """
+    if rows == 0:
+        return 0
+    piece_pages = column_piece_rows(columns) * (-(-columns * FLOAT_BYTES // PAGE) + 1)
+    return (2 * rows + 2 * piece_pages) * PAGE
 
 
 def _ask_ahead(fd: int, row_starts: np.ndarray, start: int, end: int) -> None:

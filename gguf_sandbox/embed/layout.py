@@ -44,6 +44,11 @@ class ModelConfig(Protocol):
         """Activation bytes one token row needs at the peak of a layer."""
         ...
 
+    @property
+    def column_slabs(self) -> tuple[int, int]:
+        """(rows, slab width) of the widest weight a pass reads column slab by column slab; (0, 0): none."""
+        ...
+
 
 @dataclass(frozen=True)
 class ModelLayout:

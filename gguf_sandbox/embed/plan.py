@@ -10,6 +10,7 @@ from typing import Final
 from gguf.constants import GGMLQuantizationType
 
 from gguf_sandbox.budget import physical_memory
+from gguf_sandbox.embed.file_reads import column_read_cache
 from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
 from gguf_sandbox.embed.rows import DEFAULT_CAP, FLOAT_BYTES, aligned
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
@@ -64,7 +65,8 @@ class Plan:
     # chosen when streamed weights do not fit beside a pass (keeping them cached would only evict other
     # pages and count toward the cgroup's peak), or asked for with drop_cache.
     uncached: bool = False
-    # Page cache the plan keeps on purpose (streamed weights re-read every pass): the budget holds it.
+    # Page cache the plan keeps on purpose (streamed weights re-read every pass, or the pages uncached
+    # column slabs share): the budget holds it.
     cached_bytes: int = 0
 
     def pass_bytes(self, config: ModelConfig, tokens: int) -> int:
@@ -181,22 +183,24 @@ def choose_plan(
         for tables in PLAN_TABLES[name]:
             resident = sizes.resident(name, tables)
             room = available - resident - TRANSIENT_CAPS * cap
+            uncached, cached = drop_cache, 0
+            if name is PlanName.STREAMING:
+                if not drop_cache:
+                    # Streamed weights that fit beside a minimal pass stay in page cache (passes grow only
+                    # into what is left); larger ones are read uncached, every pass.
+                    uncached = (room - sizes.matrices_raw) // runs.row_bytes < min_tokens
+                    cached = 0 if uncached else sizes.matrices_raw
+                if uncached:
+                    # Uncached column slabs still hold pages shared by slabs: page cache the cgroup counts.
+                    cached = column_read_cache(*runs.column_slabs)
+                room -= cached
             grown = room * PASS_SHARE[0] // PASS_SHARE[1] // runs.row_bytes
             # Tables in memory save a pread per token row, little next to shrinking every pass.
             in_file = tables is PLAN_TABLES[name][-1]
             if room // runs.row_bytes >= min_tokens and (in_file or grown >= pass_tokens):
-                uncached, cached = drop_cache, 0
-                if name is PlanName.STREAMING and not drop_cache:
-                    # Streamed weights that fit beside a minimal pass stay in page cache (passes grow only
-                    # into what is left); larger ones are read uncached, every pass.
-                    cached_room = room - sizes.matrices_raw
-                    uncached = cached_room // runs.row_bytes < min_tokens
-                    if not uncached:
-                        cached = sizes.matrices_raw
-                        grown = cached_room * PASS_SHARE[0] // PASS_SHARE[1] // runs.row_bytes
                 tokens = max(min_tokens, min(pass_tokens, grown))
                 return Plan(name, tables, resident, int(tokens), cap, uncached, cached)
-            needed = resident + pass_bytes(runs, min_tokens, cap)
+            needed = resident + cached + pass_bytes(runs, min_tokens, cap)
             if smallest is None or needed < smallest[0]:
                 smallest = (needed, name, runs)
     needed, name, runs = smallest if smallest is not None else (0, PlanName.STREAMING, config)

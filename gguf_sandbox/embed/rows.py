@@ -18,6 +18,9 @@ Rows: TypeAlias = list[F32]
 # The single-allocation cap: no temporary of a pass (an activation chunk, a block of weights) is larger.
 DEFAULT_CAP: Final = 1 << 20
 FLOAT_BYTES: Final = 4
+# Decoded weight pieces of quantized plans: half a core's L2 (512 KiB here), so a piece is still cached
+# when multiplied.
+DECODE_BYTES: Final = 1 << 18
 # BLAS multiplies in panels of 4 rows (OpenBLAS's sgemm kernels here): 1-3 leftover rows cost about as
 # much as a whole panel, so activation chunks get zero rows up to a multiple of this. A 19-token sentence
 # padded to 20 rows has its products ~20% faster; the padding never reaches attention or pooling.

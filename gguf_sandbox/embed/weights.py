@@ -14,18 +14,23 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType
 from numpy.typing import NDArray
 
-from gguf_sandbox.embed.file_reads import advise, drop_cached, pread, read_blocks, read_columns
+from gguf_sandbox.embed.file_reads import (
+    advise,
+    column_piece_rows,
+    drop_cached,
+    drop_touched,
+    pread,
+    read_blocks,
+    read_columns,
+)
 from gguf_sandbox.embed.layout import ModelLayout
 from gguf_sandbox.embed.linear import Decoder
 from gguf_sandbox.embed.plan import Q8_BLOCK, Q8_BLOCK_BYTES, Plan, PlanName, TableMode, is_q8_0
-from gguf_sandbox.embed.rows import F32, FLOAT_BYTES, Ids
+from gguf_sandbox.embed.rows import DECODE_BYTES, F32, FLOAT_BYTES, Ids
 from gguf_sandbox.errors import GGUFError, UnsupportedTensorType
 from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 
-# Decoded weight pieces of quantized plans: half a core's L2 (512 KiB here), so a piece is still cached
-# when multiplied.
-DECODE_BYTES: Final = 1 << 18
 # Big-endian files can only hold tensors whose bytes a swap decodes (the reader refuses the rest).
 _SWAPPED: Final = {GGMLQuantizationType.F32: ">f4", GGMLQuantizationType.F16: ">f2"}
 
@@ -232,7 +237,9 @@ class FileTable:
         name = self.info.name
         raw = b"".join(pread(self._fd, size, base + row * size, name) for row in unique.tolist())
         if self._uncached:
-            drop_cached(self._fd, base + int(unique[0]) * size, (int(unique[-1]) - int(unique[0]) + 1) * size)
+            drop_touched(
+                self._fd, base + int(unique[0]) * size, (int(unique[-1]) - int(unique[0]) + 1) * size
+            )
         if len(raw) != size * unique.size:
             raise GGUFError(f"{self.info.name}: short read of {unique.size} rows; the file shrank while open")
         decoded = decode(self.info, raw, self._order).reshape(unique.size, self.info.row_len)
@@ -335,7 +342,7 @@ class StreamMatrix:
         """Columns [lo, hi) read row by row (one pread each), decoded in pieces of about DECODE_BYTES and
         of at most hi - lo rows."""
         info, order = self.info, self._gguf.byte_order
-        rows = max(1, min(hi - lo, DECODE_BYTES // ((hi - lo) * FLOAT_BYTES)))
+        rows = column_piece_rows(hi - lo)
         for first, raw in read_columns(self._fd, info, lo, hi, rows, drop=self._uncached):
             self._streamed.add(len(raw))
             yield first, decode(info, raw, order).reshape(-1, hi - lo)

@@ -15,12 +15,19 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf_sandbox.budget import MemoryBudget
 from gguf_sandbox.embed import decoder, decoder_shapes
 from gguf_sandbox.embed.engine import Embedder
-from gguf_sandbox.embed.file_reads import read_columns
+from gguf_sandbox.embed import file_reads
+from gguf_sandbox.embed.file_reads import (
+    PAGE,
+    column_piece_rows,
+    column_read_cache,
+    read_blocks,
+    read_columns,
+)
 from gguf_sandbox.embed.plan import PLAN_ORDER, ModelSizes, PlanName, choose_plan, pass_bytes
 from gguf_sandbox.embed.rows import DEFAULT_CAP, TokenBatch, aligned, rows_per_chunk
 from gguf_sandbox.embed.weights import PlannedWeights, load_weights
 from gguf_sandbox.gguf.dequant import dequantize
-from gguf_sandbox.gguf.reader import GGUFFile
+from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 from gguf_sandbox.gguf.synth_decoder import NOMIC_CODE_CLASS, QWEN2_TINY, QWEN3_TINY, SyntheticDecoder
 from tests.embed.conftest import traced_peak
 from tests.models import cached_decoder
@@ -113,6 +120,81 @@ def test_column_reads_are_the_columns_of_the_decoded_rows(model: GGUFFile) -> No
         next(read_columns(-1, info, down_block(model) // 2, config.ffn, 5))
 
 
+class KernelPageCache:
+    """The page cache of one file as the kernel keeps it for read_columns: a pread caches every page it
+    touches, WILLNEED every page of its range, DONTNEED drops the whole pages inside its range."""
+
+    def __init__(self) -> None:
+        self.pages: set[int] = set()
+        self.most = 0
+        self.reads = 0
+
+    def pread(self, fd: int, length: int, offset: int, what: str) -> bytes:
+        fresh = set(range(offset // PAGE, (offset + length - 1) // PAGE + 1)) - self.pages
+        self.reads += len(fresh)
+        self._cache(fresh)
+        return bytes(length)
+
+    def advise(self, fd: int, advice: str, offset: int = 0, length: int = 0) -> None:
+        if advice == "POSIX_FADV_WILLNEED":
+            fresh = set(range(offset // PAGE, (offset + length - 1) // PAGE + 1)) - self.pages
+            self.reads += len(fresh)
+            self._cache(fresh)
+        elif advice == "POSIX_FADV_DONTNEED":
+            self.pages -= set(range(-(-offset // PAGE), (offset + length) // PAGE))
+
+    def _cache(self, pages: set[int]) -> None:
+        self.pages |= pages
+        self.most = max(self.most, len(self.pages))
+
+
+@pytest.mark.parametrize(
+    ("kind", "ne", "slab"),
+    [
+        (GGMLQuantizationType.Q6_K, (18944, 3584), 512),  # the 7B class's ffn_down, its streaming slab
+        (GGMLQuantizationType.Q4_K, (2816, 256), 512),
+        (GGMLQuantizationType.F32, (1536, 96), 1024),  # slab rows wider than a page
+        (GGMLQuantizationType.Q8_0, (4096, 7), 256),  # fewer rows than a piece
+    ],
+)
+def test_column_slabs_hold_at_most_the_page_cache_the_plan_reserves(
+    kind: GGMLQuantizationType, ne: tuple[int, int], slab: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass over every slab of a tensor, through a model of the kernel's page cache: the pages held at
+    any moment stay within column_read_cache, every page is read from disk once, and none stay after."""
+    block_elements, block_bytes = GGML_QUANT_SIZES[kind]
+    nbytes = ne[0] // block_elements * block_bytes * ne[1]
+    info = TensorInfo("blk.0.ffn_down.weight", kind, ne, offset=12_345, nbytes=nbytes)
+    cache = KernelPageCache()
+    monkeypatch.setattr(file_reads, "pread", cache.pread)
+    monkeypatch.setattr(file_reads, "advise", cache.advise)
+    for lo in range(0, info.row_len, slab):
+        hi = min(lo + slab, info.row_len)
+        for _ in read_columns(-1, info, lo, hi, column_piece_rows(hi - lo)):
+            pass
+    assert 0 < cache.most * PAGE <= column_read_cache(info.n_rows, slab)
+    first, last = info.offset // PAGE, (info.offset + info.nbytes - 1) // PAGE
+    assert cache.reads == last - first + 1
+    assert cache.pages == set()
+
+
+def test_row_blocks_read_each_page_once_and_leave_none_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks whose boundaries fall inside pages: each page is read once, and once the tensor has been
+    read none of its pages (nor the partial ones at its ends) stay in page cache."""
+    info = TensorInfo(
+        "blk.0.ffn_up.weight", GGMLQuantizationType.Q4_K, (3584, 700), 1_000_001, 3584 // 256 * 144 * 700
+    )
+    cache = KernelPageCache()
+    monkeypatch.setattr(file_reads, "pread", cache.pread)
+    monkeypatch.setattr(file_reads, "advise", cache.advise)
+    blocks = list(read_blocks(-1, info, 1 << 18))
+    assert len(blocks) > 3 and info.row_nbytes * blocks[1][0] % PAGE  # boundaries inside pages
+    first, last = info.offset // PAGE, (info.offset + info.nbytes - 1) // PAGE
+    assert cache.reads == last - first + 1
+    assert cache.pages == set()
+    assert cache.most * PAGE <= (1 << 18) + 2 * PAGE
+
+
 def test_a_streamed_pass_reads_every_weight_byte_once(
     model: GGUFFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -183,12 +265,14 @@ def test_slabs_shrink_a_streaming_row_and_a_batch_runs_in_one_pass(wide: Path) -
     slabbed = decoder.slabbed(config)
     assert slabbed.ffn_slab and slabbed.row_bytes < config.row_bytes
     assert decoder.slabbed(slabbed) == slabbed
-    texts = [" ".join(["word"] * 60)] * 8
-    # Room for one 8-text pass of slabbed rows, about a third of one of whole rows.
-    tokens = 8 * 64
-    room = sizes.vectors + pass_bytes(slabbed, tokens) * 4 // 3 + (2 << 20)
+    texts = [" ".join(["word"] * 60)] * 16
+    # Room for one 16-text pass of slabbed rows and the page cache its column reads hold, about half of
+    # one pass of whole rows.
+    tokens = 16 * 64
+    held = column_read_cache(*slabbed.column_slabs)  # the plan reserves the pages slabs share
+    room = sizes.vectors + held + pass_bytes(slabbed, tokens) * 4 // 3 + (2 << 20)
     assert room < sizes.vectors + pass_bytes(config, tokens)
-    with Embedder.open(wide, plan="streaming", budget=MemoryBudget(room), batch_size=8) as embedder:
+    with Embedder.open(wide, plan="streaming", budget=MemoryBudget(room), batch_size=16) as embedder:
         assert embedder.config.ffn_slab == slabbed.ffn_slab
         embedder.embed(texts)
         assert embedder.streamed_bytes == sizes.matrices_raw  # one pass
