@@ -13,9 +13,8 @@ import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gguf_sandbox.budget import MemoryBudget
-from gguf_sandbox.embed import decoder, decoder_shapes
+from gguf_sandbox.embed import decoder, decoder_shapes, file_reads
 from gguf_sandbox.embed.engine import Embedder
-from gguf_sandbox.embed import file_reads
 from gguf_sandbox.embed.file_reads import (
     PAGE,
     column_piece_rows,
