@@ -342,8 +342,12 @@ def _workload_model(matrix: Matrix | None, name: str | None, workload: WorkloadD
         if name:
             raise MatrixError(f"--model: workload {workload.name} takes no model")
         return None
+    named = [model for model in workload.models if model]
+    if not name and len(named) == 1:
+        name = named[0]  # the matrix entry runs one model: the cell a user means
     if not name:
-        raise MatrixError(f"--model: workload {workload.name} needs a model (a matrix model name or a path)")
+        choices = f"one of {', '.join(named)}, or" if named else "a matrix model name or"
+        raise MatrixError(f"--model: workload {workload.name} needs a model ({choices} a path)")
     return _model_choice(matrix, name)
 
 

@@ -130,6 +130,30 @@ def test_workload_cell_uses_the_matrix_entry_and_its_expect(
     assert sandbox.specs[-1].cell_id == "cgroup-py3.12-96m-parse-mine"
 
 
+def test_a_workload_entry_of_one_model_needs_no_model_argument(sandbox: Recorder, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.gguf").write_bytes(b"GGUF")
+    doc = {
+        "pythons": ["3.12"],
+        "memory": ["64m"],
+        "models": {"a": {"path": "a.gguf"}, "b": {"path": "b.gguf"}},
+        "workloads": {
+            "parse-a": {"workload": "parse", "models": ["a"]},
+            "parse-ab": {"workload": "parse", "models": ["a", "b"]},
+        },
+    }
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text(yaml.safe_dump(doc))
+    sandbox.result = {}
+    args = args_for("--python", "3.12", "--memory", "96m", "--matrix", str(matrix), "--workload", "parse-a")
+    assert repro.run(args) == 0
+    assert sandbox.specs[-1].model == tmp_path / "a.gguf"
+    assert sandbox.specs[-1].cell_id == "cgroup-py3.12-96m-parse-a-a"
+    args = args_for("--python", "3.12", "--memory", "96m", "--matrix", str(matrix), "--workload", "parse-ab")
+    with pytest.raises(MatrixError, match=r"needs a model \(one of a, b, or a path\)"):
+        repro.run(args)
+
+
 def test_builtin_workload_on_a_model_path_without_a_matrix(sandbox: Recorder, tmp_path: Path) -> None:
     model = tmp_path / "My Model.gguf"
     model.write_bytes(b"GGUF")
