@@ -90,9 +90,9 @@ class BertConfig:
         return FLOAT_BYTES * (max(5 * self.hidden, 2 * self.hidden + self.ffn) + self.hidden)
 
     @property
-    def column_slabs(self) -> tuple[int, int]:
+    def column_slabs(self) -> tuple[int, int, int]:
         """A BERT pass reads its weights by rows only."""
-        return (0, 0)
+        return (0, 0, 0)
 
 
 class BertWeights(Weights, Protocol):

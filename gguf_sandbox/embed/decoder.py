@@ -148,9 +148,9 @@ class DecoderConfig:
         return FLOAT_BYTES * max(self.attention_row, ffn)
 
     @property
-    def column_slabs(self) -> tuple[int, int]:
+    def column_slabs(self) -> tuple[int, int, int]:
         """ffn_down [hidden, ffn] is read a slab of intermediate columns at a time (slabbed_mlp)."""
-        return (self.hidden, self.ffn_slab) if self.ffn_slab else (0, 0)
+        return (self.hidden, self.ffn, self.ffn_slab) if self.ffn_slab else (0, 0, 0)
 
     def slides(self, layer: int) -> bool:
         """Whether `layer` attends only within the sliding window (llama.cpp's swa pattern)."""

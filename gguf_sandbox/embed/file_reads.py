@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 from collections.abc import Iterator
@@ -135,18 +136,21 @@ def column_piece_rows(columns: int) -> int:
     return max(1, min(columns, DECODE_BYTES // (columns * FLOAT_BYTES)))
 
 
-def column_read_cache(rows: int, columns: int) -> int:
-    """The most page cache a pass holds while reading an `rows`-row tensor's columns in slabs `columns`
-    wide (read_columns with drop; 0 when nothing is read by columns).
+def column_read_cache(rows: int, row_len: int, columns: int, element_bytes: float) -> int:
+    """The most page cache a pass holds while reading the columns of a [rows, row_len] tensor stored in at
+    most `element_bytes` per element, in slabs `columns` wide (read_columns with drop; 0 for no rows).
 
-    Per row: the page shared with the previous row (read by the first slab, needed again by the last)
-    and the page the next slab starts in. Besides: the piece being read and the one asked ahead, each
-    row of them spanning at most float32 bytes of its columns and one page more.
+    Per row, the page shared with the previous row (read by the first slab, needed again by the last) and
+    the page the next slab starts in; besides, the piece being read and the one asked ahead. Never more
+    than the tensor's own pages.
     """
     if rows == 0:
         return 0
-    piece_pages = column_piece_rows(columns) * (-(-columns * FLOAT_BYTES // PAGE) + 1)
-    return (2 * rows + 2 * piece_pages) * PAGE
+    row_bytes, width = math.ceil(row_len * element_bytes), math.ceil(columns * element_bytes)
+    tensor_pages = -(-rows * row_bytes // PAGE) + 1
+    piece_rows = column_piece_rows(columns)
+    piece_pages = min(piece_rows * (-(-width // PAGE) + 1), -(-piece_rows * row_bytes // PAGE) + 1)
+    return min(2 * rows + 2 * piece_pages, tensor_pages) * PAGE
 
 
 def _ask_ahead(fd: int, row_starts: np.ndarray, start: int, end: int) -> None:

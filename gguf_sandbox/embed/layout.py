@@ -45,8 +45,9 @@ class ModelConfig(Protocol):
         ...
 
     @property
-    def column_slabs(self) -> tuple[int, int]:
-        """(rows, slab width) of the widest weight a pass reads column slab by column slab; (0, 0): none."""
+    def column_slabs(self) -> tuple[int, int, int]:
+        """(rows, row length, slab width) of the largest weight a pass reads column slab by column slab;
+        (0, 0, 0): none."""
         ...
 
 

@@ -89,11 +89,12 @@ class ModelSizes:
     matrices_raw: int
     matrices_kept: int  # as resident-quant keeps them (Q8_0 split into quants and float32 scales)
     quantized: bool  # some matrix is stored smaller than float32
+    densest: float  # the most bytes per element any matrix is stored in
 
     @classmethod
     def of(cls, gguf: GGUFFile, layout: ModelLayout) -> ModelSizes:
         vectors = tables_f32 = tables_raw = matrices_f32 = matrices_raw = matrices_kept = 0
-        quantized = False
+        quantized, densest = False, 0.0
         for name in layout.shapes:
             info = gguf.tensor(name)
             decoded = info.n_elements * FLOAT_BYTES
@@ -105,9 +106,12 @@ class ModelSizes:
                 matrices_raw += info.nbytes
                 matrices_kept += kept_bytes(info, gguf.byte_order)
                 quantized = quantized or info.nbytes < decoded
+                densest = max(densest, info.nbytes / info.n_elements)
             else:
                 vectors += decoded
-        return cls(vectors, tables_f32, tables_raw, matrices_f32, matrices_raw, matrices_kept, quantized)
+        return cls(
+            vectors, tables_f32, tables_raw, matrices_f32, matrices_raw, matrices_kept, quantized, densest
+        )
 
     def resident(self, plan: PlanName, tables: TableMode) -> int:
         """Bytes a plan keeps for the Embedder's lifetime."""
@@ -192,7 +196,7 @@ def choose_plan(
                     cached = 0 if uncached else sizes.matrices_raw
                 if uncached:
                     # Uncached column slabs still hold pages shared by slabs: page cache the cgroup counts.
-                    cached = column_read_cache(*runs.column_slabs)
+                    cached = column_read_cache(*runs.column_slabs, sizes.densest)
                 room -= cached
             grown = room * PASS_SHARE[0] // PASS_SHARE[1] // runs.row_bytes
             # Tables in memory save a pread per token row, little next to shrinking every pass.

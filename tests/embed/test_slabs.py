@@ -22,9 +22,10 @@ from gguf_sandbox.embed.file_reads import (
     read_blocks,
     read_columns,
 )
-from gguf_sandbox.embed.plan import PLAN_ORDER, ModelSizes, PlanName, choose_plan, pass_bytes
+from gguf_sandbox.embed.plan import PLAN_ORDER, ModelSizes, Plan, PlanName, choose_plan, pass_bytes
 from gguf_sandbox.embed.rows import DEFAULT_CAP, TokenBatch, aligned, rows_per_chunk
 from gguf_sandbox.embed.weights import PlannedWeights, load_weights
+from gguf_sandbox.errors import BudgetExceeded
 from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 from gguf_sandbox.gguf.synth_decoder import NOMIC_CODE_CLASS, QWEN2_TINY, QWEN3_TINY, SyntheticDecoder
@@ -154,6 +155,8 @@ class KernelPageCache:
         (GGMLQuantizationType.Q4_K, (2816, 256), 512),
         (GGMLQuantizationType.F32, (1536, 96), 1024),  # slab rows wider than a page
         (GGMLQuantizationType.Q8_0, (4096, 7), 256),  # fewer rows than a piece
+        (GGMLQuantizationType.Q4_1, (1536, 576), 256),  # SmolLM2's: rows shorter than a page
+        (GGMLQuantizationType.Q6_K, (2048, 640), 512),  # gemma3-270m's
     ],
 )
 def test_column_slabs_hold_at_most_the_page_cache_the_plan_reserves(
@@ -171,7 +174,8 @@ def test_column_slabs_hold_at_most_the_page_cache_the_plan_reserves(
         hi = min(lo + slab, info.row_len)
         for _ in read_columns(-1, info, lo, hi, column_piece_rows(hi - lo)):
             pass
-    assert 0 < cache.most * PAGE <= column_read_cache(info.n_rows, slab)
+    held = column_read_cache(info.n_rows, info.row_len, slab, block_bytes / block_elements)
+    assert 0 < cache.most * PAGE <= held <= cache.most * PAGE * 9 // 8  # reserved, and not much more
     first, last = info.offset // PAGE, (info.offset + info.nbytes - 1) // PAGE
     assert cache.reads == last - first + 1
     assert cache.pages == set()
@@ -264,19 +268,47 @@ def test_slabs_shrink_a_streaming_row_and_a_batch_runs_in_one_pass(wide: Path) -
     slabbed = decoder.slabbed(config)
     assert slabbed.ffn_slab and slabbed.row_bytes < config.row_bytes
     assert decoder.slabbed(slabbed) == slabbed
-    texts = [" ".join(["word"] * 60)] * 16
-    # Room for one 16-text pass of slabbed rows and the page cache its column reads hold, about half of
-    # one pass of whole rows.
-    tokens = 16 * 64
-    held = column_read_cache(*slabbed.column_slabs)  # the plan reserves the pages slabs share
+    texts = [" ".join(["word"] * 60)] * 8
+    # Room for one 8-text pass of slabbed rows and the page cache its column reads hold, about two thirds
+    # of one pass of whole rows.
+    tokens = 8 * 64
+    held = column_read_cache(*slabbed.column_slabs, sizes.densest)  # the plan reserves the pages slabs share
     room = sizes.vectors + held + pass_bytes(slabbed, tokens) * 4 // 3 + (2 << 20)
     assert room < sizes.vectors + pass_bytes(config, tokens)
-    with Embedder.open(wide, plan="streaming", budget=MemoryBudget(room), batch_size=16) as embedder:
+    with Embedder.open(wide, plan="streaming", budget=MemoryBudget(room), batch_size=8) as embedder:
         assert embedder.config.ffn_slab == slabbed.ffn_slab
         embedder.embed(texts)
         assert embedder.streamed_bytes == sizes.matrices_raw  # one pass
     with Embedder.open(wide, plan="resident-quant", budget=MemoryBudget(UNLIMITED)) as resident:
         assert resident.config.ffn_slab == 0  # resident plans multiply the whole width at once
+
+
+def test_an_uncached_streaming_plan_reserves_its_column_slabs_page_cache(wide: Path) -> None:
+    """Weights too large to stay cached are read uncached, yet column slabs hold pages meanwhile: the plan
+    holds them as cached_bytes, so its passes grow only into the room left beside them."""
+    with GGUFFile.open(wide) as gguf:
+        layout = decoder_shapes.read_layout(gguf)
+        sizes = ModelSizes.of(gguf, layout)
+    config = layout.config
+    slabbed = decoder.slabbed(config)
+    held = column_read_cache(*slabbed.column_slabs, sizes.densest)
+    assert 0 < held < sizes.matrices_raw // 2
+    min_tokens = aligned(config.context_length)
+    smallest = sizes.vectors + pass_bytes(slabbed, min_tokens)  # a full-context pass, nothing cached
+
+    def streaming(available: int) -> Plan:
+        return choose_plan(config, sizes, available, requested="streaming", streaming=slabbed)
+
+    # Room for the pass and the slabs' pages, not for the weights in page cache too.
+    plan = streaming(smallest + held + sizes.matrices_raw // 2)
+    assert plan.uncached and plan.cached_bytes == held
+    grown = (sizes.matrices_raw // 2 + slabbed.row_bytes * min_tokens) * 3 // 4
+    assert plan.max_tokens == max(min_tokens, grown // slabbed.row_bytes)
+    assert streaming(smallest + held).max_tokens == min_tokens
+    with pytest.raises(BudgetExceeded):  # one row short once the slabs' pages are held
+        streaming(smallest + held - slabbed.row_bytes)
+    assert config.column_slabs == (0, 0, 0)  # whole-width rows read no columns, so hold no such pages
+    assert choose_plan(config, sizes, UNLIMITED, requested="streaming").cached_bytes == sizes.matrices_raw
 
 
 def test_no_allocation_over_the_cap_and_the_pass_within_its_reservation(wide: Path, tmp_path: Path) -> None:
