@@ -19,13 +19,14 @@ if TYPE_CHECKING:
 
 __all__ = ["LOADERS", "BPETokenizer", "SPMTokenizer", "Tokenizer", "from_gguf", "vocabulary_bytes"]
 
-# What building a tokenizer holds at its peak, per token and per byte of token and merge text (kept once):
-# tracemalloc's peak is 17.43 MB for gemma-3 (262,144 tokens, 4.4 MB of text; this estimate 20.1 MB) and
-# 3.26 MB for SmolLM2 (49,152 tokens, 1.6 MB of text and merges; 4.55 MB), the same on Python 3.10–3.13.
-# tests/tokenizers/test_real_models.py keeps the estimate above the peak and within 1.25x + 1 MiB: 64 and 2
-# (25.6 MB for gemma-3) refused gemma-3's server in 64 MiB for 3.6 MB it did not need.
-VOCAB_BYTES_PER_TOKEN = 60
-VOCAB_BYTES_PER_TEXT_BYTE = 1
+# What building a tokenizer holds at its peak: per token, and per byte of token and merge text (GGUF's
+# strings with their 8-byte lengths), which it holds about twice over. tracemalloc's peak is 17.43 MB for
+# gemma-3 (262,144 tokens, 4.41 MB of text; this estimate 19.4 MB), 3.26 MB for SmolLM2 (5.3 MB), the same
+# on Python 3.10–3.13; a vocabulary of 2,259 tokens of ~4 KB peaks at 2.06 bytes per text byte.
+# tests/tokenizers/test_vocabulary_bytes.py holds the estimate above the peak for real and hostile shapes.
+# 64 and 2 (25.6 MB for gemma-3) refused gemma-3's server in 64 MiB for 3.6 MB it did not need.
+VOCAB_BYTES_PER_TOKEN = 36
+VOCAB_TEXT_SHARE = (9, 4)  # 2.25 bytes per text byte
 
 # tokenizer.ggml.model → loader. BERT's WordPiece ("bert") lives in gguf_sandbox.embed.tokenizer.
 LOADERS: Mapping[str, Callable[[GGUFFile], Tokenizer]] = MappingProxyType(
@@ -39,7 +40,7 @@ def vocabulary_bytes(gguf: GGUFFile) -> int:
     merges = gguf.metadata.get(Keys.Tokenizer.MERGES)
     count = len(tokens) if isinstance(tokens, LazyArray) else 0
     text = sum(array.nbytes for array in (tokens, merges) if isinstance(array, LazyArray))
-    return count * VOCAB_BYTES_PER_TOKEN + text * VOCAB_BYTES_PER_TEXT_BYTE
+    return count * VOCAB_BYTES_PER_TOKEN + text * VOCAB_TEXT_SHARE[0] // VOCAB_TEXT_SHARE[1]
 
 
 def from_gguf(gguf: GGUFFile) -> Tokenizer:
