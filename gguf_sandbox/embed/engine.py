@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,14 @@ from gguf_sandbox.embed.plan import (
     preferred_plan,
 )
 from gguf_sandbox.embed.rows import F32, TokenBatch, aligned, rows_per_chunk
-from gguf_sandbox.embed.threads import ComputePool, single_threaded_blas, usable_cpus, use_pool
+from gguf_sandbox.embed.threads import (
+    SERIAL,
+    ComputePool,
+    single_threaded_blas,
+    usable_cpus,
+    use_pool,
+    weighted_spans,
+)
 from gguf_sandbox.embed.weights import PlannedWeights, load_weights
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.reader import GGUFFile
@@ -49,6 +57,13 @@ class _Pass:
     def rows(self) -> int:
         """Activation rows the pass may need: chunks pad to ROW_ALIGN, at most as much as each sequence."""
         return sum(aligned(len(s)) for s in self.sequences)
+
+    def split(self, parts: int) -> list[_Pass]:
+        """This pass as up to `parts` consecutive passes of near-equal token counts."""
+        return [
+            _Pass(self.first + lo, self.sequences[lo:hi])
+            for lo, hi in weighted_spans([len(s) for s in self.sequences], parts)
+        ]
 
 
 class Embedder:
@@ -266,18 +281,56 @@ class Embedder:
         with self._use():
             plan = self._weights.plan
             for work in self._passes(texts, plan):
-                nbytes = plan.pass_bytes(self.config, work.rows)
-                with (
-                    self._pass_slots,
-                    self._budget.reserve_blocking(
-                        "embedding pass", nbytes, self._wait_s, cap=max(nbytes, self._budget.cap)
-                    ),
-                ):
-                    batch = TokenBatch.from_sequences(work.sequences, self._chunk_rows)
-                    with use_pool(self._pool):
-                        vectors = self._family.encode(self._weights, batch, plan.cap, unit_length=normalize)
-                out[work.first : work.first + len(work.sequences)] = vectors
+                with self._pass_slots:
+                    reservation, parts = self._reserve_pass(work, plan)
+                    with reservation:
+                        self._encode(parts, plan, out, normalize=normalize)
         return out
+
+    def _reserve_pass(self, work: _Pass, plan: Plan) -> tuple[Reservation, list[_Pass]]:
+        """Memory for one pass, and the parts it runs as: one sub-batch per thread, each encoded whole on
+        its own thread, when every matrix is float32 in memory and the sub-batches' transients fit now;
+        else the whole pass, waiting for room like any other.
+
+        Sub-batches are what lets a second core pay off on a batch: a thread that runs a whole pass
+        calls numpy a few times per chunk-sized array, so the threads rarely wait for each other or the
+        GIL (issue #15: products split by column spans scaled 1.45x on 2 threads, sub-batches 1.7x).
+        Quantized and streamed matrices stay with one batch, whose pool decodes each piece once for all
+        chunks instead of once per sub-batch.
+        """
+        groups = self._pool.threads if plan.name is PlanName.RESIDENT_F32 else 1
+        parts = work.split(groups)
+        if len(parts) > 1:
+            nbytes = sum(plan.pass_bytes(self.config, part.rows) for part in parts)
+            try:
+                return self._budget.reserve(
+                    "embedding pass", nbytes, cap=max(nbytes, self._budget.cap)
+                ), parts
+            except BudgetExceeded:
+                pass  # one batch needs fewer transients
+        nbytes = plan.pass_bytes(self.config, work.rows)
+        reservation = self._budget.reserve_blocking(
+            "embedding pass", nbytes, self._wait_s, cap=max(nbytes, self._budget.cap)
+        )
+        return reservation, [work]
+
+    def _encode(self, parts: list[_Pass], plan: Plan, out: F32, *, normalize: bool) -> None:
+        """Vectors of a pass into its rows of `out`: one part on the pool, or each part alone on a thread."""
+        if len(parts) == 1:
+            self._encode_part(parts[0], plan, out, self._pool, normalize=normalize)
+            return
+        self._pool.run(
+            [
+                functools.partial(self._encode_part, part, plan, out, SERIAL, normalize=normalize)
+                for part in parts
+            ]
+        )
+
+    def _encode_part(self, part: _Pass, plan: Plan, out: F32, pool: ComputePool, *, normalize: bool) -> None:
+        batch = TokenBatch.from_sequences(part.sequences, self._chunk_rows)
+        with use_pool(pool):
+            vectors = self._family.encode(self._weights, batch, plan.cap, unit_length=normalize)
+        out[part.first : part.first + len(part.sequences)] = vectors  # [n, dim]
 
     def _passes(self, texts: Sequence[str], plan: Plan) -> Iterator[_Pass]:
         """Consecutive texts grouped into passes of at most batch_size texts and plan.max_tokens rows."""

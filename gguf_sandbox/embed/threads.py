@@ -8,6 +8,7 @@ threads run, each calling single-threaded BLAS: numpy releases the GIL inside ma
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import itertools
@@ -179,3 +180,22 @@ def spans(total: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
     parts = max(1, min(parts, units))
     bounds = [min(total, (units * k // parts) * align) for k in range(parts + 1)]
     return [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
+
+
+def weighted_spans(weights: Sequence[int], parts: int) -> list[tuple[int, int]]:
+    """Indices [0, len(weights)) cut into at most `parts` consecutive non-empty spans of near-equal total
+    weight: the k-th inner bound is where the running total comes nearest to k/parts of the whole."""
+    if not weights:
+        return []
+    parts = max(1, min(parts, len(weights)))
+    totals = list(itertools.accumulate(weights, initial=0))  # totals[i]: weight of [0, i)
+    bounds = [0]
+    for k in range(1, parts):
+        target = totals[-1] * k / parts
+        # Leave at least one index for this span and for each one after it.
+        lowest, highest = bounds[-1] + 1, len(weights) - (parts - k)
+        nearest = bisect.bisect_left(totals, target, lowest, highest + 1)
+        candidates = [b for b in (nearest - 1, nearest) if lowest <= b <= highest] or [highest]
+        bounds.append(min(candidates, key=lambda b: abs(totals[b] - target)))
+    bounds.append(len(weights))
+    return list(itertools.pairwise(bounds))

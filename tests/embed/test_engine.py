@@ -24,7 +24,8 @@ from gguf_sandbox.embed import engine as engine_module
 from gguf_sandbox.embed import plan as plan_module
 from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.embed.plan import PLAN_ORDER, PlanName, pass_bytes
-from gguf_sandbox.embed.threads import usable_cpus
+from gguf_sandbox.embed.rows import aligned
+from gguf_sandbox.embed.threads import usable_cpus, weighted_spans
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.synth import SyntheticBert, vocabulary, write_synthetic_bert
 from tests.embed.conftest import traced_peak
@@ -183,15 +184,27 @@ def test_no_single_allocation_over_the_cap_while_embedding(minilm_shaped: Path, 
         assert max(sizes) <= CAP, f"{plan.value}: an allocation of {max(sizes):,} bytes"
 
 
-def test_traced_peak_of_a_pass_stays_within_its_reservation(minilm_shaped: Path) -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_traced_peak_of_a_pass_stays_within_its_reservation(
+    minilm_shaped: Path, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a pass allocates (both sub-batches' at once when they run on two threads) stays within what
+    the budget reserved for it, and that is within the single-pass estimate plus a pass's transients per
+    extra thread."""
+    monkeypatch.setattr(engine_module, "usable_cpus", lambda: 8)  # two threads even on a 1-CPU runner
     texts = [" ".join(["ab"] * 600), *synthetic_texts(40, seed=5, vocab_size=30522)]
     for plan in PLAN_ORDER:
-        with Embedder.open(minilm_shaped, plan=plan, budget=MemoryBudget(UNLIMITED), batch_size=32) as opened:
+        budget = MemoryBudget(UNLIMITED)
+        with Embedder.open(minilm_shaped, plan=plan, budget=budget, batch_size=32, threads=threads) as opened:
             opened.embed(texts)
-            tokens = max(sum(len(opened.tokenize(t)) for t in texts[:32]), len(opened.tokenize(texts[-1])))
+            resident = budget.in_use
+            tokens = max(sum(len(opened.tokenize(t)) for t in texts[:32]), len(opened.tokenize(texts[0])))
             peak = traced_peak(lambda: opened.embed(texts))
-            reserved = pass_bytes(opened.config, tokens)
+            reserved = budget.peak - resident
             assert peak <= reserved, f"{plan.value}: traced peak {peak:,} over the reserved {reserved:,}"
+            rows = max(sum(aligned(len(opened.tokenize(t))) for t in texts[:32]), aligned(tokens))
+            extra = (threads - 1) * (pass_bytes(opened.config, 0) if plan is PlanName.RESIDENT_F32 else 0)
+            assert reserved <= pass_bytes(opened.config, rows) + extra
 
 
 # -- concurrency ------------------------------------------------------------------------------------------
@@ -344,6 +357,60 @@ def test_vectors_do_not_depend_on_the_thread_count(
     for batch, single in results[1:]:
         assert np.abs(batch - results[0][0]).max() <= 1e-6
         assert np.abs(single - results[0][1]).max() <= 1e-6
+
+
+def _pass_reservations(opened: Embedder, budget: MemoryBudget, texts: list[str]) -> list[int]:
+    """Sizes of the reservations one embed() call makes beside the resident weights, in order."""
+    sizes: list[int] = []
+    for name in ("reserve", "reserve_blocking"):
+        granted = getattr(budget, name)
+
+        def recording(purpose: str, nbytes: int, *args: Any, _granted: Any = granted, **kwargs: Any) -> Any:
+            reservation = _granted(purpose, nbytes, *args, **kwargs)
+            sizes.append(nbytes)
+            return reservation
+
+        setattr(budget, name, recording)
+    opened.embed(texts)
+    return sizes
+
+
+def test_a_float32_batch_runs_as_one_sub_batch_per_thread(
+    minilm_shaped: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """resident-f32 on two threads: the pass is reserved as two sub-batches of near-equal tokens (each
+    with its own transients); quantized plans keep one batch whose products the pool shares."""
+    monkeypatch.setattr(engine_module, "usable_cpus", lambda: 8)
+    texts = synthetic_texts(12, seed=9, vocab_size=30522)
+    for plan in PLAN_ORDER:
+        budget = MemoryBudget(UNLIMITED)
+        with Embedder.open(minilm_shaped, plan=plan, budget=budget, threads=2) as opened:
+            rows = [aligned(len(opened.tokenize(t))) for t in texts]
+            halves = weighted_spans([len(opened.tokenize(t)) for t in texts], 2)
+            assert len(halves) == 2
+            if plan is PlanName.RESIDENT_F32:
+                expected = sum(pass_bytes(opened.config, sum(rows[lo:hi])) for lo, hi in halves)
+            else:
+                expected = pass_bytes(opened.config, sum(rows))
+            assert _pass_reservations(opened, budget, texts) == [expected], plan.value
+
+
+def test_sub_batches_that_do_not_fit_run_as_one_batch(
+    minilm_shaped: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Room for one pass but not for a second sub-batch's transients (other work holds the rest of the
+    budget): the pass runs as one batch, with the same vectors, within the limit."""
+    monkeypatch.setattr(engine_module, "usable_cpus", lambda: 8)
+    texts = synthetic_texts(12, seed=9, vocab_size=30522)
+    budget = MemoryBudget(UNLIMITED)
+    with Embedder.open(minilm_shaped, plan="resident-f32", budget=budget, threads=2) as opened:
+        two_threads = opened.embed(texts)
+        one_pass = pass_bytes(opened.config, sum(aligned(len(opened.tokenize(t))) for t in texts))
+        room = one_pass + pass_bytes(opened.config, 0) // 2
+        with budget.reserve("other work", budget.available - room, cap=UNLIMITED):
+            assert _pass_reservations(opened, budget, texts) == [one_pass]
+            assert np.abs(opened.embed(texts) - two_threads).max() <= 1e-6
+        assert budget.peak <= budget.limit
 
 
 def test_threads_never_exceed_the_usable_cpus(small_model: Path) -> None:

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 from gguf_sandbox.embed import threads
-from gguf_sandbox.embed.threads import ComputePool, current_pool, spans, usable_cpus, use_pool
+from gguf_sandbox.embed.threads import (
+    ComputePool,
+    current_pool,
+    spans,
+    usable_cpus,
+    use_pool,
+    weighted_spans,
+)
 
 
 def _root(tmp_path: Path, cpu_max: str) -> Path:
@@ -152,6 +159,39 @@ def test_use_pool_sets_the_current_pool_for_the_block() -> None:
 )
 def test_spans_cover_the_range(total: int, parts: int, align: int, expected: list[tuple[int, int]]) -> None:
     assert spans(total, parts, align) == expected
+
+
+@pytest.mark.parametrize(
+    ("weights", "parts", "expected"),
+    [
+        ([5] * 10, 2, [(0, 5), (5, 10)]),
+        ([1, 1, 1, 100], 2, [(0, 3), (3, 4)]),
+        ([100, 1, 1, 1], 2, [(0, 1), (1, 4)]),
+        ([30, 8, 9, 25, 12, 20], 2, [(0, 3), (3, 6)]),
+        ([10, 10, 10], 3, [(0, 1), (1, 2), (2, 3)]),
+        ([3], 4, [(0, 1)]),
+        ([0, 0, 0], 2, [(0, 1), (1, 3)]),
+        ([], 2, []),
+    ],
+    ids=["even", "heavy-last", "heavy-first", "uneven", "one-each", "fewer-than-asked", "weightless", "none"],
+)
+def test_weighted_spans_cut_near_equal_weights(
+    weights: list[int], parts: int, expected: list[tuple[int, int]]
+) -> None:
+    assert weighted_spans(weights, parts) == expected
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_weighted_spans_cover_every_index_and_stay_near_the_share(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    weights = rng.integers(1, 600, size=int(rng.integers(1, 40))).tolist()
+    parts = int(rng.integers(1, 6))
+    found = weighted_spans(weights, parts)
+    assert [lo for lo, _ in found] == [0, *(hi for _, hi in found[:-1])]
+    assert found[-1][1] == len(weights)
+    assert len(found) == min(parts, len(weights)) and all(hi > lo for lo, hi in found)
+    heaviest = max(sum(weights[lo:hi]) for lo, hi in found)
+    assert heaviest <= sum(weights) / len(found) + max(weights)
 
 
 def test_blas_is_set_single_threaded_where_numpy_bundles_openblas() -> None:
