@@ -257,8 +257,6 @@ def grouped_attention(
     """softmax(q k^T * scale + mask) v per sequence, query heads sharing their KV head, scores in blocks.
 
     Keys outside a query block's reach (after it when causal, beyond the window) are not multiplied at all.
-    As in bert._attend, the queries are scaled before their product and the context divided by the softmax
-    sums after it: two passes fewer over the scores.
     """
     d, group = config.head_dim, config.heads // config.kv_heads
     scale = np.float32(1.0 / math.sqrt(d))
@@ -269,7 +267,6 @@ def grouped_attention(
         # Scores, and the int64 distances of their mask, of one query block within the cap.
         query_rows = max(1, min(length, cap // (2 * FLOAT_BYTES * group * length)))
         buffer = np.empty(group * query_rows * length, dtype=np.float32)  # scores of one block, reused
-        scaled = np.empty(group * query_rows * d, dtype=np.float32)  # scaled queries of one block, reused
         for kv in range(config.kv_heads):
             kv_columns = slice(kv * d, (kv + 1) * d)
             q_columns = slice(kv * group * d, (kv + 1) * group * d)
@@ -286,9 +283,9 @@ def grouped_attention(
                     key_start = max(0, first - window + 1) if window else 0
                     span = key_end - key_start
                     queries = q[chunk][r0 : r0 + n, q_columns].reshape(n, group, d).transpose(1, 0, 2)
-                    queries = np.multiply(queries, scale, out=scaled[: group * n * d].reshape(group, n, d))
                     scores = buffer[: group * n * span].reshape(group, n, span)  # [g, n, span]
                     np.matmul(queries, keys[key_start:key_end].T, out=scores)
+                    scores *= scale
                     mask = _mask(
                         np.arange(first, first + n),
                         np.arange(key_start, key_end),
@@ -299,9 +296,9 @@ def grouped_attention(
                         scores += mask  # [g, n, span]
                     scores -= np.maximum.reduce(scores, axis=2, keepdims=True)
                     np.exp(scores, out=scores)
+                    scores /= np.add.reduce(scores, axis=2, keepdims=True)
                     out = ctx[chunk][r0 : r0 + n, q_columns].reshape(n, group, d).transpose(1, 0, 2)
                     np.matmul(scores, values[key_start:key_end], out=out)  # [g, n, d]
-                    out /= np.add.reduce(scores, axis=2, keepdims=True)  # every row sees its own key
                 start += hi - lo
     return ctx
 

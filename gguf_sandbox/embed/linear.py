@@ -11,7 +11,7 @@ from typing import Final, Protocol, TypeAlias
 
 import numpy as np
 
-from gguf_sandbox.embed.rows import F32, FLOAT_BYTES, ROW_PIECE_BYTES, Ids, Rows
+from gguf_sandbox.embed.rows import F32, FLOAT_BYTES, Ids, Rows
 from gguf_sandbox.embed.threads import Task, current_pool, spans
 
 # What a product task applies to its output columns in place before it ends (GELU).
@@ -30,8 +30,8 @@ MIN_TASK_MACS: Final = 1 << 21
 # the time; cut into 10 (and chunks of unequal size spread over more tasks) the threads end together.
 TASKS_PER_THREAD: Final = 4
 # Each compute thread decodes quantized weight pieces into one scratch buffer of this size, kept for the
-# thread's life: no fresh array (and no page faults) per piece. Pieces decode to at most 1.5x ROW_PIECE_BYTES.
-SCRATCH_BYTES: Final = ROW_PIECE_BYTES * 3 // 2
+# thread's life: no fresh array (and no page faults) per piece.
+SCRATCH_BYTES: Final = 1 << 19
 _thread_scratch = threading.local()
 
 

