@@ -280,11 +280,17 @@ def record_model(path: Path, batch_check: bool) -> dict[str, Any]:
                 if label not in not_embeddable and len(ids[label]) <= BATCH_CHECK_MAX_TOKENS
             ]
             together = model.embed([text for _, text in short])
+            pairs = [
+                (np.asarray(vector), raw[(label, pooling_name)])
+                for (label, _), vector in zip(short, together, strict=True)
+            ]
             checks[f"batch_{pooling_name}"] = {
                 "labels": [label for label, _ in short],
-                "max_abs_diff_vs_alone": max(
-                    _max_abs(vector, raw[(label, pooling_name)])
-                    for (label, _), vector in zip(short, together, strict=True)
+                "max_abs_diff_vs_alone": max(_max_abs(a, b) for a, b in pairs),
+                # How closely llama.cpp agrees with itself: the same sentence embedded in one call with the
+                # others (other kernel shapes, so other rounding) against embedded alone.
+                "min_cosine_vs_alone": _round(
+                    min(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in pairs)
                 ),
             }
         model.close()
@@ -486,7 +492,7 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true", help="start a new fixture instead of merging")
     parser.add_argument(
         "--batch-check", action="append", default=None, metavar="NAME",
-        help="models whose list-vs-alone batch check runs (default: smollm2)",
+        help="models whose list-vs-alone batch check runs (default: smollm2 and gemma3)",
     )  # fmt: skip
     parser.add_argument("--output", type=Path, default=FIXTURE)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -504,7 +510,7 @@ def main() -> int:
         raise SystemExit(
             f"missing {', '.join(missing)}: run `python -m pytest tests/embed` once to fetch them"
         )
-    batch_check = set(args.batch_check or ["smollm2"])
+    batch_check = set(args.batch_check or ["smollm2", "gemma3"])
     fresh = build_reference({})
     models: dict[str, Any] = {}
     if args.output.is_file() and not args.fresh:
