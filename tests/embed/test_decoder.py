@@ -111,10 +111,11 @@ def test_vectors_agree_with_llama_cpp_on_the_quantized_file(
 
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
-def test_the_default_bound_is_no_looser_than_llama_cpp_agrees_with_itself(name: str) -> None:
+def test_a_bound_below_0_999_is_one_llama_cpp_misses_against_itself(name: str) -> None:
     """llama.cpp's own vectors of the fixture sentences, embedded together in one call against embedded
-    alone (other kernel shapes, other rounding; recorded by make_decoder_reference.py): gemma3's fall below
-    0.999, so its bound against llama.cpp's default run is lower; SmolLM2's stay above its 0.999."""
+    alone (other kernel shapes, other rounding; recorded by make_decoder_reference.py): a model's bound
+    against llama.cpp's default run never asks more than that self-agreement, and is below 0.999 (gemma3)
+    only where llama.cpp itself falls below 0.999; SmolLM2 keeps 0.999."""
     checks = MODELS[name]["checks"]
     self_agreement = min(checks[f"batch_{pooling}"]["min_cosine_vs_alone"] for pooling in ("mean", "last"))
     assert DEFAULT_COSINE[name] <= self_agreement
