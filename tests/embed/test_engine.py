@@ -361,6 +361,13 @@ def test_vectors_do_not_depend_on_the_thread_count(
 
 def _pass_reservations(opened: Embedder, budget: MemoryBudget, texts: list[str]) -> list[int]:
     """Sizes of the reservations one embed() call makes beside the resident weights, in order."""
+    sizes = _record_reservations(budget)
+    opened.embed(texts)
+    return sizes
+
+
+def _record_reservations(budget: MemoryBudget) -> list[int]:
+    """A list that every reservation `budget` grants from now on appends its size to."""
     sizes: list[int] = []
     for name in ("reserve", "reserve_blocking"):
         granted = getattr(budget, name)
@@ -371,7 +378,6 @@ def _pass_reservations(opened: Embedder, budget: MemoryBudget, texts: list[str])
             return reservation
 
         setattr(budget, name, recording)
-    opened.embed(texts)
     return sizes
 
 
@@ -411,6 +417,31 @@ def test_sub_batches_that_do_not_fit_run_as_one_batch(
             assert _pass_reservations(opened, budget, texts) == [one_pass]
             assert np.abs(opened.embed(texts) - two_threads).max() <= 1e-6
         assert budget.peak <= budget.limit
+
+
+@pytest.mark.parametrize("poison", ["nan-weights", "inf-bias", "overflowing-weights"])
+def test_corrupt_weights_on_sub_batches_raise_one_error_and_release_the_pass(
+    poison: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hostile weights on resident-f32 with two threads: both sub-batches fail; the caller gets one
+    GGUFError, the pass's memory is released, and the Embedder answers the next call the same way."""
+    from tests.gguf.hostile import CORPUS
+
+    monkeypatch.setattr(engine_module, "usable_cpus", lambda: 8)
+    budget = MemoryBudget(UNLIMITED)
+    with Embedder.open(
+        CORPUS[poison].make(tmp_path), plan="resident-f32", budget=budget, threads=2
+    ) as opened:
+        resident = budget.in_use
+        texts = ["a b c", "b c a b", "c", "a a b b c c"]
+        lengths = [len(opened.tokenize(t)) for t in texts]
+        halves = [sum(aligned(n) for n in lengths[lo:hi]) for lo, hi in weighted_spans(lengths, 2)]
+        reserved = _record_reservations(budget)
+        for _ in range(2):
+            with pytest.raises(GGUFError, match="NaN or infinite"):
+                opened.embed(texts)
+            assert budget.in_use == resident
+        assert reserved == [sum(pass_bytes(opened.config, rows) for rows in halves)] * 2  # ran as sub-batches
 
 
 def test_threads_never_exceed_the_usable_cpus(small_model: Path) -> None:
