@@ -246,7 +246,8 @@ def is_q8_0(info: TensorInfo, byte_order: str) -> bool:
 
 
 def kept_bytes(info: TensorInfo, byte_order: str) -> int:
-    """Bytes resident-quant keeps for a matrix: Q8_0 as split Q8Rows, anything else as stored."""
+    """Bytes resident-quant keeps for a matrix: Q8_0 split into quants and scales (q8_rows), anything else
+    as stored."""
     if is_q8_0(info, byte_order):
         return info.n_elements // Q8_BLOCK * Q8_KEPT_BYTES
     return info.nbytes

@@ -26,6 +26,7 @@ from gguf_sandbox.embed.file_reads import (
 from gguf_sandbox.embed.layout import ModelLayout
 from gguf_sandbox.embed.linear import Decoder
 from gguf_sandbox.embed.plan import Q8_BLOCK, Q8_BLOCK_BYTES, Plan, PlanName, TableMode, is_q8_0
+from gguf_sandbox.embed.q8_rows import Q8Pieces, Q8Rows
 from gguf_sandbox.embed.rows import DECODE_BYTES, F32, FLOAT_BYTES, Ids
 from gguf_sandbox.errors import GGUFError, UnsupportedTensorType
 from gguf_sandbox.gguf.dequant import dequantize
@@ -77,49 +78,19 @@ class RawRows:
         return decode(self.info, self.data[lo * size : hi * size], self.byte_order).reshape(hi - lo, -1)
 
 
-@dataclass(frozen=True)
-class Q8Rows:
-    """Q8_0 rows split into int8 quants and float32 scales, so decoding is one exact cast and one multiply.
-
-    The products are dequantize()'s, bit for bit, at about half its cost: it multiplies straight from the
-    interleaved 34-byte blocks, which costs numpy a buffered cast per block.
-    """
-
-    row_len: int
-    quants: NDArray[np.int8]  # [rows * row_len / 32, 32]
-    scales: F32  # [rows * row_len / 32, 1]
-
-    @classmethod
-    def of(cls, raw: bytes | NDArray[np.uint8], row_len: int) -> Q8Rows:
-        blocks = np.frombuffer(raw, dtype=np.uint8).reshape(-1, Q8_BLOCK_BYTES)  # [n, 34]
-        quants = np.empty((blocks.shape[0], Q8_BLOCK), dtype=np.int8)  # [n, 32]
-        # Each block's quants moved as one 32-byte item: a flat copy, where an int8 copy of short strided
-        # rows pays numpy's per-row overhead.
-        item = np.dtype((np.void, Q8_BLOCK))
-        np.copyto(quants.view(item), blocks[:, 2:].view(item))
-        half = np.frombuffer(raw, dtype="<f2").reshape(-1, Q8_BLOCK_BYTES // 2)[:, :1]  # [n, 1]
-        return cls(row_len, quants, half.astype(np.float32))
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.quants.shape[0]) * Q8_BLOCK // self.row_len
-
-    def decode(self, lo: int, hi: int, out: F32 | None = None) -> F32:
-        per_row = self.row_len // Q8_BLOCK
-        first, last = lo * per_row, hi * per_row
-        if out is None:
-            blocks = np.empty((last - first, Q8_BLOCK), dtype=np.float32)  # [blocks, 32]
-        else:
-            blocks = out[: (last - first) * Q8_BLOCK].reshape(last - first, Q8_BLOCK)  # [blocks, 32]
-        np.copyto(blocks, self.quants[first:last])  # [blocks, 32] exact: every int8 is a float32
-        blocks *= self.scales[first:last]  # [blocks, 32]
-        return blocks.reshape(hi - lo, self.row_len)
-
-
 def stored_rows(info: TensorInfo, raw: bytes | NDArray[np.uint8], order: str) -> StoredRows:
-    """Whole rows of `info` as read from the file, Q8_0 split into quants and scales."""
+    """Whole rows of `info` as read from the file, Q8_0 split into quants and scales (row order)."""
     if is_q8_0(info, order):
         return Q8Rows.of(raw, info.row_len)
+    return RawRows(info, np.frombuffer(raw, dtype=np.uint8), order)
+
+
+def kept_rows(info: TensorInfo, raw: bytes | NDArray[np.uint8], order: str) -> StoredRows:
+    """Whole rows of `info` as resident-quant keeps them: Q8_0 split and cut into the pieces stored_parts()
+    and decoded_blocks() decode, each in column order; other types as stored."""
+    if is_q8_0(info, order):
+        rows = len(raw) // (info.row_len // Q8_BLOCK * Q8_BLOCK_BYTES)
+        return Q8Pieces.of(raw, info.row_len, piece_bounds(info, rows))
     return RawRows(info, np.frombuffer(raw, dtype=np.uint8), order)
 
 
@@ -273,7 +244,8 @@ class F32Matrix:
 
 
 class RawMatrix:
-    """A matrix kept quantized (Q8_0 split, other types as stored); each block is decoded when used."""
+    """A matrix kept quantized (Q8_0 split into column-order pieces, other types as stored); each block is
+    decoded when used."""
 
     def __init__(self, info: TensorInfo, blocks: Iterable[tuple[int, StoredRows]]) -> None:
         self.info = info
@@ -440,7 +412,7 @@ def _matrix(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int, streamed: Str
         order = gguf.byte_order
         return RawMatrix(
             info,
-            ((first, stored_rows(info, raw, order)) for first, raw in read_blocks(fd, info, plan.cap)),
+            ((first, kept_rows(info, raw, order)) for first, raw in read_blocks(fd, info, plan.cap)),
         )
     return StreamMatrix(gguf, info, plan.cap, fd, uncached=plan.uncached, streamed=streamed)
 

@@ -28,9 +28,8 @@ from gguf_sandbox.embed.plan import (
 )
 from gguf_sandbox.embed.rows import TokenBatch, rows_per_chunk
 from gguf_sandbox.embed.shapes import read_config, read_layout
-from gguf_sandbox.embed.weights import Q8Rows, load_weights
+from gguf_sandbox.embed.weights import load_weights
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
-from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile
 from gguf_sandbox.gguf.synth import SyntheticBert, write_synthetic_bert
 from tests.embed.test_bert import naive_bert
@@ -170,33 +169,6 @@ def test_table_rows_equal_the_readers_rows(q8: GGUFFile, mode: TableMode) -> Non
     finally:
         weights.close()
     np.testing.assert_array_equal(got, q8.read_rows("token_embd.weight", ids.tolist()))
-
-
-# -- Q8_0 split into quants and scales --------------------------------------------------------------------
-def random_q8_0(n_blocks: int, seed: int = 3) -> np.ndarray:
-    """Q8_0 bytes with every kind of fp16 scale (normal, subnormal, negative, zero) and all int8 quants."""
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, size=(n_blocks, 34), dtype=np.uint8)
-    scales = rng.standard_normal(n_blocks).astype(np.float16)
-    scales[::7] = np.float16(3e-6)  # subnormal
-    scales[::11] = np.float16(-0.0)
-    blocks[:, :2] = scales.view(np.uint8).reshape(-1, 2)
-    return blocks.reshape(-1)
-
-
-@pytest.mark.parametrize(
-    ("lo", "hi"), [(0, 12), (3, 4), (5, 12), (0, 1)], ids=["all", "inner", "tail", "one"]
-)
-def test_q8_rows_decode_bit_for_bit_like_dequantize(lo: int, hi: int) -> None:
-    row_len, rows = 64, 12
-    raw = random_q8_0(rows * row_len // 32)
-    expected = dequantize(raw, GGMLQuantizationType.Q8_0).reshape(rows, row_len)
-    for source in (raw, raw.tobytes()):
-        split = Q8Rows.of(source, row_len)
-        assert split.n_rows == rows
-        got = split.decode(lo, hi)
-        assert got.shape == (hi - lo, row_len)
-        np.testing.assert_array_equal(got.view(np.uint32), expected[lo:hi].view(np.uint32))
 
 
 def test_resident_quant_keeps_q8_0_as_quants_and_float32_scales(q8: GGUFFile) -> None:
@@ -362,15 +334,3 @@ def test_a_failing_read_is_a_gguf_error(
     monkeypatch.setattr(os, "pread", failing_pread)
     with pytest.raises(GGUFError, match="failed: Input/output error"):
         load_weights(q8, read_layout(q8), plan)
-
-
-def test_q8_rows_decode_into_scratch_gives_the_same_rows() -> None:
-    rng = np.random.default_rng(5)
-    blocks = np.zeros((24, 34), dtype=np.uint8)
-    blocks[:, :2] = np.frombuffer(rng.uniform(0.01, 0.1, 24).astype("<f2").tobytes(), np.uint8).reshape(24, 2)
-    blocks[:, 2:] = rng.integers(0, 256, (24, 32), dtype=np.uint8)
-    rows = Q8Rows.of(blocks.tobytes(), 64)  # 12 rows of 64
-    scratch = np.full(4096, np.nan, dtype=np.float32)
-    into = rows.decode(3, 9, scratch)
-    np.testing.assert_array_equal(into, rows.decode(3, 9))
-    assert np.shares_memory(into, scratch)
