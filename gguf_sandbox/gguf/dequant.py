@@ -391,10 +391,13 @@ def dequantize(
     n_elements = n_blocks * elements_per_block
     result = np.empty(n_elements, dtype=np.float32) if out is None else _check_out(out, n_elements, what)
     step_blocks = max(1, _STEP_ELEMENTS // elements_per_block)
-    for first in range(0, n_blocks, step_blocks):
-        last = min(first + step_blocks, n_blocks)
-        kernel(
-            data[first * bytes_per_block : last * bytes_per_block].reshape(-1, bytes_per_block),
-            result[first * elements_per_block : last * elements_per_block],
-        )
+    # A NaN or infinite scale decodes to NaN and infinities, as in ggml; whoever computes with them refuses
+    # them in one line (the engine's finite check), which numpy's warning here would only precede.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for first in range(0, n_blocks, step_blocks):
+            last = min(first + step_blocks, n_blocks)
+            kernel(
+                data[first * bytes_per_block : last * bytes_per_block].reshape(-1, bytes_per_block),
+                result[first * elements_per_block : last * elements_per_block],
+            )
     return result if out is None else out

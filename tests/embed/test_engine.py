@@ -623,3 +623,31 @@ def test_a_line_cut_inside_a_character_is_not_a_decoding_error(
     assert run_command(["--model", str(small_model), "--input", str(source)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [row["text"] for row in report["data"]] == ["a" + "é" * 32_767, "ab"]
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("plan", [p.value for p in PLAN_ORDER])
+@pytest.mark.parametrize("scale", [np.float16(np.nan), np.float16(np.inf), np.float16(-np.inf)], ids=str)
+def test_a_poisoned_q8_0_scale_is_one_error_on_every_plan(
+    small_model: Path, tmp_path: Path, plan: str, scale: np.float16
+) -> None:
+    """A Q8_0 block whose fp16 scale is NaN or infinite, in a matrix every plan decodes its own way (split
+    in column order for resident-quant, row order for streaming): one GGUFError, no numpy warning before
+    it, the pass released."""
+    from gguf_sandbox.gguf.reader import GGUFFile
+
+    with GGUFFile.open(small_model) as opened:
+        info = opened.tensor("blk.1.ffn_up.weight")
+    assert info.type is GGMLQuantizationType.Q8_0
+    data = bytearray(small_model.read_bytes())
+    block = info.offset + 34 * (info.nbytes // 34 // 2)  # a block in the middle of the matrix
+    data[block : block + 2] = scale.tobytes()
+    poisoned = tmp_path / "poisoned-scale.gguf"
+    poisoned.write_bytes(bytes(data))
+    budget = MemoryBudget(UNLIMITED)
+    with Embedder.open(poisoned, plan=plan, budget=budget) as embedder:
+        resident = budget.in_use
+        for _ in range(2):
+            with pytest.raises(GGUFError, match="NaN or infinite"):
+                embedder.embed(["a b c", "b c a b"])
+            assert budget.in_use == resident
