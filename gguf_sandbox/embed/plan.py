@@ -236,7 +236,7 @@ def describe(plan: Plan, sizes: ModelSizes) -> dict[str, object]:
 # A Q8_0 block: one fp16 scale, then 32 int8 quants.
 Q8_BLOCK: Final = 32
 Q8_BLOCK_BYTES: Final = 34
-# What resident-quant keeps per Q8_0 block: the quants plus the scale as float32 (see Q8Blocks).
+# What resident-quant keeps per Q8_0 block: the quants plus the scale as float32 (q8_rows.Q8Piece).
 Q8_KEPT_BYTES: Final = Q8_BLOCK + FLOAT_BYTES
 
 

@@ -21,6 +21,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Final
 
+import numpy as np
+
 from gguf_sandbox.cgroupfs import cpu_quota
 
 Task = Callable[[], object]
@@ -83,6 +85,10 @@ class _Batch:
         self._lock = threading.Lock()
         self._done = threading.Event()
         self.error: BaseException | None = None
+        # numpy's floating-point error handling is per thread, and a forward pass sets its own (corrupt
+        # weights overflow: the pass ignores that and refuses the result once, in words). Helpers apply
+        # the caller's, or a hostile file's one-line error would follow warnings from the helpers' tasks.
+        self._errors = np.geterr()
 
     def drain(self) -> None:
         while (index := next(self._next)) < len(self._tasks):
@@ -94,6 +100,11 @@ class _Batch:
                 self._left -= 1
                 if self._left == 0:
                     self._done.set()
+
+    def help(self) -> None:
+        """drain() in a helper thread, under the numpy error handling of the thread that made the batch."""
+        with np.errstate(**self._errors):
+            self.drain()
 
     def wait(self) -> None:
         """Wait until every task has finished, then drop them (and the arrays they reference): a helper
@@ -127,7 +138,7 @@ class ComputePool:
             batch = self._jobs.get()
             if batch is None:
                 return
-            batch.drain()
+            batch.help()
             del batch  # its arrays are the caller's to free: hold no reference while idle
 
     def run(self, tasks: Sequence[Task]) -> None:

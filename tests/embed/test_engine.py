@@ -644,10 +644,36 @@ def test_a_poisoned_q8_0_scale_is_one_error_on_every_plan(
     data[block : block + 2] = scale.tobytes()
     poisoned = tmp_path / "poisoned-scale.gguf"
     poisoned.write_bytes(bytes(data))
+    _assert_one_error_per_call(poisoned, plan, threads=1)
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("plan", [p.value for p in PLAN_ORDER])
+def test_poisoned_q8_0_scales_on_two_threads_are_one_error_and_no_warning(
+    minilm_shaped: Path, tmp_path: Path, plan: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every block of a 1536x384 matrix with an infinite scale (inf x 0 quants is invalid), decoded in
+    several pieces on two threads: the helper thread's decodes and products warn no more than the caller's
+    (numpy's error state is per thread)."""
+    from gguf_sandbox.gguf.reader import GGUFFile
+
+    monkeypatch.setattr(engine_module, "usable_cpus", lambda: 8)
+    with GGUFFile.open(minilm_shaped) as opened:
+        info = opened.tensor("blk.0.ffn_up.weight")
+    data = np.frombuffer(bytearray(minilm_shaped.read_bytes()), dtype=np.uint8)
+    blocks = data[info.offset : info.offset + info.nbytes].reshape(-1, 34)
+    assert (blocks[:, 2:] == 0).any()  # some quants are 0: inf x 0
+    blocks[:, :2] = np.frombuffer(np.float16(np.inf).tobytes(), dtype=np.uint8)
+    poisoned = tmp_path / "poisoned-scales.gguf"
+    poisoned.write_bytes(data.tobytes())
+    _assert_one_error_per_call(poisoned, plan, threads=2)
+
+
+def _assert_one_error_per_call(model: Path, plan: str, *, threads: int) -> None:
     budget = MemoryBudget(UNLIMITED)
-    with Embedder.open(poisoned, plan=plan, budget=budget) as embedder:
+    with Embedder.open(model, plan=plan, budget=budget, threads=threads) as embedder:
         resident = budget.in_use
         for _ in range(2):
             with pytest.raises(GGUFError, match="NaN or infinite"):
-                embedder.embed(["a b c", "b c a b"])
+                embedder.embed(["a b c", "b c a b", synthetic_texts(1)[0]])
             assert budget.in_use == resident

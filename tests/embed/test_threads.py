@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -118,6 +119,34 @@ def test_nested_runs_finish() -> None:
     finally:
         pool.close()
     assert sorted(results) == [0, 1, 2, 10, 11, 12]
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("handling", ["ignore", "raise"])
+def test_helpers_handle_floating_point_errors_as_the_caller_does(
+    handling: Literal["ignore", "raise"],
+) -> None:
+    """numpy's error state is per thread: a helper applies the caller's, so a pass that ignores the
+    overflows of corrupt weights gets no warning from a helper, and one that raises gets the error."""
+    pool = ComputePool(2)
+    both_running = threading.Barrier(2, timeout=10)
+    ran_on: list[str] = []
+
+    def invalid() -> None:
+        both_running.wait()  # one task per thread: the helper runs one
+        ran_on.append(threading.current_thread().name)
+        np.multiply(np.array([np.inf], dtype=np.float32), np.float32(0.0))  # invalid: inf * 0
+
+    try:
+        with np.errstate(invalid=handling):
+            if handling == "raise":
+                with pytest.raises(FloatingPointError):
+                    pool.run([invalid, invalid])
+            else:
+                pool.run([invalid, invalid])
+    finally:
+        pool.close()
+    assert len(set(ran_on)) == 2
 
 
 def test_finished_batches_hold_no_references() -> None:
