@@ -95,9 +95,10 @@ def kept_rows(info: TensorInfo, raw: bytes | NDArray[np.uint8], order: str) -> S
 
 
 def piece_bounds(info: TensorInfo, count: int) -> list[tuple[int, int]]:
-    """Row ranges of `count` stored rows that decode to about DECODE_BYTES each (at most 1.5x): each piece
-    costs a fixed ~20 us of numpy calls, so no sliver of a few rows gets a piece of its own."""
-    pieces = max(1, round(count * info.row_len * FLOAT_BYTES / DECODE_BYTES))
+    """Row ranges of `count` stored rows that decode to about DECODE_BYTES each (at most 1.5x, or one row
+    where a row is larger): each piece costs a fixed ~20 us of numpy calls, so no sliver of a few rows gets
+    a piece of its own, and no piece is empty."""
+    pieces = max(1, min(count, round(count * info.row_len * FLOAT_BYTES / DECODE_BYTES)))
     return list(pairwise(count * k // pieces for k in range(pieces + 1)))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +27,11 @@ from gguf_sandbox.embed.plan import (
     pass_bytes,
     preferred_plan,
 )
-from gguf_sandbox.embed.rows import TokenBatch, rows_per_chunk
+from gguf_sandbox.embed.rows import DECODE_BYTES, FLOAT_BYTES, TokenBatch, rows_per_chunk
 from gguf_sandbox.embed.shapes import read_config, read_layout
-from gguf_sandbox.embed.weights import load_weights
+from gguf_sandbox.embed.weights import load_weights, piece_bounds
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
-from gguf_sandbox.gguf.reader import GGUFFile
+from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 from gguf_sandbox.gguf.synth import SyntheticBert, write_synthetic_bert
 from tests.embed.test_bert import naive_bert
 
@@ -334,3 +335,18 @@ def test_a_failing_read_is_a_gguf_error(
     monkeypatch.setattr(os, "pread", failing_pread)
     with pytest.raises(GGUFError, match="failed: Input/output error"):
         load_weights(q8, read_layout(q8), plan)
+
+
+@pytest.mark.parametrize(
+    ("rows", "row_len"),
+    [(0, 384), (1, 384), (1, 262_144), (3, 262_144), (5, 65_536), (384, 384), (1536, 384), (384, 1536)],
+)
+def test_piece_bounds_cover_the_rows_in_non_empty_pieces_near_decode_bytes(rows: int, row_len: int) -> None:
+    info = TensorInfo("w", GGMLQuantizationType.Q8_0, (row_len, max(rows, 1)), 0, row_len // 32 * 34)
+    bounds = piece_bounds(info, rows)
+    assert bounds[0][0] == 0 and bounds[-1][1] == rows
+    assert all(hi == lo for (_, hi), (lo, _) in itertools.pairwise(bounds))
+    if rows:
+        assert all(hi > lo for lo, hi in bounds)
+    row_bytes = row_len * FLOAT_BYTES
+    assert all((hi - lo) * row_bytes <= max(1.5 * DECODE_BYTES, row_bytes) for lo, hi in bounds)
