@@ -4,7 +4,6 @@ for the compute pool: by chunk and output-column span, or by decoded piece of a 
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
@@ -12,7 +11,7 @@ from typing import Final, Protocol, TypeAlias
 import numpy as np
 
 from gguf_sandbox.embed.rows import F32, FLOAT_BYTES, Ids, Rows
-from gguf_sandbox.embed.threads import Task, current_pool, spans
+from gguf_sandbox.embed.threads import SCRATCH_BYTES, Task, current_pool, spans, thread_scratch
 
 # What a product task applies to its output columns in place before it ends (GELU).
 Epilogue: TypeAlias = Callable[[F32], object]
@@ -29,10 +28,6 @@ MIN_TASK_MACS: Final = 1 << 21
 # Tasks a product aims for per thread: a batch's ~5 chunks as 5 tasks kept one of 2 threads idle a fifth of
 # the time; cut into 10 (and chunks of unequal size spread over more tasks) the threads end together.
 TASKS_PER_THREAD: Final = 4
-# Each compute thread decodes quantized weight pieces into one scratch buffer of this size, kept for the
-# thread's life: no fresh array (and no page faults) per piece.
-SCRATCH_BYTES: Final = 1 << 19
-_thread_scratch = threading.local()
 
 
 class Weights(Protocol):
@@ -70,19 +65,11 @@ def _product(
     _epilogue(out, columns, bias, residual, after)
 
 
-def _scratch() -> F32:
-    """This thread's decode scratch (float32, SCRATCH_BYTES), allocated at its first use."""
-    buffer: F32 | None = getattr(_thread_scratch, "buffer", None)
-    if buffer is None:
-        buffer = _thread_scratch.buffer = np.empty(SCRATCH_BYTES // FLOAT_BYTES, dtype=np.float32)
-    return buffer
-
-
 def _decoded_product(xs: Rows, ys: Rows, part: Part) -> None:
     """One piece of a quantized matrix decoded into this thread's scratch, then multiplied for every chunk."""
     first, count, decode = part
     fits = count * xs[0].shape[1] * FLOAT_BYTES <= SCRATCH_BYTES
-    block = decode(_scratch() if fits else None)  # [count, in]
+    block = decode(thread_scratch() if fits else None)  # [count, in]
     for x, y in zip(xs, ys, strict=True):
         np.matmul(x, block.T, out=y[:, first : first + count])  # [rows, count]
 

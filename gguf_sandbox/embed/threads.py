@@ -24,8 +24,13 @@ from typing import Final
 import numpy as np
 
 from gguf_sandbox.cgroupfs import cpu_quota
+from gguf_sandbox.embed.rows import F32, FLOAT_BYTES
 
 Task = Callable[[], object]
+# Each compute thread's scratch, kept for the thread's life: a decoded weight piece or GELU's temporaries
+# need no fresh array (nor its page faults) per call, and no allocation the thread's malloc arena keeps.
+SCRATCH_BYTES: Final = 1 << 19
+_thread_scratch = threading.local()
 # How numpy's bundled OpenBLAS builds name their thread setting: plain, 64-bit-integer and scipy-openblas.
 BLAS_THREAD_SETTERS: Final = (
     "openblas_set_num_threads",
@@ -33,6 +38,18 @@ BLAS_THREAD_SETTERS: Final = (
     "scipy_openblas_set_num_threads64_",
     "scipy_openblas_set_num_threads",
 )
+
+
+def thread_scratch() -> F32:
+    """This thread's scratch (float32, SCRATCH_BYTES), allocated at its first use.
+
+    One user at a time per thread: a caller writes it, uses it and drops its views before returning, and
+    calls nothing that also takes it meanwhile (decoding a weight piece, GELU).
+    """
+    buffer: F32 | None = getattr(_thread_scratch, "buffer", None)
+    if buffer is None:
+        buffer = _thread_scratch.buffer = np.empty(SCRATCH_BYTES // FLOAT_BYTES, dtype=np.float32)
+    return buffer
 
 
 def usable_cpus(root: Path = Path("/")) -> int:
