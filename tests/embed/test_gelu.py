@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gguf_sandbox.embed.gelu import GELU_STEP, gelu
+from tests.embed.conftest import traced_peak
 
 
 def erf_gelu(x: np.ndarray) -> np.ndarray:
@@ -41,17 +42,9 @@ def test_a_strided_column_block_is_done_in_place_and_nothing_else_is_touched() -
 def test_temporaries_live_in_the_thread_scratch() -> None:
     """After the thread's scratch exists, GELU of a 256-token FFN activation allocates ~nothing: no
     per-call temporaries for the thread's malloc arena to keep."""
-    import tracemalloc
-
     x = np.random.default_rng(2).standard_normal((256, 1536)).astype(np.float32)
     gelu(x[:1].copy())  # the scratch, once per thread
-    tracemalloc.start()
-    try:
-        gelu(x)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 16 << 10
+    assert traced_peak(lambda: gelu(x)) < 16 << 10
 
 
 def test_a_row_wider_than_a_slice_gets_its_own_temporaries() -> None:
