@@ -29,7 +29,15 @@ class TextEncoder(Protocol):
 class Encode(Protocol):
     """A family's forward pass: sentence vectors for a batch (bert.encode, decoder.encode)."""
 
-    def __call__(self, weights: Any, batch: TokenBatch, cap: int, *, unit_length: bool = True) -> F32: ...
+    def __call__(
+        self,
+        weights: Any,
+        batch: TokenBatch,
+        cap: int,
+        *,
+        unit_length: bool = True,
+        check_finite: bool = True,
+    ) -> F32: ...
 
 
 @dataclass(frozen=True)

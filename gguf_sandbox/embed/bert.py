@@ -314,30 +314,39 @@ def normalize(v: F32) -> F32:
     return v
 
 
-def require_finite(vectors: F32) -> F32:
-    """`vectors` [n, dim] unchanged, or GGUFError naming the first row holding NaN or infinity."""
+def require_finite(vectors: F32, first: int = 0) -> F32:
+    """`vectors` [n, dim] unchanged, or GGUFError naming the first row holding NaN or infinity, counting
+    rows from `first` (the row's index among the caller's texts)."""
     finite = np.isfinite(vectors).all(axis=1)  # [n]
     if not finite.all():
-        first = int(np.argmin(finite))
+        bad, affected = first + int(np.argmin(finite)), int((~finite).sum())
         raise GGUFError(
-            f"the forward pass produced NaN or infinite values (sequence {first} of the batch, "
-            f"{int((~finite).sum())} of {finite.size} affected): the model's weights or hyperparameters are "
+            f"the forward pass produced NaN or infinite values for {affected} of the {finite.size} texts "
+            f"embedded together (the first is text {bad}): the model's weights or hyperparameters are "
             f"corrupt; re-convert or re-download it"
         )
     return vectors
 
 
 def encode(
-    weights: BertWeights, batch: TokenBatch, cap: int = DEFAULT_CAP, *, unit_length: bool = True
+    weights: BertWeights,
+    batch: TokenBatch,
+    cap: int = DEFAULT_CAP,
+    *,
+    unit_length: bool = True,
+    check_finite: bool = True,
 ) -> F32:
     """Sentence vectors [n_sequences, hidden] for a batch of token sequences, unit length unless told not.
 
-    NaN or infinite values, which only corrupt weights produce, end in GGUFError, never in a vector.
+    NaN or infinite values, which only corrupt weights produce, end in GGUFError, never in a vector; a
+    caller that checks them itself (the engine, across sub-batches) passes check_finite=False.
     """
     # Corrupt weights overflow and divide by zero on the way; require_finite reports it once, in words.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         x = embeddings(weights, batch, cap)  # [padded, hidden] per chunk
         for layer in range(weights.config.layers):
             x = encoder_layer(x, weights, layer, batch, cap)  # [rows, hidden] per chunk
-        pooled = require_finite(pool(x, batch, weights.config.pooling))  # [n, hidden]
-    return normalize(pooled) if unit_length else pooled
+        pooled = pool(x, batch, weights.config.pooling)  # [n, hidden]
+        if check_finite:
+            require_finite(pooled)
+        return normalize(pooled) if unit_length else pooled

@@ -443,9 +443,15 @@ def token_embeddings(weights: DecoderWeights, batch: TokenBatch, cap: int = DEFA
 
 
 def encode(
-    weights: DecoderWeights, batch: TokenBatch, cap: int = DEFAULT_CAP, *, unit_length: bool = True
+    weights: DecoderWeights,
+    batch: TokenBatch,
+    cap: int = DEFAULT_CAP,
+    *,
+    unit_length: bool = True,
+    check_finite: bool = True,
 ) -> F32:
-    """Sentence vectors [n_sequences, hidden]: the stack, the final norm, then the configured pooling."""
+    """Sentence vectors [n_sequences, hidden]: the stack, the final norm, then the configured pooling
+    (non-finite values refused as bert.encode does, unless check_finite is False)."""
     config = weights.config
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         x = token_embeddings(weights, batch, cap)  # [padded, hidden] per chunk
@@ -456,5 +462,7 @@ def encode(
         final = weights.vector("output_norm.weight")  # [hidden]
         for chunk in x:
             rms_norm(chunk, final, config.rms_eps)
-        pooled = require_finite(pool(x, batch, config.pooling))  # [n, hidden]
-    return normalize(pooled) if unit_length else pooled
+        pooled = pool(x, batch, config.pooling)  # [n, hidden]
+        if check_finite:
+            require_finite(pooled)
+        return normalize(pooled) if unit_length else pooled

@@ -17,7 +17,7 @@ import numpy as np
 
 from gguf_sandbox.budget import MemoryBudget, Reservation
 from gguf_sandbox.embed.architectures import Family, TextEncoder, family_of, sequence_limits
-from gguf_sandbox.embed.bert import POOLING_NAMES, Pooling
+from gguf_sandbox.embed.bert import POOLING_NAMES, Pooling, require_finite
 from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
 from gguf_sandbox.embed.plan import (
     DEFAULT_PASS_TOKENS,
@@ -316,21 +316,29 @@ class Embedder:
         return reservation, [work]
 
     def _encode(self, parts: list[_Pass], plan: Plan, out: F32, *, normalize: bool) -> None:
-        """Vectors of a pass into its rows of `out`: one part on the pool, or each part alone on a thread."""
+        """Vectors of a pass into its rows of `out`: one part on the pool, or each part alone on a thread.
+
+        Non-finite vectors are refused once for the whole pass, numbered among the caller's texts: a
+        sub-batch's own count would name only its texts.
+        """
         if len(parts) == 1:
             self._encode_part(parts[0], plan, out, self._pool, normalize=normalize)
-            return
-        self._pool.run(
-            [
-                functools.partial(self._encode_part, part, plan, out, SERIAL, normalize=normalize)
-                for part in parts
-            ]
-        )
+        else:
+            self._pool.run(
+                [
+                    functools.partial(self._encode_part, part, plan, out, SERIAL, normalize=normalize)
+                    for part in parts
+                ]
+            )
+        first, last = parts[0].first, parts[-1].first + len(parts[-1].sequences)
+        require_finite(out[first:last], first)
 
     def _encode_part(self, part: _Pass, plan: Plan, out: F32, pool: ComputePool, *, normalize: bool) -> None:
         batch = TokenBatch.from_sequences(part.sequences, self._chunk_rows)
         with use_pool(pool):
-            vectors = self._family.encode(self._weights, batch, plan.cap, unit_length=normalize)
+            vectors = self._family.encode(
+                self._weights, batch, plan.cap, unit_length=normalize, check_finite=False
+            )
         out[part.first : part.first + len(part.sequences)] = vectors  # [n, dim]
 
     def _passes(self, texts: Sequence[str], plan: Plan) -> Iterator[_Pass]:

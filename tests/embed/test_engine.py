@@ -677,3 +677,40 @@ def _assert_one_error_per_call(model: Path, plan: str, *, threads: int) -> None:
             with pytest.raises(GGUFError, match="NaN or infinite"):
                 embedder.embed(["a b c", "b c a b", synthetic_texts(1)[0]])
             assert budget.in_use == resident
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize(
+    "setting", [("resident-f32", 2, 32), ("streaming", 1, 2)], ids=["sub-batches", "passes-of-2"]
+)
+def test_a_non_finite_vector_is_named_among_the_callers_texts(
+    small_model: Path, tmp_path: Path, setting: tuple[str, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One token's embedding row poisoned, so only the text holding it goes NaN: the error names it by
+    its index among the caller's texts, whether it ran in the second of two sub-batches or in a later
+    pass (a sub-batch used to count from its own first text: "sequence 0 of the batch, 1 of 1")."""
+    from gguf_sandbox.gguf.reader import GGUFFile
+
+    plan, threads, batch_size = setting
+    monkeypatch.setattr(engine_module, "usable_cpus", lambda: 8)
+    words = [token[1:] for token in vocabulary(400) if token.startswith("\u2581") and len(token) > 2][-3:]
+    texts = [f"{words[0]} {words[1]}", words[1], words[0], f"{words[1]} {words[2]}"]  # text 3 holds words[2]
+    with Embedder.open(small_model, budget=MemoryBudget(UNLIMITED)) as clean:
+        poisoned_id = clean.tokenize(words[2])[1]
+        assert all(poisoned_id not in clean.tokenize(text) for text in texts[:3])
+    with GGUFFile.open(small_model) as opened:
+        table = opened.tensor("token_embd.weight")
+    row_bytes = table.nbytes // table.ne[1]
+    data = bytearray(small_model.read_bytes())
+    start = table.offset + poisoned_id * row_bytes
+    data[start : start + 2] = np.float16(np.nan).tobytes()  # the row's first block scale
+    poisoned = tmp_path / "poisoned-row.gguf"
+    poisoned.write_bytes(bytes(data))
+    with Embedder.open(
+        poisoned, plan=plan, budget=MemoryBudget(UNLIMITED), threads=threads, batch_size=batch_size
+    ) as embedder:
+        assert embedder.embed(texts[:3]).shape == (3, embedder.dimension)  # the others are fine
+        with pytest.raises(GGUFError) as raised:
+            embedder.embed(texts)
+    expected = f"for 1 of the {2 if batch_size == 2 else 4} texts embedded together (the first is text 3)"
+    assert expected in str(raised.value)
