@@ -295,7 +295,8 @@ class Embedder:
         Sub-batches are what lets a second core pay off on a batch: a thread that runs a whole pass
         calls numpy a few times per chunk-sized array, so the threads rarely wait for each other or the
         GIL (issue #15, bench/embed.py, MiniLM, 32 texts: with products split by column spans a batch ran
-        1.36x as fast on 2 threads as on 1 in one run, as sub-batches 1.71x, the median of 3).
+        1.36x as fast on 2 threads as on 1 in one run, as sub-batches 1.71x, the median of 3; 1.84x once
+        GELU's numpy calls were four times fewer).
         Quantized and streamed matrices stay with one batch, whose pool decodes each piece once for all
         chunks instead of once per sub-batch.
         """
