@@ -14,6 +14,11 @@ from gguf_sandbox.embed.plan import Q8_BLOCK, Q8_BLOCK_BYTES
 from gguf_sandbox.embed.rows import F32
 
 
+def _scales(raw: bytes | NDArray[np.uint8]) -> F32:
+    """Each block's fp16 scale (its first two bytes) as float32 [blocks]."""
+    return np.frombuffer(raw, dtype="<f2").reshape(-1, Q8_BLOCK_BYTES // 2)[:, 0].astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Q8Rows:
     """Q8_0 rows in row order, as streamed blocks are split: quants [blocks, 32], scales [blocks, 1].
@@ -35,8 +40,7 @@ class Q8Rows:
         # rows pays numpy's per-row overhead.
         item = np.dtype((np.void, Q8_BLOCK))
         np.copyto(quants.view(item), blocks[:, 2:].view(item))
-        half = np.frombuffer(raw, dtype="<f2").reshape(-1, Q8_BLOCK_BYTES // 2)[:, :1]  # [n, 1]
-        return cls(row_len, quants, half.astype(np.float32))
+        return cls(row_len, quants, _scales(raw)[:, None])
 
     @property
     def n_rows(self) -> int:
@@ -74,9 +78,7 @@ class Q8Piece:
         stored = blocks[:, 2:].view(np.int8).reshape(rows, per_row, Q8_BLOCK)  # [rows, per_row, 32]
         quants = np.empty((per_row, Q8_BLOCK, rows), dtype=np.int8)  # [per_row, 32, rows]
         np.copyto(quants, stored.transpose(1, 2, 0))
-        half = blocks[:, :2].copy().view("<f2").reshape(rows, per_row)  # [rows, per_row]
-        scales = np.empty((per_row, 1, rows), dtype=np.float32)  # [per_row, 1, rows]
-        np.copyto(scales[:, 0, :], half.T)
+        scales = np.ascontiguousarray(_scales(raw).reshape(rows, per_row).T)[:, None, :]  # [per_row, 1, rows]
         return cls(quants, scales)
 
     @property

@@ -32,7 +32,8 @@ def bits(rows: np.ndarray) -> np.ndarray:
 def test_a_piece_decodes_to_dequantize_bit_for_bit_as_a_transposed_view() -> None:
     raw = random_q8_0(ROWS * ROW_LEN // 32)
     expected = dequantize(raw, GGMLQuantizationType.Q8_0).reshape(ROWS, ROW_LEN)
-    for source in (raw, raw.tobytes()):
+    shifted = np.concatenate([np.zeros(3, dtype=np.uint8), raw])[3:]  # a view at an odd address
+    for source in (raw, raw.tobytes(), shifted):
         piece = Q8Piece.of(source, ROW_LEN)
         assert piece.n_rows == ROWS
         got = piece.decode()
