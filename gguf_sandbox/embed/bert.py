@@ -24,6 +24,7 @@ from gguf_sandbox.embed.rows import (
     padded_rows,
     rows_per_chunk,
 )
+from gguf_sandbox.embed.softmax import softmax_times_values
 from gguf_sandbox.embed.threads import current_pool, spans
 from gguf_sandbox.errors import GGUFError
 
@@ -157,16 +158,21 @@ def _attend(
     head_dim: int,
     cap: int,
 ) -> None:
-    """ctx of one sequence for heads [h0, h1), in head groups whose gathered K, V and scores stay in `cap`."""
+    """ctx of one sequence for heads [h0, h1), in head groups whose K, V and scores each stay in `cap`."""
     length = sum(hi - lo for _, lo, hi in pieces)
     scale = np.float32(1.0 / math.sqrt(head_dim))
     first_head, last_head = heads
-    # Heads per group: a gathered K or V of the group, [length, group * head_dim], stays within the cap.
-    group = max(1, min(last_head - first_head, cap // (FLOAT_BYTES * length * head_dim)))
+    # Heads per group: the group's K and V, [length, group * head_dim] each, and its scores for every query
+    # row, [group, length, length], stay within the cap; past 512 tokens the queries go in blocks. Fewer,
+    # larger products than blocks of every head: at 512 tokens 12 products of one head's 512 queries, not
+    # 13 blocks of 42 queries for 12 heads.
+    group = max(1, min(last_head - first_head, cap // (FLOAT_BYTES * length * max(length, head_dim))))
     for h0 in range(first_head, last_head, group):
         g = min(group, last_head - h0)
         columns = slice(h0 * head_dim, (h0 + g) * head_dim)
-        keys = gather(k, pieces, columns).reshape(length, g, head_dim).transpose(1, 2, 0)  # [g, d, L]
+        # The 1/sqrt(d) goes on K, once per group, rather than on the scores: L/d times fewer elements.
+        keys = np.multiply(gather(k, pieces, columns), scale)  # [L, g * d]
+        keys = keys.reshape(length, g, head_dim).transpose(1, 2, 0)  # [g, d, L]
         values = gather(v, pieces, columns).reshape(length, g, head_dim).transpose(1, 0, 2)  # [g, L, d]
         query_rows = max(1, min(length, cap // (FLOAT_BYTES * g * length)))
         # One scores buffer per group, reused by every query block (a new one would briefly double it).
@@ -176,12 +182,8 @@ def _attend(
                 r1 = min(r0 + query_rows, hi)
                 queries = q[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
                 scores = np.matmul(queries, keys, out=buffer[:, : r1 - r0])  # [g, n, L]
-                scores *= scale  # [g, n, L]
-                scores -= np.maximum.reduce(scores, axis=2, keepdims=True)  # [g, n, L]
-                np.exp(scores, out=scores)  # [g, n, L]
-                scores /= np.add.reduce(scores, axis=2, keepdims=True)  # [g, n, L]
                 out = ctx[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
-                np.matmul(scores, values, out=out)  # [g, n, d]
+                softmax_times_values(scores, values, out)  # [g, n, d]
 
 
 def attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, *, heads: int, cap: int = DEFAULT_CAP) -> Rows:

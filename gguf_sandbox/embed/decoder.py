@@ -30,6 +30,7 @@ from gguf_sandbox.embed.rows import (
     padded_rows,
     rows_per_chunk,
 )
+from gguf_sandbox.embed.softmax import softmax_times_values
 from gguf_sandbox.errors import GGUFError
 
 # Tokens per text a decoder pass runs by default (longer texts are cut; the plan reports the limit): past
@@ -270,7 +271,8 @@ def grouped_attention(
         for kv in range(config.kv_heads):
             kv_columns = slice(kv * d, (kv + 1) * d)
             q_columns = slice(kv * group * d, (kv + 1) * group * d)
-            keys = gather(k, pieces, kv_columns)  # [L, d]
+            # The scale goes on K, once per KV head, rather than on its group's scores.
+            keys = np.multiply(gather(k, pieces, kv_columns), scale)  # [L, d]
             values = gather(v, pieces, kv_columns)  # [L, d]
             start = 0  # position of the piece's first row in its sequence
             for chunk, lo, hi in pieces:
@@ -285,20 +287,14 @@ def grouped_attention(
                     queries = q[chunk][r0 : r0 + n, q_columns].reshape(n, group, d).transpose(1, 0, 2)
                     scores = buffer[: group * n * span].reshape(group, n, span)  # [g, n, span]
                     np.matmul(queries, keys[key_start:key_end].T, out=scores)
-                    scores *= scale
                     mask = _mask(
                         np.arange(first, first + n),
                         np.arange(key_start, key_end),
                         causal=config.causal,
                         window=window,
                     )
-                    if mask is not None:
-                        scores += mask  # [g, n, span]
-                    scores -= np.maximum.reduce(scores, axis=2, keepdims=True)
-                    np.exp(scores, out=scores)
-                    scores /= np.add.reduce(scores, axis=2, keepdims=True)
                     out = ctx[chunk][r0 : r0 + n, q_columns].reshape(n, group, d).transpose(1, 0, 2)
-                    np.matmul(scores, values[key_start:key_end], out=out)  # [g, n, d]
+                    softmax_times_values(scores, values[key_start:key_end], out, mask)  # [g, n, d]
                 start += hi - lo
     return ctx
 
