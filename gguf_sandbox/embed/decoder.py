@@ -18,7 +18,7 @@ from typing import Final, Protocol
 import numpy as np
 
 from gguf_sandbox.embed.bert import POOLERS, Pooling, normalize, pool, require_finite
-from gguf_sandbox.embed.linear import Weights, linear
+from gguf_sandbox.embed.linear import Weights, linear, multiply
 from gguf_sandbox.embed.rows import (
     DEFAULT_CAP,
     F32,
@@ -31,6 +31,7 @@ from gguf_sandbox.embed.rows import (
     rows_per_chunk,
 )
 from gguf_sandbox.embed.softmax import softmax_times_values
+from gguf_sandbox.embed.threads import thread_scratch
 from gguf_sandbox.errors import GGUFError
 
 # Tokens per text a decoder pass runs by default (longer texts are cut; the plan reports the limit): past
@@ -381,7 +382,7 @@ def _slab_product(h: Rows, blocks: Iterable[tuple[int, F32]], lo: int, width: in
     for first, block in blocks:  # block [block_rows, in]
         columns = slice(first - lo, first - lo + block.shape[0])
         for x, y in zip(h, ys, strict=True):
-            np.matmul(x, block.T, out=y[:, columns])  # [rows, block_rows]
+            multiply(x, block, y[:, columns], thread_scratch())  # [rows, block_rows]
     return ys
 
 

@@ -25,6 +25,11 @@ COLUMN_ALIGN: Final = 16
 # another thread than handing it over costs: a 25-token text's 384-wide products cut four ways made two
 # threads slower than one (issue #15). Smaller products are cut into fewer, larger tasks.
 MIN_TASK_MACS: Final = 1 << 21
+# A row-major weight block multiplies at most this many activation rows as block @ x.T, transposed into y
+# afterwards: BLAS then vectorizes along the block's rows rather than a few tokens. Six MiniLM layers of
+# row-major float32, 25 rows: 13.9 ms as x @ W.T, 11.9 ms so (8 rows: 10.2 and 7.7); at 147 rows it is
+# slower (probe_tn in issue #15's notes).
+FEW_ROWS: Final = 64
 # Tasks a product aims for per thread: a batch's ~5 chunks as 5 tasks kept one of 2 threads idle a fifth of
 # the time; cut into 10 (and chunks of unequal size spread over more tasks) the threads end together.
 TASKS_PER_THREAD: Final = 4
@@ -49,6 +54,21 @@ class Weights(Protocol):
         ...
 
 
+def multiply(x: F32, block: F32, out: F32, spare: F32) -> F32:
+    """out = x @ block.T, for x [rows, in] and block [count, in]; `spare` is flat scratch no argument uses.
+
+    A row-major block times at most FEW_ROWS rows is multiplied as block @ x.T into `spare`, when it has
+    room, and transposed into out.
+    """
+    rows, count = x.shape[0], block.shape[0]
+    if rows > FEW_ROWS or not block.flags.c_contiguous or rows * count > spare.size:
+        return np.matmul(x, block.T, out=out)  # [rows, count]
+    transposed = spare[: count * rows].reshape(count, rows)  # [count, rows]
+    np.matmul(block, x.T, out=transposed)
+    np.copyto(out, transposed.T)
+    return out
+
+
 def _product(
     x: F32,
     block: F32,
@@ -61,17 +81,20 @@ def _product(
 ) -> None:
     """y[:, columns] = after(x @ block.T (+ bias) (+ residual)): one task, every step on the same columns."""
     out = y[:, columns]  # [rows, span]
-    np.matmul(x, block.T, out=out)  # [rows, span]
+    multiply(x, block, out, thread_scratch())  # [rows, span]
     _epilogue(out, columns, bias, residual, after)
 
 
 def _decoded_product(xs: Rows, ys: Rows, part: Part) -> None:
     """One piece of a quantized matrix decoded into this thread's scratch, then multiplied for every chunk."""
     first, count, decode = part
-    fits = count * xs[0].shape[1] * FLOAT_BYTES <= SCRATCH_BYTES
-    block = decode(thread_scratch() if fits else None)  # [count, in]
+    scratch = thread_scratch()
+    size = count * xs[0].shape[1]  # floats of the decoded piece
+    fits = size * FLOAT_BYTES <= SCRATCH_BYTES
+    block = decode(scratch if fits else None)  # [count, in]
+    spare = scratch[size:] if fits else scratch  # what the piece leaves of the scratch
     for x, y in zip(xs, ys, strict=True):
-        np.matmul(x, block.T, out=y[:, first : first + count])  # [rows, count]
+        multiply(x, block, y[:, first : first + count], spare)  # [rows, count]
 
 
 def _epilogue(

@@ -73,3 +73,32 @@ def test_q_k_v_products_equal_three_linears(weights_class: type[DictWeights]) ->
         assert pool.handoffs == 1
     else:
         assert pool.handoffs >= len(names)
+
+
+@pytest.mark.parametrize(
+    ("rows", "layout", "spare_floats", "transposed"),
+    [
+        (25, "row-major", 1 << 17, True),
+        (linear.FEW_ROWS, "row-major", 1 << 17, True),
+        (linear.FEW_ROWS + 1, "row-major", 1 << 17, False),
+        (25, "W.T contiguous", 1 << 17, False),
+        (25, "row-major", 170 * 25 - 1, False),
+    ],
+    ids=["sentence", "few-rows-limit", "more-rows", "resident-f32-layout", "spare-too-small"],
+)
+def test_multiply_is_x_times_block_transposed(
+    rows: int, layout: str, spare_floats: int, transposed: bool
+) -> None:
+    """Whichever way round BLAS is called: out = x @ block.T, into a column block of y; the transposed
+    product goes through `spare` only for a few rows of a row-major block."""
+    rng = np.random.default_rng(rows)
+    weight = rng.standard_normal((170, 384)).astype(np.float32)
+    block = weight if layout == "row-major" else np.ascontiguousarray(weight.T).T
+    x = rng.standard_normal((rows, 384)).astype(np.float32)
+    y = np.zeros((rows, 512), dtype=np.float32)
+    spare = np.full(spare_floats, np.nan, dtype=np.float32)
+    linear.multiply(x, block, y[:, 100:270], spare)
+    want = x.astype(np.float64) @ weight.T.astype(np.float64)
+    np.testing.assert_allclose(y[:, 100:270], want, rtol=1e-4, atol=1e-4)
+    assert not y[:, :100].any() and not y[:, 270:].any()
+    assert np.isnan(spare).all() != transposed
