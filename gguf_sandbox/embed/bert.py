@@ -162,28 +162,33 @@ def _attend(
     length = sum(hi - lo for _, lo, hi in pieces)
     scale = np.float32(1.0 / math.sqrt(head_dim))
     first_head, last_head = heads
-    # Heads per group: the group's K and V, [length, group * head_dim] each, and its scores for every query
-    # row, [group, length, length], stay within the cap; past 512 tokens the queries go in blocks. Fewer,
-    # larger products than blocks of every head: at 512 tokens 12 products of one head's 512 queries, not
-    # 13 blocks of 42 queries for 12 heads.
-    group = max(1, min(last_head - first_head, cap // (FLOAT_BYTES * length * max(length, head_dim))))
+    # Heads per group: the group's K and V, [length, group * head_dim] each, and its scores and scaled
+    # queries for every query row, [group, length, length + head_dim], stay within the cap; past ~500
+    # tokens the queries go in blocks. Fewer, larger products than blocks of every head: at 512 tokens 12
+    # products of one head's 481 queries and 12 of its last 31, not 13 blocks of 42 queries for 12 heads.
+    # The 1/sqrt(d) goes on a block's queries rather than its scores: L/d times fewer multiplies, and K
+    # stays a view. One buffer each for scores and queries serves every block of every group.
+    row_floats = length + head_dim  # one query row's scores and its scaled query, per head
+    group = max(1, min(last_head - first_head, cap // (FLOAT_BYTES * length * row_floats)))
+    query_rows = max(1, min(length, cap // (FLOAT_BYTES * group * row_floats)))
+    scores_buffer = np.empty(group * query_rows * length, dtype=np.float32)
+    queries_buffer = np.empty(group * query_rows * head_dim, dtype=np.float32)
     for h0 in range(first_head, last_head, group):
         g = min(group, last_head - h0)
         columns = slice(h0 * head_dim, (h0 + g) * head_dim)
-        # The 1/sqrt(d) goes on K, once per group, rather than on the scores: L/d times fewer elements.
-        keys = np.multiply(gather(k, pieces, columns), scale)  # [L, g * d]
-        keys = keys.reshape(length, g, head_dim).transpose(1, 2, 0)  # [g, d, L]
+        keys = gather(k, pieces, columns).reshape(length, g, head_dim).transpose(1, 2, 0)  # [g, d, L]
         values = gather(v, pieces, columns).reshape(length, g, head_dim).transpose(1, 0, 2)  # [g, L, d]
-        query_rows = max(1, min(length, cap // (FLOAT_BYTES * g * length)))
-        # One scores buffer per group, reused by every query block (a new one would briefly double it).
-        buffer = np.empty((g, query_rows, length), dtype=np.float32)  # [g, query_rows, L]
         for chunk, lo, hi in pieces:
             for r0 in range(lo, hi, query_rows):
-                r1 = min(r0 + query_rows, hi)
-                queries = q[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
-                scores = np.matmul(queries, keys, out=buffer[:, : r1 - r0])  # [g, n, L]
-                out = ctx[chunk][r0:r1, columns].reshape(r1 - r0, g, head_dim).transpose(1, 0, 2)
+                n = min(query_rows, hi - r0)
+                block = queries_buffer[: n * g * head_dim].reshape(n, g * head_dim)  # [n, g * d]
+                np.multiply(q[chunk][r0 : r0 + n, columns], scale, out=block)
+                queries = block.reshape(n, g, head_dim).transpose(1, 0, 2)  # [g, n, d]
+                scores = scores_buffer[: g * n * length].reshape(g, n, length)  # [g, n, L]
+                np.matmul(queries, keys, out=scores)
+                out = ctx[chunk][r0 : r0 + n, columns].reshape(n, g, head_dim).transpose(1, 0, 2)
                 softmax_times_values(scores, values, out)  # [g, n, d]
+        del keys, values  # a gathered K and V go before the next group's are made
 
 
 def attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, *, heads: int, cap: int = DEFAULT_CAP) -> Rows:

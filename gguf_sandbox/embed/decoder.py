@@ -249,7 +249,7 @@ def _mask(query_positions: Ids, key_positions: Ids, *, causal: bool, window: int
         allowed &= np.abs(distance) < window
     if allowed.all():
         return None
-    mask: F32 = np.where(allowed, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+    mask: F32 = np.where(allowed, np.float32(0.0), np.float32(-np.inf)).astype(np.float32, copy=False)
     return mask
 
 
@@ -266,14 +266,15 @@ def grouped_attention(
     ctx = [np.zeros_like(chunk) for chunk in q]  # [padded, heads * d] per chunk
     for pieces in batch.pieces:
         length = sum(hi - lo for _, lo, hi in pieces)
-        # Scores, and the int64 distances of their mask, of one query block within the cap.
-        query_rows = max(1, min(length, cap // (2 * FLOAT_BYTES * group * length)))
+        # Scores, the int64 distances of their mask and the scaled queries of one query block within the
+        # cap. The 1/sqrt(d) goes on the queries: span/d times fewer multiplies than on the scores.
+        query_rows = max(1, min(length, cap // (FLOAT_BYTES * group * (2 * length + d))))
         buffer = np.empty(group * query_rows * length, dtype=np.float32)  # scores of one block, reused
+        scaled = np.empty(query_rows * group * d, dtype=np.float32)  # its queries times 1/sqrt(d), reused
         for kv in range(config.kv_heads):
             kv_columns = slice(kv * d, (kv + 1) * d)
             q_columns = slice(kv * group * d, (kv + 1) * group * d)
-            # The scale goes on K, once per KV head, rather than on its group's scores.
-            keys = np.multiply(gather(k, pieces, kv_columns), scale)  # [L, d]
+            keys = gather(k, pieces, kv_columns)  # [L, d]
             values = gather(v, pieces, kv_columns)  # [L, d]
             start = 0  # position of the piece's first row in its sequence
             for chunk, lo, hi in pieces:
@@ -285,7 +286,9 @@ def grouped_attention(
                         key_end = min(key_end, first + n - 1 + window)
                     key_start = max(0, first - window + 1) if window else 0
                     span = key_end - key_start
-                    queries = q[chunk][r0 : r0 + n, q_columns].reshape(n, group, d).transpose(1, 0, 2)
+                    block = scaled[: n * group * d].reshape(n, group * d)  # [n, g * d]
+                    np.multiply(q[chunk][r0 : r0 + n, q_columns], scale, out=block)
+                    queries = block.reshape(n, group, d).transpose(1, 0, 2)  # [g, n, d]
                     scores = buffer[: group * n * span].reshape(group, n, span)  # [g, n, span]
                     np.matmul(queries, keys[key_start:key_end].T, out=scores)
                     mask = _mask(
@@ -297,6 +300,7 @@ def grouped_attention(
                     out = ctx[chunk][r0 : r0 + n, q_columns].reshape(n, group, d).transpose(1, 0, 2)
                     softmax_times_values(scores, values[key_start:key_end], out, mask)  # [g, n, d]
                 start += hi - lo
+            del keys, values  # a gathered K and V go before the next KV head's are made
     return ctx
 
 

@@ -12,8 +12,10 @@ def softmax_times_values(scores: F32, values: F32, out: F32, mask: F32 | None = 
 
     With more keys than head dimensions, the rows are normalized after the product, on out's d columns
     rather than the scores' k: at 256 tokens and 32-wide heads, 8x fewer divisions. Each row's maximum is
-    subtracted first, so exp() stays within (0, 1] and a row's sum within [1, k]: dividing late neither
-    overflows nor loses precision.
+    subtracted first, so exp() stays within (0, 1] and a row's sum within [1, k]. The product before the
+    division is at most k max|v|: it overflows only for values beyond float32's max / k (~6.6e35 at 512
+    keys), which no trained model's activations approach; a corrupt model's overflow reaches out as
+    infinities, which the engine refuses in words like any non-finite pass.
     """
     if mask is not None:
         scores += mask  # [g, n, k]

@@ -12,17 +12,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from gguf_sandbox.budget import MemoryBudget
 from gguf_sandbox.embed import decoder, decoder_shapes
 from gguf_sandbox.embed.decoder import DecoderConfig, RopeStyle, rotate
 from gguf_sandbox.embed.engine import Embedder
-from gguf_sandbox.embed.plan import ModelSizes, choose_plan
-from gguf_sandbox.embed.rows import TokenBatch, rows_per_chunk
+from gguf_sandbox.embed.plan import TRANSIENT_CAPS, ModelSizes, choose_plan
+from gguf_sandbox.embed.rows import DEFAULT_CAP, TokenBatch, rows_per_chunk
 from gguf_sandbox.embed.weights import PlannedWeights, load_weights
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.reader import GGUFFile
 from gguf_sandbox.gguf.synth_decoder import QWEN2_TINY, QWEN3_TINY
+from tests.embed.conftest import traced_peak
 from tests.models import cached_decoder
 
 UNLIMITED = 1 << 40
@@ -353,3 +355,46 @@ def test_a_window_key_in_an_architecture_without_sliding_layers_is_ignored_as_ll
 ) -> None:
     config = decoder_shapes.read_config(Patched(qwen2, **{"qwen2.attention.sliding_window": 4}))  # type: ignore[arg-type]
     assert config.sliding_window == 0 and not any(config.slides(layer) for layer in range(config.layers))
+
+
+@pytest.mark.parametrize(
+    ("hidden", "heads", "kv_heads", "head_dim", "window"),
+    [(640, 4, 1, 256, 512), (2560, 8, 4, 256, 0), (896, 14, 2, 64, 0)],
+    ids=["gemma3-270m-like-window", "4b-like", "qwen2-0.5b-like"],
+)
+def test_attention_of_1024_tokens_stays_within_the_transients_a_pass_reserves(
+    hidden: int, heads: int, kv_heads: int, head_dim: int, window: int
+) -> None:
+    """Gathered K and V, a block of scores with its mask and its scaled queries: within TRANSIENT_CAPS caps
+    beyond the context itself (a previous KV head's K and V held while the next was gathered: 3.58)."""
+    config = DecoderConfig(
+        architecture="test",
+        vocab_size=8,
+        hidden=hidden,
+        layers=1,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        ffn=4 * hidden,
+        context_length=4096,
+        trained_context=4096,
+        rms_eps=1e-6,
+        rope=RopeStyle.NEOX,
+        rope_dims=head_dim,
+        rope_base=1e4,
+        activation=decoder.Activation.SILU,
+        sliding_window=window,
+    )
+    rng = np.random.default_rng(0)
+    batch = TokenBatch.from_sequences([list(range(1024))], rows_per_chunk(config))
+    assert len(batch.chunks) > 1  # K and V are gathered from several chunks
+
+    def rows(width: int) -> list[NDArray[np.float32]]:
+        return [rng.standard_normal((hi - lo, width)).astype(np.float32) for lo, hi in batch.chunks]
+
+    q, k, v = rows(heads * head_dim), rows(kv_heads * head_dim), rows(kv_heads * head_dim)
+    context_bytes = sum(chunk.nbytes for chunk in q)
+    peak = traced_peak(
+        lambda: decoder.grouped_attention(q, k, v, batch, config=config, layer=0, cap=DEFAULT_CAP)
+    )
+    assert peak - context_bytes <= TRANSIENT_CAPS * DEFAULT_CAP + (64 << 10)

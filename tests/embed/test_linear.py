@@ -3,14 +3,20 @@ several products lined up in one hand-off."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
+from gguf.constants import GGMLQuantizationType
 from numpy.typing import NDArray
 
 from gguf_sandbox.embed import linear
+from gguf_sandbox.embed.q8_rows import Q8Piece, Q8Rows
 from gguf_sandbox.embed.threads import use_pool
+from gguf_sandbox.gguf.dequant import dequantize
 from tests.embed.conftest import CountingPool
 from tests.embed.test_bert import SMALL, DictWeights, random_weights
+from tests.embed.test_q8_rows import random_q8_0
 
 
 def _chunks(*rows: int, width: int = 384) -> list[NDArray[np.float32]]:
@@ -102,3 +108,28 @@ def test_multiply_is_x_times_block_transposed(
     np.testing.assert_allclose(y[:, 100:270], want, rtol=1e-4, atol=1e-4)
     assert not y[:, :100].any() and not y[:, 270:].any()
     assert np.isnan(spare).all() != transposed
+
+
+@pytest.mark.parametrize("rows", [8, 25, linear.FEW_ROWS])
+@pytest.mark.parametrize("kind", ["row-order", "column-order"])
+def test_a_decoded_piece_and_its_transposed_product_share_the_scratch_without_overlap(
+    rows: int, kind: str
+) -> None:
+    """A Q8_0 piece decodes into the front of the thread's scratch and the product of a few rows goes
+    through what it leaves: the result is x @ W.T for every chunk (an overlap would corrupt it)."""
+    count, width = 170, 384
+    raw = random_q8_0(count * width // 32)
+    weight = dequantize(raw, GGMLQuantizationType.Q8_0).reshape(count, width)
+    decoder: linear.Decoder = (
+        functools.partial(Q8Rows.of(raw, width).decode, 0, count)
+        if kind == "row-order"
+        else Q8Piece.of(raw, width).decode
+    )
+    rng = np.random.default_rng(rows)
+    xs = [rng.standard_normal((r, width)).astype(np.float32) for r in (rows, rows // 2 + 1)]
+    ys = [np.zeros((x.shape[0], 200 + count), dtype=np.float32) for x in xs]
+    linear._decoded_product(xs, ys, (200, count, decoder))
+    for x, y in zip(xs, ys, strict=True):
+        want = x.astype(np.float64) @ weight.T.astype(np.float64)
+        np.testing.assert_allclose(y[:, 200:], want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
+        assert not y[:, :200].any()

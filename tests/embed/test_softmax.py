@@ -54,3 +54,17 @@ def test_a_nan_score_stays_in_its_row(keys: int) -> None:
     assert np.isnan(out[1, 2]).all()
     out[1, 2] = 1.0
     np.testing.assert_array_equal(out, 1.0)
+
+
+def test_values_within_float32_max_over_k_stay_finite_and_beyond_it_overflow_loudly() -> None:
+    """Late normalization sums k weighted values before dividing: exact up to float32's max / k, infinite
+    (never a finite wrong number) past it."""
+    keys = 200
+    scores = np.zeros((1, 2, keys), dtype=np.float32)
+    out = np.empty((1, 2, 32), dtype=np.float32)
+    near = np.float32(np.finfo(np.float32).max / keys / 2)
+    softmax_times_values(scores.copy(), np.full((1, keys, 32), near, dtype=np.float32), out)
+    np.testing.assert_allclose(out, near, rtol=1e-6)
+    with np.errstate(over="ignore"):
+        softmax_times_values(scores.copy(), np.full((1, keys, 32), 1e37, dtype=np.float32), out)
+    assert np.isinf(out).all()
