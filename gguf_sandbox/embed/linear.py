@@ -21,10 +21,11 @@ Decoder: TypeAlias = Callable[[F32 | None], F32]
 Part: TypeAlias = tuple[int, int, Decoder]
 # Output columns of a product are split across threads at multiples of this (a 64-byte line of floats).
 COLUMN_ALIGN: Final = 16
-# A product task smaller than this many multiply-adds (~40 µs of single-threaded BLAS here) gains less from
-# another thread than handing it over costs: a 25-token text's 384-wide products cut four ways made two
-# threads slower than one (issue #15). Smaller products are cut into fewer, larger tasks.
-MIN_TASK_MACS: Final = 1 << 21
+# A product task smaller than this many multiply-adds (~80 µs of single-threaded BLAS here) gains less from
+# another thread than handing it over costs: waking an idle helper takes 35-90 µs on this VM. One ~26-token
+# text, resident-f32, 2 threads, `after` as below: 11.1 ms with 2M, 10.9 with this, 12.0 with 8M (whose
+# 1536-wide products stay whole), 12.4 on 1 thread (issue #15's notes, defer_probe).
+MIN_TASK_MACS: Final = 1 << 22
 # A row-major weight block multiplies at most this many activation rows as block @ x.T, transposed into y
 # afterwards: BLAS then vectorizes along the block's rows rather than a few tokens. Six MiniLM layers of
 # row-major float32, 25 rows: 13.9 ms as x @ W.T, 11.9 ms so (8 rows: 10.2 and 7.7); at 147 rows it is
@@ -159,17 +160,28 @@ def _linear_work(
         ]
         return _LinearWork(runs, epilogues)
 
+    # On one thread `after` runs inside each task, on columns still in cache. On several, it runs once per
+    # chunk after every block: GELU is ~20 short numpy calls, and two threads making them at once hand the
+    # GIL to each other at every call, each handover a thread wake (35-90 µs here). One text on 2 threads,
+    # 68 to 256 tokens: 1-8% faster so (issue #15's notes, defer_len).
+    in_task = after if threads == 1 else None
+    finals: list[Task] = (
+        [] if in_task is not None or after is None else [functools.partial(after, y) for y in ys]
+    )
+
     def block_tasks(first: int, block: F32) -> list[Task]:  # block [block_rows, in]
         parts = column_parts(xs, block.shape[0], threads)
         return [
             functools.partial(
-                _product, x, block[lo:hi], y, slice(first + lo, first + hi), bias=b, residual=r, after=after
+                _product, x, block[lo:hi], y, slice(first + lo, first + hi), bias=b, residual=r, after=in_task
             )
             for x, y, r in zip(xs, ys, residuals, strict=True)
             for lo, hi in spans(block.shape[0], parts, COLUMN_ALIGN)
         ]
 
-    return _LinearWork((block_tasks(first, block) for first, block in weights.blocks(f"{name}.weight")), [])
+    return _LinearWork(
+        (block_tasks(first, block) for first, block in weights.blocks(f"{name}.weight")), finals
+    )
 
 
 def linear(
@@ -187,8 +199,9 @@ def linear(
 
     W [out, in] comes block by block, each used for every chunk, then dropped. Each block's products are
     split into tasks by chunk and, when chunks are too few to keep the pool's threads busy, by output-column
-    spans too (column_parts); bias, residual and `after` (an elementwise function: GELU) run inside each
-    task, on columns that are still in cache.
+    spans too (column_parts); bias and residual run inside each task, on columns that are still in cache,
+    and so does `after` (an elementwise function: GELU) on one thread; on several it runs per chunk once
+    the chunk's columns are all done.
     """
     pool = current_pool()
     ys = out if out is not None else [np.empty((x.shape[0], out_dim), dtype=np.float32) for x in xs]

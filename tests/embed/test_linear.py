@@ -40,14 +40,52 @@ def test_tasks_keep_every_thread_busy_and_none_is_too_small(
     parts = linear.column_parts(xs, columns, threads)
     macs = sum(rows) * 384 * columns
     tasks = len(xs) * parts
-    # Each task worth handing over, and as many as the work allows up to TASKS_PER_THREAD per thread.
+    # Each task worth handing over, and as many as the work allows up to TASKS_PER_THREAD per thread: every
+    # chunk is cut into the same number of column spans, so the work allows whole multiples of the chunks.
     assert parts == 1 or macs // tasks >= linear.MIN_TASK_MACS
-    assert tasks >= min(linear.TASKS_PER_THREAD * threads, max(len(xs), macs // linear.MIN_TASK_MACS))
+    allowed = len(xs) * max(1, macs // len(xs) // linear.MIN_TASK_MACS)
+    assert tasks >= min(linear.TASKS_PER_THREAD * threads, allowed)
 
 
 def test_a_sentence_product_too_small_to_share_stays_whole() -> None:
-    # 8 tokens x 384 x 384: ~1.2M multiply-adds, less than one task's worth.
+    # 8 or 25 tokens x 384 x 384: 1.2M and 3.7M multiply-adds, less than one task's worth; a 25-token
+    # text's FFN product, 14.7M, is worth sharing between two threads.
     assert linear.column_parts(_chunks(8), 384, threads=2) == 1
+    assert linear.column_parts(_chunks(25), 384, threads=2) == 1
+    assert linear.column_parts(_chunks(25), 1536, threads=2) >= 2
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [(25,), (168, 60)], ids=["sentence", "two-chunks"])
+def test_after_runs_once_per_chunk_after_its_columns_on_several_threads(
+    threads: int, rows: tuple[int, ...]
+) -> None:
+    """On one thread `after` runs in each task on its column span; on several, once per chunk on all of
+    its columns, after the products (never twice on a column), and the result is the same."""
+    rng = np.random.default_rng(5)
+    tensors = random_weights(SMALL, 5)
+    weights = DictWeights(SMALL, tensors, 16)  # blocks of 16 output rows
+    xs = [rng.standard_normal((r, SMALL.hidden)).astype(np.float32) for r in rows]
+    name = "blk.0.ffn_up"
+    want = [np.tanh(x @ tensors[f"{name}.weight"].T + tensors[f"{name}.bias"]) for x in xs]
+    seen: list[tuple[int, ...]] = []
+
+    def after(y: NDArray[np.float32]) -> None:
+        assert np.isfinite(y).all()  # every column's product is done before `after` sees it
+        seen.append(y.shape)
+        np.tanh(y, out=y)
+
+    pool = CountingPool(threads)
+    try:
+        with use_pool(pool):
+            ys = linear.linear(xs, weights, name, SMALL.ffn, after=after)
+    finally:
+        pool.close()
+    for y, w in zip(ys, want, strict=True):
+        np.testing.assert_allclose(y, w, rtol=1e-5, atol=1e-5)
+    assert sum(shape[0] * shape[1] for shape in seen) == sum(r * SMALL.ffn for r in rows)
+    if threads > 1:
+        assert sorted(seen) == sorted((r, SMALL.ffn) for r in rows)
 
 
 class HeldWeights(DictWeights):
