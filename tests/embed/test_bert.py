@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from gguf_sandbox.embed import bert
+from gguf_sandbox.embed import bert, softmax
 from gguf_sandbox.embed.bert import BertConfig, Pooling
 from gguf_sandbox.embed.rows import F32, ROW_ALIGN, Ids, TokenBatch, padded_rows, rows_per_chunk
 from gguf_sandbox.embed.threads import use_pool
@@ -332,6 +332,44 @@ def test_attention_temporaries_stay_within_the_cap_at_512_tokens() -> None:
     # ctx itself, plus at most: one block of scores with its scaled queries (within the cap), the head
     # group's gathered K and V (one head each at 512 tokens), small softmax rows.
     assert peak <= ctx_bytes + (1 << 20) + 2 * gathered + (96 << 10)
+
+
+@pytest.mark.parametrize(("length", "threads", "most_blocks"), [(256, 1, 6), (256, 2, 12), (512, 1, 24)])
+def test_a_sequence_across_chunks_is_attended_in_few_blocks_within_the_cap(
+    monkeypatch: pytest.MonkeyPatch, length: int, threads: int, most_blocks: int
+) -> None:
+    """Blocks of up to a chunk's query rows, with as many heads as the cap holds beside their gathered K
+    and V: fewer numpy calls, which on 2 threads pass the GIL back and forth (a 256-token text on 2
+    threads: 6 blocks a thread, where groups sized for every query row of one head made 12)."""
+    config = BertConfig(vocab_size=10, hidden=384, layers=1, heads=12, ffn=1536, context_length=512)
+    rng = np.random.default_rng(8)
+    batch = TokenBatch.from_sequences([list(range(length))], rows_per_chunk(config))
+    assert len(batch.chunks) > 1
+    q, k, v = (
+        [rng.standard_normal((hi - lo, 384)).astype(np.float32) for lo, hi in batch.chunks] for _ in "qkv"
+    )
+    serial = bert.attention(q, k, v, batch, heads=12)
+    blocks: list[tuple[int, ...]] = []
+    real = softmax.softmax_times_values
+
+    def counting(scores: F32, values: F32, out: F32, mask: F32 | None = None) -> F32:
+        blocks.append(scores.shape)
+        return real(scores, values, out, mask)
+
+    monkeypatch.setattr(bert, "softmax_times_values", counting)
+    pool = CountingPool(threads)
+    try:
+        with use_pool(pool):
+            got = bert.attention(q, k, v, batch, heads=12)
+    finally:
+        pool.close()
+    assert len(blocks) <= most_blocks
+    share = (1 << 20) // threads  # the cap, shared by the tasks running at once
+    for group, rows, keys in blocks:
+        assert keys == length
+        assert 4 * group * (rows * (length + 32) + 2 * length * 32) <= share
+    for g, w in zip(got, serial, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(("length", "shared"), [(25, False), (256, True)], ids=["sentence", "long-text"])
