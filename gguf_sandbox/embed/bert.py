@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gguf_sandbox.embed.gelu import GELU_STEP, erf, gelu
-from gguf_sandbox.embed.linear import MIN_TASK_MACS, Weights, linear, linears
+from gguf_sandbox.embed.linear import Weights, linear, linears
 from gguf_sandbox.embed.rows import (
     DEFAULT_CAP,
     F32,
@@ -29,6 +29,12 @@ from gguf_sandbox.embed.threads import current_pool, spans
 from gguf_sandbox.errors import GGUFError
 
 __all__ = ["GELU_STEP", "erf", "gelu"]  # re-exported: the GELU the forward pass applies lives in gelu.py
+
+# A sequence's heads are split between threads from this many multiply-adds of attention (2 L^2 d per
+# head), fewer than a product task's (linear.MIN_TASK_MACS): 32-wide products and the softmax do less per
+# multiply-add. One text on 2 threads, split here or from 4M: 94 tokens 23.1 ms against 23.6-23.7, 103
+# tokens 24.9-25.1 against 25.6-25.7, 85 tokens 22.0 either way (issue #15's notes, attn_split_probe).
+ATTENTION_TASK_MACS: Final = 1 << 21
 
 
 class Pooling(IntEnum):
@@ -158,7 +164,8 @@ def _attend(
     head_dim: int,
     cap: int,
 ) -> None:
-    """ctx of one sequence for heads [h0, h1), in head groups whose K, V and scores each stay in `cap`."""
+    """ctx of one sequence for heads [h0, h1), in head groups whose gathered K and V, scores and scaled
+    queries together stay in `cap` (all but one head's K and V when those alone leave no room for a row)."""
     length = sum(hi - lo for _, lo, hi in pieces)
     scale = np.float32(1.0 / math.sqrt(head_dim))
     first_head, last_head = heads
@@ -167,14 +174,17 @@ def _attend(
     # Query blocks run within a piece (a chunk's rows), so a block is at most the longest piece, and as many
     # heads go in a group as the cap then holds: fewer numpy calls, which on 2 threads pass the GIL back and
     # forth. A 256-token text on 2 threads (pieces of 168 and 88 rows): 6 blocks per thread, not 12 of one
-    # head each (attention 13.6 -> ~10 ms a text); at 512 tokens on 1 thread, 24 blocks rather than 48.
+    # head each (attention 13.2-13.4 -> 10.6-10.9 ms a text); at 512 tokens on 1 thread, 24 blocks, not 48.
     # The 1/sqrt(d) goes on a block's queries rather than its scores: L/d times fewer multiplies, and K
     # stays a view. One buffer each for scores and queries serves every block of every group.
     budget = cap // FLOAT_BYTES
     key_values, row_floats = (2 * length * head_dim if len(pieces) > 1 else 0), length + head_dim
     longest = max(hi - lo for _, lo, hi in pieces)
-    # Past ~1000 tokens a head's K and V alone take half the cap: its queries still get the other half.
-    query_rows = max(1, min(longest, max(budget - key_values, budget // 2) // row_floats))
+    # Only when one head's K and V leave no room for a single query row (MiniLM at ~4000 tokens on 1 thread,
+    # BERT-base with 64-wide heads at ~2000) does a block go beyond the cap: by those K and V, which one head
+    # needs whatever the block; its queries then get half the cap.
+    room = budget - key_values if budget - key_values >= row_floats else budget // 2
+    query_rows = max(1, min(longest, room // row_floats))
     group = max(1, min(last_head - first_head, budget // (key_values + query_rows * row_floats)))
     scores_buffer = np.empty(group * query_rows * length, dtype=np.float32)
     queries_buffer = np.empty(group * query_rows * head_dim, dtype=np.float32)
@@ -201,7 +211,7 @@ def attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, *, heads: int, cap: 
 
     One task per sequence and head span: a sequence's heads are split across the pool's threads when there
     are fewer sequences than threads and its scores and context (2 L^2 d multiply-adds per head) are worth
-    handing over (MIN_TASK_MACS): a 25-token text's attention is ~0.5M for all heads.
+    handing over (ATTENTION_TASK_MACS): a 25-token text's attention is ~0.5M for all heads.
     """
     pool = current_pool()
     head_dim = q[0].shape[1] // heads
@@ -213,7 +223,9 @@ def attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, *, heads: int, cap: 
     work = [
         (pieces, span)
         for pieces, length in zip(batch.pieces, lengths, strict=True)
-        for span in spans(heads, max(1, min(wanted, 2 * length * length * heads * head_dim // MIN_TASK_MACS)))
+        for span in spans(
+            heads, max(1, min(wanted, 2 * length * length * heads * head_dim // ATTENTION_TASK_MACS))
+        )
     ]
     # Tasks running at once share the cap, so their gathered K, V and scores together stay within what one
     # serial pass holds (plan.TRANSIENT_CAPS).
