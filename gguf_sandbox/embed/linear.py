@@ -13,7 +13,8 @@ import numpy as np
 from gguf_sandbox.embed.rows import F32, FLOAT_BYTES, Ids, Rows
 from gguf_sandbox.embed.threads import SCRATCH_BYTES, Task, current_pool, spans, thread_scratch
 
-# What a product task applies to its output columns in place before it ends (GELU).
+# What a product applies to its output in place once computed (GELU): inside each task on one thread, per
+# chunk after the product's tasks on several.
 Epilogue: TypeAlias = Callable[[F32], object]
 # Decodes one piece of a quantized matrix, into the flat float32 scratch it is given when its type allows.
 Decoder: TypeAlias = Callable[[F32 | None], F32]
@@ -123,7 +124,8 @@ def column_parts(xs: Rows, columns: int, threads: int) -> int:
 @dataclass(frozen=True)
 class _LinearWork:
     """A product's tasks: `runs` (one list per weight block, produced as the blocks are read) and then
-    `epilogues` (bias, residual and `after` per chunk, when the runs do not apply them themselves)."""
+    `epilogues`, per chunk, for what the runs do not apply themselves (quantized matrices: bias, residual and
+    `after`; float32 ones on several threads: `after`)."""
 
     runs: Iterator[list[Task]]
     epilogues: list[Task]
@@ -161,9 +163,11 @@ def _linear_work(
         return _LinearWork(runs, epilogues)
 
     # On one thread `after` runs inside each task, on columns still in cache. On several, it runs once per
-    # chunk after every block: GELU is ~20 short numpy calls, and two threads making them at once hand the
-    # GIL to each other at every call, each handover a thread wake (35-90 µs here). One text on 2 threads,
-    # 68 to 256 tokens: 1-8% faster so (issue #15's notes, defer_len).
+    # chunk after every block: GELU is ~20 numpy calls per slice, and two threads making short ones at once
+    # hand the GIL to each other at every call, each handover a thread wake (35-90 µs here); per chunk, a
+    # text within one chunk runs it on the calling thread, and several chunks share the threads in whole-
+    # chunk slices. One text on 2 threads, 68 to 256 tokens: 1-8% faster so (issue #15's notes, defer_len).
+    # Batches on resident-f32 run as one-thread sub-batches (engine.py), so theirs stays in the tasks.
     in_task = after if threads == 1 else None
     finals: list[Task] = (
         [] if in_task is not None or after is None else [functools.partial(after, y) for y in ys]
@@ -199,9 +203,10 @@ def linear(
 
     W [out, in] comes block by block, each used for every chunk, then dropped. Each block's products are
     split into tasks by chunk and, when chunks are too few to keep the pool's threads busy, by output-column
-    spans too (column_parts); bias and residual run inside each task, on columns that are still in cache,
-    and so does `after` (an elementwise function: GELU) on one thread; on several it runs per chunk once
-    the chunk's columns are all done.
+    spans too (column_parts). For float32 matrices bias and residual run inside each task, on columns that
+    are still in cache, and so does `after` (an elementwise function: GELU) on one thread; on several it
+    runs per chunk once the chunk's columns are all done. A quantized matrix's tasks each decode a piece,
+    and bias, residual and `after` run per chunk afterwards.
     """
     pool = current_pool()
     ys = out if out is not None else [np.empty((x.shape[0], out_dim), dtype=np.float32) for x in xs]

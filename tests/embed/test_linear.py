@@ -11,6 +11,7 @@ from gguf.constants import GGMLQuantizationType
 from numpy.typing import NDArray
 
 from gguf_sandbox.embed import linear
+from gguf_sandbox.embed.bert import BertConfig
 from gguf_sandbox.embed.q8_rows import Q8Piece, Q8Rows
 from gguf_sandbox.embed.threads import use_pool
 from gguf_sandbox.gguf.dequant import dequantize
@@ -41,10 +42,11 @@ def test_tasks_keep_every_thread_busy_and_none_is_too_small(
     macs = sum(rows) * 384 * columns
     tasks = len(xs) * parts
     # Each task worth handing over, and as many as the work allows up to TASKS_PER_THREAD per thread: every
-    # chunk is cut into the same number of column spans, so the work allows whole multiples of the chunks.
+    # chunk is cut into the same number of column spans, and one more span each would leave tasks too small.
     assert parts == 1 or macs // tasks >= linear.MIN_TASK_MACS
-    allowed = len(xs) * max(1, macs // len(xs) // linear.MIN_TASK_MACS)
-    assert tasks >= min(linear.TASKS_PER_THREAD * threads, allowed)
+    assert (
+        tasks >= linear.TASKS_PER_THREAD * threads or macs // (len(xs) * (parts + 1)) < linear.MIN_TASK_MACS
+    )
 
 
 def test_a_sentence_product_too_small_to_share_stays_whole() -> None:
@@ -55,19 +57,28 @@ def test_a_sentence_product_too_small_to_share_stays_whole() -> None:
     assert linear.column_parts(_chunks(25), 1536, threads=2) >= 2
 
 
+WIDE = BertConfig(vocab_size=10, hidden=384, layers=1, heads=12, ffn=1536, context_length=512)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows", [(25,), (168, 60)], ids=["sentence", "two-chunks"])
+@pytest.mark.parametrize(
+    ("config", "block_rows", "rows"),
+    [(SMALL, 16, (25,)), (SMALL, 16, (168, 60)), (WIDE, 1536, (64,)), (WIDE, 1536, (168, 60))],
+    ids=["sentence", "two-chunks", "wide-sentence", "wide-two-chunks"],
+)
 def test_after_runs_once_per_chunk_after_its_columns_on_several_threads(
-    threads: int, rows: tuple[int, ...]
+    threads: int, config: BertConfig, block_rows: int, rows: tuple[int, ...]
 ) -> None:
-    """On one thread `after` runs in each task on its column span; on several, once per chunk on all of
-    its columns, after the products (never twice on a column), and the result is the same."""
+    """On one thread `after` runs in each task on its columns; on several, once per chunk on all of its
+    columns, after every product (never twice on a column, never on one not yet computed: the outputs
+    start as NaN), and the result is the same. WIDE's products are cut into column spans on 2 threads."""
     rng = np.random.default_rng(5)
-    tensors = random_weights(SMALL, 5)
-    weights = DictWeights(SMALL, tensors, 16)  # blocks of 16 output rows
-    xs = [rng.standard_normal((r, SMALL.hidden)).astype(np.float32) for r in rows]
+    tensors = random_weights(config, 5)
+    weights = DictWeights(config, tensors, block_rows)
+    xs = [rng.standard_normal((r, config.hidden)).astype(np.float32) for r in rows]
     name = "blk.0.ffn_up"
     want = [np.tanh(x @ tensors[f"{name}.weight"].T + tensors[f"{name}.bias"]) for x in xs]
+    outputs = [np.full((r, config.ffn), np.nan, dtype=np.float32) for r in rows]
     seen: list[tuple[int, ...]] = []
 
     def after(y: NDArray[np.float32]) -> None:
@@ -78,14 +89,16 @@ def test_after_runs_once_per_chunk_after_its_columns_on_several_threads(
     pool = CountingPool(threads)
     try:
         with use_pool(pool):
-            ys = linear.linear(xs, weights, name, SMALL.ffn, after=after)
+            ys = linear.linear(xs, weights, name, config.ffn, after=after, out=outputs)
     finally:
         pool.close()
     for y, w in zip(ys, want, strict=True):
         np.testing.assert_allclose(y, w, rtol=1e-5, atol=1e-5)
-    assert sum(shape[0] * shape[1] for shape in seen) == sum(r * SMALL.ffn for r in rows)
+    assert sum(shape[0] * shape[1] for shape in seen) == sum(r * config.ffn for r in rows)
     if threads > 1:
-        assert sorted(seen) == sorted((r, SMALL.ffn) for r in rows)
+        assert sorted(seen) == sorted((r, config.ffn) for r in rows)
+    if config is WIDE and threads == 2:
+        assert linear.column_parts(xs, config.ffn, threads) > 1
 
 
 class HeldWeights(DictWeights):
