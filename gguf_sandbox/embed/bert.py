@@ -25,7 +25,7 @@ from gguf_sandbox.embed.rows import (
     rows_per_chunk,
 )
 from gguf_sandbox.embed.softmax import softmax_times_values
-from gguf_sandbox.embed.threads import current_pool, spans
+from gguf_sandbox.embed.threads import Task, current_pool, spans
 from gguf_sandbox.errors import GGUFError
 
 __all__ = ["GELU_STEP", "erf", "gelu"]  # re-exported: the GELU the forward pass applies lives in gelu.py
@@ -228,15 +228,29 @@ def attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, *, heads: int, cap: 
         )
     ]
     # Tasks running at once share the cap, so their gathered K, V and scores together stay within what one
-    # serial pass holds (plan.TRANSIENT_CAPS).
-    share = cap // min(pool.threads, len(work))
-    pool.run(
-        [
-            functools.partial(_attend, q, k, v, ctx, pieces=pieces, heads=span, head_dim=head_dim, cap=share)
-            for pieces, span in work
-        ]
-    )
+    # serial pass holds (plan.TRANSIENT_CAPS). One head's K and V gathered from several pieces (2 L d floats)
+    # do not shrink with a task's share: no more tasks run at once than leave room beside those for a query
+    # row, so each stays within its share (64-wide heads: 3 tasks at 512 tokens, 1 past ~1000). One alone
+    # whose K and V outgrow the cap (past ~2000 tokens) has them held by the pass's row budget: row_bytes
+    # leaves attention at least 2 d floats a token.
+    running = min(pool.threads, len(work))
+    longest = max((sum(hi - lo for _, lo, hi in pieces) for pieces, _ in work if len(pieces) > 1), default=0)
+    if longest:  # one head's K and V plus one query row's scores and query
+        running = max(1, min(running, cap // (FLOAT_BYTES * (2 * longest * head_dim + longest + head_dim))))
+    share = cap // running
+    tasks: list[Task] = [
+        functools.partial(_attend, q, k, v, ctx, pieces=pieces, heads=span, head_dim=head_dim, cap=share)
+        for pieces, span in work
+    ]
+    if running < min(pool.threads, len(tasks)):
+        tasks = [functools.partial(_in_turn, tasks[first::running]) for first in range(running)]
+    pool.run(tasks)
     return ctx
+
+
+def _in_turn(tasks: list[Task]) -> None:
+    for task in tasks:
+        task()
 
 
 def _layer_norms(ys: Rows, weights: BertWeights, name: str) -> None:

@@ -41,12 +41,15 @@ def traced_peak(run: Callable[[], object]) -> int:
 
 
 class CountingPool(ComputePool):
-    """A compute pool that counts its hand-offs: run() calls with more than one task."""
+    """A compute pool that counts its hand-offs (run() calls with more than one task) and the most tasks
+    one run() was given."""
 
     def __init__(self, threads: int) -> None:
         super().__init__(threads)
         self.handoffs = 0
+        self.largest_run = 0
 
     def run(self, tasks: Sequence[Task]) -> None:
         self.handoffs += len(tasks) > 1
+        self.largest_run = max(self.largest_run, len(tasks))
         super().run(tasks)

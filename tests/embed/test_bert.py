@@ -379,6 +379,38 @@ def test_a_sequence_across_chunks_is_attended_in_few_blocks_within_the_cap(
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("length", "most_running"), [(512, 3), (1024, 1)])
+def test_attention_runs_no_more_tasks_at_once_than_their_gathered_k_and_v_leave_room_for(
+    length: int, most_running: int
+) -> None:
+    """64-wide heads, 4 threads: one head's K and V gathered across chunks (2 L d floats) do not shrink with
+    a task's share of the cap, so fewer tasks run at once; together they stay within the cap."""
+    import tracemalloc
+
+    config = BertConfig(vocab_size=10, hidden=768, layers=1, heads=12, ffn=3072, context_length=length)
+    rng = np.random.default_rng(9)
+    batch = TokenBatch.from_sequences([list(range(length))], rows_per_chunk(config))
+    q, k, v = (
+        [rng.standard_normal((hi - lo, 768)).astype(np.float32) for lo, hi in batch.chunks] for _ in "qkv"
+    )
+    serial = bert.attention(q, k, v, batch, heads=12)
+    pool = CountingPool(4)
+    tracemalloc.start()
+    try:
+        with use_pool(pool):
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            got = bert.attention(q, k, v, batch, heads=12)
+            peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+        pool.close()
+    assert min(pool.threads, pool.largest_run) <= most_running  # tasks running at once
+    assert peak <= length * 768 * 4 + (1 << 20) + (96 << 10)  # ctx, the cap, small softmax rows
+    for g, w in zip(got, serial, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("length", "shared"), [(25, False), (100, True), (256, True)], ids=["sentence", "paragraph", "long-text"]
 )
