@@ -308,17 +308,25 @@ def test_a_sequence_embeds_the_same_alone_and_in_a_batch() -> None:
     assert np.abs(together - alone).max() <= 1e-6
 
 
+def _one_sequence(length: int, hidden: int, seed: int) -> tuple[TokenBatch, list[F32], list[F32], list[F32]]:
+    """A batch of one sequence of `length` tokens in chunks as a BERT with `hidden` (12 heads) cuts them,
+    and random Q, K and V rows for it."""
+    config = BertConfig(
+        vocab_size=10, hidden=hidden, layers=1, heads=12, ffn=4 * hidden, context_length=length
+    )
+    rng = np.random.default_rng(seed)
+    batch = TokenBatch.from_sequences([list(range(length))], rows_per_chunk(config))
+    q, k, v = (
+        [rng.standard_normal((hi - lo, hidden)).astype(np.float32) for lo, hi in batch.chunks] for _ in "qkv"
+    )
+    return batch, q, k, v
+
+
 def test_attention_temporaries_stay_within_the_cap_at_512_tokens() -> None:
     """Peak traced memory inside attention(): q, k, v, ctx for 512 tokens plus blocks within the cap."""
     import tracemalloc
 
-    config = BertConfig(vocab_size=10, hidden=384, layers=1, heads=12, ffn=1536, context_length=512)
-    rng = np.random.default_rng(5)
-    chunk_rows = rows_per_chunk(config)
-    batch = TokenBatch.from_sequences([list(range(512))], chunk_rows)
-    q, k, v = (
-        [rng.standard_normal((hi - lo, 384)).astype(np.float32) for lo, hi in batch.chunks] for _ in "qkv"
-    )
+    batch, q, k, v = _one_sequence(512, 384, seed=5)
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
@@ -347,14 +355,9 @@ def test_a_sequence_across_chunks_is_attended_in_few_blocks_within_the_cap(
     threads: 6 blocks a thread, where groups sized for every query row of one head made 12). With 64-wide
     heads on 3 threads one head's K and V take most of a task's share: its blocks shrink to fit beside them
     (37 rows), where e85d0c8 gave them half the share whatever K and V took."""
-    config = BertConfig(vocab_size=10, hidden=hidden, layers=1, heads=12, ffn=4 * hidden, context_length=512)
     head_dim = hidden // 12
-    rng = np.random.default_rng(8)
-    batch = TokenBatch.from_sequences([list(range(length))], rows_per_chunk(config))
+    batch, q, k, v = _one_sequence(length, hidden, seed=8)
     assert len(batch.chunks) > 1
-    q, k, v = (
-        [rng.standard_normal((hi - lo, hidden)).astype(np.float32) for lo, hi in batch.chunks] for _ in "qkv"
-    )
     serial = bert.attention(q, k, v, batch, heads=12)
     blocks: list[tuple[int, ...]] = []
     real = softmax.softmax_times_values
@@ -387,12 +390,7 @@ def test_attention_runs_no_more_tasks_at_once_than_their_gathered_k_and_v_leave_
     a task's share of the cap, so fewer tasks run at once; together they stay within the cap."""
     import tracemalloc
 
-    config = BertConfig(vocab_size=10, hidden=768, layers=1, heads=12, ffn=3072, context_length=length)
-    rng = np.random.default_rng(9)
-    batch = TokenBatch.from_sequences([list(range(length))], rows_per_chunk(config))
-    q, k, v = (
-        [rng.standard_normal((hi - lo, 768)).astype(np.float32) for lo, hi in batch.chunks] for _ in "qkv"
-    )
+    batch, q, k, v = _one_sequence(length, 768, seed=9)
     serial = bert.attention(q, k, v, batch, heads=12)
     pool = CountingPool(4)
     tracemalloc.start()
@@ -415,12 +413,7 @@ def test_attention_runs_no_more_tasks_at_once_than_their_gathered_k_and_v_leave_
     ("length", "shared"), [(25, False), (100, True), (256, True)], ids=["sentence", "paragraph", "long-text"]
 )
 def test_attention_shares_a_sequence_between_threads_only_when_worth_it(length: int, shared: bool) -> None:
-    config = BertConfig(vocab_size=10, hidden=384, layers=1, heads=12, ffn=1536, context_length=512)
-    rng = np.random.default_rng(3)
-    batch = TokenBatch.from_sequences([list(range(length))], rows_per_chunk(config))
-    q, k, v = (
-        [rng.standard_normal((hi - lo, 384)).astype(np.float32) for lo, hi in batch.chunks] for _ in "qkv"
-    )
+    batch, q, k, v = _one_sequence(length, 384, seed=3)
     serial = bert.attention(q, k, v, batch, heads=12)
     pool = CountingPool(2)
     try:
