@@ -25,7 +25,7 @@ from gguf_sandbox.embed.rows import (
     rows_per_chunk,
 )
 from gguf_sandbox.embed.softmax import softmax_times_values
-from gguf_sandbox.embed.threads import Task, current_pool, spans
+from gguf_sandbox.embed.threads import SERIAL, Task, current_pool, spans
 from gguf_sandbox.errors import GGUFError
 
 __all__ = ["GELU_STEP", "erf", "gelu"]  # re-exported: the GELU the forward pass applies lives in gelu.py
@@ -153,6 +153,12 @@ def embeddings(weights: BertWeights, batch: TokenBatch, cap: int = DEFAULT_CAP) 
     return xs
 
 
+def _head_floats(length: int, head_dim: int, query_rows: int, *, gathered: bool) -> int:
+    """Floats one head of an attention block holds: its K and V when gathered from several pieces (2 L d;
+    from one piece they are views), and per query row its scores and scaled query (L + d)."""
+    return (2 * length * head_dim if gathered else 0) + query_rows * (length + head_dim)
+
+
 def _attend(
     q: Rows,
     k: Rows,
@@ -169,8 +175,6 @@ def _attend(
     length = sum(hi - lo for _, lo, hi in pieces)
     scale = np.float32(1.0 / math.sqrt(head_dim))
     first_head, last_head = heads
-    # A head's K and V, gathered from several pieces, take 2 L d floats (from one piece they are views), and
-    # each of its query rows L + d (scores and scaled query).
     # Query blocks run within a piece (a chunk's rows), so a block is at most the longest piece, and as many
     # heads go in a group as the cap then holds: fewer numpy calls, which on 2 threads pass the GIL back and
     # forth. A 256-token text on 2 threads (pieces of 168 and 88 rows): 6 blocks per thread, not 12 of one
@@ -178,14 +182,20 @@ def _attend(
     # The 1/sqrt(d) goes on a block's queries rather than its scores: L/d times fewer multiplies, and K
     # stays a view. One buffer each for scores and queries serves every block of every group.
     budget = cap // FLOAT_BYTES
-    key_values, row_floats = (2 * length * head_dim if len(pieces) > 1 else 0), length + head_dim
+    gathered = len(pieces) > 1
+    key_values = _head_floats(length, head_dim, 0, gathered=gathered)
     longest = max(hi - lo for _, lo, hi in pieces)
     # Only when one head's K and V leave no room for a single query row (MiniLM at ~4000 tokens on 1 thread,
     # BERT-base with 64-wide heads at ~2000) does a block go beyond the cap: by those K and V, which one head
     # needs whatever the block; its queries then get half the cap.
-    room = budget - key_values if budget - key_values >= row_floats else budget // 2
-    query_rows = max(1, min(longest, room // row_floats))
-    group = max(1, min(last_head - first_head, budget // (key_values + query_rows * row_floats)))
+    room = (
+        budget - key_values if budget >= _head_floats(length, head_dim, 1, gathered=gathered) else budget // 2
+    )
+    query_rows = max(1, min(longest, room // (length + head_dim)))
+    group = max(
+        1,
+        min(last_head - first_head, budget // _head_floats(length, head_dim, query_rows, gathered=gathered)),
+    )
     scores_buffer = np.empty(group * query_rows * length, dtype=np.float32)
     queries_buffer = np.empty(group * query_rows * head_dim, dtype=np.float32)
     for h0 in range(first_head, last_head, group):
@@ -235,22 +245,19 @@ def attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, *, heads: int, cap: 
     # leaves attention at least 2 d floats a token.
     running = min(pool.threads, len(work))
     longest = max((sum(hi - lo for _, lo, hi in pieces) for pieces, _ in work if len(pieces) > 1), default=0)
-    if longest:  # one head's K and V plus one query row's scores and query
-        running = max(1, min(running, cap // (FLOAT_BYTES * (2 * longest * head_dim + longest + head_dim))))
+    if longest:
+        running = max(
+            1, min(running, cap // (FLOAT_BYTES * _head_floats(longest, head_dim, 1, gathered=True)))
+        )
     share = cap // running
     tasks: list[Task] = [
         functools.partial(_attend, q, k, v, ctx, pieces=pieces, heads=span, head_dim=head_dim, cap=share)
         for pieces, span in work
     ]
     if running < min(pool.threads, len(tasks)):
-        tasks = [functools.partial(_in_turn, tasks[first::running]) for first in range(running)]
+        tasks = [functools.partial(SERIAL.run, tasks[first::running]) for first in range(running)]
     pool.run(tasks)
     return ctx
-
-
-def _in_turn(tasks: list[Task]) -> None:
-    for task in tasks:
-        task()
 
 
 def _layer_norms(ys: Rows, weights: BertWeights, name: str) -> None:
