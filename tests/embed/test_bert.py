@@ -403,8 +403,12 @@ def test_attention_runs_no_more_tasks_at_once_than_their_gathered_k_and_v_leave_
     finally:
         tracemalloc.stop()
         pool.close()
-    assert min(pool.threads, pool.largest_run) <= most_running  # tasks running at once
-    assert peak <= length * 768 * 4 + (1 << 20) + (96 << 10)  # ctx, the cap, small softmax rows
+    running = min(pool.threads, pool.largest_run)  # tasks running at once
+    assert running <= most_running
+    # ctx, the cap, and what the accounting leaves out: softmax rows and each running task's numpy call
+    # temporaries and frames (beyond ctx + cap, 4 threads at 512 tokens: 38-39 KiB usually, up to ~100 KiB
+    # over 30 runs, for 3 tasks; 1 thread: 66 KiB under).
+    assert peak <= length * 768 * 4 + (1 << 20) + max(96 << 10, running * (64 << 10))
     for g, w in zip(got, serial, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
