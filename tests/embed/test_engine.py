@@ -9,6 +9,7 @@ import json
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -442,6 +443,29 @@ def test_corrupt_weights_on_sub_batches_raise_one_error_and_release_the_pass(
                 opened.embed(texts)
             assert budget.in_use == resident
         assert reserved == [sum(pass_bytes(opened.config, rows) for rows in halves)] * 2  # ran as sub-batches
+
+
+@pytest.mark.parametrize("poison", ["nan-weights", "inf-bias", "overflowing-weights"])
+@pytest.mark.parametrize("plan", ["resident-f32", "streaming"])
+def test_corrupt_weights_on_one_text_over_two_threads_raise_one_error_and_no_warning(
+    poison: str, plan: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hostile weights, one text, a pass split over two threads (GELU per chunk after the products'
+    tasks, attention's head spans): one GGUFError in words, no numpy warning from any thread, the pass's
+    memory released."""
+    from tests.gguf.hostile import CORPUS
+
+    monkeypatch.setattr(engine_module, "usable_cpus", lambda: 8)
+    budget = MemoryBudget(UNLIMITED)
+    with Embedder.open(CORPUS[poison].make(tmp_path), plan=plan, budget=budget, threads=2) as opened:
+        assert opened.threads == 2
+        resident = budget.in_use
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(2):
+                with pytest.raises(GGUFError, match="NaN or infinite"):
+                    opened.embed(["a b c a b c a b"])
+                assert budget.in_use == resident
 
 
 def test_threads_never_exceed_the_usable_cpus(small_model: Path) -> None:
