@@ -1,0 +1,158 @@
+"""Q8_0 matrices multiplied by an int8 kernel: onnxruntime's MatMulNBits (8 bits, blocks of 32).
+
+MatMulNBits keeps a matrix as Q8_0 stores it (quants offset to unsigned, one scale per 32 of a row) and,
+at accuracy level 4, quantizes each 32 of an activation row to int8 too, as llama.cpp does for Q8_0: the
+products are integer dot products (AVX512-VNNI / AVX2) over a quarter of float32's bytes. Six MiniLM
+layers at 26 tokens, 1 thread: 4.7 ms against numpy's float32 13.3 ms; 2 threads 2.9 ms (issue #15,
+ort_probe). The price is llama.cpp's: activations rounded to 8 bits, a product ~0.6% off at worst.
+
+Only the `fast` extra installs onnxruntime and onnx; available() says whether they can be imported, without
+importing them (~36 MiB of RSS).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable
+from typing import Any, Final
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from gguf_sandbox.embed.rows import F32
+from gguf_sandbox.errors import GGUFError
+
+KERNEL_MODULES: Final = ("onnxruntime", "onnx")
+# A Q8_0 block: one fp16 scale, then 32 int8 quants (as plan.py; importing it from there would be a cycle).
+Q8_BLOCK, Q8_BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
+# MatMulNBits' unsigned quants are centred on 2**(bits - 1): Q8_0's int8 quants plus this.
+_ZERO_POINT: Final = 128
+# Accuracy level 4: int8 activations, the integer kernel; levels 0-3 dequantize to float every call
+# (~20 ms for the six MiniLM layers above, slower than numpy).
+_INT8_ACTIVATIONS: Final = 4
+# The oldest onnxruntime the extra allows (1.23, the last for Python 3.10) reads models up to IR version 11.
+_IR_VERSION: Final = 10
+
+
+def available() -> bool:
+    """Whether the kernel's libraries are installed (the `fast` extra)."""
+    return all(importlib.util.find_spec(name) is not None for name in KERNEL_MODULES)
+
+
+def _session_options(threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Idle threads sleep: spinning ones take the core from the pass's own pool between products (one text on
+    # 2 threads: 6.7 ms a text with them asleep, 90-170 ms spinning).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # No arena and no memory pattern: a product's buffers are freed when it returns, not kept for reuse.
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    options.log_severity_level = 3
+    return options
+
+
+def _graph(rows: int, row_len: int, *, bias: bool) -> bytes:
+    """A one-node model y = MatMulNBits(x, quants, scales) (+ bias) whose weights are external
+    initializers: the session takes them from memory it is given (add_external_initializers), so none is
+    copied into it."""
+    from onnx import TensorProto, helper
+
+    blocks = row_len // Q8_BLOCK
+    node = helper.make_node(
+        "MatMulNBits",
+        ["x", "quants", "scales", "", "", "bias" if bias else ""],  # no zero points, no group index
+        ["y"],
+        domain="com.microsoft",
+        K=row_len,
+        N=rows,
+        bits=8,
+        block_size=Q8_BLOCK,
+        accuracy_level=_INT8_ACTIVATIONS,
+    )
+    weights = [
+        _external("quants", TensorProto.UINT8, [rows, blocks, Q8_BLOCK]),
+        _external("scales", TensorProto.FLOAT, [rows * blocks]),
+    ]
+    graph = helper.make_graph(
+        [node],
+        "q8_0_product",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", row_len])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", rows])],
+        weights + ([_external("bias", TensorProto.FLOAT, [rows])] if bias else []),
+    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=_IR_VERSION)
+    return bytes(model.SerializeToString())
+
+
+def _external(name: str, data_type: int, dims: list[int]) -> Any:
+    """An initializer declared with its data elsewhere (given to the session by name)."""
+    from onnx import TensorProto
+
+    tensor = TensorProto(name=name, data_type=data_type, dims=dims, data_location=TensorProto.EXTERNAL)
+    tensor.external_data.add(key="location", value=name)
+    return tensor
+
+
+class Int8Matrix:
+    """Q8_0 rows [rows, row_len] in an onnxruntime session (one matrix, or several with the same input side
+    by side: Q, K and V); multiply() is x @ W.T (+ bias) for float32 x.
+
+    The quants, scales and bias are handed to the session as initializers backed by these arrays (no
+    copy); the session keeps a packed copy besides, so the rows hold about twice their Q8_0 bytes.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        rows: int,
+        row_len: int,
+        raw_blocks: Iterable[tuple[int, bytes]],
+        *,
+        bias: F32 | None = None,
+        threads: int,
+    ) -> None:
+        import onnxruntime as ort
+
+        blocks = row_len // Q8_BLOCK
+        self._quants = np.empty((rows, blocks, Q8_BLOCK), dtype=np.uint8)  # [rows, blocks, 32]
+        self._scales = np.empty(rows * blocks, dtype=np.float32)  # [rows * blocks]
+        for first, raw in raw_blocks:
+            stored = np.frombuffer(raw, dtype=np.uint8).reshape(-1, blocks, Q8_BLOCK_BYTES)  # [n, blocks, 34]
+            count = stored.shape[0]
+            quants = self._quants[first : first + count]  # [n, blocks, 32]
+            np.bitwise_xor(stored[..., 2:], _ZERO_POINT, out=quants)  # int8 + 128 as unsigned bytes
+            self._scales[first * blocks : (first + count) * blocks] = (
+                stored[..., :2].copy().view("<f2").reshape(-1)
+            )
+        if not np.isfinite(self._scales).all():
+            # The kernel would not carry a NaN or infinite scale into its products (they come out finite
+            # and wrong), so it is refused here, where the float plans refuse the vectors it poisons.
+            raise GGUFError(f"{name}: a Q8_0 block scale is NaN or infinite; the file is corrupt")
+        arrays = {"quants": self._quants, "scales": self._scales}
+        if bias is not None:
+            self._bias = np.ascontiguousarray(bias, dtype=np.float32)  # [rows]
+            arrays["bias"] = self._bias
+        self._values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
+        options = _session_options(threads)
+        options.add_external_initializers(list(arrays), self._values)
+        try:
+            self._session = ort.InferenceSession(
+                _graph(rows, row_len, bias=bias is not None), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # onnxruntime's own exception types, by message
+            raise GGUFError(f"{name}: the int8 kernel cannot hold this matrix: {error}") from None
+        self.rows, self.row_len = rows, row_len
+
+    def multiply(self, x: F32) -> F32:
+        """x @ W.T (+ bias) for x [n, row_len], as a new [n, rows] array; a row of x that is not finite
+        gives a NaN row, as a float32 product would (the kernel rounds a NaN to some int8)."""
+        x = np.ascontiguousarray(x)
+        y: F32 = self._session.run(None, {"x": x})[0]  # [n, rows]
+        if not np.isfinite(x.sum()):  # cheap; any NaN or inf makes the sum so
+            y[~np.isfinite(x).all(axis=1)] = np.nan
+        return y
