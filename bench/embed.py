@@ -30,6 +30,7 @@ block types, so expect ≥ 0.999 for SmolLM2 and ≥ 0.99 for gemma3, not 1.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -45,7 +46,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-OUR_PLANS = ("resident-f32", "resident-quant", "streaming")
+# resident-int8 where its kernel is installed (the `fast` extra: int8_kernel.KERNEL_MODULES, looked up here
+# without importing gguf_sandbox, which a peer's interpreter lacks).
+INT8_PLAN = ("resident-int8",) if all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")) else ()
+OUR_PLANS = ("resident-f32", "resident-quant", "streaming", *INT8_PLAN)
 ST_ENGINE = "sentence-transformers"
 LLAMA_ENGINE = "llama.cpp"
 DEFAULT_ST_PYTHON = Path("/work/venvs/ref/bin/python")

@@ -146,6 +146,7 @@ class Embedder:
         if not wait_s > 0:
             raise ValueError(f"wait_s must be positive, got {wait_s}")
         cpus = usable_cpus()
+        threads_used = cpus if threads is None else min(threads, cpus)
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         gguf = GGUFFile.open(Path(model_path))
@@ -172,7 +173,7 @@ class Embedder:
                 what += f" ({chosen.cached_bytes:,} bytes of them in page cache)"
             resident = budget.reserve(what, held, cap=max(held, budget.cap))
             try:
-                weights = load_weights(gguf, layout, chosen)
+                weights = load_weights(gguf, layout, chosen, threads=threads_used)
             except BaseException:
                 resident.release()
                 raise
@@ -191,7 +192,7 @@ class Embedder:
             budget=budget,
             resident=resident,
             batch_size=batch_size,
-            threads=cpus if threads is None else min(threads, cpus),
+            threads=threads_used,
             wait_s=wait_s,
         )
 
@@ -216,8 +217,11 @@ class Embedder:
 
     @property
     def degraded(self) -> bool:
-        """Running another plan than the unconstrained host would, or shorter texts than the model's."""
-        return self.plan != self.preferred_plan or self.context_length < self._full_length
+        """Running a slower plan than the unconstrained host would, or shorter texts than the model's
+        (resident-int8, asked for by name, is the fastest)."""
+        chosen = self._weights.plan.name
+        slower = chosen is not self._preferred and chosen is not PlanName.RESIDENT_INT8
+        return slower or self.context_length < self._full_length
 
     @property
     def plan_details(self) -> dict[str, object]:

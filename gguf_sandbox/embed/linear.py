@@ -11,7 +11,7 @@ from typing import Final, Protocol, TypeAlias
 import numpy as np
 
 from gguf_sandbox.embed.rows import F32, FLOAT_BYTES, Ids, Rows
-from gguf_sandbox.embed.threads import SCRATCH_BYTES, Task, current_pool, spans, thread_scratch
+from gguf_sandbox.embed.threads import SCRATCH_BYTES, SERIAL, Task, current_pool, spans, thread_scratch
 
 # What a product applies to its output in place once computed (GELU): inside each task on one thread, per
 # chunk after the product's tasks on several.
@@ -54,6 +54,24 @@ class Weights(Protocol):
         Blocks decoded for the call stay within the cap; weights held resident may come as one block.
         """
         ...
+
+
+class Kernel(Protocol):
+    """Matrices multiplied by a kernel of their own (int8_kernel.Int8Matrix), on threads of its own."""
+
+    def multiply(self, x: F32) -> F32:
+        """x @ W.T (+ bias) for x [rows, in], as a new [rows, out] array."""
+        ...
+
+
+@dataclass(frozen=True)
+class KernelSlice:
+    """A matrix in a kernel that may hold others beside it (a layer's Q, K and V): its output columns, and
+    whether the kernel adds its bias."""
+
+    kernel: Kernel
+    columns: slice
+    biased: bool
 
 
 def multiply(x: F32, block: F32, out: F32, spare: F32) -> F32:
@@ -99,6 +117,22 @@ def _decoded_product(xs: Rows, ys: Rows, part: Part) -> None:
         multiply(x, block, y[:, first : first + count], spare)  # [rows, count]
 
 
+def _kernel_products(
+    kernel: Kernel,
+    x: F32,
+    outputs: Sequence[tuple[KernelSlice, F32, F32 | None]],
+    *,
+    residual: F32 | None,
+    after: Epilogue | None,
+) -> None:
+    """One chunk through a kernel once, its columns for each matrix into that matrix's output y (then the
+    bias the kernel did not add, `residual` and `after`); outputs are (slice, y, bias) [rows, out]."""
+    product = kernel.multiply(x)  # [rows, kernel's out]
+    for held, y, bias in outputs:
+        np.copyto(y, product[:, held.columns])  # [rows, out]
+        _epilogue(y, slice(0, y.shape[1]), None if held.biased else bias, residual, after)
+
+
 def _epilogue(
     out: F32, columns: slice, bias: F32 | None, residual: F32 | None, after: Epilogue | None
 ) -> None:
@@ -129,6 +163,8 @@ class _LinearWork:
 
     runs: Iterator[list[Task]]
     epilogues: list[Task]
+    # The int8 kernel runs on threads of its own: its tasks run one after the other on the caller's.
+    on_caller: bool = False
 
 
 def _linear_work(
@@ -145,6 +181,13 @@ def _linear_work(
     threads = current_pool().threads
     b = weights.vector(f"{name}.bias") if bias else None  # [out]
     residuals: Sequence[F32 | None] = residual if residual is not None else [None] * len(xs)
+    held = _kernel(weights, name)
+    if held is not None:
+        tasks: list[Task] = [
+            functools.partial(_kernel_products, held.kernel, x, [(held, y, b)], residual=r, after=after)
+            for x, y, r in zip(xs, ys, residuals, strict=True)
+        ]
+        return _LinearWork(iter([tasks]), [], on_caller=True)
     stored = getattr(weights, "parts", None)
     pieces = stored(f"{name}.weight") if stored is not None else None
     if pieces is not None:
@@ -188,6 +231,13 @@ def _linear_work(
     )
 
 
+def _kernel(weights: Weights, name: str) -> KernelSlice | None:
+    """Where a kernel of its own holds the matrix, if the plan has one (weights.kernel: resident-int8)."""
+    kernel = getattr(weights, "kernel", None)
+    found: KernelSlice | None = kernel(f"{name}.weight") if kernel is not None else None
+    return found
+
+
 def linear(
     xs: Rows,
     weights: Weights,
@@ -206,32 +256,55 @@ def linear(
     spans too (column_parts). For float32 matrices bias and residual run inside each task, on columns that
     are still in cache, and so does `after` (an elementwise function: GELU) on one thread; on several it
     runs per chunk once the chunk's columns are all done. A quantized matrix's tasks each decode a piece,
-    and bias, residual and `after` run per chunk afterwards.
+    and bias, residual and `after` run per chunk afterwards. A matrix with a kernel of its own (resident-
+    int8) is multiplied chunk by chunk on the caller's thread, the kernel using its own threads.
     """
-    pool = current_pool()
     ys = out if out is not None else [np.empty((x.shape[0], out_dim), dtype=np.float32) for x in xs]
     work = _linear_work(xs, ys, weights, name, bias=bias, residual=residual, after=after)
+    pool = SERIAL if work.on_caller else current_pool()
     for tasks in work.runs:
         pool.run(tasks)
     pool.run(work.epilogues)
     return ys
 
 
-def linears(xs: Rows, weights: Weights, outputs: Sequence[tuple[str, Rows]]) -> None:
-    """Several products of the same input with their biases (Q, K and V), each into its output rows.
+def _one_kernel(
+    xs: Rows,
+    weights: Weights,
+    outputs: Sequence[tuple[str, Rows]],
+    kernels: Sequence[KernelSlice],
+    *,
+    bias: bool,
+) -> None:
+    """Products that one kernel holds side by side (Q, K and V in resident-int8): one multiply per chunk."""
+    biases = [weights.vector(f"{name}.bias") if bias else None for name, _ in outputs]
+    for index, x in enumerate(xs):
+        chunk = [(held, ys[index], b) for held, (_, ys), b in zip(kernels, outputs, biases, strict=True)]
+        _kernel_products(kernels[0].kernel, x, chunk, residual=None, after=None)
+
+
+def linears(xs: Rows, weights: Weights, outputs: Sequence[tuple[str, Rows]], *, bias: bool = True) -> None:
+    """Several products of the same input (Q, K and V), with their biases if `bias`, each into its output
+    rows.
 
     When every matrix is held in memory (weights.held: the resident plans), all their tasks go to the pool
     at once: a 25-token text's three 384-wide products are each too small to share between threads, but
     together keep two busy. Streamed matrices are read one after the other (linear() each), so no more
-    than one block is held at a time.
+    than one block is held at a time. Matrices one kernel holds side by side (resident-int8's Q, K and V)
+    are multiplied together, once per chunk, on the caller's thread and the kernel's own.
     """
+    kernels = [held for name, _ in outputs if (held := _kernel(weights, name)) is not None]
+    shared = {id(held.kernel) for held in kernels}
+    if len(shared) == 1 and len(kernels) == len(outputs):
+        _one_kernel(xs, weights, outputs, kernels, bias=bias)
+        return
     held = getattr(weights, "held", None)
-    if held is None or not all(held(f"{name}.weight") for name, _ in outputs):
+    if shared or held is None or not all(held(f"{name}.weight") for name, _ in outputs):
         for name, ys in outputs:
-            linear(xs, weights, name, ys[0].shape[1], out=ys)
+            linear(xs, weights, name, ys[0].shape[1], bias=bias, out=ys)
         return
     works = [
-        _linear_work(xs, ys, weights, name, bias=True, residual=None, after=None) for name, ys in outputs
+        _linear_work(xs, ys, weights, name, bias=bias, residual=None, after=None) for name, ys in outputs
     ]
     pool = current_pool()
     pool.run([task for work in works for tasks in work.runs for task in tasks])

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
-from gguf.constants import GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gguf_sandbox.budget import physical_memory
+from gguf_sandbox.embed import int8_kernel
 from gguf_sandbox.embed.file_reads import column_read_cache
 from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
 from gguf_sandbox.embed.rows import DEFAULT_CAP, FLOAT_BYTES, aligned
@@ -27,8 +28,9 @@ PASS_SHARE: Final = (3, 4)
 
 
 class PlanName(str, Enum):
-    """Where the weights live while embedding; fastest first."""
+    """Where the weights live while embedding, and how they are multiplied; fastest first."""
 
+    RESIDENT_INT8 = "resident-int8"
     RESIDENT_F32 = "resident-f32"
     RESIDENT_QUANT = "resident-quant"
     STREAMING = "streaming"
@@ -44,12 +46,24 @@ class TableMode(str, Enum):
 
 # Table modes a plan may use, best first: a plan keeps its tables in memory when they fit, else reads rows.
 PLAN_TABLES: Final[Mapping[PlanName, tuple[TableMode, ...]]] = {
+    PlanName.RESIDENT_INT8: (TableMode.RAW, TableMode.FILE),
     PlanName.RESIDENT_F32: (TableMode.F32, TableMode.FILE),
     PlanName.RESIDENT_QUANT: (TableMode.RAW, TableMode.FILE),
     PlanName.STREAMING: (TableMode.FILE,),
 }
 
-PLAN_ORDER: Final = tuple(PlanName)
+# The plans auto chooses from, fastest first: their products are float32 throughout, so their vectors agree
+# within float rounding. resident-int8 runs only when asked for by name: it rounds activations to 8 bits,
+# as llama.cpp does for Q8_0, and its vectors agree with the others' to a cosine of ~0.9997.
+PLAN_ORDER: Final = (PlanName.RESIDENT_F32, PlanName.RESIDENT_QUANT, PlanName.STREAMING)
+
+# What resident-int8 holds beyond the file's bytes, as bounds that tests/embed/test_int8_kernel.py checks
+# against a real process's RSS: importing onnxruntime and onnx (36 MiB here), per matrix a session (0.43
+# MiB; Q, K and V share one), and the quants, scales and the session's packed copy (2.6-3.3x the Q8_0 bytes
+# in issue #15's ort_mem probes). MiniLM Q8_0: 127 MiB reserved, 89 MiB grown.
+INT8_IMPORT_BYTES: Final = 48 << 20
+INT8_SESSION_BYTES: Final = 1 << 20
+INT8_HELD_PER_STORED: Final = 4
 
 
 @dataclass(frozen=True)
@@ -90,11 +104,19 @@ class ModelSizes:
     matrices_kept: int  # as resident-quant keeps them (Q8_0 split into quants and float32 scales)
     quantized: bool  # some matrix is stored smaller than float32
     densest: float  # the most bytes per element any matrix is stored in
+    matrix_count: int = 0
+    q8_only: bool = False  # every matrix is little-endian Q8_0: the int8 kernel can multiply them all
+
+    @property
+    def matrices_int8(self) -> int:
+        """Bytes resident-int8 holds for the matrices, with the kernel's libraries."""
+        per_matrix = INT8_SESSION_BYTES * self.matrix_count
+        return INT8_IMPORT_BYTES + per_matrix + INT8_HELD_PER_STORED * self.matrices_raw
 
     @classmethod
     def of(cls, gguf: GGUFFile, layout: ModelLayout) -> ModelSizes:
-        vectors = tables_f32 = tables_raw = matrices_f32 = matrices_raw = matrices_kept = 0
-        quantized, densest = False, 0.0
+        vectors = tables_f32 = tables_raw = matrices_f32 = matrices_raw = matrices_kept = count = 0
+        quantized, densest, q8_only = False, 0.0, True
         for name in layout.shapes:
             info = gguf.tensor(name)
             decoded = info.n_elements * FLOAT_BYTES
@@ -107,15 +129,27 @@ class ModelSizes:
                 matrices_kept += kept_bytes(info, gguf.byte_order)
                 quantized = quantized or info.nbytes < decoded
                 densest = max(densest, info.nbytes / info.n_elements)
+                count += 1
+                q8_only = q8_only and is_q8_0(info, gguf.byte_order)
             else:
                 vectors += decoded
         return cls(
-            vectors, tables_f32, tables_raw, matrices_f32, matrices_raw, matrices_kept, quantized, densest
+            vectors,
+            tables_f32,
+            tables_raw,
+            matrices_f32,
+            matrices_raw,
+            matrices_kept,
+            quantized,
+            densest,
+            count,
+            q8_only and count > 0,
         )
 
     def resident(self, plan: PlanName, tables: TableMode) -> int:
         """Bytes a plan keeps for the Embedder's lifetime."""
         matrices = {
+            PlanName.RESIDENT_INT8: self.matrices_int8,
             PlanName.RESIDENT_F32: self.matrices_f32,
             PlanName.RESIDENT_QUANT: self.matrices_kept,
             PlanName.STREAMING: 0,
@@ -138,6 +172,8 @@ def preferred_plan(config: ModelConfig, sizes: ModelSizes, memory: int | None = 
 
 
 def _candidates(sizes: ModelSizes, requested: PlanName | None) -> Iterator[PlanName]:
+    if requested is PlanName.RESIDENT_INT8:
+        _check_int8(sizes)
     if requested is not None:
         yield requested
         return
@@ -146,6 +182,20 @@ def _candidates(sizes: ModelSizes, requested: PlanName | None) -> Iterator[PlanN
         if name is PlanName.RESIDENT_QUANT and not sizes.quantized:
             continue
         yield name
+
+
+def _check_int8(sizes: ModelSizes) -> None:
+    """Refuse resident-int8, asked for by name, where it cannot run."""
+    if not int8_kernel.available():
+        raise GGUFError(
+            "plan resident-int8 needs onnxruntime and onnx: pip install 'gguf-sandbox[fast]', or use "
+            "--plan auto"
+        )
+    if not sizes.q8_only:
+        raise GGUFError(
+            "plan resident-int8 multiplies Q8_0 weights only, and this model has other matrix types "
+            "(or is big-endian); use --plan auto"
+        )
 
 
 def parse_plan(plan: str | PlanName | None) -> PlanName | None:
@@ -234,8 +284,7 @@ def describe(plan: Plan, sizes: ModelSizes) -> dict[str, object]:
 
 
 # A Q8_0 block: one fp16 scale, then 32 int8 quants.
-Q8_BLOCK: Final = 32
-Q8_BLOCK_BYTES: Final = 34
+Q8_BLOCK, Q8_BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
 # What resident-quant keeps per Q8_0 block: the quants plus the scale as float32 (q8_rows.Q8Piece).
 Q8_KEPT_BYTES: Final = Q8_BLOCK + FLOAT_BYTES
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -23,8 +24,9 @@ from gguf_sandbox.embed.file_reads import (
     read_blocks,
     read_columns,
 )
+from gguf_sandbox.embed.int8_kernel import Int8Matrix
 from gguf_sandbox.embed.layout import ModelLayout
-from gguf_sandbox.embed.linear import Decoder
+from gguf_sandbox.embed.linear import Decoder, KernelSlice
 from gguf_sandbox.embed.plan import Q8_BLOCK, Q8_BLOCK_BYTES, Plan, PlanName, TableMode, is_q8_0
 from gguf_sandbox.embed.q8_rows import Q8Pieces, Q8Rows
 from gguf_sandbox.embed.rows import DECODE_BYTES, F32, FLOAT_BYTES, Ids
@@ -270,6 +272,24 @@ class RawMatrix:
         return iter(self._parts)
 
 
+class KernelMatrix:
+    """A Q8_0 matrix held by the int8 kernel (resident-int8), which multiplies it without decoding; its
+    blocks and slabs, which only a streamed pass asks for, are read from the file."""
+
+    def __init__(self, kernel: KernelSlice, stream: StreamMatrix) -> None:
+        self.kernel = kernel
+        self._stream = stream
+
+    def blocks(self) -> Iterator[tuple[int, F32]]:
+        return self._stream.blocks()
+
+    def row_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        return self._stream.row_slab(lo, hi)
+
+    def column_slab(self, lo: int, hi: int) -> Iterator[tuple[int, F32]]:
+        return self._stream.column_slab(lo, hi)
+
+
 class StreamedBytes:
     """Bytes of weights read from the file by streaming passes so far (for reports: GB/s streamed)."""
 
@@ -375,6 +395,12 @@ class PlannedWeights:
         and holds nothing new: a pass may then line up the tasks of several matrices at once."""
         return isinstance(self._matrices[name], F32Matrix | RawMatrix)
 
+    def kernel(self, name: str) -> KernelSlice | None:
+        """Where the int8 kernel holds a matrix (resident-int8), which multiplies on its own threads; None
+        otherwise."""
+        matrix = self._matrices[name]
+        return matrix.kernel if isinstance(matrix, KernelMatrix) else None
+
     def parts(self, name: str) -> Iterator[list[tuple[int, int, Decoder]]] | None:
         """A quantized matrix's stored blocks as pieces for the compute pool's threads to decode (bert.Parts);
         None for matrices kept decoded (resident-f32: use blocks())."""
@@ -418,8 +444,68 @@ def _matrix(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int, streamed: Str
     return StreamMatrix(gguf, info, plan.cap, fd, uncached=plan.uncached, streamed=streamed)
 
 
-def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan) -> PlannedWeights:
-    """Build the plan's weights from an open file (which must stay open while they are used)."""
+# Matrices of one layer the int8 kernel holds as one: they multiply the same input and a pass asks for them
+# together (linears()). One product of 1152 columns for a 26-token text takes 176 µs on 1 thread and 114-123
+# on 2, three of 384 take 196 and 183 (issue #15's notes, fused_probe).
+FUSED: Final = ("attn_q", "attn_k", "attn_v")
+
+
+def _fused_groups(gguf: GGUFFile, layout: ModelLayout) -> list[list[str]]:
+    """The layout's matrices in groups the int8 kernel holds as one: a layer's Q, K and V (when their rows
+    are as long), else alone."""
+    names = [name for name in layout.shapes if name in layout.matrices]
+    groups: list[list[str]] = []
+    grouped: set[str] = set()
+    for name in names:
+        if name in grouped:
+            continue
+        prefix, _, part = name.removesuffix(".weight").rpartition(".")
+        group = [f"{prefix}.{other}.weight" for other in FUSED] if part in FUSED else [name]
+        present = all(member in layout.matrices for member in group)
+        if not present or len({gguf.tensor(member).row_len for member in group}) != 1:
+            group = [name]
+        groups.append(group)
+        grouped.update(group)
+    return groups
+
+
+def _int8_matrices(
+    gguf: GGUFFile,
+    layout: ModelLayout,
+    plan: Plan,
+    fd: int,
+    streamed: StreamedBytes,
+    *,
+    vectors: dict[str, F32],
+    threads: int,
+) -> dict[str, BlockSource]:
+    """Every matrix in the int8 kernel (Q, K and V of a layer as one), with its bias when each has one."""
+    matrices: dict[str, BlockSource] = {}
+    for group in _fused_groups(gguf, layout):
+        infos = [gguf.tensor(name) for name in group]
+        firsts = list(itertools.accumulate((info.n_rows for info in infos), initial=0))
+        biases = [
+            vectors[key]
+            for key in (name.removesuffix(".weight") + ".bias" for name in group)
+            if key in vectors
+        ]
+        bias = np.concatenate(biases) if len(biases) == len(group) else None  # [rows]
+        raw = (
+            (first + lo, block)
+            for info, first in zip(infos, firsts[:-1], strict=True)
+            for lo, block in read_blocks(fd, info, plan.cap)
+        )
+        kernel = Int8Matrix(", ".join(group), firsts[-1], infos[0].row_len, raw, bias=bias, threads=threads)
+        for name, info, first in zip(group, infos, firsts[:-1], strict=True):
+            stream = StreamMatrix(gguf, info, plan.cap, fd, uncached=False, streamed=streamed)
+            held = KernelSlice(kernel, slice(first, first + info.n_rows), biased=bias is not None)
+            matrices[name] = KernelMatrix(held, stream)
+    return matrices
+
+
+def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan, *, threads: int = 1) -> PlannedWeights:
+    """Build the plan's weights from an open file (which must stay open while they are used); `threads`
+    is how many the int8 kernel multiplies on (resident-int8)."""
     try:
         fd = os.open(gguf.path, os.O_RDONLY)
     except OSError as error:
@@ -436,11 +522,14 @@ def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan) -> PlannedWeig
             if name in layout.tables:
                 tables[name] = _table(gguf, info, plan, fd)
             elif name in layout.matrices:
-                matrices[name] = _matrix(gguf, info, plan, fd, streamed)
+                if plan.name is not PlanName.RESIDENT_INT8:
+                    matrices[name] = _matrix(gguf, info, plan, fd, streamed)
             else:
                 vectors[name] = np.concatenate(
                     [block.reshape(-1) for _, block in _f32_blocks(fd, info, plan.cap, gguf.byte_order)]
                 )
+        if plan.name is PlanName.RESIDENT_INT8:
+            matrices = _int8_matrices(gguf, layout, plan, fd, streamed, vectors=vectors, threads=threads)
     except BaseException:
         os.close(fd)
         raise

@@ -69,7 +69,7 @@ class Option:
 
 
 # Weight plans of the embedding engine (embed.weights.PlanName) plus "auto"; kept in sync by a test.
-PLAN_CHOICES = ("auto", "resident-f32", "resident-quant", "streaming")
+PLAN_CHOICES = ("auto", "resident-int8", "resident-f32", "resident-quant", "streaming")
 # Poolings a workload may ask for instead of the model's (embed.bert.POOLING_NAMES); kept in sync by a test.
 POOLING_CHOICES = ("mean", "cls", "last")
 _WORKLOAD_OPTIONS: Mapping[str, Option] = MappingProxyType(

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from gguf_sandbox.embed.engine import Embedder
-from gguf_sandbox.embed.plan import PlanName
+from gguf_sandbox.embed.plan import PLAN_ORDER
 from gguf_sandbox.gguf.synth_decoder import QWEN2_TINY, QWEN3_TINY
 from tests.embed.make_decoder_reference import FIXTURE
 from tests.models import GEMMA3, SMOLLM2, cached_decoder, packaged_gguf
@@ -63,7 +63,9 @@ def cosines(ours: np.ndarray, theirs: list[list[float]]) -> np.ndarray:
 
 
 @pytest.fixture(
-    scope="module", params=[(f, p) for f in FILES for p in PlanName], ids=lambda fp: f"{fp[0]}-{fp[1].value}"
+    scope="module",
+    params=[(f, p) for f in FILES for p in PLAN_ORDER],
+    ids=lambda fp: f"{fp[0]}-{fp[1].value}",
 )
 def embedded(request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, Any]]]:
     """Per model file and plan: our ids and unit vectors of every embeddable fixture text, by pooling."""

@@ -20,7 +20,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType
 
 from gguf_sandbox.budget import MemoryBudget
-from gguf_sandbox.embed import command
+from gguf_sandbox.embed import command, int8_kernel
 from gguf_sandbox.embed import engine as engine_module
 from gguf_sandbox.embed import plan as plan_module
 from gguf_sandbox.embed.engine import Embedder
@@ -649,8 +649,12 @@ def test_a_line_cut_inside_a_character_is_not_a_decoding_error(
     assert [row["text"] for row in report["data"]] == ["a" + "é" * 32_767, "ab"]
 
 
+# Every plan, and resident-int8 where its kernel is installed (Q8_0 poisons go through its own arithmetic).
+HOSTILE_Q8_PLANS = [p.value for p in PLAN_ORDER] + (["resident-int8"] if int8_kernel.available() else [])
+
+
 @pytest.mark.filterwarnings("error")
-@pytest.mark.parametrize("plan", [p.value for p in PLAN_ORDER])
+@pytest.mark.parametrize("plan", HOSTILE_Q8_PLANS)
 @pytest.mark.parametrize("scale", [np.float16(np.nan), np.float16(np.inf), np.float16(-np.inf)], ids=str)
 def test_a_poisoned_q8_0_scale_is_one_error_on_every_plan(
     small_model: Path, tmp_path: Path, plan: str, scale: np.float16
@@ -672,7 +676,7 @@ def test_a_poisoned_q8_0_scale_is_one_error_on_every_plan(
 
 
 @pytest.mark.filterwarnings("error")
-@pytest.mark.parametrize("plan", [p.value for p in PLAN_ORDER])
+@pytest.mark.parametrize("plan", HOSTILE_Q8_PLANS)
 def test_poisoned_q8_0_scales_on_two_threads_are_one_error_and_no_warning(
     minilm_shaped: Path, tmp_path: Path, plan: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -695,6 +699,12 @@ def test_poisoned_q8_0_scales_on_two_threads_are_one_error_and_no_warning(
 
 def _assert_one_error_per_call(model: Path, plan: str, *, threads: int) -> None:
     budget = MemoryBudget(UNLIMITED)
+    if plan == "resident-int8":
+        # The int8 kernel would carry a poisoned scale into finite, wrong products: refused at load.
+        with pytest.raises(GGUFError, match="NaN or infinite"):
+            Embedder.open(model, plan=plan, budget=budget, threads=threads)
+        assert budget.in_use == 0
+        return
     with Embedder.open(model, plan=plan, budget=budget, threads=threads) as embedder:
         resident = budget.in_use
         for _ in range(2):

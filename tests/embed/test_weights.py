@@ -266,6 +266,7 @@ def test_pass_tokens_grow_with_the_budget_but_never_below_the_context(q8: GGUFFi
         pytest.param(None, None, id="none"),
         pytest.param("streaming", PlanName.STREAMING, id="streaming"),
         pytest.param("resident-quant", PlanName.RESIDENT_QUANT, id="resident-quant"),
+        pytest.param("resident-int8", PlanName.RESIDENT_INT8, id="resident-int8"),
     ],
 )
 def test_parse_plan(text: str | None, expected: PlanName | None) -> None:
@@ -273,7 +274,7 @@ def test_parse_plan(text: str | None, expected: PlanName | None) -> None:
 
 
 def test_parse_plan_names_the_choices() -> None:
-    with pytest.raises(GGUFError, match="auto, resident-f32, resident-quant, streaming"):
+    with pytest.raises(GGUFError, match="auto, resident-int8, resident-f32, resident-quant, streaming"):
         parse_plan("mmap")
 
 
