@@ -18,7 +18,7 @@ from typing import Final, Protocol
 import numpy as np
 
 from gguf_sandbox.embed.bert import POOLERS, Pooling, normalize, pool, require_finite
-from gguf_sandbox.embed.linear import Weights, linear, multiply
+from gguf_sandbox.embed.linear import Weights, linear, linears, multiply
 from gguf_sandbox.embed.rows import (
     DEFAULT_CAP,
     F32,
@@ -315,10 +315,11 @@ def self_attention(x: Rows, weights: DecoderWeights, layer: int, batch: TokenBat
     config = weights.config
     prefix = f"blk.{layer}"
     h = normed(x, weights.vector(f"{prefix}.attn_norm.weight"), config.rms_eps)  # [rows, hidden] per chunk
-    bias = config.attention_bias
-    q = linear(h, weights, f"{prefix}.attn_q", config.query_width, bias=bias)  # [rows, heads*d] per chunk
-    k = linear(h, weights, f"{prefix}.attn_k", config.kv_width, bias=bias)  # [rows, kv*d] per chunk
-    v = linear(h, weights, f"{prefix}.attn_v", config.kv_width, bias=bias)  # [rows, kv*d] per chunk
+    q = [np.empty((chunk.shape[0], config.query_width), dtype=np.float32) for chunk in h]  # [rows, heads*d]
+    k = [np.empty((chunk.shape[0], config.kv_width), dtype=np.float32) for chunk in h]  # [rows, kv*d]
+    v = [np.empty((chunk.shape[0], config.kv_width), dtype=np.float32) for chunk in h]  # [rows, kv*d]
+    outputs = [(f"{prefix}.attn_q", q), (f"{prefix}.attn_k", k), (f"{prefix}.attn_v", v)]
+    linears(h, weights, outputs, bias=config.attention_bias)
     del h
     if config.qk_norm:
         _head_norm(q, weights.vector(f"{prefix}.attn_q_norm.weight"), config.heads, config)

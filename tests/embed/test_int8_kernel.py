@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.embed.int8_kernel import Q8_BLOCK, Q8_BLOCK_BYTES, Int8Matrix
 from gguf_sandbox.errors import GGUFError
 from gguf_sandbox.gguf.dequant import dequantize
+from gguf_sandbox.gguf.synth_decoder import QWEN2_TINY, QWEN3_TINY, SyntheticDecoder
+from tests.models import cached_decoder
 
 UNLIMITED = 1 << 40
 needs_kernel = pytest.mark.skipif(
@@ -171,3 +174,36 @@ def test_the_plan_reserves_its_libraries_sessions_and_stored_bytes() -> None:
     assert sizes.resident(plan.PlanName.RESIDENT_INT8, plan.TableMode.FILE) == (
         plan.INT8_IMPORT_BYTES + 2 * plan.INT8_SESSION_BYTES + plan.INT8_HELD_PER_STORED * 100
     )
+
+
+# -- decoders: Q, K and V in one product, with qwen2's biases ------------------------------------------------
+QWEN2_Q8 = dataclasses.replace(QWEN2_TINY, tensor_type=GGMLQuantizationType.Q8_0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec", [QWEN2_Q8, QWEN3_TINY], ids=["qwen2-q8_0-biased", "qwen3-q8_0-qk-norm"])
+def test_a_decoder_multiplies_q_k_v_once_per_layer_and_agrees_with_float(
+    spec: SyntheticDecoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = cached_decoder(spec)
+    texts = ["a few words", "the quick brown fox jumps over the lazy dog", "x" * 40, "1 2 3 4 5 6"]
+    budget = MemoryBudget(UNLIMITED)
+    with Embedder.open(path, plan="resident-f32", budget=budget) as exact:
+        floats = exact.embed(texts).astype(np.float64)
+    products: list[int] = []
+    original = Int8Matrix.multiply
+
+    def counted(self: Int8Matrix, x: np.ndarray) -> np.ndarray:
+        products.append(self.rows)
+        return original(self, x)
+
+    monkeypatch.setattr(Int8Matrix, "multiply", counted)
+    with Embedder.open(path, plan="resident-int8", budget=budget) as fast:
+        got = fast.embed(texts[:1]).astype(np.float64)
+        config = fast.config
+        q_k_v = config.query_width + 2 * config.kv_width
+        # Per layer: Q, K and V as one product, then the output, gate, up and down projections.
+        assert products.count(q_k_v) == config.layers
+        assert len(products) == 5 * config.layers
+        got = fast.embed(texts).astype(np.float64)
+    assert ((got * floats).sum(axis=1)).min() >= INT8_COSINE
