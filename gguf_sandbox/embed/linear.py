@@ -10,6 +10,7 @@ from typing import Final, Protocol, TypeAlias
 
 import numpy as np
 
+from gguf_sandbox.embed.gelu import gelu as erf_gelu
 from gguf_sandbox.embed.rows import F32, FLOAT_BYTES, Ids, Rows
 from gguf_sandbox.embed.threads import SCRATCH_BYTES, SERIAL, Task, current_pool, spans, thread_scratch
 
@@ -59,8 +60,8 @@ class Weights(Protocol):
 class Kernel(Protocol):
     """Matrices multiplied by a kernel of their own (int8_kernel.Int8Matrix), on threads of its own."""
 
-    def multiply(self, x: F32) -> F32:
-        """x @ W.T (+ bias) for x [rows, in], as a new [rows, out] array."""
+    def multiply(self, x: F32, *, gelu: bool = False) -> F32:
+        """x @ W.T (+ bias), then erf GELU if `gelu`, for x [rows, in], as a new [rows, out] array."""
         ...
 
 
@@ -118,19 +119,13 @@ def _decoded_product(xs: Rows, ys: Rows, part: Part) -> None:
 
 
 def _kernel_products(
-    kernel: Kernel,
-    x: F32,
-    outputs: Sequence[tuple[KernelSlice, F32, F32 | None]],
-    *,
-    residual: F32 | None,
-    after: Epilogue | None,
+    kernel: Kernel, x: F32, outputs: Sequence[tuple[KernelSlice, F32]], *, gelu: bool = False
 ) -> None:
-    """One chunk through a kernel once, its columns for each matrix into that matrix's output y (then the
-    bias the kernel did not add, `residual` and `after`); outputs are (slice, y, bias) [rows, out]."""
-    product = kernel.multiply(x)  # [rows, kernel's out]
-    for held, y, bias in outputs:
+    """One chunk through a kernel once (with its GELU if `gelu`), its columns for each matrix into that
+    matrix's output y [rows, out]."""
+    product = kernel.multiply(x, gelu=gelu)  # [rows, kernel's out]
+    for held, y in outputs:
         np.copyto(y, product[:, held.columns])  # [rows, out]
-        _epilogue(y, slice(0, y.shape[1]), None if held.biased else bias, residual, after)
 
 
 def _epilogue(
@@ -163,7 +158,7 @@ class _LinearWork:
 
     runs: Iterator[list[Task]]
     epilogues: list[Task]
-    # The int8 kernel runs on threads of its own: its tasks run one after the other on the caller's.
+    # The int8 kernel runs on threads of its own: its runs go one after the other on the caller's.
     on_caller: bool = False
 
 
@@ -183,11 +178,25 @@ def _linear_work(
     residuals: Sequence[F32 | None] = residual if residual is not None else [None] * len(xs)
     held = _kernel(weights, name)
     if held is not None:
-        tasks: list[Task] = [
-            functools.partial(_kernel_products, held.kernel, x, [(held, y, b)], residual=r, after=after)
-            for x, y, r in zip(xs, ys, residuals, strict=True)
+        # The kernel's products run one after the other on the caller (the kernel has threads of its own);
+        # what it does not apply itself runs per chunk on the pool, as after float32 products.
+        in_kernel = after is erf_gelu
+        products: list[Task] = [
+            functools.partial(_kernel_products, held.kernel, x, [(held, y)], gelu=in_kernel)
+            for x, y in zip(xs, ys, strict=True)
         ]
-        return _LinearWork(iter([tasks]), [], on_caller=True)
+        rest = None if in_kernel else after
+        added = None if held.biased else b
+        every = slice(0, ys[0].shape[1])
+        epilogues: list[Task] = (
+            []
+            if added is None and residual is None and rest is None
+            else [
+                functools.partial(_epilogue, y, every, added, r, rest)
+                for y, r in zip(ys, residuals, strict=True)
+            ]
+        )
+        return _LinearWork(iter([products]), epilogues, on_caller=True)
     stored = getattr(weights, "parts", None)
     pieces = stored(f"{name}.weight") if stored is not None else None
     if pieces is not None:
@@ -200,7 +209,7 @@ def _linear_work(
         )
         if b is None and residual is None and after is None:
             return _LinearWork(runs, [])
-        epilogues: list[Task] = [
+        epilogues = [
             functools.partial(_epilogue, y, every, b, r, after) for y, r in zip(ys, residuals, strict=True)
         ]
         return _LinearWork(runs, epilogues)
@@ -261,9 +270,9 @@ def linear(
     """
     ys = out if out is not None else [np.empty((x.shape[0], out_dim), dtype=np.float32) for x in xs]
     work = _linear_work(xs, ys, weights, name, bias=bias, residual=residual, after=after)
-    pool = SERIAL if work.on_caller else current_pool()
+    pool = current_pool()
     for tasks in work.runs:
-        pool.run(tasks)
+        (SERIAL if work.on_caller else pool).run(tasks)
     pool.run(work.epilogues)
     return ys
 
@@ -276,11 +285,19 @@ def _one_kernel(
     *,
     bias: bool,
 ) -> None:
-    """Products that one kernel holds side by side (Q, K and V in resident-int8): one multiply per chunk."""
-    biases = [weights.vector(f"{name}.bias") if bias else None for name, _ in outputs]
+    """Products that one kernel holds side by side (Q, K and V in resident-int8): one multiply per chunk, on
+    the caller, then the biases the kernel did not add, per chunk on the pool."""
     for index, x in enumerate(xs):
-        chunk = [(held, ys[index], b) for held, (_, ys), b in zip(kernels, outputs, biases, strict=True)]
-        _kernel_products(kernels[0].kernel, x, chunk, residual=None, after=None)
+        _kernel_products(
+            kernels[0].kernel, x, [(held, ys[index]) for held, (_, ys) in zip(kernels, outputs, strict=True)]
+        )
+    added = [
+        (ys, weights.vector(f"{name}.bias"))
+        for held, (name, ys) in zip(kernels, outputs, strict=True)
+        if bias and not held.biased
+    ]
+    every = slice(0, None)
+    current_pool().run([functools.partial(_epilogue, y, every, b, None, None) for ys, b in added for y in ys])
 
 
 def linears(xs: Rows, weights: Weights, outputs: Sequence[tuple[str, Rows]], *, bias: bool = True) -> None:

@@ -18,6 +18,7 @@ from gguf.quants import quantize
 from gguf_sandbox.budget import MemoryBudget
 from gguf_sandbox.embed import int8_kernel, plan
 from gguf_sandbox.embed.engine import Embedder
+from gguf_sandbox.embed.gelu import gelu
 from gguf_sandbox.embed.int8_kernel import Q8_BLOCK, Q8_BLOCK_BYTES, Int8Matrix
 from gguf_sandbox.errors import GGUFError
 from gguf_sandbox.gguf.dequant import dequantize
@@ -69,6 +70,20 @@ def test_products_are_the_dequantized_products_to_int8_rounding(rows: int) -> No
 
 
 @needs_kernel
+def test_the_kernels_gelu_is_erfs() -> None:
+    """GELU inside the kernel against gelu.py's on the same product: erf's, within 1e-6 of the larger."""
+    rng = np.random.default_rng(3)
+    raw = quantize((rng.standard_normal((512, 384)) * 0.1).astype(np.float32), GGMLQuantizationType.Q8_0)
+    kernel = Int8Matrix("w", 512, 384, [(0, raw.tobytes())], bias=rng.standard_normal(512), threads=1)
+    x = (rng.standard_normal((40, 384)) * 3).astype(np.float32)
+    expected = kernel.multiply(x)
+    assert np.abs(expected).max() > 5  # both tails of GELU are reached
+    gelu(expected)
+    got = kernel.multiply(x, gelu=True)
+    assert np.abs(got - expected).max() <= 1e-6 * np.maximum(1, np.abs(expected)).max()
+
+
+@needs_kernel
 @pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf], ids=str)
 def test_a_row_that_is_not_finite_gives_a_nan_row(poison: float) -> None:
     """The kernel rounds a NaN activation to some int8, and its row would come out finite and wrong: the
@@ -100,6 +115,7 @@ def test_the_plan_holds_no_more_than_it_reserves(minilm_gguf: Callable[[str], Pa
 import gc, json, sys
 import psutil
 from gguf_sandbox.embed.engine import Embedder
+from gguf_sandbox.embed.gelu import gelu
 from gguf_sandbox.budget import MemoryBudget
 process = psutil.Process()
 with Embedder.open(sys.argv[1], plan="resident-quant", budget=MemoryBudget(1 << 40)) as quant:
@@ -144,6 +160,24 @@ def test_resident_int8_agrees_with_float_plans_and_sentence_transformers(
         assert not np.array_equal(got, floats)
         cosines = (got * expected).sum(axis=1) / np.linalg.norm(expected, axis=1)
         assert cosines.min() >= INT8_COSINE, threads
+
+
+@needs_kernel
+def test_a_bert_layer_is_four_kernel_products_gelu_inside_the_up_projection(
+    minilm_gguf: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, bool]] = []
+    original = Int8Matrix.multiply
+
+    def counted(self: Int8Matrix, x: np.ndarray, *, gelu: bool = False) -> np.ndarray:
+        calls.append((self.rows, gelu))
+        return original(self, x, gelu=gelu)
+
+    monkeypatch.setattr(Int8Matrix, "multiply", counted)
+    with Embedder.open(minilm_gguf("q8_0"), plan="resident-int8", budget=MemoryBudget(UNLIMITED)) as opened:
+        opened.embed(["one short text"])
+    # Per layer: Q, K and V (1152 rows), the output (384), the up projection with its GELU (1536), down (384).
+    assert calls == [(1152, False), (384, False), (1536, True), (384, False)] * 6
 
 
 @needs_kernel
@@ -193,9 +227,9 @@ def test_a_decoder_multiplies_q_k_v_once_per_layer_and_agrees_with_float(
     products: list[int] = []
     original = Int8Matrix.multiply
 
-    def counted(self: Int8Matrix, x: np.ndarray) -> np.ndarray:
+    def counted(self: Int8Matrix, x: np.ndarray, *, gelu: bool = False) -> np.ndarray:
         products.append(self.rows)
-        return original(self, x)
+        return original(self, x, gelu=gelu)
 
     monkeypatch.setattr(Int8Matrix, "multiply", counted)
     with Embedder.open(path, plan="resident-int8", budget=budget) as fast:
