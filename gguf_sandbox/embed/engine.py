@@ -145,10 +145,10 @@ class Embedder:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not wait_s > 0:
             raise ValueError(f"wait_s must be positive, got {wait_s}")
-        cpus = usable_cpus()
-        threads_used = cpus if threads is None else min(threads, cpus)
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
+        cpus = usable_cpus()
+        threads_used = cpus if threads is None else min(threads, cpus)
         gguf = GGUFFile.open(Path(model_path))
         try:
             family = family_of(gguf)
@@ -166,6 +166,7 @@ class Embedder:
                 requested=plan,
                 pass_tokens=pass_tokens,
                 drop_cache=drop_cache,
+                threads=threads_used,
             )
             held = chosen.resident_bytes + chosen.cached_bytes
             what = f"{chosen.name.value} weights of {gguf.path.name}"
@@ -412,6 +413,7 @@ def _plan_for(
     requested: str | PlanName,
     pass_tokens: int,
     drop_cache: bool,
+    threads: int,
 ) -> tuple[ModelLayout, Plan]:
     """The fastest plan at the longest sequence limit that fits, with the layout cut to that limit; the
     refusal of the shortest limit when none fits."""
@@ -429,6 +431,7 @@ def _plan_for(
                 pass_tokens=pass_tokens,
                 drop_cache=drop_cache,
                 streaming=streaming,
+                threads=threads,
             )
         except BudgetExceeded as error:
             refusal = error

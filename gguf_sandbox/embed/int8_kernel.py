@@ -13,18 +13,18 @@ importing them (~36 MiB of RSS).
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from gguf_sandbox.embed.gelu import gelu
+from gguf_sandbox.embed.linear import Epilogue
+from gguf_sandbox.embed.q8_block import Q8_BLOCK, Q8_BLOCK_BYTES
 from gguf_sandbox.embed.rows import F32
 from gguf_sandbox.errors import GGUFError
 
 KERNEL_MODULES: Final = ("onnxruntime", "onnx")
-# A Q8_0 block: one fp16 scale, then 32 int8 quants (as plan.py; importing it from there would be a cycle).
-Q8_BLOCK, Q8_BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
 # MatMulNBits' unsigned quants are centred on 2**(bits - 1): Q8_0's int8 quants plus this.
 _ZERO_POINT: Final = 128
 # Accuracy level 4: int8 activations, the integer kernel; levels 0-3 dequantize to float every call
@@ -104,12 +104,19 @@ def _external(name: str, data_type: int, dims: list[int]) -> Any:
     return tensor
 
 
+def _failure(error: Exception) -> str:
+    """onnxruntime's message, first line only (its messages carry source paths and newlines)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 class Int8Matrix:
     """Q8_0 rows [rows, row_len] in an onnxruntime session (one matrix, or several with the same input side
-    by side: Q, K and V); multiply() is x @ W.T (+ bias) for float32 x.
+    by side: Q, K and V); multiply() is x @ W.T (+ bias) (then GELU) for float32 x.
 
     The quants, scales and bias are handed to the session as initializers backed by these arrays (no
-    copy); the session keeps a packed copy besides, so the rows hold about twice their Q8_0 bytes.
+    copy); the session keeps a packed copy besides (together 2.6-3.3x the Q8_0 bytes, plan.INT8_*), and a
+    pool of threads - 1 worker threads of its own.
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class Int8Matrix:
     ) -> None:
         import onnxruntime as ort
 
+        self.name = name
         blocks = row_len // Q8_BLOCK
         self._quants = np.empty((rows, blocks, Q8_BLOCK), dtype=np.uint8)  # [rows, blocks, 32]
         self._scales = np.empty(rows * blocks, dtype=np.float32)  # [rows * blocks]
@@ -132,13 +140,12 @@ class Int8Matrix:
             count = stored.shape[0]
             quants = self._quants[first : first + count]  # [n, blocks, 32]
             np.bitwise_xor(stored[..., 2:], _ZERO_POINT, out=quants)  # int8 + 128 as unsigned bytes
-            self._scales[first * blocks : (first + count) * blocks] = (
-                stored[..., :2].copy().view("<f2").reshape(-1)
-            )
-        if not np.isfinite(self._scales).all():
-            # The kernel would not carry a NaN or infinite scale into its products (they come out finite
-            # and wrong), so it is refused here, where the float plans refuse the vectors it poisons.
-            raise GGUFError(f"{name}: a Q8_0 block scale is NaN or infinite; the file is corrupt")
+            scales = self._scales[first * blocks : (first + count) * blocks]  # [n * blocks]
+            scales[:] = stored[..., :2].copy().view("<f2").reshape(-1)
+            if not np.isfinite(scales).all():  # per read block: the check's booleans stay within the cap
+                # The kernel would not carry a NaN or infinite scale into its products (they come out
+                # finite and wrong), so it is refused here, where the float plans refuse the vectors.
+                raise GGUFError(f"{name}: a Q8_0 block scale is NaN or infinite; the file is corrupt")
         arrays = {"quants": self._quants, "scales": self._scales}
         if bias is not None:
             self._bias = np.ascontiguousarray(bias, dtype=np.float32)  # [rows]
@@ -150,16 +157,33 @@ class Int8Matrix:
             self._session = ort.InferenceSession(
                 _graph(rows, row_len, bias=bias is not None), options, providers=["CPUExecutionProvider"]
             )
-        except Exception as error:  # onnxruntime's own exception types, by message
-            raise GGUFError(f"{name}: the int8 kernel cannot hold this matrix: {error}") from None
+        except Exception as error:  # onnxruntime's own exception types
+            raise GGUFError(f"{name}: the int8 kernel cannot hold this matrix: {_failure(error)}") from None
         self.rows, self.row_len = rows, row_len
 
-    def multiply(self, x: F32, *, gelu: bool = False) -> F32:
-        """x @ W.T (+ bias), then erf GELU if `gelu`, for x [n, row_len], as a new [n, rows] array; a row of
-        x that is not finite gives a NaN row, as a float32 product would (the kernel rounds a NaN to some
-        int8)."""
+    def applies(self, after: Epilogue | None) -> bool:
+        """Whether multiply() applies `after` itself (gelu.py's GELU: its graph's Gelu is erf's too)."""
+        return after is not None and after in _OUTPUTS
+
+    def multiply(self, x: F32, *, after: Epilogue | None = None) -> F32:
+        """x @ W.T (+ bias), then `after` if given (one that applies() says it applies), for x [n, row_len],
+        as a new [n, rows] array. A row of x that is not finite gives a NaN row, as a float32 product
+        would: the kernel rounds a NaN to some int8."""
         x = np.ascontiguousarray(x)
-        y: F32 = self._session.run(["y_gelu" if gelu else "y"], {"x": x})[0]  # [n, rows]
-        if not np.isfinite(x.sum()):  # cheap; any NaN or inf makes the sum so
+        try:
+            y: F32 = self._session.run([_OUTPUTS[after]], {"x": x})[0]  # [n, rows]
+        except Exception as error:  # onnxruntime's own exception types (bad_alloc among them)
+            raise GGUFError(
+                f"{self.name}: the int8 kernel failed on {len(x)} rows: {_failure(error)}"
+            ) from None
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = (
+                x.sum()
+            )  # cheap: NaN or inf in x makes it so (and so may an overflow: then rows are checked)
+        if not np.isfinite(total):
             y[~np.isfinite(x).all(axis=1)] = np.nan
         return y
+
+
+# The graph's output for each epilogue the kernel applies itself, by the numpy function it stands for.
+_OUTPUTS: Final[Mapping[Epilogue | None, str]] = {None: "y", gelu: "y_gelu"}

@@ -10,7 +10,6 @@ from typing import Final, Protocol, TypeAlias
 
 import numpy as np
 
-from gguf_sandbox.embed.gelu import gelu as erf_gelu
 from gguf_sandbox.embed.rows import F32, FLOAT_BYTES, Ids, Rows
 from gguf_sandbox.embed.threads import SCRATCH_BYTES, SERIAL, Task, current_pool, spans, thread_scratch
 
@@ -60,8 +59,13 @@ class Weights(Protocol):
 class Kernel(Protocol):
     """Matrices multiplied by a kernel of their own (int8_kernel.Int8Matrix), on threads of its own."""
 
-    def multiply(self, x: F32, *, gelu: bool = False) -> F32:
-        """x @ W.T (+ bias), then erf GELU if `gelu`, for x [rows, in], as a new [rows, out] array."""
+    def applies(self, after: Epilogue | None) -> bool:
+        """Whether multiply() applies `after` itself."""
+        ...
+
+    def multiply(self, x: F32, *, after: Epilogue | None = None) -> F32:
+        """x @ W.T (+ the bias it holds), then `after` if it applies it, for x [rows, in], as a new
+        [rows, out] array."""
         ...
 
 
@@ -119,13 +123,22 @@ def _decoded_product(xs: Rows, ys: Rows, part: Part) -> None:
 
 
 def _kernel_products(
-    kernel: Kernel, x: F32, outputs: Sequence[tuple[KernelSlice, F32]], *, gelu: bool = False
+    kernel: Kernel, x: F32, outputs: Sequence[tuple[KernelSlice, F32]], *, after: Epilogue | None = None
 ) -> None:
-    """One chunk through a kernel once (with its GELU if `gelu`), its columns for each matrix into that
-    matrix's output y [rows, out]."""
-    product = kernel.multiply(x, gelu=gelu)  # [rows, kernel's out]
+    """One chunk through a kernel once (with `after`, which it applies), its columns for each matrix into
+    that matrix's output y [rows, out]."""
+    product = kernel.multiply(x, after=after)  # [rows, kernel's out]
     for held, y in outputs:
         np.copyto(y, product[:, held.columns])  # [rows, out]
+
+
+def _bias_left(held: KernelSlice, weights: Weights, name: str, bias: bool) -> F32 | None:
+    """The bias a kernel's product still needs: the matrix's own where the kernel does not hold it, or the
+    held one taken off where the caller asked for none (no model's pass does that; it stays exact)."""
+    if bias == held.biased:
+        return None
+    vector = weights.vector(f"{name}.bias")  # [out]
+    return vector if bias else -vector
 
 
 def _epilogue(
@@ -179,14 +192,15 @@ def _linear_work(
     held = _kernel(weights, name)
     if held is not None:
         # The kernel's products run one after the other on the caller (the kernel has threads of its own);
-        # what it does not apply itself runs per chunk on the pool, as after float32 products.
-        in_kernel = after is erf_gelu
+        # what it does not apply itself runs per chunk on the pool, as after float32 products. It applies
+        # `after` only where nothing comes between: after(x @ W.T + b + residual) is the contract.
+        added = _bias_left(held, weights, name, bias)
+        inside = residual is None and added is None and held.kernel.applies(after)
         products: list[Task] = [
-            functools.partial(_kernel_products, held.kernel, x, [(held, y)], gelu=in_kernel)
+            functools.partial(_kernel_products, held.kernel, x, [(held, y)], after=after if inside else None)
             for x, y in zip(xs, ys, strict=True)
         ]
-        rest = None if in_kernel else after
-        added = None if held.biased else b
+        rest = None if inside else after
         every = slice(0, ys[0].shape[1])
         epilogues: list[Task] = (
             []
@@ -291,13 +305,13 @@ def _one_kernel(
         _kernel_products(
             kernels[0].kernel, x, [(held, ys[index]) for held, (_, ys) in zip(kernels, outputs, strict=True)]
         )
-    added = [
-        (ys, weights.vector(f"{name}.bias"))
+    left = [
+        (ys, added)
         for held, (name, ys) in zip(kernels, outputs, strict=True)
-        if bias and not held.biased
+        if (added := _bias_left(held, weights, name, bias)) is not None
     ]
     every = slice(0, None)
-    current_pool().run([functools.partial(_epilogue, y, every, b, None, None) for ys, b in added for y in ys])
+    current_pool().run([functools.partial(_epilogue, y, every, b, None, None) for ys, b in left for y in ys])
 
 
 def linears(xs: Rows, weights: Weights, outputs: Sequence[tuple[str, Rows]], *, bias: bool = True) -> None:

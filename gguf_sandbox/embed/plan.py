@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
 from gguf_sandbox.budget import physical_memory
 from gguf_sandbox.embed import int8_kernel
 from gguf_sandbox.embed.file_reads import column_read_cache
 from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
+from gguf_sandbox.embed.q8_block import Q8_BLOCK, is_q8_0
 from gguf_sandbox.embed.rows import DEFAULT_CAP, FLOAT_BYTES, aligned
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
@@ -58,11 +57,12 @@ PLAN_TABLES: Final[Mapping[PlanName, tuple[TableMode, ...]]] = {
 PLAN_ORDER: Final = (PlanName.RESIDENT_F32, PlanName.RESIDENT_QUANT, PlanName.STREAMING)
 
 # What resident-int8 holds beyond the file's bytes, as bounds that tests/embed/test_int8_kernel.py checks
-# against a real process's RSS: importing onnxruntime and onnx (36 MiB here), per matrix a session (0.43
-# MiB; Q, K and V share one), and the quants, scales and the session's packed copy (2.6-3.3x the Q8_0 bytes
-# in issue #15's ort_mem probes). MiniLM Q8_0: 127 MiB reserved, 89 MiB grown.
+# against a real process's RSS: importing onnxruntime and onnx (36 MiB here); per matrix a session (0.43
+# MiB; Q, K and V share one) whose own pool has threads - 1 workers (~60 KiB each); and the quants, scales
+# and the session's packed copy, 2.6-3.3x the Q8_0 bytes (issue #15's ort_mem probes and review).
 INT8_IMPORT_BYTES: Final = 48 << 20
 INT8_SESSION_BYTES: Final = 1 << 20
+INT8_THREAD_BYTES: Final = 128 << 10
 INT8_HELD_PER_STORED: Final = 4
 
 
@@ -107,11 +107,11 @@ class ModelSizes:
     matrix_count: int = 0
     q8_only: bool = False  # every matrix is little-endian Q8_0: the int8 kernel can multiply them all
 
-    @property
-    def matrices_int8(self) -> int:
-        """Bytes resident-int8 holds for the matrices, with the kernel's libraries."""
-        per_matrix = INT8_SESSION_BYTES * self.matrix_count
-        return INT8_IMPORT_BYTES + per_matrix + INT8_HELD_PER_STORED * self.matrices_raw
+    def matrices_int8(self, threads: int) -> int:
+        """Bytes resident-int8 holds for the matrices, with the kernel's libraries, when its sessions run
+        on `threads` threads."""
+        per_matrix = INT8_SESSION_BYTES + (threads - 1) * INT8_THREAD_BYTES
+        return INT8_IMPORT_BYTES + per_matrix * self.matrix_count + INT8_HELD_PER_STORED * self.matrices_raw
 
     @classmethod
     def of(cls, gguf: GGUFFile, layout: ModelLayout) -> ModelSizes:
@@ -146,10 +146,10 @@ class ModelSizes:
             q8_only and count > 0,
         )
 
-    def resident(self, plan: PlanName, tables: TableMode) -> int:
-        """Bytes a plan keeps for the Embedder's lifetime."""
+    def resident(self, plan: PlanName, tables: TableMode, threads: int = 1) -> int:
+        """Bytes a plan keeps for the Embedder's lifetime (resident-int8's grow with its `threads`)."""
         matrices = {
-            PlanName.RESIDENT_INT8: self.matrices_int8,
+            PlanName.RESIDENT_INT8: self.matrices_int8(threads),
             PlanName.RESIDENT_F32: self.matrices_f32,
             PlanName.RESIDENT_QUANT: self.matrices_kept,
             PlanName.STREAMING: 0,
@@ -219,6 +219,7 @@ def choose_plan(
     pass_tokens: int = DEFAULT_PASS_TOKENS,
     drop_cache: bool = False,
     streaming: ModelConfig | None = None,
+    threads: int = 1,
 ) -> Plan:
     """The fastest plan whose resident weights plus one full-context pass fit in `available` bytes.
 
@@ -226,6 +227,7 @@ def choose_plan(
     file has its pages dropped once copied (POSIX_FADV_DONTNEED): the process's peak is then its own
     working set, at the cost of re-reading streamed weights from disk every pass. `streaming` is the
     config a streaming pass runs, when it differs from `config` (a decoder's FFN slabs: smaller rows).
+    `threads` is how many the pass runs on (resident-int8's kernel keeps a pool of them per matrix).
     Raises BudgetExceeded when nothing fits.
     """
     wanted = parse_plan(requested)
@@ -235,7 +237,7 @@ def choose_plan(
     for name in _candidates(sizes, wanted):
         runs = streaming if streaming is not None and name is PlanName.STREAMING else config
         for tables in PLAN_TABLES[name]:
-            resident = sizes.resident(name, tables)
+            resident = sizes.resident(name, tables, threads)
             room = available - resident - TRANSIENT_CAPS * cap
             uncached, cached = drop_cache, 0
             if name is PlanName.STREAMING:
@@ -262,7 +264,7 @@ def choose_plan(
         f"embedding plan {name.value}" + ("" if wanted else " (the smallest plan)"),
         needed,
         max(available, 0),
-        f"it keeps {sizes.resident(name, PLAN_TABLES[name][-1]):,} bytes of weights and needs "
+        f"it keeps {sizes.resident(name, PLAN_TABLES[name][-1], threads):,} bytes of weights and needs "
         f"{pass_bytes(runs, min_tokens, cap):,} for a {min_tokens}-token pass; raise the memory limit"
         + ("" if wanted is None or wanted is PlanName.STREAMING else " or use --plan streaming / auto"),
     )
@@ -283,15 +285,8 @@ def describe(plan: Plan, sizes: ModelSizes) -> dict[str, object]:
     }
 
 
-# A Q8_0 block: one fp16 scale, then 32 int8 quants.
-Q8_BLOCK, Q8_BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
 # What resident-quant keeps per Q8_0 block: the quants plus the scale as float32 (q8_rows.Q8Piece).
 Q8_KEPT_BYTES: Final = Q8_BLOCK + FLOAT_BYTES
-
-
-def is_q8_0(info: TensorInfo, byte_order: str) -> bool:
-    """Whether a tensor's blocks can be split into quants and scales (big-endian Q8_0 is refused)."""
-    return info.type is GGMLQuantizationType.Q8_0 and byte_order == "<"
 
 
 def kept_bytes(info: TensorInfo, byte_order: str) -> int:

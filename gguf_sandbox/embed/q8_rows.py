@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from gguf_sandbox.embed.plan import Q8_BLOCK, Q8_BLOCK_BYTES
+from gguf_sandbox.embed.q8_block import Q8_BLOCK, Q8_BLOCK_BYTES
 from gguf_sandbox.embed.rows import F32
 
 

@@ -27,7 +27,8 @@ from gguf_sandbox.embed.file_reads import (
 from gguf_sandbox.embed.int8_kernel import Int8Matrix
 from gguf_sandbox.embed.layout import ModelLayout
 from gguf_sandbox.embed.linear import Decoder, KernelSlice
-from gguf_sandbox.embed.plan import Q8_BLOCK, Q8_BLOCK_BYTES, Plan, PlanName, TableMode, is_q8_0
+from gguf_sandbox.embed.plan import Plan, PlanName, TableMode
+from gguf_sandbox.embed.q8_block import Q8_BLOCK, Q8_BLOCK_BYTES, is_q8_0
 from gguf_sandbox.embed.q8_rows import Q8Pieces, Q8Rows
 from gguf_sandbox.embed.rows import DECODE_BYTES, F32, FLOAT_BYTES, Ids
 from gguf_sandbox.errors import GGUFError, UnsupportedTensorType
@@ -451,8 +452,9 @@ FUSED: Final = ("attn_q", "attn_k", "attn_v")
 
 
 def _fused_groups(gguf: GGUFFile, layout: ModelLayout) -> list[list[str]]:
-    """The layout's matrices in groups the int8 kernel holds as one: a layer's Q, K and V (when their rows
-    are as long), else alone."""
+    """The layout's matrices in groups the int8 kernel holds as one: a layer's Q, K and V when their rows
+    are as long and their product no wider than the widest activation a chunk is sized for (Llama-2-7B's
+    Q, K and V are 12288 wide, its FFN 11008), else alone."""
     names = [name for name in layout.shapes if name in layout.matrices]
     groups: list[list[str]] = []
     grouped: set[str] = set()
@@ -462,7 +464,9 @@ def _fused_groups(gguf: GGUFFile, layout: ModelLayout) -> list[list[str]]:
         prefix, _, part = name.removesuffix(".weight").rpartition(".")
         group = [f"{prefix}.{other}.weight" for other in FUSED] if part in FUSED else [name]
         present = all(member in layout.matrices for member in group)
-        if not present or len({gguf.tensor(member).row_len for member in group}) != 1:
+        infos = [gguf.tensor(member) for member in group] if present else []
+        fits = sum(info.n_rows for info in infos) <= layout.config.widest
+        if not present or not fits or len({info.row_len for info in infos}) != 1:
             group = [name]
         groups.append(group)
         grouped.update(group)

@@ -34,6 +34,9 @@ from tests.models import cached_synthetic
 
 CAP = 1 << 20
 UNLIMITED = 1 << 40
+# auto's plans, and resident-int8 where its kernel is installed (the `fast` extra; minilm_shaped and
+# small_model are Q8_0 throughout, so it runs them).
+EVERY_PLAN = [*PLAN_ORDER, *([PlanName.RESIDENT_INT8] if int8_kernel.available() else [])]
 # all-MiniLM-L6-v2's shapes with synthetic weights: the real model's memory and blocking behaviour.
 MINILM_SHAPED = SyntheticBert(
     vocab_size=30522,
@@ -174,7 +177,7 @@ def test_no_single_allocation_over_the_cap_while_embedding(minilm_shaped: Path, 
     """memray records every allocation made while embedding, after a warm-up call."""
     memray = pytest.importorskip("memray")
     texts = [*synthetic_texts(31, seed=4, vocab_size=30522), " ".join(["ab"] * 600)]
-    for plan in PLAN_ORDER:
+    for plan in EVERY_PLAN:
         with Embedder.open(minilm_shaped, plan=plan, budget=MemoryBudget(UNLIMITED)) as opened:
             opened.embed(texts)
             capture = tmp_path / f"{plan.value}.bin"
@@ -194,7 +197,7 @@ def test_traced_peak_of_a_pass_stays_within_its_reservation(
     extra thread."""
     monkeypatch.setattr(engine_module, "usable_cpus", lambda: 8)  # two threads even on a 1-CPU runner
     texts = [" ".join(["ab"] * 600), *synthetic_texts(40, seed=5, vocab_size=30522)]
-    for plan in PLAN_ORDER:
+    for plan in EVERY_PLAN:
         budget = MemoryBudget(UNLIMITED)
         with Embedder.open(minilm_shaped, plan=plan, budget=budget, batch_size=32, threads=threads) as opened:
             opened.embed(texts)
@@ -343,7 +346,7 @@ def test_embed_command_refuses_zero_threads(small_model: Path, capsys: pytest.Ca
 
 
 # -- threads: a pass split over the compute pool gives the serial pass's vectors ---------------------------
-@pytest.mark.parametrize("plan", PLAN_ORDER, ids=lambda p: p.value)
+@pytest.mark.parametrize("plan", EVERY_PLAN, ids=lambda p: p.value)
 def test_vectors_do_not_depend_on_the_thread_count(
     minilm_shaped: Path, plan: PlanName, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -649,12 +652,8 @@ def test_a_line_cut_inside_a_character_is_not_a_decoding_error(
     assert [row["text"] for row in report["data"]] == ["a" + "é" * 32_767, "ab"]
 
 
-# Every plan, and resident-int8 where its kernel is installed (Q8_0 poisons go through its own arithmetic).
-HOSTILE_Q8_PLANS = [p.value for p in PLAN_ORDER] + (["resident-int8"] if int8_kernel.available() else [])
-
-
 @pytest.mark.filterwarnings("error")
-@pytest.mark.parametrize("plan", HOSTILE_Q8_PLANS)
+@pytest.mark.parametrize("plan", [p.value for p in EVERY_PLAN])
 @pytest.mark.parametrize("scale", [np.float16(np.nan), np.float16(np.inf), np.float16(-np.inf)], ids=str)
 def test_a_poisoned_q8_0_scale_is_one_error_on_every_plan(
     small_model: Path, tmp_path: Path, plan: str, scale: np.float16
@@ -676,7 +675,7 @@ def test_a_poisoned_q8_0_scale_is_one_error_on_every_plan(
 
 
 @pytest.mark.filterwarnings("error")
-@pytest.mark.parametrize("plan", HOSTILE_Q8_PLANS)
+@pytest.mark.parametrize("plan", [p.value for p in EVERY_PLAN])
 def test_poisoned_q8_0_scales_on_two_threads_are_one_error_and_no_warning(
     minilm_shaped: Path, tmp_path: Path, plan: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

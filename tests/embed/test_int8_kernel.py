@@ -19,7 +19,8 @@ from gguf_sandbox.budget import MemoryBudget
 from gguf_sandbox.embed import int8_kernel, plan
 from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.embed.gelu import gelu
-from gguf_sandbox.embed.int8_kernel import Q8_BLOCK, Q8_BLOCK_BYTES, Int8Matrix
+from gguf_sandbox.embed.int8_kernel import Int8Matrix
+from gguf_sandbox.embed.q8_block import Q8_BLOCK, Q8_BLOCK_BYTES
 from gguf_sandbox.errors import GGUFError
 from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.synth_decoder import QWEN2_TINY, QWEN3_TINY, SyntheticDecoder
@@ -74,12 +75,15 @@ def test_the_kernels_gelu_is_erfs() -> None:
     """GELU inside the kernel against gelu.py's on the same product: erf's, within 1e-6 of the larger."""
     rng = np.random.default_rng(3)
     raw = quantize((rng.standard_normal((512, 384)) * 0.1).astype(np.float32), GGMLQuantizationType.Q8_0)
-    kernel = Int8Matrix("w", 512, 384, [(0, raw.tobytes())], bias=rng.standard_normal(512), threads=1)
+    kernel = Int8Matrix(
+        "w", 512, 384, [(0, raw.tobytes())], bias=rng.standard_normal(512).astype(np.float32), threads=1
+    )
     x = (rng.standard_normal((40, 384)) * 3).astype(np.float32)
     expected = kernel.multiply(x)
     assert np.abs(expected).max() > 5  # both tails of GELU are reached
     gelu(expected)
-    got = kernel.multiply(x, gelu=True)
+    assert kernel.applies(gelu) and not kernel.applies(None)
+    got = kernel.multiply(x, after=gelu)
     assert np.abs(got - expected).max() <= 1e-6 * np.maximum(1, np.abs(expected)).max()
 
 
@@ -108,31 +112,61 @@ def test_a_poisoned_scale_is_refused_when_loaded() -> None:
 
 
 @needs_kernel
-def test_the_plan_holds_no_more_than_it_reserves(minilm_gguf: Callable[[str], Path]) -> None:
-    """A fresh process: RSS grown by importing the kernel and loading MiniLM into it stays within what
-    resident-int8 reserves (its plan.INT8_* bounds, with the tables and vectors)."""
+def test_a_failure_inside_the_kernel_is_one_line_naming_the_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime's own errors (std::bad_alloc under an address-space limit, in the review's probe) come
+    out as a GGUFError naming the matrix, its first line only."""
+    raw = quantize(np.ones((32, 32), dtype=np.float32), GGMLQuantizationType.Q8_0)
+    kernel = Int8Matrix("blk.3.ffn_down.weight", 32, 32, [(0, raw.tobytes())], threads=1)
+
+    def failing(*_: object) -> None:
+        raise RuntimeError(
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc\n/onnxruntime_src/x.cc:1"
+        )
+
+    monkeypatch.setattr(kernel._session, "run", failing)
+    with pytest.raises(GGUFError) as raised:
+        kernel.multiply(np.ones((2, 32), dtype=np.float32))
+    assert str(raised.value) == (
+        "blk.3.ffn_down.weight: the int8 kernel failed on 2 rows: "
+        "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc"
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 8])
+def test_the_plan_holds_no_more_than_it_reserves(minilm_gguf: Callable[[str], Path], threads: int) -> None:
+    """A fresh process: RSS grown by importing the kernel and loading MiniLM into it, its sessions' worker
+    threads included, stays within what resident-int8 reserves (its plan.INT8_* bounds, with the tables
+    and vectors)."""
     script = """
 import gc, json, sys
 import psutil
-from gguf_sandbox.embed.engine import Embedder
-from gguf_sandbox.embed.gelu import gelu
+from gguf_sandbox.embed import engine
 from gguf_sandbox.budget import MemoryBudget
+engine.usable_cpus = lambda: 8  # as many threads as asked for, on any runner
 process = psutil.Process()
-with Embedder.open(sys.argv[1], plan="resident-quant", budget=MemoryBudget(1 << 40)) as quant:
+with engine.Embedder.open(sys.argv[1], plan="resident-quant", budget=MemoryBudget(1 << 40)):
     pass  # everything but the kernel imported and warmed
 gc.collect()
-before = process.memory_info().rss
-opened = Embedder.open(sys.argv[1], plan="resident-int8", budget=MemoryBudget(1 << 40))
+before, threads = process.memory_info().rss, process.num_threads()
+opened = engine.Embedder.open(
+    sys.argv[1], plan="resident-int8", budget=MemoryBudget(1 << 40), threads=int(sys.argv[2])
+)
 gc.collect()
 reserved = opened.plan_details["resident_bytes"]
-print(json.dumps({"grown": process.memory_info().rss - before, "reserved": reserved}))
+grown = process.memory_info().rss - before
+print(json.dumps({"grown": grown, "reserved": reserved, "threads": process.num_threads() - threads}))
 """
     out = subprocess.run(
-        [sys.executable, "-c", script, str(minilm_gguf("q8_0"))], capture_output=True, text=True, check=True
+        [sys.executable, "-c", script, str(minilm_gguf("q8_0")), str(threads)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     measured: dict[str, int] = json.loads(out.stdout)
-    print(measured)
     assert 0 < measured["grown"] <= measured["reserved"], measured
+    # A pool per session (6 layers: Q/K/V, output, up, down), threads - 1 workers each, and the pass's own.
+    assert measured["threads"] <= 24 * (threads - 1) + threads, measured
 
 
 # resident-int8's own agreement, llama.cpp's: activations rounded to 8 bits cost most on short texts; the
@@ -169,9 +203,9 @@ def test_a_bert_layer_is_four_kernel_products_gelu_inside_the_up_projection(
     calls: list[tuple[int, bool]] = []
     original = Int8Matrix.multiply
 
-    def counted(self: Int8Matrix, x: np.ndarray, *, gelu: bool = False) -> np.ndarray:
-        calls.append((self.rows, gelu))
-        return original(self, x, gelu=gelu)
+    def counted(self: Int8Matrix, x: np.ndarray, *, after: Any = None) -> np.ndarray:
+        calls.append((self.rows, after is gelu))
+        return original(self, x, after=after)
 
     monkeypatch.setattr(Int8Matrix, "multiply", counted)
     with Embedder.open(minilm_gguf("q8_0"), plan="resident-int8", budget=MemoryBudget(UNLIMITED)) as opened:
@@ -210,14 +244,20 @@ def test_the_plan_reserves_its_libraries_sessions_and_stored_bytes() -> None:
     )
 
 
-# -- decoders: Q, K and V in one product, with qwen2's biases ------------------------------------------------
+# -- decoders: Q, K and V in one product where it fits a chunk, with qwen2's biases -------------------------
 QWEN2_Q8 = dataclasses.replace(QWEN2_TINY, tensor_type=GGMLQuantizationType.Q8_0)
 
 
 @needs_kernel
-@pytest.mark.parametrize("spec", [QWEN2_Q8, QWEN3_TINY], ids=["qwen2-q8_0-biased", "qwen3-q8_0-qk-norm"])
-def test_a_decoder_multiplies_q_k_v_once_per_layer_and_agrees_with_float(
-    spec: SyntheticDecoder, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("spec", "fused"),
+    # qwen2-tiny's Q, K and V are 256 wide, its FFN 384: one product. qwen3-tiny's are 256 wide too, its
+    # FFN only 192: a chunk is sized for 192-wide rows, so they stay three products.
+    [(QWEN2_Q8, True), (QWEN3_TINY, False)],
+    ids=["qwen2-q8_0-biased-fused", "qwen3-q8_0-qk-norm-apart"],
+)
+def test_a_decoders_q_k_v_are_one_product_where_it_fits_a_chunk(
+    spec: SyntheticDecoder, fused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = cached_decoder(spec)
     texts = ["a few words", "the quick brown fox jumps over the lazy dog", "x" * 40, "1 2 3 4 5 6"]
@@ -227,17 +267,35 @@ def test_a_decoder_multiplies_q_k_v_once_per_layer_and_agrees_with_float(
     products: list[int] = []
     original = Int8Matrix.multiply
 
-    def counted(self: Int8Matrix, x: np.ndarray, *, gelu: bool = False) -> np.ndarray:
+    def counted(self: Int8Matrix, x: np.ndarray, *, after: Any = None) -> np.ndarray:
         products.append(self.rows)
-        return original(self, x, gelu=gelu)
+        return original(self, x, after=after)
 
     monkeypatch.setattr(Int8Matrix, "multiply", counted)
     with Embedder.open(path, plan="resident-int8", budget=budget) as fast:
-        got = fast.embed(texts[:1]).astype(np.float64)
+        fast.embed(texts[:1])
         config = fast.config
         q_k_v = config.query_width + 2 * config.kv_width
-        # Per layer: Q, K and V as one product, then the output, gate, up and down projections.
-        assert products.count(q_k_v) == config.layers
-        assert len(products) == 5 * config.layers
+        assert (q_k_v <= config.widest) is fused
+        # Per layer: Q, K and V (one product or three), then the output, gate, up and down projections.
+        assert products.count(q_k_v) == (config.layers if fused else 0)
+        assert len(products) == (5 if fused else 7) * config.layers
         got = fast.embed(texts).astype(np.float64)
     assert ((got * floats).sum(axis=1)).min() >= INT8_COSINE
+
+
+@needs_kernel
+def test_blocks_of_a_kernel_matrix_are_its_weights(minilm_gguf: Callable[[str], Path]) -> None:
+    """A pass that asks a resident-int8 matrix for blocks (none does today) gets the file's weights."""
+    from gguf_sandbox.gguf.reader import GGUFFile
+
+    path = minilm_gguf("q8_0")
+    with Embedder.open(path, plan="resident-int8", budget=MemoryBudget(UNLIMITED)) as opened:
+        weights = opened._weights
+        name = "blk.2.attn_k.weight"
+        blocks = list(weights.blocks(name))
+        with GGUFFile.open(path) as gguf:
+            expected = gguf.read_tensor(name)  # [out, in]
+    got = np.concatenate([block for _, block in blocks])
+    assert blocks[0][0] == 0
+    np.testing.assert_array_equal(got, expected)

@@ -12,11 +12,12 @@ from numpy.typing import NDArray
 
 from gguf_sandbox.embed import linear
 from gguf_sandbox.embed.bert import BertConfig
+from gguf_sandbox.embed.gelu import gelu
 from gguf_sandbox.embed.q8_rows import Q8Piece, Q8Rows
 from gguf_sandbox.embed.threads import use_pool
 from gguf_sandbox.gguf.dequant import dequantize
 from tests.embed.conftest import CountingPool
-from tests.embed.test_bert import SMALL, DictWeights, random_weights
+from tests.embed.test_bert import F64, SMALL, DictWeights, random_weights
 from tests.embed.test_q8_rows import random_q8_0
 
 
@@ -184,3 +185,95 @@ def test_a_decoded_piece_and_its_transposed_product_share_the_scratch_without_ov
         want = x.astype(np.float64) @ weight.T.astype(np.float64)
         np.testing.assert_allclose(y[:, 200:], want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
         assert not y[:, :200].any()
+
+
+# -- a matrix with a kernel of its own (resident-int8): the same contract as a float32 product ---------------
+class FloatKernel:
+    """A kernel over float32 matrices stacked side by side, holding their biases or not, applying GELU
+    itself: what int8_kernel.Int8Matrix does, without its rounding."""
+
+    def __init__(self, matrices: list[NDArray[np.float32]], biases: list[NDArray[np.float32]] | None) -> None:
+        self.weight = np.concatenate(matrices)  # [out, in]
+        self.bias = None if biases is None else np.concatenate(biases)  # [out]
+        self.calls: list[object] = []
+
+    def applies(self, after: object) -> bool:
+        return after is gelu
+
+    def multiply(self, x: NDArray[np.float32], *, after: object = None) -> NDArray[np.float32]:
+        self.calls.append(after)
+        y: NDArray[np.float32] = (x @ self.weight.T).astype(np.float32)
+        if self.bias is not None:
+            y += self.bias
+        if after is not None:
+            gelu(y)
+        return y
+
+
+class KernelWeights(DictWeights):
+    """DictWeights whose Q, K and V (or one matrix alone) are held by one FloatKernel."""
+
+    def __init__(
+        self, config: BertConfig, tensors: dict[str, F64], names: list[str], *, biased: bool
+    ) -> None:
+        super().__init__(config, tensors, block_rows=64)
+        matrices = [self.vector(f"{name}.weight") for name in names]
+        biases = [self.vector(f"{name}.bias") for name in names] if biased else None
+        self.held = FloatKernel(matrices, biases)
+        firsts = np.cumsum([0] + [m.shape[0] for m in matrices])
+        self._slices = {
+            f"{name}.weight": linear.KernelSlice(self.held, slice(int(lo), int(hi)), biased)
+            for name, lo, hi in zip(names, firsts[:-1], firsts[1:], strict=True)
+        }
+
+    def kernel(self, name: str) -> linear.KernelSlice | None:
+        return self._slices.get(name)
+
+
+@pytest.mark.parametrize("biased", [True, False], ids=["kernel-bias", "numpy-bias"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
+@pytest.mark.parametrize("after", [gelu, None], ids=["gelu", "no-after"])
+def test_a_kernel_product_is_after_of_x_w_plus_bias_plus_residual(
+    biased: bool, bias: bool, residual: bool, after: object
+) -> None:
+    """Whatever the kernel holds and applies: after(x @ W.T (+ b if asked) (+ residual)), GELU inside the
+    kernel only where nothing comes between it and the product."""
+    tensors = random_weights(SMALL, seed=11)
+    name = "blk.0.ffn_up"
+    weights = KernelWeights(SMALL, tensors, [name], biased=biased)
+    xs = [
+        np.random.default_rng(1).standard_normal((rows, SMALL.hidden)).astype(np.float32) for rows in (5, 9)
+    ]
+    residuals = [np.full((x.shape[0], SMALL.ffn), 0.25, dtype=np.float32) for x in xs] if residual else None
+    epilogue = gelu if after is gelu else None
+    ys = linear.linear(xs, weights, name, SMALL.ffn, bias=bias, residual=residuals, after=epilogue)
+    w, b = tensors[f"{name}.weight"], tensors[f"{name}.bias"]
+    for index, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        expected = x.astype(np.float64) @ w.T + (b if bias else 0) + (0.25 if residual else 0)
+        if epilogue is not None:
+            expected = expected.astype(np.float32)
+            gelu(expected)
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4, err_msg=f"chunk {index}")
+    inside = epilogue is not None and not residual and bias == biased
+    assert weights.held.calls == [gelu if inside else None] * len(xs)
+
+
+@pytest.mark.parametrize("biased", [True, False], ids=["kernel-bias", "numpy-bias"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_q_k_v_held_by_one_kernel_are_one_product_per_chunk(biased: bool, bias: bool) -> None:
+    tensors = random_weights(SMALL, seed=12)
+    names = [f"blk.0.attn_{part}" for part in "qkv"]
+    weights = KernelWeights(SMALL, tensors, names, biased=biased)
+    xs = [
+        np.random.default_rng(2).standard_normal((rows, SMALL.hidden)).astype(np.float32) for rows in (3, 7)
+    ]
+    outputs = [
+        (name, [np.full((x.shape[0], SMALL.hidden), np.nan, dtype=np.float32) for x in xs]) for name in names
+    ]
+    linear.linears(xs, weights, outputs, bias=bias)
+    assert len(weights.held.calls) == len(xs)
+    for name, ys in outputs:
+        w, b = tensors[f"{name}.weight"], tensors[f"{name}.bias"]
+        for x, y in zip(xs, ys, strict=True):
+            np.testing.assert_allclose(y, x @ w.T + (b if bias else 0), rtol=1e-4, atol=1e-4, err_msg=name)
