@@ -45,6 +45,11 @@ DEFAULT_BATCH_SIZE: Final = 32
 # How long embed() waits for other callers of a shared budget to release room before it is refused.
 DEFAULT_WAIT_S: Final = 120.0
 
+# Plans whose batches run as one sub-batch per thread: every matrix is held ready to multiply, float32 in
+# memory or in the int8 kernel. resident-int8, 32 texts on 2 threads: 346-406 texts/s as sub-batches
+# against 238-317 as one batch whose kernel runs use both threads (issue #15's notes, batch_probe).
+SUB_BATCH_PLANS: Final = frozenset({PlanName.RESIDENT_F32, PlanName.RESIDENT_INT8})
+
 
 @dataclass(frozen=True)
 class _Pass:
@@ -294,8 +299,8 @@ class Embedder:
 
     def _reserve_pass(self, work: _Pass, plan: Plan) -> tuple[Reservation, list[_Pass]]:
         """Memory for one pass, and the parts it runs as: one sub-batch per thread, each encoded whole on
-        its own thread, when every matrix is float32 in memory and the sub-batches' transients fit now;
-        else the whole pass, waiting for room like any other.
+        its own thread, when every matrix is held ready to multiply (SUB_BATCH_PLANS) and the sub-batches'
+        transients fit now; else the whole pass, waiting for room like any other.
 
         Sub-batches are what lets a second core pay off on a batch: a thread that runs a whole pass
         calls numpy a few times per chunk-sized array, so the threads rarely wait for each other or the
@@ -305,7 +310,7 @@ class Embedder:
         Quantized and streamed matrices stay with one batch, whose pool decodes each piece once for all
         chunks instead of once per sub-batch.
         """
-        groups = self._pool.threads if plan.name is PlanName.RESIDENT_F32 else 1
+        groups = self._pool.threads if plan.name in SUB_BATCH_PLANS else 1
         parts = work.split(groups)
         if len(parts) > 1:
             nbytes = sum(plan.pass_bytes(self.config, part.rows) for part in parts)

@@ -23,7 +23,7 @@ from gguf_sandbox.budget import MemoryBudget
 from gguf_sandbox.embed import command, int8_kernel
 from gguf_sandbox.embed import engine as engine_module
 from gguf_sandbox.embed import plan as plan_module
-from gguf_sandbox.embed.engine import Embedder
+from gguf_sandbox.embed.engine import SUB_BATCH_PLANS, Embedder
 from gguf_sandbox.embed.plan import PLAN_ORDER, PlanName, pass_bytes
 from gguf_sandbox.embed.rows import aligned
 from gguf_sandbox.embed.threads import usable_cpus, weighted_spans
@@ -207,7 +207,7 @@ def test_traced_peak_of_a_pass_stays_within_its_reservation(
             reserved = budget.peak - resident
             assert peak <= reserved, f"{plan.value}: traced peak {peak:,} over the reserved {reserved:,}"
             rows = max(sum(aligned(len(opened.tokenize(t))) for t in texts[:32]), aligned(tokens))
-            extra = (threads - 1) * (pass_bytes(opened.config, 0) if plan is PlanName.RESIDENT_F32 else 0)
+            extra = (threads - 1) * (pass_bytes(opened.config, 0) if plan in SUB_BATCH_PLANS else 0)
             assert reserved <= pass_bytes(opened.config, rows) + extra
 
 
@@ -385,20 +385,21 @@ def _record_reservations(budget: MemoryBudget) -> list[int]:
     return sizes
 
 
-def test_a_float32_batch_runs_as_one_sub_batch_per_thread(
+def test_a_held_batch_runs_as_one_sub_batch_per_thread(
     minilm_shaped: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """resident-f32 on two threads: the pass is reserved as two sub-batches of near-equal tokens (each
-    with its own transients); quantized plans keep one batch whose products the pool shares."""
+    """resident-f32 and resident-int8 on two threads: the pass is reserved as two sub-batches of near-equal
+    tokens (each with its own transients); the decoding plans keep one batch whose products the pool
+    shares."""
     monkeypatch.setattr(engine_module, "usable_cpus", lambda: 8)
     texts = synthetic_texts(12, seed=9, vocab_size=30522)
-    for plan in PLAN_ORDER:
+    for plan in EVERY_PLAN:
         budget = MemoryBudget(UNLIMITED)
         with Embedder.open(minilm_shaped, plan=plan, budget=budget, threads=2) as opened:
             rows = [aligned(len(opened.tokenize(t))) for t in texts]
             halves = weighted_spans([len(opened.tokenize(t)) for t in texts], 2)
             assert len(halves) == 2
-            if plan is PlanName.RESIDENT_F32:
+            if plan in SUB_BATCH_PLANS:
                 expected = sum(pass_bytes(opened.config, sum(rows[lo:hi])) for lo, hi in halves)
             else:
                 expected = pass_bytes(opened.config, sum(rows))
