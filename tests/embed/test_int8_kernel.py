@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from gguf_sandbox.embed.int8_kernel import Int8Matrix
 from gguf_sandbox.embed.q8_block import Q8_BLOCK, Q8_BLOCK_BYTES
 from gguf_sandbox.errors import GGUFError
 from gguf_sandbox.gguf.dequant import dequantize
+from gguf_sandbox.gguf.synth import SyntheticBert, write_synthetic_bert
 from gguf_sandbox.gguf.synth_decoder import QWEN2_TINY, QWEN3_TINY, SyntheticDecoder
 from tests.models import cached_decoder
 
@@ -299,3 +302,92 @@ def test_blocks_of_a_kernel_matrix_are_its_weights(minilm_gguf: Callable[[str], 
     got = np.concatenate([block for _, block in blocks])
     assert blocks[0][0] == 0
     np.testing.assert_array_equal(got, expected)
+
+
+# -- hostile files on resident-int8: poisoned float vectors of a Q8_0 model, a file that shrinks -------------
+SMALL_Q8 = SyntheticBert(
+    vocab_size=400, hidden=64, layers=2, heads=4, ffn=128, context=128, seed=3,
+    tensor_type=GGMLQuantizationType.Q8_0,
+)  # fmt: skip
+
+
+def _with_vector(model: Path, folder: Path, tensor: str, value: float) -> Path:
+    """A copy of `model` whose float32 vector `tensor` holds `value` in its middle element."""
+    from gguf_sandbox.gguf.reader import GGUFFile
+
+    with GGUFFile.open(model) as gguf:
+        info = gguf.tensor(tensor)
+    assert info.type is GGMLQuantizationType.F32
+    data = bytearray(model.read_bytes())
+    at = info.offset + 4 * (info.n_elements // 2)
+    data[at : at + 4] = np.float32(value).tobytes()
+    poisoned = folder / f"{tensor}-{value}.gguf"
+    poisoned.write_bytes(bytes(data))
+    return poisoned
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize(
+    ("tensor", "value"),
+    [
+        ("blk.0.ffn_up.bias", math.inf),  # a bias the kernel holds, GELU inside the kernel after it
+        ("blk.0.attn_q.bias", math.nan),  # in the fused Q/K/V bias
+        ("blk.0.attn_output_norm.weight", math.nan),  # NaN activations into the next kernel product
+    ],
+    ids=["inf-up-bias", "nan-qkv-bias", "nan-norm"],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_poisoned_vectors_are_one_error_per_call_and_release_the_pass(
+    tmp_path: Path, tensor: str, value: float, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The int8 kernel rounds what it multiplies, so a poison must not come out as a finite, wrong vector:
+    every call is one GGUFError in words, no numpy warning, the pass's memory released."""
+    from gguf_sandbox.embed import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "usable_cpus", lambda: 8)
+    model = _with_vector(write_synthetic_bert(tmp_path / "small.gguf", SMALL_Q8), tmp_path, tensor, value)
+    budget = MemoryBudget(UNLIMITED)
+    with Embedder.open(model, plan="resident-int8", budget=budget, threads=threads) as opened:
+        resident = budget.in_use
+        for _ in range(2):
+            with pytest.raises(GGUFError, match="NaN or infinite"):
+                opened.embed(["a b c", "b c a b", "c"])
+            assert budget.in_use == resident
+    assert budget.in_use == 0
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("error")
+def test_a_huge_finite_weight_gives_the_float_plans_answer(tmp_path: Path) -> None:
+    """A norm weight of 3e38 is finite: the float plans embed with it (the next layer norm brings the
+    activations back), and resident-int8, whose kernel rounds those activations to 8 bits, agrees."""
+    model = write_synthetic_bert(tmp_path / "small.gguf", SMALL_Q8)
+    model = _with_vector(model, tmp_path, "blk.0.attn_output_norm.weight", 3e38)
+    texts = ["a b c", "b c a b", "c"]
+    vectors = {}
+    for name in ("resident-f32", "resident-int8"):
+        with Embedder.open(model, plan=name, budget=MemoryBudget(UNLIMITED)) as opened:
+            vectors[name] = opened.embed(texts).astype(np.float64)
+    assert np.isfinite(vectors["resident-int8"]).all()
+    assert (vectors["resident-int8"] * vectors["resident-f32"]).sum(axis=1).min() >= INT8_COSINE
+
+
+@needs_kernel
+def test_a_file_that_shrinks_while_the_kernel_loads_is_one_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Truncated between the header's parse and the weights' reads: one GGUFError, nothing reserved."""
+    from gguf_sandbox.embed.weights import load_weights
+
+    model = write_synthetic_bert(tmp_path / "small.gguf", SMALL_Q8)
+
+    def shrinking(*args: Any, **kwargs: Any) -> Any:
+        os.truncate(model, model.stat().st_size * 9 // 10)
+        return load_weights(*args, **kwargs)
+
+    monkeypatch.setattr("gguf_sandbox.embed.engine.load_weights", shrinking)
+    budget = MemoryBudget(UNLIMITED)
+    with pytest.raises(GGUFError, match=r"short read|shrank"):
+        Embedder.open(model, plan="resident-int8", budget=budget)
+    assert budget.in_use == 0
