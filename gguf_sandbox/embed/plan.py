@@ -53,7 +53,8 @@ PLAN_TABLES: Final[Mapping[PlanName, tuple[TableMode, ...]]] = {
 
 # The plans auto chooses from, fastest first: their products are float32 throughout, so their vectors agree
 # within float rounding. resident-int8 runs only when asked for by name: it rounds activations to 8 bits,
-# as llama.cpp does for Q8_0, and its vectors agree with the others' to a cosine of ~0.9997.
+# as llama.cpp does for Q8_0, and its vectors agree with the others' to a cosine of >= 0.998 (the lowest on
+# the sentence-transformers fixture is the empty text's, 0.9985; llama.cpp has 0.9984 there).
 PLAN_ORDER: Final = (PlanName.RESIDENT_F32, PlanName.RESIDENT_QUANT, PlanName.STREAMING)
 
 # What resident-int8 holds beyond the file's bytes, as bounds that tests/embed/test_int8_kernel.py checks
