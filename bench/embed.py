@@ -47,9 +47,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 # resident-int8 where its kernel is installed (the `fast` extra: int8_kernel.KERNEL_MODULES, looked up here
-# without importing gguf_sandbox, which a peer's interpreter lacks).
-INT8_PLAN = ("resident-int8",) if all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")) else ()
-OUR_PLANS = ("resident-f32", "resident-quant", "streaming", *INT8_PLAN)
+# without importing gguf_sandbox, which a peer's interpreter lacks), with a pool per matrix and, as
+# "resident-int8/shared", with one pool for the process (Embedder.open's own_process: the MCP server's).
+SHARED_POOL = "/shared"
+KERNEL_INSTALLED = all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx"))
+INT8_PLANS = ("resident-int8", "resident-int8" + SHARED_POOL) if KERNEL_INSTALLED else ()
+OUR_PLANS = ("resident-f32", "resident-quant", "streaming", *INT8_PLANS)
 ST_ENGINE = "sentence-transformers"
 LLAMA_ENGINE = "llama.cpp"
 DEFAULT_ST_PYTHON = Path("/work/venvs/ref/bin/python")
@@ -123,10 +126,14 @@ def _ours(model: str, plan: str, pooling: str) -> tuple[Embed, str]:
     # --threads reaches every engine as OPENBLAS_NUM_THREADS; ours runs that many pool threads (BLAS itself
     # single-threaded), by default as many as the CPUs it may use.
     threads = int(os.environ.get("OPENBLAS_NUM_THREADS", "0")) or None
-    embedder = Embedder.open(model, plan=plan, batch_size=BATCH, pooling=pooling, threads=threads)
-    if plan not in ("auto", embedder.plan):
-        raise SystemExit(f"asked for {plan}, got {embedder.plan}")
-    return embedder.embed, embedder.plan
+    name = plan.removesuffix(SHARED_POOL)
+    shared = name != plan
+    embedder = Embedder.open(
+        model, plan=name, batch_size=BATCH, pooling=pooling, threads=threads, own_process=shared
+    )
+    if name not in ("auto", embedder.plan):
+        raise SystemExit(f"asked for {name}, got {embedder.plan}")
+    return embedder.embed, embedder.plan + (SHARED_POOL if shared else "")
 
 
 def _sentence_transformers(hf_dir: str) -> Embed:

@@ -16,6 +16,7 @@ from typing import Any, Final
 import numpy as np
 
 from gguf_sandbox.budget import MemoryBudget, Reservation
+from gguf_sandbox.embed import int8_kernel
 from gguf_sandbox.embed.architectures import Family, TextEncoder, family_of, sequence_limits
 from gguf_sandbox.embed.bert import POOLING_NAMES, Pooling, require_finite
 from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
@@ -130,6 +131,7 @@ class Embedder:
         wait_s: float = DEFAULT_WAIT_S,
         pooling: str | None = None,
         threads: int | None = None,
+        own_process: bool = False,
     ) -> Embedder:
         """Open `model_path`, pick a plan from `budget` (detected when None) and load its weights.
 
@@ -142,7 +144,10 @@ class Embedder:
         costs a re-read per pass when streaming): the process's peak is then its own working set. `wait_s`
         bounds how long embed() waits for room in a shared budget before raising BudgetExceeded.
         `threads` is how many threads a forward pass runs on (None: the CPUs the process may use, its
-        affinity cut to its cgroup's CPU quota; never more than that).
+        affinity cut to its cgroup's CPU quota; never more than that). `own_process` says nothing else in
+        this process uses onnxruntime: resident-int8 on several threads then shares one kernel pool across
+        its matrices (int8_kernel.share_process_pool), which every later onnxruntime session in the process
+        must use too.
         Raises BudgetExceeded when the vocabulary, or the requested plan (with "auto" every plan), does
         not fit; GGUFError when the file is not a GGUF the engine can run.
         """
@@ -179,6 +184,8 @@ class Embedder:
                 what += f" ({chosen.cached_bytes:,} bytes of them in page cache)"
             resident = budget.reserve(what, held, cap=max(held, budget.cap))
             try:
+                if own_process and chosen.name is PlanName.RESIDENT_INT8 and threads_used > 1:
+                    int8_kernel.share_process_pool(threads_used)
                 weights = load_weights(gguf, layout, chosen, threads=threads_used)
             except BaseException:
                 resident.release()

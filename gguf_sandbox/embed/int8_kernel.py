@@ -13,6 +13,7 @@ importing them (~36 MiB of RSS).
 from __future__ import annotations
 
 import importlib.util
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
@@ -39,20 +40,75 @@ def available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in KERNEL_MODULES)
 
 
+class _ProcessPool:
+    """onnxruntime's process-wide pool, once share_process_pool() made it: it cannot be remade, and from
+    then on every session in the process must use it."""
+
+    def __init__(self) -> None:
+        self.threads: int | None = None
+        self.lock = threading.Lock()
+
+
+_PROCESS_POOL: Final = _ProcessPool()
+
+
+def share_process_pool(threads: int) -> None:
+    """Have every Int8Matrix made from now on in this process multiply on one pool of `threads` threads,
+    onnxruntime's process-wide one, instead of a pool per matrix.
+
+    A pass runs its products one after the other, each in its own session: with a pool per session, each
+    product wakes a different sleeping worker (35-90 µs a wake on this VM), and a short product is done
+    before the worker helps. One shared pool's worker spins between them: one ~21-token MiniLM text on 2
+    threads takes 4.8-4.9 ms instead of 6.0-7.0. Batches lose some: 32 texts on 2 threads 345-390 texts/s
+    against 400-420, the spinning worker sharing the cores with the pass's two (issue #15's notes,
+    global_pool and own_process). The process pays too: onnxruntime then refuses any session with a pool
+    of its own, so only a process that runs nothing else on onnxruntime asks for it (the MCP server,
+    serving queries of a text or a few).
+
+    Raises GGUFError when the process's pool already has another size, or onnxruntime cannot make it.
+    """
+    import onnxruntime.capi.onnxruntime_pybind11_state as state
+
+    with _PROCESS_POOL.lock:
+        if _PROCESS_POOL.threads is None:
+            try:
+                state.set_global_thread_pool_sizes(threads, 1)
+            except Exception as error:  # onnxruntime's own exception types
+                raise GGUFError(
+                    f"the int8 kernel cannot share a pool of {threads} threads: {_failure(error)}"
+                ) from None
+            _PROCESS_POOL.threads = threads
+        elif _PROCESS_POOL.threads != threads:
+            raise _other_size(_PROCESS_POOL.threads, threads)
+
+
 def _session_options(threads: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Idle threads sleep: spinning ones take the core from the pass's own pool between products (one text on
-    # 2 threads: 6.7 ms a text with them asleep, 90-170 ms spinning).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # No arena and no memory pattern: a product's buffers are freed when it returns, not kept for reuse.
     options.enable_cpu_mem_arena = False
     options.enable_mem_pattern = False
     options.log_severity_level = 3
+    shared = _PROCESS_POOL.threads
+    if shared is None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # A pool per session sleeps when idle: 24 spinning pools (one text's products) take the cores from
+        # each other and the pass (one text on 2 threads: 7.0 ms a text asleep, 90-170 ms spinning).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif threads == shared:
+        options.use_per_session_threads = False
+    else:
+        raise _other_size(shared, threads)
     return options
+
+
+def _other_size(shared: int, threads: int) -> GGUFError:
+    return GGUFError(
+        f"the int8 kernel shares a pool of {shared} threads in this process (share_process_pool); "
+        f"open with threads={shared}, not {threads}"
+    )
 
 
 def _graph(rows: int, row_len: int, *, bias: bool) -> bytes:

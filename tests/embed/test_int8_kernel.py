@@ -172,6 +172,82 @@ print(json.dumps({"grown": grown, "reserved": reserved, "threads": process.num_t
     assert measured["threads"] <= 24 * (threads - 1) + threads, measured
 
 
+_SHARED_POOL_SCRIPT = """
+import json, sys
+import numpy as np
+import psutil
+from gguf_sandbox.embed import engine
+from gguf_sandbox.budget import MemoryBudget
+from gguf_sandbox.errors import GGUFError
+engine.usable_cpus = lambda: 2  # as many threads as asked for, on any runner
+model, first_threads = sys.argv[1], int(sys.argv[2])
+texts = ["", "a short one", "the quick brown fox jumps over the lazy dog " * 8]
+budget = MemoryBudget(1 << 40)
+process = psutil.Process()
+with engine.Embedder.open(model, plan="resident-f32", budget=budget, threads=2) as exact:
+    floats = exact.embed(texts)
+result = {}
+def opened(threads, own_process):
+    try:
+        before = process.num_threads()
+        with engine.Embedder.open(
+            model, plan="resident-int8", budget=budget, threads=threads, own_process=own_process
+        ) as fast:
+            workers = process.num_threads() - before
+            cosine = float((fast.embed(texts) * floats).sum(axis=1).min())
+            batch = float((fast.embed(texts * 8) * np.tile(floats, (8, 1))).sum(axis=1).min())
+        return {"workers": workers, "cosine": min(cosine, batch)}
+    except GGUFError as error:
+        return {"error": str(error)}
+result["first"] = opened(first_threads, True)
+result["per_matrix"] = opened(2, False)
+result["other_size"] = opened(1, False)
+print(json.dumps(result))
+"""
+
+
+@needs_kernel
+def test_a_shared_pool_is_one_set_of_threads_for_every_matrix(minilm_gguf: Callable[[str], Path]) -> None:
+    """own_process on 2 threads: every matrix multiplies on onnxruntime's one process-wide pool (one worker
+    beside the pass's own helper, where a pool per matrix starts 24), with resident-int8's vectors; from
+    then on the process's sessions all use that pool, and an Embedder asking for another size is refused
+    in words."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARED_POOL_SCRIPT, str(minilm_gguf("q8_0")), "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    measured = json.loads(out.stdout)
+    first, later, other = measured["first"], measured["per_matrix"], measured["other_size"]
+    # The pass's helper, the shared pool's one worker, and a thread onnxruntime starts once per process.
+    assert first["workers"] <= 3, measured
+    assert first["cosine"] >= INT8_COSINE, measured
+    assert later["workers"] <= 1 and later["cosine"] >= INT8_COSINE, measured  # the same pool, reused
+    assert other == {
+        "error": "the int8 kernel shares a pool of 2 threads in this process (share_process_pool); "
+        "open with threads=2, not 1"
+    }, measured
+
+
+@needs_kernel
+def test_own_process_on_one_thread_leaves_the_process_pools_alone(minilm_gguf: Callable[[str], Path]) -> None:
+    """One thread gains nothing from a shared pool, so none is made: later Embedders keep a pool per matrix,
+    of any size (6 layers' 24 sessions, one worker each on 2 threads)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARED_POOL_SCRIPT, str(minilm_gguf("q8_0")), "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    measured = json.loads(out.stdout)
+    first, later, other = measured["first"], measured["per_matrix"], measured["other_size"]
+    # No pass helper and no pool worker on one thread: only the thread onnxruntime starts once per process.
+    assert first["workers"] <= 1 and first["cosine"] >= INT8_COSINE, measured
+    assert later["workers"] >= 24 and later["cosine"] >= INT8_COSINE, measured
+    assert other["workers"] == 0 and other["cosine"] >= INT8_COSINE, measured
+
+
 # resident-int8's own agreement, llama.cpp's: activations rounded to 8 bits cost most on short texts; the
 # empty one ([CLS] [SEP]) is the lowest, 0.99852 to sentence-transformers, where resident-f32 has 0.99956
 # and llama.cpp 0.99843 with the same GGUF (issue #15's notes, fixture_cos and llama_cos).

@@ -257,6 +257,35 @@ def _service(budget_bytes: int) -> mcp_server.EmbeddingService:
     )
 
 
+def test_the_server_opens_its_engine_as_its_process_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The server's process runs nothing else on onnxruntime: its engine opens with own_process, so that
+    resident-int8 shares one kernel pool across its matrices (the budget probe before it has no kernel)."""
+    from gguf_sandbox.budget import MemoryBudget
+    from gguf_sandbox.embed.engine import Embedder
+
+    opened: list[tuple[str, bool]] = []
+
+    class Opened:
+        budget = MemoryBudget(1 << 30)
+
+        def __enter__(self) -> Opened:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    def fake_open(model: Path, plan: str = "auto", **options: Any) -> Opened:
+        opened.append((plan, options.get("own_process", False)))
+        return Opened()
+
+    monkeypatch.setattr(Embedder, "open", fake_open)
+    _, serving = serve._open_embedder(tmp_path / "model.gguf", "resident-int8", 1 << 20, None)
+    serving.release()
+    assert opened == [("streaming", False), ("resident-int8", True)]
+
+
 def test_a_budget_refusal_is_a_tool_error_of_its_kind_and_the_next_call_succeeds() -> None:
     per_text = 4 * mcp_server.RESPONSE_BYTES_PER_VALUE
     service = _service(budget_bytes=10 * per_text)
