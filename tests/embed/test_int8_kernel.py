@@ -173,7 +173,7 @@ print(json.dumps({"grown": grown, "reserved": reserved, "threads": process.num_t
 
 
 _SHARED_POOL_SCRIPT = """
-import json, sys
+import json, sys, time
 import numpy as np
 import psutil
 from gguf_sandbox.embed import engine
@@ -196,7 +196,11 @@ def opened(threads, own_process):
             workers = process.num_threads() - before
             cosine = float((fast.embed(texts) * floats).sum(axis=1).min())
             batch = float((fast.embed(texts * 8) * np.tile(floats, (8, 1))).sum(axis=1).min())
-        return {"workers": workers, "cosine": min(cosine, batch)}
+            time.sleep(0.5)  # a spinning worker stops within ~40 ms of its last product
+            cpu = time.process_time()
+            time.sleep(0.5)
+            idle = time.process_time() - cpu
+        return {"workers": workers, "cosine": min(cosine, batch), "idle_cpu_s": idle}
     except GGUFError as error:
         return {"error": str(error)}
 result["first"] = opened(first_threads, True)
@@ -223,6 +227,8 @@ def test_a_shared_pool_is_one_set_of_threads_for_every_matrix(minilm_gguf: Calla
     # The pass's helper, the shared pool's one worker, and a thread onnxruntime starts once per process.
     assert first["workers"] <= 3, measured
     assert first["cosine"] >= INT8_COSINE, measured
+    # Idle, the shared worker sleeps: a worker spinning on would take ~0.5 s of CPU in the half second.
+    assert first["idle_cpu_s"] < 0.1 and later["idle_cpu_s"] < 0.1, measured
     assert later["workers"] <= 1 and later["cosine"] >= INT8_COSINE, measured  # the same pool, reused
     assert other == {
         "error": "the int8 kernel shares a pool of 2 threads in this process (share_process_pool); "
