@@ -210,20 +210,27 @@ print(json.dumps(result))
 """
 
 
+def _three_opens(model: Path, *, first_threads: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """_SHARED_POOL_SCRIPT in a new process: resident-int8 opened with own_process on `first_threads`, then
+    with a pool per matrix on 2 threads, then on 1; each one's new threads, cosine and idle CPU, or error."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARED_POOL_SCRIPT, str(model), str(first_threads)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    measured = json.loads(out.stdout)
+    return measured["first"], measured["per_matrix"], measured["other_size"]
+
+
 @needs_kernel
 def test_a_shared_pool_is_one_set_of_threads_for_every_matrix(minilm_gguf: Callable[[str], Path]) -> None:
     """own_process on 2 threads: every matrix multiplies on onnxruntime's one process-wide pool (one worker
     beside the pass's own helper, where a pool per matrix starts 24), with resident-int8's vectors; from
     then on the process's sessions all use that pool, and an Embedder asking for another size is refused
     in words."""
-    out = subprocess.run(
-        [sys.executable, "-c", _SHARED_POOL_SCRIPT, str(minilm_gguf("q8_0")), "2"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    measured = json.loads(out.stdout)
-    first, later, other = measured["first"], measured["per_matrix"], measured["other_size"]
+    first, later, other = _three_opens(minilm_gguf("q8_0"), first_threads=2)
+    measured = {"first": first, "per_matrix": later, "other_size": other}
     # The pass's helper, the shared pool's one worker, and a thread onnxruntime starts once per process.
     assert first["workers"] <= 3, measured
     assert first["cosine"] >= INT8_COSINE, measured
@@ -240,14 +247,8 @@ def test_a_shared_pool_is_one_set_of_threads_for_every_matrix(minilm_gguf: Calla
 def test_own_process_on_one_thread_leaves_the_process_pools_alone(minilm_gguf: Callable[[str], Path]) -> None:
     """One thread gains nothing from a shared pool, so none is made: later Embedders keep a pool per matrix,
     of any size (6 layers' 24 sessions, one worker each on 2 threads)."""
-    out = subprocess.run(
-        [sys.executable, "-c", _SHARED_POOL_SCRIPT, str(minilm_gguf("q8_0")), "1"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    measured = json.loads(out.stdout)
-    first, later, other = measured["first"], measured["per_matrix"], measured["other_size"]
+    first, later, other = _three_opens(minilm_gguf("q8_0"), first_threads=1)
+    measured = {"first": first, "per_matrix": later, "other_size": other}
     # No pass helper and no pool worker on one thread: only the thread onnxruntime starts once per process.
     assert first["workers"] <= 1 and first["cosine"] >= INT8_COSINE, measured
     assert later["workers"] >= 24 and later["cosine"] >= INT8_COSINE, measured
