@@ -178,14 +178,16 @@ class Embedder:
                 drop_cache=drop_cache,
                 threads=threads_used,
             )
+            if chosen.name is PlanName.RESIDENT_INT8:
+                if own_process and threads_used > 1:
+                    int8_kernel.share_process_pool(threads_used)
+                int8_kernel.check_process_pool(threads_used)
             held = chosen.resident_bytes + chosen.cached_bytes
             what = f"{chosen.name.value} weights of {gguf.path.name}"
             if chosen.cached_bytes:
                 what += f" ({chosen.cached_bytes:,} bytes of them in page cache)"
             resident = budget.reserve(what, held, cap=max(held, budget.cap))
             try:
-                if own_process and chosen.name is PlanName.RESIDENT_INT8 and threads_used > 1:
-                    int8_kernel.share_process_pool(threads_used)
                 weights = load_weights(gguf, layout, chosen, threads=threads_used)
             except BaseException:
                 resident.release()

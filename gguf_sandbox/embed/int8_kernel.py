@@ -63,7 +63,8 @@ def share_process_pool(threads: int) -> None:
     lose some: 32 texts on 2 threads 280-390 texts/s against 315-420, the spinning worker sharing the cores
     with the pass's two (issue #15's notes: global_pool, own_process, bench). The process pays too:
     onnxruntime then refuses any session with a pool of its own, so only a process that runs nothing else
-    on onnxruntime asks for it (the MCP server, serving queries of a text or a few).
+    on onnxruntime asks for it (the MCP server, whose queries are mostly a text or a few). The pool lives
+    as long as the process: its threads stay after the Embedders that use it close.
 
     Raises GGUFError when the process's pool already has another size, or onnxruntime cannot make it.
     """
@@ -82,6 +83,15 @@ def share_process_pool(threads: int) -> None:
             raise _other_size(_PROCESS_POOL.threads, threads)
 
 
+def check_process_pool(threads: int) -> None:
+    """Raise GGUFError when this process shares a kernel pool (share_process_pool) of another size than
+    `threads`: onnxruntime would refuse the sessions of an Embedder that asks for it, so it is refused in
+    words before its weights are read."""
+    with _PROCESS_POOL.lock:
+        if _PROCESS_POOL.threads not in (None, threads):
+            raise _other_size(_PROCESS_POOL.threads, threads)
+
+
 def _session_options(threads: int) -> Any:
     import onnxruntime as ort
 
@@ -95,7 +105,7 @@ def _session_options(threads: int) -> Any:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # A pool per session sleeps when idle: 24 spinning pools (one text's products) take the cores from
-        # each other and the pass (one text on 2 threads: 7.0 ms a text asleep, 90-170 ms spinning).
+        # each other and the pass (one text on 2 threads: 5.6-7.0 ms a text asleep, 90-170 ms spinning).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     elif threads == shared:
         options.use_per_session_threads = False
@@ -160,10 +170,22 @@ def _external(name: str, data_type: int, dims: list[int]) -> Any:
     return tensor
 
 
+# onnxruntime's messages that name its sources and functions, by a phrase in them, in words.
+_KNOWN_FAILURES: Final = {
+    "use_per_session_threads must be false": "other code in this process made onnxruntime's process-wide "
+    "thread pool, and onnxruntime then refuses sessions with a pool of their own",
+    "Global thread pools have already been created": "other code in this process already made onnxruntime's "
+    "process-wide thread pool",
+}
+
+
 def _failure(error: Exception) -> str:
-    """onnxruntime's message, first line only (its messages carry source paths and newlines)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    """onnxruntime's message in words where it is a known one, else its first line (its messages carry
+    source paths and newlines)."""
+    text = str(error)
+    known = next((words for phrase, words in _KNOWN_FAILURES.items() if phrase in text), None)
+    lines = text.strip().splitlines()
+    return known or (lines[0] if lines else type(error).__name__)
 
 
 class Int8Matrix:
@@ -172,7 +194,7 @@ class Int8Matrix:
 
     The quants, scales and bias are handed to the session as initializers backed by these arrays (no
     copy); the session keeps a packed copy besides (together 2.6-3.3x the Q8_0 bytes, plan.INT8_*), and a
-    pool of threads - 1 worker threads of its own.
+    pool of threads - 1 worker threads of its own, unless the process shares one (share_process_pool).
     """
 
     def __init__(
@@ -207,14 +229,21 @@ class Int8Matrix:
             self._bias = np.ascontiguousarray(bias, dtype=np.float32)  # [rows]
             arrays["bias"] = self._bias
         self._values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
-        options = _session_options(threads)
-        options.add_external_initializers(list(arrays), self._values)
-        try:
-            self._session = ort.InferenceSession(
-                _graph(rows, row_len, bias=bias is not None), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as error:  # onnxruntime's own exception types
-            raise GGUFError(f"{name}: the int8 kernel cannot hold this matrix: {_failure(error)}") from None
+        graph = _graph(rows, row_len, bias=bias is not None)
+        # Under the process pool's lock: a pool another thread's open shared between these options and the
+        # session would make onnxruntime refuse them (a pool of the session's own).
+        with _PROCESS_POOL.lock:
+            options = _session_options(threads)
+            options.add_external_initializers(list(arrays), self._values)
+            try:
+                # No fallback: onnxruntime would print a banner to stdout and retry the same provider.
+                self._session = ort.InferenceSession(
+                    graph, options, providers=["CPUExecutionProvider"], enable_fallback=0
+                )
+            except Exception as error:  # onnxruntime's own exception types
+                raise GGUFError(
+                    f"{name}: the int8 kernel cannot hold this matrix: {_failure(error)}"
+                ) from None
         self.rows, self.row_len = rows, row_len
 
     def applies(self, after: Epilogue | None) -> bool:

@@ -59,8 +59,9 @@ PLAN_ORDER: Final = (PlanName.RESIDENT_F32, PlanName.RESIDENT_QUANT, PlanName.ST
 
 # What resident-int8 holds beyond the file's bytes, as bounds that tests/embed/test_int8_kernel.py checks
 # against a real process's RSS: importing onnxruntime and onnx (36 MiB here); per matrix a session (0.43
-# MiB; Q, K and V share one) whose own pool has threads - 1 workers (~60 KiB each); and the quants, scales
-# and the session's packed copy, 2.6-3.3x the Q8_0 bytes (issue #15's ort_mem probes and review).
+# MiB; Q, K and V share one) whose own pool has threads - 1 workers (~60 KiB each; counted per matrix even
+# where the process shares one pool, int8_kernel.share_process_pool, which has fewer); and the quants,
+# scales and the session's packed copy, 2.6-3.3x the Q8_0 bytes (issue #15's ort_mem probes and review).
 INT8_IMPORT_BYTES: Final = 48 << 20
 INT8_SESSION_BYTES: Final = 1 << 20
 INT8_THREAD_BYTES: Final = 128 << 10
@@ -228,7 +229,8 @@ def choose_plan(
     file has its pages dropped once copied (POSIX_FADV_DONTNEED): the process's peak is then its own
     working set, at the cost of re-reading streamed weights from disk every pass. `streaming` is the
     config a streaming pass runs, when it differs from `config` (a decoder's FFN slabs: smaller rows).
-    `threads` is how many the pass runs on (resident-int8's kernel keeps a pool of them per matrix).
+    `threads` is how many the pass runs on (resident-int8's kernel keeps a pool of them per matrix, or
+    shares the process's).
     Raises BudgetExceeded when nothing fits.
     """
     wanted = parse_plan(requested)

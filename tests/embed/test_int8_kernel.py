@@ -136,11 +136,13 @@ def test_a_failure_inside_the_kernel_is_one_line_naming_the_matrix(monkeypatch: 
 
 
 @needs_kernel
-@pytest.mark.parametrize("threads", [1, 8])
-def test_the_plan_holds_no_more_than_it_reserves(minilm_gguf: Callable[[str], Path], threads: int) -> None:
+@pytest.mark.parametrize(("threads", "own_process"), [(1, False), (8, False), (8, True)])
+def test_the_plan_holds_no_more_than_it_reserves(
+    minilm_gguf: Callable[[str], Path], threads: int, own_process: bool
+) -> None:
     """A fresh process: RSS grown by importing the kernel and loading MiniLM into it, its sessions' worker
-    threads included, stays within what resident-int8 reserves (its plan.INT8_* bounds, with the tables
-    and vectors)."""
+    threads (or the process's shared pool) included, stays within what resident-int8 reserves (its
+    plan.INT8_* bounds, with the tables and vectors)."""
     script = """
 import gc, json, sys
 import psutil
@@ -153,7 +155,11 @@ with engine.Embedder.open(sys.argv[1], plan="resident-quant", budget=MemoryBudge
 gc.collect()
 before, threads = process.memory_info().rss, process.num_threads()
 opened = engine.Embedder.open(
-    sys.argv[1], plan="resident-int8", budget=MemoryBudget(1 << 40), threads=int(sys.argv[2])
+    sys.argv[1],
+    plan="resident-int8",
+    budget=MemoryBudget(1 << 40),
+    threads=int(sys.argv[2]),
+    own_process=sys.argv[3] == "own",
 )
 gc.collect()
 reserved = opened.plan_details["resident_bytes"]
@@ -161,7 +167,7 @@ grown = process.memory_info().rss - before
 print(json.dumps({"grown": grown, "reserved": reserved, "threads": process.num_threads() - threads}))
 """
     out = subprocess.run(
-        [sys.executable, "-c", script, str(minilm_gguf("q8_0")), str(threads)],
+        [sys.executable, "-c", script, str(minilm_gguf("q8_0")), str(threads), "own" if own_process else ""],
         capture_output=True,
         text=True,
         check=True,
@@ -253,6 +259,90 @@ def test_own_process_on_one_thread_leaves_the_process_pools_alone(minilm_gguf: C
     assert first["workers"] <= 1 and first["cosine"] >= INT8_COSINE, measured
     assert later["workers"] >= 24 and later["cosine"] >= INT8_COSINE, measured
     assert other["workers"] == 0 and other["cosine"] >= INT8_COSINE, measured
+
+
+_RACE_SCRIPT = """
+import json, sys, threading
+import onnxruntime
+from gguf_sandbox.embed import engine, int8_kernel
+from gguf_sandbox.budget import MemoryBudget
+from gguf_sandbox.errors import GGUFError
+engine.usable_cpus = lambda: 2
+made = onnxruntime.InferenceSession
+sharing = []
+def interleaved(*args, **kwargs):
+    if not sharing:  # between the first session's options and the session, another open shares the pool
+        sharing.append(threading.Thread(target=int8_kernel.share_process_pool, args=(2,)))
+        sharing[0].start()
+        sharing[0].join(timeout=0.5)
+    return made(*args, **kwargs)
+onnxruntime.InferenceSession = interleaved
+try:
+    with engine.Embedder.open(
+        sys.argv[1], plan="resident-int8", budget=MemoryBudget(1 << 40), threads=2
+    ) as fast:
+        fast.embed(["a text"])
+    result = "opened"
+except GGUFError as error:
+    result = str(error)
+sharing[0].join()
+print(json.dumps({"result": result, "shared": int8_kernel._PROCESS_POOL.threads}))
+"""
+
+
+@needs_kernel
+def test_a_pool_shared_while_another_open_makes_its_sessions_waits_for_them(
+    minilm_gguf: Callable[[str], Path],
+) -> None:
+    """One thread opens with a pool per matrix while another shares the process's pool: the sharing waits
+    until the session being made exists (onnxruntime would refuse its options once the pool is shared),
+    then the rest of the open uses the shared pool; stdout carries nothing but the result."""
+    out = subprocess.run(
+        [sys.executable, "-c", _RACE_SCRIPT, str(minilm_gguf("q8_0"))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout) == {"result": "opened", "shared": 2}, out.stdout + out.stderr
+
+
+_OTHER_CODES_POOL_SCRIPT = """
+import sys
+import onnxruntime.capi.onnxruntime_pybind11_state as state
+from gguf_sandbox.embed import engine
+from gguf_sandbox.budget import MemoryBudget
+from gguf_sandbox.errors import GGUFError
+engine.usable_cpus = lambda: 2
+state.set_global_thread_pool_sizes(2, 1)  # what other code in the process may have done
+budget = MemoryBudget(1 << 40)
+for own in (False, True):
+    try:
+        engine.Embedder.open(sys.argv[1], plan="resident-int8", budget=budget, threads=2, own_process=own)
+    except GGUFError as error:
+        print(error, file=sys.stderr)
+"""
+
+
+@needs_kernel
+def test_a_pool_other_code_made_is_refused_in_words_with_stdout_untouched(
+    minilm_gguf: Callable[[str], Path],
+) -> None:
+    """Other code made onnxruntime's process-wide pool: a pool per matrix and a shared one are each refused
+    in one line saying so, and onnxruntime prints nothing to stdout (no provider-fallback banner)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _OTHER_CODES_POOL_SCRIPT, str(minilm_gguf("q8_0"))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "blk.0.attn_q.weight, blk.0.attn_k.weight, blk.0.attn_v.weight: the int8 kernel cannot hold this "
+        "matrix: other code in this process made onnxruntime's process-wide thread pool, and onnxruntime "
+        "then refuses sessions with a pool of their own",
+        "the int8 kernel cannot share a pool of 2 threads: other code in this process already made "
+        "onnxruntime's process-wide thread pool",
+    ]
 
 
 # resident-int8's own agreement, llama.cpp's: activations rounded to 8 bits cost most on short texts; the

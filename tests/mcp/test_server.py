@@ -257,7 +257,7 @@ def _service(budget_bytes: int) -> mcp_server.EmbeddingService:
     )
 
 
-def test_the_server_opens_its_engine_as_its_process_own(
+def test_the_server_opens_its_engine_as_the_only_onnxruntime_user(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The server's process runs nothing else on onnxruntime: its engine opens with own_process, so that
@@ -284,6 +284,61 @@ def test_the_server_opens_its_engine_as_its_process_own(
     _, serving = serve._open_embedder(tmp_path / "model.gguf", "resident-int8", 1 << 20, None)
     serving.release()
     assert opened == [("streaming", False), ("resident-int8", True)]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None,
+    reason="resident-int8 needs the `fast` extra (onnxruntime)",
+)
+def test_a_resident_int8_server_multiplies_on_one_shared_pool(
+    model: Path, engine: Callable[[Sequence[str]], np.ndarray]
+) -> None:
+    """`serve --plan resident-int8` on 2 CPUs: its engine shares one onnxruntime pool (a pool per matrix
+    would start 24 threads), serves resident-int8's vectors, and stdout carries JSON-RPC only."""
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    if len(cpus) < 2:
+        pytest.skip("needs 2 CPUs")
+    command = serve_command(model, "--plan", "resident-int8")
+    server = subprocess.Popen(
+        ["taskset", "-c", ",".join(map(str, cpus)), *command.argv],
+        env=command.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdin is not None and server.stdout is not None
+    hello = {
+        "protocolVersion": PROTOCOL_VERSIONS[0],
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "0"},
+    }
+    texts = ["", "a short text", "the quick brown fox jumps over the lazy dog " * 8]
+    for message in (
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "embed", "arguments": {"texts": texts}},
+        },
+    ):
+        server.stdin.write(json.dumps(message) + "\n")
+    server.stdin.flush()
+    try:
+        replies = [json.loads(server.stdout.readline()) for _ in range(2)]
+        threads = len(os.listdir(f"/proc/{server.pid}/task"))
+    finally:
+        server.stdin.close()
+        trailing = server.stdout.read()
+        server.wait(timeout=60)
+    assert [reply["id"] for reply in replies] == [1, 2] and trailing == ""
+    served = np.asarray(replies[1]["result"]["structuredContent"]["vectors"], dtype=np.float64)
+    assert (served * engine(texts)).sum(axis=1).min() >= 0.998  # resident-int8's agreement (test_int8_kernel)
+    # 5 here (the main thread, 2 embed workers, the pass's helper, the shared pool's worker); a pool per
+    # matrix makes it 28.
+    assert threads <= 8, threads
 
 
 def test_a_budget_refusal_is_a_tool_error_of_its_kind_and_the_next_call_succeeds() -> None:
