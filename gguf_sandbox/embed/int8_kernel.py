@@ -59,7 +59,7 @@ def share_process_pool(threads: int) -> None:
     A pass runs its products one after the other, each in its own session: with a pool per session, each
     product wakes a different sleeping worker (35-90 µs a wake on this VM), and a short product is done
     before the worker helps. One shared pool's worker spins between products (~40 ms of CPU after the last,
-    then it sleeps): one ~21-token MiniLM text on 2 threads takes 4.6-4.9 ms instead of 5.6-7.0. Batches
+    then it sleeps): one ~21-token MiniLM text on 2 threads takes 4.6-5.6 ms instead of 5.6-7.0. Batches
     lose some: 32 texts on 2 threads 280-390 texts/s against 315-420, the spinning worker sharing the cores
     with the pass's two (issue #15's notes: global_pool, own_process, bench). The process pays too:
     onnxruntime then refuses any session with a pool of its own, so only a process that runs nothing else
