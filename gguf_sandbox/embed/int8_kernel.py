@@ -40,6 +40,19 @@ def available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in KERNEL_MODULES)
 
 
+def _library(name: str) -> Any:
+    """A module of the kernel's libraries, imported when first needed; an install that is present but cannot
+    be imported (a missing shared library, a build for another numpy) is one GGUFError, not a traceback."""
+    try:
+        return importlib.import_module(name)
+    except Exception as error:  # ImportError, or whatever a broken build raises while it loads
+        package = name.partition(".")[0]
+        raise GGUFError(
+            f"plan resident-int8 cannot import {package} ({_failure(error)}); reinstall it with "
+            f"pip install --force-reinstall 'gguf-sandbox[fast]', or use --plan auto"
+        ) from None
+
+
 class _ProcessPool:
     """onnxruntime's process-wide pool, once share_process_pool() made it: it cannot be remade, and from
     then on every session in the process must use it."""
@@ -68,7 +81,7 @@ def share_process_pool(threads: int) -> None:
 
     Raises GGUFError when the process's pool already has another size, or onnxruntime cannot make it.
     """
-    import onnxruntime.capi.onnxruntime_pybind11_state as state
+    state = _library("onnxruntime.capi.onnxruntime_pybind11_state")
 
     with _PROCESS_POOL.lock:
         if _PROCESS_POOL.threads is None:
@@ -93,7 +106,7 @@ def check_process_pool(threads: int) -> None:
 
 
 def _session_options(threads: int) -> Any:
-    import onnxruntime as ort
+    ort = _library("onnxruntime")
 
     options = ort.SessionOptions()
     # No arena and no memory pattern: a product's buffers are freed when it returns, not kept for reuse.
@@ -125,8 +138,8 @@ def _graph(rows: int, row_len: int, *, bias: bool) -> bytes:
     """The model y = MatMulNBits(x, quants, scales) (+ bias), and y_gelu = Gelu(y), whose weights are
     external initializers: the session takes them from memory it is given (add_external_initializers), so
     none is copied into it. A run computes only the output it asks for."""
-    from onnx import TensorProto, helper
-
+    helper = _library("onnx.helper")
+    proto = _library("onnx").TensorProto
     blocks = row_len // Q8_BLOCK
     node = helper.make_node(
         "MatMulNBits",
@@ -140,8 +153,8 @@ def _graph(rows: int, row_len: int, *, bias: bool) -> bytes:
         accuracy_level=_INT8_ACTIVATIONS,
     )
     weights = [
-        _external("quants", TensorProto.UINT8, [rows, blocks, Q8_BLOCK]),
-        _external("scales", TensorProto.FLOAT, [rows * blocks]),
+        _external("quants", proto.UINT8, [rows, blocks, Q8_BLOCK]),
+        _external("scales", proto.FLOAT, [rows * blocks]),
     ]
     # com.microsoft's Gelu is erf's (max abs error 2.5e-7 on a product's outputs, gelu.py's 3.3e-7), and
     # 80 µs a MiniLM layer faster at 26 tokens than numpy's after the product (issue #15, gelu_probe).
@@ -149,12 +162,12 @@ def _graph(rows: int, row_len: int, *, bias: bool) -> bytes:
     graph = helper.make_graph(
         [node, gelu],
         "q8_0_product",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", row_len])],
+        [helper.make_tensor_value_info("x", proto.FLOAT, ["rows", row_len])],
         [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", rows]),
-            helper.make_tensor_value_info("y_gelu", TensorProto.FLOAT, ["rows", rows]),
+            helper.make_tensor_value_info("y", proto.FLOAT, ["rows", rows]),
+            helper.make_tensor_value_info("y_gelu", proto.FLOAT, ["rows", rows]),
         ],
-        weights + ([_external("bias", TensorProto.FLOAT, [rows])] if bias else []),
+        weights + ([_external("bias", proto.FLOAT, [rows])] if bias else []),
     )
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets, ir_version=_IR_VERSION)
@@ -163,9 +176,8 @@ def _graph(rows: int, row_len: int, *, bias: bool) -> bytes:
 
 def _external(name: str, data_type: int, dims: list[int]) -> Any:
     """An initializer declared with its data elsewhere (given to the session by name)."""
-    from onnx import TensorProto
-
-    tensor = TensorProto(name=name, data_type=data_type, dims=dims, data_location=TensorProto.EXTERNAL)
+    proto = _library("onnx").TensorProto
+    tensor = proto(name=name, data_type=data_type, dims=dims, data_location=proto.EXTERNAL)
     tensor.external_data.add(key="location", value=name)
     return tensor
 
@@ -207,7 +219,7 @@ class Int8Matrix:
         bias: F32 | None = None,
         threads: int,
     ) -> None:
-        import onnxruntime as ort
+        ort = _library("onnxruntime")
 
         self.name = name
         blocks = row_len // Q8_BLOCK

@@ -404,6 +404,33 @@ def test_asking_for_int8_without_the_kernel_says_what_to_install(
         Embedder.open(minilm_gguf("q8_0"), plan="resident-int8", budget=MemoryBudget(UNLIMITED))
 
 
+@needs_kernel
+@pytest.mark.parametrize("package", ["onnxruntime", "onnx"])
+def test_a_kernel_library_that_cannot_be_imported_is_one_line(
+    minilm_gguf: Callable[[str], Path], tmp_path: Path, package: str
+) -> None:
+    """Installed but broken (its shared library gone, say): `embed --plan resident-int8` exits 4 with one
+    line naming the package and the fix, not a traceback."""
+    broken = tmp_path / package
+    broken.mkdir()
+    missing = "libonnxruntime.so.1: cannot open shared object file"
+    (broken / "__init__.py").write_text(f"raise ImportError({missing!r})")
+    root = str(Path(__file__).resolve().parents[2])
+    model = str(minilm_gguf("q8_0"))
+    out = subprocess.run(
+        [sys.executable, "-m", "gguf_sandbox", "embed", "--model", model, "--plan", "resident-int8", "text"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])},
+    )
+    assert (out.returncode, out.stdout) == (4, "")
+    assert out.stderr.splitlines() == [
+        f"gguf-sandbox embed: error: plan resident-int8 cannot import {package} ({missing}); reinstall it "
+        "with pip install --force-reinstall 'gguf-sandbox[fast]', or use --plan auto"
+    ]
+
+
 @pytest.mark.parametrize("kind", ["f32", "f16", "q4_0"])
 def test_asking_for_int8_on_other_types_is_refused_in_words(
     minilm_gguf: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, kind: str
