@@ -178,9 +178,9 @@ class Embedder:
                 drop_cache=drop_cache,
                 threads=threads_used,
             )
-            if chosen.name is PlanName.RESIDENT_INT8:
-                if own_process and threads_used > 1:
-                    int8_kernel.share_process_pool(threads_used)
+            if chosen.name is PlanName.RESIDENT_INT8 and own_process and threads_used > 1:
+                int8_kernel.share_process_pool(threads_used)
+            elif chosen.name is PlanName.RESIDENT_INT8:
                 int8_kernel.check_process_pool(threads_used)
             held = chosen.resident_bytes + chosen.cached_bytes
             what = f"{chosen.name.value} weights of {gguf.path.name}"

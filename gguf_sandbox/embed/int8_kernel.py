@@ -72,9 +72,9 @@ def share_process_pool(threads: int) -> None:
     A pass runs its products one after the other, each in its own session: with a pool per session, each
     product wakes a different sleeping worker (35-90 µs a wake on this VM), and a short product is done
     before the worker helps. One shared pool's worker spins between products (~40 ms of CPU after the last,
-    then it sleeps): one ~21-token MiniLM text on 2 threads takes 4.6-5.6 ms instead of 5.6-7.0. Batches
-    lose some: 32 texts on 2 threads 280-390 texts/s against 315-420, the spinning worker sharing the cores
-    with the pass's two (issue #15's notes: global_pool, own_process, bench). The process pays too:
+    then it sleeps): one ~21-token MiniLM text on 2 threads takes 4.6-5.6 ms instead of 5.6-6.7 (bench/
+    embed.py, two runs). Batches lose some: 32 texts on 2 threads 257-280 texts/s against 289-315, the
+    spinning worker sharing the cores with the pass's two (issue #15's notes). The process pays too:
     onnxruntime then refuses any session with a pool of its own, so only a process that runs nothing else
     on onnxruntime asks for it (the MCP server, whose queries are mostly a text or a few). The pool lives
     as long as the process: its threads stay after the Embedders that use it close.
@@ -118,7 +118,7 @@ def _session_options(threads: int) -> Any:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # A pool per session sleeps when idle: 24 spinning pools (one text's products) take the cores from
-        # each other and the pass (one text on 2 threads: 5.6-7.0 ms a text asleep, 90-170 ms spinning).
+        # each other and the pass (one text on 2 threads: 5.6-6.7 ms a text asleep, 90-170 ms spinning).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     elif threads == shared:
         options.use_per_session_threads = False
