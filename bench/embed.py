@@ -46,13 +46,20 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-# resident-int8 where its kernel is installed (the `fast` extra: int8_kernel.KERNEL_MODULES, looked up here
-# without importing gguf_sandbox, which a peer's interpreter lacks), with a pool per matrix and, as
-# "resident-int8/shared", with one pool for the process (Embedder.open's own_process: the MCP server's).
+# Where onnxruntime's kernels are installed (the `fast` extra: ort_kernel.KERNEL_MODULES, looked up here
+# without importing gguf_sandbox, which a peer's interpreter lacks), resident-f32 holds its matrices
+# packed for them and resident-int8 runs. Variants by suffix: "/shared", one kernel pool for the process
+# (Embedder.open's own_process: the MCP server's); "/numpy", resident-f32 multiplied by numpy as where the
+# kernels are not installed.
 SHARED_POOL = "/shared"
+NUMPY = "/numpy"
 KERNEL_INSTALLED = all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx"))
-INT8_PLANS = ("resident-int8", "resident-int8" + SHARED_POOL) if KERNEL_INSTALLED else ()
-OUR_PLANS = ("resident-f32", "resident-quant", "streaming", *INT8_PLANS)
+KERNEL_PLANS = (
+    ("resident-f32" + SHARED_POOL, "resident-f32" + NUMPY, "resident-int8", "resident-int8" + SHARED_POOL)
+    if KERNEL_INSTALLED
+    else ()
+)
+OUR_PLANS = ("resident-f32", "resident-quant", "streaming", *KERNEL_PLANS)
 ST_ENGINE = "sentence-transformers"
 LLAMA_ENGINE = "llama.cpp"
 DEFAULT_ST_PYTHON = Path("/work/venvs/ref/bin/python")
@@ -126,14 +133,22 @@ def _ours(model: str, plan: str, pooling: str) -> tuple[Embed, str]:
     # --threads reaches every engine as OPENBLAS_NUM_THREADS; ours runs that many pool threads (BLAS itself
     # single-threaded), by default as many as the CPUs it may use.
     threads = int(os.environ.get("OPENBLAS_NUM_THREADS", "0")) or None
-    name = plan.removesuffix(SHARED_POOL)
-    shared = name != plan
+    name, slash, variant = plan.partition("/")
+    variant = slash + variant
+    if variant == NUMPY:
+        from gguf_sandbox.embed import ort_kernel
+
+        ort_kernel.available = lambda: False  # as where the `fast` extra is not installed
+    shared = variant == SHARED_POOL
     embedder = Embedder.open(
         model, plan=name, batch_size=BATCH, pooling=pooling, threads=threads, own_process=shared
     )
     if name not in ("auto", embedder.plan):
         raise SystemExit(f"asked for {name}, got {embedder.plan}")
-    return embedder.embed, embedder.plan + (SHARED_POOL if shared else "")
+    packed = embedder.plan_details["packed"]
+    if name == "resident-f32" and packed != (KERNEL_INSTALLED and variant != NUMPY):
+        raise SystemExit(f"asked for {plan}, got it {'packed' if packed else 'unpacked'}")
+    return embedder.embed, embedder.plan + variant
 
 
 def _sentence_transformers(hf_dir: str) -> Embed:

@@ -15,6 +15,11 @@ class UnsupportedTensorType(GGUFError):
     """A tensor uses a GGML type we cannot dequantize."""
 
 
+class KernelKeepsWeights(GGUFSandboxError):
+    """onnxruntime reads float32 weights again after packing them, so they cannot be held packed alone; the
+    engine catches it and multiplies with numpy instead."""
+
+
 class BudgetExceeded(GGUFSandboxError):
     """A memory reservation would break the single-allocation cap or the detected limit."""
 

@@ -16,7 +16,7 @@ from typing import Any, Final
 import numpy as np
 
 from gguf_sandbox.budget import MemoryBudget, Reservation
-from gguf_sandbox.embed import int8_kernel
+from gguf_sandbox.embed import ort_kernel
 from gguf_sandbox.embed.architectures import Family, TextEncoder, family_of, sequence_limits
 from gguf_sandbox.embed.bert import POOLING_NAMES, Pooling, require_finite
 from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
@@ -39,7 +39,7 @@ from gguf_sandbox.embed.threads import (
     weighted_spans,
 )
 from gguf_sandbox.embed.weights import PlannedWeights, load_weights
-from gguf_sandbox.errors import BudgetExceeded, GGUFError
+from gguf_sandbox.errors import BudgetExceeded, GGUFError, KernelKeepsWeights
 from gguf_sandbox.gguf.reader import GGUFFile
 
 DEFAULT_BATCH_SIZE: Final = 32
@@ -145,9 +145,9 @@ class Embedder:
         bounds how long embed() waits for room in a shared budget before raising BudgetExceeded.
         `threads` is how many threads a forward pass runs on (None: the CPUs the process may use, its
         affinity cut to its cgroup's CPU quota; never more than that). `own_process` says nothing else in
-        this process uses onnxruntime: resident-int8 on several threads then shares one kernel pool across
-        its matrices (int8_kernel.share_process_pool), which every later onnxruntime session in the process
-        must use too.
+        this process uses onnxruntime: onnxruntime's kernels (resident-int8, resident-f32 packed) on several
+        threads then share one pool across their matrices (ort_kernel.share_process_pool), which every
+        later onnxruntime session in the process must use too.
         Raises BudgetExceeded when the vocabulary, or the requested plan (with "auto" every plan), does
         not fit; GGUFError when the file is not a GGUF the engine can run.
         """
@@ -168,7 +168,8 @@ class Embedder:
             budget = MemoryBudget.detect() if budget is None else budget
             sizes = ModelSizes.of(gguf, layout)
             full_length = layout.model.context_length
-            layout, chosen = _plan_for(
+            layout, weights, resident = _load(
+                gguf,
                 layout,
                 family,
                 sizes,
@@ -177,22 +178,9 @@ class Embedder:
                 pass_tokens=pass_tokens,
                 drop_cache=drop_cache,
                 threads=threads_used,
+                own_process=own_process,
+                packable=ort_kernel.available(),
             )
-            if chosen.name is PlanName.RESIDENT_INT8 and own_process and threads_used > 1:
-                int8_kernel.share_process_pool(threads_used)
-            elif chosen.name is PlanName.RESIDENT_INT8:
-                int8_kernel.check_process_pool(threads_used)
-            held = chosen.resident_bytes + chosen.cached_bytes
-            what = f"{chosen.name.value} weights of {gguf.path.name}"
-            if chosen.cached_bytes:
-                what += f" ({chosen.cached_bytes:,} bytes of them in page cache)"
-            resident = budget.reserve(what, held, cap=max(held, budget.cap))
-            try:
-                weights = load_weights(gguf, layout, chosen, threads=threads_used)
-            except BaseException:
-                resident.release()
-                raise
-            resident.mark_allocated()
         except BaseException:
             gguf.close()
             raise
@@ -428,6 +416,7 @@ def _plan_for(
     pass_tokens: int,
     drop_cache: bool,
     threads: int,
+    packable: bool,
 ) -> tuple[ModelLayout, Plan]:
     """The fastest plan at the longest sequence limit that fits, with the layout cut to that limit; the
     refusal of the shortest limit when none fits."""
@@ -446,6 +435,7 @@ def _plan_for(
                 drop_cache=drop_cache,
                 streaming=streaming,
                 threads=threads,
+                packable=packable,
             )
         except BudgetExceeded as error:
             refusal = error
@@ -454,6 +444,81 @@ def _plan_for(
         return dataclasses.replace(layout, config=chosen), plan
     assert refusal is not None  # sequence_limits yields at least one limit
     raise refusal
+
+
+def _load(
+    gguf: GGUFFile,
+    layout: ModelLayout,
+    family: Family,
+    sizes: ModelSizes,
+    budget: MemoryBudget,
+    *,
+    requested: str | PlanName,
+    pass_tokens: int,
+    drop_cache: bool,
+    threads: int,
+    own_process: bool,
+    packable: bool,
+) -> tuple[ModelLayout, PlannedWeights, Reservation]:
+    """The chosen plan's weights, loaded under their reservation, with the layout they run.
+
+    resident-f32 holds its matrices packed by onnxruntime's float32 kernel where it is `packable` (the
+    `fast` extra installed) and that fits; where the libraries then do not load, the process's kernel pool
+    cannot serve `threads`, or onnxruntime keeps reading the rows it packed, it holds them for numpy
+    instead: the same vectors, more slowly.
+    """
+    planned, chosen = _plan_for(
+        layout,
+        family,
+        sizes,
+        budget,
+        requested=requested,
+        pass_tokens=pass_tokens,
+        drop_cache=drop_cache,
+        threads=threads,
+        packable=packable,
+    )
+    unpacked = functools.partial(
+        _load,
+        gguf,
+        layout,
+        family,
+        sizes,
+        budget,
+        requested=requested,
+        pass_tokens=pass_tokens,
+        drop_cache=drop_cache,
+        threads=threads,
+        own_process=own_process,
+        packable=False,
+    )
+    if chosen.packed and not ort_kernel.importable():
+        return unpacked()
+    try:
+        if chosen.name is PlanName.RESIDENT_INT8 or chosen.packed:
+            if own_process and threads > 1:
+                ort_kernel.share_process_pool(threads)
+            else:
+                ort_kernel.check_process_pool(threads)
+    except GGUFError:
+        if chosen.packed:
+            return unpacked()
+        raise
+    held = chosen.resident_bytes + chosen.cached_bytes
+    what = f"{chosen.name.value} weights of {gguf.path.name}"
+    if chosen.cached_bytes:
+        what += f" ({chosen.cached_bytes:,} bytes of them in page cache)"
+    resident = budget.reserve(what, held, cap=max(held, budget.cap))
+    try:
+        weights = load_weights(gguf, planned, chosen, threads=threads)
+    except KernelKeepsWeights:
+        resident.release()
+        return unpacked()
+    except BaseException:
+        resident.release()
+        raise
+    resident.mark_allocated()
+    return planned, weights, resident
 
 
 def _with_pooling(layout: ModelLayout, pooling: str | None) -> ModelLayout:

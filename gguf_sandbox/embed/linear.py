@@ -57,7 +57,8 @@ class Weights(Protocol):
 
 
 class Kernel(Protocol):
-    """Matrices multiplied by a kernel of their own (int8_kernel.Int8Matrix), on threads of its own."""
+    """Matrices multiplied by a kernel of their own (ort_kernel's Int8Matrix and PackedMatrix), on threads of
+    its own."""
 
     def applies(self, after: Epilogue | None) -> bool:
         """Whether multiply() applies `after` itself."""
@@ -171,7 +172,7 @@ class _LinearWork:
 
     runs: Iterator[list[Task]]
     epilogues: list[Task]
-    # The int8 kernel runs on threads of its own: its runs go one after the other on the caller's.
+    # A kernel runs on threads of its own: its runs go one after the other on the caller's.
     on_caller: bool = False
 
 
@@ -255,7 +256,8 @@ def _linear_work(
 
 
 def _kernel(weights: Weights, name: str) -> KernelSlice | None:
-    """Where a kernel of its own holds the matrix, if the plan has one (weights.kernel: resident-int8)."""
+    """Where a kernel of its own holds the matrix, if the plan has one (weights.kernel: resident-int8,
+    resident-f32 packed)."""
     kernel = getattr(weights, "kernel", None)
     found: KernelSlice | None = kernel(f"{name}.weight") if kernel is not None else None
     return found
@@ -280,7 +282,8 @@ def linear(
     are still in cache, and so does `after` (an elementwise function: GELU) on one thread; on several it
     runs per chunk once the chunk's columns are all done. A quantized matrix's tasks each decode a piece,
     and bias, residual and `after` run per chunk afterwards. A matrix with a kernel of its own (resident-
-    int8) is multiplied chunk by chunk on the caller's thread, the kernel using its own threads.
+    int8, resident-f32 packed) is multiplied chunk by chunk on the caller's thread, the kernel using its
+    own threads.
     """
     ys = out if out is not None else [np.empty((x.shape[0], out_dim), dtype=np.float32) for x in xs]
     work = _linear_work(xs, ys, weights, name, bias=bias, residual=residual, after=after)
@@ -299,8 +302,8 @@ def _one_kernel(
     *,
     bias: bool,
 ) -> None:
-    """Products that one kernel holds side by side (Q, K and V in resident-int8): one multiply per chunk, on
-    the caller, then the biases the kernel did not add, per chunk on the pool."""
+    """Products that one kernel holds side by side (Q, K and V in onnxruntime's kernels): one multiply per
+    chunk, on the caller, then the biases the kernel did not add, per chunk on the pool."""
     for index, x in enumerate(xs):
         _kernel_products(
             kernels[0].kernel, x, [(held, ys[index]) for held, (_, ys) in zip(kernels, outputs, strict=True)]
@@ -321,8 +324,9 @@ def linears(xs: Rows, weights: Weights, outputs: Sequence[tuple[str, Rows]], *, 
     When every matrix is held in memory (weights.held: the resident plans), all their tasks go to the pool
     at once: a 25-token text's three 384-wide products are each too small to share between threads, but
     together keep two busy. Streamed matrices are read one after the other (linear() each), so no more
-    than one block is held at a time. Matrices one kernel holds side by side (resident-int8's Q, K and V)
-    are multiplied together, once per chunk, on the caller's thread and the kernel's own.
+    than one block is held at a time. Matrices one kernel holds side by side (a layer's Q, K and V in
+    onnxruntime's kernels) are multiplied together, once per chunk, on the caller's thread and the
+    kernel's own.
     """
     kernels = [held for name, _ in outputs if (held := _kernel(weights, name)) is not None]
     shared = {id(held.kernel) for held in kernels}

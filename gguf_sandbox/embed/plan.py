@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
 from gguf_sandbox.budget import physical_memory
-from gguf_sandbox.embed import int8_kernel
+from gguf_sandbox.embed import ort_kernel
 from gguf_sandbox.embed.file_reads import column_read_cache
 from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
 from gguf_sandbox.embed.q8_block import Q8_BLOCK, is_q8_0
@@ -57,15 +58,22 @@ PLAN_TABLES: Final[Mapping[PlanName, tuple[TableMode, ...]]] = {
 # the sentence-transformers fixture is the empty text's, 0.9985; llama.cpp has 0.9984 there).
 PLAN_ORDER: Final = (PlanName.RESIDENT_F32, PlanName.RESIDENT_QUANT, PlanName.STREAMING)
 
-# What resident-int8 holds beyond the file's bytes, as bounds that tests/embed/test_int8_kernel.py checks
-# against a real process's RSS: importing onnxruntime and onnx (36 MiB here); per matrix a session (0.43
-# MiB; Q, K and V share one) whose own pool has threads - 1 workers (~60 KiB each; counted per matrix even
-# where the process shares one pool, int8_kernel.share_process_pool, which has fewer); and the quants,
-# scales and the session's packed copy, 2.6-3.3x the Q8_0 bytes (issue #15's ort_mem probes and review).
-INT8_IMPORT_BYTES: Final = 48 << 20
-INT8_SESSION_BYTES: Final = 1 << 20
-INT8_THREAD_BYTES: Final = 128 << 10
+# What onnxruntime's kernels hold beyond the matrices, as bounds that tests/embed/test_ort_kernel.py checks
+# against a real process's RSS: importing onnxruntime and onnx (36 MiB here); and per matrix a session
+# (0.43 MiB for Q8_0; Q, K and V share one) whose own pool has threads - 1 workers (~60 KiB each; counted
+# per matrix even where the process shares one pool, ort_kernel.share_process_pool, which has fewer).
+KERNEL_IMPORT_BYTES: Final = 48 << 20
+KERNEL_SESSION_BYTES: Final = 1 << 20
+KERNEL_THREAD_BYTES: Final = 128 << 10
+# resident-int8 holds the quants, scales and the session's packed copy: 2.6-3.3x the Q8_0 bytes (issue
+# #15's ort_mem probes and review).
 INT8_HELD_PER_STORED: Final = 4
+# resident-f32 held packed (ort_kernel.PackedMatrix) holds only the GEMM's packed copy: 0.92-0.99x the
+# float32 bytes once the load gives the C heap's free pages back (issue #15's notes, sizes). While a group
+# of matrices is made (at most 3: a layer's Q, K and V), its rows are held twice more: in the pages handed
+# to the session, and in the copy onnxruntime packs from.
+PACKED_HELD_PER_F32: Final = 1.1
+PACKED_LOAD_COPIES: Final = 2 * 3
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,9 @@ class Plan:
     # Page cache the plan keeps on purpose (streamed weights re-read every pass, or the pages uncached
     # column slabs share): the budget holds it.
     cached_bytes: int = 0
+    # resident-f32's matrices are held packed by onnxruntime's float32 kernel (ort_kernel.PackedMatrix):
+    # chosen where the `fast` extra is installed and its libraries fit the budget too.
+    packed: bool = False
 
     def pass_bytes(self, config: ModelConfig, tokens: int) -> int:
         return pass_bytes(config, tokens, self.cap)
@@ -108,16 +119,27 @@ class ModelSizes:
     densest: float  # the most bytes per element any matrix is stored in
     matrix_count: int = 0
     q8_only: bool = False  # every matrix is little-endian Q8_0: the int8 kernel can multiply them all
+    largest_f32: int = 0  # the largest matrix decoded to float32
 
     def matrices_int8(self, threads: int) -> int:
         """Bytes resident-int8 holds for the matrices, with the kernel's libraries, when its sessions run
         on `threads` threads."""
-        per_matrix = INT8_SESSION_BYTES + (threads - 1) * INT8_THREAD_BYTES
-        return INT8_IMPORT_BYTES + per_matrix * self.matrix_count + INT8_HELD_PER_STORED * self.matrices_raw
+        return self._kernel_bytes(threads) + INT8_HELD_PER_STORED * self.matrices_raw
+
+    def matrices_packed(self, threads: int) -> int:
+        """Bytes resident-f32 holds for the matrices when onnxruntime's float32 kernel holds them packed,
+        with the kernel's libraries and the rows it packs at load."""
+        packed = math.ceil(PACKED_HELD_PER_F32 * self.matrices_f32)
+        return self._kernel_bytes(threads) + packed + PACKED_LOAD_COPIES * self.largest_f32
+
+    def _kernel_bytes(self, threads: int) -> int:
+        """The kernel's libraries and a session per matrix, each with a pool of `threads`."""
+        per_matrix = KERNEL_SESSION_BYTES + (threads - 1) * KERNEL_THREAD_BYTES
+        return KERNEL_IMPORT_BYTES + per_matrix * self.matrix_count
 
     @classmethod
     def of(cls, gguf: GGUFFile, layout: ModelLayout) -> ModelSizes:
-        vectors = tables_f32 = tables_raw = matrices_f32 = matrices_raw = matrices_kept = count = 0
+        vectors = tables_f32 = tables_raw = matrices_f32 = matrices_raw = matrices_kept = count = largest = 0
         quantized, densest, q8_only = False, 0.0, True
         for name in layout.shapes:
             info = gguf.tensor(name)
@@ -127,6 +149,7 @@ class ModelSizes:
                 tables_raw += info.nbytes
             elif name in layout.matrices:
                 matrices_f32 += decoded
+                largest = max(largest, decoded)
                 matrices_raw += info.nbytes
                 matrices_kept += kept_bytes(info, gguf.byte_order)
                 quantized = quantized or info.nbytes < decoded
@@ -146,13 +169,15 @@ class ModelSizes:
             densest,
             count,
             q8_only and count > 0,
+            largest,
         )
 
-    def resident(self, plan: PlanName, tables: TableMode, threads: int = 1) -> int:
-        """Bytes a plan keeps for the Embedder's lifetime (resident-int8's grow with its `threads`)."""
+    def resident(self, plan: PlanName, tables: TableMode, threads: int = 1, *, packed: bool = False) -> int:
+        """Bytes a plan keeps for the Embedder's lifetime (those of onnxruntime's kernels grow with its
+        `threads`); `packed`: resident-f32's matrices held packed by its float32 kernel."""
         matrices = {
             PlanName.RESIDENT_INT8: self.matrices_int8(threads),
-            PlanName.RESIDENT_F32: self.matrices_f32,
+            PlanName.RESIDENT_F32: self.matrices_packed(threads) if packed else self.matrices_f32,
             PlanName.RESIDENT_QUANT: self.matrices_kept,
             PlanName.STREAMING: 0,
         }[plan]
@@ -186,9 +211,21 @@ def _candidates(sizes: ModelSizes, requested: PlanName | None) -> Iterator[PlanN
         yield name
 
 
+def _variants(
+    sizes: ModelSizes, wanted: PlanName | None, *, packable: bool
+) -> Iterator[tuple[PlanName, bool, TableMode]]:
+    """Each candidate plan with whether its matrices are held packed and where its tables are, fastest
+    first: a packed resident-f32 with its tables read from the file before an unpacked one with them in
+    memory (the products are most of a pass; a table row is one pread a token)."""
+    for name in _candidates(sizes, wanted):
+        for packed in (True, False) if packable and name is PlanName.RESIDENT_F32 else (False,):
+            for tables in PLAN_TABLES[name]:
+                yield name, packed, tables
+
+
 def _check_int8(sizes: ModelSizes) -> None:
     """Refuse resident-int8, asked for by name, where it cannot run."""
-    if not int8_kernel.available():
+    if not ort_kernel.available():
         raise GGUFError(
             "plan resident-int8 needs onnxruntime and onnx: pip install 'gguf-sandbox[fast]', or use "
             "--plan auto"
@@ -222,6 +259,7 @@ def choose_plan(
     drop_cache: bool = False,
     streaming: ModelConfig | None = None,
     threads: int = 1,
+    packable: bool = False,
 ) -> Plan:
     """The fastest plan whose resident weights plus one full-context pass fit in `available` bytes.
 
@@ -229,39 +267,39 @@ def choose_plan(
     file has its pages dropped once copied (POSIX_FADV_DONTNEED): the process's peak is then its own
     working set, at the cost of re-reading streamed weights from disk every pass. `streaming` is the
     config a streaming pass runs, when it differs from `config` (a decoder's FFN slabs: smaller rows).
-    `threads` is how many the pass runs on (resident-int8's kernel keeps a pool of them per matrix, or
-    shares the process's).
+    `threads` is how many the pass runs on (onnxruntime's kernels keep a pool of them per matrix, or share
+    the process's). With `packable`, resident-f32 holds its matrices packed by onnxruntime's float32 kernel
+    where that fits, before it tries numpy's.
     Raises BudgetExceeded when nothing fits.
     """
     wanted = parse_plan(requested)
     # A full-context sequence, its chunks padded to ROW_ALIGN.
     min_tokens = aligned(config.context_length)
     smallest: tuple[int, PlanName, ModelConfig] | None = None
-    for name in _candidates(sizes, wanted):
+    for name, packed, tables in _variants(sizes, wanted, packable=packable):
         runs = streaming if streaming is not None and name is PlanName.STREAMING else config
-        for tables in PLAN_TABLES[name]:
-            resident = sizes.resident(name, tables, threads)
-            room = available - resident - TRANSIENT_CAPS * cap
-            uncached, cached = drop_cache, 0
-            if name is PlanName.STREAMING:
-                if not drop_cache:
-                    # Streamed weights that fit beside a minimal pass stay in page cache (passes grow only
-                    # into what is left); larger ones are read uncached, every pass.
-                    uncached = (room - sizes.matrices_raw) // runs.row_bytes < min_tokens
-                    cached = 0 if uncached else sizes.matrices_raw
-                if uncached:
-                    # Uncached column slabs still hold pages shared by slabs: page cache the cgroup counts.
-                    cached = column_read_cache(*runs.column_slabs, sizes.densest)
-                room -= cached
-            grown = room * PASS_SHARE[0] // PASS_SHARE[1] // runs.row_bytes
-            # Tables in memory save a pread per token row, little next to shrinking every pass.
-            in_file = tables is PLAN_TABLES[name][-1]
-            if room // runs.row_bytes >= min_tokens and (in_file or grown >= pass_tokens):
-                tokens = max(min_tokens, min(pass_tokens, grown))
-                return Plan(name, tables, resident, int(tokens), cap, uncached, cached)
-            needed = resident + cached + pass_bytes(runs, min_tokens, cap)
-            if smallest is None or needed < smallest[0]:
-                smallest = (needed, name, runs)
+        resident = sizes.resident(name, tables, threads, packed=packed)
+        room = available - resident - TRANSIENT_CAPS * cap
+        uncached, cached = drop_cache, 0
+        if name is PlanName.STREAMING:
+            if not drop_cache:
+                # Streamed weights that fit beside a minimal pass stay in page cache (passes grow only
+                # into what is left); larger ones are read uncached, every pass.
+                uncached = (room - sizes.matrices_raw) // runs.row_bytes < min_tokens
+                cached = 0 if uncached else sizes.matrices_raw
+            if uncached:
+                # Uncached column slabs still hold pages shared by slabs: page cache the cgroup counts.
+                cached = column_read_cache(*runs.column_slabs, sizes.densest)
+            room -= cached
+        grown = room * PASS_SHARE[0] // PASS_SHARE[1] // runs.row_bytes
+        # Tables in memory save a pread per token row, little next to shrinking every pass.
+        in_file = tables is PLAN_TABLES[name][-1]
+        if room // runs.row_bytes >= min_tokens and (in_file or grown >= pass_tokens):
+            tokens = max(min_tokens, min(pass_tokens, grown))
+            return Plan(name, tables, resident, int(tokens), cap, uncached, cached, packed)
+        needed = resident + cached + pass_bytes(runs, min_tokens, cap)
+        if smallest is None or needed < smallest[0]:
+            smallest = (needed, name, runs)
     needed, name, runs = smallest if smallest is not None else (0, PlanName.STREAMING, config)
     raise BudgetExceeded(
         f"embedding plan {name.value}" + ("" if wanted else " (the smallest plan)"),
@@ -283,6 +321,7 @@ def describe(plan: Plan, sizes: ModelSizes) -> dict[str, object]:
         "cap": plan.cap,
         "uncached": plan.uncached,
         "cached_bytes": plan.cached_bytes,
+        "packed": plan.packed,
         "model_f32_bytes": sizes.vectors + sizes.tables_f32 + sizes.matrices_f32,
         "model_raw_bytes": sizes.vectors + sizes.tables_raw + sizes.matrices_raw,
     }

@@ -24,9 +24,9 @@ from gguf_sandbox.embed.file_reads import (
     read_blocks,
     read_columns,
 )
-from gguf_sandbox.embed.int8_kernel import Int8Matrix
 from gguf_sandbox.embed.layout import ModelLayout
 from gguf_sandbox.embed.linear import Decoder, KernelSlice
+from gguf_sandbox.embed.ort_kernel import Int8Matrix, PackedMatrix
 from gguf_sandbox.embed.plan import Plan, PlanName, TableMode
 from gguf_sandbox.embed.q8_block import Q8_BLOCK, Q8_BLOCK_BYTES, is_q8_0
 from gguf_sandbox.embed.q8_rows import Q8Pieces, Q8Rows
@@ -274,8 +274,9 @@ class RawMatrix:
 
 
 class KernelMatrix:
-    """A Q8_0 matrix held by the int8 kernel (resident-int8), which multiplies it without decoding; its
-    blocks and slabs, which only a streamed pass asks for, are read from the file."""
+    """A matrix held by one of onnxruntime's kernels (resident-int8, or resident-f32 packed), which multiplies
+    it on threads of its own; its blocks and slabs, which only a streamed pass asks for, are read from the
+    file."""
 
     def __init__(self, kernel: KernelSlice, stream: StreamMatrix) -> None:
         self.kernel = kernel
@@ -397,8 +398,8 @@ class PlannedWeights:
         return isinstance(self._matrices[name], F32Matrix | RawMatrix)
 
     def kernel(self, name: str) -> KernelSlice | None:
-        """Where the int8 kernel holds a matrix (resident-int8), which multiplies on its own threads; None
-        otherwise."""
+        """Where one of onnxruntime's kernels holds a matrix (resident-int8, resident-f32 packed), which
+        multiplies on its own threads; None otherwise."""
         matrix = self._matrices[name]
         return matrix.kernel if isinstance(matrix, KernelMatrix) else None
 
@@ -445,14 +446,14 @@ def _matrix(gguf: GGUFFile, info: TensorInfo, plan: Plan, fd: int, streamed: Str
     return StreamMatrix(gguf, info, plan.cap, fd, uncached=plan.uncached, streamed=streamed)
 
 
-# Matrices of one layer the int8 kernel holds as one: they multiply the same input and a pass asks for them
+# Matrices of one layer a kernel holds as one: they multiply the same input and a pass asks for them
 # together (linears()). One product of 1152 columns for a 26-token text takes 176 µs on 1 thread and 114-123
 # on 2, three of 384 take 196 and 183 (issue #15's notes, fused_probe).
 FUSED: Final = ("attn_q", "attn_k", "attn_v")
 
 
 def _fused_groups(gguf: GGUFFile, layout: ModelLayout) -> list[list[str]]:
-    """The layout's matrices in groups the int8 kernel holds as one: a layer's Q, K and V when their rows
+    """The layout's matrices in groups a kernel holds as one: a layer's Q, K and V when their rows
     are as long and their product no wider than the widest activation a chunk is sized for (Llama-2-7B's
     Q, K and V are 12288 wide, its FFN 11008), else alone."""
     names = [name for name in layout.shapes if name in layout.matrices]
@@ -473,7 +474,7 @@ def _fused_groups(gguf: GGUFFile, layout: ModelLayout) -> list[list[str]]:
     return groups
 
 
-def _int8_matrices(
+def _kernel_matrices(
     gguf: GGUFFile,
     layout: ModelLayout,
     plan: Plan,
@@ -483,8 +484,10 @@ def _int8_matrices(
     vectors: dict[str, F32],
     threads: int,
 ) -> dict[str, BlockSource]:
-    """Every matrix in the int8 kernel (Q, K and V of a layer as one), with its bias when each has one."""
+    """Every matrix in one of onnxruntime's kernels (Q, K and V of a layer as one), with its bias when each
+    has one: Q8_0 in the int8 kernel (resident-int8), or float32 packed (resident-f32 with `plan.packed`)."""
     matrices: dict[str, BlockSource] = {}
+    order = gguf.byte_order
     for group in _fused_groups(gguf, layout):
         infos = [gguf.tensor(name) for name in group]
         firsts = list(itertools.accumulate((info.n_rows for info in infos), initial=0))
@@ -494,22 +497,32 @@ def _int8_matrices(
             if key in vectors
         ]
         bias = np.concatenate(biases) if len(biases) == len(group) else None  # [rows]
-        raw = (
-            (first + lo, block)
-            for info, first in zip(infos, firsts[:-1], strict=True)
-            for lo, block in read_blocks(fd, info, plan.cap)
-        )
-        kernel = Int8Matrix(", ".join(group), firsts[-1], infos[0].row_len, raw, bias=bias, threads=threads)
-        for name, info, first in zip(group, infos, firsts[:-1], strict=True):
+        name, rows, row_len = ", ".join(group), firsts[-1], infos[0].row_len
+        kernel: Int8Matrix | PackedMatrix
+        if plan.name is PlanName.RESIDENT_INT8:
+            raw = (
+                (first + lo, block)
+                for info, first in zip(infos, firsts[:-1], strict=True)
+                for lo, block in read_blocks(fd, info, plan.cap)
+            )
+            kernel = Int8Matrix(name, rows, row_len, raw, bias=bias, threads=threads)
+        else:
+            decoded = (
+                (first + lo, block)
+                for info, first in zip(infos, firsts[:-1], strict=True)
+                for lo, block in _f32_blocks(fd, info, plan.cap, order)
+            )
+            kernel = PackedMatrix(name, rows, row_len, decoded, bias=bias, threads=threads)
+        for member, info, first in zip(group, infos, firsts[:-1], strict=True):
             stream = StreamMatrix(gguf, info, plan.cap, fd, uncached=False, streamed=streamed)
             held = KernelSlice(kernel, slice(first, first + info.n_rows), biased=bias is not None)
-            matrices[name] = KernelMatrix(held, stream)
+            matrices[member] = KernelMatrix(held, stream)
     return matrices
 
 
 def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan, *, threads: int = 1) -> PlannedWeights:
     """Build the plan's weights from an open file (which must stay open while they are used); `threads`
-    is how many the int8 kernel multiplies on (resident-int8)."""
+    is how many onnxruntime's kernels multiply on (resident-int8, resident-f32 packed)."""
     try:
         fd = os.open(gguf.path, os.O_RDONLY)
     except OSError as error:
@@ -521,19 +534,20 @@ def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan, *, threads: in
         tables: dict[str, RowSource] = {}
         matrices: dict[str, BlockSource] = {}
         streamed = StreamedBytes()
+        in_kernel = plan.name is PlanName.RESIDENT_INT8 or plan.packed
         for name in layout.shapes:
             info = gguf.tensor(name)
             if name in layout.tables:
                 tables[name] = _table(gguf, info, plan, fd)
             elif name in layout.matrices:
-                if plan.name is not PlanName.RESIDENT_INT8:
+                if not in_kernel:
                     matrices[name] = _matrix(gguf, info, plan, fd, streamed)
             else:
                 vectors[name] = np.concatenate(
                     [block.reshape(-1) for _, block in _f32_blocks(fd, info, plan.cap, gguf.byte_order)]
                 )
-        if plan.name is PlanName.RESIDENT_INT8:
-            matrices = _int8_matrices(gguf, layout, plan, fd, streamed, vectors=vectors, threads=threads)
+        if in_kernel:
+            matrices = _kernel_matrices(gguf, layout, plan, fd, streamed, vectors=vectors, threads=threads)
     except BaseException:
         os.close(fd)
         raise

@@ -154,8 +154,9 @@ def _open_embedder(model: Path, plan: str, reserve: int, pooling: str | None) ->
         cap=max(reserve, memory.cap),
     )
     try:
-        # The server's process runs nothing else on onnxruntime: resident-int8 may share one kernel pool
-        # across its matrices (int8_kernel.share_process_pool; one text on 2 threads 5.6-6.7 -> 4.6-5.6 ms).
+        # The server's process runs nothing else on onnxruntime: its kernels (resident-int8, resident-f32
+        # packed) may share one pool across their matrices (ort_kernel.share_process_pool; one text on 2
+        # threads, resident-int8 5.6-6.7 -> 4.6-5.6 ms).
         embedder = Embedder.open(model, plan=plan, budget=memory, pooling=pooling, own_process=True)
         return embedder, serving
     except BaseException:

@@ -20,7 +20,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType
 
 from gguf_sandbox.budget import MemoryBudget
-from gguf_sandbox.embed import command, int8_kernel
+from gguf_sandbox.embed import command
 from gguf_sandbox.embed import engine as engine_module
 from gguf_sandbox.embed import plan as plan_module
 from gguf_sandbox.embed.engine import SUB_BATCH_PLANS, Embedder
@@ -29,14 +29,11 @@ from gguf_sandbox.embed.rows import aligned
 from gguf_sandbox.embed.threads import usable_cpus, weighted_spans
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.synth import SyntheticBert, vocabulary, write_synthetic_bert
-from tests.embed.conftest import traced_peak
+from tests.embed.conftest import EVERY_PLAN, Variant, traced_peak
 from tests.models import cached_synthetic
 
 CAP = 1 << 20
 UNLIMITED = 1 << 40
-# auto's plans, and resident-int8 where its kernel is installed (the `fast` extra; minilm_shaped and
-# small_model are Q8_0 throughout, so it runs them).
-EVERY_PLAN = [*PLAN_ORDER, *([PlanName.RESIDENT_INT8] if int8_kernel.available() else [])]
 # all-MiniLM-L6-v2's shapes with synthetic weights: the real model's memory and blocking behaviour.
 MINILM_SHAPED = SyntheticBert(
     vocab_size=30522,
@@ -178,14 +175,14 @@ def test_no_single_allocation_over_the_cap_while_embedding(minilm_shaped: Path, 
     memray = pytest.importorskip("memray")
     texts = [*synthetic_texts(31, seed=4, vocab_size=30522), " ".join(["ab"] * 600)]
     for plan in EVERY_PLAN:
-        with Embedder.open(minilm_shaped, plan=plan, budget=MemoryBudget(UNLIMITED)) as opened:
+        with plan.open(minilm_shaped, budget=MemoryBudget(UNLIMITED)) as opened:
             opened.embed(texts)
-            capture = tmp_path / f"{plan.value}.bin"
+            capture = tmp_path / f"{plan.plan.value}-{plan.numpy}.bin"
             with memray.Tracker(capture, native_traces=False):
                 opened.embed(texts)
         sizes = [r.size for r in memray.FileReader(capture).get_allocation_records() if r.size]
         assert len(sizes) > 1000, "memray saw too few allocations to mean anything"
-        assert max(sizes) <= CAP, f"{plan.value}: an allocation of {max(sizes):,} bytes"
+        assert max(sizes) <= CAP, f"{plan}: an allocation of {max(sizes):,} bytes"
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -199,15 +196,15 @@ def test_traced_peak_of_a_pass_stays_within_its_reservation(
     texts = [" ".join(["ab"] * 600), *synthetic_texts(40, seed=5, vocab_size=30522)]
     for plan in EVERY_PLAN:
         budget = MemoryBudget(UNLIMITED)
-        with Embedder.open(minilm_shaped, plan=plan, budget=budget, batch_size=32, threads=threads) as opened:
+        with plan.open(minilm_shaped, budget=budget, batch_size=32, threads=threads) as opened:
             opened.embed(texts)
             resident = budget.in_use
             tokens = max(sum(len(opened.tokenize(t)) for t in texts[:32]), len(opened.tokenize(texts[0])))
             peak = traced_peak(lambda: opened.embed(texts))
             reserved = budget.peak - resident
-            assert peak <= reserved, f"{plan.value}: traced peak {peak:,} over the reserved {reserved:,}"
+            assert peak <= reserved, f"{plan}: traced peak {peak:,} over the reserved {reserved:,}"
             rows = max(sum(aligned(len(opened.tokenize(t))) for t in texts[:32]), aligned(tokens))
-            extra = (threads - 1) * (pass_bytes(opened.config, 0) if plan in SUB_BATCH_PLANS else 0)
+            extra = (threads - 1) * (pass_bytes(opened.config, 0) if plan.plan in SUB_BATCH_PLANS else 0)
             assert reserved <= pass_bytes(opened.config, rows) + extra
 
 
@@ -346,17 +343,15 @@ def test_embed_command_refuses_zero_threads(small_model: Path, capsys: pytest.Ca
 
 
 # -- threads: a pass split over the compute pool gives the serial pass's vectors ---------------------------
-@pytest.mark.parametrize("plan", EVERY_PLAN, ids=lambda p: p.value)
+@pytest.mark.parametrize("plan", EVERY_PLAN, ids=str)
 def test_vectors_do_not_depend_on_the_thread_count(
-    minilm_shaped: Path, plan: PlanName, monkeypatch: pytest.MonkeyPatch
+    minilm_shaped: Path, plan: Variant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(engine_module, "usable_cpus", lambda: 8)  # a pool of 3 even on a 1-CPU runner
     texts = [" ".join(["ab"] * 600), *synthetic_texts(9, seed=8, vocab_size=30522)]
     results = []
     for threads in (1, 2, 3):
-        with Embedder.open(
-            minilm_shaped, plan=plan, budget=MemoryBudget(UNLIMITED), threads=threads
-        ) as opened:
+        with plan.open(minilm_shaped, budget=MemoryBudget(UNLIMITED), threads=threads) as opened:
             results.append((opened.embed(texts), opened.embed(texts[1:2])))
     for batch, single in results[1:]:
         assert np.abs(batch - results[0][0]).max() <= 1e-6
@@ -395,15 +390,15 @@ def test_a_held_batch_runs_as_one_sub_batch_per_thread(
     texts = synthetic_texts(12, seed=9, vocab_size=30522)
     for plan in EVERY_PLAN:
         budget = MemoryBudget(UNLIMITED)
-        with Embedder.open(minilm_shaped, plan=plan, budget=budget, threads=2) as opened:
+        with plan.open(minilm_shaped, budget=budget, threads=2) as opened:
             rows = [aligned(len(opened.tokenize(t))) for t in texts]
             halves = weighted_spans([len(opened.tokenize(t)) for t in texts], 2)
             assert len(halves) == 2
-            if plan in SUB_BATCH_PLANS:
+            if plan.plan in SUB_BATCH_PLANS:
                 expected = sum(pass_bytes(opened.config, sum(rows[lo:hi])) for lo, hi in halves)
             else:
                 expected = pass_bytes(opened.config, sum(rows))
-            assert _pass_reservations(opened, budget, texts) == [expected], plan.value
+            assert _pass_reservations(opened, budget, texts) == [expected], plan
 
 
 def test_sub_batches_that_do_not_fit_run_as_one_batch(
@@ -654,10 +649,10 @@ def test_a_line_cut_inside_a_character_is_not_a_decoding_error(
 
 
 @pytest.mark.filterwarnings("error")
-@pytest.mark.parametrize("plan", [p.value for p in EVERY_PLAN])
+@pytest.mark.parametrize("plan", EVERY_PLAN, ids=str)
 @pytest.mark.parametrize("scale", [np.float16(np.nan), np.float16(np.inf), np.float16(-np.inf)], ids=str)
 def test_a_poisoned_q8_0_scale_is_one_error_on_every_plan(
-    small_model: Path, tmp_path: Path, plan: str, scale: np.float16
+    small_model: Path, tmp_path: Path, plan: Variant, scale: np.float16
 ) -> None:
     """A Q8_0 block whose fp16 scale is NaN or infinite, in a matrix every plan decodes its own way (split
     in column order for resident-quant, row order for streaming): one GGUFError, no numpy warning before
@@ -676,9 +671,9 @@ def test_a_poisoned_q8_0_scale_is_one_error_on_every_plan(
 
 
 @pytest.mark.filterwarnings("error")
-@pytest.mark.parametrize("plan", [p.value for p in EVERY_PLAN])
+@pytest.mark.parametrize("plan", EVERY_PLAN, ids=str)
 def test_poisoned_q8_0_scales_on_two_threads_are_one_error_and_no_warning(
-    minilm_shaped: Path, tmp_path: Path, plan: str, monkeypatch: pytest.MonkeyPatch
+    minilm_shaped: Path, tmp_path: Path, plan: Variant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every block of a 1536x384 matrix with an infinite scale (inf x 0 quants is invalid), decoded in
     several pieces on two threads: the helper thread's decodes and products warn no more than the caller's
@@ -697,15 +692,15 @@ def test_poisoned_q8_0_scales_on_two_threads_are_one_error_and_no_warning(
     _assert_one_error_per_call(poisoned, plan, threads=2)
 
 
-def _assert_one_error_per_call(model: Path, plan: str, *, threads: int) -> None:
+def _assert_one_error_per_call(model: Path, plan: Variant, *, threads: int) -> None:
     budget = MemoryBudget(UNLIMITED)
-    if plan == "resident-int8":
+    if plan.plan is PlanName.RESIDENT_INT8:
         # The int8 kernel would carry a poisoned scale into finite, wrong products: refused at load.
         with pytest.raises(GGUFError, match="NaN or infinite"):
-            Embedder.open(model, plan=plan, budget=budget, threads=threads)
+            plan.open(model, budget=budget, threads=threads)
         assert budget.in_use == 0
         return
-    with Embedder.open(model, plan=plan, budget=budget, threads=threads) as embedder:
+    with plan.open(model, budget=budget, threads=threads) as embedder:
         resident = budget.in_use
         for _ in range(2):
             with pytest.raises(GGUFError, match="NaN or infinite"):

@@ -190,7 +190,7 @@ def test_a_decoded_piece_and_its_transposed_product_share_the_scratch_without_ov
 # -- a matrix with a kernel of its own (resident-int8): the same contract as a float32 product ---------------
 class FloatKernel:
     """A kernel over float32 matrices stacked side by side, holding their biases or not, applying GELU
-    itself: what int8_kernel.Int8Matrix does, without its rounding."""
+    itself: what ort_kernel.Int8Matrix does, without its rounding."""
 
     def __init__(self, matrices: list[NDArray[np.float32]], biases: list[NDArray[np.float32]] | None) -> None:
         self.weight = np.concatenate(matrices)  # [out, in]

@@ -335,7 +335,7 @@ def test_a_resident_int8_server_multiplies_on_one_shared_pool(
         server.wait(timeout=60)
     assert [reply["id"] for reply in replies] == [1, 2] and trailing == ""
     served = np.asarray(replies[1]["result"]["structuredContent"]["vectors"], dtype=np.float64)
-    assert (served * engine(texts)).sum(axis=1).min() >= 0.998  # resident-int8's agreement (test_int8_kernel)
+    assert (served * engine(texts)).sum(axis=1).min() >= 0.998  # resident-int8's agreement (test_ort_kernel)
     # 5 here (the main thread, 2 embed workers, the pass's helper, the shared pool's worker); a pool per
     # matrix makes it 28.
     assert threads <= 8, threads

@@ -18,20 +18,24 @@ from gguf.constants import GGMLQuantizationType
 from gguf.quants import quantize
 
 from gguf_sandbox.budget import MemoryBudget
-from gguf_sandbox.embed import int8_kernel, plan
+from gguf_sandbox.embed import ort_kernel, plan
 from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.embed.gelu import gelu
-from gguf_sandbox.embed.int8_kernel import Int8Matrix
+from gguf_sandbox.embed.ort_kernel import Int8Matrix, PackedMatrix
 from gguf_sandbox.embed.q8_block import Q8_BLOCK, Q8_BLOCK_BYTES
-from gguf_sandbox.errors import GGUFError
+from gguf_sandbox.embed.rows import aligned
+from gguf_sandbox.embed.shapes import read_config, read_layout
+from gguf_sandbox.errors import GGUFError, KernelKeepsWeights
 from gguf_sandbox.gguf.dequant import dequantize
+from gguf_sandbox.gguf.reader import GGUFFile
 from gguf_sandbox.gguf.synth import SyntheticBert, write_synthetic_bert
 from gguf_sandbox.gguf.synth_decoder import QWEN2_TINY, QWEN3_TINY, SyntheticDecoder
+from tests.embed.conftest import kernels_hidden
 from tests.models import cached_decoder
 
 UNLIMITED = 1 << 40
 needs_kernel = pytest.mark.skipif(
-    not int8_kernel.available(), reason="the int8 kernel needs the `fast` extra (onnxruntime, onnx)"
+    not ort_kernel.available(), reason="the int8 kernel needs the `fast` extra (onnxruntime, onnx)"
 )
 
 
@@ -136,13 +140,15 @@ def test_a_failure_inside_the_kernel_is_one_line_naming_the_matrix(monkeypatch: 
 
 
 @needs_kernel
+@pytest.mark.parametrize("plan_name", ["resident-int8", "resident-f32"])
 @pytest.mark.parametrize(("threads", "own_process"), [(1, False), (8, False), (8, True)])
 def test_the_plan_holds_no_more_than_it_reserves(
-    minilm_gguf: Callable[[str], Path], threads: int, own_process: bool
+    minilm_gguf: Callable[[str], Path], plan_name: str, threads: int, own_process: bool
 ) -> None:
     """A fresh process: RSS grown by importing the kernel and loading MiniLM into it, its sessions' worker
-    threads (or the process's shared pool) included, stays within what resident-int8 reserves (its
-    plan.INT8_* bounds, with the tables and vectors)."""
+    threads (or the process's shared pool) included, stays within what the plan reserves (plan.KERNEL_*,
+    and resident-int8's INT8_HELD_PER_STORED or packed resident-f32's PACKED_*, with the tables and
+    vectors)."""
     script = """
 import gc, json, sys
 import psutil
@@ -156,23 +162,34 @@ gc.collect()
 before, threads = process.memory_info().rss, process.num_threads()
 opened = engine.Embedder.open(
     sys.argv[1],
-    plan="resident-int8",
+    plan=sys.argv[4],
     budget=MemoryBudget(1 << 40),
     threads=int(sys.argv[2]),
     own_process=sys.argv[3] == "own",
 )
 gc.collect()
-reserved = opened.plan_details["resident_bytes"]
+details = opened.plan_details
 grown = process.memory_info().rss - before
-print(json.dumps({"grown": grown, "reserved": reserved, "threads": process.num_threads() - threads}))
+threads = process.num_threads() - threads
+reserved, packed = details["resident_bytes"], details["packed"]
+print(json.dumps({"grown": grown, "reserved": reserved, "threads": threads, "packed": packed}))
 """
     out = subprocess.run(
-        [sys.executable, "-c", script, str(minilm_gguf("q8_0")), str(threads), "own" if own_process else ""],
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(minilm_gguf("q8_0")),
+            str(threads),
+            "own" if own_process else "",
+            plan_name,
+        ],
         capture_output=True,
         text=True,
         check=True,
     )
     measured: dict[str, int] = json.loads(out.stdout)
+    assert measured["packed"] == (plan_name == "resident-f32"), measured
     assert 0 < measured["grown"] <= measured["reserved"], measured
     # A pool per session (6 layers: Q/K/V, output, up, down), threads - 1 workers each, and the pass's own.
     assert measured["threads"] <= 24 * (threads - 1) + threads, measured
@@ -182,7 +199,7 @@ _SHARED_POOL_SCRIPT = """
 import json, sys, time
 import numpy as np
 import psutil
-from gguf_sandbox.embed import engine
+from gguf_sandbox.embed import engine, ort_kernel
 from gguf_sandbox.budget import MemoryBudget
 from gguf_sandbox.errors import GGUFError
 engine.usable_cpus = lambda: 2  # as many threads as asked for, on any runner
@@ -190,8 +207,11 @@ model, first_threads = sys.argv[1], int(sys.argv[2])
 texts = ["", "a short one", "the quick brown fox jumps over the lazy dog " * 8]
 budget = MemoryBudget(1 << 40)
 process = psutil.Process()
+installed = ort_kernel.available
+ort_kernel.available = lambda: False  # the reference multiplies with numpy: no session before the others
 with engine.Embedder.open(model, plan="resident-f32", budget=budget, threads=2) as exact:
     floats = exact.embed(texts)
+ort_kernel.available = installed
 result = {}
 def opened(threads, own_process):
     try:
@@ -212,13 +232,19 @@ def opened(threads, own_process):
 result["first"] = opened(first_threads, True)
 result["per_matrix"] = opened(2, False)
 result["other_size"] = opened(1, False)
+with engine.Embedder.open(model, budget=budget, threads=1) as auto:
+    cosine = float((auto.embed(texts) * floats).sum(axis=1).min())
+    result["auto_other_size"] = {"packed": auto.plan_details["packed"], "cosine": cosine}
 print(json.dumps(result))
 """
 
 
-def _three_opens(model: Path, *, first_threads: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def _three_opens(
+    model: Path, *, first_threads: int
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """_SHARED_POOL_SCRIPT in a new process: resident-int8 opened with own_process on `first_threads`, then
-    with a pool per matrix on 2 threads, then on 1; each one's new threads, cosine and idle CPU, or error."""
+    with a pool per matrix on 2 threads, then on 1; each one's new threads, cosine and idle CPU, or error;
+    then auto on 1 thread: whether it is packed, and its cosine."""
     out = subprocess.run(
         [sys.executable, "-c", _SHARED_POOL_SCRIPT, str(model), str(first_threads)],
         capture_output=True,
@@ -226,7 +252,7 @@ def _three_opens(model: Path, *, first_threads: int) -> tuple[dict[str, Any], di
         check=True,
     )
     measured = json.loads(out.stdout)
-    return measured["first"], measured["per_matrix"], measured["other_size"]
+    return measured["first"], measured["per_matrix"], measured["other_size"], measured["auto_other_size"]
 
 
 @needs_kernel
@@ -235,8 +261,8 @@ def test_a_shared_pool_is_one_set_of_threads_for_every_matrix(minilm_gguf: Calla
     beside the pass's own helper, where a pool per matrix starts 24), with resident-int8's vectors; from
     then on the process's sessions all use that pool, and an Embedder asking for another size is refused
     in words."""
-    first, later, other = _three_opens(minilm_gguf("q8_0"), first_threads=2)
-    measured = {"first": first, "per_matrix": later, "other_size": other}
+    first, later, other, auto = _three_opens(minilm_gguf("q8_0"), first_threads=2)
+    measured = {"first": first, "per_matrix": later, "other_size": other, "auto": auto}
     # The pass's helper, the shared pool's one worker, and a thread onnxruntime starts once per process.
     assert first["workers"] <= 3, measured
     assert first["cosine"] >= INT8_COSINE, measured
@@ -247,24 +273,27 @@ def test_a_shared_pool_is_one_set_of_threads_for_every_matrix(minilm_gguf: Calla
         "error": "the int8 kernel shares a pool of 2 threads in this process (share_process_pool); "
         "open with threads=2, not 1"
     }, measured
+    # auto on 1 thread cannot use the shared pool either: it holds resident-f32 for numpy, unrefused.
+    assert not auto["packed"] and auto["cosine"] >= 0.99999, measured
 
 
 @needs_kernel
 def test_own_process_on_one_thread_leaves_the_process_pools_alone(minilm_gguf: Callable[[str], Path]) -> None:
     """One thread gains nothing from a shared pool, so none is made: later Embedders keep a pool per matrix,
     of any size (6 layers' 24 sessions, one worker each on 2 threads)."""
-    first, later, other = _three_opens(minilm_gguf("q8_0"), first_threads=1)
-    measured = {"first": first, "per_matrix": later, "other_size": other}
+    first, later, other, auto = _three_opens(minilm_gguf("q8_0"), first_threads=1)
+    measured = {"first": first, "per_matrix": later, "other_size": other, "auto": auto}
     # No pass helper and no pool worker on one thread: only the thread onnxruntime starts once per process.
     assert first["workers"] <= 1 and first["cosine"] >= INT8_COSINE, measured
     assert later["workers"] >= 24 and later["cosine"] >= INT8_COSINE, measured
     assert other["workers"] == 0 and other["cosine"] >= INT8_COSINE, measured
+    assert auto["packed"] and auto["cosine"] >= 0.99999, measured
 
 
 _RACE_SCRIPT = """
 import json, sys, threading
 import onnxruntime
-from gguf_sandbox.embed import engine, int8_kernel
+from gguf_sandbox.embed import engine, ort_kernel
 from gguf_sandbox.budget import MemoryBudget
 from gguf_sandbox.errors import GGUFError
 engine.usable_cpus = lambda: 2
@@ -272,7 +301,7 @@ made = onnxruntime.InferenceSession
 sharing = []
 def interleaved(*args, **kwargs):
     if not sharing:  # between the first session's options and the session, another open shares the pool
-        sharing.append(threading.Thread(target=int8_kernel.share_process_pool, args=(2,)))
+        sharing.append(threading.Thread(target=ort_kernel.share_process_pool, args=(2,)))
         sharing[0].start()
         sharing[0].join(timeout=0.5)
     return made(*args, **kwargs)
@@ -286,7 +315,7 @@ try:
 except GGUFError as error:
     result = str(error)
 sharing[0].join()
-print(json.dumps({"result": result, "shared": int8_kernel._PROCESS_POOL.threads}))
+print(json.dumps({"result": result, "shared": ort_kernel._PROCESS_POOL.threads}))
 """
 
 
@@ -399,7 +428,7 @@ def test_auto_never_chooses_int8(minilm_gguf: Callable[[str], Path]) -> None:
 def test_asking_for_int8_without_the_kernel_says_what_to_install(
     minilm_gguf: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(int8_kernel, "available", lambda: False)
+    monkeypatch.setattr(ort_kernel, "available", lambda: False)
     with pytest.raises(GGUFError, match=r"gguf-sandbox\[fast\]"):
         Embedder.open(minilm_gguf("q8_0"), plan="resident-int8", budget=MemoryBudget(UNLIMITED))
 
@@ -435,7 +464,7 @@ def test_a_kernel_library_that_cannot_be_imported_is_one_line(
 def test_asking_for_int8_on_other_types_is_refused_in_words(
     minilm_gguf: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    monkeypatch.setattr(int8_kernel, "available", lambda: True)
+    monkeypatch.setattr(ort_kernel, "available", lambda: True)
     with pytest.raises(GGUFError, match="Q8_0 weights only"):
         Embedder.open(minilm_gguf(kind), plan="resident-int8", budget=MemoryBudget(UNLIMITED))
 
@@ -443,7 +472,7 @@ def test_asking_for_int8_on_other_types_is_refused_in_words(
 def test_the_plan_reserves_its_libraries_sessions_and_stored_bytes() -> None:
     sizes = plan.ModelSizes(0, 0, 0, 400, 100, 104, True, 1.0625, matrix_count=2, q8_only=True)
     assert sizes.resident(plan.PlanName.RESIDENT_INT8, plan.TableMode.FILE) == (
-        plan.INT8_IMPORT_BYTES + 2 * plan.INT8_SESSION_BYTES + plan.INT8_HELD_PER_STORED * 100
+        plan.KERNEL_IMPORT_BYTES + 2 * plan.KERNEL_SESSION_BYTES + plan.INT8_HELD_PER_STORED * 100
     )
 
 
@@ -591,3 +620,157 @@ def test_a_file_that_shrinks_while_the_kernel_loads_is_one_error(
     with pytest.raises(GGUFError, match=r"short read|shrank"):
         Embedder.open(model, plan="resident-int8", budget=budget)
     assert budget.in_use == 0
+
+
+# -- resident-f32 held packed: float32 rows in a Gemm, packed when the session is made -----------------------
+def _packed(weight: np.ndarray, *, bias: np.ndarray | None = None, name: str = "w") -> PackedMatrix:
+    """weight [rows, row_len] handed over in two blocks, as a plan reads them."""
+    rows, row_len = weight.shape
+    half = rows // 2
+    blocks = [(0, weight[:half]), (half, weight[half:])]
+    return PackedMatrix(name, rows, row_len, blocks, bias=bias, threads=2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 26, 300])
+def test_packed_products_are_float32_products(rows: int) -> None:
+    rng = np.random.default_rng(rows)
+    weight = (rng.standard_normal((200, 384)) * 0.05).astype(np.float32)
+    bias = rng.standard_normal(200).astype(np.float32)
+    kernel = _packed(weight, bias=bias)
+    x = (rng.standard_normal((rows, 384)) * 3).astype(np.float32)
+    expected = (x.astype(np.float64) @ weight.T.astype(np.float64) + bias).astype(np.float32)
+    got = kernel.multiply(x)
+    assert got.shape == (rows, 200)
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= 1e-5 * scale  # float32 rounding, nothing more
+    gelu(expected)
+    assert kernel.applies(gelu)
+    assert np.abs(kernel.multiply(x, after=gelu) - expected).max() <= 1e-5 * scale
+
+
+@needs_kernel
+def test_packed_rows_are_given_back_once_packed() -> None:
+    """The rows handed to the session read zeros once it has packed them (their pages dropped), and the
+    products are still the rows' products: only the packed copy is held."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((96, 64)).astype(np.float32)
+    kernel = _packed(weight)
+    assert not np.frombuffer(kernel._pages, dtype=np.float32).any()
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_allclose(kernel.multiply(x), x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+class _ReadingSession:
+    """A session that multiplies the rows as handed over, at every run: as a version of onnxruntime that
+    read them after making the session would (1.23-1.32 copy them when the session is made)."""
+
+    def __init__(self, weight: np.ndarray) -> None:
+        self.weight = weight
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [feeds["x"] @ self.weight.T]
+
+
+def _reading_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    def reading(self: PackedMatrix, model: bytes, arrays: dict[str, np.ndarray], threads: int) -> None:
+        self._session = _ReadingSession(arrays["weight"])
+
+    monkeypatch.setattr(PackedMatrix, "_open", reading)
+
+
+@needs_kernel
+def test_a_session_that_reads_the_rows_again_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its products after the drop would be of zeros: the probe row sees it, and the matrix says so
+    instead of multiplying wrongly."""
+    _reading_sessions(monkeypatch)
+    weight = np.random.default_rng(6).standard_normal((64, 32)).astype(np.float32)
+    with pytest.raises(KernelKeepsWeights, match=r"^blk\.0\.ffn_up\.weight: onnxruntime reads float32"):
+        _packed(weight, name="blk.0.ffn_up.weight")
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["f32", "q8_0", "q4_0"])
+def test_packed_resident_f32_gives_numpys_vectors(
+    minilm_gguf: Callable[[str], Path], minilm_reference: dict[str, Any], kind: str
+) -> None:
+    """auto on an unconstrained host holds resident-f32 packed, and its vectors are numpy's within float
+    rounding, on every fixture text, on one thread and two."""
+    texts = [entry["text"] for entry in minilm_reference["sentences"]]
+    with kernels_hidden(), Embedder.open(minilm_gguf(kind), budget=MemoryBudget(UNLIMITED)) as numpy_held:
+        assert not numpy_held.plan_details["packed"]
+        expected = numpy_held.embed(texts)
+    for threads in (1, 2):
+        with Embedder.open(minilm_gguf(kind), budget=MemoryBudget(UNLIMITED), threads=threads) as packed:
+            assert (packed.plan, packed.plan_details["packed"], packed.degraded) == (
+                "resident-f32",
+                True,
+                False,
+            )
+            assert np.abs(packed.embed(texts) - expected).max() <= 1e-6
+
+
+@needs_kernel
+def test_an_onnxruntime_that_reads_the_rows_again_leaves_resident_f32_on_numpy(
+    minilm_gguf: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The load gives the packed reservation back and holds the matrices for numpy: the same vectors and
+    the smaller reservation, no error."""
+    texts = ["a short text", "", "the quick brown fox " * 20]
+    with kernels_hidden():
+        budget = MemoryBudget(UNLIMITED)
+        with Embedder.open(minilm_gguf("q8_0"), budget=budget) as numpy_held:
+            expected, reserved = numpy_held.embed(texts), budget.in_use
+    _reading_sessions(monkeypatch)
+    budget = MemoryBudget(UNLIMITED)
+    with Embedder.open(minilm_gguf("q8_0"), budget=budget) as opened:
+        assert (opened.plan, opened.plan_details["packed"]) == ("resident-f32", False)
+        assert budget.in_use == reserved
+        np.testing.assert_array_equal(opened.embed(texts), expected)
+
+
+def test_resident_f32_is_packed_only_where_the_kernel_and_its_bytes_fit(
+    minilm_gguf: Callable[[str], Path],
+) -> None:
+    """Packed first where its libraries, sessions and packed copy fit (its tables read from the file before
+    it is given up), else numpy's; and never where the kernel is not installed."""
+    with GGUFFile.open(minilm_gguf("q8_0")) as gguf:
+        config, sizes = read_config(gguf), plan.ModelSizes.of(gguf, read_layout(gguf))
+    packed_bytes = sizes.resident(plan.PlanName.RESIDENT_F32, plan.TableMode.FILE, packed=True)
+    assert packed_bytes == (
+        sizes.vectors
+        + plan.KERNEL_IMPORT_BYTES
+        + sizes.matrix_count * plan.KERNEL_SESSION_BYTES
+        + math.ceil(plan.PACKED_HELD_PER_F32 * sizes.matrices_f32)
+        + plan.PACKED_LOAD_COPIES * sizes.largest_f32
+    )
+    assert sizes.largest_f32 == 1536 * 384 * 4
+    full_pass = plan.pass_bytes(config, aligned(config.context_length))
+    roomy = plan.choose_plan(config, sizes, UNLIMITED, packable=True)
+    assert (roomy.name, roomy.packed, roomy.tables) == (plan.PlanName.RESIDENT_F32, True, plan.TableMode.F32)
+    just = plan.choose_plan(config, sizes, packed_bytes + full_pass, packable=True)
+    assert (just.name, just.packed, just.tables) == (plan.PlanName.RESIDENT_F32, True, plan.TableMode.FILE)
+    short = plan.choose_plan(config, sizes, packed_bytes + full_pass - 1, packable=True)
+    assert (short.name, short.packed) == (plan.PlanName.RESIDENT_F32, False)
+    assert not plan.choose_plan(config, sizes, UNLIMITED).packed
+
+
+@needs_kernel
+def test_a_broken_onnxruntime_leaves_auto_on_numpy(
+    minilm_gguf: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Installed but not loading: `embed` with auto still prints its vector, and says nothing else."""
+    broken = tmp_path / "onnxruntime"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('libonnxruntime.so.1: cannot open shared object')")
+    root = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run(
+        [sys.executable, "-m", "gguf_sandbox", "embed", "--model", str(minilm_gguf("q8_0")), "a text"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])},
+    )
+    assert (out.returncode, out.stderr) == (0, "")
+    printed = json.loads(out.stdout)
+    assert printed["plan"] == "resident-f32" and len(printed["data"][0]["embedding"]) == 384
