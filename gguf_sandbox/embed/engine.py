@@ -168,18 +168,9 @@ class Embedder:
             budget = MemoryBudget.detect() if budget is None else budget
             sizes = ModelSizes.of(gguf, layout)
             full_length = layout.model.context_length
+            wanted = _Wanted(plan, pass_tokens, drop_cache, threads_used, packable=ort_kernel.available())
             layout, weights, resident = _load(
-                gguf,
-                layout,
-                family,
-                sizes,
-                budget,
-                requested=plan,
-                pass_tokens=pass_tokens,
-                drop_cache=drop_cache,
-                threads=threads_used,
-                own_process=own_process,
-                packable=ort_kernel.available(),
+                gguf, layout, family, sizes, budget, wanted=wanted, own_process=own_process
             )
         except BaseException:
             gguf.close()
@@ -406,17 +397,20 @@ class Embedder:
         )
 
 
+@dataclass(frozen=True)
+class _Wanted:
+    """What open() asks of a plan: a plan by name (or auto), the pass's tokens, whether read pages are
+    dropped, the threads a pass runs on, and whether resident-f32 may be held packed."""
+
+    requested: str | PlanName
+    pass_tokens: int
+    drop_cache: bool
+    threads: int
+    packable: bool
+
+
 def _plan_for(
-    layout: ModelLayout,
-    family: Family,
-    sizes: ModelSizes,
-    budget: MemoryBudget,
-    *,
-    requested: str | PlanName,
-    pass_tokens: int,
-    drop_cache: bool,
-    threads: int,
-    packable: bool,
+    layout: ModelLayout, family: Family, sizes: ModelSizes, budget: MemoryBudget, wanted: _Wanted
 ) -> tuple[ModelLayout, Plan]:
     """The fastest plan at the longest sequence limit that fits, with the layout cut to that limit; the
     refusal of the shortest limit when none fits."""
@@ -429,13 +423,13 @@ def _plan_for(
                 config,
                 sizes,
                 budget.available,
-                requested=requested,
+                requested=wanted.requested,
                 cap=budget.cap,
-                pass_tokens=pass_tokens,
-                drop_cache=drop_cache,
+                pass_tokens=wanted.pass_tokens,
+                drop_cache=wanted.drop_cache,
                 streaming=streaming,
-                threads=threads,
-                packable=packable,
+                threads=wanted.threads,
+                packable=wanted.packable,
             )
         except BudgetExceeded as error:
             refusal = error
@@ -453,31 +447,18 @@ def _load(
     sizes: ModelSizes,
     budget: MemoryBudget,
     *,
-    requested: str | PlanName,
-    pass_tokens: int,
-    drop_cache: bool,
-    threads: int,
+    wanted: _Wanted,
     own_process: bool,
-    packable: bool,
 ) -> tuple[ModelLayout, PlannedWeights, Reservation]:
     """The chosen plan's weights, loaded under their reservation, with the layout they run.
 
-    resident-f32 holds its matrices packed by onnxruntime's float32 kernel where it is `packable` (the
+    resident-f32 holds its matrices packed by onnxruntime's float32 kernel where `wanted.packable` (the
     `fast` extra installed) and that fits; where the libraries then do not load, the process's kernel pool
-    cannot serve `threads`, or onnxruntime keeps reading the rows it packed, it holds them for numpy
+    cannot serve the threads, or onnxruntime keeps reading the rows it packed, it holds them for numpy
     instead: the same vectors, more slowly.
     """
-    planned, chosen = _plan_for(
-        layout,
-        family,
-        sizes,
-        budget,
-        requested=requested,
-        pass_tokens=pass_tokens,
-        drop_cache=drop_cache,
-        threads=threads,
-        packable=packable,
-    )
+    planned, chosen = _plan_for(layout, family, sizes, budget, wanted)
+    threads = wanted.threads
     unpacked = functools.partial(
         _load,
         gguf,
@@ -485,12 +466,8 @@ def _load(
         family,
         sizes,
         budget,
-        requested=requested,
-        pass_tokens=pass_tokens,
-        drop_cache=drop_cache,
-        threads=threads,
+        wanted=dataclasses.replace(wanted, packable=False),
         own_process=own_process,
-        packable=False,
     )
     if chosen.packed and not ort_kernel.importable():
         return unpacked()

@@ -297,7 +297,7 @@ class _SessionMatrix:
 
 class Int8Matrix(_SessionMatrix):
     """Q8_0 rows in MatMulNBits' int8 kernel (resident-int8). The session keeps a packed copy besides the
-    quants and scales (together 2.6-3.3x the Q8_0 bytes, plan.INT8_*)."""
+    quants and scales (together 2.6-3.3x the Q8_0 bytes, plan.INT8_HELD_PER_STORED)."""
 
     kind = "int8"
 
