@@ -104,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GGUFSandboxError as error:
         print(f"gguf-sandbox {args.subcommand}: error: {error}", file=sys.stderr)
         return 2
+    except MemoryError as error:
+        # A limit the budget cannot see (an address-space rlimit, say) refused an allocation.
+        detail = str(error) or "an allocation failed"
+        print(f"gguf-sandbox {args.subcommand}: error: out of memory: {detail}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"gguf-sandbox {args.subcommand}: interrupted", file=sys.stderr)
         return 130

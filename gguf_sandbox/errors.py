@@ -15,9 +15,10 @@ class UnsupportedTensorType(GGUFError):
     """A tensor uses a GGML type we cannot dequantize."""
 
 
-class KernelKeepsWeights(GGUFSandboxError):
-    """onnxruntime reads float32 weights again after packing them, so they cannot be held packed alone; the
-    engine catches it and multiplies with numpy instead."""
+class KernelRefused(GGUFSandboxError):
+    """onnxruntime's float32 kernel cannot hold resident-f32's matrices here (no pages or threads for it,
+    a process-wide pool it cannot use, or rows it would read again after packing them); the engine
+    catches it and multiplies with numpy instead."""
 
 
 class BudgetExceeded(GGUFSandboxError):

@@ -108,3 +108,24 @@ def test_output_is_utf8_whatever_pythonioencoding_says(tmp_path: Path, encoding:
     )
     assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
     assert json.loads(done.stdout.decode("utf-8"))["metadata"]["general.name"] == "€uro ☃"
+
+
+def test_an_allocation_a_limit_refuses_is_exit_3_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A limit the budget cannot see (an address-space rlimit) refusing an allocation: one line, exit 3 like
+    the budget's own refusals, not a traceback."""
+    from gguf_sandbox.embed import command
+
+    def refused(_: object) -> int:
+        # numpy's _ArrayMemoryError, a MemoryError, says it so.
+        raise MemoryError(
+            "Unable to allocate 44.7 MiB for an array with shape (30522, 384) and data type float32"
+        )
+
+    monkeypatch.setattr(command, "run", refused)
+    assert cli.main(["embed", "--model", "x.gguf", "a text"]) == 3
+    assert capsys.readouterr().err == (
+        "gguf-sandbox embed: error: out of memory: Unable to allocate 44.7 MiB for an array with shape "
+        "(30522, 384) and data type float32\n"
+    )

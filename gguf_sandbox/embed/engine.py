@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,7 @@ from gguf_sandbox.embed.bert import POOLING_NAMES, Pooling, require_finite
 from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
 from gguf_sandbox.embed.plan import (
     DEFAULT_PASS_TOKENS,
+    KERNEL_IMPORT_BYTES,
     ModelSizes,
     Plan,
     PlanName,
@@ -39,7 +41,7 @@ from gguf_sandbox.embed.threads import (
     weighted_spans,
 )
 from gguf_sandbox.embed.weights import PlannedWeights, load_weights
-from gguf_sandbox.errors import BudgetExceeded, GGUFError, KernelKeepsWeights
+from gguf_sandbox.errors import BudgetExceeded, GGUFError, KernelRefused
 from gguf_sandbox.gguf.reader import GGUFFile
 
 DEFAULT_BATCH_SIZE: Final = 32
@@ -400,13 +402,15 @@ class Embedder:
 @dataclass(frozen=True)
 class _Wanted:
     """What open() asks of a plan: a plan by name (or auto), the pass's tokens, whether read pages are
-    dropped, the threads a pass runs on, and whether resident-f32 may be held packed."""
+    dropped, the threads a pass runs on, and whether resident-f32 may be held packed; and the bytes of
+    onnxruntime's libraries imported for a packed plan given up, which stay in the process."""
 
     requested: str | PlanName
     pass_tokens: int
     drop_cache: bool
     threads: int
     packable: bool
+    imported: int = 0
 
 
 def _plan_for(
@@ -459,18 +463,13 @@ def _load(
     """
     planned, chosen = _plan_for(layout, family, sizes, budget, wanted)
     threads = wanted.threads
-    unpacked = functools.partial(
-        _load,
-        gguf,
-        layout,
-        family,
-        sizes,
-        budget,
-        wanted=dataclasses.replace(wanted, packable=False),
-        own_process=own_process,
-    )
+
+    def unpacked(*, imported: int) -> tuple[ModelLayout, PlannedWeights, Reservation]:
+        given_up = dataclasses.replace(wanted, packable=False, imported=imported)
+        return _load(gguf, layout, family, sizes, budget, wanted=given_up, own_process=own_process)
+
     if chosen.packed and not ort_kernel.importable():
-        return unpacked()
+        return unpacked(imported=0)
     try:
         if chosen.name is PlanName.RESIDENT_INT8 or chosen.packed:
             if own_process and threads > 1:
@@ -479,21 +478,28 @@ def _load(
                 ort_kernel.check_process_pool(threads)
     except GGUFError:
         if chosen.packed:
-            return unpacked()
+            return unpacked(imported=KERNEL_IMPORT_BYTES)
         raise
-    held = chosen.resident_bytes + chosen.cached_bytes
+    held = chosen.resident_bytes + chosen.cached_bytes + wanted.imported
     what = f"{chosen.name.value} weights of {gguf.path.name}"
     if chosen.cached_bytes:
         what += f" ({chosen.cached_bytes:,} bytes of them in page cache)"
+    if wanted.imported:
+        what += f" (and {wanted.imported:,} bytes of onnxruntime's libraries, imported)"
     resident = budget.reserve(what, held, cap=max(held, budget.cap))
+    weights: PlannedWeights | None = None
     try:
-        weights = load_weights(gguf, planned, chosen, threads=threads)
-    except KernelKeepsWeights:
-        resident.release()
-        return unpacked()
+        loading = chosen.load_bytes
+        with budget.reserve(f"loading {what}", loading, cap=max(loading, budget.cap)):
+            weights = load_weights(gguf, planned, chosen, threads=threads)
+    except KernelRefused:
+        resident.release()  # and the matrices made so far go with the exception, before numpy's load
     except BaseException:
         resident.release()
         raise
+    if weights is None:
+        gc.collect()  # their sessions' threads and memory
+        return unpacked(imported=KERNEL_IMPORT_BYTES)
     resident.mark_allocated()
     return planned, weights, resident
 

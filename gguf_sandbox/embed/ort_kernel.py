@@ -31,7 +31,7 @@ from gguf_sandbox.embed.gelu import gelu
 from gguf_sandbox.embed.linear import Epilogue
 from gguf_sandbox.embed.q8_block import Q8_BLOCK, Q8_BLOCK_BYTES
 from gguf_sandbox.embed.rows import F32, FLOAT_BYTES
-from gguf_sandbox.errors import GGUFError, KernelKeepsWeights
+from gguf_sandbox.errors import GGUFError, KernelRefused
 
 KERNEL_MODULES: Final = ("onnxruntime", "onnx")
 # MatMulNBits' unsigned quants are centred on 2**(bits - 1): Q8_0's int8 quants plus this.
@@ -39,6 +39,10 @@ _ZERO_POINT: Final = 128
 # Accuracy level 4: int8 activations, the integer kernel; levels 0-3 dequantize to float every call
 # (~20 ms for the six MiniLM layers above, slower than numpy).
 _INT8_ACTIVATIONS: Final = 4
+# A packed session's own pool: one worker beside the caller. A product for a text is too small to share
+# among more (waking a worker costs 35-90 µs here), batches run as a sub-batch per thread (engine.py), and
+# a pool per matrix of threads - 1 workers each would be ~360 threads at 16 CPUs for MiniLM alone.
+PACKED_SESSION_THREADS: Final = 2
 # The oldest onnxruntime the extra allows (1.23, the last for Python 3.10) reads models up to IR version 11.
 _IR_VERSION: Final = 10
 
@@ -86,8 +90,8 @@ _PROCESS_POOL: Final = _ProcessPool()
 
 
 def share_process_pool(threads: int) -> None:
-    """Have every Int8Matrix made from now on in this process multiply on one pool of `threads` threads,
-    onnxruntime's process-wide one, instead of a pool per matrix.
+    """Have every kernel matrix (Int8Matrix, PackedMatrix) made from now on in this process multiply on one
+    pool of `threads` threads, onnxruntime's process-wide one, instead of a pool per matrix.
 
     A pass runs its products one after the other, each in its own session: with a pool per session, each
     product wakes a different sleeping worker (35-90 µs a wake on this VM), and a short product is done
@@ -109,7 +113,7 @@ def share_process_pool(threads: int) -> None:
                 state.set_global_thread_pool_sizes(threads, 1)
             except Exception as error:  # onnxruntime's own exception types
                 raise GGUFError(
-                    f"the int8 kernel cannot share a pool of {threads} threads: {_failure(error)}"
+                    f"onnxruntime's kernels cannot share a pool of {threads} threads: {_failure(error)}"
                 ) from None
             _PROCESS_POOL.threads = threads
         elif _PROCESS_POOL.threads != threads:
@@ -125,17 +129,20 @@ def check_process_pool(threads: int) -> None:
             raise _other_size(_PROCESS_POOL.threads, threads)
 
 
-def _session_options(threads: int) -> Any:
+def _session_options(threads: int, *, most: int | None = None) -> Any:
+    """Options of a session on `threads` threads: the process's shared pool where there is one, else a pool
+    of its own, of at most `most` threads where given."""
     ort = _library("onnxruntime")
 
     options = ort.SessionOptions()
     # No arena and no memory pattern: a product's buffers are freed when it returns, not kept for reuse.
     options.enable_cpu_mem_arena = False
     options.enable_mem_pattern = False
-    options.log_severity_level = 3
+    # Fatal only: its errors come back as exceptions, put in words here, not as its log lines on stderr.
+    options.log_severity_level = 4
     shared = _PROCESS_POOL.threads
     if shared is None:
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads if most is None else min(threads, most)
         options.inter_op_num_threads = 1
         # A pool per session sleeps when idle: 24 spinning pools (one text's products) take the cores from
         # each other and the pass (one text on 2 threads: 5.6-6.7 ms a text asleep, 90-170 ms spinning).
@@ -149,7 +156,7 @@ def _session_options(threads: int) -> Any:
 
 def _other_size(shared: int, threads: int) -> GGUFError:
     return GGUFError(
-        f"the int8 kernel shares a pool of {shared} threads in this process (share_process_pool); "
+        f"onnxruntime's kernels share a pool of {shared} threads in this process (share_process_pool); "
         f"open with threads={shared}, not {threads}"
     )
 
@@ -224,6 +231,7 @@ _KNOWN_FAILURES: Final = {
     "thread pool, and onnxruntime then refuses sessions with a pool of their own",
     "Global thread pools have already been created": "other code in this process already made onnxruntime's "
     "process-wide thread pool",
+    "pthread_create failed": "onnxruntime cannot start its threads (the process's thread or memory limit)",
 }
 
 
@@ -245,7 +253,7 @@ class _SessionMatrix:
     unless the process shares one (share_process_pool).
     """
 
-    kind = "onnxruntime"  # in messages: "the int8 kernel", "the float32 kernel"
+    kind: str  # in messages: "the int8 kernel", "the float32 kernel"
 
     def __init__(self, name: str, rows: int, row_len: int) -> None:
         self.name = name
@@ -253,13 +261,15 @@ class _SessionMatrix:
         self._values: list[Any] = []
         self._session: Any = None
 
-    def _open(self, model: bytes, arrays: Mapping[str, np.ndarray], threads: int) -> None:
+    def _open(
+        self, model: bytes, arrays: Mapping[str, np.ndarray], threads: int, *, most: int | None = None
+    ) -> None:
         ort = _library("onnxruntime")
         self._values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
         # Under the process pool's lock: a pool another thread's open shared between these options and the
         # session would make onnxruntime refuse them (a pool of the session's own).
         with _PROCESS_POOL.lock:
-            options = _session_options(threads)
+            options = _session_options(threads, most=most)
             options.add_external_initializers(list(arrays), self._values)
             try:
                 # No fallback: onnxruntime would print a banner to stdout and retry the same provider.
@@ -286,10 +296,9 @@ class _SessionMatrix:
             raise GGUFError(
                 f"{self.name}: the {self.kind} kernel failed on {len(x)} rows: {_failure(error)}"
             ) from None
+        # Cheap: NaN or inf in x makes the sum so (and so may an overflow: then rows are checked).
         with np.errstate(over="ignore", invalid="ignore"):
-            total = (
-                x.sum()
-            )  # cheap: NaN or inf in x makes it so (and so may an overflow: then rows are checked)
+            total = x.sum()
         if not np.isfinite(total):
             y[~np.isfinite(x).all(axis=1)] = np.nan
         return y
@@ -340,8 +349,11 @@ class PackedMatrix(_SessionMatrix):
     one_big), packs the copy and frees it. The rows are filled into private anonymous pages, handed over,
     and the pages' contents dropped (MADV_DONTNEED) once the session exists: the mapping stays valid, and
     the packed copy is all that is held. Were a version of onnxruntime to read the rows at run time, it
-    would read zeros: a probe row's product before and after the drop would differ, and
-    KernelKeepsWeights is raised (the engine then multiplies with numpy instead).
+    would read zeros: products of random probe rows before and after the drop would differ.
+
+    The session's own pool has at most PACKED_SESSION_THREADS threads. Raises KernelRefused where the
+    kernel cannot hold the matrix (no pages or threads for it, a process-wide pool it cannot use, rows
+    read again): the engine then multiplies with numpy instead.
     """
 
     kind = "float32"
@@ -358,22 +370,35 @@ class PackedMatrix(_SessionMatrix):
     ) -> None:
         super().__init__(name, rows, row_len)
         size = rows * row_len
-        private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        self._pages = mmap.mmap(-1, max(size, 1) * FLOAT_BYTES, flags=private)
+        try:
+            private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            self._pages = mmap.mmap(-1, max(size, 1) * FLOAT_BYTES, flags=private)
+        except OSError as error:
+            raise KernelRefused(f"{name}: no pages for its float32 rows: {error.strerror or error}") from None
         weight = np.frombuffer(self._pages, dtype=np.float32, count=size).reshape(rows, row_len)
         for first, block in blocks:  # block [n, row_len]
             weight[first : first + block.shape[0]] = block
         arrays: dict[str, np.ndarray] = {"weight": weight}
         if bias is not None:
             arrays["bias"] = np.ascontiguousarray(bias, dtype=np.float32)  # [rows]
-        self._open(_packed_model(rows, row_len, bias=bias is not None), arrays, threads)
-        probe = np.ones((1, row_len), dtype=np.float32)
-        before = self.multiply(probe)  # [1, rows]
-        del weight  # the pages' only view besides the session's
-        self._pages.madvise(mmap.MADV_DONTNEED)
-        release_free_heap()  # onnxruntime's copy, freed once packed: glibc would keep its pages
-        if not np.array_equal(self.multiply(probe), before, equal_nan=True):
-            raise KernelKeepsWeights(
+        try:
+            self._open(
+                _packed_model(rows, row_len, bias=bias is not None),
+                arrays,
+                threads,
+                most=PACKED_SESSION_THREADS,
+            )
+            # Random rows: a row of ones would miss rows that sum to zero.
+            probe = np.random.default_rng(0).standard_normal((2, row_len)).astype(np.float32)  # [2, row_len]
+            before = self.multiply(probe)  # [2, rows]
+            del weight, arrays  # the pages' only views besides the session's
+            self._pages.madvise(mmap.MADV_DONTNEED)
+            release_free_heap()  # onnxruntime's copy, freed once packed: glibc would keep its pages
+            after = self.multiply(probe)  # [2, rows]
+        except GGUFError as error:  # the session's making or its probe products failed
+            raise KernelRefused(str(error)) from None
+        if not np.array_equal(after, before, equal_nan=True):
+            raise KernelRefused(
                 f"{name}: onnxruntime reads float32 weights again after packing them; they cannot be held "
                 f"packed alone"
             )

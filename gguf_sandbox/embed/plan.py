@@ -68,10 +68,12 @@ KERNEL_THREAD_BYTES: Final = 128 << 10
 # resident-int8 holds the quants, scales and the session's packed copy: 2.6-3.3x the Q8_0 bytes (issue
 # #15's ort_mem probes and review).
 INT8_HELD_PER_STORED: Final = 4
-# resident-f32 held packed (ort_kernel.PackedMatrix) holds only the GEMM's packed copy: 0.92-0.99x the
-# float32 bytes once the load gives the C heap's free pages back (issue #15's notes, sizes). While a group
-# of matrices is made (at most 3: a layer's Q, K and V), its rows are held twice more: in the pages handed
-# to the session, and in the copy onnxruntime packs from.
+# resident-f32 held packed (ort_kernel.PackedMatrix) holds only the GEMM's packed copy, whose output rows
+# go in panels of PACKED_PANEL (MLAS's packed B): 0.92-0.99x the panels' float32 bytes once the load gives
+# the C heap's free pages back (issue #15's notes, sizes), bounded by 1.1x. While a group of matrices is
+# made (at most 3: a layer's Q, K and V), its rows are held twice more, in the pages handed to the session
+# and in the copy onnxruntime packs from: reserved for the load only (Plan.load_bytes).
+PACKED_PANEL: Final = 16
 PACKED_HELD_PER_F32: Final = 1.1
 PACKED_LOAD_COPIES: Final = 2 * 3
 
@@ -95,6 +97,9 @@ class Plan:
     # resident-f32's matrices are held packed by onnxruntime's float32 kernel (ort_kernel.PackedMatrix):
     # chosen where the `fast` extra is installed and its libraries fit the budget too.
     packed: bool = False
+    # Held while the weights load, beside resident_bytes, and given back once they are loaded (the rows
+    # packed matrices are made from).
+    load_bytes: int = 0
 
     def pass_bytes(self, config: ModelConfig, tokens: int) -> int:
         return pass_bytes(config, tokens, self.cap)
@@ -120,6 +125,7 @@ class ModelSizes:
     matrix_count: int = 0
     q8_only: bool = False  # every matrix is little-endian Q8_0: the int8 kernel can multiply them all
     largest_f32: int = 0  # the largest matrix decoded to float32
+    paneled_f32: int = 0  # the matrices decoded to float32, their rows rounded up to whole PACKED_PANELs
 
     def matrices_int8(self, threads: int) -> int:
         """Bytes resident-int8 holds for the matrices, with the kernel's libraries, when its sessions run
@@ -128,9 +134,9 @@ class ModelSizes:
 
     def matrices_packed(self, threads: int) -> int:
         """Bytes resident-f32 holds for the matrices when onnxruntime's float32 kernel holds them packed,
-        with the kernel's libraries and the rows it packs at load."""
-        packed = math.ceil(PACKED_HELD_PER_F32 * self.matrices_f32)
-        return self._kernel_bytes(threads) + packed + PACKED_LOAD_COPIES * self.largest_f32
+        with the kernel's libraries and sessions (each a pool of at most PACKED_SESSION_THREADS)."""
+        workers = min(threads, ort_kernel.PACKED_SESSION_THREADS)
+        return self._kernel_bytes(workers) + math.ceil(PACKED_HELD_PER_F32 * self.paneled_f32)
 
     def _kernel_bytes(self, threads: int) -> int:
         """The kernel's libraries and a session per matrix, each with a pool of `threads`."""
@@ -139,7 +145,8 @@ class ModelSizes:
 
     @classmethod
     def of(cls, gguf: GGUFFile, layout: ModelLayout) -> ModelSizes:
-        vectors = tables_f32 = tables_raw = matrices_f32 = matrices_raw = matrices_kept = count = largest = 0
+        vectors = tables_f32 = tables_raw = matrices_f32 = matrices_raw = matrices_kept = count = 0
+        largest = paneled = 0
         quantized, densest, q8_only = False, 0.0, True
         for name in layout.shapes:
             info = gguf.tensor(name)
@@ -150,6 +157,7 @@ class ModelSizes:
             elif name in layout.matrices:
                 matrices_f32 += decoded
                 largest = max(largest, decoded)
+                paneled += -(-info.n_rows // PACKED_PANEL) * PACKED_PANEL * info.row_len * FLOAT_BYTES
                 matrices_raw += info.nbytes
                 matrices_kept += kept_bytes(info, gguf.byte_order)
                 quantized = quantized or info.nbytes < decoded
@@ -170,6 +178,7 @@ class ModelSizes:
             count,
             q8_only and count > 0,
             largest,
+            paneled,
         )
 
     def resident(self, plan: PlanName, tables: TableMode, threads: int = 1, *, packed: bool = False) -> int:
@@ -279,6 +288,7 @@ def choose_plan(
     for name, packed, tables in _variants(sizes, wanted, packable=packable):
         runs = streaming if streaming is not None and name is PlanName.STREAMING else config
         resident = sizes.resident(name, tables, threads, packed=packed)
+        load = PACKED_LOAD_COPIES * sizes.largest_f32 if packed else 0
         room = available - resident - TRANSIENT_CAPS * cap
         uncached, cached = drop_cache, 0
         if name is PlanName.STREAMING:
@@ -294,9 +304,10 @@ def choose_plan(
         grown = room * PASS_SHARE[0] // PASS_SHARE[1] // runs.row_bytes
         # Tables in memory save a pread per token row, little next to shrinking every pass.
         in_file = tables is PLAN_TABLES[name][-1]
-        if room // runs.row_bytes >= min_tokens and (in_file or grown >= pass_tokens):
+        loads = available - resident >= load  # the load's copies come and go before any pass
+        if loads and room // runs.row_bytes >= min_tokens and (in_file or grown >= pass_tokens):
             tokens = max(min_tokens, min(pass_tokens, grown))
-            return Plan(name, tables, resident, int(tokens), cap, uncached, cached, packed)
+            return Plan(name, tables, resident, int(tokens), cap, uncached, cached, packed, load)
         needed = resident + cached + pass_bytes(runs, min_tokens, cap)
         if smallest is None or needed < smallest[0]:
             smallest = (needed, name, runs)
@@ -322,6 +333,7 @@ def describe(plan: Plan, sizes: ModelSizes) -> dict[str, object]:
         "uncached": plan.uncached,
         "cached_bytes": plan.cached_bytes,
         "packed": plan.packed,
+        "load_bytes": plan.load_bytes,
         "model_f32_bytes": sizes.vectors + sizes.tables_f32 + sizes.matrices_f32,
         "model_raw_bytes": sizes.vectors + sizes.tables_raw + sizes.matrices_raw,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from gguf_sandbox.embed.ort_kernel import Int8Matrix, PackedMatrix
 from gguf_sandbox.embed.q8_block import Q8_BLOCK, Q8_BLOCK_BYTES
 from gguf_sandbox.embed.rows import aligned
 from gguf_sandbox.embed.shapes import read_config, read_layout
-from gguf_sandbox.errors import GGUFError, KernelKeepsWeights
+from gguf_sandbox.errors import GGUFError, KernelRefused
 from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile
 from gguf_sandbox.gguf.synth import SyntheticBert, write_synthetic_bert
@@ -139,16 +140,30 @@ def test_a_failure_inside_the_kernel_is_one_line_naming_the_matrix(monkeypatch: 
     )
 
 
+# Two float32 numbers a row in and out of its attention and feed-forward: MLAS packs the down projection's
+# 2 output rows into a panel of 16, 8x its float32 bytes (16 MiB a layer), which the plan must reserve.
+NARROW = SyntheticBert(
+    vocab_size=400, hidden=2, layers=8, heads=1, ffn=262144, context=128, tensor_type=GGMLQuantizationType.F32
+)
+
+
 @needs_kernel
-@pytest.mark.parametrize("plan_name", ["resident-int8", "resident-f32"])
-@pytest.mark.parametrize(("threads", "own_process"), [(1, False), (8, False), (8, True)])
+@pytest.mark.parametrize(
+    ("plan_name", "model"),
+    [("resident-int8", "minilm"), ("resident-f32", "minilm"), ("resident-f32", "narrow")],
+)
+@pytest.mark.parametrize("pool", [(1, False), (8, False), (8, True)], ids=["1", "8", "8-shared"])
 def test_the_plan_holds_no_more_than_it_reserves(
-    minilm_gguf: Callable[[str], Path], plan_name: str, threads: int, own_process: bool
+    minilm_gguf: Callable[[str], Path], tmp_path: Path, plan_name: str, model: str, pool: tuple[int, bool]
 ) -> None:
-    """A fresh process: RSS grown by importing the kernel and loading MiniLM into it, its sessions' worker
-    threads (or the process's shared pool) included, stays within what the plan reserves (plan.KERNEL_*,
-    and resident-int8's INT8_HELD_PER_STORED or packed resident-f32's PACKED_*, with the tables and
-    vectors)."""
+    """A fresh process: RSS grown by importing the kernel and loading the model into it, its sessions'
+    worker threads (or the process's shared pool) included, stays within what the plan reserves
+    (plan.KERNEL_*, and resident-int8's INT8_HELD_PER_STORED or packed resident-f32's PACKED_*, with the
+    tables and vectors), and its peak while loading within that and the load's own reservation."""
+    threads, own_process = pool
+    path = (
+        minilm_gguf("q8_0") if model == "minilm" else write_synthetic_bert(tmp_path / "narrow.gguf", NARROW)
+    )
     script = """
 import gc, json, sys
 import psutil
@@ -160,6 +175,11 @@ with engine.Embedder.open(sys.argv[1], plan="resident-quant", budget=MemoryBudge
     pass  # everything but the kernel imported and warmed
 gc.collect()
 before, threads = process.memory_info().rss, process.num_threads()
+try:
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # the peak RSS (VmHWM) starts again from now
+except OSError:
+    pass
 opened = engine.Embedder.open(
     sys.argv[1],
     plan=sys.argv[4],
@@ -171,15 +191,19 @@ gc.collect()
 details = opened.plan_details
 grown = process.memory_info().rss - before
 threads = process.num_threads() - threads
-reserved, packed = details["resident_bytes"], details["packed"]
-print(json.dumps({"grown": grown, "reserved": reserved, "threads": threads, "packed": packed}))
+with open("/proc/self/status") as status:
+    hwm = next(int(line.split()[1]) << 10 for line in status if line.startswith("VmHWM:"))
+reserved, packed, loading = details["resident_bytes"], details["packed"], details["load_bytes"]
+peak = hwm - before
+measured = {"grown": grown, "peak": peak, "reserved": reserved, "loading": loading}
+print(json.dumps({**measured, "threads": threads, "packed": packed}))
 """
     out = subprocess.run(
         [
             sys.executable,
             "-c",
             script,
-            str(minilm_gguf("q8_0")),
+            str(path),
             str(threads),
             "own" if own_process else "",
             plan_name,
@@ -191,8 +215,12 @@ print(json.dumps({"grown": grown, "reserved": reserved, "threads": threads, "pac
     measured: dict[str, int] = json.loads(out.stdout)
     assert measured["packed"] == (plan_name == "resident-f32"), measured
     assert 0 < measured["grown"] <= measured["reserved"], measured
-    # A pool per session (6 layers: Q/K/V, output, up, down), threads - 1 workers each, and the pass's own.
-    assert measured["threads"] <= 24 * (threads - 1) + threads, measured
+    assert measured["peak"] <= measured["reserved"] + measured["loading"], measured
+    # A pool per session (layers: Q/K/V, output, up, down), threads - 1 workers each, and the pass's own.
+    # Packed sessions' pools have at most PACKED_SESSION_THREADS each.
+    workers = min(threads, ort_kernel.PACKED_SESSION_THREADS) if measured["packed"] else threads
+    layers = 6 if model == "minilm" else NARROW.layers
+    assert measured["threads"] <= 4 * layers * (workers - 1) + threads, measured
 
 
 _SHARED_POOL_SCRIPT = """
@@ -270,7 +298,7 @@ def test_a_shared_pool_is_one_set_of_threads_for_every_matrix(minilm_gguf: Calla
     assert first["idle_cpu_s"] < 0.1 and later["idle_cpu_s"] < 0.1, measured
     assert later["workers"] <= 1 and later["cosine"] >= INT8_COSINE, measured  # the same pool, reused
     assert other == {
-        "error": "the int8 kernel shares a pool of 2 threads in this process (share_process_pool); "
+        "error": "onnxruntime's kernels share a pool of 2 threads in this process (share_process_pool); "
         "open with threads=2, not 1"
     }, measured
     # auto on 1 thread cannot use the shared pool either: it holds resident-f32 for numpy, unrefused.
@@ -369,7 +397,7 @@ def test_a_pool_other_code_made_is_refused_in_words_with_stdout_untouched(
         "blk.0.attn_q.weight, blk.0.attn_k.weight, blk.0.attn_v.weight: the int8 kernel cannot hold this "
         "matrix: other code in this process made onnxruntime's process-wide thread pool, and onnxruntime "
         "then refuses sessions with a pool of their own",
-        "the int8 kernel cannot share a pool of 2 threads: other code in this process already made "
+        "onnxruntime's kernels cannot share a pool of 2 threads: other code in this process already made "
         "onnxruntime's process-wide thread pool",
     ]
 
@@ -673,20 +701,50 @@ class _ReadingSession:
 
 
 def _reading_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
-    def reading(self: PackedMatrix, model: bytes, arrays: dict[str, np.ndarray], threads: int) -> None:
+    def reading(
+        self: PackedMatrix, model: bytes, arrays: dict[str, np.ndarray], threads: int, **_: object
+    ) -> None:
         self._session = _ReadingSession(arrays["weight"])
 
     monkeypatch.setattr(PackedMatrix, "_open", reading)
 
 
 @needs_kernel
-def test_a_session_that_reads_the_rows_again_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its products after the drop would be of zeros: the probe row sees it, and the matrix says so
-    instead of multiplying wrongly."""
+@pytest.mark.parametrize("rows", ["random", "summing to zero"])
+def test_a_session_that_reads_the_rows_again_is_caught(monkeypatch: pytest.MonkeyPatch, rows: str) -> None:
+    """Its products after the drop would be of zeros: the probe rows see it, rows that sum to zero
+    included, and the matrix says so instead of multiplying wrongly."""
     _reading_sessions(monkeypatch)
     weight = np.random.default_rng(6).standard_normal((64, 32)).astype(np.float32)
-    with pytest.raises(KernelKeepsWeights, match=r"^blk\.0\.ffn_up\.weight: onnxruntime reads float32"):
+    if rows == "summing to zero":
+        weight = np.tile(np.array([1.0, -1.0], dtype=np.float32), (64, 16))
+    with pytest.raises(KernelRefused, match=r"^blk\.0\.ffn_up\.weight: onnxruntime reads float32"):
         _packed(weight, name="blk.0.ffn_up.weight")
+
+
+def _failing_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sessions that onnxruntime cannot start the threads of (its message under a thread limit)."""
+
+    def failing(
+        self: PackedMatrix, model: bytes, arrays: dict[str, np.ndarray], threads: int, **_: Any
+    ) -> None:
+        raise GGUFError(
+            f"{self.name}: the float32 kernel cannot hold this matrix: "
+            + ort_kernel._failure(
+                RuntimeError("/onnxruntime_src/env.cc:327 PosixThread pthread_create failed, error code: 11")
+            )
+        )
+
+    monkeypatch.setattr(PackedMatrix, "_open", failing)
+
+
+def _no_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No anonymous pages to be had (an address-space limit)."""
+
+    def refused(*_: object, **__: object) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refused)
 
 
 @needs_kernel
@@ -711,22 +769,30 @@ def test_packed_resident_f32_gives_numpys_vectors(
 
 
 @needs_kernel
-def test_an_onnxruntime_that_reads_the_rows_again_leaves_resident_f32_on_numpy(
-    minilm_gguf: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "refusal",
+    [_reading_sessions, _failing_session, _no_pages],
+    ids=["rows read again", "no threads", "no pages"],
+)
+def test_a_kernel_that_cannot_hold_the_matrices_leaves_resident_f32_on_numpy(
+    minilm_gguf: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+    refusal: Callable[[pytest.MonkeyPatch], None],
 ) -> None:
-    """The load gives the packed reservation back and holds the matrices for numpy: the same vectors and
-    the smaller reservation, no error."""
+    """The load gives the packed reservation back and holds the matrices for numpy: the same vectors, and
+    the smaller reservation plus the libraries it imported, which stay in the process; no error."""
     texts = ["a short text", "", "the quick brown fox " * 20]
     with kernels_hidden():
         budget = MemoryBudget(UNLIMITED)
         with Embedder.open(minilm_gguf("q8_0"), budget=budget) as numpy_held:
             expected, reserved = numpy_held.embed(texts), budget.in_use
-    _reading_sessions(monkeypatch)
+    refusal(monkeypatch)
     budget = MemoryBudget(UNLIMITED)
     with Embedder.open(minilm_gguf("q8_0"), budget=budget) as opened:
         assert (opened.plan, opened.plan_details["packed"]) == ("resident-f32", False)
-        assert budget.in_use == reserved
+        assert budget.in_use == reserved + plan.KERNEL_IMPORT_BYTES
         np.testing.assert_array_equal(opened.embed(texts), expected)
+    assert budget.in_use == 0
 
 
 def test_resident_f32_is_packed_only_where_the_kernel_and_its_bytes_fit(
@@ -736,22 +802,29 @@ def test_resident_f32_is_packed_only_where_the_kernel_and_its_bytes_fit(
     it is given up), else numpy's; and never where the kernel is not installed."""
     with GGUFFile.open(minilm_gguf("q8_0")) as gguf:
         config, sizes = read_config(gguf), plan.ModelSizes.of(gguf, read_layout(gguf))
-    packed_bytes = sizes.resident(plan.PlanName.RESIDENT_F32, plan.TableMode.FILE, packed=True)
+    packed_bytes = sizes.resident(plan.PlanName.RESIDENT_F32, plan.TableMode.FILE, threads=8, packed=True)
+    workers = ort_kernel.PACKED_SESSION_THREADS - 1  # per session, at any thread count
     assert packed_bytes == (
         sizes.vectors
         + plan.KERNEL_IMPORT_BYTES
-        + sizes.matrix_count * plan.KERNEL_SESSION_BYTES
-        + math.ceil(plan.PACKED_HELD_PER_F32 * sizes.matrices_f32)
-        + plan.PACKED_LOAD_COPIES * sizes.largest_f32
+        + sizes.matrix_count * (plan.KERNEL_SESSION_BYTES + workers * plan.KERNEL_THREAD_BYTES)
+        + math.ceil(plan.PACKED_HELD_PER_F32 * sizes.paneled_f32)
     )
+    assert sizes.paneled_f32 == sizes.matrices_f32  # MiniLM's rows fill whole panels
+    # The load holds the rows of a group being packed twice more, and gives them back before any pass.
+    load = plan.PACKED_LOAD_COPIES * sizes.largest_f32
     assert sizes.largest_f32 == 1536 * 384 * 4
-    full_pass = plan.pass_bytes(config, aligned(config.context_length))
-    roomy = plan.choose_plan(config, sizes, UNLIMITED, packable=True)
+    needed = packed_bytes + max(plan.pass_bytes(config, aligned(config.context_length)), load)
+    roomy = plan.choose_plan(config, sizes, UNLIMITED, packable=True, threads=8)
     assert (roomy.name, roomy.packed, roomy.tables) == (plan.PlanName.RESIDENT_F32, True, plan.TableMode.F32)
-    just = plan.choose_plan(config, sizes, packed_bytes + full_pass, packable=True)
+    assert (roomy.resident_bytes, roomy.load_bytes) == (
+        sizes.resident(plan.PlanName.RESIDENT_F32, plan.TableMode.F32, threads=8, packed=True),
+        load,
+    )
+    just = plan.choose_plan(config, sizes, needed, packable=True, threads=8)
     assert (just.name, just.packed, just.tables) == (plan.PlanName.RESIDENT_F32, True, plan.TableMode.FILE)
-    short = plan.choose_plan(config, sizes, packed_bytes + full_pass - 1, packable=True)
-    assert (short.name, short.packed) == (plan.PlanName.RESIDENT_F32, False)
+    short = plan.choose_plan(config, sizes, needed - 1, packable=True, threads=8)
+    assert (short.name, short.packed, short.load_bytes) == (plan.PlanName.RESIDENT_F32, False, 0)
     assert not plan.choose_plan(config, sizes, UNLIMITED).packed
 
 
@@ -774,3 +847,42 @@ def test_a_broken_onnxruntime_leaves_auto_on_numpy(
     assert (out.returncode, out.stderr) == (0, "")
     printed = json.loads(out.stdout)
     assert printed["plan"] == "resident-f32" and len(printed["data"][0]["embedding"]) == 384
+
+
+_LIMITED_SCRIPT = """
+import json, resource, sys
+import numpy as np
+import onnx, onnxruntime
+from gguf_sandbox.embed.engine import Embedder
+from gguf_sandbox.budget import MemoryBudget
+if sys.argv[2] == "made":  # as other code in the process would
+    onnxruntime.capi.onnxruntime_pybind11_state.set_global_thread_pool_sizes(2, 1)
+else:  # an address-space limit 500 MiB above what the libraries map: numpy's plan fits, not 24 pools
+    with open("/proc/self/status") as status:
+        size = next(int(line.split()[1]) << 10 for line in status if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (size + (500 << 20), size + (500 << 20)))
+with Embedder.open(sys.argv[1], budget=MemoryBudget(1 << 40), threads=2) as opened:
+    vectors = opened.embed(["a text", ""])
+    norms = np.linalg.norm(vectors, axis=1).tolist()
+    print(json.dumps({"packed": opened.plan_details["packed"], "norms": norms}))
+"""
+
+
+@needs_kernel
+@pytest.mark.parametrize("limit", ["made", "address space"])
+def test_a_process_the_kernel_cannot_run_in_gets_resident_f32_from_numpy(
+    minilm_gguf: Callable[[str], Path], limit: str
+) -> None:
+    """Other code made onnxruntime's process-wide pool (which refuses sessions with pools of their own), or
+    an address-space limit leaves no room for the sessions' threads: auto embeds with numpy, and says
+    nothing on stdout or stderr but its result."""
+    out = subprocess.run(
+        [sys.executable, "-c", _LIMITED_SCRIPT, str(minilm_gguf("q8_0")), limit],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (out.returncode, out.stderr) == (0, "")
+    result = json.loads(out.stdout)
+    assert not result["packed"]
+    np.testing.assert_allclose(result["norms"], [1.0, 1.0], rtol=1e-5)
