@@ -170,7 +170,7 @@ class Embedder:
             budget = MemoryBudget.detect() if budget is None else budget
             sizes = ModelSizes.of(gguf, layout)
             full_length = layout.model.context_length
-            wanted = _Wanted(plan, pass_tokens, drop_cache, threads_used, packable=ort_kernel.available())
+            wanted = _Wanted(plan, pass_tokens, drop_cache, threads_used, packable=ort_kernel.packable())
             layout, weights, resident = _load(
                 gguf, layout, family, sizes, budget, wanted=wanted, own_process=own_process
             )
@@ -426,7 +426,7 @@ def _plan_for(
             plan = choose_plan(
                 config,
                 sizes,
-                budget.available,
+                budget.available - wanted.imported,  # reserved with the weights
                 requested=wanted.requested,
                 cap=budget.cap,
                 pass_tokens=wanted.pass_tokens,
@@ -457,19 +457,21 @@ def _load(
     """The chosen plan's weights, loaded under their reservation, with the layout they run.
 
     resident-f32 holds its matrices packed by onnxruntime's float32 kernel where `wanted.packable` (the
-    `fast` extra installed) and that fits; where the libraries then do not load, the process's kernel pool
-    cannot serve the threads, or onnxruntime keeps reading the rows it packed, it holds them for numpy
-    instead: the same vectors, more slowly.
+    `fast` extra installed, no address-space limit) and that fits; where the libraries then do not load,
+    the process's kernel pool cannot serve the threads, or the kernel cannot hold the matrices (no
+    threads, pages or memory for it, rows it would read again), it holds them for numpy instead: the same
+    vectors, more slowly, and the libraries it imported reserved beside them.
     """
     planned, chosen = _plan_for(layout, family, sizes, budget, wanted)
     threads = wanted.threads
 
-    def unpacked(*, imported: int) -> tuple[ModelLayout, PlannedWeights, Reservation]:
+    def unpacked() -> tuple[ModelLayout, PlannedWeights, Reservation]:
+        imported = KERNEL_IMPORT_BYTES if ort_kernel.imported() else 0
         given_up = dataclasses.replace(wanted, packable=False, imported=imported)
         return _load(gguf, layout, family, sizes, budget, wanted=given_up, own_process=own_process)
 
     if chosen.packed and not ort_kernel.importable():
-        return unpacked(imported=0)
+        return unpacked()
     try:
         if chosen.name is PlanName.RESIDENT_INT8 or chosen.packed:
             if own_process and threads > 1:
@@ -478,7 +480,7 @@ def _load(
                 ort_kernel.check_process_pool(threads)
     except GGUFError:
         if chosen.packed:
-            return unpacked(imported=KERNEL_IMPORT_BYTES)
+            return unpacked()
         raise
     held = chosen.resident_bytes + chosen.cached_bytes + wanted.imported
     what = f"{chosen.name.value} weights of {gguf.path.name}"
@@ -492,14 +494,16 @@ def _load(
         loading = chosen.load_bytes
         with budget.reserve(f"loading {what}", loading, cap=max(loading, budget.cap)):
             weights = load_weights(gguf, planned, chosen, threads=threads)
-    except KernelRefused:
+    except (KernelRefused, MemoryError):
         resident.release()  # and the matrices made so far go with the exception, before numpy's load
+        if not chosen.packed:
+            raise
     except BaseException:
         resident.release()
         raise
     if weights is None:
         gc.collect()  # their sessions' threads and memory
-        return unpacked(imported=KERNEL_IMPORT_BYTES)
+        return unpacked()
     resident.mark_allocated()
     return planned, weights, resident
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib.util
 import mmap
+import resource
+import sys
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -63,6 +65,20 @@ def _library(name: str) -> Any:
             f"plan resident-int8 cannot import {package} ({_failure(error)}); reinstall it with "
             f"pip install --force-reinstall 'gguf-sandbox[fast]', or use --plan auto"
         ) from None
+
+
+def packable() -> bool:
+    """Whether resident-f32 may hold its matrices packed in this process: the libraries are installed, and
+    no address-space limit is set. A session's worker maps a 64 MiB malloc arena and a stack, which such
+    a limit runs out of long before memory, and which stay mapped after the worker ends: numpy's plan
+    after a refused packing could then fail too (OpenBLAS aborts the process)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return available() and soft == resource.RLIM_INFINITY
+
+
+def imported() -> bool:
+    """Whether any of the kernel's libraries is loaded in this process (its RSS stays)."""
+    return any(name in sys.modules for name in KERNEL_MODULES)
 
 
 def importable() -> bool:

@@ -24,7 +24,7 @@ from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.embed.gelu import gelu
 from gguf_sandbox.embed.ort_kernel import Int8Matrix, PackedMatrix
 from gguf_sandbox.embed.q8_block import Q8_BLOCK, Q8_BLOCK_BYTES
-from gguf_sandbox.embed.rows import aligned
+from gguf_sandbox.embed.rows import DEFAULT_CAP, aligned
 from gguf_sandbox.embed.shapes import read_config, read_layout
 from gguf_sandbox.errors import GGUFError, KernelRefused
 from gguf_sandbox.gguf.dequant import dequantize
@@ -747,6 +747,17 @@ def _no_pages(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mmap, "mmap", refused)
 
 
+def _no_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An allocation refused while the rows are filled in (a limit the budget cannot see)."""
+
+    def refused(self: PackedMatrix, *_: object, **__: object) -> None:
+        raise MemoryError(
+            "Unable to allocate 1023. KiB for an array with shape (261888,) and data type float32"
+        )
+
+    monkeypatch.setattr(PackedMatrix, "_open", refused)
+
+
 @needs_kernel
 @pytest.mark.parametrize("kind", ["f32", "q8_0", "q4_0"])
 def test_packed_resident_f32_gives_numpys_vectors(
@@ -771,8 +782,8 @@ def test_packed_resident_f32_gives_numpys_vectors(
 @needs_kernel
 @pytest.mark.parametrize(
     "refusal",
-    [_reading_sessions, _failing_session, _no_pages],
-    ids=["rows read again", "no threads", "no pages"],
+    [_reading_sessions, _failing_session, _no_pages, _no_memory],
+    ids=["rows read again", "no threads", "no pages", "no memory"],
 )
 def test_a_kernel_that_cannot_hold_the_matrices_leaves_resident_f32_on_numpy(
     minilm_gguf: Callable[[str], Path],
@@ -857,7 +868,7 @@ from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.budget import MemoryBudget
 if sys.argv[2] == "made":  # as other code in the process would
     onnxruntime.capi.onnxruntime_pybind11_state.set_global_thread_pool_sizes(2, 1)
-else:  # an address-space limit 500 MiB above what the libraries map: numpy's plan fits, not 24 pools
+else:  # an address-space limit 500 MiB above what the libraries map: numpy's plan fits
     with open("/proc/self/status") as status:
         size = next(int(line.split()[1]) << 10 for line in status if line.startswith("VmSize:"))
     resource.setrlimit(resource.RLIMIT_AS, (size + (500 << 20), size + (500 << 20)))
@@ -874,8 +885,8 @@ def test_a_process_the_kernel_cannot_run_in_gets_resident_f32_from_numpy(
     minilm_gguf: Callable[[str], Path], limit: str
 ) -> None:
     """Other code made onnxruntime's process-wide pool (which refuses sessions with pools of their own), or
-    an address-space limit leaves no room for the sessions' threads: auto embeds with numpy, and says
-    nothing on stdout or stderr but its result."""
+    an address-space limit is set (the sessions' threads map arenas it would run out of, and which stay
+    mapped after a refusal): auto embeds with numpy, and says nothing on stdout or stderr but its result."""
     out = subprocess.run(
         [sys.executable, "-c", _LIMITED_SCRIPT, str(minilm_gguf("q8_0")), limit],
         capture_output=True,
@@ -886,3 +897,27 @@ def test_a_process_the_kernel_cannot_run_in_gets_resident_f32_from_numpy(
     result = json.loads(out.stdout)
     assert not result["packed"]
     np.testing.assert_allclose(result["norms"], [1.0, 1.0], rtol=1e-5)
+
+
+@needs_kernel
+def test_the_plan_numpy_takes_after_a_refusal_leaves_room_for_its_passes(
+    minilm_gguf: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A budget in which packed resident-f32 fits, and numpy's with its tables in memory and full 4096-token
+    passes would too, were the libraries the packing imported not counted; its sessions then cannot be
+    made. The plan numpy takes is chosen with the libraries counted, so its passes fit beside them and a
+    4096-token batch embeds without waiting."""
+    with GGUFFile.open(minilm_gguf("q8_0")) as gguf:
+        config, sizes = read_config(gguf), plan.ModelSizes.of(gguf, read_layout(gguf))
+    tables_in_memory = sizes.resident(plan.PlanName.RESIDENT_F32, plan.TableMode.F32)
+    full_passes = -(-plan.DEFAULT_PASS_TOKENS * config.row_bytes * plan.PASS_SHARE[1] // plan.PASS_SHARE[0])
+    budget = MemoryBudget(tables_in_memory + plan.TRANSIENT_CAPS * DEFAULT_CAP + full_passes + (1 << 20))
+    assert plan.choose_plan(config, sizes, budget.available, packable=True).packed
+    _failing_session(monkeypatch)
+    with Embedder.open(minilm_gguf("q8_0"), budget=budget, threads=1, wait_s=1.0) as opened:
+        assert not opened.plan_details["packed"]
+        max_tokens = opened.plan_details["max_tokens"]
+        assert isinstance(max_tokens, int)
+        assert budget.available >= plan.pass_bytes(opened.config, max_tokens)
+        vectors = opened.embed(["the quick brown fox jumps over the lazy dog " * 60] * 8)  # 8 x 512 tokens
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
