@@ -49,8 +49,9 @@ DEFAULT_BATCH_SIZE: Final = 32
 DEFAULT_WAIT_S: Final = 120.0
 
 # Plans whose batches run as one sub-batch per thread: every matrix is held ready to multiply, float32 in
-# memory or in the int8 kernel. resident-int8, 32 texts on 2 threads: 346-406 texts/s as sub-batches
-# against 238-317 as one batch whose kernel runs use both threads (issue #15's notes, batch_probe).
+# memory or in one of onnxruntime's kernels. resident-int8, 32 texts on 2 threads: 346-406 texts/s as
+# sub-batches against 238-317 as one batch whose kernel runs use both threads (issue #15's notes,
+# batch_probe); resident-f32 packed 175 against 147 (batch_ab).
 SUB_BATCH_PLANS: Final = frozenset({PlanName.RESIDENT_F32, PlanName.RESIDENT_INT8})
 
 
