@@ -31,7 +31,7 @@ from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile
 from gguf_sandbox.gguf.synth import SyntheticBert, write_synthetic_bert
 from gguf_sandbox.gguf.synth_decoder import QWEN2_TINY, QWEN3_TINY, SyntheticDecoder
-from tests.embed.conftest import kernels_hidden
+from tests.embed.conftest import Variant, kernels_hidden
 from tests.models import cached_decoder
 
 UNLIMITED = 1 << 40
@@ -631,10 +631,12 @@ def test_a_huge_finite_weight_gives_the_float_plans_answer(tmp_path: Path) -> No
 
 
 @needs_kernel
+@pytest.mark.parametrize("plan_name", ["resident-int8", "resident-f32"])
 def test_a_file_that_shrinks_while_the_kernel_loads_is_one_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plan_name: str
 ) -> None:
-    """Truncated between the header's parse and the weights' reads: one GGUFError, nothing reserved."""
+    """Truncated between the header's parse and the weights' reads: one GGUFError, nothing reserved (for
+    packed resident-f32 too: a file's fault is not the kernel's, so it is not taken for a refusal)."""
     from gguf_sandbox.embed.weights import load_weights
 
     model = write_synthetic_bert(tmp_path / "small.gguf", SMALL_Q8)
@@ -646,8 +648,43 @@ def test_a_file_that_shrinks_while_the_kernel_loads_is_one_error(
     monkeypatch.setattr("gguf_sandbox.embed.engine.load_weights", shrinking)
     budget = MemoryBudget(UNLIMITED)
     with pytest.raises(GGUFError, match=r"short read|shrank"):
-        Embedder.open(model, plan="resident-int8", budget=budget)
+        Embedder.open(model, plan=plan_name, budget=budget)
     assert budget.in_use == 0
+
+
+SMALL_F32 = dataclasses.replace(SMALL_Q8, tensor_type=GGMLQuantizationType.F32)
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize(
+    ("tensor", "value"),
+    [
+        ("blk.0.attn_q.weight", 3e38),  # in the Q, K and V one session holds
+        ("blk.0.attn_output.weight", 1e30),
+        ("blk.1.ffn_up.weight", -math.inf),  # GELU inside the session after it
+        ("blk.1.ffn_down.weight", math.nan),
+    ],
+    ids=str,
+)
+def test_a_hostile_weight_gets_numpys_answer_when_packed(tmp_path: Path, tensor: str, value: float) -> None:
+    """A huge, infinite or NaN float32 weight: packed resident-f32 gives what numpy's does, the same
+    vectors or the same error in words, and no warning."""
+    model = _with_vector(write_synthetic_bert(tmp_path / "small.gguf", SMALL_F32), tmp_path, tensor, value)
+    outcomes: dict[bool, np.ndarray | str] = {}
+    for variant in (Variant(plan.PlanName.RESIDENT_F32), Variant(plan.PlanName.RESIDENT_F32, numpy=True)):
+        try:
+            with variant.open(model, budget=MemoryBudget(UNLIMITED)) as opened:
+                assert opened.plan_details["packed"] is not variant.numpy
+                outcomes[variant.numpy] = opened.embed(["a b c", "b c a b", "c"])
+        except GGUFError as error:
+            outcomes[variant.numpy] = str(error)
+    packed, numpy_held = outcomes[False], outcomes[True]
+    if isinstance(numpy_held, str):
+        assert packed == numpy_held
+    else:
+        assert not isinstance(packed, str), packed
+        assert np.abs(packed - numpy_held).max() <= 1e-5
 
 
 # -- resident-f32 held packed: float32 rows in a Gemm, packed when the session is made -----------------------
