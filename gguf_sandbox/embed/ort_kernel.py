@@ -179,7 +179,8 @@ def _other_size(shared: int, threads: int) -> GGUFError:
 
 def _model(product: Any, weights: list[Any], rows: int, row_len: int) -> bytes:
     """The model y = product(x, weights...) and y_gelu = Gelu(y), whose weights are external initializers:
-    the session takes them from memory it is given (add_external_initializers), so none is copied into it.
+    the session takes them from arrays it is given (add_external_initializers), not from the model's bytes,
+    which stay small (onnxruntime copies them when the session is made: PackedMatrix gives its rows back).
     A run computes only the output it asks for."""
     helper = _library("onnx.helper")
     proto = _library("onnx").TensorProto
