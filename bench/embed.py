@@ -50,12 +50,20 @@ REPO = Path(__file__).resolve().parent.parent
 # without importing gguf_sandbox, which a peer's interpreter lacks), resident-f32 holds its matrices
 # packed for them and resident-int8 runs. Variants by suffix: "/shared", one kernel pool for the process
 # (Embedder.open's own_process: the MCP server's); "/numpy", resident-f32 multiplied by numpy as where the
-# kernels are not installed.
+# kernels are not installed; "/matrices", a BERT's resident-f32 packed matrix by matrix instead of held
+# whole in one session (ort_bert.FusedBert), as decoders are.
 SHARED_POOL = "/shared"
 NUMPY = "/numpy"
+BY_MATRIX = "/matrices"
 KERNEL_INSTALLED = all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx"))
 KERNEL_PLANS = (
-    ("resident-f32" + SHARED_POOL, "resident-f32" + NUMPY, "resident-int8", "resident-int8" + SHARED_POOL)
+    (
+        "resident-f32" + SHARED_POOL,
+        "resident-f32" + BY_MATRIX,
+        "resident-f32" + NUMPY,
+        "resident-int8",
+        "resident-int8" + SHARED_POOL,
+    )
     if KERNEL_INSTALLED
     else ()
 )
@@ -139,6 +147,10 @@ def _ours(model: str, plan: str, pooling: str) -> tuple[Embed, str]:
         from gguf_sandbox.embed import ort_kernel
 
         ort_kernel.available = lambda: False  # as where the `fast` extra is not installed
+    if variant == BY_MATRIX:
+        from gguf_sandbox.embed import engine
+
+        engine._fused_bytes = lambda config, cap: None  # as for a decoder
     shared = variant == SHARED_POOL
     embedder = Embedder.open(
         model, plan=name, batch_size=BATCH, pooling=pooling, threads=threads, own_process=shared

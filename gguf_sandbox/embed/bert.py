@@ -373,6 +373,61 @@ def require_finite(vectors: F32, first: int = 0) -> F32:
     return vectors
 
 
+class FusedEncoder(Protocol):
+    """A BERT's layers held whole by a kernel (ort_bert.FusedBert): the whole encoder for one text of up to
+    whole_tokens rows, or a layer's Q, K and V product and the rest of the layer, per activation chunk."""
+
+    @property
+    def whole_tokens(self) -> int: ...
+
+    def whole(self, x: F32) -> F32: ...
+
+    def qkv(self, layer: int, x: F32) -> F32: ...
+
+    def rest(self, layer: int, ctx: F32, x: F32) -> F32: ...
+
+
+def fused_layer(x: Rows, fused: FusedEncoder, layer: int, batch: TokenBatch, *, heads: int, cap: int) -> Rows:
+    """encoder_layer() with the layer's products, norms and GELU in the kernel's session, numpy's attention
+    between its two parts."""
+    hidden = x[0].shape[1]
+    qkv = [fused.qkv(layer, chunk) for chunk in x]  # [rows, 3 hidden] per chunk
+    q = [chunk[:, :hidden] for chunk in qkv]  # [rows, hidden] per chunk
+    k = [chunk[:, hidden : 2 * hidden] for chunk in qkv]  # [rows, hidden] per chunk
+    v = [chunk[:, 2 * hidden :] for chunk in qkv]  # [rows, hidden] per chunk
+    ctx = attention(q, k, v, batch, heads=heads, cap=cap)  # [rows, hidden] per chunk
+    del q, k, v, qkv
+    return [fused.rest(layer, context, chunk) for context, chunk in zip(ctx, x, strict=True)]
+
+
+def encode_fused(
+    weights: BertWeights,
+    fused: FusedEncoder,
+    batch: TokenBatch,
+    cap: int = DEFAULT_CAP,
+    *,
+    unit_length: bool = True,
+    check_finite: bool = True,
+) -> F32:
+    """encode() with the layers held by a kernel: one text that fits whole_tokens in one call, any other
+    batch layer by layer (fused_layer)."""
+    config = weights.config
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        x = embeddings(weights, batch, cap)  # [padded, hidden] per chunk
+        (first, *others), tokens = batch.pieces[0], int(batch.starts[-1])
+        if batch.n_sequences == 1 and not others and tokens <= fused.whole_tokens:
+            x = [fused.whole(x[first[0]][first[1] : first[2]])]  # [tokens, hidden]: no padding rows
+        else:
+            for layer in range(config.layers):
+                x = fused_layer(
+                    x, fused, layer, batch, heads=config.heads, cap=cap
+                )  # [rows, hidden] per chunk
+        pooled = pool(x, batch, config.pooling)  # [n, hidden]
+        if check_finite:
+            require_finite(pooled)
+        return normalize(pooled) if unit_length else pooled
+
+
 def encode(
     weights: BertWeights,
     batch: TokenBatch,

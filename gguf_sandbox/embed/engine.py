@@ -17,9 +17,9 @@ from typing import Any, Final
 import numpy as np
 
 from gguf_sandbox.budget import MemoryBudget, Reservation
-from gguf_sandbox.embed import ort_kernel
+from gguf_sandbox.embed import ort_bert, ort_kernel
 from gguf_sandbox.embed.architectures import Family, TextEncoder, family_of, sequence_limits
-from gguf_sandbox.embed.bert import POOLING_NAMES, Pooling, require_finite
+from gguf_sandbox.embed.bert import POOLING_NAMES, BertConfig, Pooling, encode_fused, require_finite
 from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
 from gguf_sandbox.embed.plan import (
     DEFAULT_PASS_TOKENS,
@@ -299,9 +299,11 @@ class Embedder:
         1.36x as fast on 2 threads as on 1 in one run, as sub-batches 1.71x, the median of 3; 1.84x once
         GELU's numpy calls were four times fewer).
         Quantized and streamed matrices stay with one batch, whose pool decodes each piece once for all
-        chunks instead of once per sub-batch.
+        chunks instead of once per sub-batch; so does a BERT held whole in one session (plan.fused), whose
+        own pool runs each chunk's products on every thread: 32 texts on 2 threads 298 texts/s as one
+        batch, 245 as sub-batches calling the session at once (issue #15's notes, fused_p50).
         """
-        groups = self._pool.threads if plan.name in SUB_BATCH_PLANS else 1
+        groups = self._pool.threads if plan.name in SUB_BATCH_PLANS and not plan.fused else 1
         parts = work.split(groups)
         if len(parts) > 1:
             nbytes = sum(plan.pass_bytes(self.config, part.rows) for part in parts)
@@ -337,10 +339,16 @@ class Embedder:
 
     def _encode_part(self, part: _Pass, plan: Plan, out: F32, pool: ComputePool, *, normalize: bool) -> None:
         batch = TokenBatch.from_sequences(part.sequences, self._chunk_rows)
+        fused = self._weights.fused
         with use_pool(pool):
-            vectors = self._family.encode(
-                self._weights, batch, plan.cap, unit_length=normalize, check_finite=False
-            )
+            if fused is not None:
+                vectors = encode_fused(
+                    self._weights, fused, batch, plan.cap, unit_length=normalize, check_finite=False
+                )
+            else:
+                vectors = self._family.encode(
+                    self._weights, batch, plan.cap, unit_length=normalize, check_finite=False
+                )
         out[part.first : part.first + len(part.sequences)] = vectors  # [n, dim]
 
     def _passes(self, texts: Sequence[str], plan: Plan) -> Iterator[_Pass]:
@@ -435,6 +443,7 @@ def _plan_for(
                 streaming=streaming,
                 threads=wanted.threads,
                 packable=wanted.packable,
+                fused_bytes=_fused_bytes(config, budget.cap),
             )
         except BudgetExceeded as error:
             refusal = error
@@ -443,6 +452,14 @@ def _plan_for(
         return dataclasses.replace(layout, config=chosen), plan
     assert refusal is not None  # sequence_limits yields at least one limit
     raise refusal
+
+
+def _fused_bytes(config: ModelConfig, cap: int) -> int | None:
+    """What a pass of this model held whole in one session (ort_bert.FusedBert) needs beside numpy's, or
+    None where it is not: a decoder, or a BERT whose Q, K and V are wider than its widest activation."""
+    if isinstance(config, BertConfig) and ort_bert.fusable(config, cap):
+        return ort_bert.pass_transient(config, cap)
+    return None
 
 
 def _load(

@@ -23,7 +23,7 @@ import mmap
 import resource
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 import numpy as np
@@ -46,7 +46,7 @@ _INT8_ACTIVATIONS: Final = 4
 # a pool per matrix of threads - 1 workers each would be ~360 threads at 16 CPUs for MiniLM alone.
 PACKED_SESSION_THREADS: Final = 2
 # The oldest onnxruntime the extra allows (1.23, the last for Python 3.10) reads models up to IR version 11.
-_IR_VERSION: Final = 10
+IR_VERSION: Final = 10
 
 
 def available() -> bool:
@@ -54,7 +54,7 @@ def available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in KERNEL_MODULES)
 
 
-def _library(name: str) -> Any:
+def library(name: str) -> Any:
     """A module of the kernel's libraries, imported when first needed; an install that is present but cannot
     be imported (a missing shared library, a build for another numpy) is one GGUFError, not a traceback."""
     try:
@@ -62,7 +62,7 @@ def _library(name: str) -> Any:
     except Exception as error:  # ImportError, or whatever a broken build raises while it loads
         package = name.partition(".")[0]
         raise GGUFError(
-            f"plan resident-int8 cannot import {package} ({_failure(error)}); reinstall it with "
+            f"plan resident-int8 cannot import {package} ({failure_words(error)}); reinstall it with "
             f"pip install --force-reinstall 'gguf-sandbox[fast]', or use --plan auto"
         ) from None
 
@@ -84,10 +84,10 @@ def imported() -> bool:
 def importable() -> bool:
     """Whether the kernel's libraries are installed and load (which imports them). resident-f32 asks
     before it holds its matrices packed, and multiplies with numpy where they do not: only resident-int8,
-    asked for by name, reports a broken install (_library's words)."""
+    asked for by name, reports a broken install (library()'s words)."""
     try:
         for name in KERNEL_MODULES:
-            _library(name)
+            library(name)
     except GGUFError:
         return False
     return True
@@ -121,7 +121,7 @@ def share_process_pool(threads: int) -> None:
 
     Raises GGUFError when the process's pool already has another size, or onnxruntime cannot make it.
     """
-    state = _library("onnxruntime.capi.onnxruntime_pybind11_state")
+    state = library("onnxruntime.capi.onnxruntime_pybind11_state")
 
     with _PROCESS_POOL.lock:
         if _PROCESS_POOL.threads is None:
@@ -129,7 +129,7 @@ def share_process_pool(threads: int) -> None:
                 state.set_global_thread_pool_sizes(threads, 1)
             except Exception as error:  # onnxruntime's own exception types
                 raise GGUFError(
-                    f"onnxruntime's kernels cannot share a pool of {threads} threads: {_failure(error)}"
+                    f"onnxruntime's kernels cannot share a pool of {threads} threads: {failure_words(error)}"
                 ) from None
             _PROCESS_POOL.threads = threads
         elif _PROCESS_POOL.threads != threads:
@@ -145,10 +145,11 @@ def check_process_pool(threads: int) -> None:
             raise _other_size(_PROCESS_POOL.threads, threads)
 
 
-def _session_options(threads: int, *, most: int | None = None) -> Any:
+def session_options(threads: int, *, most: int | None = None, spinning: bool = False) -> Any:
     """Options of a session on `threads` threads: the process's shared pool where there is one, else a pool
-    of its own, of at most `most` threads where given."""
-    ort = _library("onnxruntime")
+    of its own, of at most `most` threads where given, whose workers sleep between runs unless `spinning`
+    (a session that runs a whole pass, the only one its caller runs)."""
+    ort = library("onnxruntime")
 
     options = ort.SessionOptions()
     # No arena and no memory pattern: a product's buffers are freed when it returns, not kept for reuse.
@@ -162,7 +163,7 @@ def _session_options(threads: int, *, most: int | None = None) -> Any:
         options.inter_op_num_threads = 1
         # A pool per session sleeps when idle: 24 spinning pools (one text's products) take the cores from
         # each other and the pass (one text on 2 threads: 5.6-6.7 ms a text asleep, 90-170 ms spinning).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     elif threads == shared:
         options.use_per_session_threads = False
     else:
@@ -182,8 +183,8 @@ def _model(product: Any, weights: list[Any], rows: int, row_len: int) -> bytes:
     the session takes them from arrays it is given (add_external_initializers), not from the model's bytes,
     which stay small (onnxruntime copies them when the session is made: PackedMatrix gives its rows back).
     A run computes only the output it asks for."""
-    helper = _library("onnx.helper")
-    proto = _library("onnx").TensorProto
+    helper = library("onnx.helper")
+    proto = library("onnx").TensorProto
     # com.microsoft's Gelu is erf's (max abs error 2.5e-7 on a product's outputs, gelu.py's 3.3e-7), and
     # 80 µs a MiniLM layer faster at 26 tokens than numpy's after the product (issue #15, gelu_probe).
     gelu_node = helper.make_node("Gelu", ["y"], ["y_gelu"], domain="com.microsoft")
@@ -198,14 +199,14 @@ def _model(product: Any, weights: list[Any], rows: int, row_len: int) -> bytes:
         weights,
     )
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=_IR_VERSION)
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
     return bytes(model.SerializeToString())
 
 
 def _int8_model(rows: int, row_len: int, *, bias: bool) -> bytes:
     """y = MatMulNBits(x, quants, scales) (+ bias): Q8_0 rows, int8 activations."""
-    helper = _library("onnx.helper")
-    proto = _library("onnx").TensorProto
+    helper = library("onnx.helper")
+    proto = library("onnx").TensorProto
     blocks = row_len // Q8_BLOCK
     node = helper.make_node(
         "MatMulNBits",
@@ -219,24 +220,28 @@ def _int8_model(rows: int, row_len: int, *, bias: bool) -> bytes:
         accuracy_level=_INT8_ACTIVATIONS,
     )
     weights = [
-        _external("quants", proto.UINT8, [rows, blocks, Q8_BLOCK]),
-        _external("scales", proto.FLOAT, [rows * blocks]),
+        external_initializer("quants", proto.UINT8, [rows, blocks, Q8_BLOCK]),
+        external_initializer("scales", proto.FLOAT, [rows * blocks]),
     ]
-    return _model(node, weights + ([_external("bias", proto.FLOAT, [rows])] if bias else []), rows, row_len)
+    return _model(
+        node, weights + ([external_initializer("bias", proto.FLOAT, [rows])] if bias else []), rows, row_len
+    )
 
 
 def _packed_model(rows: int, row_len: int, *, bias: bool) -> bytes:
     """y = x @ weight.T (+ bias) as a Gemm: float32 rows [rows, row_len], packed when the session is made."""
-    helper = _library("onnx.helper")
-    proto = _library("onnx").TensorProto
+    helper = library("onnx.helper")
+    proto = library("onnx").TensorProto
     node = helper.make_node("Gemm", ["x", "weight", *(["bias"] if bias else [])], ["y"], transB=1)
-    weights = [_external("weight", proto.FLOAT, [rows, row_len])]
-    return _model(node, weights + ([_external("bias", proto.FLOAT, [rows])] if bias else []), rows, row_len)
+    weights = [external_initializer("weight", proto.FLOAT, [rows, row_len])]
+    return _model(
+        node, weights + ([external_initializer("bias", proto.FLOAT, [rows])] if bias else []), rows, row_len
+    )
 
 
-def _external(name: str, data_type: int, dims: list[int]) -> Any:
+def external_initializer(name: str, data_type: int, dims: list[int]) -> Any:
     """An initializer declared with its data elsewhere (given to the session by name)."""
-    proto = _library("onnx").TensorProto
+    proto = library("onnx").TensorProto
     tensor = proto(name=name, data_type=data_type, dims=dims, data_location=proto.EXTERNAL)
     tensor.external_data.add(key="location", value=name)
     return tensor
@@ -252,13 +257,72 @@ _KNOWN_FAILURES: Final = {
 }
 
 
-def _failure(error: Exception) -> str:
+def failure_words(error: Exception) -> str:
     """onnxruntime's message in words where it is a known one, else its first line (its messages carry
     source paths and newlines)."""
     text = str(error)
     known = next((words for phrase, words in _KNOWN_FAILURES.items() if phrase in text), None)
     lines = text.strip().splitlines()
     return known or (lines[0] if lines else type(error).__name__)
+
+
+def open_session(
+    model: bytes,
+    arrays: Mapping[str, np.ndarray],
+    threads: int,
+    *,
+    what: str,
+    most: int | None = None,
+    spinning: bool = False,
+) -> tuple[Any, list[Any]]:
+    """A CPU session of `model` whose external initializers are `arrays` (session_options() for the rest),
+    and the values backing them, which must live as long as the session. GGUFError "`what`: <why>" where
+    onnxruntime refuses it."""
+    ort = library("onnxruntime")
+    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
+    # Under the process pool's lock: a pool another thread's open shared between these options and the
+    # session would make onnxruntime refuse them (a pool of the session's own).
+    with _PROCESS_POOL.lock:
+        options = session_options(threads, most=most, spinning=spinning)
+        options.add_external_initializers(list(arrays), values)
+        try:
+            # No fallback: onnxruntime would print a banner to stdout and retry the same provider.
+            session = ort.InferenceSession(
+                model, options, providers=["CPUExecutionProvider"], enable_fallback=0
+            )
+        except Exception as error:  # onnxruntime's own exception types
+            raise GGUFError(f"{what}: {failure_words(error)}") from None
+    return session, values
+
+
+def anonymous_floats(name: str, count: int) -> tuple[mmap.mmap, F32]:
+    """Private anonymous pages for `count` float32s and a flat view of them, to hand to a session that
+    copies them when it is made (drop_pages() then gives the pages back); KernelRefused when there are no
+    pages to map."""
+    try:
+        pages = mmap.mmap(-1, max(count, 1) * FLOAT_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as error:
+        raise KernelRefused(f"{name}: no pages for its float32 rows: {error.strerror or error}") from None
+    return pages, np.frombuffer(pages, dtype=np.float32, count=count)
+
+
+def drop_pages(name: str, pages: mmap.mmap, probe: Callable[[], F32]) -> None:
+    """Drop the contents of `pages`, which a session was made from (MADV_DONTNEED: the mapping stays
+    valid), and give the C heap's freed pages back (onnxruntime's copy, freed once packed: glibc would keep
+    them). `probe` runs the session before and after: were a version of onnxruntime to read the pages again
+    at run time, it would read zeros and the two would differ (KernelRefused)."""
+    try:
+        before = probe()
+        pages.madvise(mmap.MADV_DONTNEED)
+        release_free_heap()
+        after = probe()
+    except GGUFError as error:  # the probe's run failed
+        raise KernelRefused(str(error)) from None
+    if not np.array_equal(after, before, equal_nan=True):
+        raise KernelRefused(
+            f"{name}: onnxruntime reads float32 weights again after packing them; they cannot be held "
+            f"packed alone"
+        )
 
 
 class _SessionMatrix:
@@ -281,22 +345,8 @@ class _SessionMatrix:
     def _open(
         self, model: bytes, arrays: Mapping[str, np.ndarray], threads: int, *, most: int | None = None
     ) -> None:
-        ort = _library("onnxruntime")
-        self._values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
-        # Under the process pool's lock: a pool another thread's open shared between these options and the
-        # session would make onnxruntime refuse them (a pool of the session's own).
-        with _PROCESS_POOL.lock:
-            options = _session_options(threads, most=most)
-            options.add_external_initializers(list(arrays), self._values)
-            try:
-                # No fallback: onnxruntime would print a banner to stdout and retry the same provider.
-                self._session = ort.InferenceSession(
-                    model, options, providers=["CPUExecutionProvider"], enable_fallback=0
-                )
-            except Exception as error:  # onnxruntime's own exception types
-                raise GGUFError(
-                    f"{self.name}: the {self.kind} kernel cannot hold this matrix: {_failure(error)}"
-                ) from None
+        what = f"{self.name}: the {self.kind} kernel cannot hold this matrix"
+        self._session, self._values = open_session(model, arrays, threads, what=what, most=most)
 
     def applies(self, after: Epilogue | None) -> bool:
         """Whether multiply() applies `after` itself (gelu.py's GELU: the graph's Gelu is erf's too)."""
@@ -311,7 +361,7 @@ class _SessionMatrix:
             y: F32 = self._session.run([_OUTPUTS[after]], {"x": x})[0]  # [n, rows]
         except Exception as error:  # onnxruntime's own exception types (bad_alloc among them)
             raise GGUFError(
-                f"{self.name}: the {self.kind} kernel failed on {len(x)} rows: {_failure(error)}"
+                f"{self.name}: the {self.kind} kernel failed on {len(x)} rows: {failure_words(error)}"
             ) from None
         # Cheap: NaN or inf in x makes the sum so (and so may an overflow: then rows are checked).
         with np.errstate(over="ignore", invalid="ignore"):
@@ -387,12 +437,8 @@ class PackedMatrix(_SessionMatrix):
     ) -> None:
         super().__init__(name, rows, row_len)
         size = rows * row_len
-        try:
-            private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-            self._pages = mmap.mmap(-1, max(size, 1) * FLOAT_BYTES, flags=private)
-        except OSError as error:
-            raise KernelRefused(f"{name}: no pages for its float32 rows: {error.strerror or error}") from None
-        weight = np.frombuffer(self._pages, dtype=np.float32, count=size).reshape(rows, row_len)
+        self._pages, flat = anonymous_floats(name, size)
+        weight = flat.reshape(rows, row_len)
         for first, block in blocks:  # block [n, row_len]
             weight[first : first + block.shape[0]] = block
         arrays: dict[str, np.ndarray] = {"weight": weight}
@@ -405,20 +451,12 @@ class PackedMatrix(_SessionMatrix):
                 threads,
                 most=PACKED_SESSION_THREADS,
             )
-            # Random rows: a row of ones would miss rows that sum to zero.
-            probe = np.random.default_rng(0).standard_normal((2, row_len)).astype(np.float32)  # [2, row_len]
-            before = self.multiply(probe)  # [2, rows]
-            del weight, arrays  # the pages' only views besides the session's
-            self._pages.madvise(mmap.MADV_DONTNEED)
-            release_free_heap()  # onnxruntime's copy, freed once packed: glibc would keep its pages
-            after = self.multiply(probe)  # [2, rows]
-        except GGUFError as error:  # the session's making or its probe products failed
+        except GGUFError as error:  # the session could not be made
             raise KernelRefused(str(error)) from None
-        if not np.array_equal(after, before, equal_nan=True):
-            raise KernelRefused(
-                f"{name}: onnxruntime reads float32 weights again after packing them; they cannot be held "
-                f"packed alone"
-            )
+        del weight, flat, arrays  # the pages' only views besides the session's
+        # Random rows: a row of ones would miss rows that sum to zero.
+        probe = np.random.default_rng(0).standard_normal((2, row_len)).astype(np.float32)  # [2, row_len]
+        drop_pages(name, self._pages, lambda: self.multiply(probe))
 
 
 # The graph's output for each epilogue the kernel applies itself, by the numpy function it stands for.

@@ -76,6 +76,11 @@ INT8_HELD_PER_STORED: Final = 4
 PACKED_PANEL: Final = 16
 PACKED_HELD_PER_F32: Final = 1.1
 PACKED_LOAD_COPIES: Final = 2 * 3
+# A BERT held whole in one session (ort_bert.FusedBert) is made in one go: every matrix's rows are in the
+# pages handed to it at once, and onnxruntime may copy them before it packs. Its load peaked 44 MB above its
+# RSS once loaded for MiniLM's 42.5 MB of matrices (issue #15's notes, fused_check): reserved as both
+# copies of the panels' bytes.
+FUSED_LOAD_COPIES: Final = 2
 
 
 @dataclass(frozen=True)
@@ -100,9 +105,13 @@ class Plan:
     # Held while the weights load, beside resident_bytes, and given back once they are loaded (the rows
     # packed matrices are made from).
     load_bytes: int = 0
+    # A packed BERT is held whole in one session (ort_bert.FusedBert), whose activations every pass
+    # reserves beside numpy's (fused_bytes).
+    fused: bool = False
+    fused_bytes: int = 0
 
     def pass_bytes(self, config: ModelConfig, tokens: int) -> int:
-        return pass_bytes(config, tokens, self.cap)
+        return pass_bytes(config, tokens, self.cap) + self.fused_bytes
 
 
 def pass_bytes(config: ModelConfig, tokens: int, cap: int = DEFAULT_CAP) -> int:
@@ -269,6 +278,7 @@ def choose_plan(
     streaming: ModelConfig | None = None,
     threads: int = 1,
     packable: bool = False,
+    fused_bytes: int | None = None,
 ) -> Plan:
     """The fastest plan whose resident weights plus one full-context pass fit in `available` bytes.
 
@@ -278,7 +288,8 @@ def choose_plan(
     config a streaming pass runs, when it differs from `config` (a decoder's FFN slabs: smaller rows).
     `threads` is how many the pass runs on (onnxruntime's kernels keep a pool of them per matrix, or share
     the process's). With `packable`, resident-f32 holds its matrices packed by onnxruntime's float32 kernel
-    where that fits, before it tries numpy's.
+    where that fits, before it tries numpy's; `fused_bytes`, where given, are what a pass of a packed BERT
+    held whole in one session needs beside numpy's (ort_bert.pass_transient).
     Raises BudgetExceeded when nothing fits.
     """
     wanted = parse_plan(requested)
@@ -288,8 +299,12 @@ def choose_plan(
     for name, packed, tables in _variants(sizes, wanted, packable=packable):
         runs = streaming if streaming is not None and name is PlanName.STREAMING else config
         resident = sizes.resident(name, tables, threads, packed=packed)
+        fused = packed and fused_bytes is not None
         load = PACKED_LOAD_COPIES * sizes.largest_f32 if packed else 0
-        room = available - resident - TRANSIENT_CAPS * cap
+        if fused:
+            load = FUSED_LOAD_COPIES * sizes.paneled_f32
+        kernel_pass = fused_bytes if fused and fused_bytes is not None else 0
+        room = available - resident - TRANSIENT_CAPS * cap - kernel_pass
         uncached, cached = drop_cache, 0
         if name is PlanName.STREAMING:
             if not drop_cache:
@@ -307,8 +322,10 @@ def choose_plan(
         loads = available - resident >= load  # the load's copies come and go before any pass
         if loads and room // runs.row_bytes >= min_tokens and (in_file or grown >= pass_tokens):
             tokens = max(min_tokens, min(pass_tokens, grown))
-            return Plan(name, tables, resident, int(tokens), cap, uncached, cached, packed, load)
-        needed = resident + cached + pass_bytes(runs, min_tokens, cap)
+            return Plan(
+                name, tables, resident, int(tokens), cap, uncached, cached, packed, load, fused, kernel_pass
+            )
+        needed = resident + cached + pass_bytes(runs, min_tokens, cap) + kernel_pass
         if smallest is None or needed < smallest[0]:
             smallest = (needed, name, runs)
     needed, name, runs = smallest if smallest is not None else (0, PlanName.STREAMING, config)
@@ -334,6 +351,8 @@ def describe(plan: Plan, sizes: ModelSizes) -> dict[str, object]:
         "cached_bytes": plan.cached_bytes,
         "packed": plan.packed,
         "load_bytes": plan.load_bytes,
+        "fused": plan.fused,
+        "fused_bytes": plan.fused_bytes,
         "model_f32_bytes": sizes.vectors + sizes.tables_f32 + sizes.matrices_f32,
         "model_raw_bytes": sizes.vectors + sizes.tables_raw + sizes.matrices_raw,
     }

@@ -26,6 +26,7 @@ from gguf_sandbox.embed.file_reads import (
 )
 from gguf_sandbox.embed.layout import ModelLayout
 from gguf_sandbox.embed.linear import Decoder, KernelSlice
+from gguf_sandbox.embed.ort_bert import FusedBert
 from gguf_sandbox.embed.ort_kernel import Int8Matrix, PackedMatrix
 from gguf_sandbox.embed.plan import Plan, PlanName, TableMode
 from gguf_sandbox.embed.q8_block import Q8_BLOCK, Q8_BLOCK_BYTES, is_q8_0
@@ -363,8 +364,12 @@ class PlannedWeights:
         matrices: dict[str, BlockSource],
         fd: int,
         streamed: StreamedBytes,
+        fused: FusedBert | None = None,
     ) -> None:
         self._config = config
+        # A packed BERT held whole in one session (plan.fused): its matrices are then only read from the
+        # file, by whoever asks for their blocks.
+        self.fused = fused
         self.streamed = streamed
         self.plan = plan
         self._vectors = vectors
@@ -412,6 +417,7 @@ class PlannedWeights:
     def close(self) -> None:
         """Drop the weights and close the file handle used for row reads."""
         self._vectors, self._tables, self._matrices = {}, {}, {}
+        self.fused = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -534,13 +540,16 @@ def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan, *, threads: in
         tables: dict[str, RowSource] = {}
         matrices: dict[str, BlockSource] = {}
         streamed = StreamedBytes()
-        in_kernel = plan.name is PlanName.RESIDENT_INT8 or plan.packed
+        in_kernel = plan.name is PlanName.RESIDENT_INT8 or (plan.packed and not plan.fused)
+        fused: FusedBert | None = None
         for name in layout.shapes:
             info = gguf.tensor(name)
             if name in layout.tables:
                 tables[name] = _table(gguf, info, plan, fd)
             elif name in layout.matrices:
-                if not in_kernel:
+                if plan.fused:
+                    matrices[name] = StreamMatrix(gguf, info, plan.cap, fd, uncached=False, streamed=streamed)
+                elif not in_kernel:
                     matrices[name] = _matrix(gguf, info, plan, fd, streamed)
             else:
                 vectors[name] = np.concatenate(
@@ -548,11 +557,27 @@ def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan, *, threads: in
                 )
         if in_kernel:
             matrices = _kernel_matrices(gguf, layout, plan, fd, streamed, vectors=vectors, threads=threads)
+        if plan.fused:
+            order = gguf.byte_order
+            fused = FusedBert(
+                layout.config,
+                lambda name: _f32_blocks(fd, gguf.tensor(name), plan.cap, order),
+                vectors,
+                cap=plan.cap,
+                threads=threads,
+            )
     except BaseException:
         os.close(fd)
         raise
     # What the header parse and the tokenizer read (with readahead) is not needed again.
     drop_cached(fd)
     return PlannedWeights(
-        layout.config, plan, vectors=vectors, tables=tables, matrices=matrices, fd=fd, streamed=streamed
+        layout.config,
+        plan,
+        vectors=vectors,
+        tables=tables,
+        matrices=matrices,
+        fd=fd,
+        streamed=streamed,
+        fused=fused,
     )

@@ -19,9 +19,10 @@ from gguf.constants import GGMLQuantizationType
 from gguf.quants import quantize
 
 from gguf_sandbox.budget import MemoryBudget
-from gguf_sandbox.embed import ort_kernel, plan
+from gguf_sandbox.embed import engine, ort_kernel, plan
 from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.embed.gelu import gelu
+from gguf_sandbox.embed.ort_bert import FusedBert
 from gguf_sandbox.embed.ort_kernel import Int8Matrix, PackedMatrix
 from gguf_sandbox.embed.q8_block import Q8_BLOCK, Q8_BLOCK_BYTES
 from gguf_sandbox.embed.rows import DEFAULT_CAP, aligned
@@ -738,12 +739,19 @@ class _ReadingSession:
 
 
 def _reading_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sessions that read the rows handed to them at run time: each matrix's, and the whole encoder's
+    (whose output then moves with the first of its pages)."""
+
     def reading(
         self: PackedMatrix, model: bytes, arrays: dict[str, np.ndarray], threads: int, **_: object
     ) -> None:
         self._session = _ReadingSession(arrays["weight"])
 
+    def whole_reading(self: FusedBert, x: np.ndarray) -> np.ndarray:
+        return x + np.frombuffer(self._pages, dtype=np.float32, count=1)
+
     monkeypatch.setattr(PackedMatrix, "_open", reading)
+    monkeypatch.setattr(FusedBert, "whole", whole_reading)
 
 
 @needs_kernel
@@ -762,17 +770,13 @@ def test_a_session_that_reads_the_rows_again_is_caught(monkeypatch: pytest.Monke
 def _failing_session(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sessions that onnxruntime cannot start the threads of (its message under a thread limit)."""
 
-    def failing(
-        self: PackedMatrix, model: bytes, arrays: dict[str, np.ndarray], threads: int, **_: Any
-    ) -> None:
-        raise GGUFError(
-            f"{self.name}: the float32 kernel cannot hold this matrix: "
-            + ort_kernel._failure(
-                RuntimeError("/onnxruntime_src/env.cc:327 PosixThread pthread_create failed, error code: 11")
-            )
+    def failing(*_: object, what: str, **__: object) -> None:
+        thread_limit = RuntimeError(
+            "/onnxruntime_src/env.cc:327 PosixThread pthread_create failed, error code: 11"
         )
+        raise GGUFError(f"{what}: {ort_kernel.failure_words(thread_limit)}")
 
-    monkeypatch.setattr(PackedMatrix, "_open", failing)
+    monkeypatch.setattr(ort_kernel, "open_session", failing)
 
 
 def _no_pages(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -785,23 +789,33 @@ def _no_pages(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _no_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An allocation refused while the rows are filled in (a limit the budget cannot see)."""
+    """An allocation refused while a session is made (a limit the budget cannot see)."""
 
-    def refused(self: PackedMatrix, *_: object, **__: object) -> None:
+    def refused(*_: object, **__: object) -> None:
         raise MemoryError(
             "Unable to allocate 1023. KiB for an array with shape (261888,) and data type float32"
         )
 
-    monkeypatch.setattr(PackedMatrix, "_open", refused)
+    monkeypatch.setattr(ort_kernel, "open_session", refused)
+
+
+@pytest.fixture(params=["whole", "by matrix"])
+def holder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How packed resident-f32 holds a BERT: whole in one session (ort_bert.FusedBert, the default), or a
+    session per matrix (PackedMatrix, as for decoders)."""
+    if request.param == "by matrix":
+        monkeypatch.setattr(engine, "_fused_bytes", lambda config, cap: None)
+    return str(request.param)
 
 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["f32", "q8_0", "q4_0"])
 def test_packed_resident_f32_gives_numpys_vectors(
-    minilm_gguf: Callable[[str], Path], minilm_reference: dict[str, Any], kind: str
+    minilm_gguf: Callable[[str], Path], minilm_reference: dict[str, Any], kind: str, holder: str
 ) -> None:
     """auto on an unconstrained host holds resident-f32 packed, and its vectors are numpy's within float
-    rounding, on every fixture text, on one thread and two."""
+    rounding, on every fixture text, on one thread and two, one text at a time (the whole encoder in one
+    call where it is held whole) and all together."""
     texts = [entry["text"] for entry in minilm_reference["sentences"]]
     with kernels_hidden(), Embedder.open(minilm_gguf(kind), budget=MemoryBudget(UNLIMITED)) as numpy_held:
         assert not numpy_held.plan_details["packed"]
@@ -813,7 +827,10 @@ def test_packed_resident_f32_gives_numpys_vectors(
                 True,
                 False,
             )
+            assert packed.plan_details["fused"] == (holder == "whole")
             assert np.abs(packed.embed(texts) - expected).max() <= 1e-6
+            one_by_one = np.concatenate([packed.embed([text]) for text in texts])
+            assert np.abs(one_by_one - expected).max() <= 1e-6
 
 
 @needs_kernel
@@ -826,6 +843,7 @@ def test_a_kernel_that_cannot_hold_the_matrices_leaves_resident_f32_on_numpy(
     minilm_gguf: Callable[[str], Path],
     monkeypatch: pytest.MonkeyPatch,
     refusal: Callable[[pytest.MonkeyPatch], None],
+    holder: str,
 ) -> None:
     """The load gives the packed reservation back and holds the matrices for numpy: the same vectors, and
     the smaller reservation plus the libraries it imported, which stay in the process; no error."""

@@ -1,0 +1,218 @@
+"""A BERT encoder held whole in one onnxruntime session (ort_bert.FusedBert): packed resident-f32's BERTs."""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gguf_sandbox.budget import MemoryBudget
+from gguf_sandbox.embed import engine, ort_bert, ort_kernel, plan
+from gguf_sandbox.embed.bert import BertConfig
+from gguf_sandbox.embed.engine import Embedder
+from gguf_sandbox.embed.rows import DEFAULT_CAP, FLOAT_BYTES, rows_per_chunk
+from gguf_sandbox.embed.shapes import read_config, read_layout
+from gguf_sandbox.errors import GGUFError, KernelRefused
+from gguf_sandbox.gguf.reader import GGUFFile
+from tests.embed.conftest import kernels_hidden
+
+UNLIMITED = 1 << 40
+needs_kernel = pytest.mark.skipif(
+    not ort_kernel.available(), reason="the encoder's session needs the `fast` extra (onnxruntime, onnx)"
+)
+MINILM = BertConfig(vocab_size=30522, hidden=384, layers=6, heads=12, ffn=1536, context_length=512)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        MINILM,
+        BertConfig(vocab_size=30522, hidden=768, layers=12, heads=12, ffn=3072, context_length=512),
+        BertConfig(vocab_size=100, hidden=8, layers=1, heads=64 // 8, ffn=32, context_length=4096),
+    ],
+    ids=["minilm", "bert-base", "many heads"],
+)
+def test_a_whole_text_keeps_every_activation_within_the_cap(config: BertConfig) -> None:
+    """At whole_tokens, all heads' scores and the widest activation fit the cap; one token more and one of
+    them would not (or the context ends there)."""
+    tokens = ort_bert.whole_tokens(config, DEFAULT_CAP)
+
+    def largest(rows: int) -> int:
+        return FLOAT_BYTES * max(config.heads * rows * rows, rows * max(3 * config.hidden, config.ffn))
+
+    assert 1 <= tokens <= config.context_length
+    assert largest(tokens) <= DEFAULT_CAP
+    assert tokens == config.context_length or largest(tokens + 1) > DEFAULT_CAP
+    assert ort_bert.whole_tokens(MINILM, DEFAULT_CAP) == 147  # 12 heads' scores at 147 tokens: 1.04 MB
+
+
+def test_a_bert_whose_q_k_v_outgrow_a_chunk_is_not_held_whole() -> None:
+    """A chunk is sized for the widest activation; Q, K and V side by side are 3 hidden wide."""
+    narrow_ffn = BertConfig(vocab_size=100, hidden=64, layers=1, heads=4, ffn=128, context_length=64)
+    assert not ort_bert.fusable(narrow_ffn, DEFAULT_CAP)
+    assert ort_bert.fusable(MINILM, DEFAULT_CAP)
+    assert engine._fused_bytes(narrow_ffn, DEFAULT_CAP) is None
+
+
+def test_a_pass_reserves_the_sessions_activations_beside_numpys() -> None:
+    """Every activation of a layer at once, for a whole text at its longest or a full chunk's rest()."""
+    tokens = ort_bert.whole_tokens(MINILM, DEFAULT_CAP)
+    whole = FLOAT_BYTES * (tokens * (20 * 384 + 2 * 1536) + 2 * 12 * tokens * tokens)
+    rest = FLOAT_BYTES * rows_per_chunk(MINILM, DEFAULT_CAP) * (6 * 384 + 2 * 1536)
+    assert ort_bert.pass_transient(MINILM, DEFAULT_CAP) == max(whole, rest) == whole
+
+
+@needs_kernel
+def test_the_plan_reserves_the_whole_encoders_passes_and_load(minilm_gguf: Callable[[str], Path]) -> None:
+    """Packed resident-f32 of a BERT is held whole: each pass reserves the session's activations too, and
+    the load both copies of the matrices; where that does not fit, it is held for numpy."""
+    with GGUFFile.open(minilm_gguf("q8_0")) as gguf:
+        config, sizes = read_config(gguf), plan.ModelSizes.of(gguf, read_layout(gguf))
+    extra = ort_bert.pass_transient(config, DEFAULT_CAP)
+    roomy = plan.choose_plan(config, sizes, UNLIMITED, packable=True, fused_bytes=extra)
+    assert (roomy.packed, roomy.fused, roomy.fused_bytes) == (True, True, extra)
+    assert roomy.load_bytes == plan.FUSED_LOAD_COPIES * sizes.paneled_f32
+    assert roomy.pass_bytes(config, 64) == plan.pass_bytes(config, 64) + extra
+    resident = sizes.resident(plan.PlanName.RESIDENT_F32, plan.TableMode.FILE, packed=True)
+    tokens = 512
+    just = resident + max(plan.pass_bytes(config, tokens) + extra, roomy.load_bytes)
+    fits = plan.choose_plan(config, sizes, just, packable=True, fused_bytes=extra)
+    assert (fits.packed, fits.fused, fits.tables) == (True, True, plan.TableMode.FILE)
+    short = plan.choose_plan(config, sizes, just - 1, packable=True, fused_bytes=extra)
+    assert (short.packed, short.fused) == (False, False)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_whole_texts_long_texts_and_batches_get_numpys_vectors(
+    minilm_gguf: Callable[[str], Path], threads: int
+) -> None:
+    """Texts up to whole_tokens in one call, longer ones and batches layer by layer: numpy's vectors within
+    float rounding, and the same whichever way a text goes."""
+    longest = ort_bert.whole_tokens(MINILM, DEFAULT_CAP)
+    texts = ["", "a short text", "the quick brown fox " * 20, "word " * 400]
+    with kernels_hidden(), Embedder.open(minilm_gguf("q8_0"), budget=MemoryBudget(UNLIMITED)) as numpy_held:
+        lengths = [len(numpy_held.tokenize(text)) for text in texts]
+        at_limit = " ".join(["a"] * (longest - 2))  # with [CLS] and [SEP]
+        past_limit = at_limit + " a"
+        texts += [at_limit, past_limit]
+        expected = numpy_held.embed(texts)
+    assert lengths[2] <= longest < lengths[3]  # both ways are taken
+    with Embedder.open(minilm_gguf("q8_0"), budget=MemoryBudget(UNLIMITED), threads=threads) as fused:
+        assert fused.plan_details["fused"]
+        assert [len(fused.tokenize(text)) for text in (at_limit, past_limit)] == [longest, longest + 1]
+        one_by_one = np.concatenate([fused.embed([text]) for text in texts])
+        together = fused.embed(texts)
+    assert np.abs(one_by_one - expected).max() <= 1e-6
+    assert np.abs(together - expected).max() <= 1e-6
+
+
+@needs_kernel
+def test_a_whole_call_goes_through_the_session_once(
+    minilm_gguf: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One short text is one call of the session; a batch two per layer and chunk."""
+    with Embedder.open(minilm_gguf("q8_0"), budget=MemoryBudget(UNLIMITED)) as fused:
+        held = fused._weights.fused
+        assert held is not None
+        calls: list[str] = []
+        run = type(held)._run
+
+        def counted(self: ort_bert.FusedBert, output: str, *args: object) -> np.ndarray:
+            calls.append(output)
+            return run(self, output, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(ort_bert.FusedBert, "_run", counted)
+        fused.embed(["a short text"])
+        assert calls == ["out.5"]
+        calls.clear()
+        fused.embed(["a short text", "another one"])
+        assert calls == [f"{kind}.{layer}" for layer in range(6) for kind in ("qkv", "out")]
+
+
+def test_pages_read_again_after_the_drop_are_refused() -> None:
+    """drop_pages' guard: a probe whose result moves with the pages (as a session reading them at run time
+    would) is refused; one that does not is left alone, and the pages read as zeros afterwards."""
+    pages, flat = ort_kernel.anonymous_floats("w", 1024)
+    flat[:] = np.arange(1, 1025, dtype=np.float32)
+    with pytest.raises(KernelRefused, match=r"^w: onnxruntime reads float32 weights again"):
+        ort_kernel.drop_pages("w", pages, flat[:4].copy)
+    flat[:] = 1.0
+    kept = flat[:4].copy()
+    ort_kernel.drop_pages("w", pages, lambda: kept)
+    assert not flat.any()
+
+
+def test_no_pages_for_the_rows_is_a_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(*_: object, **__: object) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refused)
+    with pytest.raises(KernelRefused, match=r"^the 6-layer encoder: no pages for its float32 rows"):
+        ort_kernel.anonymous_floats("the 6-layer encoder", 1 << 20)
+
+
+_PEAK_SCRIPT = """
+import gc, json, sys
+from gguf_sandbox.budget import MemoryBudget
+from gguf_sandbox.embed.engine import Embedder
+def status(key):
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) << 10 for line in lines if line.startswith(key))
+with Embedder.open(sys.argv[1], budget=MemoryBudget(1 << 40), threads=int(sys.argv[2])) as opened:
+    text = " ".join(["a"] * (int(sys.argv[3]) - 2))
+    tokens = len(opened.tokenize(text))
+    opened.embed([text])  # warm: the session's first call sets up its kernels
+    gc.collect()
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # the peak RSS (VmHWM) starts again from now
+    for _ in range(3):
+        opened.embed([text])
+    peak = status("VmHWM:") - before
+    reserved = opened._weights.plan.pass_bytes(opened.config, tokens)
+    print(json.dumps({"tokens": tokens, "peak": peak, "reserved": reserved}))
+"""
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tokens", [147, 256])
+def test_a_pass_stays_within_its_reservation(
+    minilm_gguf: Callable[[str], Path], threads: int, tokens: int
+) -> None:
+    """A fresh process: the peak RSS of a text at whole_tokens (one call) and of a full-context one (layer
+    by layer: MiniLM's sentence-transformers limit) stays within what its pass reserves."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(minilm_gguf("q8_0")), str(threads), str(tokens)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    measured = json.loads(out.stdout)
+    assert measured["tokens"] == tokens
+    assert 0 <= measured["peak"] <= measured["reserved"], measured
+
+
+@needs_kernel
+def test_nan_weights_in_the_encoder_are_one_error(minilm_gguf: Callable[[str], Path], tmp_path: Path) -> None:
+    """A NaN in a layer norm's scale reaches the vectors through the session as through numpy: one error in
+    words, for a whole text and for a batch, and the Embedder goes on."""
+    from tests.embed.test_ort_kernel import _with_vector
+
+    poisoned = _with_vector(minilm_gguf("q8_0"), tmp_path, "blk.3.layer_output_norm.weight", math.nan)
+    budget = MemoryBudget(UNLIMITED)
+    with Embedder.open(poisoned, budget=budget) as fused:
+        assert fused.plan_details["fused"]
+        held = budget.in_use
+        for texts in (["a short text"], ["a short text", "word " * 300], ["again"]):
+            with pytest.raises(GGUFError, match=r"NaN or infinite values for \d+ of the \d+ texts"):
+                fused.embed(texts)
+            assert budget.in_use == held  # each pass's reservation given back
