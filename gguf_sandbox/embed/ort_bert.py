@@ -3,15 +3,18 @@
 resident-f32 held packed (ort_kernel.PackedMatrix) still ran a pass from Python: 18 kernel runs for one
 MiniLM text, each waking a sleeping worker, with attention, layer norms and residuals in numpy between
 them. This session holds all of a BERT's layers. A text short enough that none of its activations passes
-the cap runs through the whole encoder in one call (whole()): one ~22-token MiniLM text in 6.1 ms on 1
-thread and 3.6-3.8 on 2, against 8.3-8.6 and 7.0-7.3 packed matrix by matrix (issue #15's notes,
-whole_if). Longer texts and batches run a layer in two calls per activation chunk (qkv(), then rest()),
-numpy's attention between them keeping its scores within the cap: 6.9 and 4.4 ms for the same text.
+the cap runs through the whole encoder in one call (whole()): one ~22-token MiniLM text in 6.2 ms on 1
+thread and 3.6 on 2, against 8.3-8.6 and 7.0-7.3 packed matrix by matrix (issue #15's notes, fused_p50).
+Longer texts and batches run a layer in two calls per activation chunk (qkv(), then rest()), numpy's
+attention between them keeping its scores within the cap.
 
-Each matrix is used by one node of the graph, inside an If that the `part` input turns on: onnxruntime packs
-a weight once per node that uses it (twice for a weight in both branches of an If, if_share), and runs every
-node of a graph whatever outputs are asked for (issue #15's notes, one_session), so the parts a call does
-not ask for pass empty tensors instead.
+onnxruntime packs a weight once per node that uses it (twice for one in both branches of an If, if_share)
+and runs every node of a graph whatever outputs are asked for (issue #15's notes, one_session). So each
+matrix has one node, and a call turns on the layers it needs (on.<layer>: an If around the layer; the
+others pass no rows on). Within a layer the whole encoder's rows and a part's rows come in by different
+inputs; the part a call does not give rows to runs on none. 23 Ifs, one around each part, cost the whole
+encoder ~0.5 ms of a 6.1 ms text (whole_if); with no If, a part's call ran the other layers on no rows,
+~0.25 ms a call (a 252-token text 80 ms instead of 70-74).
 """
 
 from __future__ import annotations
@@ -27,8 +30,6 @@ from gguf_sandbox.embed.bert import BertConfig
 from gguf_sandbox.embed.rows import F32, FLOAT_BYTES, rows_per_chunk
 from gguf_sandbox.errors import GGUFError, KernelRefused
 
-# `part`: the whole encoder; 2 l is layer l's Q, K and V product, 2 l + 1 the rest of layer l.
-WHOLE: Final = -1
 # Matrices of a layer as the graph holds them: Q, K and V as one [3 hidden, hidden], then the others.
 QKV: Final = ("attn_q", "attn_k", "attn_v")
 OTHER_MATRICES: Final = ("attn_output", "ffn_up", "ffn_down")
@@ -115,7 +116,12 @@ class FusedBert:
         except GGUFError as error:
             raise KernelRefused(str(error)) from None
         del weight, flat, arrays  # the pages' only views besides the session's
-        self._empty = np.zeros((0, hidden), dtype=np.float32)  # [0, hidden]: a part's unused input
+        empty = np.zeros((0, hidden), dtype=np.float32)  # [0, hidden]
+        self._nothing: dict[str, np.ndarray] = {"x": empty, "whole_rows": np.zeros(1, dtype=np.int64)}
+        self._nothing.update({f"{kind}.{layer}": empty for layer in range(config.layers) for kind in "qrc"})
+        self._on, off = np.array(True), np.array(False)
+        self._nothing.update({f"on.{layer}": off for layer in range(config.layers)})
+        self._all_on = {f"on.{layer}": self._on for layer in range(config.layers)}
         # Random rows: through every layer, so every matrix takes part.
         probe = np.random.default_rng(0).standard_normal((2, hidden)).astype(np.float32)  # [2, hidden]
         ort_kernel.drop_pages(name, self._pages, lambda: self.whole(probe))
@@ -123,24 +129,28 @@ class FusedBert:
     def whole(self, x: F32) -> F32:
         """The last layer's output [T, hidden] for one text's embedded rows x [T, hidden] (no padding rows:
         attention reads them all), T at most whole_tokens."""
-        return self._run(f"out.{self.config.layers - 1}", x, self._empty, WHOLE)
+        return self._run(
+            f"out.{self.config.layers - 1}", {"x": x, "whole_rows": np.array([len(x)]), **self._all_on}
+        )
 
     def qkv(self, layer: int, x: F32) -> F32:
         """Layer `layer`'s Q, K and V side by side [n, 3 hidden] for activation rows x [n, hidden]."""
-        return self._run(f"qkv.{layer}", x, self._empty, 2 * layer)
+        return self._run(f"qkv.{layer}", {f"q.{layer}": x, f"on.{layer}": self._on})
 
     def rest(self, layer: int, ctx: F32, x: F32) -> F32:
         """Layer `layer`'s output [n, hidden] from attention's context ctx and the layer's input x (both
         [n, hidden]): output projection, residual, layer norm, GELU MLP, residual, layer norm."""
-        return self._run(f"out.{layer}", x, ctx, 2 * layer + 1)
+        return self._run(f"out.{layer}", {f"c.{layer}": ctx, f"r.{layer}": x, f"on.{layer}": self._on})
 
-    def _run(self, output: str, x: F32, ctx: F32, part: int) -> F32:
-        feeds = {"x": np.ascontiguousarray(x), "ctx": np.ascontiguousarray(ctx), "part": np.array(part)}
+    def _run(self, output: str, given: dict[str, np.ndarray]) -> F32:
+        """`output` with the inputs `given`, every other input empty (module docstring)."""
+        feeds = {**self._nothing, **{name: np.ascontiguousarray(value) for name, value in given.items()}}
         try:
             result: F32 = self._session.run([output], feeds)[0]
         except Exception as error:  # onnxruntime's own exception types (bad_alloc among them)
+            rows = max(len(value) for value in given.values() if value.ndim)
             raise GGUFError(
-                f"the encoder's float32 kernels failed on {len(x)} rows: {ort_kernel.failure_words(error)}"
+                f"the encoder's float32 kernels failed on {rows} rows: {ort_kernel.failure_words(error)}"
             ) from None
         return result
 
@@ -184,110 +194,103 @@ class _Graph:
         numpy_helper = ort_kernel.library("onnx.numpy_helper")
         self.config = config
         hidden, heads = config.hidden, config.heads
+        # Shapes whose first 0 copies the input's rows: a -1 there cannot be inferred for no rows.
         constants = {
-            "heads_shape": np.array([-1, heads, hidden // heads], dtype=np.int64),
-            "rows_shape": np.array([-1, hidden], dtype=np.int64),
+            "heads_shape": np.array([0, heads, hidden // heads], dtype=np.int64),
+            "rows_shape": np.array([0, hidden], dtype=np.int64),
             "scale": np.array([1.0 / math.sqrt(hidden // heads)], dtype=np.float32),
-            "whole_part": np.array(WHOLE, dtype=np.int64),
+            "first_row": np.zeros(1, dtype=np.int64),
+            "row_axis": np.zeros(1, dtype=np.int64),
             "no_rows": np.zeros((0, hidden), dtype=np.float32),
             "no_qkv_rows": np.zeros((0, 3 * hidden), dtype=np.float32),
         }
         self.initializers = [numpy_helper.from_array(value, name) for name, value in constants.items()]
-        self.nodes: list[Any] = [self.node("Equal", ["part", "whole_part"], "whole")]
-        self._numpy_helper = numpy_helper
+        self.nodes: list[Any] = []
 
-    def node(self, op: str, inputs: list[str], output: str, **attributes: Any) -> Any:
+    def add(self, op: str, inputs: list[str], output: str, **attributes: Any) -> str:
         domain = attributes.pop("domain", None)
-        return self.helper.make_node(op, inputs, [output], domain=domain, **attributes)
+        self.nodes.append(self.helper.make_node(op, inputs, [output], domain=domain, **attributes))
+        return output
 
-    def branch(self, name: str, nodes: list[Any], output: str) -> Any:
-        """A subgraph of `nodes` whose result is `output` (it reads outer values by name)."""
-        return self.helper.make_graph(
-            nodes, name, [], [self.helper.make_tensor_value_info(output, self.proto.FLOAT, None)]
-        )
+    def whole_rows_of(self, name: str) -> str:
+        """The rows of `name` a whole-encoder call runs (all of them), none in a part's call."""
+        return self.add("Slice", [name, "first_row", "whole_rows", "row_axis"], f"{name}.whole")
 
-    def either(self, condition: str, output: str, then: tuple[list[Any], str], otherwise: str) -> None:
-        """output = then's result where `condition`, else the value `otherwise` (passed through)."""
-        nodes, result = then
-        passed = self.node("Identity", [otherwise], f"{output}.passed")
+    def attention(self, layer: int, qkv: str) -> str:
+        """softmax(q k^T / sqrt(d)) v over all heads of the whole text, from Q, K and V side by side; q is
+        scaled before its product, as bert._attend does."""
+        p, add = f"{layer}.", self.add
         self.nodes.append(
-            self.node(
+            self.helper.make_node("Split", [qkv], [f"{p}q", f"{p}k", f"{p}v"], axis=1, num_outputs=3)
+        )
+        q_rows = add("Reshape", [add("Mul", [f"{p}q", "scale"], f"{p}q_scaled"), "heads_shape"], f"{p}q_rows")
+        q_heads = add("Transpose", [q_rows], f"{p}q_heads", perm=[1, 0, 2])  # [heads, T, d]
+        k_rows = add("Reshape", [f"{p}k", "heads_shape"], f"{p}k_rows")
+        k_heads = add("Transpose", [k_rows], f"{p}k_heads", perm=[1, 2, 0])  # [heads, d, T]
+        v_rows = add("Reshape", [f"{p}v", "heads_shape"], f"{p}v_rows")
+        v_heads = add("Transpose", [v_rows], f"{p}v_heads", perm=[1, 0, 2])  # [heads, T, d]
+        scores = add("MatMul", [q_heads, k_heads], f"{p}scores")  # [heads, T, T]
+        weights = add("Softmax", [scores], f"{p}weights", axis=-1)
+        context = add("MatMul", [weights, v_heads], f"{p}context_heads")  # [heads, T, d]
+        rows = add("Transpose", [context], f"{p}context_rows", perm=[1, 0, 2])  # [T, heads, d]
+        return add("Reshape", [rows, "rows_shape"], f"{p}context")  # [T, hidden]
+
+    def layer(self, layer: int) -> None:
+        """Layer `layer`, run where on.<layer> (a call on the whole encoder, or on one of its parts); else
+        its outputs qkv.<layer> and out.<layer> have no rows, and the next layer runs on its own inputs."""
+        outer, self.nodes = self.nodes, []
+        self.layer_nodes(layer)
+        body, self.nodes = self.nodes, outer
+        p = f"{layer}."
+        value = self.helper.make_tensor_value_info
+        float32 = self.proto.FLOAT
+        then = self.helper.make_graph(
+            body, f"{p}on", [], [value(f"{p}qkv", float32, None), value(f"{p}out", float32, None)]
+        )
+        passed = [
+            self.helper.make_node("Identity", ["no_qkv_rows"], [f"{p}no_qkv"]),
+            self.helper.make_node("Identity", ["no_rows"], [f"{p}no_out"]),
+        ]
+        otherwise = self.helper.make_graph(
+            passed, f"{p}off", [], [value(f"{p}no_qkv", float32, None), value(f"{p}no_out", float32, None)]
+        )
+        self.nodes.append(
+            self.helper.make_node(
                 "If",
-                [condition],
-                output,
-                then_branch=self.branch(f"{output}.then", nodes, result),
-                else_branch=self.branch(f"{output}.else", [passed], f"{output}.passed"),
+                [f"on.{layer}"],
+                [f"qkv.{layer}", f"out.{layer}"],
+                then_branch=then,
+                else_branch=otherwise,
             )
         )
 
-    def constant(self, name: str, value: int) -> str:
-        self.initializers.append(self._numpy_helper.from_array(np.array(value, dtype=np.int64), name))
-        return name
-
-    def attention(self, layer: int) -> tuple[list[Any], str]:
-        """softmax(q k^T / sqrt(d)) v over all heads of the whole text, from layer's Q, K and V; q is scaled
-        before its product, as bert._attend does."""
-        p = f"{layer}."
-        n = self.node
-        nodes = [
-            self.helper.make_node("Split", [f"{p}qkv"], [f"{p}q", f"{p}k", f"{p}v"], axis=1, num_outputs=3),
-            n("Mul", [f"{p}q", "scale"], f"{p}q_scaled"),
-            n("Reshape", [f"{p}q_scaled", "heads_shape"], f"{p}q_rows"),
-            n("Transpose", [f"{p}q_rows"], f"{p}q_heads", perm=[1, 0, 2]),  # [heads, T, d]
-            n("Reshape", [f"{p}k", "heads_shape"], f"{p}k_rows"),
-            n("Transpose", [f"{p}k_rows"], f"{p}k_heads", perm=[1, 2, 0]),  # [heads, d, T]
-            n("Reshape", [f"{p}v", "heads_shape"], f"{p}v_rows"),
-            n("Transpose", [f"{p}v_rows"], f"{p}v_heads", perm=[1, 0, 2]),  # [heads, T, d]
-            n("MatMul", [f"{p}q_heads", f"{p}k_heads"], f"{p}scores"),  # [heads, T, T]
-            n("Softmax", [f"{p}scores"], f"{p}weights", axis=-1),
-            n("MatMul", [f"{p}weights", f"{p}v_heads"], f"{p}context_heads"),  # [heads, T, d]
-            n("Transpose", [f"{p}context_heads"], f"{p}context_rows", perm=[1, 0, 2]),  # [T, heads, d]
-            n("Reshape", [f"{p}context_rows", "rows_shape"], f"{p}context"),  # [T, hidden]
-        ]
-        return nodes, f"{p}context"
-
-    def rest(self, layer: int, ctx: str, x: str) -> tuple[list[Any], str]:
-        """Output projection, residual and layer norm; GELU MLP, residual and layer norm (post-LN BERT)."""
-        p = f"{layer}."
-        n = self.node
+    def layer_nodes(self, layer: int) -> None:
+        """Layer `layer`'s nodes. Its input is the previous layer's output (the whole encoder) or q.<layer>
+        (its Q, K and V product); the rest of it reads attention's context and its input (the whole
+        encoder) or c.<layer> and r.<layer>. A call gives rows to one of these: the others run on none."""
+        p, add = f"{layer}.", self.add
         eps = self.config.layer_norm_eps
-        nodes = [
-            n("Gemm", [ctx, f"{p}wo", f"{p}bo"], f"{p}projected", transB=1),
-            n("Add", [f"{p}projected", x], f"{p}attended"),
-            n("LayerNormalization", [f"{p}attended", f"{p}g1", f"{p}b1"], f"{p}normed", axis=-1, epsilon=eps),
-            n("Gemm", [f"{p}normed", f"{p}wu", f"{p}bu"], f"{p}up", transB=1),
-            # com.microsoft's Gelu is erf's, as gelu.py's is (ort_kernel._model).
-            n("Gelu", [f"{p}up"], f"{p}activated", domain="com.microsoft"),
-            n("Gemm", [f"{p}activated", f"{p}wd", f"{p}bd"], f"{p}down", transB=1),
-            n("Add", [f"{p}down", f"{p}normed"], f"{p}fed"),
-            n("LayerNormalization", [f"{p}fed", f"{p}g2", f"{p}b2"], f"{p}out", axis=-1, epsilon=eps),
-        ]
-        return nodes, f"{p}out"
-
-    def layer(self, layer: int) -> None:
-        """Layer `layer`: each part runs where the whole encoder or that part is asked for."""
-        p = f"{layer}."
-        n = self.node
-        for part, offset in (("qkv", 0), ("rest", 1)):
-            index = self.constant(f"{p}{part}_part", 2 * layer + offset)
-            self.nodes.append(n("Equal", ["part", index], f"{p}{part}_asked"))
-            self.nodes.append(n("Or", ["whole", f"{p}{part}_asked"], f"{p}{part}_runs"))
-        x = f"{p}x"
-        if layer == 0:
-            self.nodes.append(n("Identity", ["x"], x))
-        else:  # the previous layer's output on the whole encoder, else the rows given
-            previous = f"out.{layer - 1}"
-            self.either("whole", x, ([n("Identity", [previous], f"{p}previous")], f"{p}previous"), "x")
-        qkv_product = n("Gemm", [x, f"{p}wqkv", f"{p}bqkv"], f"{p}qkv_product", transB=1)
-        self.either(f"{p}qkv_runs", f"{p}qkv", ([qkv_product], f"{p}qkv_product"), "no_qkv_rows")
-        self.nodes.append(n("Identity", [f"{p}qkv"], f"qkv.{layer}"))
-        self.either("whole", f"{p}ctx", self.attention(layer), "ctx")
-        self.either(f"{p}rest_runs", f"out.{layer}", self.rest(layer, f"{p}ctx", x), "no_rows")
+        previous = "x" if layer == 0 else f"out.{layer - 1}"
+        x = add("Concat", [previous, f"q.{layer}"], f"{p}x", axis=0)
+        qkv = add("Gemm", [x, f"{p}wqkv", f"{p}bqkv"], f"{p}qkv", transB=1)
+        context = self.attention(layer, self.whole_rows_of(qkv))
+        ctx = add("Concat", [context, f"c.{layer}"], f"{p}ctx", axis=0)
+        residual = add("Concat", [self.whole_rows_of(x), f"r.{layer}"], f"{p}residual", axis=0)
+        projected = add("Gemm", [ctx, f"{p}wo", f"{p}bo"], f"{p}projected", transB=1)
+        attended = add("Add", [projected, residual], f"{p}attended")
+        normed = add("LayerNormalization", [attended, f"{p}g1", f"{p}b1"], f"{p}normed", axis=-1, epsilon=eps)
+        up = add("Gemm", [normed, f"{p}wu", f"{p}bu"], f"{p}up", transB=1)
+        # com.microsoft's Gelu is erf's, as gelu.py's is (ort_kernel._model).
+        activated = add("Gelu", [up], f"{p}activated", domain="com.microsoft")
+        down = add("Gemm", [activated, f"{p}wd", f"{p}bd"], f"{p}down", transB=1)
+        fed = add("Add", [down, normed], f"{p}fed")
+        add("LayerNormalization", [fed, f"{p}g2", f"{p}b2"], f"{p}out", axis=-1, epsilon=eps)
 
 
 def _encoder_model(config: BertConfig) -> bytes:
-    """The encoder's graph (module docstring): inputs x [rows, hidden], ctx [rows or 0, hidden] and part;
-    outputs qkv.<layer> and out.<layer>. Its matrices and vectors are external initializers."""
+    """The encoder's graph (module docstring): inputs x [T, hidden] and whole_rows [1] (T; 0 for a part),
+    q.<layer>, c.<layer> and r.<layer> [rows, hidden]; outputs qkv.<layer> and out.<layer>. Its matrices
+    and vectors are external initializers."""
     graph = _Graph(config)
     hidden, ffn = config.hidden, config.ffn
     external = ort_kernel.external_initializer
@@ -316,10 +319,17 @@ def _encoder_model(config: BertConfig) -> bytes:
     outputs = [
         value(f"{kind}.{layer}", float32, None) for layer in range(config.layers) for kind in ("qkv", "out")
     ]
+    rows = [
+        value(f"{kind}.{layer}", float32, [f"{kind}{layer}_rows", hidden])
+        for layer in range(config.layers)
+        for kind in "qrc"
+    ]
+    switches = [value(f"on.{layer}", graph.proto.BOOL, []) for layer in range(config.layers)]
     inputs = [
         value("x", float32, ["rows", hidden]),
-        value("ctx", float32, ["context_rows", hidden]),
-        value("part", graph.proto.INT64, []),
+        value("whole_rows", graph.proto.INT64, [1]),
+        *rows,
+        *switches,
     ]
     model_graph = helper.make_graph(graph.nodes, "encoder", inputs, outputs, graph.initializers + weights)
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
