@@ -6,11 +6,11 @@
   over a quarter of float32's bytes. Six MiniLM layers at 26 tokens, 1 thread: 4.7 ms against numpy's
   float32 13.3 ms; 2 threads 2.9 ms (issue #15, ort_probe). The price is llama.cpp's: activations rounded
   to 8 bits, a product ~0.6% off at worst.
-- PackedMatrix (resident-f32 where the libraries are installed): float32 in a Gemm, which packs the matrix
-  into its GEMM's layout once, when the session is made. numpy's BLAS packs the weights again on every
-  product, a copy of each matrix per call: MiniLM's 24 products at 21 rows take 5.2 ms so against 8.6
-  (issue #15's notes, ort_f32). The products are float32 throughout: the vectors are resident-f32's within
-  float rounding.
+- PackedMatrix (a decoder's resident-f32 where the libraries are installed; a BERT's is held whole by
+  ort_bert.FusedBert): float32 in a Gemm, which packs the matrix into its GEMM's layout once, when the
+  session is made. numpy's BLAS packs the weights again on every product, a copy of each matrix per call:
+  MiniLM's 24 products at 21 rows take 5.2 ms so against 8.6 (issue #15's notes, ort_f32). The products
+  are float32 throughout: the vectors are resident-f32's within float rounding.
 
 Only the `fast` extra installs onnxruntime and onnx; available() says whether they are installed without
 importing them (~36 MiB of RSS), importable() whether they load.
