@@ -400,32 +400,16 @@ def fused_layer(x: Rows, fused: FusedEncoder, layer: int, batch: TokenBatch, *, 
     return [fused.rest(layer, context, chunk) for context, chunk in zip(ctx, x, strict=True)]
 
 
-def encode_fused(
-    weights: BertWeights,
-    fused: FusedEncoder,
-    batch: TokenBatch,
-    cap: int = DEFAULT_CAP,
-    *,
-    unit_length: bool = True,
-    check_finite: bool = True,
-) -> F32:
-    """encode() with the layers held by a kernel: one text that fits whole_tokens in one call, any other
-    batch layer by layer (fused_layer)."""
-    config = weights.config
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        x = embeddings(weights, batch, cap)  # [padded, hidden] per chunk
-        (first, *others), tokens = batch.pieces[0], int(batch.starts[-1])
-        if batch.n_sequences == 1 and not others and tokens <= fused.whole_tokens:
-            x = [fused.whole(x[first[0]][first[1] : first[2]])]  # [tokens, hidden]: no padding rows
-        else:
-            for layer in range(config.layers):
-                x = fused_layer(
-                    x, fused, layer, batch, heads=config.heads, cap=cap
-                )  # [rows, hidden] per chunk
-        pooled = pool(x, batch, config.pooling)  # [n, hidden]
-        if check_finite:
-            require_finite(pooled)
-        return normalize(pooled) if unit_length else pooled
+def _fused_layers(x: Rows, fused: FusedEncoder, batch: TokenBatch, config: BertConfig, cap: int) -> Rows:
+    """The encoder's layers held by a kernel: one text that fits whole_tokens in one call, any other batch
+    layer by layer (fused_layer)."""
+    (first, *others), tokens = batch.pieces[0], int(batch.starts[-1])
+    if batch.n_sequences == 1 and not others and tokens <= fused.whole_tokens:
+        chunk, lo, hi = first
+        return [fused.whole(x[chunk][lo:hi])]  # [tokens, hidden]: no padding rows
+    for layer in range(config.layers):
+        x = fused_layer(x, fused, layer, batch, heads=config.heads, cap=cap)  # [rows, hidden] per chunk
+    return x
 
 
 def encode(
@@ -435,18 +419,24 @@ def encode(
     *,
     unit_length: bool = True,
     check_finite: bool = True,
+    fused: FusedEncoder | None = None,
 ) -> F32:
-    """Sentence vectors [n_sequences, hidden] for a batch of token sequences, unit length unless told not.
+    """Sentence vectors [n_sequences, hidden] for a batch of token sequences, unit length unless told not;
+    the layers held by `fused` where given (a kernel's session), else by numpy.
 
     NaN or infinite values, which only corrupt weights produce, end in GGUFError, never in a vector; a
     caller that checks them itself (the engine, across sub-batches) passes check_finite=False.
     """
+    config = weights.config
     # Corrupt weights overflow and divide by zero on the way; require_finite reports it once, in words.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         x = embeddings(weights, batch, cap)  # [padded, hidden] per chunk
-        for layer in range(weights.config.layers):
-            x = encoder_layer(x, weights, layer, batch, cap)  # [rows, hidden] per chunk
-        pooled = pool(x, batch, weights.config.pooling)  # [n, hidden]
+        if fused is not None:
+            x = _fused_layers(x, fused, batch, config, cap)  # [rows, hidden] per chunk
+        else:
+            for layer in range(config.layers):
+                x = encoder_layer(x, weights, layer, batch, cap)  # [rows, hidden] per chunk
+        pooled = pool(x, batch, config.pooling)  # [n, hidden]
         if check_finite:
             require_finite(pooled)
         return normalize(pooled) if unit_length else pooled

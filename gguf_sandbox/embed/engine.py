@@ -17,9 +17,9 @@ from typing import Any, Final
 import numpy as np
 
 from gguf_sandbox.budget import MemoryBudget, Reservation
-from gguf_sandbox.embed import ort_bert, ort_kernel
+from gguf_sandbox.embed import bert, ort_bert, ort_kernel
 from gguf_sandbox.embed.architectures import Family, TextEncoder, family_of, sequence_limits
-from gguf_sandbox.embed.bert import POOLING_NAMES, BertConfig, Pooling, encode_fused, require_finite
+from gguf_sandbox.embed.bert import POOLING_NAMES, BertConfig, Pooling, require_finite
 from gguf_sandbox.embed.layout import ModelConfig, ModelLayout
 from gguf_sandbox.embed.plan import (
     DEFAULT_PASS_TOKENS,
@@ -341,9 +341,9 @@ class Embedder:
         batch = TokenBatch.from_sequences(part.sequences, self._chunk_rows)
         fused = self._weights.fused
         with use_pool(pool):
-            if fused is not None:
-                vectors = encode_fused(
-                    self._weights, fused, batch, plan.cap, unit_length=normalize, check_finite=False
+            if fused is not None:  # a BERT held whole by onnxruntime (ort_bert)
+                vectors = bert.encode(
+                    self._weights, batch, plan.cap, unit_length=normalize, check_finite=False, fused=fused
                 )
             else:
                 vectors = self._family.encode(
