@@ -216,3 +216,33 @@ def test_nan_weights_in_the_encoder_are_one_error(minilm_gguf: Callable[[str], P
             with pytest.raises(GGUFError, match=r"NaN or infinite values for \d+ of the \d+ texts"):
                 fused.embed(texts)
             assert budget.in_use == held  # each pass's reservation given back
+
+
+_IDLE_SCRIPT = """
+import json, sys, time
+from gguf_sandbox.budget import MemoryBudget
+from gguf_sandbox.embed import engine
+engine.usable_cpus = lambda: 4  # as many threads as asked for, on any runner
+with engine.Embedder.open(sys.argv[1], budget=MemoryBudget(1 << 40), threads=4) as opened:
+    opened.embed(["a short text"])  # the whole encoder in one call
+    opened.embed(["a short text", "word " * 300])  # layer by layer
+    time.sleep(0.5)  # its workers spin a little after a call, then sleep
+    cpu = time.process_time()
+    time.sleep(0.5)
+    print(json.dumps({"fused": opened.plan_details["fused"], "idle_cpu_s": time.process_time() - cpu}))
+"""
+
+
+@needs_kernel
+def test_the_sessions_spinning_workers_sleep_when_idle(minilm_gguf: Callable[[str], Path]) -> None:
+    """The session's pool spins between the nodes of a call (one session per Embedder, so nothing else's
+    pool competes), but not while the Embedder is idle: three spinning workers would take ~1.5 s of CPU in
+    the half second."""
+    out = subprocess.run(
+        [sys.executable, "-c", _IDLE_SCRIPT, str(minilm_gguf("q8_0"))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    measured = json.loads(out.stdout)
+    assert measured["fused"] and measured["idle_cpu_s"] < 0.1, measured
