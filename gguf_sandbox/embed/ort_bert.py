@@ -32,6 +32,10 @@ from gguf_sandbox.errors import GGUFError, KernelRefused
 
 # Matrices of a layer as the graph holds them: Q, K and V as one [3 hidden, hidden], then the others.
 QKV: Final = ("attn_q", "attn_k", "attn_v")
+# onnxruntime 1.23's FusedMatMul (a MatMul with its operands' Transposes folded in) divides by zero on no
+# rows, which every part's call runs attention on: the process dies of SIGFPE, which nothing can catch
+# (issue #15's notes, fpe_level, fpe_ops). Unfused, MiniLM's texts take as long on 1.32 (no_fusedmatmul).
+UNFUSED: Final = ("MatmulTransposeFusion",)
 OTHER_MATRICES: Final = ("attn_output", "ffn_up", "ffn_down")
 
 
@@ -112,6 +116,7 @@ class FusedBert:
                 threads,
                 what=f"{name}: onnxruntime's float32 kernels cannot hold it",
                 spinning=True,
+                disabled=UNFUSED,
             )
         except GGUFError as error:
             raise KernelRefused(str(error)) from None
@@ -122,9 +127,16 @@ class FusedBert:
         self._on, off = np.array(True), np.array(False)
         self._nothing.update({f"on.{layer}": off for layer in range(config.layers)})
         self._all_on = {f"on.{layer}": self._on for layer in range(config.layers)}
-        # Random rows: through every layer, so every matrix takes part.
+        # Random rows: through every layer, so every matrix takes part; and a part's calls, whose layers run
+        # on no rows but one, so a failure there is a refusal now rather than an error in every pass.
         probe = np.random.default_rng(0).standard_normal((2, hidden)).astype(np.float32)  # [2, hidden]
-        ort_kernel.drop_pages(name, self._pages, lambda: self.whole(probe))
+        last = config.layers - 1
+
+        def products() -> F32:
+            parts = (self.whole(probe), self.qkv(last, probe), self.rest(last, probe, probe))
+            return np.concatenate([part.reshape(-1) for part in parts])
+
+        ort_kernel.drop_pages(name, self._pages, products)
 
     def whole(self, x: F32) -> F32:
         """The last layer's output [T, hidden] for one text's embedded rows x [T, hidden] (no padding rows:

@@ -274,10 +274,11 @@ def open_session(
     what: str,
     most: int | None = None,
     spinning: bool = False,
+    disabled: Iterable[str] = (),
 ) -> tuple[Any, list[Any]]:
     """A CPU session of `model` whose external initializers are `arrays` (session_options() for the rest),
-    and the values backing them, which must live as long as the session. GGUFError "`what`: <why>" where
-    onnxruntime refuses it."""
+    and the values backing them, which must live as long as the session; `disabled`: onnxruntime's graph
+    optimizers it must not apply, by name. GGUFError "`what`: <why>" where onnxruntime refuses it."""
     ort = library("onnxruntime")
     values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
     # Under the process pool's lock: a pool another thread's open shared between these options and the
@@ -288,7 +289,11 @@ def open_session(
         try:
             # No fallback: onnxruntime would print a banner to stdout and retry the same provider.
             session = ort.InferenceSession(
-                model, options, providers=["CPUExecutionProvider"], enable_fallback=0
+                model,
+                options,
+                providers=["CPUExecutionProvider"],
+                enable_fallback=0,
+                disabled_optimizers=list(disabled),
             )
         except Exception as error:  # onnxruntime's own exception types
             raise GGUFError(f"{what}: {failure_words(error)}") from None

@@ -246,3 +246,36 @@ def test_the_sessions_spinning_workers_sleep_when_idle(minilm_gguf: Callable[[st
     )
     measured = json.loads(out.stdout)
     assert measured["fused"] and measured["idle_cpu_s"] < 0.1, measured
+
+
+@needs_kernel
+def test_the_session_has_no_fused_matmul_which_onnxruntime_1_23_divides_by_zero_in(
+    minilm_gguf: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A part's call runs attention on no rows; onnxruntime 1.23's FusedMatMul (MatMul with its operands'
+    Transposes folded in) kills the process there with SIGFPE, which no fallback can catch. The graph as
+    onnxruntime optimizes it (written out) has no FusedMatMul, whatever version runs it."""
+    onnx = pytest.importorskip("onnx")
+    written = tmp_path / "optimized.onnx"
+    made = ort_kernel.session_options
+
+    def writing(threads: int, **options: object) -> object:
+        made_options = made(threads, **options)  # type: ignore[arg-type]
+        made_options.optimized_model_filepath = str(written)
+        return made_options
+
+    monkeypatch.setattr(ort_kernel, "session_options", writing)
+    with Embedder.open(minilm_gguf("q8_0"), budget=MemoryBudget(UNLIMITED)) as fused:
+        assert fused.plan_details["fused"]
+    graph = onnx.load(str(written), load_external_data=False).graph
+    ops: set[str] = set()
+
+    def walk(nodes: object) -> None:
+        for node in nodes:  # type: ignore[attr-defined]
+            ops.add(node.op_type)
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    walk(attribute.g.node)
+
+    walk(graph.node)
+    assert {"Gemm", "Softmax", "If"} <= ops and "FusedMatMul" not in ops, ops
