@@ -299,11 +299,12 @@ def choose_plan(
     for name, packed, tables in _variants(sizes, wanted, packable=packable):
         runs = streaming if streaming is not None and name is PlanName.STREAMING else config
         resident = sizes.resident(name, tables, threads, packed=packed)
-        fused = packed and fused_bytes is not None
+        # A packed BERT that fits one session is held whole (ort_bert): its activations in every pass.
+        kernel_pass = fused_bytes if packed and fused_bytes is not None else 0
+        fused = kernel_pass > 0
         load = PACKED_LOAD_COPIES * sizes.largest_f32 if packed else 0
         if fused:
             load = FUSED_LOAD_COPIES * sizes.paneled_f32
-        kernel_pass = fused_bytes if fused and fused_bytes is not None else 0
         room = available - resident - TRANSIENT_CAPS * cap - kernel_pass
         uncached, cached = drop_cache, 0
         if name is PlanName.STREAMING:

@@ -19,7 +19,7 @@ from gguf.constants import GGMLQuantizationType
 from gguf.quants import quantize
 
 from gguf_sandbox.budget import MemoryBudget
-from gguf_sandbox.embed import engine, ort_kernel, plan
+from gguf_sandbox.embed import engine, ort_bert, ort_kernel, plan
 from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.embed.gelu import gelu
 from gguf_sandbox.embed.ort_bert import FusedBert
@@ -631,16 +631,27 @@ def test_a_huge_finite_weight_gives_the_float_plans_answer(tmp_path: Path) -> No
     assert (vectors["resident-int8"] * vectors["resident-f32"]).sum(axis=1).min() >= INT8_COSINE
 
 
+# SMALL_Q8 with an FFN wide enough for its Q, K and V side by side: resident-f32 holds it whole in one
+# session (ort_bert.FusedBert), where SMALL_Q8's is held a session per matrix.
+SMALL_WHOLE_Q8 = dataclasses.replace(SMALL_Q8, ffn=256)
+
+
 @needs_kernel
-@pytest.mark.parametrize("plan_name", ["resident-int8", "resident-f32"])
+@pytest.mark.parametrize(
+    ("plan_name", "spec"),
+    [("resident-int8", SMALL_Q8), ("resident-f32", SMALL_Q8), ("resident-f32", SMALL_WHOLE_Q8)],
+    ids=["int8", "f32 by matrix", "f32 whole"],
+)
 def test_a_file_that_shrinks_while_the_kernel_loads_is_one_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plan_name: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plan_name: str, spec: SyntheticBert
 ) -> None:
     """Truncated between the header's parse and the weights' reads: one GGUFError, nothing reserved (for
     packed resident-f32 too: a file's fault is not the kernel's, so it is not taken for a refusal)."""
     from gguf_sandbox.embed.weights import load_weights
 
-    model = write_synthetic_bert(tmp_path / "small.gguf", SMALL_Q8)
+    model = write_synthetic_bert(tmp_path / "small.gguf", spec)
+    whole = ort_bert.fusable(read_config_of(model), DEFAULT_CAP)
+    assert whole == (spec is SMALL_WHOLE_Q8)
 
     def shrinking(*args: Any, **kwargs: Any) -> Any:
         os.truncate(model, model.stat().st_size * 9 // 10)
@@ -654,6 +665,12 @@ def test_a_file_that_shrinks_while_the_kernel_loads_is_one_error(
 
 
 SMALL_F32 = dataclasses.replace(SMALL_Q8, tensor_type=GGMLQuantizationType.F32)
+SMALL_WHOLE_F32 = dataclasses.replace(SMALL_WHOLE_Q8, tensor_type=GGMLQuantizationType.F32)
+
+
+def read_config_of(model: Path) -> Any:
+    with GGUFFile.open(model) as gguf:
+        return read_config(gguf)
 
 
 @needs_kernel
@@ -668,24 +685,36 @@ SMALL_F32 = dataclasses.replace(SMALL_Q8, tensor_type=GGMLQuantizationType.F32)
     ],
     ids=str,
 )
-def test_a_hostile_weight_gets_numpys_answer_when_packed(tmp_path: Path, tensor: str, value: float) -> None:
-    """A huge, infinite or NaN float32 weight: packed resident-f32 gives what numpy's does, the same
-    vectors or the same error in words, and no warning."""
-    model = _with_vector(write_synthetic_bert(tmp_path / "small.gguf", SMALL_F32), tmp_path, tensor, value)
-    outcomes: dict[bool, np.ndarray | str] = {}
+@pytest.mark.parametrize("spec", [SMALL_F32, SMALL_WHOLE_F32], ids=["by matrix", "whole"])
+def test_a_hostile_weight_gets_numpys_answer_when_packed(
+    tmp_path: Path, tensor: str, value: float, spec: SyntheticBert
+) -> None:
+    """A huge, infinite or NaN float32 weight: packed resident-f32, a session per matrix or the whole
+    encoder in one, gives what numpy's does, the same vectors or the same error in words, and no warning;
+    on a single text (the whole encoder's one call) and on a batch (layer by layer)."""
+    model = _with_vector(write_synthetic_bert(tmp_path / "small.gguf", spec), tmp_path, tensor, value)
+    outcomes: dict[bool, list[np.ndarray | str]] = {}
     for variant in (Variant(plan.PlanName.RESIDENT_F32), Variant(plan.PlanName.RESIDENT_F32, numpy=True)):
-        try:
-            with variant.open(model, budget=MemoryBudget(UNLIMITED)) as opened:
-                assert opened.plan_details["packed"] is not variant.numpy
-                outcomes[variant.numpy] = opened.embed(["a b c", "b c a b", "c"])
-        except GGUFError as error:
-            outcomes[variant.numpy] = str(error)
-    packed, numpy_held = outcomes[False], outcomes[True]
-    if isinstance(numpy_held, str):
-        assert packed == numpy_held
-    else:
-        assert not isinstance(packed, str), packed
-        assert np.abs(packed - numpy_held).max() <= 1e-5
+        with variant.open(model, budget=MemoryBudget(UNLIMITED)) as opened:
+            assert opened.plan_details["packed"] is not variant.numpy
+            assert opened.plan_details["fused"] == (spec is SMALL_WHOLE_F32 and not variant.numpy)
+            outcomes[variant.numpy] = [
+                _embedded(opened, texts) for texts in (["a b c"], ["a b c", "b c a b", "c"])
+            ]
+    for packed, numpy_held in zip(outcomes[False], outcomes[True], strict=True):
+        if isinstance(numpy_held, str):
+            assert packed == numpy_held
+        else:
+            assert not isinstance(packed, str), packed
+            assert np.abs(packed - numpy_held).max() <= 1e-5
+
+
+def _embedded(opened: Embedder, texts: list[str]) -> np.ndarray | str:
+    """The vectors of `texts`, or the error in words."""
+    try:
+        return opened.embed(texts)
+    except GGUFError as error:
+        return str(error)
 
 
 # -- resident-f32 held packed: float32 rows in a Gemm, packed when the session is made -----------------------
