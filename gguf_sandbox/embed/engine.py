@@ -411,8 +411,9 @@ class Embedder:
 @dataclass(frozen=True)
 class _Wanted:
     """What open() asks of a plan: a plan by name (or auto), the pass's tokens, whether read pages are
-    dropped, the threads a pass runs on, and whether resident-f32 may be held packed; and the bytes of
-    onnxruntime's libraries imported for a packed plan given up, which stay in the process."""
+    dropped, the threads a pass runs on, whether resident-f32 may be held packed, and a packed BERT whole
+    in one session; and the bytes of onnxruntime's libraries imported for a packed plan given up, which
+    stay in the process."""
 
     requested: str | PlanName
     pass_tokens: int
@@ -420,6 +421,7 @@ class _Wanted:
     threads: int
     packable: bool
     imported: int = 0
+    whole: bool = True
 
 
 def _plan_for(
@@ -443,7 +445,7 @@ def _plan_for(
                 streaming=streaming,
                 threads=wanted.threads,
                 packable=wanted.packable,
-                fused_bytes=_fused_bytes(config, budget.cap),
+                fused_bytes=_fused_bytes(config, budget.cap) if wanted.whole else None,
             )
         except BudgetExceeded as error:
             refusal = error
@@ -478,7 +480,9 @@ def _load(
     `fast` extra installed, no address-space limit) and that fits; where the libraries then do not load,
     the process's kernel pool cannot serve the threads, or the kernel cannot hold the matrices (no
     threads, pages or memory for it, rows it would read again), it holds them for numpy instead: the same
-    vectors, more slowly, and the libraries it imported reserved beside them.
+    vectors, more slowly, and the libraries it imported reserved beside them. A BERT held whole in one
+    session (ort_bert) that the kernel refuses (its layer norm not numpy's, among the above) is tried a
+    session per matrix before that.
     """
     planned, chosen = _plan_for(layout, family, sizes, budget, wanted)
     threads = wanted.threads
@@ -521,6 +525,9 @@ def _load(
         raise
     if weights is None:
         gc.collect()  # their sessions' threads and memory
+        if chosen.fused:  # a session per matrix may hold what one for the whole encoder could not
+            by_matrix = dataclasses.replace(wanted, whole=False)
+            return _load(gguf, layout, family, sizes, budget, wanted=by_matrix, own_process=own_process)
         return unpacked()
     resident.mark_allocated()
     return planned, weights, resident

@@ -88,6 +88,12 @@ class FusedBert:
         self.config = config
         self.whole_tokens = whole_tokens(config, cap)
         hidden, ffn = config.hidden, config.ffn
+        if not numpys_layer_norm(threads):
+            raise KernelRefused(
+                f"onnxruntime {ort_kernel.library('onnxruntime').__version__}'s LayerNormalization gives NaN "
+                f"where a row's float32 squares overflow, where numpy's layer norm gives a finite row: the "
+                f"encoder is not held whole"
+            )
         shapes = {
             "wqkv": (3 * hidden, hidden),
             "wo": (hidden, hidden),
@@ -165,6 +171,50 @@ class FusedBert:
                 f"the encoder's float32 kernels failed on {rows} rows: {ort_kernel.failure_words(error)}"
             ) from None
         return result
+
+
+class _LayerNormCheck:
+    """Whether this process's onnxruntime normalizes as numpy does where float32 squares overflow, once
+    known (numpys_layer_norm)."""
+
+    answer: bool | None = None
+
+
+def numpys_layer_norm(threads: int) -> bool:
+    """Whether onnxruntime's LayerNormalization gives numpy's answer (bert.layer_norm) for a row whose
+    float32 squares overflow: numpy's variance is then infinite and the row becomes its shift, finite.
+    onnxruntime 1.23.2 gives NaN there and 1.32 numpy's row, so a weight of 1e30 in an output projection
+    made the whole encoder refuse vectors numpy's pass gives (issue #15's notes, ln_probe)."""
+    if _LayerNormCheck.answer is None:
+        helper = ort_kernel.library("onnx.helper")
+        numpy_helper = ort_kernel.library("onnx.numpy_helper")
+        float32 = ort_kernel.library("onnx").TensorProto.FLOAT
+        width = 8
+        norm = helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12)
+        constants = [
+            numpy_helper.from_array(np.ones(width, dtype=np.float32), "gamma"),
+            numpy_helper.from_array(np.zeros(width, dtype=np.float32), "beta"),
+        ]
+        graph = helper.make_graph(
+            [norm],
+            "layer_norm",
+            [helper.make_tensor_value_info("x", float32, [1, width])],
+            [helper.make_tensor_value_info("y", float32, [1, width])],
+            constants,
+        )
+        opsets = [helper.make_opsetid("", 21)]
+        model = helper.make_model(graph, opset_imports=opsets, ir_version=ort_kernel.IR_VERSION)
+        what = "onnxruntime's layer norm cannot be checked"
+        row = np.array([[1e30, -2e30, 3, 0, 1, 2, 3, 4]], dtype=np.float32)  # squares overflow float32
+        try:
+            session, _ = ort_kernel.open_session(bytes(model.SerializeToString()), {}, threads, what=what)
+            normalized = session.run(["y"], {"x": row})[0]
+        except GGUFError as error:  # the session could not be made
+            raise KernelRefused(str(error)) from None
+        except Exception as error:  # onnxruntime's own exception types, from the run
+            raise KernelRefused(f"{what}: {ort_kernel.failure_words(error)}") from None
+        _LayerNormCheck.answer = bool(np.isfinite(normalized).all())
+    return _LayerNormCheck.answer
 
 
 def _fill(weight: F32, names: list[str], matrix_blocks: Callable[[str], Iterable[tuple[int, F32]]]) -> None:

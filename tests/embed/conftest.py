@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gguf_sandbox.embed import ort_kernel
+from gguf_sandbox.embed import ort_bert, ort_kernel
 from gguf_sandbox.embed.engine import Embedder
 from gguf_sandbox.embed.plan import PLAN_ORDER, PlanName
 from gguf_sandbox.embed.threads import ComputePool, Task
@@ -42,6 +42,12 @@ def kernels_hidden() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ort_kernel, "available", lambda: False)
         yield
+
+
+def holds_whole() -> bool:
+    """Whether packed resident-f32 holds a BERT whole in one session here: the kernel is installed and its
+    layer norm is numpy's where squares overflow (ort_bert.numpys_layer_norm: not on onnxruntime 1.23)."""
+    return ort_kernel.available() and ort_bert.numpys_layer_norm(1)
 
 
 @dataclass(frozen=True)

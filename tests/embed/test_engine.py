@@ -29,7 +29,7 @@ from gguf_sandbox.embed.rows import aligned
 from gguf_sandbox.embed.threads import usable_cpus, weighted_spans
 from gguf_sandbox.errors import BudgetExceeded, GGUFError
 from gguf_sandbox.gguf.synth import SyntheticBert, vocabulary, write_synthetic_bert
-from tests.embed.conftest import EVERY_PLAN, Variant, traced_peak
+from tests.embed.conftest import EVERY_PLAN, Variant, holds_whole, traced_peak
 from tests.models import cached_synthetic
 
 CAP = 1 << 20
@@ -411,7 +411,7 @@ def test_a_held_batch_runs_as_one_sub_batch_per_thread(
                 expected = sum(pass_bytes(opened.config, sum(rows[lo:hi])) for lo, hi in halves)
             else:
                 expected = held.pass_bytes(opened.config, sum(rows))
-            assert held.fused == (plan == Variant(PlanName.RESIDENT_F32) and ort_kernel.available())
+            assert held.fused == (plan == Variant(PlanName.RESIDENT_F32) and holds_whole())
             assert _pass_reservations(opened, budget, texts) == [expected], plan
 
 

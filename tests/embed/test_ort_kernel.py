@@ -32,7 +32,7 @@ from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile
 from gguf_sandbox.gguf.synth import SyntheticBert, write_synthetic_bert
 from gguf_sandbox.gguf.synth_decoder import QWEN2_TINY, QWEN3_TINY, SyntheticDecoder
-from tests.embed.conftest import Variant, kernels_hidden
+from tests.embed.conftest import Variant, holds_whole, kernels_hidden
 from tests.models import cached_decoder
 
 UNLIMITED = 1 << 40
@@ -697,7 +697,8 @@ def test_a_hostile_weight_gets_numpys_answer_when_packed(
     for variant in (Variant(plan.PlanName.RESIDENT_F32), Variant(plan.PlanName.RESIDENT_F32, numpy=True)):
         with variant.open(model, budget=MemoryBudget(UNLIMITED)) as opened:
             assert opened.plan_details["packed"] is not variant.numpy
-            assert opened.plan_details["fused"] == (spec is SMALL_WHOLE_F32 and not variant.numpy)
+            whole = spec is SMALL_WHOLE_F32 and not variant.numpy and holds_whole()
+            assert opened.plan_details["fused"] == whole
             outcomes[variant.numpy] = [
                 _embedded(opened, texts) for texts in (["a b c"], ["a b c", "b c a b", "c"])
             ]
@@ -834,6 +835,8 @@ def holder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     session per matrix (PackedMatrix, as for decoders)."""
     if request.param == "by matrix":
         monkeypatch.setattr(engine, "_fused_bytes", lambda config, cap: None)
+    elif not holds_whole():
+        pytest.skip("this onnxruntime's layer norm is not numpy's: the encoder is not held whole")
     return str(request.param)
 
 
