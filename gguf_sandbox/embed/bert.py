@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final, Protocol, TypeAlias
@@ -380,7 +381,7 @@ class FusedEncoder(Protocol):
     @property
     def whole_tokens(self) -> int: ...
 
-    def whole(self, x: F32) -> F32: ...
+    def whole(self, x: F32, lengths: Sequence[int] = ()) -> F32: ...
 
     def qkv(self, layer: int, x: F32) -> F32: ...
 
@@ -401,12 +402,22 @@ def fused_layer(x: Rows, fused: FusedEncoder, layer: int, batch: TokenBatch, *, 
 
 
 def _fused_layers(x: Rows, fused: FusedEncoder, batch: TokenBatch, config: BertConfig, cap: int) -> Rows:
-    """The encoder's layers held by a kernel: one text that fits whole_tokens in one call, any other batch
-    layer by layer (fused_layer)."""
-    (first, *others), tokens = batch.pieces[0], int(batch.starts[-1])
-    if batch.n_sequences == 1 and not others and tokens <= fused.whole_tokens:
-        chunk, lo, hi = first
-        return [fused.whole(x[chunk][lo:hi])]  # [tokens, hidden]: no padding rows
+    """The encoder's layers held by a kernel: a batch that fits whole_tokens rows in one call, any other
+    layer by layer (fused_layer).
+
+    A few short texts gain from one call (2 bench texts 170 texts/s against 151 layer by layer, 1 thread),
+    but a whole call's attention scores every row against every other: past one call's rows that costs more
+    than it saves (32 texts in runs of up to 147 rows: 178 against 191; issue #15's notes, group_ab).
+    """
+    if len(batch.chunks) == 1 and batch.n_tokens <= fused.whole_tokens:
+        rows = x[0][: batch.n_tokens]  # [T, hidden]: no padding rows
+        lengths = np.diff(batch.starts).tolist()
+        out = fused.whole(rows, lengths)  # [T, hidden]
+        if len(lengths) > 1 and not np.isfinite(out).all():
+            # A NaN or infinite score may have spread across texts: each alone, as numpy's pass has them.
+            bounds = batch.starts.tolist()
+            out = np.concatenate([fused.whole(rows[lo:hi]) for lo, hi in itertools.pairwise(bounds)])
+        return [out]
     for layer in range(config.layers):
         x = fused_layer(x, fused, layer, batch, heads=config.heads, cap=cap)  # [rows, hidden] per chunk
     return x

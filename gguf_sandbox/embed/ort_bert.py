@@ -5,8 +5,9 @@ MiniLM text, each waking a sleeping worker, with attention, layer norms and resi
 them. This session holds all of a BERT's layers. A text short enough that none of its activations passes
 the cap runs through the whole encoder in one call (whole()): one ~22-token MiniLM text in 6.2 ms on 1
 thread and 3.6 on 2, against 8.3-8.6 and 7.0-7.3 packed matrix by matrix (issue #15's notes, fused_p50).
-Longer texts and batches run a layer in two calls per activation chunk (qkv(), then rest()), numpy's
-attention between them keeping its scores within the cap.
+So does a batch of texts as short together, attention masked between them. Longer texts and larger
+batches run a layer in two calls per activation chunk (qkv(), then rest()), numpy's attention between
+them keeping its scores within the cap.
 
 onnxruntime packs a weight once per node that uses it (twice for one in both branches of an If, if_share)
 and runs every node of a graph whatever outputs are asked for (issue #15's notes, one_session). So each
@@ -20,7 +21,7 @@ encoder ~0.5 ms of a 6.1 ms text (whole_if); with no If, a part's call ran the o
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -40,7 +41,7 @@ OTHER_MATRICES: Final = ("attn_output", "ffn_up", "ffn_down")
 
 
 def whole_tokens(config: BertConfig, cap: int) -> int:
-    """The longest text whole() runs: all heads' attention scores [heads, T, T], and every activation
+    """The most rows whole() runs: all heads' attention scores [heads, T, T], and every activation
     ([T, 3 hidden] Q, K and V, [T, ffn]), each within the cap."""
     by_scores = math.isqrt(cap // (FLOAT_BYTES * config.heads))
     by_rows = cap // (FLOAT_BYTES * max(3 * config.hidden, config.ffn))
@@ -60,15 +61,16 @@ def pass_transient(config: BertConfig, cap: int) -> int:
     tokens = whole_tokens(config, cap)
     hidden, ffn = config.hidden, config.ffn
     # qkv, q/k/v, scaled q, three [heads, T, d] views copied by Transpose, context (3), output, residual,
-    # normed, up, GELU, down, residual, out: 20 hidden-wide rows and 2 FFN-wide; scores and probabilities.
-    whole = FLOAT_BYTES * (tokens * (20 * hidden + 2 * ffn) + 2 * config.heads * tokens * tokens)
+    # normed, up, GELU, down, residual, out: 20 hidden-wide rows and 2 FFN-wide; scores, masked scores and
+    # probabilities, and the mask.
+    whole = FLOAT_BYTES * (tokens * (20 * hidden + 2 * ffn) + (3 * config.heads + 1) * tokens * tokens)
     rest = FLOAT_BYTES * rows_per_chunk(config, cap) * (6 * hidden + 2 * ffn)
     return max(whole, rest)
 
 
 class FusedBert:
-    """A BERT encoder's layers in one session (module docstring): whole() for a text up to `whole_tokens`,
-    qkv() and rest() per layer and activation chunk for anything else.
+    """A BERT encoder's layers in one session (module docstring): whole() for texts of up to `whole_tokens`
+    rows together, qkv() and rest() per layer and activation chunk for anything else.
 
     The float32 matrices are filled into private anonymous pages, handed over, and dropped once the session
     has packed its copy (ort_kernel.drop_pages, which refuses a session that reads them again); the bias and
@@ -128,7 +130,11 @@ class FusedBert:
             raise KernelRefused(str(error)) from None
         del weight, flat, arrays  # the pages' only views besides the session's
         empty = np.zeros((0, hidden), dtype=np.float32)  # [0, hidden]
-        self._nothing: dict[str, np.ndarray] = {"x": empty, "whole_rows": np.zeros(1, dtype=np.int64)}
+        self._nothing: dict[str, np.ndarray] = {
+            "x": empty,
+            "whole_rows": np.zeros(1, dtype=np.int64),
+            "mask": np.zeros((0, 0), dtype=np.float32),
+        }
         self._nothing.update({f"{kind}.{layer}": empty for layer in range(config.layers) for kind in "qrc"})
         self._on, off = np.array(True), np.array(False)
         self._nothing.update({f"on.{layer}": off for layer in range(config.layers)})
@@ -144,12 +150,19 @@ class FusedBert:
 
         ort_kernel.drop_pages(name, self._pages, products)
 
-    def whole(self, x: F32) -> F32:
-        """The last layer's output [T, hidden] for one text's embedded rows x [T, hidden] (no padding rows:
-        attention reads them all), T at most whole_tokens."""
-        return self._run(
-            f"out.{self.config.layers - 1}", {"x": x, "whole_rows": np.array([len(x)]), **self._all_on}
-        )
+    def whole(self, x: F32, lengths: Sequence[int] = ()) -> F32:
+        """The last layer's output [T, hidden] for the embedded rows x [T, hidden] of texts laid end to end,
+        `lengths` rows each (one text where not given), T at most whole_tokens. Each text's attention reads
+        its own rows only: the others' scores are masked to -inf, so they weigh exactly nothing while every
+        score is finite (a NaN or infinite one, from corrupt weights, may spread to the other texts)."""
+        rows = len(x)
+        if len(lengths) > 1:
+            text = np.repeat(np.arange(len(lengths)), lengths)  # [T]: the text each row belongs to
+            mask = np.where(text[:, None] == text[None, :], np.float32(0), np.float32(-np.inf))  # [T, T]
+        else:
+            mask = np.zeros((rows, rows), dtype=np.float32)  # [T, T]
+        given = {"x": x, "whole_rows": np.array([rows]), "mask": mask, **self._all_on}
+        return self._run(f"out.{self.config.layers - 1}", given)
 
     def qkv(self, layer: int, x: F32) -> F32:
         """Layer `layer`'s Q, K and V side by side [n, 3 hidden] for activation rows x [n, hidden]."""
@@ -292,7 +305,8 @@ class _Graph:
         v_rows = add("Reshape", [f"{p}v", "heads_shape"], f"{p}v_rows")
         v_heads = add("Transpose", [v_rows], f"{p}v_heads", perm=[1, 0, 2])  # [heads, T, d]
         scores = add("MatMul", [q_heads, k_heads], f"{p}scores")  # [heads, T, T]
-        weights = add("Softmax", [scores], f"{p}weights", axis=-1)
+        masked = add("Add", [scores, "mask"], f"{p}masked")  # [heads, T, T]: no text reads another's rows
+        weights = add("Softmax", [masked], f"{p}weights", axis=-1)
         context = add("MatMul", [weights, v_heads], f"{p}context_heads")  # [heads, T, d]
         rows = add("Transpose", [context], f"{p}context_rows", perm=[1, 0, 2])  # [T, heads, d]
         return add("Reshape", [rows, "rows_shape"], f"{p}context")  # [T, hidden]
@@ -350,7 +364,8 @@ class _Graph:
 
 
 def _encoder_model(config: BertConfig) -> bytes:
-    """The encoder's graph (module docstring): inputs x [T, hidden] and whole_rows [1] (T; 0 for a part),
+    """The encoder's graph (module docstring): inputs x [T, hidden], whole_rows [1] (T; 0 for a part) and
+    mask [T, T] (added to every head's attention scores),
     q.<layer>, c.<layer> and r.<layer> [rows, hidden]; outputs qkv.<layer> and out.<layer>. Its matrices
     and vectors are external initializers."""
     graph = _Graph(config)
@@ -390,6 +405,7 @@ def _encoder_model(config: BertConfig) -> bytes:
     inputs = [
         value("x", float32, ["rows", hidden]),
         value("whole_rows", graph.proto.INT64, [1]),
+        value("mask", float32, ["rows", "rows"]),
         *rows,
         *switches,
     ]

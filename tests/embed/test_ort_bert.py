@@ -67,9 +67,10 @@ def test_a_bert_whose_q_k_v_outgrow_a_chunk_is_not_held_whole() -> None:
 
 
 def test_a_pass_reserves_the_sessions_activations_beside_numpys() -> None:
-    """Every activation of a layer at once, for a whole text at its longest or a full chunk's rest()."""
+    """Every activation of a layer at once, for whole texts at their longest or a full chunk's rest(): the
+    attention scores three times (as computed, masked, and as probabilities) and the mask."""
     tokens = ort_bert.whole_tokens(MINILM, DEFAULT_CAP)
-    whole = FLOAT_BYTES * (tokens * (20 * 384 + 2 * 1536) + 2 * 12 * tokens * tokens)
+    whole = FLOAT_BYTES * (tokens * (20 * 384 + 2 * 1536) + (3 * 12 + 1) * tokens * tokens)
     rest = FLOAT_BYTES * rows_per_chunk(MINILM, DEFAULT_CAP) * (6 * 384 + 2 * 1536)
     assert ort_bert.pass_transient(MINILM, DEFAULT_CAP) == max(whole, rest) == whole
 
@@ -109,21 +110,24 @@ def test_whole_texts_long_texts_and_batches_get_numpys_vectors(
         past_limit = at_limit + " a"
         texts += [at_limit, past_limit]
         expected = numpy_held.embed(texts)
-    assert lengths[2] <= longest < lengths[3]  # both ways are taken
+    assert sum(lengths[:3]) <= longest < lengths[3]  # both ways are taken
     with Embedder.open(minilm_gguf("q8_0"), budget=MemoryBudget(UNLIMITED), threads=threads) as fused:
         assert fused.plan_details["fused"]
         assert [len(fused.tokenize(text)) for text in (at_limit, past_limit)] == [longest, longest + 1]
         one_by_one = np.concatenate([fused.embed([text]) for text in texts])
-        together = fused.embed(texts)
+        together = fused.embed(texts)  # layer by layer: one is past whole_tokens
+        short_together = fused.embed(texts[:3])  # one whole call, each text reading only its own rows
     assert np.abs(one_by_one - expected).max() <= 1e-6
     assert np.abs(together - expected).max() <= 1e-6
+    assert np.abs(short_together - expected[:3]).max() <= 1e-6
 
 
 @needs_whole
 def test_a_whole_call_goes_through_the_session_once(
     minilm_gguf: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One short text is one call of the session; a batch two per layer and chunk."""
+    """One short text is one call of the session, and so is a batch of up to whole_tokens rows; a larger
+    batch, or one with a longer text, takes two calls per layer and chunk."""
     with Embedder.open(minilm_gguf("q8_0"), budget=MemoryBudget(UNLIMITED)) as fused:
         held = fused._weights.fused
         assert held is not None
@@ -139,6 +143,17 @@ def test_a_whole_call_goes_through_the_session_once(
         assert calls == ["out.5"]
         calls.clear()
         fused.embed(["a short text", "another one"])
+        assert calls == ["out.5"]
+        calls.clear()
+        texts = [" ".join(["word"] * 10)] * 13
+        assert {len(fused.tokenize(text)) for text in texts} == {12}
+        fused.embed(texts[:12])  # 144 rows: one call
+        assert calls == ["out.5"]
+        calls.clear()
+        fused.embed(texts)  # 156 rows: past whole_tokens (147), layer by layer
+        assert calls == [f"{kind}.{layer}" for layer in range(6) for kind in ("qkv", "out")]
+        calls.clear()
+        fused.embed(["a short text", "word " * 150])  # 5 and 152 tokens: one chunk
         assert calls == [f"{kind}.{layer}" for layer in range(6) for kind in ("qkv", "out")]
 
 

@@ -665,6 +665,10 @@ def test_a_file_that_shrinks_while_the_kernel_loads_is_one_error(
 
 
 SMALL_F32 = dataclasses.replace(SMALL_Q8, tensor_type=GGMLQuantizationType.F32)
+# A cap under which the small BERT's whole_tokens (64) is shorter than LONG_SMALL_TEXT (82 tokens with [CLS]
+# and [SEP]) and its context (128).
+SMALL_CAP = 64 << 10
+LONG_SMALL_TEXT = "a b " * 40
 SMALL_WHOLE_F32 = dataclasses.replace(SMALL_WHOLE_Q8, tensor_type=GGMLQuantizationType.F32)
 
 
@@ -686,28 +690,63 @@ def read_config_of(model: Path) -> Any:
     ids=str,
 )
 @pytest.mark.parametrize("spec", [SMALL_F32, SMALL_WHOLE_F32], ids=["by matrix", "whole"])
+@pytest.mark.parametrize("cap", [DEFAULT_CAP, SMALL_CAP], ids=["cap 1 MiB", "cap 64 KiB"])
 def test_a_hostile_weight_gets_numpys_answer_when_packed(
-    tmp_path: Path, tensor: str, value: float, spec: SyntheticBert
+    tmp_path: Path, tensor: str, value: float, spec: SyntheticBert, cap: int
 ) -> None:
     """A huge, infinite or NaN float32 weight: packed resident-f32, a session per matrix or the whole
     encoder in one, gives what numpy's does, the same vectors or the same error in words, and no warning;
-    on a single text (the whole encoder's one call) and on a batch (layer by layer)."""
+    on a single text and on batches: of short texts (one whole encoder's call for them all) and, under the
+    smaller cap, with a text past whole_tokens (layer by layer)."""
     model = _with_vector(write_synthetic_bert(tmp_path / "small.gguf", spec), tmp_path, tensor, value)
+    assert ort_bert.whole_tokens(read_config_of(model), SMALL_CAP) < len(LONG_SMALL_TEXT.split()) + 2
     outcomes: dict[bool, list[np.ndarray | str]] = {}
+    batches = (["a b c"], ["a b c", "b c a b", "c"], ["a b c", LONG_SMALL_TEXT, "c"])
     for variant in (Variant(plan.PlanName.RESIDENT_F32), Variant(plan.PlanName.RESIDENT_F32, numpy=True)):
-        with variant.open(model, budget=MemoryBudget(UNLIMITED)) as opened:
+        with variant.open(model, budget=MemoryBudget(UNLIMITED, cap=cap)) as opened:
             assert opened.plan_details["packed"] is not variant.numpy
             whole = spec is SMALL_WHOLE_F32 and not variant.numpy and holds_whole()
             assert opened.plan_details["fused"] == whole
-            outcomes[variant.numpy] = [
-                _embedded(opened, texts) for texts in (["a b c"], ["a b c", "b c a b", "c"])
-            ]
+            outcomes[variant.numpy] = [_embedded(opened, texts) for texts in batches]
     for packed, numpy_held in zip(outcomes[False], outcomes[True], strict=True):
         if isinstance(numpy_held, str):
             assert packed == numpy_held
         else:
             assert not isinstance(packed, str), packed
             assert np.abs(packed - numpy_held).max() <= 1e-5
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("value", [math.nan, math.inf, 3e38], ids=str)
+def test_a_poisoned_token_row_stays_in_its_own_text(tmp_path: Path, value: float) -> None:
+    """Texts share the whole encoder's calls, attention masked between them: a token whose embedding row is
+    poisoned spoils only the texts holding it, so the error names the same text and count as numpy's pass,
+    and the others' vectors are numpy's when embedded alongside it."""
+    from gguf_sandbox.embed.engine import Embedder as Opened
+
+    clean = write_synthetic_bert(tmp_path / "small.gguf", SMALL_WHOLE_F32)
+    with Opened.open(clean, budget=MemoryBudget(UNLIMITED)) as opened:
+        token = opened.tokenize("b")[1]  # after [CLS]
+    with GGUFFile.open(clean) as gguf:
+        table = gguf.tensor("token_embd.weight")
+    data = bytearray(clean.read_bytes())
+    at = table.offset + 4 * SMALL_WHOLE_F32.hidden * token
+    data[at : at + 4] = np.float32(value).tobytes()
+    model = tmp_path / "poisoned.gguf"
+    model.write_bytes(bytes(data))
+    batches = (["a c", "c a c", "b", "a a", "c"], ["a c", "c a c", "a a", "c"])
+    outcomes: dict[bool, list[np.ndarray | str]] = {}
+    for variant in (Variant(plan.PlanName.RESIDENT_F32), Variant(plan.PlanName.RESIDENT_F32, numpy=True)):
+        with variant.open(model, budget=MemoryBudget(UNLIMITED)) as opened:
+            assert opened.plan_details["fused"] == (not variant.numpy and holds_whole())
+            outcomes[variant.numpy] = [_embedded(opened, texts) for texts in batches]
+    for packed, numpy_held in zip(outcomes[False], outcomes[True], strict=True):
+        if isinstance(numpy_held, str):
+            assert packed == numpy_held
+        else:
+            assert not isinstance(packed, str), packed
+            assert np.abs(packed - numpy_held).max() <= 1e-6
 
 
 def _embedded(opened: Embedder, texts: list[str]) -> np.ndarray | str:
