@@ -38,6 +38,11 @@ from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 
 # Big-endian files can only hold tensors whose bytes a swap decodes (the reader refuses the rest).
 _SWAPPED: Final = {GGMLQuantizationType.F32: ">f4", GGMLQuantizationType.F16: ">f2"}
+# The largest norm weight or bias a file may hold: one whose square overflows float32 is no trained value
+# (the largest in the real models tested is gemma3-270m's 1,657), and where it meets a layer norm, numpy's
+# pass and onnxruntime's part ways (one refuses, the other answers; issue #15's notes, bias_bound: they
+# agree up to 1e30 and differ at 3e38). Refused at load, for every plan alike.
+VECTOR_LIMIT: Final = float(np.sqrt(np.finfo(np.float32).max))
 
 
 def decode(info: TensorInfo, raw: bytes | NDArray[np.uint8], byte_order: str) -> F32:
@@ -526,6 +531,20 @@ def _kernel_matrices(
     return matrices
 
 
+def _bounded(name: str, vector: F32) -> F32:
+    """`vector` unchanged, or GGUFError naming its first finite element past VECTOR_LIMIT (NaN and infinity
+    are refused by the pass that meets them, every plan's alike)."""
+    huge = np.isfinite(vector) & (np.abs(vector) > VECTOR_LIMIT)
+    if huge.any():
+        at = int(np.argmax(huge))
+        raise GGUFError(
+            f"{name} holds {float(vector[at]):.3g} at element {at}: no norm weight or bias is trained that "
+            f"large (its square overflows float32; the bound is {VECTOR_LIMIT:.3g}); the file is corrupt: "
+            f"re-convert or re-download it"
+        )
+    return vector
+
+
 def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan, *, threads: int = 1) -> PlannedWeights:
     """Build the plan's weights from an open file (which must stay open while they are used); `threads`
     is how many onnxruntime's kernels multiply on (resident-int8, resident-f32 packed)."""
@@ -552,8 +571,11 @@ def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan, *, threads: in
                 elif not in_kernel:
                     matrices[name] = _matrix(gguf, info, plan, fd, streamed)
             else:
-                vectors[name] = np.concatenate(
-                    [block.reshape(-1) for _, block in _f32_blocks(fd, info, plan.cap, gguf.byte_order)]
+                vectors[name] = _bounded(
+                    name,
+                    np.concatenate(
+                        [block.reshape(-1) for _, block in _f32_blocks(fd, info, plan.cap, gguf.byte_order)]
+                    ),
                 )
         if in_kernel:
             matrices = _kernel_matrices(gguf, layout, plan, fd, streamed, vectors=vectors, threads=threads)

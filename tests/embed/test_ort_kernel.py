@@ -7,6 +7,7 @@ import json
 import math
 import mmap
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from gguf_sandbox.gguf.dequant import dequantize
 from gguf_sandbox.gguf.reader import GGUFFile
 from gguf_sandbox.gguf.synth import SyntheticBert, write_synthetic_bert
 from gguf_sandbox.gguf.synth_decoder import QWEN2_TINY, QWEN3_TINY, SyntheticDecoder
-from tests.embed.conftest import Variant, holds_whole, kernels_hidden
+from tests.embed.conftest import EVERY_PLAN, Variant, holds_whole, kernels_hidden
 from tests.models import cached_decoder
 
 UNLIMITED = 1 << 40
@@ -615,20 +616,28 @@ def test_poisoned_vectors_are_one_error_per_call_and_release_the_pass(
     assert budget.in_use == 0
 
 
-@needs_kernel
 @pytest.mark.filterwarnings("error")
-def test_a_huge_finite_weight_gives_the_float_plans_answer(tmp_path: Path) -> None:
-    """A norm weight of 3e38 is finite: the float plans embed with it (the next layer norm brings the
-    activations back), and resident-int8, whose kernel rounds those activations to 8 bits, agrees."""
-    model = write_synthetic_bert(tmp_path / "small.gguf", SMALL_Q8)
-    model = _with_vector(model, tmp_path, "blk.0.attn_output_norm.weight", 3e38)
+@pytest.mark.parametrize("tensor", ["blk.0.attn_output_norm.weight", "blk.1.attn_output_norm.bias"])
+def test_a_norm_or_bias_past_the_bound_is_refused_by_every_plan(tmp_path: Path, tensor: str) -> None:
+    """3e38 in a norm weight or bias is refused in words when the model opens, by every plan alike (numpy's
+    pass refused it while the whole encoder's session answered, issue #15's review); 1e19, under the
+    bound, embeds on every plan, the float plans' vectors alike and resident-int8's close."""
+    clean = write_synthetic_bert(tmp_path / "small.gguf", SMALL_WHOLE_Q8)
+    huge = _with_vector(clean, tmp_path, tensor, 3e38)
+    large = _with_vector(clean, tmp_path, tensor, 1e19)
     texts = ["a b c", "b c a b", "c"]
     vectors = {}
-    for name in ("resident-f32", "resident-int8"):
-        with Embedder.open(model, plan=name, budget=MemoryBudget(UNLIMITED)) as opened:
-            vectors[name] = opened.embed(texts).astype(np.float64)
-    assert np.isfinite(vectors["resident-int8"]).all()
-    assert (vectors["resident-int8"] * vectors["resident-f32"]).sum(axis=1).min() >= INT8_COSINE
+    for variant in EVERY_PLAN:
+        with pytest.raises(GGUFError, match=rf"^{re.escape(tensor)} holds 3e\+38 at element 32: no norm"):
+            variant.open(huge, budget=MemoryBudget(UNLIMITED))
+        with variant.open(large, budget=MemoryBudget(UNLIMITED)) as opened:
+            vectors[str(variant)] = opened.embed(texts).astype(np.float64)
+    int8 = vectors.pop("resident-int8", None)
+    f32 = vectors.pop("resident-f32")
+    for other in vectors.values():
+        assert np.abs(other - f32).max() <= 1e-5
+    if int8 is not None:
+        assert (int8 * f32).sum(axis=1).min() >= INT8_COSINE
 
 
 # SMALL_Q8 with an FFN wide enough for its Q, K and V side by side: resident-f32 holds it whole in one

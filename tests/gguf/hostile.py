@@ -152,6 +152,11 @@ CORPUS: dict[str, Entry] = {
         (EXIT_OK, EXIT_BAD_INPUT, EXIT_BAD_INPUT),
         r"NaN or infinite",
     ),
+    "huge-norm-bias": Entry(
+        _poisoned("huge-norm-bias", "blk.0.attn_output_norm.bias", 3e38),
+        (EXIT_OK, EXIT_BAD_INPUT, EXIT_BAD_INPUT),
+        r"blk\.0\.attn_output_norm\.bias holds 3e\+38 at element \d+: no norm weight or bias",
+    ),
     "more-tokens-than-table-rows": Entry(
         _tiny("short-table", vocab_rows=20),
         (EXIT_OK, EXIT_BAD_INPUT, EXIT_BAD_INPUT),
