@@ -383,6 +383,11 @@ class FusedEncoder(Protocol):
 
     def whole(self, x: F32, lengths: Sequence[int] = ()) -> F32: ...
 
+    @property
+    def attend_tokens(self) -> int: ...
+
+    def attend(self, q: F32, k: F32, v: F32) -> F32: ...
+
     def qkv(self, layer: int, x: F32) -> F32: ...
 
     def rest(self, layer: int, ctx: F32, x: F32) -> F32: ...
@@ -396,9 +401,27 @@ def fused_layer(x: Rows, fused: FusedEncoder, layer: int, batch: TokenBatch, *, 
     q = [chunk[:, :hidden] for chunk in qkv]  # [rows, hidden] per chunk
     k = [chunk[:, hidden : 2 * hidden] for chunk in qkv]  # [rows, hidden] per chunk
     v = [chunk[:, 2 * hidden :] for chunk in qkv]  # [rows, hidden] per chunk
-    ctx = attention(q, k, v, batch, heads=heads, cap=cap)  # [rows, hidden] per chunk
+    if batch.n_sequences == 1 and batch.n_tokens <= fused.attend_tokens:
+        ctx = _fused_attention(q, k, v, batch, fused)  # [rows, hidden] per chunk
+    else:
+        ctx = attention(q, k, v, batch, heads=heads, cap=cap)  # [rows, hidden] per chunk
     del q, k, v, qkv
     return [fused.rest(layer, context, chunk) for context, chunk in zip(ctx, x, strict=True)]
+
+
+def _fused_attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, fused: FusedEncoder) -> Rows:
+    """One text's attention in the kernel's session, on its threads: numpy's between two of the session's
+    calls scaled poorly, its second thread meeting the session's spinning one (a 256-token MiniLM text on
+    2 threads: 16.2 ms of attention, 15.2 on 1; issue #15's notes, long_parts)."""
+    (pieces,) = batch.pieces
+    whole = slice(None)
+    context = fused.attend(gather(q, pieces, whole), gather(k, pieces, whole), gather(v, pieces, whole))
+    ctx = [np.zeros_like(chunk) for chunk in q]  # [rows, hidden] per chunk: padding rows stay zero
+    first = 0
+    for chunk, lo, hi in pieces:
+        ctx[chunk][lo:hi] = context[first : first + hi - lo]
+        first += hi - lo
+    return ctx
 
 
 def _fused_layers(x: Rows, fused: FusedEncoder, batch: TokenBatch, config: BertConfig, cap: int) -> Rows:

@@ -7,7 +7,8 @@ the cap runs through the whole encoder in one call (whole()): one ~22-token Mini
 thread and 3.6 on 2, against 8.3-8.6 and 7.0-7.3 packed matrix by matrix (issue #15's notes, fused_p50).
 So does a batch of texts as short together, attention masked between them. Longer texts and larger
 batches run a layer in two calls per activation chunk (qkv(), then rest()), numpy's attention between
-them keeping its scores within the cap.
+them keeping its scores within the cap; for one longer text alone, attention runs in the session too
+(attend(), head by head), where numpy's second thread met the session's spinning one.
 
 onnxruntime packs a weight once per node that uses it (twice for one in both branches of an If, if_share)
 and runs every node of a graph whatever outputs are asked for (issue #15's notes, one_session). So each
@@ -48,6 +49,14 @@ def whole_tokens(config: BertConfig, cap: int) -> int:
     return min(by_scores, by_rows, config.context_length)
 
 
+def attend_tokens(config: BertConfig, cap: int) -> int:
+    """The longest text attend() runs: its Q, K and V [T, hidden] each, and one head's scores [T, T], within
+    the cap."""
+    by_scores = math.isqrt(cap // FLOAT_BYTES)
+    by_rows = cap // (FLOAT_BYTES * config.hidden)
+    return min(by_scores, by_rows, config.context_length)
+
+
 def fusable(config: BertConfig, cap: int) -> bool:
     """Whether the session can hold this encoder: a chunk's Q, K and V product ([rows, 3 hidden]) is no
     wider than the widest activation a chunk is sized for (rows_per_chunk)."""
@@ -65,7 +74,11 @@ def pass_transient(config: BertConfig, cap: int) -> int:
     # probabilities, and the mask.
     whole = FLOAT_BYTES * (tokens * (20 * hidden + 2 * ffn) + (3 * config.heads + 1) * tokens * tokens)
     rest = FLOAT_BYTES * rows_per_chunk(config, cap) * (6 * hidden + 2 * ffn)
-    return max(whole, rest)
+    # attend() at its longest: Q, K and V as given, scaled, as [heads, T, d] and split by head, the heads'
+    # contexts, joined, as rows and the output (14 hidden-wide rows); one head's scores and probabilities.
+    longest = attend_tokens(config, cap)
+    attend = FLOAT_BYTES * (14 * longest * hidden + 2 * longest * longest)
+    return max(whole, rest, attend)
 
 
 class FusedBert:
@@ -89,6 +102,7 @@ class FusedBert:
     ) -> None:
         self.config = config
         self.whole_tokens = whole_tokens(config, cap)
+        self.attend_tokens = attend_tokens(config, cap)
         hidden, ffn = config.hidden, config.ffn
         if not numpys_layer_norm(threads):
             raise KernelRefused(
@@ -138,6 +152,7 @@ class FusedBert:
         self._nothing.update({f"{kind}.{layer}": empty for layer in range(config.layers) for kind in "qrc"})
         self._on, off = np.array(True), np.array(False)
         self._nothing.update({f"on.{layer}": off for layer in range(config.layers)})
+        self._nothing.update({"aq": empty, "ak": empty, "av": empty, "attend": off})
         self._all_on = {f"on.{layer}": self._on for layer in range(config.layers)}
         # Random rows: through every layer, so every matrix takes part; and a part's calls, whose layers run
         # on no rows but one, so a failure there is a refusal now rather than an error in every pass.
@@ -145,7 +160,12 @@ class FusedBert:
         last = config.layers - 1
 
         def products() -> F32:
-            parts = (self.whole(probe), self.qkv(last, probe), self.rest(last, probe, probe))
+            parts = (
+                self.whole(probe),
+                self.qkv(last, probe),
+                self.rest(last, probe, probe),
+                self.attend(probe, probe, probe),
+            )
             return np.concatenate([part.reshape(-1) for part in parts])
 
         ort_kernel.drop_pages(name, self._pages, products)
@@ -163,6 +183,11 @@ class FusedBert:
             mask = np.zeros((rows, rows), dtype=np.float32)  # [T, T]
         given = {"x": x, "whole_rows": np.array([rows]), "mask": mask, **self._all_on}
         return self._run(f"out.{self.config.layers - 1}", given)
+
+    def attend(self, q: F32, k: F32, v: F32) -> F32:
+        """softmax(q k^T / sqrt(d)) v [T, hidden] for one text's Q, K and V [T, hidden] each, T at most
+        attend_tokens: one head's scores at a time, on the session's threads."""
+        return self._run("ctx", {"aq": q, "ak": k, "av": v, "attend": self._on})
 
     def qkv(self, layer: int, x: F32) -> F32:
         """Layer `layer`'s Q, K and V side by side [n, 3 hidden] for activation rows x [n, hidden]."""
@@ -311,6 +336,46 @@ class _Graph:
         rows = add("Transpose", [context], f"{p}context_rows", perm=[1, 0, 2])  # [T, heads, d]
         return add("Reshape", [rows, "rows_shape"], f"{p}context")  # [T, hidden]
 
+    def attention_by_head(self) -> None:
+        """Attention alone for one text's Q, K and V (aq, ak, av) into ctx, run where `attend`: head by head,
+        so one head's scores [T, T] are held at a time (onnxruntime runs each head's nodes before the next's,
+        depth first from the Concat), and no weights, so no layer is involved."""
+        outer, self.nodes = self.nodes, []
+        heads, add = self.config.heads, self.add
+        q_rows = add("Reshape", [add("Mul", ["aq", "scale"], "a.q_scaled"), "heads_shape"], "a.q_rows")
+        k_rows = add("Reshape", ["ak", "heads_shape"], "a.k_rows")
+        v_rows = add("Reshape", ["av", "heads_shape"], "a.v_rows")
+        q_heads = add("Transpose", [q_rows], "a.q_heads", perm=[1, 0, 2])  # [heads, T, d]
+        k_heads = add("Transpose", [k_rows], "a.k_heads", perm=[1, 2, 0])  # [heads, d, T]
+        v_heads = add("Transpose", [v_rows], "a.v_heads", perm=[1, 0, 2])  # [heads, T, d]
+        for name in (q_heads, k_heads, v_heads):
+            self.nodes.append(
+                self.helper.make_node(
+                    "Split", [name], [f"{name}.{h}" for h in range(heads)], axis=0, num_outputs=heads
+                )
+            )
+        contexts = []
+        for h in range(heads):
+            scores = add("MatMul", [f"{q_heads}.{h}", f"{k_heads}.{h}"], f"a.scores.{h}")  # [1, T, T]
+            weights = add("Softmax", [scores], f"a.weights.{h}", axis=-1)
+            contexts.append(add("MatMul", [weights, f"{v_heads}.{h}"], f"a.context.{h}"))  # [1, T, d]
+        joined = add("Concat", contexts, "a.context_heads", axis=0)  # [heads, T, d]
+        rows = add("Transpose", [joined], "a.context_rows", perm=[1, 0, 2])  # [T, heads, d]
+        add("Reshape", [rows, "rows_shape"], "a.ctx")  # [T, hidden]
+        body, self.nodes = self.nodes, outer
+        value = self.helper.make_tensor_value_info
+        float32 = self.proto.FLOAT
+        then = self.helper.make_graph(body, "attend", [], [value("a.ctx", float32, None)])
+        otherwise = self.helper.make_graph(
+            [self.helper.make_node("Identity", ["no_rows"], ["a.no_ctx"])],
+            "no_attend",
+            [],
+            [value("a.no_ctx", float32, None)],
+        )
+        self.nodes.append(
+            self.helper.make_node("If", ["attend"], ["ctx"], then_branch=then, else_branch=otherwise)
+        )
+
     def layer(self, layer: int) -> None:
         """Layer `layer`, run where on.<layer> (a call on the whole encoder, or on one of its parts); else
         its outputs qkv.<layer> and out.<layer> have no rows, and the next layer runs on its own inputs."""
@@ -373,6 +438,7 @@ def _encoder_model(config: BertConfig) -> bytes:
     external = ort_kernel.external_initializer
     float32 = graph.proto.FLOAT
     weights = []
+    graph.attention_by_head()
     for layer in range(config.layers):
         graph.layer(layer)
         p = f"{layer}."
@@ -396,12 +462,15 @@ def _encoder_model(config: BertConfig) -> bytes:
     outputs = [
         value(f"{kind}.{layer}", float32, None) for layer in range(config.layers) for kind in ("qkv", "out")
     ]
+    outputs.append(value("ctx", float32, None))
     rows = [
         value(f"{kind}.{layer}", float32, [f"{kind}{layer}_rows", hidden])
         for layer in range(config.layers)
         for kind in "qrc"
     ]
     switches = [value(f"on.{layer}", graph.proto.BOOL, []) for layer in range(config.layers)]
+    switches.append(value("attend", graph.proto.BOOL, []))
+    rows += [value(name, float32, ["attend_rows", hidden]) for name in ("aq", "ak", "av")]
     inputs = [
         value("x", float32, ["rows", hidden]),
         value("whole_rows", graph.proto.INT64, [1]),

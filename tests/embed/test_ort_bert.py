@@ -67,12 +67,15 @@ def test_a_bert_whose_q_k_v_outgrow_a_chunk_is_not_held_whole() -> None:
 
 
 def test_a_pass_reserves_the_sessions_activations_beside_numpys() -> None:
-    """Every activation of a layer at once, for whole texts at their longest or a full chunk's rest(): the
-    attention scores three times (as computed, masked, and as probabilities) and the mask."""
+    """Every activation of a layer at once, for whole texts at their longest (the attention scores three
+    times: as computed, masked and as probabilities; and the mask), a full chunk's rest(), or one text's
+    attention at its longest (one head's scores at a time): MiniLM's is the last, at 512 tokens."""
     tokens = ort_bert.whole_tokens(MINILM, DEFAULT_CAP)
     whole = FLOAT_BYTES * (tokens * (20 * 384 + 2 * 1536) + (3 * 12 + 1) * tokens * tokens)
     rest = FLOAT_BYTES * rows_per_chunk(MINILM, DEFAULT_CAP) * (6 * 384 + 2 * 1536)
-    assert ort_bert.pass_transient(MINILM, DEFAULT_CAP) == max(whole, rest) == whole
+    assert ort_bert.attend_tokens(MINILM, DEFAULT_CAP) == 512
+    attend = FLOAT_BYTES * (14 * 512 * 384 + 2 * 512 * 512)
+    assert ort_bert.pass_transient(MINILM, DEFAULT_CAP) == max(whole, rest, attend) == attend
 
 
 @needs_kernel
@@ -127,7 +130,8 @@ def test_a_whole_call_goes_through_the_session_once(
     minilm_gguf: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One short text is one call of the session, and so is a batch of up to whole_tokens rows; a larger
-    batch, or one with a longer text, takes two calls per layer and chunk."""
+    batch, or one with a longer text, takes two calls per layer and chunk, numpy's attention between them;
+    one longer text alone has its attention in the session too."""
     with Embedder.open(minilm_gguf("q8_0"), budget=MemoryBudget(UNLIMITED)) as fused:
         held = fused._weights.fused
         assert held is not None
@@ -155,6 +159,13 @@ def test_a_whole_call_goes_through_the_session_once(
         calls.clear()
         fused.embed(["a short text", "word " * 150])  # 5 and 152 tokens: one chunk
         assert calls == [f"{kind}.{layer}" for layer in range(6) for kind in ("qkv", "out")]
+        calls.clear()
+        fused.embed(["word " * 400])  # 256 tokens, two chunks: attention in the session too
+        assert calls == [
+            name
+            for layer in range(6)
+            for name in (f"qkv.{layer}", f"qkv.{layer}", "ctx", f"out.{layer}", f"out.{layer}")
+        ]
 
 
 def test_pages_read_again_after_the_drop_are_refused() -> None:

@@ -706,11 +706,12 @@ def test_a_hostile_weight_gets_numpys_answer_when_packed(
     """A huge, infinite or NaN float32 weight: packed resident-f32, a session per matrix or the whole
     encoder in one, gives what numpy's does, the same vectors or the same error in words, and no warning;
     on a single text and on batches: of short texts (one whole encoder's call for them all) and, under the
-    smaller cap, with a text past whole_tokens (layer by layer)."""
+    smaller cap, with a text past whole_tokens (layer by layer), alone (its attention in the session too)
+    or among others (numpy's attention)."""
     model = _with_vector(write_synthetic_bert(tmp_path / "small.gguf", spec), tmp_path, tensor, value)
     assert ort_bert.whole_tokens(read_config_of(model), SMALL_CAP) < len(LONG_SMALL_TEXT.split()) + 2
     outcomes: dict[bool, list[np.ndarray | str]] = {}
-    batches = (["a b c"], ["a b c", "b c a b", "c"], ["a b c", LONG_SMALL_TEXT, "c"])
+    batches = (["a b c"], ["a b c", "b c a b", "c"], ["a b c", LONG_SMALL_TEXT, "c"], [LONG_SMALL_TEXT])
     for variant in (Variant(plan.PlanName.RESIDENT_F32), Variant(plan.PlanName.RESIDENT_F32, numpy=True)):
         with variant.open(model, budget=MemoryBudget(UNLIMITED, cap=cap)) as opened:
             assert opened.plan_details["packed"] is not variant.numpy
