@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -375,11 +374,11 @@ def require_finite(vectors: F32, first: int = 0) -> F32:
 
 
 class FusedEncoder(Protocol):
-    """A BERT's layers held whole by a kernel (ort_bert.FusedBert): the whole encoder for one text of up to
-    whole_tokens rows, or a layer's Q, K and V product and the rest of the layer, per activation chunk."""
+    """A BERT's layers held whole by a kernel (ort_bert.FusedBert): the whole encoder for short texts, as
+    many together as fit (whole_fits), one longer text's attention, or a layer's Q, K and V product and the
+    rest of the layer, per activation chunk."""
 
-    @property
-    def whole_tokens(self) -> int: ...
+    def whole_fits(self, texts: int, longest: int) -> bool: ...
 
     def whole(self, x: F32, lengths: Sequence[int] = ()) -> F32: ...
 
@@ -425,25 +424,41 @@ def _fused_attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, fused: FusedE
 
 
 def _fused_layers(x: Rows, fused: FusedEncoder, batch: TokenBatch, config: BertConfig, cap: int) -> Rows:
-    """The encoder's layers held by a kernel: a batch that fits whole_tokens rows in one call, any other
-    layer by layer (fused_layer).
-
-    A few short texts gain from one call (2 bench texts 170 texts/s against 151 layer by layer, 1 thread),
-    but a whole call's attention scores every row against every other: past one call's rows that costs more
-    than it saves (32 texts in runs of up to 147 rows: 178 against 191; issue #15's notes, group_ab).
-    """
-    if len(batch.chunks) == 1 and batch.n_tokens <= fused.whole_tokens:
-        rows = x[0][: batch.n_tokens]  # [T, hidden]: no padding rows
-        lengths = np.diff(batch.starts).tolist()
-        out = fused.whole(rows, lengths)  # [T, hidden]
-        if len(lengths) > 1 and not np.isfinite(out).all():
-            # A NaN or infinite score may have spread across texts: each alone, as numpy's pass has them.
-            bounds = batch.starts.tolist()
-            out = np.concatenate([fused.whole(rows[lo:hi]) for lo, hi in itertools.pairwise(bounds)])
-        return [out]
-    for layer in range(config.layers):
-        x = fused_layer(x, fused, layer, batch, heads=config.heads, cap=cap)  # [rows, hidden] per chunk
+    """The encoder's layers held by a kernel: short texts (whole_fits) through the whole encoder, those
+    of like length together as many as fit a call, each padded to the longest among them with copies of its
+    first row; a batch with a longer text layer by layer (fused_layer)."""
+    groups = _whole_groups(batch, fused)
+    if groups is None:
+        for layer in range(config.layers):
+            x = fused_layer(x, fused, layer, batch, heads=config.heads, cap=cap)  # [rows, hidden] per chunk
+        return x
+    for group in groups:
+        pieces = [batch.pieces[index][0] for index in group]
+        lengths = [hi - lo for _, lo, hi in pieces]
+        longest = max(lengths)
+        padded = np.empty((len(group), longest, config.hidden), dtype=np.float32)  # [texts, longest, hidden]
+        for rows, (chunk, lo, hi) in zip(padded, pieces, strict=True):
+            rows[: hi - lo] = x[chunk][lo:hi]
+            rows[hi - lo :] = x[chunk][lo]
+        out = fused.whole(padded.reshape(-1, config.hidden), lengths).reshape(padded.shape)
+        for rows, (chunk, lo, hi) in zip(out, pieces, strict=True):
+            x[chunk][lo:hi] = rows[: hi - lo]
     return x
+
+
+def _whole_groups(batch: TokenBatch, fused: FusedEncoder) -> list[list[int]] | None:
+    """The batch's texts, shortest first, in groups that whole() runs together; None where one is too long
+    for it (or cut across chunks)."""
+    lengths = np.diff(batch.starts).tolist()
+    if any(len(pieces) > 1 for pieces in batch.pieces) or not fused.whole_fits(1, max(lengths)):
+        return None
+    groups: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and fused.whole_fits(len(groups[-1]) + 1, lengths[index]):
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
 
 
 def encode(

@@ -67,11 +67,13 @@ def test_a_bert_whose_q_k_v_outgrow_a_chunk_is_not_held_whole() -> None:
 
 
 def test_a_pass_reserves_the_sessions_activations_beside_numpys() -> None:
-    """Every activation of a layer at once, for whole texts at their longest (the attention scores three
-    times: as computed, masked and as probabilities; and the mask), a full chunk's rest(), or one text's
-    attention at its longest (one head's scores at a time): MiniLM's is the last, at 512 tokens."""
-    tokens = ort_bert.whole_tokens(MINILM, DEFAULT_CAP)
-    whole = FLOAT_BYTES * (tokens * (20 * 384 + 2 * 1536) + (3 * 12 + 1) * tokens * tokens)
+    """Every activation of a layer at once, for whole texts at their most rows (the attention scores three
+    times: as computed, masked and as probabilities, each within the cap), a full chunk's rest(), or one
+    text's attention at its longest (one head's scores at a time): MiniLM's is the last, at 512 tokens."""
+    rows = DEFAULT_CAP // (FLOAT_BYTES * 1536)  # [rows, ffn] within the cap: 170
+    assert ort_bert.whole_fits(MINILM, DEFAULT_CAP, 10, 17)
+    assert not ort_bert.whole_fits(MINILM, DEFAULT_CAP, 1, rows + 1)
+    whole = FLOAT_BYTES * rows * (20 * 384 + 2 * 1536) + 3 * DEFAULT_CAP
     rest = FLOAT_BYTES * rows_per_chunk(MINILM, DEFAULT_CAP) * (6 * 384 + 2 * 1536)
     assert ort_bert.attend_tokens(MINILM, DEFAULT_CAP) == 512
     attend = FLOAT_BYTES * (14 * 512 * 384 + 2 * 512 * 512)
@@ -113,13 +115,13 @@ def test_whole_texts_long_texts_and_batches_get_numpys_vectors(
         past_limit = at_limit + " a"
         texts += [at_limit, past_limit]
         expected = numpy_held.embed(texts)
-    assert sum(lengths[:3]) <= longest < lengths[3]  # both ways are taken
+    assert max(lengths[:3]) <= longest < lengths[3]  # both ways are taken
     with Embedder.open(minilm_gguf("q8_0"), budget=MemoryBudget(UNLIMITED), threads=threads) as fused:
         assert fused.plan_details["fused"]
         assert [len(fused.tokenize(text)) for text in (at_limit, past_limit)] == [longest, longest + 1]
         one_by_one = np.concatenate([fused.embed([text]) for text in texts])
         together = fused.embed(texts)  # layer by layer: one is past whole_tokens
-        short_together = fused.embed(texts[:3])  # one whole call, each text reading only its own rows
+        short_together = fused.embed(texts[:3])  # whole calls of several texts, each padded
     assert np.abs(one_by_one - expected).max() <= 1e-6
     assert np.abs(together - expected).max() <= 1e-6
     assert np.abs(short_together - expected[:3]).max() <= 1e-6
@@ -129,9 +131,9 @@ def test_whole_texts_long_texts_and_batches_get_numpys_vectors(
 def test_a_whole_call_goes_through_the_session_once(
     minilm_gguf: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One short text is one call of the session, and so is a batch of up to whole_tokens rows; a larger
-    batch, or one with a longer text, takes two calls per layer and chunk, numpy's attention between them;
-    one longer text alone has its attention in the session too."""
+    """One short text is one call of the session, and so are as many short texts together as fit it; a
+    batch with a longer text takes two calls per layer and chunk, numpy's attention between them; one
+    longer text alone has its attention in the session too."""
     with Embedder.open(minilm_gguf("q8_0"), budget=MemoryBudget(UNLIMITED)) as fused:
         held = fused._weights.fused
         assert held is not None
@@ -149,13 +151,12 @@ def test_a_whole_call_goes_through_the_session_once(
         fused.embed(["a short text", "another one"])
         assert calls == ["out.5"]
         calls.clear()
-        texts = [" ".join(["word"] * 10)] * 13
+        texts = [" ".join(["word"] * 10)] * 32
         assert {len(fused.tokenize(text)) for text in texts} == {12}
-        fused.embed(texts[:12])  # 144 rows: one call
-        assert calls == ["out.5"]
-        calls.clear()
-        fused.embed(texts)  # 156 rows: past whole_tokens (147), layer by layer
-        assert calls == [f"{kind}.{layer}" for layer in range(6) for kind in ("qkv", "out")]
+        assert ort_bert.whole_fits(MINILM, DEFAULT_CAP, 14, 12)
+        assert not ort_bert.whole_fits(MINILM, DEFAULT_CAP, 15, 12)
+        fused.embed(texts)  # 14 a call: [14 * 12, ffn] within the cap
+        assert calls == ["out.5"] * 3
         calls.clear()
         fused.embed(["a short text", "word " * 150])  # 5 and 152 tokens: one chunk
         assert calls == [f"{kind}.{layer}" for layer in range(6) for kind in ("qkv", "out")]
@@ -198,15 +199,15 @@ def status(key):
     with open("/proc/self/status") as lines:
         return next(int(line.split()[1]) << 10 for line in lines if line.startswith(key))
 with Embedder.open(sys.argv[1], budget=MemoryBudget(1 << 40), threads=int(sys.argv[2])) as opened:
-    text = " ".join(["a"] * (int(sys.argv[3]) - 2))
-    tokens = len(opened.tokenize(text))
-    opened.embed([text])  # warm: the session's first call sets up its kernels
+    texts = [" ".join(["a"] * (int(sys.argv[3]) - 2))] * int(sys.argv[4])
+    tokens = sum(len(opened.tokenize(text)) for text in texts)
+    opened.embed(texts)  # warm: the session's first call sets up its kernels
     gc.collect()
     before = status("VmRSS:")
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # the peak RSS (VmHWM) starts again from now
     for _ in range(3):
-        opened.embed([text])
+        opened.embed(texts)
     peak = status("VmHWM:") - before
     reserved = opened._weights.plan.pass_bytes(opened.config, tokens)
     print(json.dumps({"tokens": tokens, "peak": peak, "reserved": reserved}))
@@ -215,20 +216,21 @@ with Embedder.open(sys.argv[1], budget=MemoryBudget(1 << 40), threads=int(sys.ar
 
 @needs_whole
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("tokens", [147, 256])
+@pytest.mark.parametrize(("tokens", "count"), [(147, 1), (256, 1), (12, 14), (17, 10)])
 def test_a_pass_stays_within_its_reservation(
-    minilm_gguf: Callable[[str], Path], threads: int, tokens: int
+    minilm_gguf: Callable[[str], Path], threads: int, tokens: int, count: int
 ) -> None:
-    """A fresh process: the peak RSS of a text at whole_tokens (one call) and of a full-context one (layer
-    by layer: MiniLM's sentence-transformers limit) stays within what its pass reserves."""
+    """A fresh process: the peak RSS of a text at whole_tokens (one call), of a full-context one (layer by
+    layer: MiniLM's sentence-transformers limit) and of short texts as many as one call takes (the most
+    rows, and the most attention scores) stays within what its pass reserves."""
     out = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, str(minilm_gguf("q8_0")), str(threads), str(tokens)],
+        [sys.executable, "-c", _PEAK_SCRIPT, str(minilm_gguf("q8_0")), str(threads), str(tokens), str(count)],
         capture_output=True,
         text=True,
         check=True,
     )
     measured = json.loads(out.stdout)
-    assert measured["tokens"] == tokens
+    assert measured["tokens"] == tokens * count
     assert 0 <= measured["peak"] <= measured["reserved"], measured
 
 
