@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -424,41 +425,63 @@ def _fused_attention(q: Rows, k: Rows, v: Rows, batch: TokenBatch, fused: FusedE
 
 
 def _fused_layers(x: Rows, fused: FusedEncoder, batch: TokenBatch, config: BertConfig, cap: int) -> Rows:
-    """The encoder's layers held by a kernel: short texts (whole_fits) through the whole encoder, those
-    of like length together as many as fit a call, each padded to the longest among them with copies of its
-    first row; a batch with a longer text layer by layer (fused_layer)."""
-    groups = _whole_groups(batch, fused)
-    if groups is None:
-        for layer in range(config.layers):
-            x = fused_layer(x, fused, layer, batch, heads=config.heads, cap=cap)  # [rows, hidden] per chunk
-        return x
-    for group in groups:
+    """The encoder's layers held by a kernel: short texts (whole_fits) through the whole encoder, those of
+    like length together as many as fit a call, each padded to the longest among them with copies of its
+    first row; a longer text on its own, layer by layer (fused_layer)."""
+    lengths = np.diff(batch.starts).tolist()
+    short = [
+        index
+        for index, (pieces, length) in enumerate(zip(batch.pieces, lengths, strict=True))
+        if len(pieces) == 1 and fused.whole_fits(1, length)
+    ]
+    for group in _whole_groups(short, lengths, fused):
         pieces = [batch.pieces[index][0] for index in group]
-        lengths = [hi - lo for _, lo, hi in pieces]
-        longest = max(lengths)
+        longest = max(lengths[index] for index in group)
         padded = np.empty((len(group), longest, config.hidden), dtype=np.float32)  # [texts, longest, hidden]
         for rows, (chunk, lo, hi) in zip(padded, pieces, strict=True):
             rows[: hi - lo] = x[chunk][lo:hi]
             rows[hi - lo :] = x[chunk][lo]
-        out = fused.whole(padded.reshape(-1, config.hidden), lengths).reshape(padded.shape)
-        for rows, (chunk, lo, hi) in zip(out, pieces, strict=True):
+        out = fused.whole(padded.reshape(-1, config.hidden), [lengths[index] for index in group])
+        for rows, (chunk, lo, hi) in zip(out.reshape(padded.shape), pieces, strict=True):
             x[chunk][lo:hi] = rows[: hi - lo]
+    for index in sorted(set(range(batch.n_sequences)) - set(short)):
+        _fused_alone(x, fused, batch, index, config=config, cap=cap)
     return x
 
 
-def _whole_groups(batch: TokenBatch, fused: FusedEncoder) -> list[list[int]] | None:
-    """The batch's texts, shortest first, in groups that whole() runs together; None where one is too long
-    for it (or cut across chunks)."""
-    lengths = np.diff(batch.starts).tolist()
-    if any(len(pieces) > 1 for pieces in batch.pieces) or not fused.whole_fits(1, max(lengths)):
-        return None
+def _whole_groups(short: list[int], lengths: list[int], fused: FusedEncoder) -> list[list[int]]:
+    """The texts `short`, shortest first, in groups that whole() runs together."""
     groups: list[list[int]] = []
-    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+    for index in sorted(short, key=lengths.__getitem__):
         if groups and fused.whole_fits(len(groups[-1]) + 1, lengths[index]):
             groups[-1].append(index)
         else:
             groups.append([index])
     return groups
+
+
+def _fused_alone(
+    x: Rows, fused: FusedEncoder, batch: TokenBatch, index: int, *, config: BertConfig, cap: int
+) -> None:
+    """Text `index` of the batch through the encoder on its own, layer by layer, its pieces as its chunks:
+    its attention then goes in the session too (fused_layer), where numpy's among other texts' met the
+    session's spinning thread (256-token texts, 2 threads: s32/long_batch)."""
+    pieces = batch.pieces[index]
+    first, last = int(batch.starts[index]), int(batch.starts[index + 1])
+    sizes = [hi - lo for _, lo, hi in pieces]
+    bounds = np.cumsum([0, *sizes]).tolist()
+    alone = TokenBatch(
+        batch.ids[first:last],
+        batch.positions[first:last],
+        np.array([0, last - first], dtype=np.intp),
+        tuple(itertools.pairwise(bounds)),
+        (tuple((chunk, 0, size) for chunk, size in enumerate(sizes)),),
+    )
+    rows: Rows = [x[chunk][lo:hi] for chunk, lo, hi in pieces]  # [size, hidden] per piece
+    for layer in range(config.layers):
+        rows = fused_layer(rows, fused, layer, alone, heads=config.heads, cap=cap)
+    for (chunk, lo, hi), out in zip(pieces, rows, strict=True):
+        x[chunk][lo:hi] = out
 
 
 def encode(

@@ -7,10 +7,10 @@ the cap runs through the whole encoder in one call (whole()): one ~22-token Mini
 thread and 3.6 on 2, against 8.3-8.6 and 7.0-7.3 packed matrix by matrix (issue #15's notes, fused_p50).
 A batch of such texts goes in calls of as many of like length as fit, each padded to the longest with
 copies of its own first row, padding keys masked: 3-5% faster than layer by layer for 32 texts, 10-26%
-for 2 (padded_ab). Longer texts run a layer in two calls per activation chunk (qkv(), then rest()),
-numpy's attention between them keeping its scores within the cap; for one longer text alone, attention
-runs in the session too (attend(), head by head), where numpy's second thread met the session's
-spinning one.
+for 2 (padded_ab). A longer text goes on its own, a layer in calls per activation chunk (qkv(), then
+rest()) and its attention between them in the session too (attend(), head by head), where numpy's
+second thread met the session's spinning one; past attend_tokens numpy's attention, its scores within
+the cap.
 
 onnxruntime packs a weight once per node that uses it (twice for one in both branches of an If, if_share)
 and runs every node of a graph whatever outputs are asked for (issue #15's notes, one_session). So each

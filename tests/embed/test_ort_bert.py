@@ -120,7 +120,7 @@ def test_whole_texts_long_texts_and_batches_get_numpys_vectors(
         assert fused.plan_details["fused"]
         assert [len(fused.tokenize(text)) for text in (at_limit, past_limit)] == [longest, longest + 1]
         one_by_one = np.concatenate([fused.embed([text]) for text in texts])
-        together = fused.embed(texts)  # layer by layer: one is past whole_tokens
+        together = fused.embed(texts)  # the short ones whole, the longer ones each on its own
         short_together = fused.embed(texts[:3])  # whole calls of several texts, each padded
     assert np.abs(one_by_one - expected).max() <= 1e-6
     assert np.abs(together - expected).max() <= 1e-6
@@ -132,8 +132,8 @@ def test_a_whole_call_goes_through_the_session_once(
     minilm_gguf: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One short text is one call of the session, and so are as many short texts together as fit it; a
-    batch with a longer text takes two calls per layer and chunk, numpy's attention between them; one
-    longer text alone has its attention in the session too."""
+    longer text goes on its own, a call for each piece's Q, K and V, one for its attention and one for the
+    rest of the layer per piece."""
     with Embedder.open(minilm_gguf("q8_0"), budget=MemoryBudget(UNLIMITED)) as fused:
         held = fused._weights.fused
         assert held is not None
@@ -158,10 +158,12 @@ def test_a_whole_call_goes_through_the_session_once(
         fused.embed(texts)  # 14 a call: [14 * 12, ffn] within the cap
         assert calls == ["out.5"] * 3
         calls.clear()
-        fused.embed(["a short text", "word " * 150])  # 5 and 152 tokens: one chunk
-        assert calls == [f"{kind}.{layer}" for layer in range(6) for kind in ("qkv", "out")]
+        fused.embed(["a short text", "word " * 150])  # 5 and 152 tokens: the longer one on its own
+        assert calls == ["out.5"] + [
+            name for layer in range(6) for name in (f"qkv.{layer}", "ctx", f"out.{layer}")
+        ]
         calls.clear()
-        fused.embed(["word " * 400])  # 256 tokens, two chunks: attention in the session too
+        fused.embed(["word " * 400])  # 256 tokens: two pieces of 168 and 88 rows
         assert calls == [
             name
             for layer in range(6)

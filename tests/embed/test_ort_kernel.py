@@ -677,6 +677,8 @@ SMALL_F32 = dataclasses.replace(SMALL_Q8, tensor_type=GGMLQuantizationType.F32)
 # A cap under which the small BERT's whole_tokens (64) is shorter than LONG_SMALL_TEXT (82 tokens with [CLS]
 # and [SEP]) and its context (128).
 SMALL_CAP = 64 << 10
+# ... and under which LONG_SMALL_TEXT is past attend_tokens (64) too: its attention is numpy's.
+TINY_CAP = 16 << 10
 LONG_SMALL_TEXT = "a b " * 40
 SMALL_WHOLE_F32 = dataclasses.replace(SMALL_WHOLE_Q8, tensor_type=GGMLQuantizationType.F32)
 
@@ -699,17 +701,21 @@ def read_config_of(model: Path) -> Any:
     ids=str,
 )
 @pytest.mark.parametrize("spec", [SMALL_F32, SMALL_WHOLE_F32], ids=["by matrix", "whole"])
-@pytest.mark.parametrize("cap", [DEFAULT_CAP, SMALL_CAP], ids=["cap 1 MiB", "cap 64 KiB"])
+@pytest.mark.parametrize(
+    "cap", [DEFAULT_CAP, SMALL_CAP, TINY_CAP], ids=["cap 1 MiB", "cap 64 KiB", "cap 16 KiB"]
+)
 def test_a_hostile_weight_gets_numpys_answer_when_packed(
     tmp_path: Path, tensor: str, value: float, spec: SyntheticBert, cap: int
 ) -> None:
     """A huge, infinite or NaN float32 weight: packed resident-f32, a session per matrix or the whole
     encoder in one, gives what numpy's does, the same vectors or the same error in words, and no warning;
     on a single text and on batches: of short texts (one whole encoder's call for them all) and, under the
-    smaller cap, with a text past whole_tokens (layer by layer), alone (its attention in the session too)
-    or among others (numpy's attention)."""
+    smaller caps, with a text past whole_tokens (on its own, layer by layer), its attention in the session
+    (64 KiB) or past attend_tokens in numpy (16 KiB)."""
     model = _with_vector(write_synthetic_bert(tmp_path / "small.gguf", spec), tmp_path, tensor, value)
-    assert ort_bert.whole_tokens(read_config_of(model), SMALL_CAP) < len(LONG_SMALL_TEXT.split()) + 2
+    config, long_tokens = read_config_of(model), len(LONG_SMALL_TEXT.split()) + 2
+    assert ort_bert.whole_tokens(config, SMALL_CAP) < long_tokens <= ort_bert.attend_tokens(config, SMALL_CAP)
+    assert ort_bert.attend_tokens(config, TINY_CAP) < long_tokens
     outcomes: dict[bool, list[np.ndarray | str]] = {}
     batches = (["a b c"], ["a b c", "b c a b", "c"], ["a b c", LONG_SMALL_TEXT, "c"], [LONG_SMALL_TEXT])
     for variant in (Variant(plan.PlanName.RESIDENT_F32), Variant(plan.PlanName.RESIDENT_F32, numpy=True)):
