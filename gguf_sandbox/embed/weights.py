@@ -39,9 +39,8 @@ from gguf_sandbox.gguf.reader import GGUFFile, TensorInfo
 # Big-endian files can only hold tensors whose bytes a swap decodes (the reader refuses the rest).
 _SWAPPED: Final = {GGMLQuantizationType.F32: ">f4", GGMLQuantizationType.F16: ">f2"}
 # The largest norm weight or bias a file may hold: one whose square overflows float32 is no trained value
-# (the largest in the real models tested is gemma3-270m's 1,657), and where it meets a layer norm, numpy's
-# pass and onnxruntime's part ways (one refuses, the other answers; issue #15's notes, bias_bound: they
-# agree up to 1e30 and differ at 3e38). Refused at load, for every plan alike.
+# (gemma3-270m's largest is 1,657), and numpy's layer norm and onnxruntime's part ways on it (they agree up
+# to 1e30, differ at 3e38: issue #15's notes, bias_bound). Refused at load, by every plan alike.
 VECTOR_LIMIT: Final = float(np.sqrt(np.finfo(np.float32).max))
 
 
@@ -571,12 +570,8 @@ def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan, *, threads: in
                 elif not in_kernel:
                     matrices[name] = _matrix(gguf, info, plan, fd, streamed)
             else:
-                vectors[name] = _bounded(
-                    name,
-                    np.concatenate(
-                        [block.reshape(-1) for _, block in _f32_blocks(fd, info, plan.cap, gguf.byte_order)]
-                    ),
-                )
+                blocks = _f32_blocks(fd, info, plan.cap, gguf.byte_order)
+                vectors[name] = _bounded(name, np.concatenate([block.reshape(-1) for _, block in blocks]))
         if in_kernel:
             matrices = _kernel_matrices(gguf, layout, plan, fd, streamed, vectors=vectors, threads=threads)
         if plan.fused:

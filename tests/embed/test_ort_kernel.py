@@ -716,29 +716,17 @@ def test_a_hostile_weight_gets_numpys_answer_when_packed(
     config, long_tokens = read_config_of(model), len(LONG_SMALL_TEXT.split()) + 2
     assert ort_bert.whole_tokens(config, SMALL_CAP) < long_tokens <= ort_bert.attend_tokens(config, SMALL_CAP)
     assert ort_bert.attend_tokens(config, TINY_CAP) < long_tokens
-    outcomes: dict[bool, list[np.ndarray | str]] = {}
     batches = (["a b c"], ["a b c", "b c a b", "c"], ["a b c", LONG_SMALL_TEXT, "c"], [LONG_SMALL_TEXT])
-    for variant in (Variant(plan.PlanName.RESIDENT_F32), Variant(plan.PlanName.RESIDENT_F32, numpy=True)):
-        with variant.open(model, budget=MemoryBudget(UNLIMITED, cap=cap)) as opened:
-            assert opened.plan_details["packed"] is not variant.numpy
-            whole = spec is SMALL_WHOLE_F32 and not variant.numpy and holds_whole()
-            assert opened.plan_details["fused"] == whole
-            outcomes[variant.numpy] = [_embedded(opened, texts) for texts in batches]
-    for packed, numpy_held in zip(outcomes[False], outcomes[True], strict=True):
-        if isinstance(numpy_held, str):
-            assert packed == numpy_held
-        else:
-            assert not isinstance(packed, str), packed
-            assert np.abs(packed - numpy_held).max() <= 1e-5
+    _assert_packed_gives_numpys(model, batches, whole=spec is SMALL_WHOLE_F32, cap=cap, tolerance=1e-5)
 
 
 @needs_kernel
 @pytest.mark.filterwarnings("error")
 @pytest.mark.parametrize("value", [math.nan, math.inf, 3e38], ids=str)
 def test_a_poisoned_token_row_stays_in_its_own_text(tmp_path: Path, value: float) -> None:
-    """Texts share the whole encoder's calls, attention masked between them: a token whose embedding row is
-    poisoned spoils only the texts holding it, so the error names the same text and count as numpy's pass,
-    and the others' vectors are numpy's when embedded alongside it."""
+    """Texts share the whole encoder's calls, each padded on its own: a token whose embedding row is poisoned
+    spoils only the texts holding it, so the error names the same text and count as numpy's pass, and the
+    others' vectors are numpy's when embedded alongside it."""
     from gguf_sandbox.embed.engine import Embedder as Opened
 
     clean = write_synthetic_bert(tmp_path / "small.gguf", SMALL_WHOLE_F32)
@@ -752,17 +740,26 @@ def test_a_poisoned_token_row_stays_in_its_own_text(tmp_path: Path, value: float
     model = tmp_path / "poisoned.gguf"
     model.write_bytes(bytes(data))
     batches = (["a c", "c a c", "b", "a a", "c"], ["a c", "c a c", "a a", "c"])
+    _assert_packed_gives_numpys(model, batches, whole=True, cap=DEFAULT_CAP, tolerance=1e-6)
+
+
+def _assert_packed_gives_numpys(
+    model: Path, batches: tuple[list[str], ...], *, whole: bool, cap: int, tolerance: float
+) -> None:
+    """Packed resident-f32 (held whole where `whole` and this onnxruntime allows) embeds each batch as
+    numpy's resident-f32 does: the same error in words, or vectors within `tolerance`."""
     outcomes: dict[bool, list[np.ndarray | str]] = {}
     for variant in (Variant(plan.PlanName.RESIDENT_F32), Variant(plan.PlanName.RESIDENT_F32, numpy=True)):
-        with variant.open(model, budget=MemoryBudget(UNLIMITED)) as opened:
-            assert opened.plan_details["fused"] == (not variant.numpy and holds_whole())
+        with variant.open(model, budget=MemoryBudget(UNLIMITED, cap=cap)) as opened:
+            assert opened.plan_details["packed"] is not variant.numpy
+            assert opened.plan_details["fused"] == (whole and not variant.numpy and holds_whole())
             outcomes[variant.numpy] = [_embedded(opened, texts) for texts in batches]
     for packed, numpy_held in zip(outcomes[False], outcomes[True], strict=True):
         if isinstance(numpy_held, str):
             assert packed == numpy_held
         else:
             assert not isinstance(packed, str), packed
-            assert np.abs(packed - numpy_held).max() <= 1e-6
+            assert np.abs(packed - numpy_held).max() <= tolerance
 
 
 def _embedded(opened: Embedder, texts: list[str]) -> np.ndarray | str:
