@@ -530,7 +530,7 @@ def _kernel_matrices(
     return matrices
 
 
-def _bounded(name: str, vector: F32) -> F32:
+def bounded_vector(name: str, vector: F32) -> F32:
     """`vector` unchanged, or GGUFError naming its first finite element past VECTOR_LIMIT (NaN and infinity
     are refused by the pass that meets them, every plan's alike)."""
     huge = np.isfinite(vector) & (np.abs(vector) > VECTOR_LIMIT)
@@ -571,7 +571,7 @@ def load_weights(gguf: GGUFFile, layout: ModelLayout, plan: Plan, *, threads: in
                     matrices[name] = _matrix(gguf, info, plan, fd, streamed)
             else:
                 blocks = _f32_blocks(fd, info, plan.cap, gguf.byte_order)
-                vectors[name] = _bounded(name, np.concatenate([block.reshape(-1) for _, block in blocks]))
+                vectors[name] = bounded_vector(name, np.concatenate([piece.ravel() for _, piece in blocks]))
         if in_kernel:
             matrices = _kernel_matrices(gguf, layout, plan, fd, streamed, vectors=vectors, threads=threads)
         if plan.fused:

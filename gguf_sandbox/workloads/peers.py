@@ -215,6 +215,7 @@ class GgufPy(PeerEmbedder):
         from gguf_sandbox.embed.architectures import family_of
         from gguf_sandbox.embed.engine import _with_pooling
         from gguf_sandbox.embed.rows import DEFAULT_CAP, rows_per_chunk
+        from gguf_sandbox.embed.weights import bounded_vector
         from gguf_sandbox.gguf.reader import GGUFFile
 
         gguf = _require("gguf", "gguf")
@@ -232,6 +233,9 @@ class GgufPy(PeerEmbedder):
             for tensor in reader.tensors
             if tensor.name in layout.shapes
         }
+        for name, array in arrays.items():  # refused as our plans refuse them
+            if name not in layout.tables and name not in layout.matrices:
+                bounded_vector(name, array.reshape(-1))
         self._weights = DenseWeights(layout.config, arrays)
         self._encode = family.encode
         self._cap = DEFAULT_CAP
