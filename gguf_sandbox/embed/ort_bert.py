@@ -23,7 +23,6 @@ encoder ~0.5 ms of a 6.1 ms text (whole_if); with no If, a part's call ran the o
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
@@ -41,6 +40,8 @@ QKV: Final = ("attn_q", "attn_k", "attn_v")
 # rows, which every part's call runs attention on: the process dies of SIGFPE, which nothing can catch
 # (issue #15's notes, fpe_level, fpe_ops). Unfused, MiniLM's texts take as long on 1.32 (no_fusedmatmul).
 UNFUSED: Final = ("MatmulTransposeFusion",)
+# whole()'s padding inputs kept for this many sets of lengths (single texts' lengths, mostly): a few KiB.
+PADDINGS_KEPT: Final = 64
 OTHER_MATRICES: Final = ("attn_output", "ffn_up", "ffn_down")
 
 
@@ -118,6 +119,9 @@ class FusedBert:
         self.attend_tokens = attend_tokens(config, cap)
         self._cap = cap
         self._head_dim = config.hidden // config.heads
+        # whole()'s padding inputs by the texts' lengths, kept per session (a cache on the class would keep
+        # a closed model's session alive).
+        self._paddings: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
         hidden, ffn = config.hidden, config.ffn
         if not numpys_layer_norm(threads):
             raise KernelRefused(
@@ -193,9 +197,13 @@ class FusedBert:
         own (whose outputs mean nothing), within whole_fits. A text's attention reads its own rows only,
         so no text's values reach another's."""
         sizes = tuple(lengths) or (len(x),)
-        return self._run(f"out.{self.config.layers - 1}", {"x": x, **self._padding(sizes), **self._all_on})
+        padding = self._paddings.get(sizes)
+        if padding is None:
+            if len(self._paddings) >= PADDINGS_KEPT:
+                self._paddings.clear()
+            padding = self._paddings[sizes] = self._padding(sizes)
+        return self._run(f"out.{self.config.layers - 1}", {"x": x, **padding, **self._all_on})
 
-    @functools.lru_cache(maxsize=64)  # noqa: B019 - a few entries of a few KiB; a session lives for its model
     def _padding(self, lengths: tuple[int, ...]) -> dict[str, np.ndarray]:
         """whole()'s inputs but x for texts of these lengths: padding keys masked, the shapes."""
         longest = max(lengths)

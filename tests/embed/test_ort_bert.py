@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import mmap
 import subprocess
 import sys
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -169,6 +171,21 @@ def test_a_whole_call_goes_through_the_session_once(
             for layer in range(6)
             for name in (f"qkv.{layer}", f"qkv.{layer}", "ctx", f"out.{layer}", f"out.{layer}")
         ]
+
+
+@needs_whole
+def test_a_closed_model_lets_its_session_go(minilm_gguf: Callable[[str], Path]) -> None:
+    """Nothing keeps a closed Embedder's session (its packed weights, ~130 MB for MiniLM) alive: a cache of
+    whole()'s inputs on the class once did."""
+    with Embedder.open(minilm_gguf("q8_0"), budget=MemoryBudget(UNLIMITED)) as fused:
+        held = fused._weights.fused
+        assert held is not None
+        session = weakref.ref(held)
+        fused.embed(["a short text", "another one"])
+        fused.embed(["a short text"])
+        del held
+    gc.collect()
+    assert session() is None
 
 
 def test_pages_read_again_after_the_drop_are_refused() -> None:
