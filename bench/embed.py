@@ -9,6 +9,11 @@ cgroup, swap off: the issue's "streaming p95 at 64 MB". Engines take turns over 
 load from other work on the host falls on all of them alike; "cpu p50" is the process's CPU time per
 call, which such load blurs least.
 
+--threads 1 2 measures every engine at each thread count in the same run, the counts taking turns like
+the engines: one table per count, and from the second on a column "batch/1t", an engine's batch rate
+against its own at the first count (issue #15's "2-thread batch ≥ 1.7× 1-thread batch"), which two
+separate runs minutes apart measure through different host load.
+
 Every engine runs in its own fresh process (peers in their own venv's interpreter, --st-python and
 --llama-python), so RSS figures are per engine. This file is also that worker (`--worker ENGINE`) and
 imports only the standard library at the top, so a peer's interpreter can run it.
@@ -41,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +281,7 @@ class Row:
     """One engine's figures; None where it could not run."""
 
     engine: str
+    threads: int = 0  # the thread count it ran with (0: the engine's default)
     p50_ms: float | None = None
     p95_ms: float | None = None
     cpu_p50_ms: float | None = None  # CPU time of the process per call: what a busy host blurs least
@@ -291,6 +297,7 @@ class Engine:
     name: str
     python: str
     limit_mb: int = 0  # run inside a memory cgroup of this size (0: no limit)
+    threads: int = 0  # every library's thread count in the worker (0: each engine's default)
 
     @property
     def label(self) -> str:
@@ -325,13 +332,14 @@ class Samples:
 
     def row(self, engine: Engine, smallest_limit_mb: int | None, llama: list[list[float]], n_ctx: int) -> Row:
         if self.failure or not self.latencies_ms:
-            return Row(engine.label, note=f"failed: {self.failure}")
+            return Row(engine.label, engine.threads, note=f"failed: {self.failure}")
         ordered = sorted(self.latencies_ms)
         note = f"plan {self.runs}; cgroup peak {self.cgroup_peak / MB:.1f} MB" if engine.limit_mb else ""
         if engine.name == LLAMA_ENGINE:
             note = f"n_ctx=n_batch=n_ubatch {n_ctx}; largest batch {self.largest_batch_tokens} tokens"
         return Row(
             engine.label,
+            engine.threads,
             p50_ms=statistics.median(ordered),
             p95_ms=ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
             cpu_p50_ms=statistics.median(self.cpu_ms),
@@ -366,11 +374,11 @@ def _worker_argv(engine: Engine, args: argparse.Namespace, limit_count: int = 0)
     ]  # fmt: skip
 
 
-def _worker_env(args: argparse.Namespace) -> dict[str, str] | None:
-    """Every engine gets the same thread count when --threads is given (BLAS, OpenMP/torch, llama.cpp)."""
-    if not args.threads:
+def _worker_env(threads: int) -> dict[str, str] | None:
+    """The engine's thread count for every library in it (BLAS, OpenMP/torch, llama.cpp); None: defaults."""
+    if not threads:
         return None
-    count = str(args.threads)
+    count = str(threads)
     return {**os.environ, "OPENBLAS_NUM_THREADS": count, "OMP_NUM_THREADS": count, "MKL_NUM_THREADS": count}
 
 
@@ -380,7 +388,7 @@ def _measure(engine: Engine, args: argparse.Namespace) -> tuple[dict[str, Any], 
     if engine.limit_mb:
         from gguf_sandbox.sandbox.cgroup.process import run_limited
 
-        env = _worker_env(args) or dict(os.environ)
+        env = _worker_env(engine.threads) or dict(os.environ)
         limited = run_limited(argv, engine.limit_mb * MB, timeout=3600, env=env)
         if limited.exit_code != 0 or limited.oom_kill_count:
             tail = (limited.stderr or limited.stdout).strip().splitlines()[-3:]
@@ -390,7 +398,7 @@ def _measure(engine: Engine, args: argparse.Namespace) -> tuple[dict[str, Any], 
         stdout, peak = limited.stdout, limited.peak_bytes or 0
     else:
         done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=3600, check=False, env=_worker_env(args)
+            argv, capture_output=True, text=True, timeout=3600, check=False, env=_worker_env(engine.threads)
         )
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
@@ -405,10 +413,10 @@ def _limited_engines(args: argparse.Namespace) -> tuple[list[Engine], list[Row]]
     from gguf_sandbox.sandbox.cgroup.placement import cgroups_writable
 
     plans = LIMITED_PLANS if args.family == "bert" else DECODER_LIMITED_PLANS
-    engines = [Engine(plan, sys.executable, args.limit_mb) for plan in plans]
+    engines = [Engine(plan, sys.executable, args.limit_mb, count) for plan in plans for count in args.threads]
     why = cgroups_writable()
     if why is not None:
-        return [], [Row(engine.label, note=f"not run: {why}") for engine in engines]
+        return [], [Row(engine.label, engine.threads, note=f"not run: {why}") for engine in engines]
     return engines, []
 
 
@@ -416,7 +424,7 @@ def _completes(engine: Engine, args: argparse.Namespace, limit_mb: int) -> bool:
     from gguf_sandbox.sandbox.cgroup.process import run_limited
 
     argv = _worker_argv(engine, args, args.bisect_count)
-    result = run_limited(argv, limit_mb * MB, timeout=args.bisect_timeout, env=_worker_env(args))
+    result = run_limited(argv, limit_mb * MB, timeout=args.bisect_timeout, env=_worker_env(engine.threads))
     return result.exit_code == 0 and not result.timed_out and result.oom_kill_count == 0
 
 
@@ -437,26 +445,26 @@ def smallest_limit(engine: Engine, args: argparse.Namespace) -> int | None:
 
 
 def _engines(args: argparse.Namespace) -> tuple[list[Engine], list[Row]]:
+    """Every engine at each --threads count, and a row saying why for a peer that cannot run."""
     engines = [Engine(plan, sys.executable) for plan in args.plans]
-    skipped = []
+    skipped: list[tuple[str, str]] = []  # (engine, why it cannot run)
     st_python, llama_python = Path(args.st_python), Path(args.llama_python)
     if args.family != "bert":
-        skipped.append(
-            Row(
-                ST_ENGINE,
-                note=f"not run: {args.architecture} is a decoder; its checkpoint here is MiniLM's (BERT)",
-            )
-        )
+        decoder = f"{args.architecture} is a decoder; its checkpoint here is MiniLM's (BERT)"
+        skipped.append((ST_ENGINE, decoder))
     elif st_python.exists() and args.hf_dir:
         engines.append(Engine(ST_ENGINE, str(st_python)))
     else:
-        skipped.append(Row(ST_ENGINE, note=f"not run: no interpreter at {st_python} or no --hf-dir"))
+        skipped.append((ST_ENGINE, f"no interpreter at {st_python} or no --hf-dir"))
     probe = [str(llama_python), "-c", "import llama_cpp"]
     if llama_python.exists() and subprocess.run(probe, capture_output=True, check=False).returncode == 0:
         engines.append(Engine(LLAMA_ENGINE, str(llama_python)))
     else:
-        skipped.append(Row(LLAMA_ENGINE, note=f"not run: llama_cpp not importable by {llama_python}"))
-    return engines, skipped
+        skipped.append((LLAMA_ENGINE, f"llama_cpp not importable by {llama_python}"))
+    # Engine by engine, each at every count in turn: drift on the host falls on the counts alike.
+    counted = [replace(engine, threads=count) for engine in engines for count in args.threads]
+    rows = [Row(name, count, note=f"not run: {why}") for count in args.threads for name, why in skipped]
+    return counted, rows
 
 
 def _ratio(value: float | None, base: float | None) -> str:
@@ -468,8 +476,12 @@ def _cell(value: float | None, fmt: str) -> str:
     return format("-", f">{width}") if value is None else format(value, fmt)
 
 
-def format_table(rows: Sequence[Row]) -> str:
+def format_table(rows: Sequence[Row], fewest: Sequence[Row] = ()) -> str:
+    """The rows of one thread count; with `fewest` (the same engines at the run's first count), a column of
+    each engine's batch rate against its own there."""
     by_name = {row.engine: row for row in rows}
+    base_rates = {row.engine: row.batch32_per_s for row in fewest}
+    scaling = f"batch/{fewest[0].threads}t" if fewest else ""
     llama_p50 = by_name.get(LLAMA_ENGINE, Row(LLAMA_ENGINE)).p50_ms
     st_rate = by_name.get(ST_ENGINE, Row(ST_ENGINE)).batch32_per_s
     llama_cpu = by_name.get(LLAMA_ENGINE, Row(LLAMA_ENGINE)).cpu_p50_ms
@@ -477,7 +489,7 @@ def format_table(rows: Sequence[Row]) -> str:
     header = (
         f"{'engine':22} {'p50 ms':>8} {'p95 ms':>8} {'p50/llama':>9} {'cpu p50':>8} {'/llama':>7} "
         f"{'batch32/s':>10} {'/llama':>7} {'/st':>7} {'peak RSS MB':>11} {'min limit MB':>12} "
-        f"{'cos/llama':>9}  note"
+        f"{'cos/llama':>9}" + (f" {scaling:>9}" if scaling else "") + "  note"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -488,7 +500,9 @@ def format_table(rows: Sequence[Row]) -> str:
             f"{_ratio(row.cpu_p50_ms, llama_cpu):>7} {_cell(row.batch32_per_s, '10.1f')} "
             f"{_ratio(row.batch32_per_s, llama_rate):>7} {_ratio(row.batch32_per_s, st_rate):>7} "
             f"{_cell(rss, '11.1f')} {_cell(row.smallest_limit_mb, '12d')} "
-            f"{_cell(row.cos_llama, '9.5f')}  {row.note}"
+            f"{_cell(row.cos_llama, '9.5f')}"
+            + (f" {_ratio(row.batch32_per_s, base_rates.get(row.engine)):>9}" if scaling else "")
+            + f"  {row.note}"
         )
     return "\n".join(lines)
 
@@ -536,7 +550,9 @@ def _settle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     args.batches = work.batches if args.batches is None else args.batches
     args.warm_singles, args.warm_batch = work.warm_singles, work.warm_batch
     if args.threads is None:
-        args.threads = DECODER_THREADS if decoder else 0
+        args.threads = [DECODER_THREADS if decoder else 0]
+    if len(set(args.threads)) != len(args.threads) or min(args.threads) < 1:
+        parser.error(f"--threads takes distinct counts of 1 or more, got {' '.join(map(str, args.threads))}")
     args.pooling = args.pooling or file_pooling
     args.n_ctx = LLAMA_CONTEXT["decoder" if decoder else "bert"]
 
@@ -557,8 +573,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--plans", nargs="*", default=list(OUR_PLANS), help="our plans to run (or auto)")
     parser.add_argument(
-        "--threads", type=int, help="threads for every engine (default: 1 for decoders, else their own)"
-    )
+        "--threads", type=int, nargs="+",
+        help="threads for every engine, or several counts measured in turn (default: 1 for decoders, else "
+        "each engine's own)",
+    )  # fmt: skip
     parser.add_argument(
         "--pooling", choices=("mean", "last", "cls"),
         help="pooling for our engine and llama.cpp alike (default: the model's; last for decoders)",
@@ -625,20 +643,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             for engine in engines:
                 if samples[engine].failure:
                     continue
-                print(f"... round {round_index + 1}: {engine.label}", file=sys.stderr, flush=True)
+                counted = f" on {engine.threads}" if len(args.threads) > 1 else ""
+                print(f"... round {round_index + 1}: {engine.label}{counted}", file=sys.stderr, flush=True)
                 try:
                     samples[engine].add(*_measure(engine, args))
                 except (RuntimeError, subprocess.TimeoutExpired) as error:
                     samples[engine].failure = str(error)
-        llama = next((samples[e].vectors for e in engines if e.name == LLAMA_ENGINE), [])
+        llama = {e.threads: samples[e].vectors for e in engines if e.name == LLAMA_ENGINE}
         measured: list[Row] = []
         for engine in engines:
             bisect = args.bisect and not engine.limit_mb and not samples[engine].failure
             smallest = smallest_limit(engine, args) if bisect else None
-            measured.append(samples[engine].row(engine, smallest, llama, args.n_ctx))
+            measured.append(samples[engine].row(engine, smallest, llama.get(engine.threads, []), args.n_ctx))
     rows = measured + rows
     load = os.getloadavg()[0]
-    threads = args.threads or "engine defaults"
+    threads = ", ".join(str(count) for count in args.threads if count) or "engine defaults"
     bisection = f"; bisection: {args.bisect_count} embeddings per run" if args.bisect else ""
     compared = min(COMPARED_SINGLES, -(-args.singles // args.rounds))
     per_round = f"{-(-args.singles // args.rounds)} single texts and {-(-args.batches // args.rounds)}"
@@ -651,7 +670,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"cos/llama over {compared} single texts and the first batch; wall "
         f"{time.perf_counter() - started:.0f} s"
     )
-    print(format_table(rows))
+    tables = [[row for row in rows if row.threads == count] for count in args.threads]
+    for index, table in enumerate(tables):
+        if len(tables) > 1:
+            print(f"\n{table[0].threads} thread{'s' if table[0].threads > 1 else ''}:")
+        print(format_table(table, tables[0] if index else ()))
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
     return 0
