@@ -537,6 +537,13 @@ def _model_facts(model: Path) -> tuple[str, str, str]:
         return family.name, gguf.architecture or "?", pooling
 
 
+def thread_counts_error(counts: Sequence[int] | None) -> str | None:
+    """What is wrong with --threads as given (None: nothing; not given is each engine's default)."""
+    if counts is None or (len(set(counts)) == len(counts) and min(counts) >= 1):
+        return None
+    return f"--threads takes distinct counts of 1 or more, got {' '.join(map(str, counts))}"
+
+
 def _settle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Fill the options whose defaults depend on the model: counts, threads, pooling, llama.cpp's n_ctx."""
     args.family, args.architecture, file_pooling = _model_facts(args.model)
@@ -550,9 +557,7 @@ def _settle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     args.batches = work.batches if args.batches is None else args.batches
     args.warm_singles, args.warm_batch = work.warm_singles, work.warm_batch
     if args.threads is None:
-        args.threads = [DECODER_THREADS if decoder else 0]
-    if len(set(args.threads)) != len(args.threads) or min(args.threads) < 1:
-        parser.error(f"--threads takes distinct counts of 1 or more, got {' '.join(map(str, args.threads))}")
+        args.threads = [DECODER_THREADS if decoder else 0]  # 0: each engine's own default
     args.pooling = args.pooling or file_pooling
     args.n_ctx = LLAMA_CONTEXT["decoder" if decoder else "bert"]
 
@@ -625,6 +630,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
         print(json.dumps(result))
         return 0
+    # Before any work (a model converted, a file read): a bad count is one line, at once.
+    wrong = thread_counts_error(args.threads)
+    if wrong is not None:
+        parser.error(wrong)
     sys.path.insert(0, str(REPO))
     started = time.perf_counter()
     start_load = os.getloadavg()[0]
@@ -671,9 +680,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{time.perf_counter() - started:.0f} s"
     )
     tables = [[row for row in rows if row.threads == count] for count in args.threads]
-    for index, table in enumerate(tables):
+    for index, (count, table) in enumerate(zip(args.threads, tables, strict=True)):
         if len(tables) > 1:
-            print(f"\n{table[0].threads} thread{'s' if table[0].threads > 1 else ''}:")
+            print(f"\n{count} thread{'s' if count > 1 else ''}:")
         print(format_table(table, tables[0] if index else ()))
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
