@@ -27,8 +27,12 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from gguf_sandbox.sandbox.base import Isolation, IsolationReport
+
+# Searched after PATH for the chains' programs (Tools.find).
+SBIN_DIRS: Final = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 JAIL_UID = 65534  # nobody / nogroup on Debian, Fedora, Alpine
 PROBE_TIMEOUT = 30.0
@@ -98,7 +102,10 @@ class Tools:
 
     @classmethod
     def find(cls) -> Tools:
-        return cls(*(shutil.which(name) for name in ("unshare", "setpriv", "timeout", "chroot")))
+        """Each on PATH, else in the sbin directories: Debian installs chroot in /usr/sbin, which a non-root
+        user's PATH lacks, and a cell would then run unjailed on a host that can jail it."""
+        path = os.pathsep.join([os.environ.get("PATH", os.defpath), *SBIN_DIRS])
+        return cls(*(shutil.which(name, path=path) for name in ("unshare", "setpriv", "timeout", "chroot")))
 
 
 @dataclass(frozen=True)

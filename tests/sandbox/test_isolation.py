@@ -22,7 +22,7 @@ from gguf_sandbox.sandbox import isolation
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, PIDS_LIMIT, CellSpec, Isolation
 from gguf_sandbox.sandbox.cgroup import process
 from gguf_sandbox.sandbox.cgroup.backend import CgroupSandbox
-from gguf_sandbox.sandbox.isolation import Jail, JailSupport, Tools, jail_command, jail_support
+from gguf_sandbox.sandbox.isolation import SBIN_DIRS, Jail, JailSupport, Tools, jail_command, jail_support
 
 MiB = 1 << 20
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -344,3 +344,20 @@ def test_extra_host_paths_are_visible_read_only_and_nothing_beside_them(
     )
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines() == ["mine ran", "['mine.py'] False"]
+
+
+def test_tools_are_found_in_sbin_when_path_lacks_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-root user's PATH on Debian has no /usr/sbin, where chroot is: the cell must still be jailed."""
+    installed = next((Path(d) / "chroot" for d in SBIN_DIRS if (Path(d) / "chroot").is_file()), None)
+    if installed is None:
+        pytest.skip("no chroot in an sbin directory here")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert Tools.find().chroot == str(installed)
+
+
+def test_a_tool_on_path_comes_before_sbin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    own = tmp_path / "chroot"
+    own.write_text("#!/bin/sh\n")
+    own.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert Tools.find().chroot == str(own)
