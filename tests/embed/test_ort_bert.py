@@ -6,6 +6,7 @@ import gc
 import json
 import math
 import mmap
+import os
 import subprocess
 import sys
 import weakref
@@ -222,15 +223,23 @@ with Embedder.open(sys.argv[1], budget=MemoryBudget(1 << 40), threads=int(sys.ar
     tokens = sum(len(opened.tokenize(text)) for text in texts)
     opened.embed(texts)  # warm: the session's first call sets up its kernels
     gc.collect()
-    before = status("VmRSS:")
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # the peak RSS (VmHWM) starts again from now
+    before = status("VmHWM:")
     for _ in range(3):
         opened.embed(texts)
     peak = status("VmHWM:") - before
     reserved = opened._weights.plan.pass_bytes(opened.config, tokens)
     print(json.dumps({"tokens": tokens, "peak": peak, "reserved": reserved}))
 """
+
+
+def _rss_reading_error() -> int:
+    """How far a reading of VmRSS or VmHWM may be from the truth. The kernel counts RSS in per-CPU counters
+    (file, anon, shmem) and folds a CPU's count in only past a batch of max(32, 2·CPUs) pages, so each
+    counter may be off by a batch per CPU. (CI read -92 KiB for a 256-token pass.)"""
+    cpus = os.cpu_count() or 1
+    return 3 * cpus * max(32, 2 * cpus) * mmap.PAGESIZE
 
 
 @needs_whole
@@ -250,7 +259,8 @@ def test_a_pass_stays_within_its_reservation(
     )
     measured = json.loads(out.stdout)
     assert measured["tokens"] == tokens * count
-    assert 0 <= measured["peak"] <= measured["reserved"], measured
+    error = _rss_reading_error()
+    assert -error <= measured["peak"] <= measured["reserved"] - error, measured
 
 
 @needs_whole
