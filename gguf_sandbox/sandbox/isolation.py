@@ -16,6 +16,15 @@ When PID 1 dies (runner gone: `--kill-child`; deadline; OOM) the kernel kills ev
 namespace. Loopback stays down: the cell has no network at all. As root the cell runs as nobody; without
 root a user namespace maps the invoking user to namespace root and the cell keeps no capability. What a
 host lacks (no unshare, no user namespaces) is named in the cell's isolation report, and the cell runs.
+
+An unjailed cell (guard_command) has no pid namespace to end it, so a sweeper stands in for one:
+
+    sh GUARD                                       starts the sweeper, then execs the chain:
+      setpriv --pdeathsig TERM  timeout … python …   dies with the runner, or at its deadline
+    └ setpriv --pdeathsig WINCH  setsid sh SWEEP   in the cell's cgroup, outside the chain's process group
+
+When the chain's first process ends (the runner died, or the deadline passed) the sweeper kills every
+process left in the cell's cgroup, those that left the process group (and so escaped `timeout`) too.
 """
 
 from __future__ import annotations
@@ -90,6 +99,51 @@ SETUP = (
 )
 _CD_TMP = 'cd /tmp && exec "$@"'
 
+# The sweeper: $1 the cell's cgroup directory (empty: its own cgroup v2 one), $2 the chain's pid, $3 the
+# seconds after which it sweeps anyway. Its parent-death signal is WINCH, ignored until the trap is set;
+# the parent is checked after that, so a chain that ended meanwhile is not missed.
+_SWEEP = r"""
+cg=$1 chain=$2 deadline=$3
+if [ -z "$cg" ]; then
+  while IFS= read -r line; do
+    case $line in 0::*) cg=/sys/fs/cgroup${line#0::};; esac
+  done < /proc/self/cgroup
+fi
+sweep() {
+  trap '' WINCH
+  [ -e "$cg/cgroup.kill" ] && echo 1 > "$cg/cgroup.kill"
+  passes=0
+  while [ "$passes" -lt 250 ]; do
+    left=
+    while read -r pid; do
+      [ "$pid" = "$$" ] || { kill -s KILL "$pid" && left=1; }
+    done < "$cg/cgroup.procs" || exit 0
+    [ -n "$left" ] || exit 0
+    passes=$((passes + 1))
+    sleep 0.02
+  done
+  exit 0
+}
+trap sweep WINCH
+read -r _ _ _ parent _ < /proc/$$/stat
+[ "$parent" = "$chain" ] || sweep
+sleep "$deadline" &
+wait $!
+sweep
+"""
+# Starts the sweeper ($1 its script, $2 setpriv or empty, $3 setsid, $4 and $5 its cgroup and deadline),
+# then execs the chain: the sweeper's parent is the chain's first process.
+_GUARD = r"""
+sweep=$1 setpriv=$2 setsid=$3 cg=$4 deadline=$5; shift 5
+if [ -n "$setpriv" ]; then
+  "$setpriv" --pdeathsig WINCH -- "$setsid" /bin/sh -c "$sweep" gguf-sandbox-sweep "$cg" $$ "$deadline" \
+    < /dev/null > /dev/null 2>&1 &
+else
+  "$setsid" /bin/sh -c "$sweep" gguf-sandbox-sweep "$cg" $$ "$deadline" < /dev/null > /dev/null 2>&1 &
+fi
+exec "$@"
+"""
+
 
 @dataclass(frozen=True)
 class Tools:
@@ -99,13 +153,15 @@ class Tools:
     setpriv: str | None
     timeout: str | None
     chroot: str | None
+    setsid: str | None
 
     @classmethod
     def find(cls) -> Tools:
         """Each on PATH, else in the sbin directories: Debian installs chroot in /usr/sbin, which a non-root
         user's PATH lacks, and a cell would then run unjailed on a host that can jail it."""
         path = os.pathsep.join([os.environ.get("PATH", os.defpath), *SBIN_DIRS])
-        return cls(*(shutil.which(name, path=path) for name in ("unshare", "setpriv", "timeout", "chroot")))
+        names = ("unshare", "setpriv", "timeout", "chroot", "setsid")
+        return cls(*(shutil.which(name, path=path) for name in names))
 
 
 @dataclass(frozen=True)
@@ -120,6 +176,11 @@ class JailSupport:
     @property
     def namespaces(self) -> bool:
         return self.route in ("root", "userns")
+
+    @property
+    def jails(self) -> bool:
+        """Whether jail_command builds the jail here (else it falls back to guard_command)."""
+        return self.namespaces and self.tools.chroot is not None
 
     def unshare_argv(self) -> list[str]:
         if self.tools.unshare is None:
@@ -226,11 +287,14 @@ def jail_command(
     mountpoint: Path,
     tmp_bytes: int,
     deadline: float,
+    cgroup: Path | None = None,
 ) -> list[str]:
-    """The exec chain running `argv` jailed (see the module docstring); argv[0] must be exposed."""
+    """The exec chain running `argv` jailed (see the module docstring); argv[0] must be exposed.
+
+    Without namespaces it is guard_command's, which sweeps `cgroup` (see there)."""
     tools = support.tools
-    if not support.namespaces or tools.chroot is None:
-        return guard_command(argv, deadline=deadline, tools=tools)
+    if not support.jails or tools.chroot is None:  # (the second test for mypy's sake)
+        return guard_command(argv, deadline=deadline, tools=tools, cgroup=cgroup)
     exposed = _outermost([*jail.expose, *(Path(t) for t in (tools.setpriv,) if t)])
     timeout = [tools.timeout, "-s", "KILL", _seconds(deadline)] if tools.timeout else []
     inner = [
@@ -260,11 +324,15 @@ def jail_command(
     ]
 
 
-def guard_command(argv: Sequence[str], *, deadline: float, tools: Tools | None = None) -> list[str]:
+def guard_command(
+    argv: Sequence[str], *, deadline: float, tools: Tools | None = None, cgroup: Path | None = None
+) -> list[str]:
     """`argv` that ends with the runner (SIGTERM, SIGKILL KILL_AFTER_S later) and at its own deadline.
 
     For cells without namespaces: the chain's first process has the parent-death signal; `timeout`
     forwards it to the cell's process group, and times the cell out itself if the runner never does.
+    The sweeper (module docstring) then kills what is left in `cgroup`, the cell's cgroup directory
+    (None: the cgroup v2 one the cell is in, e.g. a systemd scope named only once it starts).
     """
     tools = tools or Tools.find()
     pdeathsig = [tools.setpriv, "--pdeathsig", "TERM", "--"] if tools.setpriv else []
@@ -273,17 +341,27 @@ def guard_command(argv: Sequence[str], *, deadline: float, tools: Tools | None =
         if tools.timeout
         else []
     )
-    return [*pdeathsig, *timeout, *argv]
+    chain = [*pdeathsig, *timeout, *argv]
+    if tools.setsid is None:
+        return chain
+    sweep_after = _seconds(deadline + KILL_AFTER_S)
+    sweeper = [_SWEEP, tools.setpriv or "", tools.setsid, str(cgroup or ""), sweep_after]
+    return ["/bin/sh", "-c", _GUARD, "gguf-sandbox-guard", *sweeper, *chain]
 
 
-def guard_notes(tools: Tools | None = None) -> list[str]:
-    """What guard_command could not add here (each missing tool weakens cleanup after a runner crash)."""
+def guard_notes(tools: Tools | None = None, *, unjailed: bool = True) -> list[str]:
+    """What guard_command (or, `unjailed` False, jail_command) could not add here: each missing tool
+    weakens cleanup after a runner crash."""
     tools = tools or Tools.find()
     notes = []
     if tools.setpriv is None:
         notes.append("setpriv not installed: the cell does not die with the runner (the reaper kills it)")
     if tools.timeout is None:
         notes.append("timeout not installed: the cell's deadline holds only while the runner lives")
+    if unjailed and tools.setsid is None:
+        notes.append(
+            "setsid not installed: a process that leaves the cell's process group outlives a crashed runner"
+        )
     return notes
 
 

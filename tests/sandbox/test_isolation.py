@@ -226,7 +226,8 @@ def test_attached_cgroup_cell_has_the_same_isolation(
 def test_without_namespaces_the_cell_runs_and_says_what_it_lacks(
     sandbox: CgroupSandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bare = JailSupport(Tools(None, None, shutil.which("timeout"), None), "none", "unshare not installed")
+    tools = Tools(None, None, shutil.which("timeout"), None, shutil.which("setsid"))
+    bare = JailSupport(tools, "none", "unshare not installed")
     monkeypatch.setattr(process, "jail_support", lambda: bare)
     spec = CellSpec("bare", "cgroup", PYTHON, 64 * MiB, ("-c", "print('ran')"), timeout=60)
     result = sandbox.run(spec)
@@ -295,7 +296,7 @@ def test_exposed_paths_are_resolved_and_nested_ones_dropped(tmp_path: Path) -> N
 
 
 def test_jail_command_shape() -> None:
-    tools = Tools("/u/unshare", "/u/setpriv", "/u/timeout", "/u/chroot")
+    tools = Tools("/u/unshare", "/u/setpriv", "/u/timeout", "/u/chroot", "/u/setsid")
     command = jail_command(
         ["/venv/bin/python", "-c", "pass"],
         jail=Jail(()),
@@ -361,3 +362,32 @@ def test_a_tool_on_path_comes_before_sbin(tmp_path: Path, monkeypatch: pytest.Mo
     own.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     assert Tools.find().chroot == str(own)
+
+
+def test_guard_command_shape() -> None:
+    """The sweeper starts first and the cell's chain is exec'd unchanged; without setsid there is none."""
+    tools = Tools(None, "/u/setpriv", "/u/timeout", None, "/u/setsid")
+    command = isolation.guard_command(["/venv/bin/python"], deadline=12.5, tools=tools, cgroup=Path("/cg/c"))
+    assert command[:4] == ["/bin/sh", "-c", isolation._GUARD, "gguf-sandbox-guard"]
+    assert command[4:9] == [isolation._SWEEP, "/u/setpriv", "/u/setsid", "/cg/c", "14.500"]
+    assert command[9:] == [
+        *("/u/setpriv", "--pdeathsig", "TERM", "--"),
+        *("/u/timeout", "--kill-after=2", "-s", "KILL", "12.500"),
+        "/venv/bin/python",
+    ]
+    assert isolation.guard_command(["true"], deadline=1, tools=tools)[7] == ""  # the scope: found inside
+    unswept = Tools(None, "/u/setpriv", "/u/timeout", None, None)
+    assert isolation.guard_command(["true"], deadline=1, tools=unswept)[0] == "/u/setpriv"
+    assert any("setsid not installed" in note for note in isolation.guard_notes(unswept))
+    assert not any("setsid" in note for note in isolation.guard_notes(unswept, unjailed=False))
+
+
+@pytest.mark.parametrize(("ending", "status"), [("exit 3", 3), ("kill -SEGV $$", -11)])
+def test_guarded_cell_keeps_its_status_and_streams(ending: str, status: int) -> None:
+    """The sweeper holds none of the cell's streams (a reader sees their end when the cell ends) and the
+    cell's exit status, a signal's too, reaches the runner as without it."""
+    script = f"echo out; echo err >&2; {ending}"
+    command = isolation.guard_command(["/bin/sh", "-c", script], deadline=60, cgroup=None)
+    assert command[0] == "/bin/sh"  # swept (setsid is installed here)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (status, "out\n", "err\n")

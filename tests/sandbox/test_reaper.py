@@ -37,6 +37,10 @@ DRIVER = """
 import sys
 from gguf_sandbox.sandbox.base import CellSpec
 from gguf_sandbox.sandbox.{module} import {cls}
+if {unjailed!r}:  # the route of a host without namespaces or chroot, on any host
+    from gguf_sandbox.sandbox import isolation
+    from gguf_sandbox.sandbox.cgroup import process
+    process.jail_support = lambda: isolation.JailSupport(isolation.Tools.find(), "none", "forced by the test")
 code = (
     "import subprocess, time; "
     "subprocess.Popen(['sleep', sys.argv[1]], start_new_session=True); "
@@ -105,7 +109,9 @@ def _reaper_of(pid: int) -> psutil.Process:
 class Runner:
     """A driver process running one marked cell; the test kills it (and maybe its reaper) mid-cell."""
 
-    def __init__(self, backend: str, module: str, cls: str, timeout: float = CELL_TIMEOUT_S) -> None:
+    def __init__(
+        self, backend: str, module: str, cls: str, timeout: float = CELL_TIMEOUT_S, *, unjailed: bool = False
+    ) -> None:
         self.cell_id = f"test-orphan-{uuid.uuid4().hex[:10]}"
         # A sleep length no other process has: how the cell's processes are found from the host.
         self.marker = f"{3000 + int(uuid.uuid4().int % 500)}.{uuid.uuid4().int % 10**6:06d}"
@@ -117,6 +123,7 @@ class Runner:
             python=PYTHON,
             marker=self.marker,
             timeout=timeout,
+            unjailed=unjailed,
         )
         self.process = subprocess.Popen(
             [sys.executable, "-c", code], cwd=PROJECT, stderr=subprocess.PIPE, start_new_session=True
@@ -166,11 +173,18 @@ def runners() -> Iterator[list[Runner]]:
         runner.close()
 
 
+# The host's own route (jailed where it can be), and the unjailed one a host without namespaces takes.
+ROUTES = pytest.mark.parametrize("unjailed", [False, True], ids=["host-route", "unjailed"])
+
+
 @pytest.mark.cgroup
 @pytest.mark.usefixtures("writable_cgroups")
+@ROUTES
 @pytest.mark.parametrize("with_reaper", [False, True], ids=["runner-killed", "runner-and-reaper-killed"])
-def test_cgroup_cell_of_a_killed_runner_leaves_nothing(runners: list[Runner], with_reaper: bool) -> None:
-    runner = Runner("cgroup", "cgroup.backend", "CgroupSandbox")
+def test_cgroup_cell_of_a_killed_runner_leaves_nothing(
+    runners: list[Runner], with_reaper: bool, unjailed: bool
+) -> None:
+    runner = Runner("cgroup", "cgroup.backend", "CgroupSandbox", unjailed=unjailed)
     runners.append(runner)
     runner.wait_until_running(lambda: bool(_cgroups_of(runner.process.pid)))
     runner.kill(with_reaper=with_reaper)
@@ -188,9 +202,10 @@ def test_cgroup_cell_of_a_killed_runner_leaves_nothing(runners: list[Runner], wi
 
 @pytest.mark.cgroup
 @pytest.mark.usefixtures("writable_cgroups")
-def test_cgroup_cell_of_a_hung_runner_dies_at_its_own_deadline(runners: list[Runner]) -> None:
-    """A stopped runner can neither time the cell out nor die: the cell's own `timeout` ends it."""
-    runner = Runner("cgroup", "cgroup.backend", "CgroupSandbox", timeout=2.0)
+@ROUTES
+def test_cgroup_cell_of_a_hung_runner_dies_at_its_own_deadline(runners: list[Runner], unjailed: bool) -> None:
+    """A stopped runner can neither time the cell out nor die: the cell's own deadline ends it."""
+    runner = Runner("cgroup", "cgroup.backend", "CgroupSandbox", timeout=2.0, unjailed=unjailed)
     runners.append(runner)
     runner.wait_until_running(lambda: bool(_cgroups_of(runner.process.pid)))
     runner.process.send_signal(signal.SIGSTOP)

@@ -173,6 +173,9 @@ class ChildCgroup:
     def attach(self, pid: int) -> None:
         """Nothing to do: the child joins the cgroup itself before exec."""
 
+    def cell_directory(self) -> Path:
+        return self.path
+
     def usage(self) -> int | None:
         return read_int(self.path / self.files.usage)
 

@@ -45,6 +45,10 @@ class Placement(Protocol):
         """Called right after the start with the started pid."""
         ...
 
+    def cell_directory(self) -> Path | None:
+        """The cell's cgroup directory when known before the start (a systemd scope's is named later)."""
+        ...
+
     def usage(self) -> int | None: ...
 
     def working_set(self) -> int | None:

@@ -66,15 +66,22 @@ def cell_chain(
         notes = guard_notes(tools)
         if placement.pids_missing is not None:
             notes.append(f"no pids limit: {placement.pids_missing}")
-        return Chain(guard_command(argv, deadline=deadline, tools=tools), IsolationReport(), tuple(notes))
+        command = guard_command(argv, deadline=deadline, tools=tools, cgroup=placement.cell_directory())
+        return Chain(command, IsolationReport(), tuple(notes))
     support = jail_support()
     mountpoint = scratch / "root"
     mountpoint.mkdir()
     command = jail_command(
-        argv, jail=jail, support=support, mountpoint=mountpoint, tmp_bytes=memory_bytes, deadline=deadline
+        argv,
+        jail=jail,
+        support=support,
+        mountpoint=mountpoint,
+        tmp_bytes=memory_bytes,
+        deadline=deadline,
+        cgroup=placement.cell_directory(),
     )
     report = support.report(pids_limit=placement.pids_missing)
-    notes = guard_notes(support.tools)
+    notes = guard_notes(support.tools, unjailed=not support.jails)
     if report.missing:
         notes.append(report.describe())
     return Chain(command, report, tuple(notes))

@@ -164,6 +164,10 @@ class SystemdScope:
             time.sleep(0.005)
         self.notes.append(f"scope {self.unit}.scope not seen in /proc/{pid}/cgroup: no samples")
 
+    def cell_directory(self) -> None:
+        """systemd names the scope's cgroup once the cell runs: the sweeper finds it from inside."""
+        return None
+
     def _file(self, name: str) -> Path | None:
         return None if self.path is None else self.path / name
 
