@@ -21,6 +21,7 @@ from gguf_sandbox.cgroupfs import (
 )
 from gguf_sandbox.sandbox.cgroup.child import SHELL
 from gguf_sandbox.sandbox.cgroup.control import kill_until_empty, unique_name
+from gguf_sandbox.sandbox.isolation import Tools
 
 # Inside a systemd scope the cell's cgroup disappears with its last process, so a small shell stays as
 # the cell's parent and saves memory.peak and memory.events to the report file before exiting.
@@ -56,11 +57,14 @@ def systemd_scope_command(
     user: bool,
     pids_limit: int | None = None,
     manager_env: Mapping[str, str] | None = None,
+    setpriv: str | None = None,
 ) -> list[str]:
     """systemd-run argv placing `argv` in a transient scope with MemoryMax=`limit` and swap off.
 
     `manager_env` (see user_manager_env) is set for systemd-run through env(1) and unset again by the
-    scope's shell, whatever environment the command is started with.
+    scope's shell, whatever environment the command is started with. With `setpriv` the scope's shell
+    dies with the runner (systemd-run execs it, so the runner is its parent): the cell's own guard,
+    whose parent is that shell, then ends the cell.
     """
     tasks = ["-p", f"TasksMax={pids_limit}"] if pids_limit is not None else []
     prefix: list[str] = []
@@ -85,6 +89,7 @@ def systemd_scope_command(
         "-p",
         "OOMPolicy=continue",
         "--",
+        *([setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []),
         SHELL,
         "-c",
         shell,
@@ -146,6 +151,7 @@ class SystemdScope:
             user=self.user,
             pids_limit=self.pids_limit,
             manager_env=user_manager_env(os.environ, os.getuid()) if self.user else None,
+            setpriv=Tools.find().setpriv,
         )
 
     def attach(self, pid: int) -> None:

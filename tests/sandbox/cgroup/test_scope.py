@@ -7,9 +7,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import psutil
 import pytest
 
 from gguf_sandbox.errors import SandboxError
@@ -185,3 +187,46 @@ def test_attached_cell_in_an_unseen_scope_is_still_killed_at_its_timeout(
             cell.close()
     assert result.timed_out and result.exit_code == 128 + signal.SIGKILL
     assert any("not seen" in note for note in scope.notes)
+
+
+def test_a_scope_cell_dies_with_its_runner(tmp_path: Path) -> None:
+    """systemd-run execs the scope's shell, so the runner is its parent and the cell's guard is that
+    shell's child: the shell must die with the runner for the guard to end the cell (it had lived on to its
+    deadline). systemd-run is a stand-in here that runs what follows "--" as the real one does."""
+    from gguf_sandbox.sandbox.isolation import guard_command
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "systemd-run"
+    fake.write_text('#!/bin/sh\nwhile [ "$1" != -- ]; do shift; done; shift; exec "$@"\n')
+    fake.chmod(0o755)
+    marker = f"{4000 + os.getpid() % 1000}.{time.time_ns() % 10**6:06d}"
+    cell = guard_command(["sleep", marker], deadline=120)
+    command = scope_module.SystemdScope(Path("/"), 64 << 20, tmp_path / "report").command(cell)
+    runner = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])", *command],
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+    )
+    try:
+        _wait(lambda: bool(_sleeping(marker)), "the cell never started")
+        runner.kill()
+        runner.wait()
+        _wait(lambda: not _sleeping(marker), "the cell outlived its runner")
+    finally:
+        for pid in _sleeping(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _sleeping(marker: str) -> list[int]:
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        if process.info["cmdline"] == ["sleep", marker] and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(process.pid)
+    return found
+
+
+def _wait(condition: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
