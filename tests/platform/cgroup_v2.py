@@ -44,8 +44,16 @@ GUEST_PYTHON = "3.11"  # Debian bookworm's python3
 PROFILE = "cgroup-v2"
 K_ROOT = "64m and not smollm2 and not gemma3"
 K_USER = "64m and (parse-minilm or alloc-bomb or naive-load or embed)"
-PYTEST_PATHS = ("tests/test_budget.py", "tests/test_cgroupfs.py", "tests/sandbox/cgroup")
-PYTEST_USER_PATHS = ("tests/sandbox/cgroup",)  # the scope path; limit detection is the same code as root's
+# The reaper's cgroup tests: a cell outlives neither its killed nor its stopped runner, jailed or not
+# (as root in direct child cgroups with cgroup.kill; as the user in systemd scopes).
+PYTEST_PATHS = (
+    "tests/test_budget.py",
+    "tests/test_cgroupfs.py",
+    "tests/sandbox/cgroup",
+    "tests/sandbox/test_reaper.py",
+)
+# The scope path; limit detection is the same code as root's.
+PYTEST_USER_PATHS = ("tests/sandbox/cgroup", "tests/sandbox/test_reaper.py")
 # Under TCG a Python with numpy starts in seconds: these give a cell under one second before they act.
 TCG_DESELECT = (
     "tests/sandbox/cgroup/test_backend.py::test_timeout_kills_the_whole_cell",
