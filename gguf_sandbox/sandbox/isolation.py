@@ -17,7 +17,8 @@ namespace. Loopback stays down: the cell has no network at all. As root the cell
 root a user namespace maps the invoking user to namespace root and the cell keeps no capability. What a
 host lacks (no unshare, no user namespaces) is named in the cell's isolation report, and the cell runs.
 
-An unjailed cell (guard_command) has no pid namespace to end it, so a sweeper stands in for one:
+An unjailed cell (guard_command) has no pid namespace to end it, so a sweeper stands in for one (it
+costs the cell 2 of its tasks and about 0.5 MiB):
 
     sh GUARD                                       starts the sweeper, then execs the chain:
       setpriv --pdeathsig TERM  timeout … python …   dies with the runner, or at its deadline
@@ -99,28 +100,36 @@ SETUP = (
 )
 _CD_TMP = 'cd /tmp && exec "$@"'
 
-# The sweeper: $1 the cell's cgroup directory (empty: its own cgroup v2 one), $2 the chain's pid, $3 the
-# seconds after which it sweeps anyway. Its parent-death signal is WINCH, ignored until the trap is set;
-# the parent is checked after that, so a chain that ended meanwhile is not missed.
+# The sweeper: $1 the cell's cgroup directory, or $2 the systemd scope's unit whose cgroup it finds in
+# /proc/self/cgroup (in no such scope, as under a stand-in systemd-run, it sweeps nothing); $3 the chain's
+# pid; $4 the chain's parent, spared (a scope's reporting shell, in the same cgroup, writes the report and
+# exits itself); $5 the seconds after which it sweeps anyway. Its parent-death signal is WINCH, ignored
+# until the trap is set, and the parent is checked after that, so a chain that ended meanwhile is not
+# missed. No fork once the chain runs: a cell that fills its pids limit would make one fail, which ends
+# a shell. (A runner that ignores WINCH leaves the sweeper deaf to it: it then sweeps at the deadline.)
 _SWEEP = r"""
-cg=$1 chain=$2 deadline=$3
-if [ -z "$cg" ]; then
+cg=$1 unit=$2 chain=$3 spare=$4 deadline=$5
+if [ -n "$unit" ]; then
   while IFS= read -r line; do
-    case $line in 0::*) cg=/sys/fs/cgroup${line#0::};; esac
+    case $line in 0::*/"$unit.scope") cg=/sys/fs/cgroup${line#0::};; esac
   done < /proc/self/cgroup
 fi
+[ -n "$cg" ] || exit 0
+listed() {
+  while read -r pid; do [ "$pid" = "$1" ] && return 0; done < "$cg/cgroup.procs"
+  return 1
+}
 sweep() {
   trap '' WINCH
-  [ -e "$cg/cgroup.kill" ] && echo 1 > "$cg/cgroup.kill"
+  if [ -e "$cg/cgroup.kill" ] && ! listed "$spare"; then echo 1 > "$cg/cgroup.kill"; fi
   passes=0
-  while [ "$passes" -lt 250 ]; do
+  while [ "$passes" -lt 10000 ]; do
     left=
     while read -r pid; do
-      [ "$pid" = "$$" ] || { kill -s KILL "$pid" && left=1; }
+      case $pid in "$$"|"$spare") ;; *) kill -s KILL "$pid" && left=1;; esac
     done < "$cg/cgroup.procs" || exit 0
     [ -n "$left" ] || exit 0
     passes=$((passes + 1))
-    sleep 0.02
   done
   exit 0
 }
@@ -131,18 +140,28 @@ sleep "$deadline" &
 wait $!
 sweep
 """
-# Starts the sweeper ($1 its script, $2 setpriv or empty, $3 setsid, $4 and $5 its cgroup and deadline),
-# then execs the chain: the sweeper's parent is the chain's first process.
+# Starts the sweeper ($1 its script, $2 setpriv or empty, $3 setsid, $4 its deadline, $5 and $6 the cell's
+# cgroup directory or scope unit), then execs the chain: the sweeper's parent is the chain's first process.
 _GUARD = r"""
-sweep=$1 setpriv=$2 setsid=$3 cg=$4 deadline=$5; shift 5
+sweep=$1 setpriv=$2 setsid=$3 deadline=$4 cg=$5 unit=$6; shift 6
 if [ -n "$setpriv" ]; then
-  "$setpriv" --pdeathsig WINCH -- "$setsid" /bin/sh -c "$sweep" gguf-sandbox-sweep "$cg" $$ "$deadline" \
-    < /dev/null > /dev/null 2>&1 &
+  "$setpriv" --pdeathsig WINCH -- "$setsid" /bin/sh -c "$sweep" gguf-sandbox-sweep \
+    "$cg" "$unit" $$ "$PPID" "$deadline" < /dev/null > /dev/null 2>&1 &
 else
-  "$setsid" /bin/sh -c "$sweep" gguf-sandbox-sweep "$cg" $$ "$deadline" < /dev/null > /dev/null 2>&1 &
+  "$setsid" /bin/sh -c "$sweep" gguf-sandbox-sweep \
+    "$cg" "$unit" $$ "$PPID" "$deadline" < /dev/null > /dev/null 2>&1 &
 fi
 exec "$@"
 """
+
+
+@dataclass(frozen=True)
+class CellCgroup:
+    """The cgroup a cell runs in, for its sweeper: a directory, or a systemd scope's unit when systemd
+    names the directory only once the cell runs."""
+
+    directory: Path | None = None
+    scope_unit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -287,7 +306,7 @@ def jail_command(
     mountpoint: Path,
     tmp_bytes: int,
     deadline: float,
-    cgroup: Path | None = None,
+    cgroup: CellCgroup | None = None,
 ) -> list[str]:
     """The exec chain running `argv` jailed (see the module docstring); argv[0] must be exposed.
 
@@ -325,14 +344,13 @@ def jail_command(
 
 
 def guard_command(
-    argv: Sequence[str], *, deadline: float, tools: Tools | None = None, cgroup: Path | None = None
+    argv: Sequence[str], *, deadline: float, tools: Tools | None = None, cgroup: CellCgroup | None = None
 ) -> list[str]:
     """`argv` that ends with the runner (SIGTERM, SIGKILL KILL_AFTER_S later) and at its own deadline.
 
     For cells without namespaces: the chain's first process has the parent-death signal; `timeout`
     forwards it to the cell's process group, and times the cell out itself if the runner never does.
-    The sweeper (module docstring) then kills what is left in `cgroup`, the cell's cgroup directory
-    (None: the cgroup v2 one the cell is in, e.g. a systemd scope named only once it starts).
+    The sweeper (module docstring) then kills what is left in `cgroup`, the cell's own (None: no sweeper).
     """
     tools = tools or Tools.find()
     pdeathsig = [tools.setpriv, "--pdeathsig", "TERM", "--"] if tools.setpriv else []
@@ -342,10 +360,16 @@ def guard_command(
         else []
     )
     chain = [*pdeathsig, *timeout, *argv]
-    if tools.setsid is None:
+    if tools.setsid is None or cgroup is None or (cgroup.directory, cgroup.scope_unit) == (None, None):
         return chain
-    sweep_after = _seconds(deadline + KILL_AFTER_S)
-    sweeper = [_SWEEP, tools.setpriv or "", tools.setsid, str(cgroup or ""), sweep_after]
+    sweeper = [
+        _SWEEP,
+        tools.setpriv or "",
+        tools.setsid,
+        _seconds(deadline + KILL_AFTER_S),
+        str(cgroup.directory or ""),
+        cgroup.scope_unit or "",
+    ]
     return ["/bin/sh", "-c", _GUARD, "gguf-sandbox-guard", *sweeper, *chain]
 
 

@@ -11,8 +11,10 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,16 @@ from gguf_sandbox.sandbox import isolation
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, PIDS_LIMIT, CellSpec, Isolation
 from gguf_sandbox.sandbox.cgroup import process
 from gguf_sandbox.sandbox.cgroup.backend import CgroupSandbox
-from gguf_sandbox.sandbox.isolation import SBIN_DIRS, Jail, JailSupport, Tools, jail_command, jail_support
+from gguf_sandbox.sandbox.cgroup.placement import cell_placement
+from gguf_sandbox.sandbox.isolation import (
+    SBIN_DIRS,
+    CellCgroup,
+    Jail,
+    JailSupport,
+    Tools,
+    jail_command,
+    jail_support,
+)
 
 MiB = 1 << 20
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -365,29 +376,57 @@ def test_a_tool_on_path_comes_before_sbin(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_guard_command_shape() -> None:
-    """The sweeper starts first and the cell's chain is exec'd unchanged; without setsid there is none."""
+    """The sweeper starts first and the cell's chain is exec'd unchanged; without setsid or a cgroup to
+    sweep there is none."""
     tools = Tools(None, "/u/setpriv", "/u/timeout", None, "/u/setsid")
-    command = isolation.guard_command(["/venv/bin/python"], deadline=12.5, tools=tools, cgroup=Path("/cg/c"))
+    cell = CellCgroup(directory=Path("/cg/c"))
+    command = isolation.guard_command(["/venv/bin/python"], deadline=12.5, tools=tools, cgroup=cell)
     assert command[:4] == ["/bin/sh", "-c", isolation._GUARD, "gguf-sandbox-guard"]
-    assert command[4:9] == [isolation._SWEEP, "/u/setpriv", "/u/setsid", "/cg/c", "14.500"]
-    assert command[9:] == [
+    assert command[4:10] == [isolation._SWEEP, "/u/setpriv", "/u/setsid", "14.500", "/cg/c", ""]
+    assert command[10:] == [
         *("/u/setpriv", "--pdeathsig", "TERM", "--"),
         *("/u/timeout", "--kill-after=2", "-s", "KILL", "12.500"),
         "/venv/bin/python",
     ]
-    assert isolation.guard_command(["true"], deadline=1, tools=tools)[7] == ""  # the scope: found inside
-    unswept = Tools(None, "/u/setpriv", "/u/timeout", None, None)
-    assert isolation.guard_command(["true"], deadline=1, tools=unswept)[0] == "/u/setpriv"
-    assert any("setsid not installed" in note for note in isolation.guard_notes(unswept))
-    assert not any("setsid" in note for note in isolation.guard_notes(unswept, unjailed=False))
+    scope = isolation.guard_command(["true"], deadline=1, tools=tools, cgroup=CellCgroup(scope_unit="u-1"))
+    assert scope[8:10] == ["", "u-1"]
+    for unswept in (
+        isolation.guard_command(["true"], deadline=1, tools=tools),
+        isolation.guard_command(["true"], deadline=1, tools=tools, cgroup=CellCgroup()),
+        isolation.guard_command(["true"], deadline=1, tools=replace(tools, setsid=None), cgroup=cell),
+    ):
+        assert unswept[0] == "/u/setpriv"
+    without = replace(tools, setsid=None)
+    assert any("setsid not installed" in note for note in isolation.guard_notes(without))
+    assert not any("setsid" in note for note in isolation.guard_notes(without, unjailed=False))
 
 
+@pytest.mark.cgroup
+@pytest.mark.usefixtures("writable_cgroups")
 @pytest.mark.parametrize(("ending", "status"), [("exit 3", 3), ("kill -SEGV $$", -11)])
-def test_guarded_cell_keeps_its_status_and_streams(ending: str, status: int) -> None:
+def test_guarded_cell_keeps_its_status_and_streams(ending: str, status: int, tmp_path: Path) -> None:
     """The sweeper holds none of the cell's streams (a reader sees their end when the cell ends) and the
     cell's exit status, a signal's too, reaches the runner as without it."""
     script = f"echo out; echo err >&2; {ending}"
-    command = isolation.guard_command(["/bin/sh", "-c", script], deadline=60, cgroup=None)
-    assert command[0] == "/bin/sh"  # swept (setsid is installed here)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    with cell_placement(Path("/"), 64 * MiB, tmp_path / "report") as placed:
+        command = isolation.guard_command(["/bin/sh", "-c", script], deadline=60, cgroup=placed.cell_cgroup())
+        assert command[0] == "/bin/sh"  # swept (setsid is installed here)
+        run = placed.command(command)
+        done = subprocess.run(run, capture_output=True, text=True, timeout=30, check=False)
     assert (done.returncode, done.stdout, done.stderr) == (status, "out\n", "err\n")
+
+
+def test_a_sweeper_outside_its_scope_sweeps_nothing() -> None:
+    """A scope cell's sweeper finds its cgroup by the unit's name: where the chain is in no such scope (a
+    stand-in systemd-run, or none) it must not sweep the cgroup it is in, which holds its caller (found
+    on cgroup v2, where such a test's sweeper killed pytest)."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        unit = CellCgroup(scope_unit=f"gguf-sandbox-absent-{uuid.uuid4().hex[:8]}")
+        command = isolation.guard_command(["/bin/sh", "-c", "sleep 0.2"], deadline=60, cgroup=unit)
+        assert subprocess.run(command, timeout=30, check=False).returncode == 0
+        time.sleep(1.0)  # the sweeper's chance to act
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -98,6 +98,13 @@ def _processes_with(marker: str, *, besides: int = 0) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
+
+
 def _wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -137,9 +144,13 @@ class Runner:
         """The cell's processes: those carrying the marker, but the driver (its code names it too)."""
         return _processes_with(self.marker, besides=self.process.pid)
 
+    def escaped(self) -> list[int]:
+        """The cell's grandchild that left its process group: it exists once the cell has fully started."""
+        return [pid for pid in self.cell_processes() if _cmdline(pid) == ["sleep", self.marker]]
+
     def wait_until_running(self, started: Callable[[], bool]) -> None:
         deadline = time.monotonic() + 180
-        while not (started() and self.cell_processes()):
+        while not (started() and self.escaped()):
             if self.process.poll() is not None:
                 raise AssertionError(self.process.stderr.read() if self.process.stderr else "driver died")
             assert time.monotonic() < deadline, "the cell never started"

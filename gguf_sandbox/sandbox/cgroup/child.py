@@ -29,6 +29,7 @@ from gguf_sandbox.sandbox.cgroup.control import (
     remove_cgroup,
     unique_name,
 )
+from gguf_sandbox.sandbox.isolation import CellCgroup
 from gguf_sandbox.sandbox.reaper import CGROUP, GUARD
 
 SHELL = "/bin/sh"
@@ -173,8 +174,8 @@ class ChildCgroup:
     def attach(self, pid: int) -> None:
         """Nothing to do: the child joins the cgroup itself before exec."""
 
-    def cell_directory(self) -> Path:
-        return self.path
+    def cell_cgroup(self) -> CellCgroup:
+        return CellCgroup(directory=self.path)
 
     def usage(self) -> int | None:
         return read_int(self.path / self.files.usage)

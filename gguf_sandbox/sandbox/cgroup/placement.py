@@ -25,6 +25,7 @@ from gguf_sandbox.sandbox.cgroup.scope import (
     systemd_scope_command,
     user_manager_env,
 )
+from gguf_sandbox.sandbox.isolation import CellCgroup
 from gguf_sandbox.signals import deferred_signals
 
 PROBE_LIMIT = 64 << 20
@@ -45,8 +46,8 @@ class Placement(Protocol):
         """Called right after the start with the started pid."""
         ...
 
-    def cell_directory(self) -> Path | None:
-        """The cell's cgroup directory when known before the start (a systemd scope's is named later)."""
+    def cell_cgroup(self) -> CellCgroup:
+        """The cell's cgroup, for its sweeper."""
         ...
 
     def usage(self) -> int | None: ...

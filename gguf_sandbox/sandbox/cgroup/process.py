@@ -66,7 +66,7 @@ def cell_chain(
         notes = guard_notes(tools)
         if placement.pids_missing is not None:
             notes.append(f"no pids limit: {placement.pids_missing}")
-        command = guard_command(argv, deadline=deadline, tools=tools, cgroup=placement.cell_directory())
+        command = guard_command(argv, deadline=deadline, tools=tools, cgroup=placement.cell_cgroup())
         return Chain(command, IsolationReport(), tuple(notes))
     support = jail_support()
     mountpoint = scratch / "root"
@@ -78,7 +78,7 @@ def cell_chain(
         mountpoint=mountpoint,
         tmp_bytes=memory_bytes,
         deadline=deadline,
-        cgroup=placement.cell_directory(),
+        cgroup=placement.cell_cgroup(),
     )
     report = support.report(pids_limit=placement.pids_missing)
     notes = guard_notes(support.tools, unjailed=not support.jails)

@@ -21,7 +21,7 @@ from gguf_sandbox.cgroupfs import (
 )
 from gguf_sandbox.sandbox.cgroup.child import SHELL
 from gguf_sandbox.sandbox.cgroup.control import kill_until_empty, unique_name
-from gguf_sandbox.sandbox.isolation import Tools
+from gguf_sandbox.sandbox.isolation import CellCgroup, Tools
 
 # Inside a systemd scope the cell's cgroup disappears with its last process, so a small shell stays as
 # the cell's parent and saves memory.peak and memory.events to the report file before exiting.
@@ -170,9 +170,9 @@ class SystemdScope:
             time.sleep(0.005)
         self.notes.append(f"scope {self.unit}.scope not seen in /proc/{pid}/cgroup: no samples")
 
-    def cell_directory(self) -> None:
-        """systemd names the scope's cgroup once the cell runs: the sweeper finds it from inside."""
-        return None
+    def cell_cgroup(self) -> CellCgroup:
+        """systemd names the scope's cgroup once the cell runs: the sweeper finds it by the unit."""
+        return CellCgroup(scope_unit=self.unit)
 
     def _file(self, name: str) -> Path | None:
         return None if self.path is None else self.path / name

@@ -201,8 +201,8 @@ def test_a_scope_cell_dies_with_its_runner(tmp_path: Path) -> None:
     fake.write_text('#!/bin/sh\nwhile [ "$1" != -- ]; do shift; done; shift; exec "$@"\n')
     fake.chmod(0o755)
     marker = f"{4000 + os.getpid() % 1000}.{time.time_ns() % 10**6:06d}"
-    cell = guard_command(["sleep", marker], deadline=120)
-    command = scope_module.SystemdScope(Path("/"), 64 << 20, tmp_path / "report").command(cell)
+    scope = scope_module.SystemdScope(Path("/"), 64 << 20, tmp_path / "report")
+    command = scope.command(guard_command(["sleep", marker], deadline=120, cgroup=scope.cell_cgroup()))
     runner = subprocess.Popen(
         [sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])", *command],
         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
