@@ -24,11 +24,14 @@ from gguf_sandbox.sandbox.cgroup.control import kill_until_empty, unique_name
 from gguf_sandbox.sandbox.isolation import CellCgroup, Tools
 
 # Inside a systemd scope the cell's cgroup disappears with its last process, so a small shell stays as
-# the cell's parent and saves memory.peak and memory.events to the report file before exiting.
+# the cell's parent and saves memory.peak and memory.events to the report file before exiting. It uses
+# builtins only: an unjailed cell's sweeper spares this shell but kills every other process of the scope,
+# a `cat` of the report too.
 _RUN_AND_REPORT = (
     'report=$1; shift; "$@"; rc=$?; cg=; '
     "while IFS= read -r line; do case $line in 0::*) cg=${line#0::};; esac; done < /proc/self/cgroup; "
-    f'{{ printf "peak "; cat "/{CGROUP_MOUNT}$cg/{V2.peak}"; cat "/{CGROUP_MOUNT}$cg/{V2.events}"; }} '
+    """copy() { while IFS= read -r line; do printf '%s\\n' "$line"; done < "$1"; }; """
+    f'{{ printf "peak "; copy "/{CGROUP_MOUNT}$cg/{V2.peak}"; copy "/{CGROUP_MOUNT}$cg/{V2.events}"; }} '
     '> "$report" 2>/dev/null; exit $rc'
 )
 

@@ -230,3 +230,22 @@ def _wait(condition: Callable[[], bool], what: str, seconds: float = 30.0) -> No
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.05)
+
+
+def test_scope_shell_runs_no_program_after_the_cell(tmp_path: Path) -> None:
+    """After the cell the scope's shell writes its report with builtins alone: an unjailed cell's sweeper
+    kills every process of the scope but that shell (found on cgroup v2: it killed the shell's `cat` of
+    memory.events, and an OOM kill went unreported)."""
+    spy = tmp_path / "bin"
+    spy.mkdir()
+    ran = tmp_path / "ran"
+    for name in ("cat", "head", "tr", "sed", "awk", "printf", "cp"):
+        (spy / name).write_text(f"#!/bin/sh\necho {name} >> {ran}\n")
+        (spy / name).chmod(0o755)
+    command = systemd_scope_command("u", 1, tmp_path / "report", [sys.executable, "-c", "pass"], user=True)
+    inside = command[command.index("--") + 1 :]
+    shell = inside[inside.index(scope_module.SHELL) :]
+    done = subprocess.run(shell, env={"PATH": str(spy)}, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert not ran.exists(), ran.read_text()
+    assert (tmp_path / "report").read_text().startswith("peak")
