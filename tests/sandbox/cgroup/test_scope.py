@@ -20,6 +20,7 @@ from gguf_sandbox.sandbox.cgroup import placement
 from gguf_sandbox.sandbox.cgroup import scope as scope_module
 from gguf_sandbox.sandbox.cgroup.attach import LimitedCell
 from gguf_sandbox.sandbox.cgroup.backend import substitute_model
+from gguf_sandbox.sandbox.cgroup.child import SHELL
 from gguf_sandbox.sandbox.cgroup.placement import cgroups_writable
 from gguf_sandbox.sandbox.cgroup.process import Chain
 from gguf_sandbox.sandbox.cgroup.scope import parse_scope_report, systemd_scope_command
@@ -244,7 +245,7 @@ def test_scope_shell_runs_no_program_after_the_cell(tmp_path: Path) -> None:
         (spy / name).chmod(0o755)
     command = systemd_scope_command("u", 1, tmp_path / "report", [sys.executable, "-c", "pass"], user=True)
     inside = command[command.index("--") + 1 :]
-    shell = inside[inside.index(scope_module.SHELL) :]
+    shell = inside[inside.index(SHELL) :]
     done = subprocess.run(shell, env={"PATH": str(spy)}, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert not ran.exists(), ran.read_text()
