@@ -13,12 +13,13 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from gguf_sandbox.cgroupfs import PROCS_FILE, read_pids
 from gguf_sandbox.paths import models_dir
 from gguf_sandbox.sandbox import isolation
 from gguf_sandbox.sandbox.base import MODEL_PLACEHOLDER, PIDS_LIMIT, CellSpec, Isolation
@@ -430,3 +431,46 @@ def test_a_sweeper_outside_its_scope_sweeps_nothing() -> None:
     finally:
         bystander.kill()
         bystander.wait()
+
+
+_FORK_BOMB = """
+import os, time
+os.setsid()  # out of the chain's process group: only the sweeper can end it
+while True:
+    try:
+        os.fork()
+    except OSError:
+        time.sleep(0.005)
+"""
+
+
+@pytest.mark.cgroup
+@pytest.mark.usefixtures("writable_cgroups")
+def test_a_cell_that_fills_its_pids_limit_is_swept_when_its_runner_dies(tmp_path: Path) -> None:
+    """The sweeper forks nothing once the chain runs (a failed fork ends a shell): a fork bomb that left
+    the process group and keeps the cell's pids limit full is still swept once its runner is killed."""
+    limit = 40
+    with cell_placement(Path("/"), 64 * MiB, tmp_path / "report", pids_limit=limit) as placed:
+        if placed.pids_missing is not None:
+            pytest.skip(f"no pids limit here: {placed.pids_missing}")
+        cell = [sys.executable, "-c", _FORK_BOMB]
+        chain = placed.command(isolation.guard_command(cell, deadline=120, cgroup=placed.cell_cgroup()))
+        run = "import subprocess, sys; subprocess.run(sys.argv[1:])"
+        runner = subprocess.Popen([sys.executable, "-c", run, *chain])
+        procs = placed.cell_cgroup().directory
+        assert procs is not None
+        try:
+            _wait(lambda: len(read_pids(procs / PROCS_FILE)) >= limit - 2, "the bomb never filled the limit")
+            runner.kill()
+            runner.wait()
+            _wait(lambda: not read_pids(procs / PROCS_FILE), "the bomb outlived its runner")
+        finally:
+            runner.kill()
+            runner.wait()
+
+
+def _wait(condition: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
