@@ -13,7 +13,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from gguf_sandbox.sandbox.isolation import (
     jail_command,
     jail_support,
 )
+from tests.sandbox.waiting import wait_for
 
 MiB = 1 << 20
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -460,17 +461,12 @@ def test_a_cell_that_fills_its_pids_limit_is_swept_when_its_runner_dies(tmp_path
         procs = placed.cell_cgroup().directory
         assert procs is not None
         try:
-            _wait(lambda: len(read_pids(procs / PROCS_FILE)) >= limit - 2, "the bomb never filled the limit")
+            wait_for(
+                lambda: len(read_pids(procs / PROCS_FILE)) >= limit - 2, 30, "the bomb never filled the limit"
+            )
             runner.kill()
             runner.wait()
-            _wait(lambda: not read_pids(procs / PROCS_FILE), "the bomb outlived its runner")
+            wait_for(lambda: not read_pids(procs / PROCS_FILE), 30, "the bomb outlived its runner")
         finally:
             runner.kill()
             runner.wait()
-
-
-def _wait(condition: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)

@@ -28,6 +28,7 @@ from gguf_sandbox.sandbox.cgroup.placement import cell_placement
 from gguf_sandbox.sandbox.cgroup.scope import SystemdScope
 from gguf_sandbox.sandbox.isolation import DEADLINE_GRACE_S
 from gguf_sandbox.sandbox.reaper import owner_gone, owner_token, read_registrations
+from tests.sandbox.waiting import wait_for
 
 PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 PROJECT = Path(__file__).resolve().parents[2]
@@ -105,13 +106,6 @@ def _cmdline(pid: int) -> list[str]:
         return psutil.Process(pid).cmdline()
     except psutil.Error:
         return []
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 def _reaper_of(pid: int) -> psutil.Process:
@@ -223,11 +217,11 @@ def test_cgroup_cell_of_a_killed_runner_leaves_nothing(
     runners.append(runner)
     runner.wait_until_running(lambda: _cell_cgroups_of(runner.process.pid))
     runner.kill(with_reaper=with_reaper)
-    _wait_for(lambda: not runner.cell_processes(), GONE_WITHIN_S, "the cell outlived its runner")
+    wait_for(lambda: not runner.cell_processes(), GONE_WITHIN_S, "the cell outlived its runner")
     if _in_scopes():
         return  # systemd removes an emptied scope
     if not with_reaper:
-        _wait_for(lambda: not _cgroups_of(runner.process.pid), GONE_WITHIN_S, "the reaper left a cgroup")
+        wait_for(lambda: not _cgroups_of(runner.process.pid), GONE_WITHIN_S, "the reaper left a cgroup")
         return
     # Nobody was left to remove the (now empty) cgroups: the next run sweeps them before its first cell.
     from gguf_sandbox.sandbox.cgroup.process import run_limited
@@ -249,7 +243,7 @@ def test_cgroup_cell_of_a_hung_runner_dies_at_its_own_deadline(runners: list[Run
     runner.wait_until_running(lambda: _cell_cgroups_of(runner.process.pid))
     runner.process.send_signal(signal.SIGSTOP)
     try:
-        _wait_for(
+        wait_for(
             lambda: not runner.cell_processes(),
             HUNG_CELL_TIMEOUT_S + DEADLINE_GRACE_S + GONE_WITHIN_S,
             "the cell outlived its own deadline",
@@ -290,7 +284,7 @@ def test_docker_cell_of_a_killed_runner_leaves_nothing(runners: list[Runner], wi
     runner.wait_until_running(lambda: any(c.status == "running" for c in _containers(label)))
     runner.kill(with_reaper=with_reaper)
     if not with_reaper:
-        _wait_for(lambda: not _containers(label), GONE_WITHIN_S, "the container outlived its runner")
+        wait_for(lambda: not _containers(label), GONE_WITHIN_S, "the container outlived its runner")
         assert not runner.cell_processes()
         return
     # Nobody was left to remove the container: the next run sweeps it when it first reaches the engine.
@@ -299,7 +293,7 @@ def test_docker_cell_of_a_killed_runner_leaves_nothing(runners: list[Runner], wi
     assert sandbox.unavailable_reason(PYTHON) is None
     assert not _containers(label)
     assert any(runner.cell_id in name for name in sandbox.swept)
-    _wait_for(lambda: not runner.cell_processes(), GONE_WITHIN_S, "the cell outlived its container")
+    wait_for(lambda: not runner.cell_processes(), GONE_WITHIN_S, "the cell outlived its container")
 
 
 @pytest.mark.docker
@@ -313,7 +307,7 @@ def test_docker_cell_of_a_hung_runner_stops_at_its_own_deadline(runners: list[Ru
     runner.wait_until_running(lambda: any(c.status == "running" for c in _containers(label)))
     runner.process.send_signal(signal.SIGSTOP)
     try:
-        _wait_for(
+        wait_for(
             lambda: all(c.status != "running" for c in _containers(label)),
             HUNG_CELL_TIMEOUT_S + DEADLINE_GRACE_S + GONE_WITHIN_S,
             "the container outlived its own deadline",
@@ -321,7 +315,7 @@ def test_docker_cell_of_a_hung_runner_stops_at_its_own_deadline(runners: list[Ru
         assert not runner.cell_processes()
     finally:
         runner.kill()
-    _wait_for(lambda: not _containers(label), GONE_WITHIN_S, "the reaper left the stopped container")
+    wait_for(lambda: not _containers(label), GONE_WITHIN_S, "the reaper left the stopped container")
 
 
 @pytest.mark.docker
@@ -377,7 +371,7 @@ def test_reaper_removes_what_a_dead_runner_registered(tmp_path: Path) -> None:
         ["/bin/sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec sleep 300'], start_new_session=True
     )
     try:
-        _wait_for(lambda: bool((cgroup / "cgroup.procs").read_text().split()), 10, "never joined")
+        wait_for(lambda: bool((cgroup / "cgroup.procs").read_text().split()), 10, "never joined")
         done = subprocess.run(
             [sys.executable, "-m", "gguf_sandbox.sandbox.reaper", "--owner", "1"],
             input=textwrap.dedent(

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -24,6 +24,7 @@ from gguf_sandbox.sandbox.cgroup.child import SHELL
 from gguf_sandbox.sandbox.cgroup.placement import cgroups_writable
 from gguf_sandbox.sandbox.cgroup.process import Chain
 from gguf_sandbox.sandbox.cgroup.scope import parse_scope_report, systemd_scope_command
+from tests.sandbox.waiting import wait_for
 
 V2_EVENTS = "low 0\nhigh 0\nmax 17\noom 2\noom_kill 1\noom_group_kill 1\n"
 
@@ -209,10 +210,10 @@ def test_a_scope_cell_dies_with_its_runner(tmp_path: Path) -> None:
         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
     )
     try:
-        _wait(lambda: bool(_sleeping(marker)), "the cell never started")
+        wait_for(lambda: bool(_sleeping(marker)), 30, "the cell never started")
         runner.kill()
         runner.wait()
-        _wait(lambda: not _sleeping(marker), "the cell outlived its runner")
+        wait_for(lambda: not _sleeping(marker), 30, "the cell outlived its runner")
     finally:
         for pid in _sleeping(marker):
             os.kill(pid, signal.SIGKILL)
@@ -224,13 +225,6 @@ def _sleeping(marker: str) -> list[int]:
         if process.info["cmdline"] == ["sleep", marker] and process.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(process.pid)
     return found
-
-
-def _wait(condition: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def test_scope_shell_runs_no_program_after_the_cell(tmp_path: Path) -> None:
