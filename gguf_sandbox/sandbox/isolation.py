@@ -312,7 +312,7 @@ def jail_command(
 
     Without namespaces it is guard_command's, which sweeps `cgroup` (see there)."""
     tools = support.tools
-    if not support.jails or tools.chroot is None:  # (the second test for mypy's sake)
+    if not support.jails or tools.chroot is None:  # chroot again: mypy does not see it through `jails`
         return guard_command(argv, deadline=deadline, tools=tools, cgroup=cgroup)
     exposed = _outermost([*jail.expose, *(Path(t) for t in (tools.setpriv,) if t)])
     timeout = [tools.timeout, "-s", "KILL", _seconds(deadline)] if tools.timeout else []
